@@ -1,0 +1,31 @@
+# medgen developer targets. Everything installs into .venv from nothing.
+# PyTorch: the CPU build is pinned here on purpose (small, fast to install).
+# GPU users: see README "Installing on a GPU machine".
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test test-slow bench-data clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-slow: install
+	$(PY) -m pytest -q -m slow tests
+
+bench-data: install
+	$(PY) benchmarks/bench_data.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
