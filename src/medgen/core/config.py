@@ -84,6 +84,7 @@ class TrainingConfig:
     min_snr_gamma: float = 5.0
     perceptual_weight: float = 0.001
     perceptual_weights_path: Optional[str] = None
+    perceptual_allow_download: bool = False
     use_multi_gpu: bool = False
     precision: str = "bf16"
     compile: bool = False
@@ -91,6 +92,7 @@ class TrainingConfig:
     max_steps: Optional[int] = None
     resume: Optional[str] = None
     checkpoint_keep: int = 3
+    max_nonfinite_steps: int = 5
     log_every: int = 50
     num_val_samples: int = 4
     num_sample_steps: int = 50
@@ -259,6 +261,7 @@ def _check_values(cfg: DictConfig, world_size: int) -> None:
            f"classifier-free guidance needs a conditional mode; mode {mo.name!r} has no condition")
     _check(t.max_steps is None or t.max_steps >= 1, "training.max_steps", "must be >= 1 or null")
     _check(t.checkpoint_keep >= 0, "training.checkpoint_keep", "must be >= 0")
+    _check(t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", "must be >= 1")
     _check(t.log_every >= 1, "training.log_every", "must be >= 1")
     _check(t.num_val_samples >= 0, "training.num_val_samples", "must be >= 0")
     _check(t.num_sample_steps >= 1, "training.num_sample_steps", "must be >= 1")
