@@ -34,6 +34,17 @@ def _map_arg(text: str) -> dict[str, str]:
     return mapping
 
 
+def _spacing(text: str | None) -> tuple[float, ...] | None:
+    from medgen.data.importers import ImportFormatError
+
+    if not text:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ImportFormatError(f"--spacing wants numbers in mm like 0.94,0.94,1.0, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medgen-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -87,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             if args.format == "brainmetshare-png":
-                spacing = tuple(float(x) for x in args.spacing.split(",")) if args.spacing else None
+                spacing = _spacing(args.spacing)
                 n = importers.import_brainmetshare_png(args.src, args.dst, mapping=args.map, spacing=spacing,
                                                        split=args.split, seed=args.seed)
             else:
@@ -107,9 +118,14 @@ def main(argv: list[str] | None = None) -> int:
             print(report.format())
         return 0 if report.ok else 1
     if args.command == "preview":
+        from medgen.data.nifti_dataset import DataError
         from medgen.data.preview import make_preview
 
-        out = make_preview(args.dir, args.out, n_patients=args.patients)
+        try:
+            out = make_preview(args.dir, args.out, n_patients=args.patients)
+        except (DataError, ValueError) as exc:
+            print(f"medgen-data preview: {exc}", file=sys.stderr)
+            return 1
         print(f"wrote {out}")
         return 0
     return 2

@@ -1,0 +1,131 @@
+"""A PNG montage to eyeball a dataset: rows = patients, columns = image modalities, each image at
+the axial slice with the most lesion voxels, the mask outlined.
+
+Slices are shown in radiological convention (patient right on the image left, anterior at the
+top), the inverse of :func:`medgen.data.importers.png_slice_to_ras`, so an imported BrainMetShare
+slice looks like its source PNG. Pixel aspect follows the voxel spacing in the affine.
+The figure is drawn with matplotlib's Agg canvas directly (no pyplot, no global backend change).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from medgen.core.constants import IMAGE_MODALITIES, MASK_KEY, SPLITS
+from medgen.data.nifti_dataset import DataError, list_patients, load_volume, modality_path
+from medgen.data.transforms import binarize_mask
+
+__all__ = ["CELL_HEIGHT_IN", "CELL_WIDTH_IN", "DPI", "CONTOUR_COLOUR", "make_preview", "preview_size", "ras_to_display"]
+
+#: size of one montage cell in inches, and the resolution: a cell is 250 x 275 pixels
+CELL_WIDTH_IN: float = 2.5
+CELL_HEIGHT_IN: float = 2.75
+DPI: int = 100
+#: colour of the mask outline
+CONTOUR_COLOUR: str = "#ff2a2a"
+
+
+def preview_size(n_rows: int, n_cols: int) -> tuple[int, int]:
+    """Pixel size ``(width, height)`` of a montage with this many rows (patients) and columns."""
+    return round(n_cols * CELL_WIDTH_IN * DPI), round(n_rows * CELL_HEIGHT_IN * DPI)
+
+
+def ras_to_display(plane: np.ndarray) -> np.ndarray:
+    """RAS axial plane ``[X, Y]`` -> radiological display ``[rows, cols]`` (anterior at the top,
+    patient right on the left)."""
+    return np.asarray(plane)[::-1, ::-1].T
+
+
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        return load_volume(path)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types; name the file
+        raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc}); run `medgen-data check`") from None
+
+
+def _pick_slice(mask: np.ndarray | None, depth: int) -> int:
+    """Axial slice with the most lesion voxels; the middle slice when there is no lesion."""
+    if mask is not None and mask.ndim == 3:
+        per_slice = mask.reshape(-1, mask.shape[-1]).sum(axis=0)
+        if per_slice.max() > 0:
+            return int(np.argmax(per_slice))
+    return depth // 2
+
+
+def _plane(volume: np.ndarray, k: int) -> np.ndarray:
+    return volume if volume.ndim == 2 else volume[..., k]
+
+
+def _patients(root: Path, n_patients: int) -> list[Path]:
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder does not exist")
+    found = [p for split in SPLITS for p in list_patients(root / split)]
+    if not found:
+        raise DataError(f"{root}: no patient folders in {', '.join(s + '/' for s in SPLITS)}; nothing to preview")
+    return found[:n_patients]
+
+
+def make_preview(root: str | Path, out_png: str | Path, n_patients: int = 4) -> Path:
+    """Write a montage PNG of the first ``n_patients`` patients (train/, then val/, test/).
+
+    Rows are patients; columns are the image modalities present in any of them (in the order
+    bravo, t1_pre, t1_gd, flair; a ``seg`` column only when no image modality exists). Each
+    cell shows the axial slice with the most lesion voxels (middle slice without lesion) with
+    the ``seg`` outline drawn in :data:`CONTOUR_COLOUR`. The PNG is :func:`preview_size` pixels.
+
+    Raises:
+        ValueError: ``n_patients < 1``.
+        DataError: no patients, an unreadable file, or a mask whose shape differs from the image.
+    """
+    if n_patients < 1:
+        raise ValueError(f"n_patients must be >= 1, got {n_patients}")
+    root, out_png = Path(root), Path(out_png)
+    patients = _patients(root, n_patients)
+    columns = [k for k in IMAGE_MODALITIES if any(modality_path(p, k).is_file() for p in patients)]
+    if not columns:
+        if not any(modality_path(p, MASK_KEY).is_file() for p in patients):
+            raise DataError(f"{root}: the first {len(patients)} patient folder(s) hold no modality files")
+        columns = [MASK_KEY]
+
+    width, height = preview_size(len(patients), len(columns))
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="black")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(patients), len(columns), squeeze=False)
+    for row, patient in enumerate(patients):
+        seg_path = modality_path(patient, MASK_KEY)
+        mask = binarize_mask(_read(seg_path)[0]) if seg_path.is_file() else None
+        for col, key in enumerate(columns):
+            ax = axes[row, col]
+            ax.set_axis_off()
+            path = modality_path(patient, key)
+            if not path.is_file():
+                ax.set_title(f"{patient.name} | {key}", color="white", fontsize=8)
+                ax.text(0.5, 0.5, "missing", color="orange", ha="center", va="center", transform=ax.transAxes)
+                continue
+            volume, affine = _read(path)
+            if mask is not None and mask.shape != volume.shape:
+                raise DataError(f"{path}: shape {volume.shape} differs from {seg_path.name} {mask.shape}; "
+                                "run `medgen-data check`")
+            k = _pick_slice(mask, volume.shape[-1])
+            image = ras_to_display(_plane(volume, k))
+            spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+            aspect = float(spacing[1] / spacing[0]) if spacing[0] > 0 else 1.0
+            finite = image[np.isfinite(image)]
+            lo, hi = (np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0))
+            ax.imshow(image, cmap="gray", vmin=float(lo), vmax=float(hi) if hi > lo else float(lo) + 1.0,
+                      aspect=aspect, interpolation="nearest")
+            if mask is not None:
+                outline = ras_to_display(_plane(mask, k))
+                if outline.any():
+                    ax.contour(outline, levels=[0.5], colors=CONTOUR_COLOUR, linewidths=1.0)
+            where = f" z={k}" if volume.ndim == 3 else ""
+            ax.set_title(f"{patient.name} | {key}{where}", color="white", fontsize=8)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / (len(patients) * CELL_HEIGHT_IN),
+                        wspace=0.04, hspace=0.15)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=DPI, facecolor=fig.get_facecolor())
+    return out_png

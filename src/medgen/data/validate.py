@@ -1,0 +1,246 @@
+"""Check a dataset against the data contract of DESIGN.md section 2 and report every problem.
+
+Every file is read fully (all voxel data decompressed, so a truncated ``.nii.gz`` is caught)
+through :func:`load_volume`, the same reader training uses, so shapes and affines are compared
+in RAS exactly as training will see them.
+
+Errors (``Report.ok`` is False): a missing or unreadable modality file, a shape or affine that
+differs between a patient's files, NaN/Inf voxels, a mask with values other than 0/1, a volume
+that is not 2D/3D, an empty patient folder, no split folder, an empty split, no patients, a
+patient id in two splits. Warnings: an empty mask, a constant image, stray files in a patient
+folder or at split level.
+
+    report = check_dataset("data/brainmetshare")
+    print(report.format()); assert report.ok
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from medgen.core.constants import MASK_KEY, MODALITIES, NIFTI_SUFFIX, SPLITS
+from medgen.data.nifti_dataset import list_patients, load_volume, modality_path
+
+__all__ = ["AFFINE_ATOL", "Problem", "Report", "check_dataset", "check_patient", "check_patients"]
+
+Severity = Literal["error", "warning"]
+
+#: absolute tolerance when comparing two affines (mm); the same as NiFTIDataset uses
+AFFINE_ATOL: float = 1e-3
+#: file names a patient folder may hold
+_KNOWN_FILES: frozenset[str] = frozenset(f"{k}{NIFTI_SUFFIX}" for k in MODALITIES)
+_MAX_VALUES_SHOWN = 6
+_MAX_NAMES_SHOWN = 8
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: the file or folder it concerns, what is wrong, and how bad it is."""
+
+    path: str
+    message: str
+    severity: Severity = "error"
+
+    def format(self) -> str:
+        return f"{self.severity.upper()} {self.path}: {self.message}"
+
+
+@dataclass
+class Report:
+    """All problems found in a set of patients; ``ok`` iff there is no error."""
+
+    problems: list[Problem] = field(default_factory=list)
+    patients_checked: int = 0
+    root: str | None = None
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> str:
+        verdict = "OK" if self.ok else "FAILED"
+        where = f" in {self.root}" if self.root else ""
+        return (f"{verdict}: checked {self.patients_checked} patient(s){where}: "
+                f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)")
+
+    def format(self) -> str:
+        """One line per problem (``ERROR <path>: <message>`` / ``WARNING ...``), then a summary line."""
+        return "\n".join([p.format() for p in self.problems] + [self.summary()])
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form: ok, root, counts and the list of problems."""
+        return {
+            "ok": self.ok,
+            "root": self.root,
+            "patients_checked": self.patients_checked,
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+            "problems": [asdict(p) for p in self.problems],
+        }
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _values_sample(values: np.ndarray) -> str:
+    shown = ", ".join(f"{v:g}" for v in values[:_MAX_VALUES_SHOWN])
+    return f"[{shown}{', ...' if values.size > _MAX_VALUES_SHOWN else ''}]"
+
+
+def _names(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_MAX_NAMES_SHOWN])
+    return shown + (f" and {len(names) - _MAX_NAMES_SHOWN} more" if len(names) > _MAX_NAMES_SHOWN else "")
+
+
+def _check_values(path: Path, key: str, data: np.ndarray) -> list[Problem]:
+    problems: list[Problem] = []
+    n_nan = int(np.isnan(data).sum())
+    n_inf = int(np.isinf(data).sum())
+    if n_nan or n_inf:
+        parts = [f"{n} {what}" for n, what in ((n_nan, "NaN"), (n_inf, "Inf")) if n]
+        problems.append(Problem(str(path), f"{' and '.join(parts)} voxel(s) of {data.size}"))
+    finite = data[np.isfinite(data)] if (n_nan or n_inf) else data
+    if key == MASK_KEY:
+        bad = (finite != 0) & (finite != 1)
+        if bad.any():
+            values = np.unique(finite)
+            problems.append(Problem(
+                str(path),
+                f"mask is not binary: {int(bad.sum())} voxel(s) are neither 0 nor 1; "
+                f"{values.size} distinct values {_values_sample(values)}",
+            ))
+        elif not (finite == 1).any():
+            problems.append(Problem(str(path), "empty mask: no lesion voxels", "warning"))
+    elif finite.size and float(finite.min()) == float(finite.max()):
+        problems.append(Problem(str(path), f"image is constant (every voxel {float(finite.min()):g})", "warning"))
+    return problems
+
+
+def check_patient(folder: str | Path, keys: Sequence[str] = MODALITIES) -> list[Problem]:
+    """Every problem of one patient folder for the modalities ``keys`` (each file read fully)."""
+    folder = Path(folder)
+    unknown = [k for k in keys if k not in MODALITIES]
+    if unknown:
+        raise ValueError(f"unknown modality keys {unknown}; known: {MODALITIES}")
+    if not folder.is_dir():
+        return [Problem(str(folder), "patient folder does not exist")]
+    entries = sorted(folder.iterdir())
+    if not entries:
+        return [Problem(str(folder), "patient folder is empty (no files)")]
+
+    problems: list[Problem] = []
+    stray = [p.name + ("/" if p.is_dir() else "") for p in entries if p.name not in _KNOWN_FILES]
+    if stray:
+        problems.append(Problem(str(folder), f"stray file(s) in patient folder: {_names(stray)}", "warning"))
+
+    geometry: list[tuple[Path, tuple[int, ...], np.ndarray]] = []
+    for key in keys:
+        path = modality_path(folder, key)
+        if not path.is_file():
+            problems.append(Problem(str(path), f"missing modality {key!r}"))
+            continue
+        try:
+            data, affine = load_volume(path)  # decompresses every voxel
+        except Exception as exc:  # noqa: BLE001 - nibabel/gzip/zlib raise many types; report, don't crash
+            problems.append(Problem(str(path), f"unreadable or truncated file ({_short(exc)})"))
+            continue
+        if data.ndim not in (2, 3):
+            problems.append(Problem(str(path), f"volume has shape {data.shape}; expected 2D or 3D"))
+        geometry.append((path, data.shape, affine))
+        problems.extend(_check_values(path, key, data))
+    problems.extend(_check_geometry(geometry))
+    return problems
+
+
+def _check_geometry(geometry: Sequence[tuple[Path, tuple[int, ...], np.ndarray]]) -> list[Problem]:
+    """Shapes and affines of one patient's files must agree. The odd ones out are blamed:
+    the reference is the most common shape (then affine), ties going to the earlier file."""
+    problems: list[Problem] = []
+    if len(geometry) < 2:
+        return problems
+    shapes = [shape for _, shape, _ in geometry]
+    ref_shape = max(shapes, key=lambda s: (shapes.count(s), -shapes.index(s)))
+    ref_path = next(path for path, shape, _ in geometry if shape == ref_shape)
+    for path, shape, _ in geometry:
+        if shape != ref_shape:
+            problems.append(Problem(str(path), f"shape {shape} differs from {ref_path.name} {ref_shape}"))
+    same_shape = [(path, affine) for path, shape, affine in geometry if shape == ref_shape]
+    agree = [sum(np.allclose(a, b, atol=AFFINE_ATOL) for _, b in same_shape) for _, a in same_shape]
+    best = max(range(len(same_shape)), key=lambda i: (agree[i], -i))
+    ref_path, ref_affine = same_shape[best]
+    for path, affine in same_shape:
+        if not np.allclose(affine, ref_affine, atol=AFFINE_ATOL):
+            diff = float(np.abs(affine - ref_affine).max())
+            problems.append(Problem(str(path), f"affine differs from {ref_path.name}'s (max difference {diff:.4g})"))
+    return problems
+
+
+def check_patients(folders: Iterable[str | Path], keys: Sequence[str] = MODALITIES, progress: bool = True) -> Report:
+    """Check exactly these patient folders for the modalities ``keys`` (what training will read)."""
+    folders = [Path(f) for f in folders]
+    report = Report()
+    if not folders:
+        report.problems.append(Problem("<patients>", "no patient folders to check"))
+        return report
+    for folder in tqdm(folders, desc="check", unit="patient", disable=None if progress else True):
+        report.problems.extend(check_patient(folder, keys))
+    report.patients_checked = len(folders)
+    return report
+
+
+def check_dataset(root: str | Path, keys: Sequence[str] = MODALITIES, progress: bool = True) -> Report:
+    """Check a dataset root (``train/``, ``val/``, ``test/`` of patient folders) and report
+    every problem; ``keys`` are the modalities every patient must have."""
+    root = Path(root)
+    report = Report(root=str(root))
+    if not root.is_dir():
+        report.problems.append(Problem(str(root), "dataset folder does not exist"))
+        return report
+    split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
+    if not split_dirs:
+        hint = ""
+        if list_patients(root):
+            hint = " (it holds other folders: is this a split or patient folder? point at the dataset root)"
+        report.problems.append(Problem(str(root), f"no split folders ({', '.join(s + '/' for s in SPLITS)}){hint}"))
+        return report
+
+    patients: list[Path] = []
+    seen: dict[str, str] = {}
+    for split_dir in split_dirs:
+        split_patients = list_patients(split_dir)
+        stray = sorted(p.name for p in split_dir.iterdir() if p not in split_patients)
+        if stray:
+            report.problems.append(Problem(str(split_dir), f"stray file(s) at split level: {_names(stray)}", "warning"))
+        if not split_patients:
+            report.problems.append(Problem(str(split_dir), "split folder holds no patient folders"))
+        for p in split_patients:
+            if p.name in seen:
+                report.problems.append(Problem(
+                    str(p), f"patient id {p.name!r} is also in {seen[p.name]}/ (patients must not cross splits)"))
+            seen.setdefault(p.name, split_dir.name)
+        patients.extend(split_patients)
+
+    if not patients:
+        report.problems.append(Problem(str(root), "dataset holds no patients"))
+        return report
+    sub = check_patients(patients, keys, progress=progress)
+    report.problems.extend(sub.problems)
+    report.patients_checked = sub.patients_checked
+    return report
