@@ -1,0 +1,97 @@
+"""Network construction, checkpoint -> model for inference, sample grids, metrics log."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from PIL import Image
+
+from medgen.core.checkpoint import CheckpointError, load_checkpoint
+
+
+def network_kwargs(cfg) -> dict[str, Any]:
+    """MONAI ``DiffusionModelUNet`` kwargs for the configured model and mode (stored in checkpoints)."""
+    m = cfg.model
+    return {
+        "spatial_dims": 2,
+        "in_channels": int(cfg.mode.in_channels),
+        "out_channels": int(cfg.mode.out_channels),
+        "channels": [int(c) for c in m.channels],
+        "attention_levels": [bool(a) for a in m.attention_levels],
+        "num_res_blocks": int(m.num_res_blocks),
+        "num_head_channels": int(m.num_head_channels),
+        "norm_num_groups": int(m.norm_num_groups),
+        # SDPA (torch.nn.functional.scaled_dot_product_attention) in every attention block
+        "use_flash_attention": True,
+    }
+
+
+def build_network(kwargs: Mapping[str, Any]) -> DiffusionModelUNet:
+    kw = dict(kwargs)
+    kw["channels"] = tuple(kw["channels"])
+    kw["attention_levels"] = tuple(kw["attention_levels"])
+    return DiffusionModelUNet(**kw)
+
+
+def load_model_from_checkpoint(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
+    """Build the network from the checkpoint alone. Returns ``(model.eval(), checkpoint dict)``;
+    EMA weights are used when present and ``use_ema``."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    model = build_network(ckpt["network"])
+    weights = ckpt.get("ema") if use_ema and ckpt.get("ema") is not None else ckpt["model"]
+    if weights is ckpt.get("ema"):
+        weights = {k.removeprefix("ema_model."): v for k, v in weights.items() if k.startswith("ema_model.")}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the stored network ({exc})") from None
+    return model.to(device).eval(), ckpt
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of step ``step`` on ``rank``: a fixed mix of the three, so a resumed run draws the
+    same timesteps and noise as an uninterrupted one."""
+    x = (int(seed) * 1_000_003 + int(step)) * 1_009 + int(rank)
+    # splitmix64 finaliser: nearby (seed, step, rank) give unrelated streams
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def make_grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
+    """Tile ``rows`` of ``[H, W]`` images in [0, 1] into one uint8 ``[H', W']`` picture."""
+    h, w = rows[0][0].shape
+    ncol = max(len(r) for r in rows)
+    out = np.ones((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad), dtype=np.float32)
+    for i, r in enumerate(rows):
+        for j, img in enumerate(r):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            out[y : y + h, x : x + w] = np.clip(img, 0, 1)
+    return (out * 255).round().astype(np.uint8)
+
+
+def save_png(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(array)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path)
+    return path
+
+
+def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        return v
+
+    with open(path, "a") as f:
+        f.write(json.dumps({k: clean(v) for k, v in record.items()}) + "\n")

@@ -1,0 +1,42 @@
+"""Shared plumbing of the Hydra entry points: validate once at the boundary, turn the errors a
+user can fix into one clear line (no stack trace) and an exit code."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from medgen.core.paths import configs_dir
+
+CONFIG_DIR = str(configs_dir())
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from medgen.core.checkpoint import CheckpointError
+    from medgen.core.config import ConfigError
+    from medgen.data.nifti_dataset import DataError
+
+    errors: list[type[BaseException]] = [ConfigError, DataError, CheckpointError]
+    try:
+        from medgen.diffusion.perceptual import PerceptualWeightsError
+        from medgen.diffusion.trainer import TrainingStopped
+
+        errors += [PerceptualWeightsError, TrainingStopped]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+@contextmanager
+def exit_on_user_error(prog: str) -> Iterator[None]:
+    """Print ``prog: message`` and exit 1 (config errors: 2) for errors the user can fix."""
+    from medgen.core.config import ConfigError
+
+    try:
+        yield
+    except user_errors() as exc:
+        logging.getLogger("medgen").debug("user error", exc_info=True)
+        print(f"{prog}: {exc}", file=sys.stderr)
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)

@@ -1,0 +1,94 @@
+"""``medgen-train``: train a diffusion model (any strategy x mode) from the Hydra config.
+
+    medgen-train mode=bravo strategy=rflow training=cpu paths.data_dir=./data/phantoms
+    medgen-train --cfg job                     # print the resolved config, do not run
+    torchrun --nproc_per_node 4 -m medgen.scripts.train training.use_multi_gpu=true
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from medgen.scripts._cli import CONFIG_DIR, exit_on_user_error
+
+log = logging.getLogger("medgen.train")
+
+
+def find_resume_checkpoint(resume: str | None, cfg: DictConfig) -> Path | None:
+    """``training.resume``: null -> None; ``auto`` -> newest ``latest.pt`` of a run of the same
+    mode/strategy/size under ``paths.model_dir`` (None if there is none); otherwise a checkpoint
+    file or a run folder."""
+    from medgen.core.checkpoint import CheckpointError
+    from medgen.core.paths import resolve_path
+
+    if resume is None or resume == "":
+        return None
+    if resume == "auto":
+        root = resolve_path(cfg.paths.model_dir) / cfg.mode.name
+        pattern = f"{cfg.strategy.name}_{cfg.model.image_size}_*/checkpoints/latest.pt"
+        found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
+        return found[-1] if found else None
+    path = resolve_path(resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "latest.pt" if (path / "checkpoints").is_dir() else path / "latest.pt"
+    if not path.is_file():
+        raise CheckpointError(f"training.resume={resume}: no checkpoint at {path}")
+    return path
+
+
+def run(cfg: DictConfig, run_dir: Path) -> str:
+    """Validate, set up (distributed) training, resume if asked, train. Returns the final status."""
+    from medgen.core.config import validate_config
+    from medgen.core.distributed import cleanup, env_world, setup_distributed
+    from medgen.diffusion.trainer import DiffusionTrainer
+
+    _, _, world = env_world()
+    cfg = validate_config(cfg, world_size=world)
+    dist = setup_distributed(cfg.training.use_multi_gpu)
+    try:
+        ckpt = find_resume_checkpoint(cfg.training.resume, cfg)
+        if ckpt is not None:
+            fresh, run_dir = run_dir, ckpt.parent.parent
+            # the new (empty) Hydra folder is not needed: the run continues in its own folder
+            if dist.is_main and fresh != run_dir and fresh.is_dir() and \
+                    all(p.name == ".hydra" for p in fresh.iterdir()):
+                shutil.rmtree(fresh, ignore_errors=True)
+        elif cfg.training.resume == "auto":
+            log.info("training.resume=auto: no earlier run found, starting fresh")
+        trainer = DiffusionTrainer(cfg, run_dir, dist)
+        if ckpt is not None:
+            trainer.resume_from(ckpt)
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        status = trainer.train()
+        if dist.is_main:
+            msg = {"done": "finished", "max_steps": f"stopped at training.max_steps={cfg.training.max_steps}",
+                   "stopped": "stopped by signal; resume with training.resume=auto"}[status]
+            log.info("%s at epoch %d, step %d; checkpoints in %s", msg, trainer.epoch, trainer.step,
+                     run_dir / "checkpoints")
+        return status
+    finally:
+        cleanup()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def _main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    with exit_on_user_error("medgen-train"):
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""medgen-train as a user runs it: real processes, signals, SIGKILL + resume, DDP on 2 CPU processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from medgen.core.checkpoint import load_checkpoint
+from medgen.core.config import load_config
+from medgen.diffusion.trainer import DiffusionTrainer
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _train_cmd(run_dir: Path, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "medgen.scripts.train", f"hydra.run.dir={run_dir}", *overrides]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) before {path} appeared:\n{proc.stderr.read()}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.05)
+
+
+def test_cfg_job_prints_the_resolved_config(tmp_path, tiny_data):
+    out = subprocess.run([sys.executable, "-m", "medgen.scripts.train", "--cfg", "job", "mode=dual", "strategy=rflow"],
+                         capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "name: rflow" in out.stdout and "image_keys:\n  - t1_pre\n  - t1_gd" in out.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "medgen.scripts.train", "training.learning_rate=0",
+                          f"hydra.run.dir={tmp_path / 'r'}"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert out.returncode == 2
+    assert "config error at 'training.learning_rate': must be > 0" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_missing_perceptual_weights_message_from_the_command(tmp_path, tiny_data):
+    env = {**ENV, "TORCH_HOME": str(tmp_path / "th")}
+    out = subprocess.run(_train_cmd(tmp_path / "r", tiny_overrides(tmp_path, tiny_data, "mode=bravo",
+                                                                   "training.perceptual_weight=0.001")),
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1
+    assert "training.perceptual_weight=0" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_sigterm_saves_latest_and_exits_0(tmp_path, tiny_data):
+    run = tmp_path / "r"
+    proc = subprocess.Popen(_train_cmd(run, tiny_overrides(tmp_path, tiny_data, "mode=seg", "training.epochs=1000")),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    _wait_for(run / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert 0 < ckpt["step"] < 1000 * 3
+    assert "stopped by signal; resume with training.resume=auto" in out + err
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_data):
+    over = tiny_overrides(tmp_path, tiny_data, "mode=bravo", "strategy=rflow", "training.epochs=40",
+                          "training.max_steps=80", "training.val_interval=5", "training.warmup_epochs=2")
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(run, over), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    _wait_for(run / "checkpoints" / "epoch_0002.pt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["step"] < 80  # it really died mid-run
+
+    resumed = subprocess.run(_train_cmd(tmp_path / "fresh", [*over, f"training.resume={run}"]),
+                             capture_output=True, text=True, env=ENV, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not (tmp_path / "fresh").exists()  # continued in its own run folder
+    final = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert final["step"] == 80
+
+    torch.set_num_threads(1)
+    straight = DiffusionTrainer(load_config(over), tmp_path / "straight", progress=False)
+    straight.train()
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, final["model"][k]), k
+
+
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, tiny_data):
+    over = tiny_overrides(tmp_path, tiny_data, "mode=bravo", "training.use_multi_gpu=true", "training.max_steps=4")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(Path(__file__).parent / "ddp_worker.py"), str(tmp_path), *over],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["step"] == r1["step"] == 4
+    for k in r0["model"]:
+        assert torch.equal(r0["model"][k], r1["model"][k]), k
+    for k in r0["ema"]:
+        assert torch.equal(r0["ema"][k], r1["ema"][k]), k
+    assert (tmp_path / "run" / "checkpoints" / "latest.pt").is_file()
+
+
+@pytest.mark.parametrize("resume", ["auto"])
+def test_resume_auto_without_a_run_starts_fresh(tmp_path, tiny_data, resume):
+    out = subprocess.run(_train_cmd(tmp_path / "r", tiny_overrides(tmp_path, tiny_data, "mode=seg",
+                                                                   "training.max_steps=2", f"training.resume={resume}")),
+                         capture_output=True, text=True, env=ENV, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "starting fresh" in out.stderr + out.stdout
+    assert (tmp_path / "r" / "config.yaml").is_file() and (tmp_path / "r" / "checkpoints" / "latest.pt").is_file()
