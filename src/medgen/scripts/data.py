@@ -86,11 +86,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "phantom":
         from medgen.data.phantom import generate_dataset
 
-        if args.subjects < 1:
-            print("medgen-data phantom: --subjects must be >= 1", file=sys.stderr)
+        bad = [msg for ok, msg in [(args.subjects >= 1, "--subjects must be >= 1"),
+                                   (args.size >= 8, "--size must be >= 8"),
+                                   (args.slices >= 4, "--slices must be >= 4"),
+                                   (args.seed >= 0, "--seed must be >= 0"),
+                                   (args.workers >= 1, "--workers must be >= 1")] if not ok]
+        if bad:
+            print("medgen-data phantom: " + "; ".join(bad), file=sys.stderr)
             return 2
-        generate_dataset(args.out, subjects=args.subjects, size=args.size, slices=args.slices,
-                         seed=args.seed, split=args.split, workers=args.workers)
+        try:
+            generate_dataset(args.out, subjects=args.subjects, size=args.size, slices=args.slices,
+                             seed=args.seed, split=args.split, workers=args.workers)
+        except ValueError as exc:
+            print(f"medgen-data phantom: {exc}", file=sys.stderr)
+            return 1
         print(f"wrote {args.subjects} phantom subjects to {args.out}")
         return 0
     if args.command == "import":
