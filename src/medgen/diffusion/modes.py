@@ -1,0 +1,274 @@
+"""Training modes: which channels the network sees and predicts (DESIGN.md section 3).
+
+=========  ===========================  ===============================  ===================
+mode       generates (``image_keys``)   network input                    in -> out channels
+=========  ===========================  ===============================  ===================
+seg        the tumour mask ``seg``      ``[x_t]``                        1 -> 1
+bravo      ``bravo`` given the mask     ``[x_t, mask]``                  2 -> 1
+dual       ``t1_pre`` + ``t1_gd``       ``[x_t(pre), x_t(post), mask]``  3 -> 2
+=========  ===========================  ===============================  ===================
+
+Batches from the data loader are dicts of ``[B, 1, H, W]`` float tensors in [0, 1], one per
+modality key (``seg`` in {0, 1}). A mode maps them to model space [-1, 1] (``split``), builds
+the network input (``model_input``) and maps generated ``x0`` back to [0, 1] per key
+(``to_outputs``; masks binarised with the one shared :func:`binarize_mask`).
+
+Unconditional (:class:`SegmentationMode`) and mask-conditioned modes are two implementations of
+one interface: the unconditional mode's condition is always ``None``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from medgen.core.config import ConfigError
+from medgen.core.constants import IMAGE_MODALITIES, MASK_KEY
+from medgen.data.transforms import binarize_mask, from_model_space, to_model_space
+
+__all__ = [
+    "TrainingMode",
+    "SegmentationMode",
+    "ConditionalSingleMode",
+    "ConditionalDualMode",
+    "MODES",
+    "build_mode",
+]
+
+#: post-processing of one generated channel in [0, 1], per key (identity if absent)
+_OUTPUT_TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {MASK_KEY: binarize_mask}
+
+
+class TrainingMode(abc.ABC):
+    """Channel layout of one mode; built from ``cfg.mode`` (keys come from the config).
+
+    Attributes:
+        name: registry name (``mode.name``).
+        image_keys: the generated modalities, in output-channel order.
+        cond_keys: the conditioning modalities (``()`` or ``("seg",)``).
+        in_channels: ``len(image_keys) + len(cond_keys)``.
+        out_channels: ``len(image_keys)``.
+        is_conditional: whether the network sees a condition.
+        supports_perceptual: whether a perceptual loss may be applied to the outputs
+            (never to masks).
+    """
+
+    name: ClassVar[str]
+    supports_perceptual: ClassVar[bool]
+
+    def __init__(self, cfg_mode: Any):
+        c = OmegaConf.to_container(OmegaConf.create(cfg_mode), resolve=True)
+        for key in ("name", "is_conditional", "in_channels", "out_channels", "image_keys", "cond_keys"):
+            if key not in c:
+                raise ConfigError(f"mode.{key}", f"missing (mode {self.name!r})")
+        if c["name"] != self.name:
+            raise ConfigError("mode.name", f"{c['name']!r} given to the {self.name!r} mode")
+        self.image_keys: tuple[str, ...] = tuple(c["image_keys"])
+        self.cond_keys: tuple[str, ...] = tuple(c["cond_keys"])
+        self.in_channels = int(c["in_channels"])
+        self.out_channels = int(c["out_channels"])
+        self.is_conditional = bool(c["is_conditional"])
+        if len(set(self.image_keys)) != len(self.image_keys):
+            raise ConfigError("mode.image_keys", f"{list(self.image_keys)} repeats a key")
+        self._check_keys()
+        if self.out_channels != len(self.image_keys):
+            raise ConfigError(
+                "mode.out_channels", f"{self.out_channels} but mode.image_keys has {len(self.image_keys)} entries"
+            )
+        if self.in_channels != len(self.image_keys) + len(self.cond_keys):
+            raise ConfigError(
+                "mode.in_channels",
+                f"{self.in_channels} but image_keys + cond_keys give {len(self.image_keys) + len(self.cond_keys)}",
+            )
+        if self.is_conditional != bool(self.cond_keys):
+            raise ConfigError(
+                "mode.is_conditional", f"is {self.is_conditional} but mode.cond_keys is {list(self.cond_keys)}"
+            )
+
+    @abc.abstractmethod
+    def _check_keys(self) -> None:
+        """Raise :class:`ConfigError` unless ``image_keys`` / ``cond_keys`` fit this mode."""
+
+    # ---------------------------------------------------------------- batch -> model space
+    def _stack(self, batch: Mapping[str, Tensor], keys: tuple[str, ...]) -> Tensor:
+        """``[B, len(keys), H, W]`` from the ``[B, 1, H, W]`` entries of ``batch``, in model space."""
+        channels = []
+        for key in keys:
+            if key not in batch:
+                raise KeyError(f"mode {self.name!r} needs batch[{key!r}]; the batch has {sorted(batch)}")
+            x = batch[key]
+            if x.ndim != 4 or x.shape[1] != 1:
+                raise ValueError(f"batch[{key!r}] must be [B, 1, H, W], got {tuple(x.shape)}")
+            if channels and x.shape != channels[0].shape:
+                raise ValueError(
+                    f"batch[{key!r}] has shape {tuple(x.shape)} but batch[{keys[0]!r}] has {tuple(channels[0].shape)}"
+                )
+            channels.append(x)
+        return to_model_space(torch.cat(channels, dim=1))
+
+    @abc.abstractmethod
+    def split(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """``batch`` -> ``(x0 [B, out_channels, H, W], cond [B, len(cond_keys), H, W] or None)``, both in [-1, 1]."""
+
+    @abc.abstractmethod
+    def model_input(self, x_t: Tensor, cond: Tensor | None) -> Tensor:
+        """Network input ``[B, in_channels, H, W]``: the ``x_t`` channels, then the condition."""
+
+    @abc.abstractmethod
+    def null_cond(self, cond: Tensor | None) -> Tensor | None:
+        """The condition "no lesion": an all-background mask (-1 in model space) shaped like ``cond``."""
+
+    @abc.abstractmethod
+    def drop_cond(self, cond: Tensor | None, p: float, generator: torch.Generator) -> Tensor | None:
+        """Replace each sample's condition by :meth:`null_cond` with probability ``p`` (CFG dropout).
+
+        Exactly ``B`` uniforms are drawn from ``generator`` (on its own device) whatever ``p``.
+        """
+
+    # ---------------------------------------------------------------- model space -> outputs
+    def to_outputs(self, x0_model: Tensor) -> dict[str, Tensor]:
+        """Generated ``x0 [B, out_channels, H, W]`` in model space -> ``{key: [B, 1, H, W]}`` in [0, 1].
+
+        Images are clamped to [0, 1]; the mask is binarised to {0, 1} with :func:`binarize_mask`.
+        """
+        if x0_model.ndim != 4 or x0_model.shape[1] != self.out_channels:
+            raise ValueError(f"mode {self.name!r} outputs [B, {self.out_channels}, H, W], got {tuple(x0_model.shape)}")
+        out = {}
+        for i, key in enumerate(self.image_keys):
+            x = from_model_space(x0_model[:, i : i + 1].float())
+            out[key] = _OUTPUT_TRANSFORMS.get(key, lambda v: v)(x)
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(image_keys={list(self.image_keys)}, cond_keys={list(self.cond_keys)})"
+
+    def _check_x_t(self, x_t: Tensor) -> None:
+        if x_t.ndim != 4 or x_t.shape[1] != self.out_channels:
+            raise ValueError(f"mode {self.name!r}: x_t must be [B, {self.out_channels}, H, W], got {tuple(x_t.shape)}")
+
+
+# ============================================================================ seg
+class SegmentationMode(TrainingMode):
+    """Unconditional mask generation: noise -> ``seg``. The condition is always ``None``."""
+
+    name = "seg"
+    supports_perceptual = False  # perceptual features of a binary mask are meaningless
+
+    def _check_keys(self) -> None:
+        if self.image_keys != (MASK_KEY,):
+            raise ConfigError(
+                "mode.image_keys", f"seg mode generates the mask only: [{MASK_KEY}], got {list(self.image_keys)}"
+            )
+        if self.cond_keys:
+            raise ConfigError("mode.cond_keys", f"seg mode is unconditional, got {list(self.cond_keys)}")
+
+    def split(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, None]:
+        return self._stack(batch, self.image_keys), None
+
+    def model_input(self, x_t: Tensor, cond: Tensor | None) -> Tensor:
+        self._check_x_t(x_t)
+        if cond is not None:
+            raise ValueError("seg mode is unconditional; cond must be None")
+        return x_t
+
+    def null_cond(self, cond: Tensor | None) -> None:
+        if cond is not None:
+            raise ValueError("seg mode is unconditional; cond must be None")
+        return None
+
+    def drop_cond(self, cond: Tensor | None, p: float, generator: torch.Generator) -> None:
+        return self.null_cond(cond)
+
+
+# ============================================================================ mask-conditioned
+class _MaskConditionedMode(TrainingMode):
+    """Images generated given the tumour mask: input ``[x_t channels..., mask]``."""
+
+    supports_perceptual = True
+    #: how many image modalities this mode generates
+    NUM_IMAGE_KEYS: ClassVar[int]
+
+    def _check_keys(self) -> None:
+        if len(self.image_keys) != self.NUM_IMAGE_KEYS:
+            raise ConfigError(
+                "mode.image_keys",
+                f"{self.name} mode generates {self.NUM_IMAGE_KEYS} image modalities, got {list(self.image_keys)}",
+            )
+        for i, key in enumerate(self.image_keys):
+            if key not in IMAGE_MODALITIES:
+                raise ConfigError(
+                    f"mode.image_keys[{i}]", f"{key!r} is not an image modality; choose from {list(IMAGE_MODALITIES)}"
+                )
+        if self.cond_keys != (MASK_KEY,):
+            raise ConfigError(
+                "mode.cond_keys",
+                f"{self.name} mode is conditioned on the mask: [{MASK_KEY}], got {list(self.cond_keys)}",
+            )
+
+    def split(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        x0 = self._stack(batch, self.image_keys)
+        cond = self._stack(batch, self.cond_keys)
+        if cond.shape[0] != x0.shape[0] or cond.shape[2:] != x0.shape[2:]:
+            raise ValueError(
+                f"condition {list(self.cond_keys)} has shape {tuple(cond.shape)}, images {tuple(x0.shape)}"
+            )
+        return x0, cond
+
+    def _check_cond(self, cond: Tensor | None) -> Tensor:
+        if cond is None:
+            raise ValueError(f"{self.name} mode is conditional; pass the mask (or null_cond(...) for unconditional)")
+        if cond.ndim != 4 or cond.shape[1] != len(self.cond_keys):
+            raise ValueError(f"cond must be [B, {len(self.cond_keys)}, H, W], got {tuple(cond.shape)}")
+        return cond
+
+    def model_input(self, x_t: Tensor, cond: Tensor | None) -> Tensor:
+        self._check_x_t(x_t)
+        cond = self._check_cond(cond)
+        if cond.shape[0] != x_t.shape[0] or cond.shape[2:] != x_t.shape[2:]:
+            raise ValueError(f"cond {tuple(cond.shape)} does not match x_t {tuple(x_t.shape)} in batch or spatial size")
+        return torch.cat([x_t, cond.to(x_t.dtype)], dim=1)
+
+    def null_cond(self, cond: Tensor | None) -> Tensor:
+        return to_model_space(torch.zeros_like(self._check_cond(cond)))
+
+    def drop_cond(self, cond: Tensor | None, p: float, generator: torch.Generator) -> Tensor:
+        cond = self._check_cond(cond)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"condition dropout probability must be in [0, 1], got {p}")
+        u = torch.rand(cond.shape[0], generator=generator, device=generator.device).to(cond.device)
+        drop = (u < p).view(-1, *([1] * (cond.ndim - 1)))
+        return torch.where(drop, self.null_cond(cond), cond)
+
+
+class ConditionalSingleMode(_MaskConditionedMode):
+    """``[x_t, mask] -> bravo`` (one image modality given the mask)."""
+
+    name = "bravo"
+    NUM_IMAGE_KEYS = 1
+
+
+class ConditionalDualMode(_MaskConditionedMode):
+    """``[x_t(t1_pre), x_t(t1_gd), mask] -> t1_pre + t1_gd`` (two co-registered contrasts)."""
+
+    name = "dual"
+    NUM_IMAGE_KEYS = 2
+
+
+# ============================================================================ registry
+MODES: dict[str, type[TrainingMode]] = {
+    SegmentationMode.name: SegmentationMode,
+    ConditionalSingleMode.name: ConditionalSingleMode,
+    ConditionalDualMode.name: ConditionalDualMode,
+}
+
+
+def build_mode(cfg: Any) -> TrainingMode:
+    """The mode of a full (validated) config, built from ``cfg.mode``."""
+    name = cfg.mode.name
+    if name not in MODES:
+        raise ConfigError("mode.name", f"unknown mode {name!r}; choose one of {sorted(MODES)}")
+    return MODES[name](cfg.mode)

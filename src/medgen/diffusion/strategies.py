@@ -1,0 +1,507 @@
+"""Diffusion strategies: how noise is added to ``x0`` and removed again (DESIGN.md section 3).
+
+Two implementations of one interface (adapters, not ``isinstance`` branches):
+
+* :class:`DDPMStrategy` — DDPM (Ho et al. 2020) with epsilon prediction on a MONAI
+  ``DDPMScheduler`` noise schedule (cosine by default, Nichol & Dhariwal 2021).
+  Timesteps are integer indices ``t in {0, ..., T-1}``.
+* :class:`RFlowStrategy` — rectified flow (Liu et al. 2022) with MONAI's ``RFlowScheduler``
+  conventions: ``x_t = (1 - s) x0 + s eps`` with ``s = t / T``, velocity target
+  ``v = x0 - eps``, uniform or logit-normal timesteps (Esser et al. 2024) and the
+  resolution-dependent timestep shift. Timesteps are floats in ``[0, T]``.
+
+The trainer draws ``t`` and ``eps`` from generators it derives from ``(seed, step, rank)``, so
+every random draw here goes through an explicit ``torch.Generator``.
+
+Facts about MONAI 1.6 this module relies on / works around (each is checked in
+``tests/unit/test_strategies.py``):
+
+* ``RFlowScheduler`` defaults to 3D (``spatial_dim=3``, ``base_img_size_numel=32**3``); for 2D
+  slices both are passed explicitly (``spatial_dim=2``, ``base_image_size**2``), so the shift is
+  ``image_size / base_image_size``.
+* Its velocity is ``v = x0 - eps`` (the *negative* of ``dx_t/ds``); its Euler step is
+  ``x_{t'} = x_t + (t - t') / T * v`` and ``x0_hat = x_t + t / T * v``.
+* ``RFlowScheduler.set_timesteps`` casts the grid to float16 (and to int64 when discrete
+  timesteps are used): with a shift > 1 and many steps the grid has duplicates (1000 steps at
+  128 px, base 64: 829 distinct values). ``RFlowScheduler.step`` truncates a fractional
+  ``next_timestep`` with ``int()``, so its ``dt`` is wrong on shifted (non-integer) grids.
+  :meth:`RFlowStrategy.inference_timesteps` builds the same grid in float64, and
+  :meth:`RFlowStrategy.sample` applies the same Euler update with the exact ``dt``.
+* ``DDPMScheduler.step`` always uses ``alpha_bar[t - 1]`` as the previous step, whatever
+  ``set_timesteps`` chose, so with fewer steps than ``T`` its ancestral sampler jumps noise
+  levels without the matching posterior (samples stay far too noisy). :meth:`DDPMStrategy.sample`
+  runs MONAI's ``step`` on a *respaced* scheduler (Nichol & Dhariwal 2021, section 4), which is
+  the identity when ``num_steps == T``.
+* ``DDPMScheduler`` clips ``x0_hat`` to [-1, 1] in ``step`` by default (``clip_sample=True``);
+  kept (see :attr:`DDPMStrategy.CLIP_X0`). ``DDPMScheduler.add_noise`` re-casts the scheduler's
+  ``alphas_cumprod`` in place to the input dtype (a bf16 call would degrade it for good), so this
+  module keeps its own float32 copy and never calls it.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import fields
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
+from monai.networks.schedulers.rectified_flow import timestep_transform
+from monai.utils import unsqueeze_right
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from medgen.core.config import ConfigError, DDPMConfig, RFlowConfig
+from medgen.diffusion.losses import min_snr_weight
+
+__all__ = [
+    "DenoiseFn",
+    "SampleCallback",
+    "DiffusionStrategy",
+    "DDPMStrategy",
+    "RFlowStrategy",
+    "STRATEGIES",
+    "build_strategy",
+]
+
+#: ``denoise_fn(x_t [B, C, H, W], t [B]) -> model output [B, C, H, W]``
+DenoiseFn = Callable[[Tensor, Tensor], Tensor]
+#: ``callback(i, t [B], x [B, C, H, W] after step i, x0_hat [B, C, H, W] predicted at step i)``;
+#: DDPM passes MONAI's clipped ``x0_hat``, RFlow the unclipped one
+SampleCallback = Callable[[int, Tensor, Tensor, Tensor], None]
+
+
+def _work_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype schedule arithmetic runs in: the inputs' promoted dtype, at least float32."""
+    dtype = torch.float32
+    for x in tensors:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+def _strategy_config(cfg_strategy: Any, schema: type, name: str) -> dict[str, Any]:
+    """The strategy config as a plain dict with exactly the keys of ``schema`` (a dataclass)."""
+    cfg = OmegaConf.to_container(OmegaConf.create(cfg_strategy), resolve=True)
+    expected = [f.name for f in fields(schema)]
+    for key in expected:
+        if key not in cfg:
+            raise ConfigError(f"strategy.{key}", f"missing (strategy {name!r} needs {expected})")
+    for key in cfg:
+        if key not in expected:
+            raise ConfigError(f"strategy.{key}", f"unknown key for strategy {name!r}; known: {expected}")
+    if cfg["name"] != name:
+        raise ConfigError("strategy.name", f"{cfg['name']!r} given to the {name!r} strategy")
+    return cfg
+
+
+def _check_generator_device(generator: torch.Generator | None, device: torch.device) -> None:
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"generator is on {generator.device} but the samples are on {device}; "
+            f"create it with torch.Generator(device={str(device)!r})"
+        )
+
+
+class DiffusionStrategy(abc.ABC):
+    """How noise is added and removed; see the module docstring.
+
+    Attributes:
+        name: registry name (``strategy.name``).
+        prediction_type: what the network predicts (``"epsilon"`` or ``"velocity"``).
+        num_train_timesteps: ``T``.
+        image_size: side of the square images (the RFlow shift depends on it).
+        config: the strategy config as a plain dict (recorded by :meth:`state_dict`).
+    """
+
+    name: ClassVar[str]
+    #: the dataclass in ``medgen.core.config`` whose keys this strategy reads, all of them
+    schema: ClassVar[type]
+    #: the only prediction target this strategy implements
+    PREDICTION_TYPE: ClassVar[str]
+
+    def __init__(self, cfg_strategy: Any, image_size: int):
+        self.config = _strategy_config(cfg_strategy, self.schema, self.name)
+        if int(image_size) <= 0:
+            raise ConfigError("model.image_size", f"must be positive, got {image_size}")
+        self.image_size = int(image_size)
+        self.num_train_timesteps = int(self.config["num_train_timesteps"])
+        if self.num_train_timesteps < 2:
+            raise ConfigError("strategy.num_train_timesteps", f"must be >= 2, got {self.num_train_timesteps}")
+        self.prediction_type = str(self.config["prediction_type"])
+        if self.prediction_type != self.PREDICTION_TYPE:
+            raise ConfigError(
+                "strategy.prediction_type",
+                f"{self.prediction_type!r}; strategy {self.name!r} predicts {self.PREDICTION_TYPE!r}",
+            )
+
+    # ---------------------------------------------------------------- training
+    @abc.abstractmethod
+    def sample_timesteps(self, batch: int, generator: torch.Generator, device: torch.device | str) -> Tensor:
+        """``[B]`` training timesteps drawn only from ``generator`` (on ``generator.device``), moved to ``device``."""
+
+    @abc.abstractmethod
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """Forward process ``q(x_t | x0)``: ``x0, noise [B, C, H, W]``, ``t [B]`` -> ``x_t [B, C, H, W]``."""
+
+    @abc.abstractmethod
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The regression target the network is trained on, ``[B, C, H, W]``."""
+
+    @abc.abstractmethod
+    def snr(self, t: Tensor) -> Tensor:
+        """``[B]`` signal-to-noise ratio of ``x_t`` (float32, in [0, inf])."""
+
+    @abc.abstractmethod
+    def predict_x0(self, model_out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """``x0_hat [B, C, H, W]`` implied by the network output at ``(x_t, t)`` (no clipping)."""
+
+    def loss_weight(self, t: Tensor, gamma: float) -> Tensor:
+        """``[B]`` per-sample Min-SNR-gamma weight for this strategy's target (Hang et al. 2023)."""
+        return min_snr_weight(self.snr(t), gamma, self.prediction_type)
+
+    # ---------------------------------------------------------------- sampling
+    @abc.abstractmethod
+    def sample(
+        self,
+        denoise_fn: DenoiseFn,
+        x_T: Tensor,
+        num_steps: int,
+        generator: torch.Generator | None = None,
+        callback: SampleCallback | None = None,
+    ) -> Tensor:
+        """Integrate from pure noise ``x_T [B, C, H, W]`` to ``x0 [B, C, H, W]`` in ``num_steps`` steps."""
+
+    # ---------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """No learnable state: the config, so a checkpoint records which strategy made it."""
+        return {"strategy": dict(self.config), "image_size": self.image_size}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Check that ``state`` (from :meth:`state_dict`) describes this very strategy."""
+        mine = self.state_dict()
+        if dict(state) != mine:
+            theirs_cfg = dict(state.get("strategy", {}))
+            diff = sorted(k for k in set(theirs_cfg) | set(self.config) if theirs_cfg.get(k) != self.config.get(k))
+            if state.get("image_size") != self.image_size:
+                diff.append(f"image_size ({state.get('image_size')} != {self.image_size})")
+            raise ValueError(f"checkpoint strategy does not match this {self.name!r} strategy; differing: {diff}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config}, image_size={self.image_size})"
+
+
+# ============================================================================ DDPM
+class DDPMStrategy(DiffusionStrategy):
+    """DDPM, epsilon prediction (Ho et al. 2020) on a MONAI ``DDPMScheduler`` schedule.
+
+    ``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps`` (Ho et al. eq. 4), target ``eps``,
+    ``SNR(t) = alpha_bar_t / (1 - alpha_bar_t)``.
+    """
+
+    name = "ddpm"
+    schema = DDPMConfig
+    PREDICTION_TYPE = "epsilon"
+    #: ``strategy.schedule`` -> MONAI 1.6 ``NoiseSchedules`` name
+    MONAI_SCHEDULES: ClassVar[dict[str, str]] = {
+        "cosine": "cosine",  # Nichol & Dhariwal 2021, eq. 17
+        "linear_beta": "linear_beta",  # Ho et al. 2020
+        "scaled_linear_beta": "scaled_linear_beta",
+        "sigmoid_beta": "sigmoid_beta",
+    }
+    #: clip ``x0_hat`` to [-1, 1] inside the ancestral step (MONAI's default ``clip_sample=True``,
+    #: as in Ho et al.'s reference sampler): model space is exactly [-1, 1], so this only removes
+    #: impossible values early in few-step sampling. :meth:`predict_x0` itself never clips.
+    CLIP_X0: ClassVar[bool] = True
+
+    def __init__(self, cfg_strategy: Any, image_size: int):
+        super().__init__(cfg_strategy, image_size)
+        schedule = self.config["schedule"]
+        if schedule not in self.MONAI_SCHEDULES:
+            raise ConfigError(
+                "strategy.schedule", f"unknown schedule {schedule!r}; choose one of {sorted(self.MONAI_SCHEDULES)}"
+            )
+        self.scheduler = self._monai_scheduler(self.num_train_timesteps)
+        # own float32 copy: MONAI's add_noise re-casts scheduler.alphas_cumprod in place
+        self.alpha_bar: Tensor = self.scheduler.alphas_cumprod.detach().clone().to(torch.float32)
+        self._alpha_bar_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def _monai_scheduler(self, num_train_timesteps: int) -> DDPMScheduler:
+        return DDPMScheduler(
+            num_train_timesteps=num_train_timesteps,
+            schedule=self.MONAI_SCHEDULES[self.config["schedule"]],
+            prediction_type="epsilon",
+            clip_sample=self.CLIP_X0,
+        )
+
+    def _alpha_bar_at(self, t: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``alpha_bar_t`` ``[B]`` in ``dtype`` on ``device`` for integer timesteps ``t [B]``."""
+        if t.is_floating_point() or t.is_complex():
+            raise TypeError(
+                f"DDPM timesteps are integer indices in [0, {self.num_train_timesteps}); got dtype {t.dtype}"
+            )
+        key = (torch.device(device), dtype)
+        if key not in self._alpha_bar_cache:
+            self._alpha_bar_cache[key] = self.alpha_bar.to(device=device, dtype=dtype)
+        return self._alpha_bar_cache[key][t.to(device)]
+
+    def sample_timesteps(self, batch: int, generator: torch.Generator, device: torch.device | str) -> Tensor:
+        """``[B]`` int64, uniform on ``{0, ..., T-1}`` (Ho et al. 2020, Algorithm 1)."""
+        t = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator, device=generator.device)
+        return t.to(device)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """Ho et al. eq. 4, same arithmetic as ``DDPMScheduler.add_noise`` (dtype at least float32)."""
+        dtype = _work_dtype(x0, noise)
+        alpha_bar = self._alpha_bar_at(t, dtype, x0.device)
+        sqrt_alpha_bar = unsqueeze_right(alpha_bar**0.5, x0.ndim)
+        sqrt_one_minus_alpha_bar = unsqueeze_right((1 - alpha_bar) ** 0.5, x0.ndim)
+        return sqrt_alpha_bar * x0.to(dtype) + sqrt_one_minus_alpha_bar * noise.to(dtype)
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """Epsilon prediction: the target is the noise itself (Ho et al. eq. 14)."""
+        return noise
+
+    def snr(self, t: Tensor) -> Tensor:
+        alpha_bar = self._alpha_bar_at(t, torch.float64, t.device)
+        return (alpha_bar / (1.0 - alpha_bar)).to(torch.float32)
+
+    def predict_x0(self, model_out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """``x0_hat = (x_t - sqrt(1 - alpha_bar) eps_hat) / sqrt(alpha_bar)`` (Ho et al. eq. 15)."""
+        dtype = _work_dtype(model_out, x_t)
+        alpha_bar = unsqueeze_right(self._alpha_bar_at(t, dtype, x_t.device), x_t.ndim)
+        return (x_t.to(dtype) - (1 - alpha_bar) ** 0.5 * model_out.to(dtype)) / alpha_bar**0.5
+
+    def respaced_scheduler(self, num_steps: int) -> tuple[DDPMScheduler, Tensor]:
+        """A MONAI ``DDPMScheduler`` whose chain is MONAI's ``set_timesteps(num_steps)`` grid.
+
+        Respacing (Nichol & Dhariwal 2021, section 4; ``improved-diffusion/respace.py``): for the
+        grid ``tau_1 < ... < tau_N`` the new chain has ``alpha_bar'_k = alpha_bar_{tau_k}`` and
+        ``beta'_k = 1 - alpha_bar_{tau_k} / alpha_bar_{tau_{k-1}}``, so MONAI's ``step`` (which
+        always steps from index ``k`` to ``k - 1``) becomes the exact ancestral step
+        ``q(x_{tau_{k-1}} | x_{tau_k}, x0_hat)`` (Ho et al. eq. 6-7).
+
+        Returns:
+            ``(scheduler, timesteps)``: step index ``k = N - 1 - i`` of the scheduler belongs to
+            ``timesteps[i]`` (``[N]`` int64, descending), the timestep the network sees.
+        """
+        if not 1 <= num_steps <= self.num_train_timesteps:
+            raise ValueError(f"num_steps must be in [1, {self.num_train_timesteps}], got {num_steps}")
+        respaced = self._monai_scheduler(self.num_train_timesteps)
+        respaced.set_timesteps(num_steps)  # MONAI's grid: linspace(T - 1, 0, N).round()
+        timesteps = respaced.timesteps.clone()
+        if num_steps == self.num_train_timesteps:  # every timestep: respacing is the identity
+            return respaced, timesteps
+        alpha_bar = self.alpha_bar.to(torch.float64)[timesteps.flip(0)]  # ascending noise level
+        alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+        alphas = alpha_bar / alpha_bar_prev
+        respaced.alphas_cumprod = alpha_bar.to(torch.float32)
+        respaced.alphas = alphas.to(torch.float32)
+        respaced.betas = (1.0 - alphas).to(torch.float32)
+        respaced.timesteps = torch.arange(num_steps - 1, -1, -1)
+        return respaced, timesteps
+
+    def sample(
+        self,
+        denoise_fn: DenoiseFn,
+        x_T: Tensor,
+        num_steps: int,
+        generator: torch.Generator | None = None,
+        callback: SampleCallback | None = None,
+    ) -> Tensor:
+        """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) with MONAI's ``DDPMScheduler.step``.
+
+        ``num_steps < T`` runs on the respaced chain (:meth:`respaced_scheduler`). The posterior
+        noise is drawn from ``generator`` (which must live on ``x_T.device``; ``None``: the global
+        RNG). ``x0_hat`` is clipped to [-1, 1] inside each step (:attr:`CLIP_X0`).
+        """
+        _check_generator_device(generator, x_T.device)
+        scheduler, timesteps = self.respaced_scheduler(num_steps)
+        x = x_T
+        for i, t in enumerate(timesteps.tolist()):
+            t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+            eps_hat = denoise_fn(x, t_batch)
+            x, x0_hat = scheduler.step(eps_hat, num_steps - 1 - i, x, generator=generator)
+            if callback is not None:
+                callback(i, t_batch, x, x0_hat)
+        return x
+
+
+# ============================================================================ RFlow
+def _clipped_unit(u: Tensor) -> Tensor:
+    """Clamp to ``[tiny, 1 - eps]`` like ``torch.distributions``' clipped sigmoid (so ``t < T``)."""
+    finfo = torch.finfo(u.dtype)
+    return u.clamp(min=finfo.tiny, max=1.0 - finfo.eps)
+
+
+class RFlowStrategy(DiffusionStrategy):
+    """Rectified flow (Liu et al. 2022) with MONAI ``RFlowScheduler`` conventions.
+
+    With ``s = t / T``: ``x_t = (1 - s) x0 + s eps`` (``s = 1`` is pure noise), target
+    ``v = x0 - eps`` (MONAI's sign: sampling integrates from ``t = T`` down to 0 with
+    ``x <- x + (t - t') / T * v``), ``SNR = ((1 - s) / s)^2``, ``x0_hat = x_t + s v_hat``.
+
+    Training timesteps follow ``RFlowScheduler.sample_timesteps``: ``u ~ U(0, 1)`` or
+    ``u = sigmoid(n)``, ``n ~ N(loc, scale)`` (logit-normal, Esser et al. 2024, eq. 19),
+    ``t = u T``, floored to an integer if ``use_discrete_timesteps``, then shifted by
+    ``timestep_transform`` if ``use_timestep_transform``. Returned as float32.
+    """
+
+    name = "rflow"
+    schema = RFlowConfig
+    PREDICTION_TYPE = "velocity"
+    #: logit-normal parameters: MONAI's ``RFlowScheduler`` defaults, Esser et al.'s lognorm(0, 1)
+    LOGIT_NORMAL_LOC: ClassVar[float] = 0.0
+    LOGIT_NORMAL_SCALE: ClassVar[float] = 1.0
+    SPATIAL_DIM: ClassVar[int] = 2
+
+    def __init__(self, cfg_strategy: Any, image_size: int):
+        super().__init__(cfg_strategy, image_size)
+        c = self.config
+        draws: dict[str, Callable[[int, torch.Generator], Tensor]] = {
+            "uniform": self._draw_uniform,
+            "logit-normal": self._draw_logit_normal,
+        }
+        if c["sample_method"] not in draws:
+            raise ConfigError(
+                "strategy.sample_method",
+                f"unknown sample method {c['sample_method']!r}; choose one of {sorted(draws)}",
+            )
+        if int(c["base_image_size"]) <= 0:
+            raise ConfigError("strategy.base_image_size", f"must be positive, got {c['base_image_size']}")
+        self._draw_unit = draws[c["sample_method"]]
+        self.scheduler = RFlowScheduler(
+            num_train_timesteps=self.num_train_timesteps,
+            use_discrete_timesteps=bool(c["use_discrete_timesteps"]),
+            sample_method=c["sample_method"],
+            loc=self.LOGIT_NORMAL_LOC,
+            scale=self.LOGIT_NORMAL_SCALE,
+            use_timestep_transform=bool(c["use_timestep_transform"]),
+            base_img_size_numel=int(c["base_image_size"]) ** self.SPATIAL_DIM,
+            spatial_dim=self.SPATIAL_DIM,
+        )
+
+    # ---------------------------------------------------------------- timesteps
+    @staticmethod
+    def _draw_uniform(batch: int, generator: torch.Generator) -> Tensor:
+        return torch.rand(batch, generator=generator, device=generator.device)
+
+    def _draw_logit_normal(self, batch: int, generator: torch.Generator) -> Tensor:
+        n = torch.randn(batch, generator=generator, device=generator.device)
+        return _clipped_unit(torch.sigmoid(self.LOGIT_NORMAL_LOC + self.LOGIT_NORMAL_SCALE * n))
+
+    def transform_timesteps(self, t: Tensor) -> Tensor:
+        """MONAI's resolution shift (Esser et al. 2024, eq. 23) for this image size, 2D.
+
+        ``s' = r s / (1 + (r - 1) s)`` with ``s = t / T`` and
+        ``r = (H W / base_image_size^2)^(1/2) = image_size / base_image_size``: the identity at
+        ``image_size == base_image_size``, towards noise (``t' > t``) for bigger images.
+        Same arguments as ``RFlowScheduler.sample_timesteps`` passes for a 2D input.
+        """
+        return timestep_transform(
+            t,
+            input_img_size_numel=torch.tensor(self.image_size**self.SPATIAL_DIM),
+            base_img_size_numel=self.scheduler.base_img_size_numel,
+            num_train_timesteps=self.num_train_timesteps,
+            spatial_dim=self.scheduler.spatial_dim,
+        )
+
+    def sample_timesteps(self, batch: int, generator: torch.Generator, device: torch.device | str) -> Tensor:
+        """``[B]`` float32 in ``[0, T)``: ``RFlowScheduler.sample_timesteps`` with an explicit generator."""
+        t = self._draw_unit(batch, generator) * self.num_train_timesteps
+        if self.scheduler.use_discrete_timesteps:
+            t = t.long()  # MONAI floors (truncates) to an integer timestep
+        if self.scheduler.use_timestep_transform:
+            t = self.transform_timesteps(t)
+        return t.to(device=device, dtype=torch.float32)
+
+    def inference_timesteps(self, num_steps: int) -> Tensor:
+        """``[N]`` float64, strictly decreasing: ``RFlowScheduler.set_timesteps`` without its float16 cast.
+
+        ``t_i = (1 - i / N) T`` for ``i = 0..N-1``, rounded to integers if discrete, then the
+        resolution shift (``input_img_size_numel = image_size^2``) and ``steps_offset``. MONAI then
+        casts to float16 (and to int64 if discrete), which merges neighbouring timesteps once the
+        shift compresses them below the float16/integer spacing; this grid keeps full precision.
+        """
+        T = self.num_train_timesteps
+        if not 1 <= num_steps <= T:
+            raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+        i = torch.arange(num_steps, dtype=torch.float64)
+        t = (1.0 - i / num_steps) * T
+        if self.scheduler.use_discrete_timesteps:
+            t = torch.round(t)  # round half to even, like Python's round() in MONAI
+        if self.scheduler.use_timestep_transform:
+            t = self.transform_timesteps(t)
+        return t + self.scheduler.steps_offset
+
+    # ---------------------------------------------------------------- forward process
+    def _s(self, t: Tensor, dtype: torch.dtype, ndim: int) -> Tensor:
+        """``s = t / T`` as ``[B, 1, ..., 1]`` in ``dtype``."""
+        return unsqueeze_right(t.to(dtype) / self.num_train_timesteps, ndim)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """``x_t = (1 - s) x0 + s eps``, same arithmetic as ``RFlowScheduler.add_noise``."""
+        dtype = _work_dtype(x0, noise)
+        a = 1 - self._s(t.to(x0.device), dtype, x0.ndim)
+        return a * x0.to(dtype) + (1 - a) * noise.to(dtype)
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """MONAI's velocity ``v = x0 - eps`` (= ``-dx_t/ds``; MONAI's docstring trains on ``inputs - noise``)."""
+        dtype = _work_dtype(x0, noise)
+        return x0.to(dtype) - noise.to(dtype)
+
+    def snr(self, t: Tensor) -> Tensor:
+        """``((1 - s) / s)^2``: inf at ``t = 0`` (clean), 0 at ``t = T`` (pure noise)."""
+        s = t.to(torch.float64) / self.num_train_timesteps
+        return ((1.0 - s) / s).square().to(torch.float32)
+
+    def predict_x0(self, model_out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """``x0_hat = x_t + s v_hat`` (``RFlowScheduler.step``'s ``pred_original_sample``)."""
+        dtype = _work_dtype(model_out, x_t)
+        return x_t.to(dtype) + self._s(t.to(x_t.device), dtype, x_t.ndim) * model_out.to(dtype)
+
+    # ---------------------------------------------------------------- sampling
+    def sample(
+        self,
+        denoise_fn: DenoiseFn,
+        x_T: Tensor,
+        num_steps: int,
+        generator: torch.Generator | None = None,
+        callback: SampleCallback | None = None,
+    ) -> Tensor:
+        """Euler integration of the flow ODE from ``t = T`` to 0 (Liu et al. 2022, eq. 1).
+
+        Grid: :meth:`inference_timesteps` (MONAI's ``set_timesteps`` grid in full precision).
+        Update: ``x <- x + (t_i - t_{i+1}) / T * v_hat`` with ``t_N = 0`` — the arithmetic of
+        ``RFlowScheduler.step``, which is used verbatim on integer grids, but with the exact
+        ``dt`` where MONAI's ``int(next_timestep)`` would truncate a shifted grid. The network
+        sees float32 timesteps. Deterministic: ``generator`` is accepted for the common
+        interface and not used.
+        """
+        _check_generator_device(generator, x_T.device)
+        timesteps = self.inference_timesteps(num_steps).tolist()
+        T = self.num_train_timesteps
+        x = x_T
+        for i, t in enumerate(timesteps):
+            t_next = timesteps[i + 1] if i + 1 < len(timesteps) else 0.0
+            t_batch = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+            v_hat = denoise_fn(x, t_batch)
+            x0_hat = x + v_hat * (t / T)
+            x = x + v_hat * ((t - t_next) / T)
+            if callback is not None:
+                callback(i, t_batch, x, x0_hat)
+        return x
+
+
+# ============================================================================ registry
+STRATEGIES: dict[str, type[DiffusionStrategy]] = {
+    DDPMStrategy.name: DDPMStrategy,
+    RFlowStrategy.name: RFlowStrategy,
+}
+
+
+def build_strategy(cfg: Any) -> DiffusionStrategy:
+    """The strategy of a full (validated) config: ``cfg.strategy`` at ``cfg.model.image_size``."""
+    name = cfg.strategy.name
+    if name not in STRATEGIES:
+        raise ConfigError("strategy.name", f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    return STRATEGIES[name](cfg.strategy, cfg.model.image_size)

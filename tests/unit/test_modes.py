@@ -1,0 +1,207 @@
+"""medgen.diffusion.modes: channel layout, conditioning, outputs, errors."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from medgen.core.config import ConfigError, load_config
+from medgen.diffusion.modes import (
+    MODES,
+    ConditionalDualMode,
+    ConditionalSingleMode,
+    SegmentationMode,
+    build_mode,
+)
+
+#: a distinct constant per modality, so channel order is visible after to_model_space
+LEVELS = {"bravo": 0.2, "t1_pre": 0.4, "t1_gd": 0.6, "flair": 0.8, "seg": 1.0}
+
+
+@lru_cache(maxsize=None)
+def _config(name: str):
+    return load_config([f"mode={name}"])
+
+
+def _mode(name: str):
+    return build_mode(_config(name))
+
+
+def _batch(b: int = 3, size: int = 8) -> dict[str, torch.Tensor]:
+    return {k: torch.full((b, 1, size, size), v) for k, v in LEVELS.items()}
+
+
+def _mode_cfg(name: str, **overrides):
+    cfg = OmegaConf.to_container(_config(name).mode)
+    cfg.update(overrides)
+    return OmegaConf.create(cfg)
+
+
+def test_registry_and_attributes():
+    assert set(MODES) == {"seg", "bravo", "dual"}
+    seg, bravo, dual = _mode("seg"), _mode("bravo"), _mode("dual")
+    assert isinstance(seg, SegmentationMode) and isinstance(bravo, ConditionalSingleMode) and isinstance(dual, ConditionalDualMode)
+    assert (seg.in_channels, seg.out_channels, seg.is_conditional, seg.supports_perceptual) == (1, 1, False, False)
+    assert (bravo.in_channels, bravo.out_channels, bravo.is_conditional, bravo.supports_perceptual) == (2, 1, True, True)
+    assert (dual.in_channels, dual.out_channels, dual.is_conditional, dual.supports_perceptual) == (3, 2, True, True)
+    assert dual.image_keys == ("t1_pre", "t1_gd") and dual.cond_keys == ("seg",)
+
+
+@pytest.mark.parametrize(
+    "name, x0_levels, cond_levels",
+    [("seg", [1.0], None), ("bravo", [0.2], [1.0]), ("dual", [0.4, 0.6], [1.0])],
+)
+def test_split_channel_order_and_model_space(name, x0_levels, cond_levels):
+    mode = _mode(name)
+    x0, cond = mode.split(_batch())
+    assert x0.shape == (3, len(x0_levels), 8, 8)
+    for c, level in enumerate(x0_levels):
+        torch.testing.assert_close(x0[:, c], torch.full((3, 8, 8), 2 * level - 1))
+    if cond_levels is None:
+        assert cond is None
+    else:
+        assert cond.shape == (3, 1, 8, 8) and torch.all(cond == 2 * cond_levels[0] - 1)
+
+
+def test_model_input_channel_order():
+    x_t = torch.stack([torch.full((2, 8, 8), 10.0), torch.full((2, 8, 8), 20.0)], dim=1)  # [B, 2, H, W]
+    mask = torch.full((2, 1, 8, 8), 1.0)
+    dual = _mode("dual").model_input(x_t, mask)
+    assert dual.shape == (2, 3, 8, 8)
+    assert [dual[:, c].unique().item() for c in range(3)] == [10.0, 20.0, 1.0]  # [x_t(pre), x_t(post), mask]
+    bravo = _mode("bravo").model_input(x_t[:, :1], mask)
+    assert [bravo[:, c].unique().item() for c in range(2)] == [10.0, 1.0]  # [x_t, mask]
+    seg = _mode("seg").model_input(x_t[:, :1], None)
+    assert torch.equal(seg, x_t[:, :1])
+
+
+def test_model_input_errors():
+    bravo, seg = _mode("bravo"), _mode("seg")
+    with pytest.raises(ValueError, match="conditional"):
+        bravo.model_input(torch.zeros(2, 1, 8, 8), None)
+    with pytest.raises(ValueError, match="x_t must be"):
+        bravo.model_input(torch.zeros(2, 2, 8, 8), torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="does not match"):
+        bravo.model_input(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="unconditional"):
+        seg.model_input(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("name", ["bravo", "dual"])
+def test_null_cond_is_all_background(name):
+    mode = _mode(name)
+    _, cond = mode.split(_batch())
+    null = mode.null_cond(cond)
+    assert null.shape == cond.shape and torch.all(null == -1.0)
+    assert torch.all(cond == 1.0)  # input untouched
+
+
+def test_seg_has_no_condition():
+    seg = _mode("seg")
+    assert seg.null_cond(None) is None
+    assert seg.drop_cond(None, 0.5, torch.Generator().manual_seed(0)) is None
+
+
+def test_drop_cond_rate_and_reproducibility():
+    mode = _mode("bravo")
+    cond = torch.ones(4000, 1, 4, 4)
+    dropped = mode.drop_cond(cond, 0.3, torch.Generator().manual_seed(0))
+    per_sample = dropped.flatten(1)
+    is_null = (per_sample == -1).all(1)
+    is_kept = (per_sample == 1).all(1)
+    assert torch.all(is_null | is_kept)  # whole samples are replaced, never single pixels
+    assert abs(is_null.float().mean().item() - 0.3) < 0.03
+    again = mode.drop_cond(cond, 0.3, torch.Generator().manual_seed(0))
+    assert torch.equal(dropped, again)
+    assert not torch.equal(dropped, mode.drop_cond(cond, 0.3, torch.Generator().manual_seed(1)))
+    assert torch.equal(mode.drop_cond(cond, 0.0, torch.Generator().manual_seed(0)), cond)
+    assert torch.all(mode.drop_cond(cond, 1.0, torch.Generator().manual_seed(0)) == -1)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mode.drop_cond(cond, 1.5, torch.Generator())
+
+
+def test_drop_cond_leaves_global_rng_alone():
+    mode = _mode("dual")
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    mode.drop_cond(torch.ones(8, 1, 4, 4), 0.5, torch.Generator().manual_seed(3))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_to_outputs_ranges_and_binarised_mask():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 2, 8, 8, generator=g) * 3  # beyond [-1, 1] on purpose
+    out = _mode("dual").to_outputs(x0)
+    assert set(out) == {"t1_pre", "t1_gd"}
+    for v in out.values():
+        assert v.shape == (2, 1, 8, 8) and v.min() >= 0 and v.max() <= 1
+    torch.testing.assert_close(out["t1_gd"], ((x0[:, 1:2] + 1) / 2).clamp(0, 1))
+    mask = _mode("seg").to_outputs(x0[:, :1])["seg"]
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(mask, (x0[:, :1] > 0).float())  # 0.5 in [0, 1] is 0 in model space
+    with pytest.raises(ValueError, match="outputs"):
+        _mode("bravo").to_outputs(x0)
+
+
+def test_split_roundtrip_through_outputs():
+    mode = _mode("dual")
+    batch = {k: torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i, k in enumerate(LEVELS)}
+    batch["seg"] = (batch["seg"] > 0.5).float()
+    x0, _ = mode.split(batch)
+    out = mode.to_outputs(x0)
+    for key in mode.image_keys:
+        torch.testing.assert_close(out[key], batch[key])
+
+
+def test_split_errors_name_the_key():
+    mode = _mode("dual")
+    batch = _batch()
+    del batch["t1_gd"]
+    with pytest.raises(KeyError, match="t1_gd"):
+        mode.split(batch)
+    batch = _batch()
+    batch["seg"] = torch.zeros(3, 8, 8)
+    with pytest.raises(ValueError, match=r"batch\['seg'\]"):
+        mode.split(batch)
+    batch = _batch()
+    batch["t1_pre"] = torch.zeros(3, 1, 4, 4)
+    with pytest.raises(ValueError, match="t1_gd"):
+        mode.split(batch)
+
+
+@pytest.mark.parametrize(
+    "cls, name, overrides, key",
+    [
+        (SegmentationMode, "seg", {"image_keys": ["bravo"]}, "mode.image_keys"),
+        (SegmentationMode, "seg", {"cond_keys": ["seg"], "in_channels": 2, "is_conditional": True}, "mode.cond_keys"),
+        (ConditionalSingleMode, "bravo", {"image_keys": ["bravo", "flair"], "out_channels": 2, "in_channels": 3}, "mode.image_keys"),
+        (ConditionalSingleMode, "bravo", {"image_keys": ["seg"]}, "mode.image_keys[0]"),
+        (ConditionalDualMode, "dual", {"cond_keys": [], "in_channels": 2, "is_conditional": False}, "mode.cond_keys"),
+        (ConditionalDualMode, "dual", {"image_keys": ["t1_pre", "t1_pre"]}, "mode.image_keys"),
+        (ConditionalDualMode, "dual", {"in_channels": 2}, "mode.in_channels"),
+        (ConditionalDualMode, "dual", {"out_channels": 1}, "mode.out_channels"),
+        (ConditionalDualMode, "dual", {"is_conditional": False}, "mode.is_conditional"),
+        (ConditionalDualMode, "bravo", {}, "mode.name"),
+    ],
+)
+def test_bad_mode_config_names_the_key(cls, name, overrides, key):
+    with pytest.raises(ConfigError) as info:
+        cls(_mode_cfg(name, **overrides))
+    assert info.value.key == key
+
+
+def test_keys_come_from_config():
+    mode = ConditionalSingleMode(_mode_cfg("bravo", image_keys=["flair"]))
+    x0, _ = mode.split(_batch())
+    assert mode.image_keys == ("flair",)
+    torch.testing.assert_close(x0, torch.full_like(x0, 2 * LEVELS["flair"] - 1))
+
+
+def test_build_mode_unknown_name():
+    cfg = OmegaConf.create({"mode": {"name": "triple"}})
+    with pytest.raises(ValueError, match=r"mode\.name.*'triple'.*\['bravo', 'dual', 'seg'\]"):
+        build_mode(cfg)
