@@ -1,0 +1,120 @@
+"""Learning-rate range test (Smith 2017, "Cyclical Learning Rates", section 3.3).
+
+The LR grows exponentially from ``min_lr`` to ``max_lr`` over ``num_steps`` real training
+steps of the configured run (same model, strategy, mode, loss and data); the smoothed loss
+is recorded until it diverges. The suggestion is the LR of steepest descent of the smoothed
+loss, capped at a tenth of the LR at the minimum loss (the usual safe choice).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medgen.diffusion.trainer import DiffusionTrainer
+
+
+@dataclass
+class LRFindResult:
+    lrs: list[float]
+    losses: list[float]  # smoothed
+    raw_losses: list[float]
+    suggested_lr: float
+    min_loss_lr: float
+    diverged: bool
+
+
+def lr_schedule(min_lr: float, max_lr: float, num_steps: int) -> np.ndarray:
+    """``[num_steps]`` LRs, geometric from ``min_lr`` to ``max_lr`` inclusive."""
+    if not 0 < min_lr < max_lr:
+        raise ValueError(f"need 0 < min_lr ({min_lr}) < max_lr ({max_lr})")
+    if num_steps < 5:
+        raise ValueError(f"num_steps must be >= 5, got {num_steps}")
+    return np.geomspace(min_lr, max_lr, num_steps)
+
+
+def suggest_lr(lrs: np.ndarray, losses: np.ndarray) -> tuple[float, float]:
+    """(suggested LR, LR at the minimum loss) from a smoothed loss curve."""
+    i_min = int(np.argmin(losses))
+    min_loss_lr = float(lrs[i_min])
+    if i_min < 2:
+        return min_loss_lr / 10, min_loss_lr
+    grad = np.gradient(losses[: i_min + 1], np.log(lrs[: i_min + 1]))
+    steepest = float(lrs[int(np.argmin(grad))])
+    return min(steepest, min_loss_lr / 10), min_loss_lr
+
+
+def find_lr(trainer: DiffusionTrainer, min_lr: float = 1e-7, max_lr: float = 1e-1, num_steps: int = 100,
+            smoothing: float = 0.05, diverge_factor: float = 4.0, progress: bool = True) -> LRFindResult:
+    """Run the sweep on ``trainer`` (its weights are changed: use a throw-away trainer)."""
+    from tqdm.auto import tqdm
+
+    schedule = lr_schedule(min_lr, max_lr, num_steps)
+    trainer.lr_at = lambda step: float(schedule[min(step, num_steps - 1)])  # type: ignore[method-assign]
+    lrs, smooth, raw = [], [], []
+    avg, best, diverged = None, math.inf, False
+    bar = tqdm(total=num_steps, desc="LR sweep", disable=not progress)
+    epoch = 0
+    while len(lrs) < num_steps and not diverged:
+        trainer.data.train.sampler.set_epoch(epoch)
+        for batch in trainer.data.train:
+            lr = trainer.lr_at(trainer.step)
+            result = trainer.train_step(batch)
+            trainer.step += 1
+            loss = float(result.loss)
+            if not math.isfinite(loss):
+                diverged = True
+                break
+            avg = loss if avg is None else smoothing * loss + (1 - smoothing) * avg
+            corrected = avg / (1 - (1 - smoothing) ** (len(lrs) + 1)) if 0 < smoothing < 1 else avg
+            lrs.append(lr)
+            smooth.append(corrected)
+            raw.append(loss)
+            best = min(best, corrected)
+            bar.update(1)
+            bar.set_postfix(lr=f"{lr:.2e}", loss=f"{corrected:.4f}")
+            if corrected > diverge_factor * best or len(lrs) >= num_steps:
+                diverged = corrected > diverge_factor * best
+                break
+        epoch += 1
+    bar.close()
+    if len(lrs) < 5:
+        raise RuntimeError(f"the LR sweep stopped after {len(lrs)} steps (loss not finite); lower lr_find.min_lr")
+    suggested, at_min = suggest_lr(np.asarray(lrs), np.asarray(smooth))
+    return LRFindResult(lrs, smooth, raw, suggested, at_min, diverged)
+
+
+def plot_lr_find(result: LRFindResult, path: str | Path) -> Path:
+    """Loss-vs-LR plot (log x) with the suggestion marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(result.lrs, result.raw_losses, color="0.75", lw=0.8, label="loss")
+    ax.plot(result.lrs, result.losses, color="C0", lw=1.8, label="smoothed loss")
+    ax.axvline(result.suggested_lr, color="C3", ls="--", label=f"suggested lr = {result.suggested_lr:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    hi = np.percentile(result.losses, 95)
+    ax.set_ylim(min(result.losses) * 0.9, hi * 1.2)
+    ax.set_title("LR range test")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_lr_find(result: LRFindResult, folder: str | Path) -> tuple[Path, Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lr_find.json").write_text(json.dumps(asdict(result), indent=1))
+    return plot_lr_find(result, folder / "lr_find.png"), folder / "lr_find.json"
