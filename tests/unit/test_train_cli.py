@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -91,6 +92,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_data):
     assert not (tmp_path / "fresh").exists()  # continued in its own run folder
     final = load_checkpoint(run / "checkpoints" / "latest.pt")
     assert final["step"] == 80
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert logged == sorted(logged) and len(logged) == len(set(logged))  # no step logged twice
 
     torch.set_num_threads(1)
     straight = DiffusionTrainer(load_config(over), tmp_path / "straight", progress=False)

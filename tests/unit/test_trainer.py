@@ -118,8 +118,9 @@ def test_run_folder_files_and_tensorboard_tags(tiny_cfg, tmp_path):
     assert latest["network"]["in_channels"] == 3 and latest["data_fingerprint"] == trainer.data.fingerprint
     assert load_checkpoint(ck / "best.pt")["best_val_loss"] == pytest.approx(trainer.best_val_loss)
     grid = Image.open(run / "samples" / "epoch_0002.png")
-    # rows = num_val_samples (2); columns: mask, 2 real, 2 generated; 16 px tiles, 2 px gaps, drawn at 2x
-    assert grid.size == (2 * (5 * 18 + 2), 2 * (2 * 18 + 2))
+    # rows = num_val_samples (2); columns: mask, 2 real, 2 generated; 16 px tiles, 2 px gaps, drawn at 2x,
+    # under a 14 px header naming the columns
+    assert grid.size == (2 * (5 * 18 + 2), 2 * (2 * 18 + 2) + 14)
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in l for l in lines) and any("images_per_sec" in l for l in lines)
 

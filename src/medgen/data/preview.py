@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from medgen.core.constants import IMAGE_MODALITIES, MASK_KEY, SPLITS
 from medgen.data.nifti_dataset import DataError, list_patients, load_volume, modality_path
-from medgen.data.transforms import binarize_mask
+from medgen.data.transforms import binarize_mask, ras_to_display
 
 __all__ = ["CELL_HEIGHT_IN", "CELL_WIDTH_IN", "DPI", "CONTOUR_COLOUR", "make_preview", "preview_size", "ras_to_display"]
 
@@ -32,12 +32,6 @@ CONTOUR_COLOUR: str = "#ff2a2a"
 def preview_size(n_rows: int, n_cols: int) -> tuple[int, int]:
     """Pixel size ``(width, height)`` of a montage with this many rows (patients) and columns."""
     return round(n_cols * CELL_WIDTH_IN * DPI), round(n_rows * CELL_HEIGHT_IN * DPI)
-
-
-def ras_to_display(plane: np.ndarray) -> np.ndarray:
-    """RAS axial plane ``[X, Y]`` -> radiological display ``[rows, cols]`` (anterior at the top,
-    patient right on the left)."""
-    return np.asarray(plane)[::-1, ::-1].T
 
 
 def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -38,6 +38,12 @@ def from_model_space(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
+def ras_to_display(plane: np.ndarray) -> np.ndarray:
+    """RAS axial plane ``[X, Y]`` -> radiological display ``[rows, cols]`` (anterior at the top,
+    patient right on the left), as in ``medgen-data preview`` and the training sample grids."""
+    return np.asarray(plane)[::-1, ::-1].T
+
+
 def _square_size(shape_hw: tuple[int, int]) -> int:
     return int(max(shape_hw))
 

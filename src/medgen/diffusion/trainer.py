@@ -10,6 +10,7 @@ is resumed from a checkpoint draws exactly what an uninterrupted run would have 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import resource
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from medgen.core.checkpoint import CheckpointError, config_diff, load_checkpoint, save_checkpoint
 from medgen.core.distributed import DistInfo, any_rank, barrier
 from medgen.data.slices import DataBundle, build_data
-from medgen.data.transforms import from_model_space
+from medgen.data.transforms import from_model_space, ras_to_display
 from medgen.diffusion.losses import diffusion_loss, per_sample_mse
 from medgen.diffusion.modes import build_mode
 from medgen.diffusion.perceptual import build_perceptual_loss
@@ -376,8 +377,10 @@ class DiffusionTrainer:
             row = [batch[k][i, 0].numpy() for k in self.mode.cond_keys]
             row += [real[k][i, 0].float().cpu().numpy() for k in self.mode.image_keys]
             row += [gen[k][i, 0].float().cpu().numpy() for k in self.mode.image_keys]
-            rows.append(row)
-        return make_grid(rows)
+            rows.append([ras_to_display(tile) for tile in row])
+        labels = [*self.mode.cond_keys, *(f"{k} real" for k in self.mode.image_keys),
+                  *(f"{k} gen" for k in self.mode.image_keys)]
+        return make_grid(rows, labels=labels, scale=2)
 
     def validate_and_sample(self) -> float:
         """Validation loss, ``best.pt`` bookkeeping and the sample grid (rank 0 only; others wait)."""
@@ -391,7 +394,7 @@ class DiffusionTrainer:
                 if grid is not None:
                     self.writer.add_image("samples", grid[None], self.step)
             if grid is not None:
-                save_png(grid, self.run_dir / "samples" / f"epoch_{self.epoch:04d}.png", scale=2)
+                save_png(grid, self.run_dir / "samples" / f"epoch_{self.epoch:04d}.png")
             append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.step, "epoch": self.epoch, "val_loss": val})
             if math.isfinite(val) and val < self.best_val_loss:
                 self.best_val_loss = val
@@ -456,7 +459,19 @@ class DiffusionTrainer:
         if ckpt.get("data_fingerprint") != self.data.fingerprint:
             log.warning("the training data changed since %s was written (fingerprint differs)", path)
         self.load_state_dict(ckpt)
+        self._drop_metrics_after(self.step)
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """After a crash, metrics.jsonl may hold steps past the checkpoint; they are redone, so drop them
+        (TensorBoard does the same through ``purge_step``)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.dist.is_main or not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            path.write_text("".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> None:

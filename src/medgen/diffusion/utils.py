@@ -65,8 +65,11 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
-def make_grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
-    """Tile ``rows`` of ``[H, W]`` images in [0, 1] into one uint8 ``[H', W']`` picture."""
+def make_grid(rows: list[list[np.ndarray]], labels: list[str] | None = None, scale: int = 1, pad: int = 2) -> np.ndarray:
+    """Tile ``rows`` of ``[H, W]`` images in [0, 1] into one uint8 ``[H', W']`` picture, enlarged
+    ``scale`` times (nearest neighbour), with a header band naming the columns when ``labels`` is given."""
+    from PIL import ImageDraw
+
     h, w = rows[0][0].shape
     ncol = max(len(r) for r in rows)
     out = np.ones((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad), dtype=np.float32)
@@ -74,16 +77,24 @@ def make_grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
         for j, img in enumerate(r):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             out[y : y + h, x : x + w] = np.clip(img, 0, 1)
-    return (out * 255).round().astype(np.uint8)
-
-
-def save_png(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(array)
+    img = Image.fromarray((out * 255).round().astype(np.uint8))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
+    if labels:
+        band = 14
+        canvas = Image.new("L", (img.width, img.height + band), color=0)
+        canvas.paste(img, (0, band))
+        draw = ImageDraw.Draw(canvas)
+        for j, text in enumerate(labels[:ncol]):
+            draw.text(((pad + j * (w + pad)) * scale + 2, 2), text, fill=255)
+        img = canvas
+    return np.asarray(img)
+
+
+def save_png(array: np.ndarray, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
     return path
 
 
