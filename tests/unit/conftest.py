@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # `from datagen import ...` in every test module
 
@@ -36,3 +37,12 @@ def tiny_cfg(tmp_path, tiny_data):
         return load_config(tiny_overrides(tmp_path, tiny_data, *extra))
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast and does not stall on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
