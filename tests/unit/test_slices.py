@@ -140,3 +140,22 @@ def test_cache_file_is_memory_mapped(tmp_path):
     patients = write_dataset(tmp_path / "d", n_patients=2, keys=("bravo", "seg"))
     cache = open_or_build_cache(patients, SliceSpec(("bravo", "seg"), 16, "brain"), tmp_path / "c", progress=False)
     assert isinstance(cache.data, np.memmap) and cache.data.dtype == slices_mod.CACHE_DTYPE
+
+
+def test_parallel_build_and_check_equal_serial(tmp_path):
+    from medgen.data.validate import check_patients
+
+    patients = write_dataset(tmp_path / "d", n_patients=4, keys=("bravo", "seg"))
+    bad = make_patient(seed=7, keys=("bravo",))["bravo"]
+    bad[0, 0, 0] = np.inf
+    save_volume(patients[2] / "bravo.nii.gz", bad, np.diag([1.0, 1.0, 2.0, 1.0]))
+    serial = check_patients(patients, ("bravo", "seg"), progress=False)
+    parallel = check_patients(patients, ("bravo", "seg"), progress=False, workers=2)
+    assert serial.problems == parallel.problems and not parallel.ok
+
+    spec = SliceSpec(("bravo", "seg"), 16, "brain")
+    one = open_or_build_cache(patients, spec, tmp_path / "c1", validate=False, progress=False, workers=0)
+    two = open_or_build_cache(patients, spec, tmp_path / "c2", validate=False, progress=False, workers=2)
+    np.testing.assert_array_equal(np.asarray(one.data), np.asarray(two.data))
+    np.testing.assert_array_equal(one.patient_index, two.patient_index)
+    np.testing.assert_array_equal(one.slice_index, two.slice_index)

@@ -16,16 +16,16 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm.auto import tqdm
-
 from medgen.core.constants import MASK_KEY, PREPROCESSING_VERSION
 from medgen.data.nifti_dataset import DataError, NiFTIDataset, modality_path, split_patients
+from medgen.data.parallel import ordered_map
 from medgen.data.transforms import preprocess_image, preprocess_mask
 
 CACHE_DTYPE = np.float16
@@ -162,6 +162,7 @@ def open_or_build_cache(
     validate: bool = True,
     progress: bool = True,
     desc: str = "slice cache",
+    workers: int = 0,
 ) -> SliceCache:
     """Open the cache for (patients, spec) or build it (validating the sources first)."""
     patients = [Path(p) for p in patients]
@@ -171,53 +172,60 @@ def open_or_build_cache(
     if not patients:
         raise DataError(f"no patients to build the {desc} from")
     if validate:
-        validate_patients(patients, spec.keys, progress=progress)
-    _build(directory, patients, spec, progress, desc)
+        validate_patients(patients, spec.keys, progress=progress, workers=workers)
+    _build(directory, patients, spec, progress, desc, workers)
     return SliceCache(directory)
 
 
-def validate_patients(patients: Sequence[Path], keys: Sequence[str], progress: bool = True) -> None:
+def validate_patients(patients: Sequence[Path], keys: Sequence[str], progress: bool = True, workers: int = 0) -> None:
     """Run ``medgen-data check``'s checks on exactly these files; refuse with its messages."""
     from medgen.data.validate import check_patients
 
-    report = check_patients(patients, keys, progress=progress)
+    report = check_patients(patients, keys, progress=progress, workers=workers)
     if not report.ok:
         raise DataError("the dataset has problems; fix them and run again:\n" + report.format())
 
 
-def _build(directory: Path, patients: Sequence[Path], spec: SliceSpec, progress: bool, desc: str) -> None:
+def _preprocess_patient(folder: Path, spec: SliceSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One patient -> (selected slices ``[k, C, S, S]`` float16, their z indices, lesion pixels per slice)."""
+    item = NiFTIDataset([folder], spec.keys)[0]
+    s = spec.image_size
+    channels = np.stack(
+        [
+            preprocess_mask(item.volumes[k], s)
+            if k == MASK_KEY
+            else preprocess_image(item.volumes[k], s, spec.lower_percentile, spec.upper_percentile)
+            for k in spec.keys
+        ]
+    )  # [C, S, S, D]
+    keep = select_slices(channels, spec)
+    block = np.ascontiguousarray(np.moveaxis(channels[..., keep], -1, 0), dtype=CACHE_DTYPE)
+    if MASK_KEY in spec.keys:
+        lesion = channels[spec.keys.index(MASK_KEY)][..., keep].sum(axis=(0, 1)).astype(np.int32)
+    else:
+        lesion = np.zeros(keep.size, dtype=np.int32)
+    return block, keep.astype(np.int32), lesion
+
+
+def _build(directory: Path, patients: Sequence[Path], spec: SliceSpec, progress: bool, desc: str,
+           workers: int = 0) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     try:
-        volumes = NiFTIDataset(patients, spec.keys)
-        s = spec.image_size
         n = 0
         patient_idx: list[np.ndarray] = []
         z_idx: list[np.ndarray] = []
         lesion: list[np.ndarray] = []
         with open(tmp / _DATA_FILE, "wb") as f:
-            for i in tqdm(range(len(volumes)), desc=f"building {desc}", unit="patient", disable=not progress):
-                item = volumes[i]
-                channels = np.stack(
-                    [
-                        preprocess_mask(item.volumes[k], s)
-                        if k == MASK_KEY
-                        else preprocess_image(item.volumes[k], s, spec.lower_percentile, spec.upper_percentile)
-                        for k in spec.keys
-                    ]
-                )  # [C, S, S, D]
-                keep = select_slices(channels, spec)
-                if keep.size:
-                    block = np.ascontiguousarray(np.moveaxis(channels[..., keep], -1, 0), dtype=CACHE_DTYPE)
-                    f.write(block.tobytes())  # [k, C, S, S]
+            results = ordered_map(partial(_preprocess_patient, spec=spec), patients, workers,
+                                  desc=f"building {desc}", progress=progress)
+            for i, (block, keep, lesion_pixels) in enumerate(results):
+                f.write(block.tobytes())  # appended in patient order: [k, C, S, S]
                 n += keep.size
                 patient_idx.append(np.full(keep.size, i, dtype=np.int32))
-                z_idx.append(keep.astype(np.int32))
-                if MASK_KEY in spec.keys:
-                    lesion.append(channels[spec.keys.index(MASK_KEY)][..., keep].sum(axis=(0, 1)).astype(np.int32))
-                else:
-                    lesion.append(np.zeros(keep.size, dtype=np.int32))
+                z_idx.append(keep)
+                lesion.append(lesion_pixels)
         np.savez(
             tmp / _INDEX_FILE,
             patient=np.concatenate(patient_idx),
@@ -226,7 +234,7 @@ def _build(directory: Path, patients: Sequence[Path], spec: SliceSpec, progress:
         )
         meta = {
             "keys": list(spec.keys),
-            "shape": [n, len(spec.keys), s, s],
+            "shape": [n, len(spec.keys), spec.image_size, spec.image_size],
             "dtype": np.dtype(CACHE_DTYPE).name,
             "patient_ids": [p.name for p in patients],
             "sources": [str(p) for p in patients],
@@ -342,10 +350,11 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, progress: bool = True,
     needs_build = [ps for ps in (train_patients, val_patients)
                    if ps and not SliceCache.is_complete(cache_directory(cache_dir, ps, spec))]
     if d.validate and needs_build:  # check everything this run uses before building anything
-        validate_patients([p for ps in needs_build for p in ps], spec.keys, progress=show)
+        validate_patients([p for ps in needs_build for p in ps], spec.keys, progress=show, workers=d.num_workers)
 
     def _open(patients, desc):
-        return open_or_build_cache(patients, spec, cache_dir, validate=False, progress=show, desc=desc)
+        return open_or_build_cache(patients, spec, cache_dir, validate=False, progress=show, desc=desc,
+                                   workers=d.num_workers)
 
     train_cache = _open(train_patients, "train slice cache")
     val_cache = _open(val_patients, "val slice cache") if val_patients else None

@@ -17,14 +17,15 @@ folder or at split level.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from medgen.core.constants import MASK_KEY, MODALITIES, NIFTI_SUFFIX, SPLITS
 from medgen.data.nifti_dataset import list_patients, load_volume, modality_path
+from medgen.data.parallel import ordered_map
 
 __all__ = ["AFFINE_ATOL", "Problem", "Report", "check_dataset", "check_patient", "check_patients"]
 
@@ -192,20 +193,24 @@ def _check_geometry(geometry: Sequence[tuple[Path, tuple[int, ...], np.ndarray]]
     return problems
 
 
-def check_patients(folders: Iterable[str | Path], keys: Sequence[str] = MODALITIES, progress: bool = True) -> Report:
-    """Check exactly these patient folders for the modalities ``keys`` (what training will read)."""
+def check_patients(folders: Iterable[str | Path], keys: Sequence[str] = MODALITIES, progress: bool = True,
+                   workers: int = 0) -> Report:
+    """Check exactly these patient folders for the modalities ``keys`` (what training will read),
+    in ``workers`` processes (0: this one)."""
     folders = [Path(f) for f in folders]
     report = Report()
     if not folders:
         report.problems.append(Problem("<patients>", "no patient folders to check"))
         return report
-    for folder in tqdm(folders, desc="check", unit="patient", disable=None if progress else True):
-        report.problems.extend(check_patient(folder, keys))
+    for problems in ordered_map(partial(check_patient, keys=tuple(keys)), folders, workers, desc="check",
+                                progress=progress):
+        report.problems.extend(problems)
     report.patients_checked = len(folders)
     return report
 
 
-def check_dataset(root: str | Path, keys: Sequence[str] = MODALITIES, progress: bool = True) -> Report:
+def check_dataset(root: str | Path, keys: Sequence[str] = MODALITIES, progress: bool = True,
+                  workers: int = 0) -> Report:
     """Check a dataset root (``train/``, ``val/``, ``test/`` of patient folders) and report
     every problem; ``keys`` are the modalities every patient must have."""
     root = Path(root)
@@ -240,7 +245,7 @@ def check_dataset(root: str | Path, keys: Sequence[str] = MODALITIES, progress: 
     if not patients:
         report.problems.append(Problem(str(root), "dataset holds no patients"))
         return report
-    sub = check_patients(patients, keys, progress=progress)
+    sub = check_patients(patients, keys, progress=progress, workers=workers)
     report.problems.extend(sub.problems)
     report.patients_checked = sub.patients_checked
     return report

@@ -2,7 +2,7 @@
 
     medgen-data phantom --out DIR --subjects N [--size 128] [--slices 64] [--seed 0] [--split 0.7,0.15,0.15]
     medgen-data import --format brainmetshare-png|nnunet SRC DST [--map 0=bravo,1=t1_pre,...]
-    medgen-data check DIR [--json]
+    medgen-data check DIR [--json] [--workers 2]
     medgen-data preview DIR --out FILE.png [--patients 4]
 """
 
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck = sub.add_parser("check", help="read every file of a dataset and report every problem")
     ck.add_argument("dir", type=Path)
     ck.add_argument("--json", action="store_true", help="print the report as JSON")
+    ck.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
 
     pv = sub.add_parser("preview", help="montage of a few patients' middle slices, mask outlined")
     pv.add_argument("dir", type=Path)
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         from medgen.data.validate import check_dataset
 
-        report = check_dataset(args.dir)
+        report = check_dataset(args.dir, workers=args.workers)
         if args.json:
             print(json.dumps(report.to_dict(), indent=2))
         else:
