@@ -19,6 +19,10 @@ def test_suggestion_on_a_known_curve():
     suggested, at_min = suggest_lr(lrs, loss)
     assert suggested == pytest.approx(1e-3, rel=0.15)
     assert 3e-2 < at_min < 2e-1
+    # noise at the very start of the sweep is not mistaken for the steepest descent
+    noisy = loss.copy()
+    noisy[1] -= 0.3
+    assert suggest_lr(lrs, noisy)[0] == pytest.approx(1e-3, rel=0.15)
 
 
 def test_schedule_is_geometric_and_checked():
@@ -33,6 +37,9 @@ def test_sweep_on_the_configured_run_writes_plot_and_json(tiny_cfg, tmp_path):
     result = find_lr(trainer, min_lr=1e-6, max_lr=1.0, num_steps=15, progress=False)
     assert 5 <= len(result.lrs) <= 15 and all(b > a for a, b in zip(result.lrs, result.lrs[1:]))
     assert 1e-6 / 10 <= result.suggested_lr <= 1.0
+    # the smoothed curve is an average of the raw one: same first value, within the raw range
+    assert result.losses[0] == pytest.approx(result.raw_losses[0])
+    assert min(result.raw_losses) <= min(result.losses) and max(result.losses) <= max(result.raw_losses)
     png, js = save_lr_find(result, tmp_path / "out")
     assert Image.open(png).size[0] > 300
     assert json.loads(js.read_text())["suggested_lr"] == result.suggested_lr

@@ -50,6 +50,7 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
     assert out.returncode == 2
     assert "config error at 'training.learning_rate': must be > 0" in out.stderr
     assert "Traceback" not in out.stderr
+    assert not (tmp_path / "r").exists()  # a run that never started leaves no folder behind
 
 
 def test_missing_perceptual_weights_message_from_the_command(tmp_path, tiny_data):

@@ -38,13 +38,17 @@ def lr_schedule(min_lr: float, max_lr: float, num_steps: int) -> np.ndarray:
 
 
 def suggest_lr(lrs: np.ndarray, losses: np.ndarray) -> tuple[float, float]:
-    """(suggested LR, LR at the minimum loss) from a smoothed loss curve."""
+    """(suggested LR, LR at the minimum loss) from a smoothed loss curve.
+
+    The steepest descent is searched between the first tenth of the sweep (where the moving
+    average is still settling and tiny LRs change nothing) and the minimum."""
     i_min = int(np.argmin(losses))
     min_loss_lr = float(lrs[i_min])
-    if i_min < 2:
+    skip = max(1, len(lrs) // 10)
+    if i_min - skip < 2:
         return min_loss_lr / 10, min_loss_lr
-    grad = np.gradient(losses[: i_min + 1], np.log(lrs[: i_min + 1]))
-    steepest = float(lrs[int(np.argmin(grad))])
+    grad = np.gradient(losses[skip : i_min + 1], np.log(lrs[skip : i_min + 1]))
+    steepest = float(lrs[skip + int(np.argmin(grad))])
     return min(steepest, min_loss_lr / 10), min_loss_lr
 
 
@@ -56,7 +60,7 @@ def find_lr(trainer: DiffusionTrainer, min_lr: float = 1e-7, max_lr: float = 1e-
     schedule = lr_schedule(min_lr, max_lr, num_steps)
     trainer.lr_at = lambda step: float(schedule[min(step, num_steps - 1)])  # type: ignore[method-assign]
     lrs, smooth, raw = [], [], []
-    avg, best, diverged = None, math.inf, False
+    avg, best, diverged = 0.0, math.inf, False
     bar = tqdm(total=num_steps, desc="LR sweep", disable=not progress)
     epoch = 0
     while len(lrs) < num_steps and not diverged:
@@ -69,7 +73,8 @@ def find_lr(trainer: DiffusionTrainer, min_lr: float = 1e-7, max_lr: float = 1e-
             if not math.isfinite(loss):
                 diverged = True
                 break
-            avg = loss if avg is None else smoothing * loss + (1 - smoothing) * avg
+            # exponential moving average from 0 with bias correction (as in Adam): unbiased from step 1
+            avg = smoothing * loss + (1 - smoothing) * avg if 0 < smoothing < 1 else loss
             corrected = avg / (1 - (1 - smoothing) ** (len(lrs) + 1)) if 0 < smoothing < 1 else avg
             lrs.append(lr)
             smooth.append(corrected)

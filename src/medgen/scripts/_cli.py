@@ -4,8 +4,10 @@ user can fix into one clear line (no stack trace) and an exit code."""
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from medgen.core.paths import configs_dir
@@ -40,3 +42,11 @@ def exit_on_user_error(prog: str) -> Iterator[None]:
         logging.getLogger("medgen").debug("user error", exc_info=True)
         print(f"{prog}: {exc}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
+
+
+def remove_if_only_hydra(run_dir: Path) -> None:
+    """Delete a run folder that holds nothing but Hydra's ``.hydra/`` (a run that stopped before
+    writing anything, or a resume that continued in its own folder)."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir() and all(p.name == ".hydra" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)

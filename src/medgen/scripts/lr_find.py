@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from medgen.scripts._cli import CONFIG_DIR, exit_on_user_error
+from medgen.scripts._cli import CONFIG_DIR, exit_on_user_error, remove_if_only_hydra
 
 log = logging.getLogger("medgen.lr_find")
 
@@ -39,8 +39,12 @@ def run(cfg: DictConfig, out_dir: Path):
 def _main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    with exit_on_user_error("medgen-lr-find"):
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        with exit_on_user_error("medgen-lr-find"):
+            run(cfg, out_dir)
+    finally:
+        remove_if_only_hydra(out_dir)
 
 
 def main() -> None:

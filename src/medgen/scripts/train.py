@@ -8,14 +8,13 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from medgen.scripts._cli import CONFIG_DIR, exit_on_user_error
+from medgen.scripts._cli import CONFIG_DIR, exit_on_user_error, remove_if_only_hydra
 
 log = logging.getLogger("medgen.train")
 
@@ -54,11 +53,7 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
     try:
         ckpt = find_resume_checkpoint(cfg.training.resume, cfg)
         if ckpt is not None:
-            fresh, run_dir = run_dir, ckpt.parent.parent
-            # the new (empty) Hydra folder is not needed: the run continues in its own folder
-            if dist.is_main and fresh != run_dir and fresh.is_dir() and \
-                    all(p.name == ".hydra" for p in fresh.iterdir()):
-                shutil.rmtree(fresh, ignore_errors=True)
+            run_dir = ckpt.parent.parent  # the run continues in its own folder
         elif cfg.training.resume == "auto":
             log.info("training.resume=auto: no earlier run found, starting fresh")
         trainer = DiffusionTrainer(cfg, run_dir, dist)
@@ -82,8 +77,12 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
 def _main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    with exit_on_user_error("medgen-train"):
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        with exit_on_user_error("medgen-train"):
+            run(cfg, run_dir)
+    finally:
+        remove_if_only_hydra(run_dir)
 
 
 def main() -> None:
