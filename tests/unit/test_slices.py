@@ -159,3 +159,9 @@ def test_parallel_build_and_check_equal_serial(tmp_path):
     np.testing.assert_array_equal(np.asarray(one.data), np.asarray(two.data))
     np.testing.assert_array_equal(one.patient_index, two.patient_index)
     np.testing.assert_array_equal(one.slice_index, two.slice_index)
+
+
+def test_fewer_slices_than_one_batch_is_refused(tmp_path):
+    write_dataset(tmp_path / "d", n_patients=3, keys=("bravo", "seg"))
+    with pytest.raises(DataError, match="fewer than one batch"):
+        build_data(_cfg(tmp_path, tmp_path / "d", "mode=seg", "training.batch_size=64"), progress=False)

@@ -365,7 +365,11 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, progress: bool = True,
 
     per_rank = cfg.training.batch_size // world_size
     train_ds = SliceDataset(train_cache)
-    train = build_dataloader(train_ds, min(per_rank, len(train_ds)), shuffle=True, seed=cfg.seed, rank=rank,
+    if len(train_ds) < per_rank * world_size:
+        raise DataError(
+            f"only {len(train_ds)} training slices selected from {root / 'train'}, fewer than one batch "
+            f"(training.batch_size={cfg.training.batch_size}); lower training.batch_size or add data")
+    train = build_dataloader(train_ds, per_rank, shuffle=True, seed=cfg.seed, rank=rank,
                              world_size=world_size, num_workers=d.num_workers, drop_last=True)
     val = None
     if val_cache is not None and len(val_cache):

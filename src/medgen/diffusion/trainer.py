@@ -185,9 +185,13 @@ class DiffusionTrainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step or None)
+            n_params = sum(p.numel() for p in self.model.parameters())
             log.info("run folder: %s", self.run_dir)
-            log.info("%d training slices, %d steps/epoch, %d epochs", len(self.data.train_cache),
-                     self.steps_per_epoch, self.t.epochs)
+            log.info("%s x %s at %d px: %.1fM parameters on %s (%s x %d process(es))", self.strategy.name,
+                     self.mode.name, self.cfg.model.image_size, n_params / 1e6, self.device, self.t.precision,
+                     self.dist.world_size)
+            log.info("%d training slices, %d steps/epoch, %d epochs (%d steps)", len(self.data.train_cache),
+                     self.steps_per_epoch, self.t.epochs, self.total_steps)
         try:
             while self.epoch < self.t.epochs:
                 status = self._run_epoch()
