@@ -8,7 +8,7 @@ import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from medgen.core.paths import configs_dir
 
@@ -50,3 +50,16 @@ def remove_if_only_hydra(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     if run_dir.is_dir() and all(p.name == ".hydra" for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run_in_hydra_folder(prog: str, fn: Callable[[Any, Path], Any], cfg: Any) -> None:
+    """Inside a ``@hydra.main`` function: call ``fn(cfg, run_folder)`` with user errors turned into
+    one line and an exit code, and no empty run folder left behind when it stops early."""
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        with exit_on_user_error(prog):
+            fn(cfg, run_dir)
+    finally:
+        remove_if_only_hydra(run_dir)

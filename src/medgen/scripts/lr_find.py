@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from medgen.scripts._cli import CONFIG_DIR, exit_on_user_error, remove_if_only_hydra
+from medgen.scripts._cli import CONFIG_DIR, run_in_hydra_folder
 
 log = logging.getLogger("medgen.lr_find")
 
@@ -37,14 +37,7 @@ def run(cfg: DictConfig, out_dir: Path):
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="lr_find")
 def _main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        with exit_on_user_error("medgen-lr-find"):
-            run(cfg, out_dir)
-    finally:
-        remove_if_only_hydra(out_dir)
+    run_in_hydra_folder("medgen-lr-find", run, cfg)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from medgen.scripts._cli import CONFIG_DIR, exit_on_user_error, remove_if_only_hydra
+from medgen.scripts._cli import CONFIG_DIR, run_in_hydra_folder
 
 log = logging.getLogger("medgen.train")
 
@@ -75,14 +75,7 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        with exit_on_user_error("medgen-train"):
-            run(cfg, run_dir)
-    finally:
-        remove_if_only_hydra(run_dir)
+    run_in_hydra_folder("medgen-train", run, cfg)
 
 
 def main() -> None:
