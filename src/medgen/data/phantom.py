@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from medgen.core.constants import IMAGE_MODALITIES, MASK_KEY, NIFTI_SUFFIX, SPLITS
 from medgen.data.nifti_dataset import list_patients, save_volume
+from medgen.data.transforms import ras_to_display
 
 #: field of view in mm (left-right, posterior-anterior, inferior-superior); spacing = FOV / grid
 FOV_MM: tuple[float, float, float] = (216.0, 216.0, 160.0)
@@ -606,8 +607,8 @@ def render_figure(out_png: str | Path, n_subjects: int = 3, size: int = 128, sli
                   seed: int = 0) -> Path:
     """PNG of ``n_subjects`` subjects (those of ``generate_dataset(seed=seed)``) x (bravo,
     t1_pre, t1_gd, flair, t1_gd with the seg outline): the axial slice through the largest
-    lesion (the mid-brain slice for a subject without lesions), neurological orientation
-    (subject's right on the right)."""
+    lesion (the mid-brain slice for a subject without lesions), in the radiological display of
+    ``medgen-data preview`` and the training sample grids (subject's right on the left)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -633,9 +634,10 @@ def render_figure(out_png: str | Path, n_subjects: int = 3, size: int = 128, sli
             key = "t1_gd" if col == len(IMAGE_MODALITIES) else name
             volume = subject.volumes[key]
             lo, hi = np.percentile(volume, [0.5, 99.5])
-            ax.imshow(volume[:, :, k].T, origin="lower", cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            ax.imshow(ras_to_display(volume[:, :, k]), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
             if col == len(IMAGE_MODALITIES) and subject.volumes[MASK_KEY][:, :, k].any():
-                ax.contour(subject.volumes[MASK_KEY][:, :, k].T, levels=[0.5], colors="red", linewidths=0.8)
+                ax.contour(ras_to_display(subject.volumes[MASK_KEY][:, :, k]), levels=[0.5], colors="red",
+                           linewidths=0.8)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
