@@ -63,12 +63,13 @@ def test_missing_perceptual_weights_message_from_the_command(tmp_path, tiny_data
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
-def test_sigterm_saves_latest_and_exits_0(tmp_path, tiny_data):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_stop_signal_saves_latest_and_exits_0(tmp_path, tiny_data, sig):
     run = tmp_path / "r"
     proc = subprocess.Popen(_train_cmd(run, tiny_overrides(tmp_path, tiny_data, "mode=seg", "training.epochs=1000")),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     _wait_for(run / "metrics.jsonl", proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
@@ -104,14 +105,17 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_data):
         assert torch.equal(v, final["model"][k]), k
 
 
-def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, tiny_data):
+@pytest.mark.parametrize("nan_on_rank", [None, 1], ids=["clean", "NaN-on-rank-1"])
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, tiny_data, nan_on_rank):
     over = tiny_overrides(tmp_path, tiny_data, "mode=bravo", "training.use_multi_gpu=true", "training.max_steps=4")
+    env = {**ENV, **({"MEDGEN_TEST_NAN_RANK": str(nan_on_rank)} if nan_on_rank is not None else {})}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(Path(__file__).parent / "ddp_worker.py"), str(tmp_path), *over],
-                         capture_output=True, text=True, env=ENV, timeout=300)
+                         capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["step"] == r1["step"] == 4
+    assert r0["skipped"] == r1["skipped"] == ([1] if nan_on_rank is not None else [])  # same decision on both
     for k in r0["model"]:
         assert torch.equal(r0["model"][k], r1["model"][k]), k
     for k in r0["ema"]:
