@@ -44,9 +44,11 @@ def load_model_from_checkpoint(path: str | Path, use_ema: bool = True, device: s
     EMA weights are used when present and ``use_ema``."""
     ckpt = load_checkpoint(path, map_location="cpu")
     model = build_network(ckpt["network"])
-    weights = ckpt.get("ema") if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-    if weights is ckpt.get("ema"):
-        weights = {k.removeprefix("ema_model."): v for k, v in weights.items() if k.startswith("ema_model.")}
+    ema = ckpt.get("ema") if use_ema else None
+    if ema is not None:  # ema-pytorch state: the averaged network's entries are under "ema_model."
+        weights = {k.removeprefix("ema_model."): v for k, v in ema.items() if k.startswith("ema_model.")}
+    else:
+        weights = ckpt["model"]
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:

@@ -20,15 +20,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from medgen.core.config import ConfigError
     from medgen.data.nifti_dataset import DataError
 
-    errors: list[type[BaseException]] = [ConfigError, DataError, CheckpointError]
-    try:
-        from medgen.diffusion.perceptual import PerceptualWeightsError
-        from medgen.diffusion.trainer import TrainingStopped
+    from medgen.diffusion.perceptual import PerceptualWeightsError
+    from medgen.diffusion.trainer import TrainingStopped
 
-        errors += [PerceptualWeightsError, TrainingStopped]
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (ConfigError, DataError, CheckpointError, PerceptualWeightsError, TrainingStopped)
 
 
 @contextmanager
