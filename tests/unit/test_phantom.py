@@ -9,6 +9,7 @@ from scipy import ndimage
 
 from medgen.core.constants import IMAGE_MODALITIES, MASK_KEY, MODALITIES, SPLITS
 from medgen.data import phantom
+from medgen.data.preview import render_phantom_figure
 
 SMALL = dict(size=64, slices=32)
 
@@ -167,5 +168,5 @@ def test_cli_phantom(tmp_path):
 
 
 def test_render_figure(tmp_path):
-    png = phantom.render_figure(tmp_path / "fig.png", n_subjects=1, size=48, slices=16)
+    png = render_phantom_figure(tmp_path / "fig.png", n_subjects=1, size=48, slices=16)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

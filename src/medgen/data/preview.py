@@ -123,3 +123,50 @@ def make_preview(root: str | Path, out_png: str | Path, n_patients: int = 4) -> 
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=DPI, facecolor=fig.get_facecolor())
     return out_png
+
+
+def render_phantom_figure(out_png: str | Path, n_subjects: int = 3, size: int = 128, slices: int = 64,
+                  seed: int = 0) -> Path:
+    """PNG of ``n_subjects`` subjects (those of ``generate_dataset(seed=seed)``) x (bravo,
+    t1_pre, t1_gd, flair, t1_gd with the seg outline): the axial slice through the largest
+    lesion (the mid-brain slice for a subject without lesions), in the radiological display of
+    ``medgen-data preview`` and the training sample grids (subject's right on the left)."""
+    from medgen.data.phantom import make_subject, subject_seed
+
+    out_png = Path(out_png)
+    columns = list(IMAGE_MODALITIES) + ["t1_gd + seg"]
+    fig = Figure(figsize=(2.4 * len(columns), 2.5 * n_subjects), facecolor="black")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n_subjects, len(columns), squeeze=False)
+    for row in range(n_subjects):
+        subject = make_subject(subject_seed(seed, row), size=size, slices=slices)
+        vox_from_world = np.linalg.inv(subject.affine)
+        if subject.lesions:
+            largest = max(subject.lesions, key=lambda les: les.diameter_mm)
+            k = int(np.rint(vox_from_world[2, :3] @ np.asarray(largest.centre_mm) + vox_from_world[2, 3]))
+            note = f"{len(subject.lesions)} lesion(s), largest {largest.diameter_mm:.0f} mm"
+        else:
+            k = int(round(0.55 * (slices - 1)))
+            note = "no lesions"
+        k = int(np.clip(k, 0, slices - 1))
+        for col, name in enumerate(columns):
+            ax = axes[row, col]
+            key = "t1_gd" if col == len(IMAGE_MODALITIES) else name
+            volume = subject.volumes[key]
+            lo, hi = np.percentile(volume, [0.5, 99.5])
+            ax.imshow(ras_to_display(volume[:, :, k]), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            if col == len(IMAGE_MODALITIES) and subject.volumes[MASK_KEY][:, :, k].any():
+                ax.contour(ras_to_display(subject.volumes[MASK_KEY][:, :, k]), levels=[0.5], colors="red",
+                           linewidths=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name, color="white", fontsize=11)
+            if col == 0:
+                ax.set_ylabel(f"phantom_{row:04d}\n{note}\nslice {k}", color="white", fontsize=8)
+    fig.suptitle(f"medgen phantoms (MNI152 2009 based), {size}x{size}x{slices}, seed {seed}",
+                 color="white", fontsize=11)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110, facecolor="black")
+    return out_png
