@@ -3,10 +3,12 @@ approach (MONAI LoadImage on every volume, whole-volume resize, slices extracted
 every run). 20 phantom subjects at 256x256x64, bravo mode at 128 px, batch 16.
 
 Reference, cold and warm run in one process each (``data.num_workers=0``); a second cold build
-uses the default ``data.num_workers=2`` (time only). Each measurement runs in a fresh child process (so imports, page cache of the *cache* and peak
-memory are not shared between them); the NIfTI files are read once beforehand so every variant
-sees a warm OS file cache. Peak memory = the child's peak RSS minus its RSS after imports.
-Prints one JSON line. Targets: warm >= 20x faster, warm peak memory <= 1/4 of the reference.
+uses the default ``data.num_workers=2`` (time only). A cold build reads every file once (checks
+and preprocessing on the same arrays). Each measurement runs in a fresh child process (so
+imports, page cache of the *cache* and peak memory are not shared between them); the NIfTI
+files are read once beforehand so every variant sees a warm OS file cache. Peak memory = the
+child's peak RSS minus its RSS after imports. Prints one JSON line. Targets: warm >= 20x
+faster, warm peak memory <= 1/4 of the reference, cold build with 2 workers >= 1.8x faster.
 
     python benchmarks/bench_data.py [--subjects 20] [--size 256] [--slices 64] [--data DIR]
 """
@@ -35,7 +37,7 @@ def child(kind: str, data_dir: str, cache_dir: str, image_size: int, batch: int,
     from torch.utils.data import DataLoader
 
     from medgen.core.config import load_config
-    from medgen.data.nifti_dataset import split_patients
+    from medgen.data.splits import split_patients
 
     torch.set_num_threads(1)
     cfg = load_config(["mode=bravo", f"model.image_size={image_size}", f"training.batch_size={batch}",
@@ -130,9 +132,10 @@ def main() -> None:
         "cold_peak_mb": round(cold["peak_mb"], 1),
         "warm_peak_mb": round(warm["peak_mb"], 1),
         "warm_memory_ratio": round(warm["peak_mb"] / max(reference["peak_mb"], 1e-9), 3),
-        "targets": {"warm_speedup": 20, "warm_memory_ratio": 0.25},
+        "targets": {"warm_speedup": 20, "warm_memory_ratio": 0.25, "cold_2_workers_speedup": 1.8},
     }
-    result["meets_targets"] = result["warm_speedup"] >= 20 and result["warm_memory_ratio"] <= 0.25
+    result["meets_targets"] = (result["warm_speedup"] >= 20 and result["warm_memory_ratio"] <= 0.25
+                               and result["cold_2_workers_speedup"] >= 1.8)
     print(json.dumps(result))
 
 

@@ -1,4 +1,4 @@
-"""Tiny valid datasets for tests: random-but-plausible volumes in medgen's layout (DESIGN.md s.2).
+"""Tiny valid datasets for tests: random-but-plausible volumes in medgen's layout (see docs/architecture.md, Data).
 
     from datagen import write_dataset
     patients = write_dataset(tmp_path / "data")            # 3 patients 32x32x8 in train/

@@ -13,12 +13,12 @@ from PIL import Image
 from medgen.data.importers import (
     ImportFormatError,
     ImportFormatWarning,
-    assign_splits,
     import_brainmetshare_png,
     import_nnunet,
     png_slice_to_ras,
 )
 from medgen.data.nifti_dataset import list_patients, load_volume, modality_path
+from medgen.data.splits import assign_splits
 from medgen.data.validate import check_dataset
 from medgen.scripts.data import main as data_main
 
@@ -180,6 +180,15 @@ def test_png_mismatched_size_leaves_dst_untouched(png_src, tmp_path: Path) -> No
         import_brainmetshare_png(src, dst)
 
 
+def test_png_size_blames_the_odd_channel_even_when_it_is_the_first(png_src, tmp_path: Path) -> None:
+    src, _ = png_src
+    for k in range(DEPTH):
+        Image.fromarray(np.zeros((ROWS, COLS + 1), np.uint8)).save(src / "Mets_001" / "0" / f"{k}.png")
+    with pytest.raises(ImportFormatError, match=r"patient Mets_001: PNG size in .*Mets_001/0 differs from that in "
+                                                r".*Mets_001/1 \(RAS volumes \(11, 12, 12\) vs \(10, 12, 12\)\)"):
+        import_brainmetshare_png(src, tmp_path / "out")
+
+
 def test_refuses_non_empty_dst(png_src, tmp_path: Path) -> None:
     src, _ = png_src
     dst = tmp_path / "out"
@@ -290,6 +299,17 @@ def test_nnunet_round_trip_with_dataset_json(nn_src, tmp_path: Path) -> None:
         idx = np.round(np.linalg.inv(out_img.affine) @ world).astype(int)[:3]
         assert out_img.get_fdata()[tuple(idx)] == pytest.approx(float(arrays["0000"][1, 2, 3]), rel=1e-6)
     assert check_dataset(dst, keys=("bravo", "t1_gd", "seg"), progress=False).ok
+
+
+def test_nnunet_affine_mismatch_blames_the_odd_file(nn_src, tmp_path: Path) -> None:
+    src, truth = nn_src
+    moved = NN_AFFINE.copy()
+    moved[0, 3] += 2.0
+    nib.save(nib.Nifti1Image(truth["mets_002"]["0000"], moved), str(src / "imagesTr" / "mets_002_0000.nii.gz"))
+    with pytest.raises(ImportFormatError, match=r"case mets_002: the affine of .*imagesTr/mets_002_0000.nii.gz differs "
+                                                r"from that of .*imagesTr/mets_002_0001.nii.gz \(max difference 2 mm\)"):
+        import_nnunet(src, tmp_path / "out", mapping={"0": "bravo", "1": "t1_gd"})
+    assert not list_patients(tmp_path / "out" / "train")
 
 
 def test_nnunet_map_override_and_test_set(nn_src, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from scipy import ndimage
 
 from medgen.core.constants import IMAGE_MODALITIES, MASK_KEY, MODALITIES, SPLITS
 from medgen.data import phantom
+from medgen.data.splits import split_counts
 from medgen.data.preview import render_phantom_figure
 
 SMALL = dict(size=64, slices=32)
@@ -109,7 +110,7 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="seed"):
         phantom.make_subject(-1, **SMALL)
     with pytest.raises(ValueError, match="split"):
-        phantom.split_counts(4, (0.5, 0.2, 0.2))
+        split_counts(4, (0.5, 0.2, 0.2))
 
 
 @pytest.mark.parametrize("n, split, expected", [
@@ -120,8 +121,8 @@ def test_invalid_arguments():
     (3, (0.0, 0.5, 0.5), (0, 2, 1)),
 ])
 def test_split_counts(n, split, expected):
-    assert phantom.split_counts(n, split) == expected
-    assert sum(phantom.split_counts(n, split)) == n
+    assert split_counts(n, split) == expected
+    assert sum(split_counts(n, split)) == n
 
 
 def test_generate_dataset_layout_and_refuses_rerun(tmp_path):
@@ -129,7 +130,7 @@ def test_generate_dataset_layout_and_refuses_rerun(tmp_path):
     patients = phantom.generate_dataset(out, subjects=4, size=32, slices=12, seed=5)
     assert [p.name for p in patients] == [f"phantom_{i:04d}" for i in range(4)]
     per_split = {name: sorted(p.name for p in (out / name).iterdir()) for name in SPLITS}
-    assert tuple(len(per_split[name]) for name in SPLITS) == phantom.split_counts(4, (0.7, 0.15, 0.15))
+    assert tuple(len(per_split[name]) for name in SPLITS) == split_counts(4, (0.7, 0.15, 0.15))
     for patient in patients:
         assert patient.parent.name in SPLITS
         images = {key: nib.load(patient / f"{key}.nii.gz") for key in MODALITIES}

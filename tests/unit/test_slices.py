@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -13,9 +15,11 @@ from datagen import make_patient, write_dataset
 
 from medgen.core.config import load_config
 from medgen.data import slices as slices_mod
-from medgen.data.nifti_dataset import DataError, NiFTIDataset, load_volume, save_volume, split_patients
-from medgen.data.slices import ResumableSampler, SliceSpec, build_data, open_or_build_cache
+from medgen.data.nifti_dataset import DataError, load_volume, modality_path, save_volume
+from medgen.data.slices import ResumableSampler, SliceSpec, build_data, open_or_build_cache, select_slices
+from medgen.data.splits import split_patients
 from medgen.data.transforms import preprocess_image, preprocess_mask
+from medgen.data.validate import check_patients
 
 
 def _cfg(tmp_path, data, *overrides):
@@ -83,7 +87,8 @@ def test_cache_reused_then_rebuilt_when_a_source_changes(tmp_path, monkeypatch):
     def no_reading(*a, **k):
         raise AssertionError("a warm cache must not read NIfTI files")
 
-    monkeypatch.setattr(NiFTIDataset, "__getitem__", no_reading)
+    monkeypatch.setattr(nib, "load", no_reading)
+    monkeypatch.setattr(gzip, "decompress", no_reading)
     t0 = time.perf_counter()
     again = open_or_build_cache(patients, spec, tmp_path / "c", progress=False)
     assert time.perf_counter() - t0 < 1.0
@@ -165,3 +170,179 @@ def test_fewer_slices_than_one_batch_is_refused(tmp_path):
     write_dataset(tmp_path / "d", n_patients=3, keys=("bravo", "seg"))
     with pytest.raises(DataError, match="fewer than one batch"):
         build_data(_cfg(tmp_path, tmp_path / "d", "mode=seg", "training.batch_size=64"), progress=False)
+
+
+# --- the one-read cold build: same bytes as before, every file read once, refusals like `check` ---
+
+
+def _reference_image(volume: np.ndarray, image_size: int, lower: float = 0.5, upper: float = 99.5) -> np.ndarray:
+    """The image preprocessing as it was first written: MONAI's Compose on a C-ordered copy."""
+    from monai.transforms import Compose, Resize, ScaleIntensityRangePercentiles, SpatialPad
+
+    side = max(volume.shape[:2])
+    mode = "area" if image_size <= side else "bilinear"
+    pipe = Compose([
+        ScaleIntensityRangePercentiles(lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True, relative=False),
+        SpatialPad(spatial_size=(side, side, -1), mode="constant"),
+        Resize(spatial_size=(image_size, image_size, -1), mode=mode, **({} if mode == "area" else {"align_corners": False})),
+    ])
+    out = pipe(torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None])
+    return np.asarray(out[0], dtype=np.float32).clip(0.0, 1.0)
+
+
+def _reference_mask(volume: np.ndarray, image_size: int) -> np.ndarray:
+    from monai.transforms import Compose, Resize, SpatialPad
+
+    side = max(volume.shape[:2])
+    pipe = Compose([SpatialPad(spatial_size=(side, side, -1), mode="constant"),
+                    Resize(spatial_size=(image_size, image_size, -1), mode="nearest")])
+    out = pipe(torch.from_numpy(np.ascontiguousarray((volume > 0.5).astype(np.float32)))[None])
+    return (np.asarray(out[0]) > 0.5).astype(np.float32)
+
+
+def _reference_patient(folder: Path, spec: SliceSpec) -> tuple[np.ndarray, np.ndarray]:
+    """One patient's cache rows the way they were first computed: nibabel's reader, the MONAI
+    pipelines above, then the slice selection; (float16 rows [k, C, S, S], z indices)."""
+    channels = []
+    for key in spec.keys:
+        img = nib.as_closest_canonical(nib.load(str(modality_path(folder, key))))
+        volume = np.asarray(img.dataobj, dtype=np.float32)
+        channels.append(_reference_mask(volume, spec.image_size) if key == "seg" else
+                        _reference_image(volume, spec.image_size, spec.lower_percentile, spec.upper_percentile))
+    stacked = np.stack(channels)
+    keep = select_slices(stacked, spec)
+    return np.moveaxis(stacked[..., keep], -1, 0).astype(slices_mod.CACHE_DTYPE), keep
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
+@pytest.mark.parametrize("shape, image_size", [((40, 36, 10), 16), ((40, 36, 10), 48), ((130, 120, 70), 64)])
+def test_cache_bytes_equal_the_reference_pipeline(tmp_path, shape, image_size):
+    """Volumes under and over MONAI's 1e6-voxel percentile switch, non-square (padding), down-
+    and upsampling, and one patient stored in LPS (reoriented on reading: a flipped view)."""
+    keys = ("bravo", "t1_gd", "seg")
+    patients = write_dataset(tmp_path / "d", n_patients=2, shape=shape, keys=keys)
+    lps = np.diag([-1.0, -1.0, 2.0, 1.0])
+    for key, volume in make_patient(shape, seed=11, keys=keys).items():
+        save_volume(modality_path(patients[1], key), volume, lps, is_mask=key == "seg")
+    spec = SliceSpec(keys=keys, image_size=image_size, selection="all")
+    cache = open_or_build_cache(patients, spec, tmp_path / "c", progress=False)
+    rows, zs = zip(*[_reference_patient(p, spec) for p in patients])
+    np.testing.assert_array_equal(_bits(np.asarray(cache.data)), _bits(np.concatenate(rows)))
+    np.testing.assert_array_equal(cache.slice_index, np.concatenate(zs))
+    for p in patients:  # and the public functions on the loaded volumes
+        for key in keys:
+            volume, _ = load_volume(modality_path(p, key))
+            new = preprocess_mask(volume, image_size) if key == "seg" else preprocess_image(volume, image_size)
+            old = _reference_mask(volume, image_size) if key == "seg" else _reference_image(volume, image_size)
+            np.testing.assert_array_equal(_bits(new), _bits(old))
+
+
+@pytest.mark.filterwarnings("ignore:Divide by zero")  # MONAI's, for the constant image
+def test_preprocessing_equals_the_reference_pipeline_on_odd_inputs():
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        shape = tuple(int(n) for n in rng.integers(3, 60, 2)) + (int(rng.integers(1, 6)),)
+        size = int(rng.integers(4, 80))
+        image = rng.gamma(2.0, 50.0, shape).astype(np.float32)
+        image[0, 0, 0] = -0.0
+        mask = (rng.random(shape) * 1.5).astype(np.float32)
+        for layout in (lambda a: a, np.asfortranarray, lambda a: a[::-1, :, ::-1]):
+            np.testing.assert_array_equal(_bits(preprocess_image(layout(image), size)), _bits(_reference_image(layout(image), size)))
+            np.testing.assert_array_equal(_bits(preprocess_mask(layout(mask), size)), _bits(_reference_mask(layout(mask), size)))
+    constant = np.full((9, 7, 3), 5.0, np.float32)  # MONAI's divide-by-zero branch
+    np.testing.assert_array_equal(_bits(preprocess_image(constant, 8)), _bits(_reference_image(constant, 8)))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value")  # numpy's interpolation between two infinities
+def test_percentiles_equal_monai_on_hard_inputs():
+    """Above MONAI's 1e6-voxel switch the percentiles come from the tails of the data: exact for
+    ties, sorted data, infinities, the extreme percentiles, and data whose strided sample misses
+    the tails (the margins widen, then everything is partitioned); NaN goes to MONAI."""
+    from monai.transforms.utils_pytorch_numpy_unification import percentile
+
+    from medgen.data.transforms import _percentiles
+
+    rng = np.random.default_rng(5)
+    n = 1_000_003
+    hidden = (rng.random(n) + 10).astype(np.float32)
+    hidden[::64] = -rng.random(hidden[::64].size)  # the stride-64 sample holds the smallest values: too few
+    cases = {
+        "normal": rng.normal(100, 30, n).astype(np.float32),
+        "ties": rng.integers(0, 4, n).astype(np.float32),
+        "sorted": np.sort(rng.gamma(2.0, 50.0, n).astype(np.float32)),
+        "reversed": np.sort(rng.normal(size=n).astype(np.float32))[::-1].copy(),
+        "hidden tails": hidden,
+        "hidden tails, negated": -hidden,
+        "infinities": np.concatenate([[np.inf, -np.inf, np.inf], rng.standard_cauchy(n - 3)]).astype(np.float32),
+        "nan": np.concatenate([[np.nan], rng.normal(size=n - 1)]).astype(np.float32),
+    }
+    for name, x in cases.items():
+        for lower, upper in ((0.5, 99.5), (0.0, 100.0), (0.01, 99.99), (2.0, 98.0)):
+            want = percentile(torch.from_numpy(x), [lower, upper])
+            got = _percentiles(x, lower, upper)
+            assert got.dtype == want.dtype == torch.float32, name
+            np.testing.assert_array_equal(_bits(got.numpy()), _bits(want.numpy()), err_msg=f"{name} {lower} {upper}")
+
+
+def _count_decompressions(monkeypatch) -> list[int]:
+    calls = [0]
+    real = gzip.decompress
+
+    def counting(data, *a, **k):
+        calls[0] += 1
+        return real(data, *a, **k)
+
+    monkeypatch.setattr(gzip, "decompress", counting)
+    return calls
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_cold_build_reads_every_file_once(tmp_path, monkeypatch, validate):
+    patients = write_dataset(tmp_path / "d", n_patients=3, keys=("bravo", "flair", "seg"))
+    calls = _count_decompressions(monkeypatch)
+    cache = open_or_build_cache(patients, SliceSpec(("bravo", "flair", "seg"), 16, "brain"), tmp_path / "c",
+                                validate=validate, progress=False)
+    assert len(cache) > 0 and calls[0] == 3 * 3
+
+
+def test_unvalidated_build_skips_the_checks_but_not_unusable_files(tmp_path):
+    patients = write_dataset(tmp_path / "d", n_patients=2, keys=("bravo", "seg"))
+    bad = make_patient(seed=1, keys=("bravo",))["bravo"]
+    bad[0, 0, 0] = np.nan
+    save_volume(patients[1] / "bravo.nii.gz", bad, np.diag([1.0, 1.0, 2.0, 1.0]))
+    spec = SliceSpec(("bravo", "seg"), 16, "all")
+    with pytest.raises(DataError, match="NaN"):
+        open_or_build_cache(patients, spec, tmp_path / "c", progress=False)
+    assert len(open_or_build_cache(patients, spec, tmp_path / "c", validate=False, progress=False)) == 2 * 8
+    (patients[0] / "seg.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"seg.nii.gz: missing modality 'seg'"):
+        open_or_build_cache(patients, spec, tmp_path / "c2", validate=False, progress=False)
+    assert not any((tmp_path / "c2" / "slices").iterdir())
+
+
+def test_a_bad_file_in_val_refuses_with_the_check_report_and_leaves_nothing(tmp_path):
+    patients = write_dataset(tmp_path / "d", n_patients=5, keys=("bravo", "seg"), splits=("train", "val"))
+    train, val = patients[0::2], patients[1::2]
+    bad = make_patient(seed=9, keys=("bravo",))["bravo"]
+    bad[2, 3, 4] = np.inf
+    save_volume(val[1] / "bravo.nii.gz", bad, np.diag([1.0, 1.0, 2.0, 1.0]))
+    save_volume(train[0] / "seg.nii.gz", np.zeros((32, 32, 8), np.float32), np.diag([1.0, 1.0, 2.0, 1.0]), is_mask=True)
+    expected = check_patients(train + val, ("bravo", "seg"), progress=False)
+    assert [p.severity for p in expected.problems] == ["warning", "error"]  # empty mask in train, Inf in val
+
+    for workers in (0, 2):
+        with pytest.raises(DataError) as info:
+            build_data(_cfg(tmp_path, tmp_path / "d", "mode=bravo", f"data.num_workers={workers}"), progress=False)
+        assert str(info.value) == "the dataset has problems; fix them and run again:\n" + expected.format()
+        assert f"ERROR {val[1] / 'bravo.nii.gz'}: 1 Inf voxel(s) of 8192" in str(info.value)
+        assert list((tmp_path / "cache" / "slices").iterdir()) == []  # no temporary folder, no train cache
+
+    os.remove(val[1] / "bravo.nii.gz")  # fixed (the patient's bravo rewritten): both caches build
+    save_volume(val[1] / "bravo.nii.gz", make_patient(seed=9, keys=("bravo",))["bravo"], np.diag([1.0, 1.0, 2.0, 1.0]))
+    bundle = build_data(_cfg(tmp_path, tmp_path / "d", "mode=bravo"), progress=False)
+    assert bundle.val_cache is not None and bundle.val_cache.patient_ids == [p.name for p in val]
+    assert sorted(p.name for p in (tmp_path / "cache" / "slices").iterdir()) == sorted(
+        [bundle.train_cache.directory.name, bundle.val_cache.directory.name])

@@ -1,4 +1,4 @@
-"""Names and numbers shared across medgen (the data contract of DESIGN.md section 2)."""
+"""Names and numbers shared across medgen: the dataset contract (see docs/architecture.md, Data)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,8 @@ MASK_THRESHOLD: float = 0.5
 #: bump when slice extraction or preprocessing changes: invalidates every slice cache
 PREPROCESSING_VERSION: int = 1
 
-#: default split fractions for generated / imported datasets
+#: default (train, val, test) fractions of ``medgen-data phantom`` (see :mod:`medgen.data.splits`)
 DEFAULT_SPLIT: tuple[float, float, float] = (0.7, 0.15, 0.15)
 
-#: environment variables that override the configured paths
-ENV_DATA_DIR = "MEDGEN_DATA_DIR"
-ENV_RUNS_DIR = "MEDGEN_RUNS_DIR"
-ENV_CACHE_DIR = "MEDGEN_CACHE_DIR"
+#: absolute tolerance (mm) when comparing two affines of one patient's volumes
+AFFINE_ATOL: float = 1e-3

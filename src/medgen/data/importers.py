@@ -1,4 +1,4 @@
-"""Convert public brain-metastasis releases into medgen's dataset layout (DESIGN.md section 2).
+"""Convert public brain-metastasis releases into medgen's dataset layout (see docs/architecture.md, Data).
 
 Two source formats:
 
@@ -35,21 +35,28 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from medgen.core.constants import IMAGE_MODALITIES, MASK_KEY, NIFTI_SUFFIX, SPLITS
-from medgen.data.nifti_dataset import DataError, list_patients, load_volume, modality_path, save_volume
+from medgen.data.nifti_dataset import (
+    DataError,
+    geometry_mismatches,
+    list_patients,
+    load_volume,
+    modality_path,
+    save_volume,
+)
+from medgen.data.splits import assign_splits, parse_split
 from medgen.data.transforms import binarize_mask
 
 __all__ = [
     "DEFAULT_PNG_MAPPING",
     "ImportFormatError",
     "ImportFormatWarning",
-    "assign_splits",
     "import_brainmetshare_png",
     "import_nnunet",
     "png_slice_to_ras",
@@ -62,7 +69,6 @@ PNG_SEG_FOLDER = "seg"
 
 _NNUNET_IMAGE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
 _NNUNET_LABEL = re.compile(r"^(?P<case>.+)\.nii(\.gz)?$")
-_AFFINE_ATOL = 1e-3
 
 
 class ImportFormatError(DataError):
@@ -95,43 +101,13 @@ class _Patient:
 
 
 def _check_split_fractions(split: Sequence[float] | None) -> tuple[float, float, float] | None:
+    """:func:`medgen.data.splits.parse_split` with its message as an :class:`ImportFormatError`."""
     if split is None:
         return None
     try:
-        fractions = tuple(float(f) for f in split)
-    except (TypeError, ValueError):
-        raise ImportFormatError(f"split must be three fractions (train, val, test), got {split!r}") from None
-    if len(fractions) != 3 or any(not np.isfinite(f) or f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ImportFormatError(f"split must be three non-negative fractions summing to 1, got {split!r}")
-    return fractions  # type: ignore[return-value]
-
-
-def assign_splits(patient_ids: Iterable[str], fractions: Sequence[float], seed: int = 0) -> dict[str, str]:
-    """Deterministic patient-level split: ``{patient_id: "train"|"val"|"test"}``.
-
-    The ids are sorted, shuffled with ``numpy.random.default_rng(seed)`` and cut into
-    ``round(fraction * n)`` sized parts (largest remainder, so the counts sum to ``n``).
-    The result depends only on the set of ids, the fractions and the seed.
-    """
-    ids = sorted(set(patient_ids))
-    fractions = np.asarray(fractions, dtype=np.float64)
-    if fractions.shape != (len(SPLITS),):
-        raise ValueError(f"fractions must have {len(SPLITS)} entries (train, val, test), got {fractions.tolist()}")
-    n = len(ids)
-    exact = fractions / fractions.sum() * n
-    counts = np.floor(exact).astype(int)
-    # largest remainder; ties go to the earlier split (train before val before test)
-    order = sorted(range(len(SPLITS)), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in order[: n - int(counts.sum())]:
-        counts[i] += 1
-    perm = np.random.default_rng(seed).permutation(n)
-    out: dict[str, str] = {}
-    start = 0
-    for split_name, count in zip(SPLITS, counts):
-        for idx in perm[start : start + count]:
-            out[ids[int(idx)]] = split_name
-        start += count
-    return out
+        return parse_split(split, "split")
+    except ValueError as exc:
+        raise ImportFormatError(str(exc)) from None
 
 
 def _check_dst(dst: Path, src: Path) -> None:
@@ -159,7 +135,7 @@ def _check_unique_ids(patients: Sequence[_Patient]) -> None:
 
 def _target_splits(patients: Sequence[_Patient], split: tuple[float, float, float] | None, seed: int) -> dict[str, str]:
     """Output split per patient: source ``test/`` (and ``val/``) are kept; the others go to
-    ``train/`` or, with ``split``, are assigned by :func:`assign_splits`."""
+    ``train/`` or, with ``split``, are assigned by :func:`medgen.data.splits.assign_splits`."""
     free = [p.pid for p in patients if p.source_split not in ("test", "val")]
     assigned = assign_splits(free, split, seed) if split is not None else {pid: "train" for pid in free}
     return {p.pid: assigned.get(p.pid, p.source_split or "train") for p in patients}
@@ -406,17 +382,14 @@ def import_brainmetshare_png(
     affine = np.diag([*voxel, 1.0])
 
     def write_one(patient: _Patient, out_dir: Path) -> None:
-        shape = ref_dir = None
+        volumes: dict[str, tuple[Path, np.ndarray]] = {}
         for key, files in patient.sources.items():
             channel_dir = files[0].parent  # type: ignore[index]
-            volume = _stack_png_channel(files, patient.pid, channel_dir)  # type: ignore[arg-type]
-            if shape is None:
-                shape, ref_dir = volume.shape, channel_dir
-            elif volume.shape != shape:
-                raise ImportFormatError(
-                    f"patient {patient.pid}: PNG size in {channel_dir} differs from that in {ref_dir} "
-                    f"(RAS volumes {volume.shape} vs {shape})"
-                )
+            volumes[key] = channel_dir, _stack_png_channel(files, patient.pid, channel_dir)  # type: ignore[arg-type]
+        for m in geometry_mismatches([(d, v.shape, affine) for d, v in volumes.values()]):
+            raise ImportFormatError(f"patient {patient.pid}: PNG size in {m.path} differs from that in {m.reference} "
+                                    f"(RAS volumes {m.shape} vs {m.reference_shape})")
+        for key, (_, volume) in volumes.items():
             if key == MASK_KEY:
                 save_volume(modality_path(out_dir, key), binarize_mask(_png_mask_to_unit(volume)), affine, is_mask=True)
             else:
@@ -595,7 +568,7 @@ def import_nnunet(
     targets = _target_splits(patients, fractions, seed)
 
     def write_one(patient: _Patient, out_dir: Path) -> None:
-        ref_shape = ref_affine = ref_path = None
+        volumes: dict[str, tuple[Path, np.ndarray, np.ndarray]] = {}
         for key, path in patient.sources.items():
             try:
                 volume, affine = load_volume(path)  # type: ignore[arg-type]
@@ -603,12 +576,14 @@ def import_nnunet(
                 raise ImportFormatError(f"case {patient.pid}: cannot read {path}: {type(exc).__name__}: {exc}") from None
             if volume.ndim not in (2, 3):
                 raise ImportFormatError(f"case {patient.pid}: {path} has shape {volume.shape}; expected a 3D volume")
-            if ref_shape is None:
-                ref_shape, ref_affine, ref_path = volume.shape, affine, path
-            elif volume.shape != ref_shape:
-                raise ImportFormatError(f"case {patient.pid}: {path} has shape {volume.shape}, {ref_path} has {ref_shape}")
-            elif not np.allclose(affine, ref_affine, atol=_AFFINE_ATOL):
-                raise ImportFormatError(f"case {patient.pid}: the affine of {path} differs from that of {ref_path}")
+            volumes[key] = path, volume, affine  # type: ignore[assignment]
+        for m in geometry_mismatches([(path, v.shape, affine) for path, v, affine in volumes.values()]):
+            if m.kind == "shape":
+                raise ImportFormatError(
+                    f"case {patient.pid}: {m.path} has shape {m.shape}, {m.reference} has {m.reference_shape}")
+            raise ImportFormatError(f"case {patient.pid}: the affine of {m.path} differs from that of {m.reference} "
+                                    f"(max difference {m.max_difference:.4g} mm)")
+        for key, (_, volume, affine) in volumes.items():
             if key == MASK_KEY:
                 save_volume(modality_path(out_dir, key), (volume > 0).astype(np.float32), affine, is_mask=True)
             else:

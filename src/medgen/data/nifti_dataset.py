@@ -1,13 +1,15 @@
-"""NIfTI volume loading for the dataset layout of DESIGN.md section 2.
+"""NIfTI volume loading for medgen's dataset layout (see docs/architecture.md, Data).
 
 A dataset root holds ``train/``, ``val/``, ``test/``; each holds one folder per patient
 with ``bravo.nii.gz``, ``t1_pre.nii.gz``, ``t1_gd.nii.gz``, ``flair.nii.gz``, ``seg.nii.gz``.
-Volumes are reoriented to RAS, so axial slices are along the last array axis.
+Volumes are reoriented to RAS, so axial slices are along the last array axis. The volumes of
+one patient must share shape and affine: :func:`geometry_mismatches` is the one comparison
+(``medgen-data check``, training, the importers and the phantom template use it).
 """
 
 from __future__ import annotations
 
-import hashlib
+import gzip
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +18,7 @@ import nibabel as nib
 import numpy as np
 from torch.utils.data import Dataset
 
-from medgen.core.constants import MASK_KEY, MODALITIES, NIFTI_SUFFIX, SPLITS
+from medgen.core.constants import AFFINE_ATOL, MASK_KEY, MODALITIES, NIFTI_SUFFIX
 from medgen.data.transforms import binarize_mask
 
 
@@ -28,9 +30,33 @@ def modality_path(patient_dir: Path, key: str) -> Path:
     return Path(patient_dir) / f"{key}{NIFTI_SUFFIX}"
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _read_image(path: str | Path) -> nib.spatialimages.SpatialImage:
+    """The NIfTI image at ``path``. A gzipped single-file NIfTI-1/2 is decompressed in one call and
+    parsed from memory (nibabel would stream it through ``GzipFile`` in small chunks); anything
+    else goes through ``nib.load``."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        magic = f.read(2)
+        raw = magic + f.read() if magic == _GZIP_MAGIC else b""
+    if raw:
+        data = gzip.decompress(raw)
+        del raw
+        if len(data) >= 352:
+            for order in "<>":
+                sizeof_hdr = int(np.frombuffer(data, dtype=f"{order}i4", count=1)[0])
+                if sizeof_hdr == 348 and data[344:348] == b"n+1\x00":
+                    return nib.Nifti1Image.from_bytes(data)
+                if sizeof_hdr == 540 and data[4:8] == b"n+2\x00":
+                    return nib.Nifti2Image.from_bytes(data)
+    return nib.load(str(path))
+
+
 def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a NIfTI file, reorient to RAS; returns (``[H, W, D]`` float32 array, 4x4 RAS affine)."""
-    img = nib.as_closest_canonical(nib.load(str(path)))
+    img = nib.as_closest_canonical(_read_image(path))
     data = np.asarray(img.dataobj, dtype=np.float32)
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
@@ -56,35 +82,58 @@ def list_patients(split_dir: str | Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _in_val(patient_id: str, fraction: float) -> bool:
-    digest = hashlib.sha1(patient_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+@dataclass(frozen=True, eq=False)
+class GeometryMismatch:
+    """A volume whose shape or affine differs from the reference volume of its patient."""
+
+    path: str | Path  #: the odd one out
+    reference: str | Path  #: the volume it was compared with
+    kind: str  #: ``"shape"`` or ``"affine"``
+    shape: tuple[int, ...]
+    reference_shape: tuple[int, ...]
+    max_difference: float = 0.0  #: affine: largest absolute difference to the reference affine
+
+    @property
+    def message(self) -> str:
+        """The wording of ``medgen-data check`` (without the path of the odd file)."""
+        ref = Path(self.reference).name
+        if self.kind == "shape":
+            return f"shape {self.shape} differs from {ref} {self.reference_shape}"
+        return f"affine differs from {ref}'s (max difference {self.max_difference:.4g})"
 
 
-def split_patients(root: str | Path, split: str, val_fraction: float = 0.15) -> list[Path]:
-    """Patient folders of ``split``. Without ``val/``, a deterministic patient-level split of
-    ``train/`` is used (by a hash of the patient id, so adding patients does not move others);
-    at least one patient goes to each side when train/ has two or more."""
-    root = Path(root)
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    if split == "test" or (root / "val").is_dir():
-        return list_patients(root / split)
-    train = list_patients(root / "train")
-    val = [p for p in train if _in_val(p.name, val_fraction)]
-    if len(train) >= 2 and not val:
-        val = [min(train, key=lambda p: hashlib.sha1(p.name.encode()).hexdigest())]
-    if len(train) >= 2 and len(val) == len(train):
-        val = val[:-1]
-    val_set = set(val)
-    return val if split == "val" else [p for p in train if p not in val_set]
+def geometry_mismatches(volumes: Sequence[tuple[str | Path, tuple[int, ...], np.ndarray]],
+                        atol: float = AFFINE_ATOL) -> list[GeometryMismatch]:
+    """Compare the ``(path, shape, affine)`` of one patient's volumes and blame the odd ones out.
+
+    The reference shape is the most common one, ties going to the earlier volume; among the
+    volumes of that shape, the reference affine is the one that agrees (``np.allclose`` with
+    ``atol`` mm) with the most others, ties going to the earlier volume. Returns the shape
+    mismatches, then the affine mismatches, each in input order; empty when all agree.
+    """
+    if len(volumes) < 2:
+        return []
+    shapes = [tuple(shape) for _, shape, _ in volumes]
+    ref_shape = max(shapes, key=lambda s: (shapes.count(s), -shapes.index(s)))
+    ref_path = next(path for (path, _, _), shape in zip(volumes, shapes) if shape == ref_shape)
+    out = [GeometryMismatch(path, ref_path, "shape", shape, ref_shape)
+           for (path, _, _), shape in zip(volumes, shapes) if shape != ref_shape]
+    same_shape = [(path, np.asarray(affine)) for (path, _, affine), shape in zip(volumes, shapes) if shape == ref_shape]
+    agree = [sum(np.allclose(a, b, atol=atol) for _, b in same_shape) for _, a in same_shape]
+    best = max(range(len(same_shape)), key=lambda i: (agree[i], -i))
+    ref_path, ref_affine = same_shape[best]
+    for path, affine in same_shape:
+        if not np.allclose(affine, ref_affine, atol=atol):
+            diff = float(np.abs(affine - ref_affine).max())
+            out.append(GeometryMismatch(path, ref_path, "affine", ref_shape, ref_shape, diff))
+    return out
 
 
 @dataclass
 class PatientVolumes:
     patient_id: str
     volumes: dict[str, np.ndarray]  # key -> [H, W, D]; seg binarised
-    affine: np.ndarray
+    affine: np.ndarray | None  # the first key's (all agree within AFFINE_ATOL)
 
 
 class NiFTIDataset(Dataset):
@@ -101,28 +150,21 @@ class NiFTIDataset(Dataset):
         self.patients = [Path(p) for p in patients]
         self.keys = list(keys)
 
-    @classmethod
-    def from_split(cls, root: str | Path, split: str, keys: Sequence[str], val_fraction: float = 0.15) -> "NiFTIDataset":
-        return cls(split_patients(root, split, val_fraction), keys)
-
     def __len__(self) -> int:
         return len(self.patients)
 
     def __getitem__(self, index: int) -> PatientVolumes:
         folder = self.patients[index]
         volumes: dict[str, np.ndarray] = {}
-        ref_affine = None
-        ref_shape = None
+        geometry: list[tuple[Path, tuple[int, ...], np.ndarray]] = []
         for key in self.keys:
             path = modality_path(folder, key)
             if not path.is_file():
                 raise DataError(f"{path}: missing modality {key!r}")
             data, affine = load_volume(path)
-            if ref_shape is None:
-                ref_shape, ref_affine = data.shape, affine
-            elif data.shape != ref_shape:
-                raise DataError(f"{path}: shape {data.shape} differs from {self.keys[0]} {ref_shape}")
-            elif not np.allclose(affine, ref_affine, atol=1e-3):
-                raise DataError(f"{path}: affine differs from {self.keys[0]}'s")
+            geometry.append((path, data.shape, affine))
             volumes[key] = binarize_mask(data) if key == MASK_KEY else data
-        return PatientVolumes(folder.name, volumes, ref_affine)
+        mismatches = geometry_mismatches(geometry)
+        if mismatches:
+            raise DataError("\n".join(f"{m.path}: {m.message}" for m in mismatches))
+        return PatientVolumes(folder.name, volumes, geometry[0][2] if geometry else None)

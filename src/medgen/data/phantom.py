@@ -1,4 +1,4 @@
-"""Synthetic brain-MRI phantoms with metastases (DESIGN.md section 2, "Phantoms").
+"""Synthetic brain-MRI phantoms with metastases (see docs/architecture.md, Data).
 
 Each subject is the MNI152 2009 (nonlinear symmetric, 1 mm) template that nilearn ships,
 warped by a random affine and a smooth elastic field, rendered in four contrasts with
@@ -37,8 +37,9 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from medgen.core.constants import IMAGE_MODALITIES, MASK_KEY, NIFTI_SUFFIX, SPLITS
-from medgen.data.nifti_dataset import list_patients, save_volume
+from medgen.core.constants import DEFAULT_SPLIT, IMAGE_MODALITIES, MASK_KEY, NIFTI_SUFFIX, SPLITS
+from medgen.data.nifti_dataset import geometry_mismatches, list_patients, save_volume
+from medgen.data.splits import parse_split, split_indices
 
 #: field of view in mm (left-right, posterior-anterior, inferior-superior); spacing = FOV / grid
 FOV_MM: tuple[float, float, float] = (216.0, 216.0, 160.0)
@@ -152,9 +153,12 @@ def _template() -> _Template:
     t1_img = datasets.load_mni152_template(resolution=1)
     gm_img = datasets.load_mni152_gm_template(resolution=1)
     wm_img = datasets.load_mni152_wm_template(resolution=1)
-    for img in (gm_img, wm_img):
-        if img.shape != t1_img.shape or not np.allclose(img.affine, t1_img.affine):
-            raise RuntimeError("nilearn's MNI152 T1/GM/WM templates are not on one grid")
+    grids = [(f"MNI152 {name} template", img.shape, img.affine)
+             for name, img in (("T1", t1_img), ("GM", gm_img), ("WM", wm_img))]
+    mismatches = geometry_mismatches(grids)
+    if mismatches:
+        raise RuntimeError("nilearn's MNI152 T1/GM/WM templates are not on one grid: "
+                           + "; ".join(f"{m.path}: {m.message}" for m in mismatches))
     brain = np.asarray(t1_img.dataobj, dtype=np.float32) > 0  # skull-stripped: non-zero = brain
     gm = np.clip(np.asarray(gm_img.dataobj, dtype=np.float32), 0.0, 1.0)
     wm = np.clip(np.asarray(wm_img.dataobj, dtype=np.float32), 0.0, 1.0)
@@ -519,19 +523,6 @@ def make_subject(seed: int, size: int = 128, slices: int = 64, return_tissue: bo
 # --------------------------------------------------------------------------- dataset
 
 
-def split_counts(n: int, split: Sequence[float]) -> tuple[int, int, int]:
-    """Patients per split: the fractions times ``n`` rounded by largest remainder, so the
-    counts add up to ``n`` and a zero fraction gets nobody."""
-    fractions = np.asarray(split, dtype=np.float64)
-    if fractions.shape != (3,) or (fractions < 0).any() or abs(fractions.sum() - 1.0) > 1e-6:
-        raise ValueError(f"split wants three non-negative fractions summing to 1, got {tuple(split)}")
-    exact = fractions * n
-    counts = np.floor(exact).astype(int)
-    for i in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
-        counts[i] += 1
-    return int(counts[0]), int(counts[1]), int(counts[2])
-
-
 def _check_empty(out: Path) -> None:
     """Raise if ``out`` already holds a dataset: any folder in one of its split folders, or a
     folder with NIfTI files directly under it."""
@@ -555,24 +546,23 @@ def _write_subject(job: tuple[Path, int, int, int]) -> Path:
 
 
 def generate_dataset(out: str | Path, subjects: int, size: int = 128, slices: int = 64, seed: int = 0,
-                     split: Sequence[float] = (0.7, 0.15, 0.15), workers: int = 1) -> list[Path]:
+                     split: Sequence[float] = DEFAULT_SPLIT, workers: int = 1) -> list[Path]:
     """Write ``subjects`` phantoms as ``out/{train,val,test}/phantom_XXXX/<key>.nii.gz``.
 
-    Subject ``i`` is ``make_subject(subject_seed(seed, i))``; patients are assigned to splits
-    by a seeded permutation with :func:`split_counts` patients each (all three split folders
-    are created, also empty ones). ``workers > 1`` renders in a process pool with identical
-    output. Refuses an ``out`` that already holds patient folders. Returns the patient folders
-    sorted by id."""
+    Subject ``i`` is ``make_subject(subject_seed(seed, i))``; subjects are assigned to splits
+    by :func:`medgen.data.splits.split_indices` (``split`` fractions, seeded by ``seed`` and
+    ``subjects``); all three split folders are created, also empty ones. ``workers > 1``
+    renders in a process pool with identical output. Refuses an ``out`` that already holds
+    patient folders. Returns the patient folders sorted by id."""
     out = Path(out)
     if subjects < 0:
         raise ValueError(f"subjects must be >= 0, got {subjects}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    counts = split_counts(subjects, split)
-    _streams(seed)  # validates the seed before anything is written
+    fractions = parse_split(split)  # split and seed are checked before anything is written
+    _streams(seed)
+    split_of = split_indices(subjects, fractions, np.random.SeedSequence([int(seed), subjects, _SPLIT_STREAM]))
     _check_empty(out)
-    order = np.random.default_rng(np.random.SeedSequence([int(seed), subjects, _SPLIT_STREAM])).permutation(subjects)
-    split_of = np.repeat(np.arange(3), counts)[np.argsort(order)]  # subject i -> split index
     for name in SPLITS:
         (out / name).mkdir(parents=True, exist_ok=True)
     jobs = [(out / SPLITS[split_of[i]] / f"phantom_{i:04d}", subject_seed(seed, i), int(size), int(slices))

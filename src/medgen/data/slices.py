@@ -1,7 +1,10 @@
-"""Slice extraction per mode and the memory-mapped slice cache (DESIGN.md section 2).
+"""Slice extraction per mode and the memory-mapped slice cache (see docs/architecture.md, Data).
 
-The first run preprocesses every selected axial slice once and appends it to one
-``float16`` array ``[N, C, S, S]`` on disk under ``<cache_dir>/slices/<fingerprint>/``.
+The first run reads every source file once (:func:`medgen.data.validate.read_patient`: the
+checks of ``medgen-data check`` run on the arrays just read), preprocesses every selected axial
+slice and appends it to one ``float16`` array ``[N, C, S, S]`` on disk under
+``<cache_dir>/slices/<fingerprint>/``; a dataset with problems is refused with the report of
+``medgen-data check`` and leaves no cache behind.
 The fingerprint covers the source files (path, size, mtime), the keys, the image size,
 the selection/normalisation parameters and :data:`PREPROCESSING_VERSION`; any change
 builds a new cache. Later runs open the array with ``np.memmap`` in well under a second,
@@ -23,10 +26,13 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
 from medgen.core.constants import MASK_KEY, PREPROCESSING_VERSION
-from medgen.data.nifti_dataset import DataError, NiFTIDataset, modality_path, split_patients
+from medgen.data.nifti_dataset import DataError, modality_path
 from medgen.data.parallel import ordered_map
+from medgen.data.splits import split_patients
 from medgen.data.transforms import preprocess_image, preprocess_mask
+from medgen.data.validate import Problem, Report, read_patient
 
 CACHE_DTYPE = np.float16
 _DATA_FILE = "slices.bin"
@@ -164,37 +170,82 @@ def open_or_build_cache(
     desc: str = "slice cache",
     workers: int = 0,
 ) -> SliceCache:
-    """Open the cache for (patients, spec) or build it (validating the sources first)."""
-    patients = [Path(p) for p in patients]
-    directory = cache_directory(Path(cache_dir), patients, spec)
-    if SliceCache.is_complete(directory):
-        return SliceCache(directory)
-    if not patients:
-        raise DataError(f"no patients to build the {desc} from")
-    if validate:
-        validate_patients(patients, spec.keys, progress=progress, workers=workers)
-    _build(directory, patients, spec, progress, desc, workers)
-    return SliceCache(directory)
+    """Open the cache for (patients, spec) or build it, reading each source file once.
+
+    Raises:
+        DataError: no patients, or problems in the files (with ``validate``: every problem
+            ``medgen-data check`` reports; without: missing, unreadable or disagreeing files),
+            with the full report; nothing is left on disk then.
+    """
+    return _open_or_build([(patients, desc)], spec, Path(cache_dir), validate, progress, workers)[0]
 
 
-def validate_patients(patients: Sequence[Path], keys: Sequence[str], progress: bool = True, workers: int = 0) -> None:
-    """Run ``medgen-data check``'s checks on exactly these files; refuse with its messages."""
-    from medgen.data.validate import check_patients
+def _open_or_build(groups: Sequence[tuple[Sequence[Path], str]], spec: SliceSpec, cache_dir: Path,
+                   validate: bool, progress: bool, workers: int) -> list[SliceCache]:
+    """One cache per ``(patients, desc)`` group. Missing caches are built into temporary folders
+    and moved into place only when no file of any group has an error; otherwise every temporary
+    folder is deleted and DataError carries the report of all groups."""
+    groups = [([Path(p) for p in patients], desc) for patients, desc in groups]
+    directories = [cache_directory(cache_dir, patients, spec) for patients, _ in groups]
+    report = Report()
+    staged: list[tuple[Path, Path]] = []  # (temporary folder, final folder)
+    try:
+        for (patients, desc), directory in zip(groups, directories):
+            if SliceCache.is_complete(directory):
+                continue
+            if not patients:
+                raise DataError(f"no patients to build the {desc} from")
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+            tmp.mkdir()
+            staged.append((tmp, directory))
+            # once an error is known the build fails: later patients are only checked
+            _build(tmp, patients, spec, report, validate=validate, preprocess=report.ok, progress=progress,
+                   desc=desc, workers=workers)
+        if not report.ok:
+            raise DataError("the dataset has problems; fix them and run again:\n" + report.format())
+        for tmp, directory in staged:
+            try:
+                os.replace(tmp, directory)  # atomic; fails if another process finished first
+            except OSError:
+                if not SliceCache.is_complete(directory):
+                    raise
+    finally:
+        for tmp, _ in staged:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return [SliceCache(directory) for directory in directories]
 
-    report = check_patients(patients, keys, progress=progress, workers=workers)
-    if not report.ok:
-        raise DataError("the dataset has problems; fix them and run again:\n" + report.format())
+
+@dataclass
+class _PatientSlices:
+    """What one patient contributes: its problems and, when it has no error, its selected slices."""
+
+    problems: list[Problem]
+    block: np.ndarray | None = None  # [k, C, S, S] float16
+    z: np.ndarray | None = None  # [k] int32 axial positions
+    lesion: np.ndarray | None = None  # [k] int32 lesion pixels per slice
 
 
-def _preprocess_patient(folder: Path, spec: SliceSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One patient -> (selected slices ``[k, C, S, S]`` float16, their z indices, lesion pixels per slice)."""
-    item = NiFTIDataset([folder], spec.keys)[0]
+def _patient_slices(folder: Path, spec: SliceSpec, validate: bool = True, preprocess: bool = True) -> _PatientSlices:
+    """Read each modality of one patient once; check it (``validate``); when it has no error
+    (and ``preprocess``), preprocess the volumes and select the slices."""
+    read = read_patient(folder, spec.keys, validate=validate, keep=preprocess)
+    if not read.ok or not preprocess:
+        return _PatientSlices(read.problems)
+    block, z, lesion = preprocess_volumes(read.volumes, spec)
+    return _PatientSlices(read.problems, block, z, lesion)
+
+
+def preprocess_volumes(volumes: dict[str, np.ndarray], spec: SliceSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One patient's RAS volumes (``key -> [H, W, D]`` as :func:`load_volume` returns them) ->
+    (selected slices ``[k, C, S, S]`` float16, their z indices, lesion pixels per slice)."""
     s = spec.image_size
     channels = np.stack(
         [
-            preprocess_mask(item.volumes[k], s)
+            preprocess_mask(volumes[k], s)
             if k == MASK_KEY
-            else preprocess_image(item.volumes[k], s, spec.lower_percentile, spec.upper_percentile)
+            else preprocess_image(volumes[k], s, spec.lower_percentile, spec.upper_percentile)
             for k in spec.keys
         ]
     )  # [C, S, S, D]
@@ -207,50 +258,46 @@ def _preprocess_patient(folder: Path, spec: SliceSpec) -> tuple[np.ndarray, np.n
     return block, keep.astype(np.int32), lesion
 
 
-def _build(directory: Path, patients: Sequence[Path], spec: SliceSpec, progress: bool, desc: str,
-           workers: int = 0) -> None:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    tmp.mkdir()
-    try:
-        n = 0
-        patient_idx: list[np.ndarray] = []
-        z_idx: list[np.ndarray] = []
-        lesion: list[np.ndarray] = []
-        with open(tmp / _DATA_FILE, "wb") as f:
-            results = ordered_map(partial(_preprocess_patient, spec=spec), patients, workers,
-                                  desc=f"building {desc}", progress=progress)
-            for i, (block, keep, lesion_pixels) in enumerate(results):
-                f.write(block.tobytes())  # appended in patient order: [k, C, S, S]
-                n += keep.size
-                patient_idx.append(np.full(keep.size, i, dtype=np.int32))
-                z_idx.append(keep)
-                lesion.append(lesion_pixels)
-        np.savez(
-            tmp / _INDEX_FILE,
-            patient=np.concatenate(patient_idx),
-            z=np.concatenate(z_idx),
-            lesion_pixels=np.concatenate(lesion),
-        )
-        meta = {
-            "keys": list(spec.keys),
-            "shape": [n, len(spec.keys), spec.image_size, spec.image_size],
-            "dtype": np.dtype(CACHE_DTYPE).name,
-            "patient_ids": [p.name for p in patients],
-            "sources": [str(p) for p in patients],
-            "spec": asdict(spec),
-            "preprocessing_version": PREPROCESSING_VERSION,
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        (tmp / _META_FILE).write_text(json.dumps(meta, indent=1))
-        try:
-            os.replace(tmp, directory)  # atomic; fails if another process finished first
-        except OSError:
-            if not SliceCache.is_complete(directory):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def _build(tmp: Path, patients: Sequence[Path], spec: SliceSpec, report: Report, *, validate: bool,
+           preprocess: bool, progress: bool, desc: str, workers: int = 0) -> None:
+    """Read every patient once (in ``workers`` processes), add its problems to ``report`` and,
+    while the report has no error, append its slices to ``tmp``; complete ``tmp`` (index and
+    meta) only when the report is still free of errors at the end."""
+    n = 0
+    patient_idx: list[np.ndarray] = []
+    z_idx: list[np.ndarray] = []
+    lesion: list[np.ndarray] = []
+    job = partial(_patient_slices, spec=spec, validate=validate, preprocess=preprocess)
+    with open(tmp / _DATA_FILE, "wb") as f:
+        for i, result in enumerate(ordered_map(job, patients, workers, desc=f"building {desc}", progress=progress)):
+            report.problems.extend(result.problems)
+            if not report.ok or result.block is None:
+                continue  # the build will fail; keep reading to report every problem
+            f.write(result.block.tobytes())  # appended in patient order: [k, C, S, S]
+            n += result.z.size
+            patient_idx.append(np.full(result.z.size, i, dtype=np.int32))
+            z_idx.append(result.z)
+            lesion.append(result.lesion)
+    report.patients_checked += len(patients)
+    if not report.ok:
+        return
+    np.savez(
+        tmp / _INDEX_FILE,
+        patient=np.concatenate(patient_idx),
+        z=np.concatenate(z_idx),
+        lesion_pixels=np.concatenate(lesion),
+    )
+    meta = {
+        "keys": list(spec.keys),
+        "shape": [n, len(spec.keys), spec.image_size, spec.image_size],
+        "dtype": np.dtype(CACHE_DTYPE).name,
+        "patient_ids": [p.name for p in patients],
+        "sources": [str(p) for p in patients],
+        "spec": asdict(spec),
+        "preprocessing_version": PREPROCESSING_VERSION,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    (tmp / _META_FILE).write_text(json.dumps(meta, indent=1))
 
 
 class SliceDataset(Dataset):
@@ -315,8 +362,10 @@ def build_dataloader(
 
 @dataclass
 class DataBundle:
+    """The training loader and the caches; validation reads ``val_cache`` directly (each slice
+    exactly once, sharded across ranks: :mod:`medgen.diffusion.validation`)."""
+
     train: DataLoader
-    val: DataLoader | None
     train_cache: SliceCache
     val_cache: SliceCache | None
     fingerprint: str
@@ -347,17 +396,11 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, progress: bool = True,
     show = progress and rank == 0
     if barrier is not None and world_size > 1 and rank != 0:
         barrier()
-    needs_build = [ps for ps in (train_patients, val_patients)
-                   if ps and not SliceCache.is_complete(cache_directory(cache_dir, ps, spec))]
-    if d.validate and needs_build:  # check everything this run uses before building anything
-        validate_patients([p for ps in needs_build for p in ps], spec.keys, progress=show, workers=d.num_workers)
-
-    def _open(patients, desc):
-        return open_or_build_cache(patients, spec, cache_dir, validate=False, progress=show, desc=desc,
-                                   workers=d.num_workers)
-
-    train_cache = _open(train_patients, "train slice cache")
-    val_cache = _open(val_patients, "val slice cache") if val_patients else None
+    # every missing cache is built (reading each file once, checked unless data.validate=false) before
+    # any is kept: a problem in any file of train or val refuses the run with the full report
+    groups = [(train_patients, "train slice cache")] + ([(val_patients, "val slice cache")] if val_patients else [])
+    caches = _open_or_build(groups, spec, cache_dir, bool(d.validate), show, int(d.num_workers))
+    train_cache, val_cache = caches[0], (caches[1] if val_patients else None)
     if barrier is not None and world_size > 1 and rank == 0:
         barrier()
     if len(train_cache) == 0:
@@ -371,8 +414,4 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, progress: bool = True,
             f"(training.batch_size={cfg.training.batch_size}); lower training.batch_size or add data")
     train = build_dataloader(train_ds, per_rank, shuffle=True, seed=cfg.seed, rank=rank,
                              world_size=world_size, num_workers=d.num_workers, drop_last=True)
-    val = None
-    if val_cache is not None and len(val_cache):
-        val = build_dataloader(SliceDataset(val_cache), per_rank, shuffle=False, seed=cfg.seed, rank=rank,
-                               world_size=world_size, num_workers=0, drop_last=False)
-    return DataBundle(train, val, train_cache, val_cache, fingerprint(train_patients + val_patients, spec))
+    return DataBundle(train, train_cache, val_cache, fingerprint(train_patients + val_patients, spec))

@@ -1,8 +1,11 @@
-"""Check a dataset against the data contract of DESIGN.md section 2 and report every problem.
+"""Check a dataset against medgen's data contract (see docs/architecture.md, Data) and report
+every problem.
 
 Every file is read fully (all voxel data decompressed, so a truncated ``.nii.gz`` is caught)
 through :func:`load_volume`, the same reader training uses, so shapes and affines are compared
-in RAS exactly as training will see them.
+in RAS exactly as training will see them. :func:`read_patient` is the one per-patient reader:
+``medgen-data check`` keeps only its problems, the slice-cache build also keeps the volumes it
+read, so a cold build reads every file once.
 
 Errors (``Report.ok`` is False): a missing or unreadable modality file, a shape or affine that
 differs between a patient's files, NaN/Inf voxels, a mask with values other than 0/1, a volume
@@ -23,16 +26,15 @@ from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
-from medgen.core.constants import MASK_KEY, MODALITIES, NIFTI_SUFFIX, SPLITS
-from medgen.data.nifti_dataset import list_patients, load_volume, modality_path
+from medgen.core.constants import AFFINE_ATOL, MASK_KEY, MODALITIES, NIFTI_SUFFIX, SPLITS
+from medgen.data.nifti_dataset import geometry_mismatches, list_patients, load_volume, modality_path
 from medgen.data.parallel import ordered_map
 
-__all__ = ["AFFINE_ATOL", "Problem", "Report", "check_dataset", "check_patient", "check_patients"]
+__all__ = ["AFFINE_ATOL", "PatientRead", "Problem", "Report", "check_dataset", "check_patient", "check_patients",
+           "read_patient"]
 
 Severity = Literal["error", "warning"]
 
-#: absolute tolerance when comparing two affines (mm); the same as NiFTIDataset uses
-AFFINE_ATOL: float = 1e-3
 #: file names a patient folder may hold
 _KNOWN_FILES: frozenset[str] = frozenset(f"{k}{NIFTI_SUFFIX}" for k in MODALITIES)
 _MAX_VALUES_SHOWN = 6
@@ -111,6 +113,14 @@ def _names(names: Sequence[str]) -> str:
 
 
 def _check_values(path: Path, key: str, data: np.ndarray) -> list[Problem]:
+    lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+    finite_range = np.isfinite(lo) and np.isfinite(hi)  # min/max propagate NaN and reach +-Inf
+    if finite_range and key != MASK_KEY:  # the common case in two passes over the data
+        if data.size and lo == hi:
+            return [Problem(str(path), f"image is constant (every voxel {lo:g})", "warning")]
+        return []
+    if finite_range and lo >= 0 and hi <= 1 and not ((data != 0) & (data != 1)).any():
+        return [] if hi == 1 else [Problem(str(path), "empty mask: no lesion voxels", "warning")]
     problems: list[Problem] = []
     n_nan = int(np.isnan(data).sum())
     n_inf = int(np.isinf(data).sum())
@@ -134,23 +144,45 @@ def _check_values(path: Path, key: str, data: np.ndarray) -> list[Problem]:
     return problems
 
 
-def check_patient(folder: str | Path, keys: Sequence[str] = MODALITIES) -> list[Problem]:
-    """Every problem of one patient folder for the modalities ``keys`` (each file read fully)."""
+@dataclass
+class PatientRead:
+    """One patient folder read once: its problems and (with ``keep``) the volumes it could read."""
+
+    problems: list[Problem]
+    #: key -> RAS ``[H, W, D]`` float32 as :func:`load_volume` returns it (``seg`` not binarised)
+    volumes: dict[str, np.ndarray] = field(default_factory=dict)
+    affines: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not any(p.severity == "error" for p in self.problems)
+
+
+def read_patient(folder: str | Path, keys: Sequence[str] = MODALITIES, validate: bool = True,
+                 keep: bool = True) -> PatientRead:
+    """Read each modality ``keys`` of one patient folder once and collect its problems.
+
+    With ``validate`` the problems are exactly :func:`check_patient`'s (folder, file and value
+    checks, then shape/affine agreement); without it only what makes the volumes unusable is
+    reported (a missing or unreadable file, a volume that is not 2D/3D, shapes or affines that
+    differ). With ``keep`` the volumes read are returned too.
+    """
     folder = Path(folder)
     unknown = [k for k in keys if k not in MODALITIES]
     if unknown:
         raise ValueError(f"unknown modality keys {unknown}; known: {MODALITIES}")
     if not folder.is_dir():
-        return [Problem(str(folder), "patient folder does not exist")]
-    entries = sorted(folder.iterdir())
-    if not entries:
-        return [Problem(str(folder), "patient folder is empty (no files)")]
-
+        return PatientRead([Problem(str(folder), "patient folder does not exist")])
     problems: list[Problem] = []
-    stray = [p.name + ("/" if p.is_dir() else "") for p in entries if p.name not in _KNOWN_FILES]
-    if stray:
-        problems.append(Problem(str(folder), f"stray file(s) in patient folder: {_names(stray)}", "warning"))
+    if validate:
+        entries = sorted(folder.iterdir())
+        if not entries:
+            return PatientRead([Problem(str(folder), "patient folder is empty (no files)")])
+        stray = [p.name + ("/" if p.is_dir() else "") for p in entries if p.name not in _KNOWN_FILES]
+        if stray:
+            problems.append(Problem(str(folder), f"stray file(s) in patient folder: {_names(stray)}", "warning"))
 
+    read = PatientRead(problems)
     geometry: list[tuple[Path, tuple[int, ...], np.ndarray]] = []
     for key in keys:
         path = modality_path(folder, key)
@@ -165,32 +197,17 @@ def check_patient(folder: str | Path, keys: Sequence[str] = MODALITIES) -> list[
         if data.ndim not in (2, 3):
             problems.append(Problem(str(path), f"volume has shape {data.shape}; expected 2D or 3D"))
         geometry.append((path, data.shape, affine))
-        problems.extend(_check_values(path, key, data))
-    problems.extend(_check_geometry(geometry))
-    return problems
+        if validate:
+            problems.extend(_check_values(path, key, data))
+        if keep:
+            read.volumes[key], read.affines[key] = data, affine
+    problems.extend(Problem(str(m.path), m.message) for m in geometry_mismatches(geometry))
+    return read
 
 
-def _check_geometry(geometry: Sequence[tuple[Path, tuple[int, ...], np.ndarray]]) -> list[Problem]:
-    """Shapes and affines of one patient's files must agree. The odd ones out are blamed:
-    the reference is the most common shape (then affine), ties going to the earlier file."""
-    problems: list[Problem] = []
-    if len(geometry) < 2:
-        return problems
-    shapes = [shape for _, shape, _ in geometry]
-    ref_shape = max(shapes, key=lambda s: (shapes.count(s), -shapes.index(s)))
-    ref_path = next(path for path, shape, _ in geometry if shape == ref_shape)
-    for path, shape, _ in geometry:
-        if shape != ref_shape:
-            problems.append(Problem(str(path), f"shape {shape} differs from {ref_path.name} {ref_shape}"))
-    same_shape = [(path, affine) for path, shape, affine in geometry if shape == ref_shape]
-    agree = [sum(np.allclose(a, b, atol=AFFINE_ATOL) for _, b in same_shape) for _, a in same_shape]
-    best = max(range(len(same_shape)), key=lambda i: (agree[i], -i))
-    ref_path, ref_affine = same_shape[best]
-    for path, affine in same_shape:
-        if not np.allclose(affine, ref_affine, atol=AFFINE_ATOL):
-            diff = float(np.abs(affine - ref_affine).max())
-            problems.append(Problem(str(path), f"affine differs from {ref_path.name}'s (max difference {diff:.4g})"))
-    return problems
+def check_patient(folder: str | Path, keys: Sequence[str] = MODALITIES) -> list[Problem]:
+    """Every problem of one patient folder for the modalities ``keys`` (each file read fully)."""
+    return read_patient(folder, keys, validate=True, keep=False).problems
 
 
 def check_patients(folders: Iterable[str | Path], keys: Sequence[str] = MODALITIES, progress: bool = True,

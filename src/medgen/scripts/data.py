@@ -13,15 +13,16 @@ import json
 import sys
 from pathlib import Path
 
+from medgen.core.constants import DEFAULT_SPLIT
+
 
 def _split_arg(text: str) -> tuple[float, float, float]:
+    from medgen.data.splits import parse_split
+
     try:
-        parts = tuple(float(p) for p in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--split wants three numbers like 0.7,0.15,0.15, got {text!r}") from None
-    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
-        raise argparse.ArgumentTypeError(f"--split wants three non-negative fractions summing to 1, got {text!r}")
-    return parts  # type: ignore[return-value]
+        return parse_split(text, "--split")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _map_arg(text: str) -> dict[str, str]:
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--size", type=int, default=128, help="in-plane size in voxels (default 128)")
     ph.add_argument("--slices", type=int, default=64, help="number of axial slices (default 64)")
     ph.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data)")
-    ph.add_argument("--split", type=_split_arg, default=(0.7, 0.15, 0.15), help="train,val,test fractions")
+    ph.add_argument("--split", type=_split_arg, default=DEFAULT_SPLIT,
+                    help=f"train,val,test fractions (default {','.join(f'{f:g}' for f in DEFAULT_SPLIT)})")
     ph.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
 
     im = sub.add_parser("import", help="convert BrainMetShare PNG slices or an nnU-Net folder into medgen's layout")
