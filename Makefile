@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-slow bench-data clean
+.PHONY: install test test-slow bench-data lock clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ test-slow: install
 
 bench-data: install
 	$(PY) benchmarks/bench_data.py
+
+# requirements.txt: a pinned lock of the runtime dependencies (no torch, no test tools), resolved in a
+# fresh virtual environment from pyproject.toml
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q --upgrade pip && .lock-venv/bin/pip install -q "$(TORCH_SPEC)" && .lock-venv/bin/pip install -q .
+	{ sed -n '1,5p' requirements.txt; .lock-venv/bin/pip freeze --exclude-editable | grep -v -E '^(medgen|torch)[ =@]'; } > requirements.txt.new
+	mv requirements.txt.new requirements.txt && rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from medgen.core.constants import ENV_CACHE_DIR, ENV_DATA_DIR, ENV_RUNS_DIR
-
 
 def launch_dir() -> Path:
     """The folder the command was started from (Hydra's original cwd when inside a Hydra job)."""
@@ -33,30 +31,10 @@ def resolve_path(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def default_cache_dir() -> Path:
-    """``$MEDGEN_CACHE_DIR`` or ``$XDG_CACHE_HOME/medgen`` or ``~/.cache/medgen``."""
-    env = os.environ.get(ENV_CACHE_DIR)
-    if env:
-        return resolve_path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return resolve_path(Path(xdg) / "medgen" if xdg else "~/.cache/medgen")
-
-
-def default_data_dir() -> Path:
-    return resolve_path(os.environ.get(ENV_DATA_DIR, "./data/brainmetshare-3"))
-
-
-def default_runs_dir() -> Path:
-    return resolve_path(os.environ.get(ENV_RUNS_DIR, "./runs"))
-
-
 def configs_dir() -> Path:
-    """The shipped ``configs/`` folder (repository checkout or installed package data)."""
-    here = Path(__file__).resolve()
-    for candidate in (here.parents[3] / "configs", here.parents[1] / "configs"):
-        if (candidate / "config.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"medgen's configs/ folder was not found next to {here.parents[3]}; "
-        "install medgen from a checkout with `pip install -e .`"
-    )
+    """The shipped Hydra configs: ``medgen/configs`` inside the installed package (the repository's
+    top-level ``configs/`` is a link to it)."""
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    if not (folder / "config.yaml").is_file():
+        raise FileNotFoundError(f"medgen's configs are missing from {folder}; reinstall medgen")
+    return folder
