@@ -35,17 +35,13 @@ def test_every_group_option_validates(group):
         assert cfg[group].get("name", option) == option
 
 
-def test_spec_defaults():
+def test_documented_defaults():
+    """The defaults the README's configuration table states."""
     cfg = load_config([])
     assert cfg.model.image_size == 128
     assert list(cfg.model.channels) == [128, 256, 256]
     assert list(cfg.model.attention_levels) == [False, True, True]
     assert cfg.model.num_res_blocks == 1 and cfg.model.num_head_channels == 256
-    t = cfg.training
-    assert (t.epochs, t.batch_size, t.learning_rate, t.gradient_clip_norm, t.warmup_epochs, t.val_interval) == (
-        500, 16, 1e-4, 1.0, 5, 30)
-    assert (t.ema_decay, t.ema_update_after_step, t.ema_update_every) == (0.9999, 100, 10)
-    assert t.use_min_snr and t.min_snr_gamma == 5 and t.perceptual_weight == 0.001 and not t.use_multi_gpu
     assert cfg.strategy.num_train_timesteps == 1000 and cfg.strategy.schedule == "cosine"
     r = load_config(["strategy=rflow"]).strategy
     assert r.sample_method == "logit-normal" and r.use_discrete_timesteps and r.use_timestep_transform
@@ -60,6 +56,7 @@ BAD = [
     (["training.learning_rate=0"], "training.learning_rate"),
     (["training.learning_rate=-1e-3"], "training.learning_rate"),
     (["training.batch_size=0"], "training.batch_size"),
+    (["training.warmup_steps=-1"], "training.warmup_steps"),
     (["model.attention_levels=[false,true]"], "model.attention_levels"),
     (["model.image_size=98"], "model.image_size"),
     (["model.channels=[128,250,256]"], "model.channels[1]"),
@@ -67,8 +64,21 @@ BAD = [
     (["strategy.prediction_type=velocity"], "strategy.prediction_type"),
     (["strategy=rflow", "strategy.prediction_type=epsilon"], "strategy.prediction_type"),
     (["strategy=rflow", "strategy.sample_method=gaussian"], "strategy.sample_method"),
-    (["mode.in_channels=3"], "mode.in_channels"),
+    (["strategy=rflow", "strategy.base_image_size=0"], "strategy.base_image_size"),
+    (["strategy.schedule=quadratic"], "strategy.schedule"),
+    (["strategy.num_train_timesteps=1"], "strategy.num_train_timesteps"),
+    (["+strategy.beta_end=0.02"], "strategy.beta_end"),  # a key DDPM does not have
+    (["strategy.name=edm"], "strategy.name"),
+    (["mode.name=triple"], "mode.name"),
+    (["+mode.in_channels=3"], "mode.in_channels"),  # derived from the keys, not a setting
     (["mode=bravo", "mode.image_keys=[t2]"], "mode.image_keys[0]"),
+    (["mode=bravo", "mode.image_keys=[seg]"], "mode.image_keys[0]"),
+    (["mode=bravo", "mode.image_keys=[bravo,flair]"], "mode.image_keys"),
+    (["mode=bravo", "mode.cond_keys=[flair]"], "mode.cond_keys[0]"),
+    (["mode=dual", "mode.cond_keys=[]"], "mode.cond_keys"),
+    (["mode=dual", "mode.image_keys=[t1_pre,t1_pre]"], "mode.image_keys"),
+    (["mode=seg", "mode.image_keys=[bravo]"], "mode.image_keys[0]"),
+    (["mode=seg", "mode.cond_keys=[seg]"], "mode.cond_keys[0]"),
     (["training.precision=fp16"], "training.precision"),
     (["training.ema_decay=1.5"], "training.ema_decay"),
     (["training.cond_dropout=0.1"], "training.cond_dropout"),  # seg mode is unconditional
@@ -112,3 +122,56 @@ def test_run_folder_pattern():
     raw = OmegaConf.load(CONFIGS / "config.yaml")
     dir_ = OmegaConf.to_container(raw, resolve=False)["hydra"]["run"]["dir"]
     assert dir_.startswith("${paths.model_dir}/${mode.name}/${strategy.name}_${model.image_size}_${now:")
+
+
+def test_sigmoid_schedule_is_accepted_by_the_one_validator_and_the_strategy():
+    """The schedule choices are declared once, on the strategy's Config: what validates, builds."""
+    from medgen.diffusion.strategies import build_strategy
+
+    cfg = load_config(["strategy.schedule=sigmoid_beta", "model.image_size=32", "model.channels=[32,32]",
+                       "model.attention_levels=[false,false]"])
+    assert build_strategy(cfg).scheduler.betas.shape == (1000,)
+
+
+def test_a_registered_strategy_and_mode_need_no_validator_edit():
+    """Adding a strategy or a mode is a class, its registration and a YAML file: the validator
+    picks up the new class's schema and key rules."""
+    from dataclasses import dataclass
+
+    from medgen.core.config import choice
+    from medgen.diffusion.modes import MODES, ConditionalSingleMode, register_mode
+    from medgen.diffusion.strategies import STRATEGIES, DDPMStrategy, register_strategy
+
+    @register_strategy
+    class SteppedDDPM(DDPMStrategy):
+        name = "stepped"
+
+        @dataclass
+        class Config(DDPMStrategy.Config):
+            name: str = "stepped"
+            schedule: str = choice("linear_beta", "linear_beta")
+
+    @register_mode
+    class FlairFromT1(ConditionalSingleMode):
+        name = "flair_from_t1"
+        cond_key_choices = ("t1_pre",)
+
+    try:
+        base = compose_config([])
+        base.strategy = {"name": "stepped", "num_train_timesteps": 100, "schedule": "linear_beta",
+                         "prediction_type": "epsilon"}
+        base.mode = {"name": "flair_from_t1", "image_keys": ["flair"], "cond_keys": ["t1_pre"]}
+        cfg = validate_config(base)
+        assert cfg.strategy.name == "stepped" and list(cfg.mode.cond_keys) == ["t1_pre"]
+        base.strategy.schedule = "cosine"
+        with pytest.raises(ConfigError) as info:
+            validate_config(base)
+        assert info.value.key == "strategy.schedule"
+        base.strategy.schedule = "linear_beta"
+        base.mode.cond_keys = ["seg"]
+        with pytest.raises(ConfigError) as info:
+            validate_config(base)
+        assert info.value.key == "mode.cond_keys[0]" and "['t1_pre']" in str(info.value)
+    finally:
+        STRATEGIES.pop("stepped")
+        MODES.pop("flair_from_t1")

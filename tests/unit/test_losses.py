@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from medgen.core.config import DDPMConfig, RFlowConfig
 from medgen.diffusion.losses import diffusion_loss, min_snr_weight, per_sample_mse
 from medgen.diffusion.strategies import DDPMStrategy, RFlowStrategy
 
@@ -76,8 +75,8 @@ def _x0_space_loss(strategy, x0, noise, t, model_out):
 @pytest.mark.parametrize(
     "strategy, t",
     [
-        (DDPMStrategy(DDPMConfig(), 32), torch.tensor([10, 300, 700, 990])),
-        (RFlowStrategy(RFlowConfig(use_timestep_transform=False), 32), torch.tensor([10.0, 300.0, 700.0, 990.0])),
+        (DDPMStrategy(DDPMStrategy.Config(), 32), torch.tensor([10, 300, 700, 990])),
+        (RFlowStrategy(RFlowStrategy.Config(use_timestep_transform=False), 32), torch.tensor([10.0, 300.0, 700.0, 990.0])),
     ],
     ids=["ddpm-epsilon", "rflow-velocity"],
 )

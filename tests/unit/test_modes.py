@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from medgen.core.config import ConfigError, load_config
+from medgen.core.config import load_config
 from medgen.diffusion.modes import (
     MODES,
     ConditionalDualMode,
@@ -173,35 +173,8 @@ def test_split_errors_name_the_key():
         mode.split(batch)
 
 
-@pytest.mark.parametrize(
-    "cls, name, overrides, key",
-    [
-        (SegmentationMode, "seg", {"image_keys": ["bravo"]}, "mode.image_keys"),
-        (SegmentationMode, "seg", {"cond_keys": ["seg"], "in_channels": 2, "is_conditional": True}, "mode.cond_keys"),
-        (ConditionalSingleMode, "bravo", {"image_keys": ["bravo", "flair"], "out_channels": 2, "in_channels": 3}, "mode.image_keys"),
-        (ConditionalSingleMode, "bravo", {"image_keys": ["seg"]}, "mode.image_keys[0]"),
-        (ConditionalDualMode, "dual", {"cond_keys": [], "in_channels": 2, "is_conditional": False}, "mode.cond_keys"),
-        (ConditionalDualMode, "dual", {"image_keys": ["t1_pre", "t1_pre"]}, "mode.image_keys"),
-        (ConditionalDualMode, "dual", {"in_channels": 2}, "mode.in_channels"),
-        (ConditionalDualMode, "dual", {"out_channels": 1}, "mode.out_channels"),
-        (ConditionalDualMode, "dual", {"is_conditional": False}, "mode.is_conditional"),
-        (ConditionalDualMode, "bravo", {}, "mode.name"),
-    ],
-)
-def test_bad_mode_config_names_the_key(cls, name, overrides, key):
-    with pytest.raises(ConfigError) as info:
-        cls(_mode_cfg(name, **overrides))
-    assert info.value.key == key
-
-
 def test_keys_come_from_config():
     mode = ConditionalSingleMode(_mode_cfg("bravo", image_keys=["flair"]))
     x0, _ = mode.split(_batch())
     assert mode.image_keys == ("flair",)
     torch.testing.assert_close(x0, torch.full_like(x0, 2 * LEVELS["flair"] - 1))
-
-
-def test_build_mode_unknown_name():
-    cfg = OmegaConf.create({"mode": {"name": "triple"}})
-    with pytest.raises(ValueError, match=r"mode\.name.*'triple'.*\['bravo', 'dual', 'seg'\]"):
-        build_mode(cfg)

@@ -3,18 +3,19 @@
 Hydra composes ``configs/``; :func:`validate_config` merges the result into the typed
 schema below (unknown keys and wrong types fail there) and then checks values that are
 impossible (lr <= 0, channel/attention length mismatch, ...). Every failure is a
-:class:`ConfigError` naming the dotted key and the reason.
+:class:`ConfigError` naming the dotted key and the reason. Strategies and modes trust a
+config that passed here and check nothing themselves (docs/architecture.md, "Configuration").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from medgen.core.constants import IMAGE_MODALITIES, MASK_KEY, MODALITIES
+from medgen.core.constants import MODALITIES
 
 
 class ConfigError(ValueError):
@@ -26,42 +27,34 @@ class ConfigError(ValueError):
         super().__init__(f"config error at '{key}': {reason}")
 
 
+# --------------------------------------------------------------------------- field helpers
+def choice(default: Any, *choices: Any) -> Any:
+    """A dataclass field whose value must be one of ``choices`` (checked by :func:`validate_config`)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def at_least(default: Any, minimum: float) -> Any:
+    """A dataclass field whose value must be ``>= minimum`` (checked by :func:`validate_config`)."""
+    return field(default=default, metadata={"min": minimum})
+
+
 # --------------------------------------------------------------------------- schema
+# The strategy and mode schemas live with their classes (``DiffusionStrategy.Config``,
+# ``TrainingMode`` key rules) so that adding one is a class, its registration and a YAML file;
+# this module still checks every value, in one place.
 @dataclass
 class ModelConfig:
     image_size: int = 128
     channels: list[int] = field(default_factory=lambda: [128, 256, 256])
     attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
-    num_res_blocks: int = 1
+    num_res_blocks: int = at_least(1, 1)
     num_head_channels: int = 256
-    norm_num_groups: int = 32
-
-
-@dataclass
-class DDPMConfig:
-    name: str = "ddpm"
-    num_train_timesteps: int = 1000
-    schedule: str = "cosine"
-    prediction_type: str = "epsilon"
-
-
-@dataclass
-class RFlowConfig:
-    name: str = "rflow"
-    num_train_timesteps: int = 1000
-    use_discrete_timesteps: bool = True
-    sample_method: str = "logit-normal"
-    use_timestep_transform: bool = True
-    base_image_size: int = 64
-    prediction_type: str = "velocity"
+    norm_num_groups: int = at_least(32, 1)
 
 
 @dataclass
 class ModeConfig:
     name: str = "seg"
-    is_conditional: bool = False
-    in_channels: int = 1
-    out_channels: int = 1
     image_keys: list[str] = field(default_factory=lambda: ["seg"])
     cond_keys: list[str] = field(default_factory=list)
 
@@ -69,33 +62,34 @@ class ModeConfig:
 @dataclass
 class TrainingConfig:
     name: str = "default"
-    epochs: int = 500
-    batch_size: int = 16
+    epochs: int = at_least(500, 1)
+    batch_size: int = at_least(16, 1)
     learning_rate: float = 1e-4
-    weight_decay: float = 0.0
+    weight_decay: float = at_least(0.0, 0)
     gradient_clip_norm: float = 1.0
-    warmup_epochs: int = 5
-    val_interval: int = 30
+    #: linear warm-up in optimizer steps, capped at ``MAX_WARMUP_FRACTION`` of the run
+    warmup_steps: int = at_least(1000, 0)
+    val_interval: int = at_least(30, 1)
     use_ema: bool = True
     ema_decay: float = 0.9999
-    ema_update_after_step: int = 100
-    ema_update_every: int = 10
+    ema_update_after_step: int = at_least(100, 0)
+    ema_update_every: int = at_least(10, 1)
     use_min_snr: bool = True
     min_snr_gamma: float = 5.0
-    perceptual_weight: float = 0.001
+    perceptual_weight: float = at_least(0.001, 0)
     perceptual_weights_path: Optional[str] = None
     perceptual_allow_download: bool = False
     use_multi_gpu: bool = False
-    precision: str = "bf16"
+    precision: str = choice("bf16", "bf16", "fp32")
     compile: bool = False
     cond_dropout: float = 0.0
     max_steps: Optional[int] = None
     resume: Optional[str] = None
-    checkpoint_keep: int = 3
-    max_nonfinite_steps: int = 5
-    log_every: int = 50
-    num_val_samples: int = 4
-    num_sample_steps: int = 50
+    checkpoint_keep: int = at_least(3, 0)
+    max_nonfinite_steps: int = at_least(5, 1)
+    log_every: int = at_least(50, 1)
+    num_val_samples: int = at_least(4, 0)
+    num_sample_steps: int = at_least(50, 1)
 
 
 @dataclass
@@ -109,23 +103,29 @@ class PathsConfig:
 @dataclass
 class DataConfig:
     seg_positive_only: bool = True
-    min_lesion_pixels: int = 1
+    min_lesion_pixels: int = at_least(1, 0)
     min_brain_fraction: float = 0.05
     brain_intensity: float = 0.1
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
     val_fraction: float = 0.15
-    num_workers: int = 2
+    num_workers: int = at_least(2, 0)
     validate: bool = True
 
 
-STRATEGY_SCHEMAS: dict[str, type] = {"ddpm": DDPMConfig, "rflow": RFlowConfig}
-#: prediction targets each strategy implements
-PREDICTION_TYPES: dict[str, tuple[str, ...]] = {"ddpm": ("epsilon",), "rflow": ("velocity",)}
-PRECISIONS = ("bf16", "fp32")
+#: the warm-up never takes more than this fraction of a run's optimizer steps
+MAX_WARMUP_FRACTION = 0.1
 
 
-def _schema(strategy_name: str) -> DictConfig:
+def _registries() -> tuple[dict[str, type], dict[str, type]]:
+    """The strategy and mode registries (imported here, not at module level: they import this module)."""
+    from medgen.diffusion.modes import MODES
+    from medgen.diffusion.strategies import STRATEGIES
+
+    return STRATEGIES, MODES
+
+
+def _schema(strategy_schema: type) -> DictConfig:
     @dataclass
     class Root:
         seed: int = 42
@@ -137,7 +137,7 @@ def _schema(strategy_name: str) -> DictConfig:
         data: DataConfig = field(default_factory=DataConfig)
 
     root = OmegaConf.structured(Root)
-    root.strategy = OmegaConf.structured(STRATEGY_SCHEMAS[strategy_name])
+    root.strategy = OmegaConf.structured(strategy_schema)
     return root
 
 
@@ -147,32 +147,69 @@ def _check(ok: bool, key: str, reason: str) -> None:
         raise ConfigError(key, reason)
 
 
+def _name_in(registry: dict[str, type], node: Any, group: str) -> type:
+    name = OmegaConf.select(node, f"{group}.name", default=None) if node is not None else None
+    _check(name in registry, f"{group}.name", f"unknown {group} {name!r}; choose one of {sorted(registry)}")
+    return registry[name]
+
+
 def validate_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     """Merge ``cfg`` into the typed schema and check every value. Returns the typed config.
 
-    Raises :class:`ConfigError` naming the first bad key.
+    The one place where configuration is checked: unknown keys, wrong types, the ``choices``
+    and ``min`` of every schema field (the strategy's own ``Config`` included), the mode's key
+    rules and the cross-key constraints below. Raises :class:`ConfigError` naming the first bad key.
     """
-    strategy_name = OmegaConf.select(cfg, "strategy.name", default=None)
-    _check(
-        strategy_name in STRATEGY_SCHEMAS,
-        "strategy.name",
-        f"unknown strategy {strategy_name!r}; choose one of {sorted(STRATEGY_SCHEMAS)}",
-    )
-    schema = _schema(strategy_name)
+    strategies, modes = _registries()
+    strategy_cls = _name_in(strategies, cfg, "strategy")
+    mode_cls = _name_in(modes, cfg, "mode")
     user = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
     try:
-        merged = OmegaConf.merge(schema, user)
+        merged = OmegaConf.merge(_schema(strategy_cls.Config), user)
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:  # unknown key / wrong type / bad interpolation
         key = getattr(exc, "full_key", None) or "<root>"
         msg = str(exc).splitlines()[0]
         raise ConfigError(str(key), msg) from None
+    for group, schema in (("model", ModelConfig), ("strategy", strategy_cls.Config), ("training", TrainingConfig),
+                          ("data", DataConfig)):
+        _check_fields(merged[group], schema, group)
+    _check_mode(merged.mode, mode_cls)
     _check_values(merged, world_size)
     return merged
 
 
+def _check_fields(node: DictConfig, schema: type, prefix: str) -> None:
+    """The ``choices`` / ``min`` metadata of each dataclass field (see :func:`choice`, :func:`at_least`)."""
+    for f in fields(schema):
+        value, key = node[f.name], f"{prefix}.{f.name}"
+        if "choices" in f.metadata:
+            options = f.metadata["choices"]
+            _check(value in options, key, f"{value!r} is not one of {list(options)}")
+        if "min" in f.metadata and value is not None:
+            _check(value >= f.metadata["min"], key, f"must be >= {f.metadata['min']}, got {value}")
+
+
+def _check_mode(mo: DictConfig, mode_cls: type) -> None:
+    """Modality keys: known, not repeated, and within the mode class's rules
+    (``image_key_choices``/``num_image_keys``, ``cond_key_choices``/``num_cond_keys``)."""
+    for group, choices, count in (("image_keys", mode_cls.image_key_choices, mode_cls.num_image_keys),
+                                  ("cond_keys", mode_cls.cond_key_choices, mode_cls.num_cond_keys)):
+        keys = list(mo[group])
+        for i, k in enumerate(keys):
+            _check(k in MODALITIES, f"mode.{group}[{i}]", f"unknown modality {k!r}; known: {list(MODALITIES)}")
+            _check(k in choices, f"mode.{group}[{i}]",
+                   f"mode {mo.name!r} takes {list(choices)} here, got {k!r}")
+        _check(len(keys) == count, f"mode.{group}",
+               f"mode {mo.name!r} needs {count} key(s) here, got {keys}")
+        _check(len(set(keys)) == len(keys), f"mode.{group}", f"{keys} repeats a key")
+    both = set(mo.image_keys) & set(mo.cond_keys)
+    _check(not both, "mode.cond_keys", f"{sorted(both)} cannot be generated and condition at once")
+
+
 def _check_values(cfg: DictConfig, world_size: int) -> None:
-    m, s, mo, t, d = cfg.model, cfg.strategy, cfg.mode, cfg.training, cfg.data
+    """Constraints between keys, and value ranges that field metadata cannot express."""
+    m, t, d = cfg.model, cfg.training, cfg.data
 
     # model
     n_levels = len(m.channels)
@@ -202,69 +239,18 @@ def _check_values(cfg: DictConfig, world_size: int) -> None:
                 "model.num_head_channels",
                 f"{m.num_head_channels} does not divide model.channels[{i}]={ch} (an attention level)",
             )
-    _check(m.num_res_blocks >= 1, "model.num_res_blocks", "must be >= 1")
-
-    # strategy
-    _check(s.num_train_timesteps >= 2, "strategy.num_train_timesteps", "must be >= 2")
-    allowed = PREDICTION_TYPES[s.name]
-    _check(
-        s.prediction_type in allowed,
-        "strategy.prediction_type",
-        f"{s.prediction_type!r} does not match strategy {s.name!r} (which predicts {', '.join(allowed)})",
-    )
-    if s.name == "ddpm":
-        _check(s.schedule in ("cosine", "linear_beta", "scaled_linear_beta"), "strategy.schedule",
-               f"unknown schedule {s.schedule!r}; choose cosine, linear_beta or scaled_linear_beta")
-    if s.name == "rflow":
-        _check(s.sample_method in ("uniform", "logit-normal"), "strategy.sample_method",
-               f"unknown sample method {s.sample_method!r}; choose uniform or logit-normal")
-        _check(s.base_image_size > 0, "strategy.base_image_size", "must be positive")
-
-    # mode
-    known = set(MODALITIES)
-    for i, k in enumerate(mo.image_keys):
-        _check(k in known, f"mode.image_keys[{i}]", f"unknown modality {k!r}; known: {sorted(known)}")
-    for i, k in enumerate(mo.cond_keys):
-        _check(k == MASK_KEY, f"mode.cond_keys[{i}]", f"only the mask {MASK_KEY!r} can condition, got {k!r}")
-    _check(len(mo.image_keys) >= 1, "mode.image_keys", "needs at least one key")
-    _check(mo.is_conditional == bool(mo.cond_keys), "mode.is_conditional",
-           f"is {mo.is_conditional} but mode.cond_keys is {list(mo.cond_keys)}")
-    _check(mo.out_channels == len(mo.image_keys), "mode.out_channels",
-           f"{mo.out_channels} but mode.image_keys has {len(mo.image_keys)} entries")
-    _check(mo.in_channels == len(mo.image_keys) + len(mo.cond_keys), "mode.in_channels",
-           f"{mo.in_channels} but image_keys + cond_keys give {len(mo.image_keys) + len(mo.cond_keys)}")
-    if mo.name == "seg":
-        _check(list(mo.image_keys) == [MASK_KEY], "mode.image_keys", "seg mode generates the mask only: [seg]")
-    else:
-        for i, k in enumerate(mo.image_keys):
-            _check(k in IMAGE_MODALITIES, f"mode.image_keys[{i}]", f"{k!r} is not an image modality")
 
     # training
-    _check(t.epochs >= 1, "training.epochs", "must be >= 1")
-    _check(t.batch_size >= 1, "training.batch_size", "must be >= 1")
     _check(world_size >= 1 and t.batch_size % world_size == 0, "training.batch_size",
            f"{t.batch_size} is not divisible by the world size {world_size} (batch_size is the global batch)")
     _check(t.learning_rate > 0, "training.learning_rate", f"must be > 0, got {t.learning_rate}")
-    _check(t.weight_decay >= 0, "training.weight_decay", "must be >= 0")
     _check(t.gradient_clip_norm > 0, "training.gradient_clip_norm", "must be > 0")
-    _check(0 <= t.warmup_epochs < t.epochs or t.warmup_epochs == 0, "training.warmup_epochs",
-           f"{t.warmup_epochs} must be smaller than training.epochs={t.epochs}")
-    _check(t.val_interval >= 1, "training.val_interval", "must be >= 1")
     _check(0 < t.ema_decay < 1, "training.ema_decay", "must be in (0, 1)")
-    _check(t.ema_update_after_step >= 0, "training.ema_update_after_step", "must be >= 0")
-    _check(t.ema_update_every >= 1, "training.ema_update_every", "must be >= 1")
     _check(t.min_snr_gamma > 0, "training.min_snr_gamma", "must be > 0")
-    _check(t.perceptual_weight >= 0, "training.perceptual_weight", "must be >= 0")
-    _check(t.precision in PRECISIONS, "training.precision", f"{t.precision!r}; choose one of {PRECISIONS}")
     _check(0 <= t.cond_dropout < 1, "training.cond_dropout", "must be in [0, 1)")
-    _check(t.cond_dropout == 0 or mo.is_conditional, "training.cond_dropout",
-           f"classifier-free guidance needs a conditional mode; mode {mo.name!r} has no condition")
+    _check(t.cond_dropout == 0 or len(cfg.mode.cond_keys) > 0, "training.cond_dropout",
+           f"classifier-free guidance needs a conditional mode; mode {cfg.mode.name!r} has no condition")
     _check(t.max_steps is None or t.max_steps >= 1, "training.max_steps", "must be >= 1 or null")
-    _check(t.checkpoint_keep >= 0, "training.checkpoint_keep", "must be >= 0")
-    _check(t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", "must be >= 1")
-    _check(t.log_every >= 1, "training.log_every", "must be >= 1")
-    _check(t.num_val_samples >= 0, "training.num_val_samples", "must be >= 0")
-    _check(t.num_sample_steps >= 1, "training.num_sample_steps", "must be >= 1")
 
     # data
     _check(0 <= d.lower_percentile < d.upper_percentile <= 100, "data.upper_percentile",
@@ -272,8 +258,6 @@ def _check_values(cfg: DictConfig, world_size: int) -> None:
     _check(0 <= d.min_brain_fraction <= 1, "data.min_brain_fraction", "must be in [0, 1]")
     _check(0 <= d.brain_intensity < 1, "data.brain_intensity", "must be in [0, 1)")
     _check(0 < d.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
-    _check(d.min_lesion_pixels >= 0, "data.min_lesion_pixels", "must be >= 0")
-    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
 
 
 # --------------------------------------------------------------------------- compose

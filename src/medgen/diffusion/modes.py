@@ -1,4 +1,4 @@
-"""Training modes: which channels the network sees and predicts (DESIGN.md section 3).
+"""Training modes: which channels the network sees and predicts (docs/architecture.md).
 
 =========  ===========================  ===============================  ===================
 mode       generates (``image_keys``)   network input                    in -> out channels
@@ -23,10 +23,8 @@ import abc
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 
-from medgen.core.config import ConfigError
 from medgen.core.constants import IMAGE_MODALITIES, MASK_KEY
 from medgen.data.transforms import binarize_mask, from_model_space, to_model_space
 
@@ -36,6 +34,7 @@ __all__ = [
     "ConditionalSingleMode",
     "ConditionalDualMode",
     "MODES",
+    "register_mode",
     "build_mode",
 ]
 
@@ -44,54 +43,44 @@ _OUTPUT_TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {MASK_KEY: binarize_
 
 
 class TrainingMode(abc.ABC):
-    """Channel layout of one mode; built from ``cfg.mode`` (keys come from the config).
+    """Channel layout of one mode, built from a validated ``cfg.mode`` (name, image_keys, cond_keys).
+
+    The key rules are class attributes, checked by ``medgen.core.config.validate_config`` (not
+    here): ``image_key_choices``/``num_image_keys`` and ``cond_key_choices``/``num_cond_keys``.
+    Channel counts are derived from the keys.
 
     Attributes:
         name: registry name (``mode.name``).
         image_keys: the generated modalities, in output-channel order.
         cond_keys: the conditioning modalities (``()`` or ``("seg",)``).
-        in_channels: ``len(image_keys) + len(cond_keys)``.
-        out_channels: ``len(image_keys)``.
-        is_conditional: whether the network sees a condition.
         supports_perceptual: whether a perceptual loss may be applied to the outputs
             (never to masks).
     """
 
     name: ClassVar[str]
     supports_perceptual: ClassVar[bool]
+    image_key_choices: ClassVar[tuple[str, ...]]
+    num_image_keys: ClassVar[int]
+    cond_key_choices: ClassVar[tuple[str, ...]] = ()
+    num_cond_keys: ClassVar[int] = 0
 
     def __init__(self, cfg_mode: Any):
-        c = OmegaConf.to_container(OmegaConf.create(cfg_mode), resolve=True)
-        for key in ("name", "is_conditional", "in_channels", "out_channels", "image_keys", "cond_keys"):
-            if key not in c:
-                raise ConfigError(f"mode.{key}", f"missing (mode {self.name!r})")
-        if c["name"] != self.name:
-            raise ConfigError("mode.name", f"{c['name']!r} given to the {self.name!r} mode")
-        self.image_keys: tuple[str, ...] = tuple(c["image_keys"])
-        self.cond_keys: tuple[str, ...] = tuple(c["cond_keys"])
-        self.in_channels = int(c["in_channels"])
-        self.out_channels = int(c["out_channels"])
-        self.is_conditional = bool(c["is_conditional"])
-        if len(set(self.image_keys)) != len(self.image_keys):
-            raise ConfigError("mode.image_keys", f"{list(self.image_keys)} repeats a key")
-        self._check_keys()
-        if self.out_channels != len(self.image_keys):
-            raise ConfigError(
-                "mode.out_channels", f"{self.out_channels} but mode.image_keys has {len(self.image_keys)} entries"
-            )
-        if self.in_channels != len(self.image_keys) + len(self.cond_keys):
-            raise ConfigError(
-                "mode.in_channels",
-                f"{self.in_channels} but image_keys + cond_keys give {len(self.image_keys) + len(self.cond_keys)}",
-            )
-        if self.is_conditional != bool(self.cond_keys):
-            raise ConfigError(
-                "mode.is_conditional", f"is {self.is_conditional} but mode.cond_keys is {list(self.cond_keys)}"
-            )
+        self.image_keys: tuple[str, ...] = tuple(cfg_mode["image_keys"])
+        self.cond_keys: tuple[str, ...] = tuple(cfg_mode["cond_keys"])
 
-    @abc.abstractmethod
-    def _check_keys(self) -> None:
-        """Raise :class:`ConfigError` unless ``image_keys`` / ``cond_keys`` fit this mode."""
+    @property
+    def in_channels(self) -> int:
+        """Network input channels: ``len(image_keys) + len(cond_keys)``."""
+        return len(self.image_keys) + len(self.cond_keys)
+
+    @property
+    def out_channels(self) -> int:
+        """Network output channels: ``len(image_keys)``."""
+        return len(self.image_keys)
+
+    @property
+    def is_conditional(self) -> bool:
+        return bool(self.cond_keys)
 
     # ---------------------------------------------------------------- batch -> model space
     def _stack(self, batch: Mapping[str, Tensor], keys: tuple[str, ...]) -> Tensor:
@@ -151,20 +140,26 @@ class TrainingMode(abc.ABC):
             raise ValueError(f"mode {self.name!r}: x_t must be [B, {self.out_channels}, H, W], got {tuple(x_t.shape)}")
 
 
+# ============================================================================ registry
+MODES: dict[str, type[TrainingMode]] = {}
+
+
+def register_mode(cls: type[TrainingMode]) -> type[TrainingMode]:
+    """Class decorator: make ``cls`` available as ``mode=<cls.name>`` (its YAML file is
+    ``configs/mode/<name>.yaml``)."""
+    MODES[cls.name] = cls
+    return cls
+
+
 # ============================================================================ seg
+@register_mode
 class SegmentationMode(TrainingMode):
     """Unconditional mask generation: noise -> ``seg``. The condition is always ``None``."""
 
     name = "seg"
     supports_perceptual = False  # perceptual features of a binary mask are meaningless
-
-    def _check_keys(self) -> None:
-        if self.image_keys != (MASK_KEY,):
-            raise ConfigError(
-                "mode.image_keys", f"seg mode generates the mask only: [{MASK_KEY}], got {list(self.image_keys)}"
-            )
-        if self.cond_keys:
-            raise ConfigError("mode.cond_keys", f"seg mode is unconditional, got {list(self.cond_keys)}")
+    image_key_choices = (MASK_KEY,)
+    num_image_keys = 1
 
     def split(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, None]:
         return self._stack(batch, self.image_keys), None
@@ -189,25 +184,9 @@ class _MaskConditionedMode(TrainingMode):
     """Images generated given the tumour mask: input ``[x_t channels..., mask]``."""
 
     supports_perceptual = True
-    #: how many image modalities this mode generates
-    NUM_IMAGE_KEYS: ClassVar[int]
-
-    def _check_keys(self) -> None:
-        if len(self.image_keys) != self.NUM_IMAGE_KEYS:
-            raise ConfigError(
-                "mode.image_keys",
-                f"{self.name} mode generates {self.NUM_IMAGE_KEYS} image modalities, got {list(self.image_keys)}",
-            )
-        for i, key in enumerate(self.image_keys):
-            if key not in IMAGE_MODALITIES:
-                raise ConfigError(
-                    f"mode.image_keys[{i}]", f"{key!r} is not an image modality; choose from {list(IMAGE_MODALITIES)}"
-                )
-        if self.cond_keys != (MASK_KEY,):
-            raise ConfigError(
-                "mode.cond_keys",
-                f"{self.name} mode is conditioned on the mask: [{MASK_KEY}], got {list(self.cond_keys)}",
-            )
+    image_key_choices = IMAGE_MODALITIES
+    cond_key_choices = (MASK_KEY,)
+    num_cond_keys = 1
 
     def split(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         x0 = self._stack(batch, self.image_keys)
@@ -244,31 +223,22 @@ class _MaskConditionedMode(TrainingMode):
         return torch.where(drop, self.null_cond(cond), cond)
 
 
+@register_mode
 class ConditionalSingleMode(_MaskConditionedMode):
     """``[x_t, mask] -> bravo`` (one image modality given the mask)."""
 
     name = "bravo"
-    NUM_IMAGE_KEYS = 1
+    num_image_keys = 1
 
 
+@register_mode
 class ConditionalDualMode(_MaskConditionedMode):
     """``[x_t(t1_pre), x_t(t1_gd), mask] -> t1_pre + t1_gd`` (two co-registered contrasts)."""
 
     name = "dual"
-    NUM_IMAGE_KEYS = 2
-
-
-# ============================================================================ registry
-MODES: dict[str, type[TrainingMode]] = {
-    SegmentationMode.name: SegmentationMode,
-    ConditionalSingleMode.name: ConditionalSingleMode,
-    ConditionalDualMode.name: ConditionalDualMode,
-}
+    num_image_keys = 2
 
 
 def build_mode(cfg: Any) -> TrainingMode:
-    """The mode of a full (validated) config, built from ``cfg.mode``."""
-    name = cfg.mode.name
-    if name not in MODES:
-        raise ConfigError("mode.name", f"unknown mode {name!r}; choose one of {sorted(MODES)}")
-    return MODES[name](cfg.mode)
+    """The mode of a validated config, built from ``cfg.mode``."""
+    return MODES[cfg.mode.name](cfg.mode)

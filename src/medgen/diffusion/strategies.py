@@ -1,4 +1,4 @@
-"""Diffusion strategies: how noise is added to ``x0`` and removed again (DESIGN.md section 3).
+"""Diffusion strategies: how noise is added to ``x0`` and removed again (docs/architecture.md).
 
 Two implementations of one interface (adapters, not ``isinstance`` branches):
 
@@ -41,7 +41,7 @@ Facts about MONAI 1.6 this module relies on / works around (each is checked in
 from __future__ import annotations
 
 import abc
-from dataclasses import fields
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
@@ -51,7 +51,7 @@ from monai.utils import unsqueeze_right
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from medgen.core.config import ConfigError, DDPMConfig, RFlowConfig
+from medgen.core.config import at_least, choice
 from medgen.diffusion.losses import min_snr_weight
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "DDPMStrategy",
     "RFlowStrategy",
     "STRATEGIES",
+    "register_strategy",
     "build_strategy",
 ]
 
@@ -79,21 +80,6 @@ def _work_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
-def _strategy_config(cfg_strategy: Any, schema: type, name: str) -> dict[str, Any]:
-    """The strategy config as a plain dict with exactly the keys of ``schema`` (a dataclass)."""
-    cfg = OmegaConf.to_container(OmegaConf.create(cfg_strategy), resolve=True)
-    expected = [f.name for f in fields(schema)]
-    for key in expected:
-        if key not in cfg:
-            raise ConfigError(f"strategy.{key}", f"missing (strategy {name!r} needs {expected})")
-    for key in cfg:
-        if key not in expected:
-            raise ConfigError(f"strategy.{key}", f"unknown key for strategy {name!r}; known: {expected}")
-    if cfg["name"] != name:
-        raise ConfigError("strategy.name", f"{cfg['name']!r} given to the {name!r} strategy")
-    return cfg
-
-
 def _check_generator_device(generator: torch.Generator | None, device: torch.device) -> None:
     if generator is not None and generator.device.type != device.type:
         raise ValueError(
@@ -107,32 +93,23 @@ class DiffusionStrategy(abc.ABC):
 
     Attributes:
         name: registry name (``strategy.name``).
-        prediction_type: what the network predicts (``"epsilon"`` or ``"velocity"``).
+        prediction_type: what the network predicts (the ``prediction_type`` choices of ``Config``).
         num_train_timesteps: ``T``.
         image_size: side of the square images (the RFlow shift depends on it).
         config: the strategy config as a plain dict (recorded by :meth:`state_dict`).
     """
 
     name: ClassVar[str]
-    #: the dataclass in ``medgen.core.config`` whose keys this strategy reads, all of them
-    schema: ClassVar[type]
-    #: the only prediction target this strategy implements
-    PREDICTION_TYPE: ClassVar[str]
+    #: the schema of ``configs/strategy/<name>.yaml``: every key, with its ``choices``/``min``
+    #: (checked by ``medgen.core.config.validate_config``, never here)
+    Config: ClassVar[type]
 
     def __init__(self, cfg_strategy: Any, image_size: int):
-        self.config = _strategy_config(cfg_strategy, self.schema, self.name)
-        if int(image_size) <= 0:
-            raise ConfigError("model.image_size", f"must be positive, got {image_size}")
+        """``cfg_strategy``: a validated ``strategy`` config (or a ``Config`` instance)."""
+        self.config: dict[str, Any] = OmegaConf.to_container(OmegaConf.create(cfg_strategy), resolve=True)
         self.image_size = int(image_size)
         self.num_train_timesteps = int(self.config["num_train_timesteps"])
-        if self.num_train_timesteps < 2:
-            raise ConfigError("strategy.num_train_timesteps", f"must be >= 2, got {self.num_train_timesteps}")
         self.prediction_type = str(self.config["prediction_type"])
-        if self.prediction_type != self.PREDICTION_TYPE:
-            raise ConfigError(
-                "strategy.prediction_type",
-                f"{self.prediction_type!r}; strategy {self.name!r} predicts {self.PREDICTION_TYPE!r}",
-            )
 
     # ---------------------------------------------------------------- training
     @abc.abstractmethod
@@ -190,7 +167,19 @@ class DiffusionStrategy(abc.ABC):
         return f"{type(self).__name__}({self.config}, image_size={self.image_size})"
 
 
+# ============================================================================ registry
+STRATEGIES: dict[str, type[DiffusionStrategy]] = {}
+
+
+def register_strategy(cls: type[DiffusionStrategy]) -> type[DiffusionStrategy]:
+    """Class decorator: make ``cls`` available as ``strategy=<cls.name>`` (its YAML file is
+    ``configs/strategy/<name>.yaml``)."""
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
 # ============================================================================ DDPM
+@register_strategy
 class DDPMStrategy(DiffusionStrategy):
     """DDPM, epsilon prediction (Ho et al. 2020) on a MONAI ``DDPMScheduler`` schedule.
 
@@ -199,15 +188,15 @@ class DDPMStrategy(DiffusionStrategy):
     """
 
     name = "ddpm"
-    schema = DDPMConfig
-    PREDICTION_TYPE = "epsilon"
-    #: ``strategy.schedule`` -> MONAI 1.6 ``NoiseSchedules`` name
-    MONAI_SCHEDULES: ClassVar[dict[str, str]] = {
-        "cosine": "cosine",  # Nichol & Dhariwal 2021, eq. 17
-        "linear_beta": "linear_beta",  # Ho et al. 2020
-        "scaled_linear_beta": "scaled_linear_beta",
-        "sigmoid_beta": "sigmoid_beta",
-    }
+
+    @dataclass
+    class Config:
+        name: str = "ddpm"
+        num_train_timesteps: int = at_least(1000, 2)
+        #: MONAI ``NoiseSchedules`` names; cosine: Nichol & Dhariwal 2021, eq. 17
+        schedule: str = choice("cosine", "cosine", "linear_beta", "scaled_linear_beta", "sigmoid_beta")
+        prediction_type: str = choice("epsilon", "epsilon")
+
     #: clip ``x0_hat`` to [-1, 1] inside the ancestral step (MONAI's default ``clip_sample=True``,
     #: as in Ho et al.'s reference sampler): model space is exactly [-1, 1], so this only removes
     #: impossible values early in few-step sampling. :meth:`predict_x0` itself never clips.
@@ -215,11 +204,6 @@ class DDPMStrategy(DiffusionStrategy):
 
     def __init__(self, cfg_strategy: Any, image_size: int):
         super().__init__(cfg_strategy, image_size)
-        schedule = self.config["schedule"]
-        if schedule not in self.MONAI_SCHEDULES:
-            raise ConfigError(
-                "strategy.schedule", f"unknown schedule {schedule!r}; choose one of {sorted(self.MONAI_SCHEDULES)}"
-            )
         self.scheduler = self._monai_scheduler(self.num_train_timesteps)
         # own float32 copy: MONAI's add_noise re-casts scheduler.alphas_cumprod in place
         self.alpha_bar: Tensor = self.scheduler.alphas_cumprod.detach().clone().to(torch.float32)
@@ -228,7 +212,7 @@ class DDPMStrategy(DiffusionStrategy):
     def _monai_scheduler(self, num_train_timesteps: int) -> DDPMScheduler:
         return DDPMScheduler(
             num_train_timesteps=num_train_timesteps,
-            schedule=self.MONAI_SCHEDULES[self.config["schedule"]],
+            schedule=self.config["schedule"],
             prediction_type="epsilon",
             clip_sample=self.CLIP_X0,
         )
@@ -333,6 +317,7 @@ def _clipped_unit(u: Tensor) -> Tensor:
     return u.clamp(min=finfo.tiny, max=1.0 - finfo.eps)
 
 
+@register_strategy
 class RFlowStrategy(DiffusionStrategy):
     """Rectified flow (Liu et al. 2022) with MONAI ``RFlowScheduler`` conventions.
 
@@ -347,8 +332,18 @@ class RFlowStrategy(DiffusionStrategy):
     """
 
     name = "rflow"
-    schema = RFlowConfig
-    PREDICTION_TYPE = "velocity"
+
+    @dataclass
+    class Config:
+        name: str = "rflow"
+        num_train_timesteps: int = at_least(1000, 2)
+        use_discrete_timesteps: bool = True
+        sample_method: str = choice("logit-normal", "uniform", "logit-normal")
+        use_timestep_transform: bool = True
+        #: the timestep shift is ``image_size / base_image_size`` (1 at this size)
+        base_image_size: int = at_least(64, 1)
+        prediction_type: str = choice("velocity", "velocity")
+
     #: logit-normal parameters: MONAI's ``RFlowScheduler`` defaults, Esser et al.'s lognorm(0, 1)
     LOGIT_NORMAL_LOC: ClassVar[float] = 0.0
     LOGIT_NORMAL_SCALE: ClassVar[float] = 1.0
@@ -361,13 +356,6 @@ class RFlowStrategy(DiffusionStrategy):
             "uniform": self._draw_uniform,
             "logit-normal": self._draw_logit_normal,
         }
-        if c["sample_method"] not in draws:
-            raise ConfigError(
-                "strategy.sample_method",
-                f"unknown sample method {c['sample_method']!r}; choose one of {sorted(draws)}",
-            )
-        if int(c["base_image_size"]) <= 0:
-            raise ConfigError("strategy.base_image_size", f"must be positive, got {c['base_image_size']}")
         self._draw_unit = draws[c["sample_method"]]
         self.scheduler = RFlowScheduler(
             num_train_timesteps=self.num_train_timesteps,
@@ -492,16 +480,6 @@ class RFlowStrategy(DiffusionStrategy):
         return x
 
 
-# ============================================================================ registry
-STRATEGIES: dict[str, type[DiffusionStrategy]] = {
-    DDPMStrategy.name: DDPMStrategy,
-    RFlowStrategy.name: RFlowStrategy,
-}
-
-
 def build_strategy(cfg: Any) -> DiffusionStrategy:
-    """The strategy of a full (validated) config: ``cfg.strategy`` at ``cfg.model.image_size``."""
-    name = cfg.strategy.name
-    if name not in STRATEGIES:
-        raise ConfigError("strategy.name", f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
-    return STRATEGIES[name](cfg.strategy, cfg.model.image_size)
+    """The strategy of a validated config: ``cfg.strategy`` at ``cfg.model.image_size``."""
+    return STRATEGIES[cfg.strategy.name](cfg.strategy, cfg.model.image_size)
