@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from medgen.diffusion.lr_finder import find_lr, lr_schedule, save_lr_find, suggest_lr
-from medgen.diffusion.trainer import DiffusionTrainer
 
 
 def test_suggestion_on_a_known_curve():
@@ -33,8 +32,7 @@ def test_schedule_is_geometric_and_checked():
 
 
 def test_sweep_on_the_configured_run_writes_plot_and_json(tiny_cfg, tmp_path):
-    trainer = DiffusionTrainer(tiny_cfg("mode=bravo"), tmp_path / "lr", progress=False)
-    result = find_lr(trainer, min_lr=1e-6, max_lr=1.0, num_steps=15, progress=False)
+    result = find_lr(tiny_cfg("mode=bravo"), tmp_path / "lr", min_lr=1e-6, max_lr=1.0, num_steps=15, progress=False)
     assert 5 <= len(result.lrs) <= 15 and all(b > a for a, b in zip(result.lrs, result.lrs[1:]))
     assert 1e-6 / 10 <= result.suggested_lr <= 1.0
     # the smoothed curve is an average of the raw one: same first value, within the raw range

@@ -27,7 +27,7 @@ def _assert_same(a: dict, b: dict) -> None:
 
 def test_resume_is_exact(tiny_cfg, tmp_path):
     """N steps straight == N/2 steps, stop, resume to N (model, EMA and optimizer state, bit for bit)."""
-    extra = ("mode=bravo", "training.epochs=4", "training.warmup_epochs=1", "training.cond_dropout=0.2",
+    extra = ("mode=bravo", "training.epochs=4", "training.warmup_steps=2", "training.cond_dropout=0.2",
              "training.ema_update_after_step=2", "training.val_interval=2")
     straight = DiffusionTrainer(tiny_cfg(*extra, "training.max_steps=9"), tmp_path / "a", progress=False)
     assert straight.steps_per_epoch == 6  # 9 steps end in the middle of epoch 2
@@ -91,18 +91,31 @@ def test_non_finite_loss_skips_the_step_and_k_in_a_row_stop(tiny_cfg, tmp_path, 
 
 
 def test_lr_schedule_warmup_then_cosine_independent_of_max_steps(tiny_cfg, tmp_path):
-    a = DiffusionTrainer(tiny_cfg("mode=seg", "training.epochs=10", "training.warmup_epochs=2",
+    a = DiffusionTrainer(tiny_cfg("mode=seg", "training.epochs=10", "training.warmup_steps=4",
                                   "training.learning_rate=1e-3"), tmp_path / "a", progress=False)
-    b = DiffusionTrainer(tiny_cfg("mode=seg", "training.epochs=10", "training.warmup_epochs=2",
+    b = DiffusionTrainer(tiny_cfg("mode=seg", "training.epochs=10", "training.warmup_steps=4",
                                   "training.learning_rate=1e-3", "training.max_steps=3"), tmp_path / "b", progress=False)
-    spe = a.steps_per_epoch
-    w, total = 2 * spe, 10 * spe
-    assert a.lr_at(0) == pytest.approx(1e-3 / w)
-    assert a.lr_at(w - 1) == pytest.approx(1e-3)
-    mid = w + (total - w) // 2
-    assert a.lr_at(mid) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * (mid - w) / (total - w))))
-    assert a.lr_at(total) == pytest.approx(0.0, abs=1e-12)
-    assert [a.lr_at(k) for k in range(total)] == [b.lr_at(k) for k in range(total)]
+    total = 10 * a.steps_per_epoch
+    assert total >= 40 and a.warmup_steps == 4
+    lr = a.lr_schedule
+    assert lr(0) == pytest.approx(1e-3 / 4)
+    assert lr(3) == pytest.approx(1e-3)
+    mid = 4 + (total - 4) // 2
+    assert lr(mid) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * (mid - 4) / (total - 4))))
+    assert lr(total) == pytest.approx(0.0, abs=1e-12)
+    assert [lr(k) for k in range(total)] == [b.lr_schedule(k) for k in range(total)]
+
+
+def test_warmup_is_capped_at_a_tenth_of_a_short_run(tiny_cfg, tmp_path, caplog):
+    """The specification's quick debug run (2 epochs) with the default 1000 warm-up steps: the
+    warm-up shrinks to 10% of the run and says so, instead of refusing the config."""
+    with caplog.at_level("INFO", logger="medgen.train"):
+        trainer = DiffusionTrainer(tiny_cfg("training.epochs=2", "training.warmup_steps=1000"), tmp_path / "w",
+                                   progress=False)
+    total = 2 * trainer.steps_per_epoch
+    assert trainer.warmup_steps == int(0.1 * total) < 1000
+    assert "warm-up capped" in caplog.text and "training.warmup_steps=1000" in caplog.text
+    assert trainer.lr_schedule(total - 1) > 0
 
 
 def test_run_folder_files_and_tensorboard_tags(tiny_cfg, tmp_path):
@@ -153,3 +166,25 @@ def test_missing_perceptual_weights_stop_before_any_step(tiny_cfg, tmp_path, mon
     assert not (tmp_path / "p").exists()  # nothing trained, nothing written
     # seg mode never uses the perceptual loss, so the same setting is fine there
     DiffusionTrainer(tiny_cfg("mode=seg", "training.perceptual_weight=0.001"), tmp_path / "s", progress=False)
+
+
+def test_validation_shards_cover_every_slice_once_for_any_world_size(tiny_cfg, tmp_path, monkeypatch):
+    """Each rank's (loss sum, count) share, summed as the all-reduce does, gives the one-process
+    value, also when the world size does not divide the number of validation slices."""
+    from medgen.core.distributed import DistInfo
+    from medgen.diffusion import validation
+
+    trainer = DiffusionTrainer(tiny_cfg("mode=bravo", "training.max_steps=2"), tmp_path / "v", progress=False)
+    trainer.train()
+    single = trainer.validation_loss()
+    n = len(trainer.data.val_cache)
+    world = 4
+    assert n % world != 0 and math.isfinite(single)
+    shares = []
+    monkeypatch.setattr(validation.torch_dist, "all_reduce", lambda total: shares.append(total.clone()))
+    for rank in range(world):
+        trainer.dist = DistInfo(rank=rank, world_size=world, device=trainer.device)
+        trainer.validation_loss()
+    total = sum(shares)
+    assert total[1] == n  # every slice counted exactly once
+    assert float(total[0] / total[1]) == pytest.approx(single, rel=1e-6)

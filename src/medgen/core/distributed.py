@@ -7,19 +7,26 @@ non-finite loss) are shared with :func:`any_rank` so that no rank waits forever.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 
+def default_device() -> torch.device:
+    """The accelerator when there is one (CUDA), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in the job; the default is one process on :func:`default_device`."""
+
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=default_device)
 
     @property
     def is_main(self) -> bool:

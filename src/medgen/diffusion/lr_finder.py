@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import DictConfig
 
+from medgen.core.distributed import DistInfo
 from medgen.diffusion.trainer import DiffusionTrainer
 
 
@@ -52,40 +54,37 @@ def suggest_lr(lrs: np.ndarray, losses: np.ndarray) -> tuple[float, float]:
     return min(steepest, min_loss_lr / 10), min_loss_lr
 
 
-def find_lr(trainer: DiffusionTrainer, min_lr: float = 1e-7, max_lr: float = 1e-1, num_steps: int = 100,
-            smoothing: float = 0.05, diverge_factor: float = 4.0, progress: bool = True) -> LRFindResult:
-    """Run the sweep on ``trainer`` (its weights are changed: use a throw-away trainer)."""
+def find_lr(cfg: DictConfig, run_dir: str | Path, dist: DistInfo | None = None, min_lr: float = 1e-7,
+            max_lr: float = 1e-1, num_steps: int = 100, smoothing: float = 0.05, diverge_factor: float = 4.0,
+            progress: bool = True) -> LRFindResult:
+    """Run the sweep with a trainer of ``cfg`` whose LR schedule is the sweep (its weights are thrown away)."""
     from tqdm.auto import tqdm
 
-    schedule = lr_schedule(min_lr, max_lr, num_steps)
-    trainer.lr_at = lambda step: float(schedule[min(step, num_steps - 1)])  # type: ignore[method-assign]
+    sweep = lr_schedule(min_lr, max_lr, num_steps)
+    trainer = DiffusionTrainer(cfg, run_dir, dist, lr_schedule=lambda step: float(sweep[min(step, num_steps - 1)]),
+                               progress=progress)
     lrs, smooth, raw = [], [], []
     avg, best, diverged = 0.0, math.inf, False
     bar = tqdm(total=num_steps, desc="LR sweep", disable=not progress)
-    epoch = 0
-    while len(lrs) < num_steps and not diverged:
-        trainer.data.train.sampler.set_epoch(epoch)
-        for batch in trainer.data.train:
-            lr = trainer.lr_at(trainer.step)
-            result = trainer.train_step(batch)
-            trainer.step += 1
-            loss = float(result.loss)
-            if not math.isfinite(loss):
-                diverged = True
-                break
-            # exponential moving average from 0 with bias correction (as in Adam): unbiased from step 1
-            avg = smoothing * loss + (1 - smoothing) * avg if 0 < smoothing < 1 else loss
-            corrected = avg / (1 - (1 - smoothing) ** (len(lrs) + 1)) if 0 < smoothing < 1 else avg
-            lrs.append(lr)
-            smooth.append(corrected)
-            raw.append(loss)
-            best = min(best, corrected)
-            bar.update(1)
-            bar.set_postfix(lr=f"{lr:.2e}", loss=f"{corrected:.4f}")
-            if corrected > diverge_factor * best or len(lrs) >= num_steps:
-                diverged = corrected > diverge_factor * best
-                break
-        epoch += 1
+    for batch in trainer.batches():
+        lr = trainer.lr_schedule(trainer.step)
+        loss = float(trainer.train_step(batch).loss)
+        trainer.step += 1
+        if not math.isfinite(loss):
+            diverged = True
+            break
+        # exponential moving average from 0 with bias correction (as in Adam): unbiased from step 1
+        avg = smoothing * loss + (1 - smoothing) * avg if 0 < smoothing < 1 else loss
+        corrected = avg / (1 - (1 - smoothing) ** (len(lrs) + 1)) if 0 < smoothing < 1 else avg
+        lrs.append(lr)
+        smooth.append(corrected)
+        raw.append(loss)
+        best = min(best, corrected)
+        bar.update(1)
+        bar.set_postfix(lr=f"{lr:.2e}", loss=f"{corrected:.4f}")
+        diverged = corrected > diverge_factor * best
+        if diverged or len(lrs) >= num_steps:
+            break
     bar.close()
     if len(lrs) < 5:
         raise RuntimeError(f"the LR sweep stopped after {len(lrs)} steps (loss not finite); lower lr_find.min_lr")

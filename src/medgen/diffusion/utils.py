@@ -15,13 +15,13 @@ from PIL import Image
 from medgen.core.checkpoint import CheckpointError, load_checkpoint
 
 
-def network_kwargs(cfg) -> dict[str, Any]:
-    """MONAI ``DiffusionModelUNet`` kwargs for the configured model and mode (stored in checkpoints)."""
-    m = cfg.model
+def network_kwargs(model_cfg, mode) -> dict[str, Any]:
+    """MONAI ``DiffusionModelUNet`` kwargs for ``cfg.model`` and a ``TrainingMode`` (stored in checkpoints)."""
+    m = model_cfg
     return {
         "spatial_dims": 2,
-        "in_channels": int(cfg.mode.in_channels),
-        "out_channels": int(cfg.mode.out_channels),
+        "in_channels": mode.in_channels,
+        "out_channels": mode.out_channels,
         "channels": [int(c) for c in m.channels],
         "attention_levels": [bool(a) for a in m.attention_levels],
         "num_res_blocks": int(m.num_res_blocks),
@@ -56,15 +56,28 @@ def load_model_from_checkpoint(path: str | Path, use_ema: bool = True, device: s
     return model.to(device).eval(), ckpt
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """Seed of step ``step`` on ``rank``: a fixed mix of the three, so a resumed run draws the
-    same timesteps and noise as an uninterrupted one."""
-    x = (int(seed) * 1_000_003 + int(step)) * 1_009 + int(rank)
-    # splitmix64 finaliser: nearby (seed, step, rank) give unrelated streams
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers: nearby inputs give unrelated streams (splitmix64 finaliser)."""
+    x = 0
+    for v in values:
+        x = (x * 1_000_003 + int(v)) & 0xFFFFFFFFFFFFFFFF
     x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of training step ``step`` on ``rank``: a resumed run draws the same timesteps and
+    noise as an uninterrupted one."""
+    x = (int(seed) * 1_000_003 + int(step)) * 1_009 + int(rank)
+    return _mix(x)
+
+
+def sample_seed(seed: int, index: int, stream: int = 0) -> int:
+    """Seed of one sample (a validation slice, a generated image): its draws do not depend on
+    the batch it is in, the number of processes, or interruptions. ``stream`` separates uses."""
+    return _mix(0x5A3C, seed, stream, index)
 
 
 def make_grid(rows: list[list[np.ndarray]], labels: list[str] | None = None, scale: int = 1, pad: int = 2) -> np.ndarray:

@@ -19,32 +19,11 @@ from medgen.scripts._cli import CONFIG_DIR, run_in_hydra_folder
 log = logging.getLogger("medgen.train")
 
 
-def find_resume_checkpoint(resume: str | None, cfg: DictConfig) -> Path | None:
-    """``training.resume``: null -> None; ``auto`` -> newest ``latest.pt`` of a run of the same
-    mode/strategy/size under ``paths.model_dir`` (None if there is none); otherwise a checkpoint
-    file or a run folder."""
-    from medgen.core.checkpoint import CheckpointError
-    from medgen.core.paths import resolve_path
-
-    if resume is None or resume == "":
-        return None
-    if resume == "auto":
-        root = resolve_path(cfg.paths.model_dir) / cfg.mode.name
-        pattern = f"{cfg.strategy.name}_{cfg.model.image_size}_*/checkpoints/latest.pt"
-        found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
-        return found[-1] if found else None
-    path = resolve_path(resume)
-    if path.is_dir():
-        path = path / "checkpoints" / "latest.pt" if (path / "checkpoints").is_dir() else path / "latest.pt"
-    if not path.is_file():
-        raise CheckpointError(f"training.resume={resume}: no checkpoint at {path}")
-    return path
-
-
 def run(cfg: DictConfig, run_dir: Path) -> str:
     """Validate, set up (distributed) training, resume if asked, train. Returns the final status."""
     from medgen.core.config import validate_config
     from medgen.core.distributed import cleanup, env_world, setup_distributed
+    from medgen.diffusion.checkpointer import find_resume_checkpoint
     from medgen.diffusion.trainer import DiffusionTrainer
 
     _, _, world = env_world()

@@ -33,5 +33,6 @@ def recording_step(batch):
 trainer.train_step = recording_step
 status = trainer.train()
 torch.save({"status": status, "step": trainer.step, "skipped": skipped, "model": trainer.model.state_dict(),
-            "ema": trainer.ema.ema_model.state_dict()}, out / f"rank{info.rank}.pt")
+            "ema": trainer.ema.ema_model.state_dict(), "val_loss": trainer.validation_loss()},
+           out / f"rank{info.rank}.pt")
 cleanup()

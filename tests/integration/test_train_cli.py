@@ -1,4 +1,5 @@
-"""medgen-train as a user runs it: real processes, signals, SIGKILL + resume, DDP on 2 CPU processes."""
+"""medgen-train as a user runs it: real processes, signals, SIGKILL + resume, DDP on 2 CPU processes
+(slow: `make test-slow`). Every test has its own timeout, so a hung DDP run fails alone."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from conftest import tiny_overrides
 
 from medgen.core.checkpoint import load_checkpoint
 from medgen.core.config import load_config
+from medgen.core.distributed import DistInfo
 from medgen.diffusion.trainer import DiffusionTrainer
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _train_cmd(run_dir: Path, overrides: list[str]) -> list[str]:
@@ -36,6 +39,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.timeout(180)
 def test_cfg_job_prints_the_resolved_config(tmp_path, tiny_data):
     out = subprocess.run([sys.executable, "-m", "medgen.scripts.train", "--cfg", "job", "mode=dual", "strategy=rflow"],
                          capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=120)
@@ -44,6 +48,7 @@ def test_cfg_job_prints_the_resolved_config(tmp_path, tiny_data):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.timeout(180)
 def test_bad_config_exits_2_naming_the_key(tmp_path):
     out = subprocess.run([sys.executable, "-m", "medgen.scripts.train", "training.learning_rate=0",
                           f"hydra.run.dir={tmp_path / 'r'}"], capture_output=True, text=True, env=ENV, timeout=120)
@@ -53,6 +58,7 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
     assert not (tmp_path / "r").exists()  # a run that never started leaves no folder behind
 
 
+@pytest.mark.timeout(180)
 def test_missing_perceptual_weights_message_from_the_command(tmp_path, tiny_data):
     env = {**ENV, "TORCH_HOME": str(tmp_path / "th")}
     out = subprocess.run(_train_cmd(tmp_path / "r", tiny_overrides(tmp_path, tiny_data, "mode=bravo",
@@ -63,6 +69,7 @@ def test_missing_perceptual_weights_message_from_the_command(tmp_path, tiny_data
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_stop_signal_saves_latest_and_exits_0(tmp_path, tiny_data, sig):
     run = tmp_path / "r"
@@ -77,9 +84,10 @@ def test_stop_signal_saves_latest_and_exits_0(tmp_path, tiny_data, sig):
     assert "stopped by signal; resume with training.resume=auto" in out + err
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_data):
+@pytest.mark.timeout(400)
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_data, one_thread):
     over = tiny_overrides(tmp_path, tiny_data, "mode=bravo", "strategy=rflow", "training.epochs=40",
-                          "training.max_steps=80", "training.val_interval=5", "training.warmup_epochs=2")
+                          "training.max_steps=80", "training.val_interval=5", "training.warmup_steps=6")
     run = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(run, over), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     _wait_for(run / "checkpoints" / "epoch_0002.pt", proc)
@@ -98,15 +106,16 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_data):
               if "loss" in json.loads(line)]
     assert logged == sorted(logged) and len(logged) == len(set(logged))  # no step logged twice
 
-    torch.set_num_threads(1)
-    straight = DiffusionTrainer(load_config(over), tmp_path / "straight", progress=False)
+    straight = DiffusionTrainer(load_config(over), tmp_path / "straight", DistInfo(device=torch.device("cpu")),
+                                progress=False)
     straight.train()
     for k, v in straight.model.state_dict().items():
         assert torch.equal(v, final["model"][k]), k
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("nan_on_rank", [None, 1], ids=["clean", "NaN-on-rank-1"])
-def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, tiny_data, nan_on_rank):
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, tiny_data, nan_on_rank, one_thread):
     over = tiny_overrides(tmp_path, tiny_data, "mode=bravo", "training.use_multi_gpu=true", "training.max_steps=4")
     env = {**ENV, **({"MEDGEN_TEST_NAN_RANK": str(nan_on_rank)} if nan_on_rank is not None else {})}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -122,7 +131,15 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, tiny_data, n
         assert torch.equal(r0["ema"][k], r1["ema"][k]), k
     assert (tmp_path / "run" / "checkpoints" / "latest.pt").is_file()
 
+    # validation covers the whole val split once: 2 processes give the 1-process value
+    assert r0["val_loss"] == r1["val_loss"]
+    single = DiffusionTrainer(load_config(over), tmp_path / "single", DistInfo(device=torch.device("cpu")),
+                              progress=False)
+    single.load_state_dict(load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt"))
+    assert single.validation_loss() == pytest.approx(r0["val_loss"], rel=1e-5)
 
+
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("resume", ["auto"])
 def test_resume_auto_without_a_run_starts_fresh(tmp_path, tiny_data, resume):
     out = subprocess.run(_train_cmd(tmp_path / "r", tiny_overrides(tmp_path, tiny_data, "mode=seg",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # `from datagen import ...` in every test module
+sys.path.insert(0, str(Path(__file__).parent / "unit"))  # `from datagen import ...` in every test module
 
 from datagen import write_dataset  # noqa: E402
 

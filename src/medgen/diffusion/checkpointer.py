@@ -1,0 +1,76 @@
+"""Checkpoint policy of a training run: which files are written when, and what may resume.
+
+``latest.pt`` is written every epoch and when a run stops; ``best.pt`` at each new lowest
+validation loss; ``epoch_XXXX.pt`` snapshots, the newest ``training.checkpoint_keep`` kept.
+Each file is written atomically by :func:`medgen.core.checkpoint.save_checkpoint`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+from medgen.core.checkpoint import CheckpointError, config_diff, save_checkpoint
+from medgen.core.paths import resolve_path
+
+#: config keys that may change when resuming (everything else must match the checkpoint)
+RESUME_ALLOWED = (
+    "training.epochs", "training.max_steps", "training.val_interval", "training.log_every",
+    "training.resume", "training.num_val_samples", "training.num_sample_steps", "training.checkpoint_keep",
+    "paths", "data.num_workers",
+)
+
+
+class Checkpointer:
+    """Writes the checkpoints of one run under ``<run_dir>/checkpoints`` (main rank only)."""
+
+    def __init__(self, run_dir: str | Path, keep: int, enabled: bool = True):
+        self.folder = Path(run_dir) / "checkpoints"
+        self.keep = int(keep)
+        self.enabled = enabled
+
+    def save(self, name: str, state: Mapping[str, Any]) -> Path | None:
+        """Write ``state`` as ``<folder>/<name>``."""
+        if not self.enabled:
+            return None
+        return save_checkpoint(self.folder / name, state)
+
+    def snapshot(self, epoch: int, state: Mapping[str, Any]) -> None:
+        """Write ``epoch_XXXX.pt`` and delete all but the newest ``keep`` snapshots."""
+        if not self.enabled or self.keep == 0:
+            return
+        save_checkpoint(self.folder / f"epoch_{epoch:04d}.pt", state)
+        for old in sorted(self.folder.glob("epoch_*.pt"))[: -self.keep]:
+            old.unlink()
+
+
+def find_resume_checkpoint(resume: str | None, cfg: DictConfig) -> Path | None:
+    """``training.resume``: null -> None; ``auto`` -> the newest ``latest.pt`` of a run of the same
+    mode/strategy/size under ``paths.model_dir`` (None if there is none); otherwise a checkpoint
+    file or a run folder."""
+    if resume is None or resume == "":
+        return None
+    if resume == "auto":
+        root = resolve_path(cfg.paths.model_dir) / cfg.mode.name
+        pattern = f"{cfg.strategy.name}_{cfg.model.image_size}_*/checkpoints/latest.pt"
+        found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
+        return found[-1] if found else None
+    path = resolve_path(resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "latest.pt" if (path / "checkpoints").is_dir() else path / "latest.pt"
+    if not path.is_file():
+        raise CheckpointError(f"training.resume={resume}: no checkpoint at {path}")
+    return path
+
+
+def check_resumable(ckpt: Mapping[str, Any], cfg: DictConfig, path: str | Path) -> None:
+    """Refuse a checkpoint whose config differs from ``cfg`` outside :data:`RESUME_ALLOWED`,
+    listing every changed key as ``key: old -> new``."""
+    changes = config_diff(ckpt["config"], OmegaConf.to_container(cfg, resolve=True), RESUME_ALLOWED)
+    if changes:
+        raise CheckpointError(
+            f"cannot resume from {path}: the config differs from the checkpoint's in\n  "
+            + "\n  ".join(changes)
+            + "\nrun with the checkpoint's values, or start a new run (training.resume=null)")
