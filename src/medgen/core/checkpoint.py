@@ -1,4 +1,4 @@
-"""Self-describing, atomically written checkpoints (DESIGN.md section 4).
+"""Self-describing, atomically written checkpoints (docs/architecture.md, "Checkpoints").
 
 A checkpoint is one file holding a format version, the resolved config, mode/strategy
 names, the network kwargs, and the ``state_dict`` of every stateful component (model,

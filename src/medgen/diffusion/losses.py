@@ -1,7 +1,7 @@
 """Diffusion training losses: per-sample MSE and Min-SNR-gamma weighting.
 
 The loss is a small callable returning a per-sample loss; weighting happens in one place,
-:func:`diffusion_loss` (DESIGN.md section 7, rule 3). The strategy supplies the weight
+:func:`diffusion_loss`. The strategy supplies the weight
 (``DiffusionStrategy.loss_weight(t, gamma)``), which calls :func:`min_snr_weight` with the
 strategy's own SNR and prediction target.
 

@@ -1,4 +1,4 @@
-"""Optional RadImageNet perceptual loss for image modes (DESIGN.md sections 4 and 6).
+"""Optional RadImageNet perceptual loss for image modes (docs/architecture.md, "Training").
 
 The loss is MONAI's :class:`monai.losses.PerceptualLoss` with
 ``network_type="radimagenet_resnet50"``: the images go through the RadImageNet ResNet50
