@@ -10,6 +10,10 @@ Two implementations of one interface (adapters, not ``isinstance`` branches):
   ``v = x0 - eps``, uniform or logit-normal timesteps (Esser et al. 2024) and the
   resolution-dependent timestep shift. Timesteps are floats in ``[0, T]``.
 
+Sampling is not done here: a strategy supplies the pieces the pure sampler functions of
+:mod:`medgen.diffusion.samplers` need (:meth:`DiffusionStrategy.grid`, :meth:`~DiffusionStrategy.denoiser`,
+the ``samplers`` it supports) and :meth:`DiffusionStrategy.sample` puts them together.
+
 The trainer draws ``t`` and ``eps`` from generators it derives from ``(seed, step, rank)``, so
 every random draw here goes through an explicit ``torch.Generator``.
 
@@ -25,13 +29,12 @@ Facts about MONAI 1.6 this module relies on / works around (each is checked in
   timesteps are used): with a shift > 1 and many steps the grid has duplicates (1000 steps at
   128 px, base 64: 829 distinct values). ``RFlowScheduler.step`` truncates a fractional
   ``next_timestep`` with ``int()``, so its ``dt`` is wrong on shifted (non-integer) grids.
-  :meth:`RFlowStrategy.inference_timesteps` builds the same grid in float64, and
-  :meth:`RFlowStrategy.sample` applies the same Euler update with the exact ``dt``.
+  :meth:`RFlowStrategy.grid` builds the same grid in float64 (``samplers.rflow_grid``).
 * ``DDPMScheduler.step`` always uses ``alpha_bar[t - 1]`` as the previous step, whatever
   ``set_timesteps`` chose, so with fewer steps than ``T`` its ancestral sampler jumps noise
-  levels without the matching posterior (samples stay far too noisy). :meth:`DDPMStrategy.sample`
-  runs MONAI's ``step`` on a *respaced* scheduler (Nichol & Dhariwal 2021, section 4), which is
-  the identity when ``num_steps == T``.
+  levels without the matching posterior (samples stay far too noisy). The samplers of
+  :mod:`medgen.diffusion.samplers` step between the grid's own noise levels instead (respacing,
+  Nichol & Dhariwal 2021, section 4).
 * ``DDPMScheduler`` clips ``x0_hat`` to [-1, 1] in ``step`` by default (``clip_sample=True``);
   kept (see :attr:`DDPMStrategy.CLIP_X0`). ``DDPMScheduler.add_noise`` re-casts the scheduler's
   ``alphas_cumprod`` in place to the input dtype (a bf16 call would degrade it for good), so this
@@ -53,10 +56,10 @@ from torch import Tensor
 
 from medgen.core.config import at_least, choice
 from medgen.diffusion.losses import min_snr_weight
+from medgen.diffusion.samplers import SAMPLERS, Generators, Grid, SampleCallback, ddpm_grid, rflow_grid
 
 __all__ = [
-    "DenoiseFn",
-    "SampleCallback",
+    "ModelFn",
     "DiffusionStrategy",
     "DDPMStrategy",
     "RFlowStrategy",
@@ -65,11 +68,8 @@ __all__ = [
     "build_strategy",
 ]
 
-#: ``denoise_fn(x_t [B, C, H, W], t [B]) -> model output [B, C, H, W]``
-DenoiseFn = Callable[[Tensor, Tensor], Tensor]
-#: ``callback(i, t [B], x [B, C, H, W] after step i, x0_hat [B, C, H, W] predicted at step i)``;
-#: DDPM passes MONAI's clipped ``x0_hat``, RFlow the unclipped one
-SampleCallback = Callable[[int, Tensor, Tensor, Tensor], None]
+#: ``model_fn(x_t [B, C, H, W], t [B] in the network's dtype) -> raw network output [B, C, H, W]``
+ModelFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def _work_dtype(*tensors: Tensor) -> torch.dtype:
@@ -78,14 +78,6 @@ def _work_dtype(*tensors: Tensor) -> torch.dtype:
     for x in tensors:
         dtype = torch.promote_types(dtype, x.dtype)
     return dtype
-
-
-def _check_generator_device(generator: torch.Generator | None, device: torch.device) -> None:
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(
-            f"generator is on {generator.device} but the samples are on {device}; "
-            f"create it with torch.Generator(device={str(device)!r})"
-        )
 
 
 class DiffusionStrategy(abc.ABC):
@@ -103,6 +95,10 @@ class DiffusionStrategy(abc.ABC):
     #: the schema of ``configs/strategy/<name>.yaml``: every key, with its ``choices``/``min``
     #: (checked by ``medgen.core.config.validate_config``, never here)
     Config: ClassVar[type]
+    #: names in ``medgen.diffusion.samplers.SAMPLERS`` this strategy's models sample with; the first is the default
+    samplers: ClassVar[tuple[str, ...]]
+    #: clip ``x0_hat`` to [-1, 1] in the sampling denoiser (model space is exactly [-1, 1])
+    CLIP_X0: ClassVar[bool] = False
 
     def __init__(self, cfg_strategy: Any, image_size: int):
         """``cfg_strategy``: a validated ``strategy`` config (or a ``Config`` instance)."""
@@ -138,15 +134,37 @@ class DiffusionStrategy(abc.ABC):
 
     # ---------------------------------------------------------------- sampling
     @abc.abstractmethod
-    def sample(
-        self,
-        denoise_fn: DenoiseFn,
-        x_T: Tensor,
-        num_steps: int,
-        generator: torch.Generator | None = None,
-        callback: SampleCallback | None = None,
-    ) -> Tensor:
-        """Integrate from pure noise ``x_T [B, C, H, W]`` to ``x0 [B, C, H, W]`` in ``num_steps`` steps."""
+    def grid(self, num_steps: int) -> Grid:
+        """The noise levels of a ``num_steps``-step sampling run at this strategy's settings."""
+
+    @abc.abstractmethod
+    def network_timesteps(self, t: Tensor) -> Tensor:
+        """Grid timesteps ``[B]`` (float64) in the form the network was trained on."""
+
+    def denoiser(self, model_fn: ModelFn) -> Callable[[Tensor, Tensor], Tensor]:
+        """The samplers' denoiser ``(x_t, t float64) -> x0_hat`` for a network function.
+
+        ``x0_hat`` is :meth:`predict_x0` of the network output (float32 or wider), clipped to
+        [-1, 1] when :attr:`CLIP_X0` is set.
+        """
+
+        def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+            t_net = self.network_timesteps(t)
+            x0_hat = self.predict_x0(model_fn(x_t, t_net), x_t, t_net).to(x_t.dtype)
+            return x0_hat.clamp_(-1.0, 1.0) if self.CLIP_X0 else x0_hat
+
+        return denoise
+
+    def sample(self, model_fn: ModelFn, x_T: Tensor, num_steps: int, *, sampler: str | None = None,
+               generator: Generators = None, callback: SampleCallback | None = None) -> Tensor:
+        """Generate ``x0 [B, C, H, W]`` from pure noise ``x_T`` with ``sampler`` (default: this
+        strategy's first, :attr:`samplers`) on :meth:`grid` ``(num_steps)``. ``generator``: one
+        ``torch.Generator`` or one per sample (:func:`medgen.diffusion.samplers.randn_like`)."""
+        name = sampler or self.samplers[0]
+        if name not in self.samplers:
+            raise ValueError(f"strategy {self.name!r} samples with {list(self.samplers)}, not {name!r}")
+        return SAMPLERS[name](self.denoiser(model_fn), x_T, self.grid(num_steps), generator=generator,
+                              callback=callback)
 
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -197,25 +215,19 @@ class DDPMStrategy(DiffusionStrategy):
         schedule: str = choice("cosine", "cosine", "linear_beta", "scaled_linear_beta", "sigmoid_beta")
         prediction_type: str = choice("epsilon", "epsilon")
 
-    #: clip ``x0_hat`` to [-1, 1] inside the ancestral step (MONAI's default ``clip_sample=True``,
-    #: as in Ho et al.'s reference sampler): model space is exactly [-1, 1], so this only removes
+    samplers = ("dpmpp_2m", "ddim", "ddpm")
+    #: clip ``x0_hat`` to [-1, 1] while sampling (MONAI's default ``clip_sample=True``, as in Ho
+    #: et al.'s reference sampler; DPM-Solver++'s thresholding for pixel space): this only removes
     #: impossible values early in few-step sampling. :meth:`predict_x0` itself never clips.
-    CLIP_X0: ClassVar[bool] = True
+    CLIP_X0 = True
 
     def __init__(self, cfg_strategy: Any, image_size: int):
         super().__init__(cfg_strategy, image_size)
-        self.scheduler = self._monai_scheduler(self.num_train_timesteps)
+        self.scheduler = DDPMScheduler(num_train_timesteps=self.num_train_timesteps, schedule=self.config["schedule"],
+                                       prediction_type="epsilon", clip_sample=self.CLIP_X0)
         # own float32 copy: MONAI's add_noise re-casts scheduler.alphas_cumprod in place
         self.alpha_bar: Tensor = self.scheduler.alphas_cumprod.detach().clone().to(torch.float32)
         self._alpha_bar_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-
-    def _monai_scheduler(self, num_train_timesteps: int) -> DDPMScheduler:
-        return DDPMScheduler(
-            num_train_timesteps=num_train_timesteps,
-            schedule=self.config["schedule"],
-            prediction_type="epsilon",
-            clip_sample=self.CLIP_X0,
-        )
 
     def _alpha_bar_at(self, t: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
         """``alpha_bar_t`` ``[B]`` in ``dtype`` on ``device`` for integer timesteps ``t [B]``."""
@@ -255,59 +267,12 @@ class DDPMStrategy(DiffusionStrategy):
         alpha_bar = unsqueeze_right(self._alpha_bar_at(t, dtype, x_t.device), x_t.ndim)
         return (x_t.to(dtype) - (1 - alpha_bar) ** 0.5 * model_out.to(dtype)) / alpha_bar**0.5
 
-    def respaced_scheduler(self, num_steps: int) -> tuple[DDPMScheduler, Tensor]:
-        """A MONAI ``DDPMScheduler`` whose chain is MONAI's ``set_timesteps(num_steps)`` grid.
+    def grid(self, num_steps: int) -> Grid:
+        """MONAI's ``set_timesteps`` grid ``linspace(T - 1, 0, N).round()``, then the clean end."""
+        return ddpm_grid(self.alpha_bar, num_steps, spacing="monai")
 
-        Respacing (Nichol & Dhariwal 2021, section 4; ``improved-diffusion/respace.py``): for the
-        grid ``tau_1 < ... < tau_N`` the new chain has ``alpha_bar'_k = alpha_bar_{tau_k}`` and
-        ``beta'_k = 1 - alpha_bar_{tau_k} / alpha_bar_{tau_{k-1}}``, so MONAI's ``step`` (which
-        always steps from index ``k`` to ``k - 1``) becomes the exact ancestral step
-        ``q(x_{tau_{k-1}} | x_{tau_k}, x0_hat)`` (Ho et al. eq. 6-7).
-
-        Returns:
-            ``(scheduler, timesteps)``: step index ``k = N - 1 - i`` of the scheduler belongs to
-            ``timesteps[i]`` (``[N]`` int64, descending), the timestep the network sees.
-        """
-        if not 1 <= num_steps <= self.num_train_timesteps:
-            raise ValueError(f"num_steps must be in [1, {self.num_train_timesteps}], got {num_steps}")
-        respaced = self._monai_scheduler(self.num_train_timesteps)
-        respaced.set_timesteps(num_steps)  # MONAI's grid: linspace(T - 1, 0, N).round()
-        timesteps = respaced.timesteps.clone()
-        if num_steps == self.num_train_timesteps:  # every timestep: respacing is the identity
-            return respaced, timesteps
-        alpha_bar = self.alpha_bar.to(torch.float64)[timesteps.flip(0)]  # ascending noise level
-        alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
-        alphas = alpha_bar / alpha_bar_prev
-        respaced.alphas_cumprod = alpha_bar.to(torch.float32)
-        respaced.alphas = alphas.to(torch.float32)
-        respaced.betas = (1.0 - alphas).to(torch.float32)
-        respaced.timesteps = torch.arange(num_steps - 1, -1, -1)
-        return respaced, timesteps
-
-    def sample(
-        self,
-        denoise_fn: DenoiseFn,
-        x_T: Tensor,
-        num_steps: int,
-        generator: torch.Generator | None = None,
-        callback: SampleCallback | None = None,
-    ) -> Tensor:
-        """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) with MONAI's ``DDPMScheduler.step``.
-
-        ``num_steps < T`` runs on the respaced chain (:meth:`respaced_scheduler`). The posterior
-        noise is drawn from ``generator`` (which must live on ``x_T.device``; ``None``: the global
-        RNG). ``x0_hat`` is clipped to [-1, 1] inside each step (:attr:`CLIP_X0`).
-        """
-        _check_generator_device(generator, x_T.device)
-        scheduler, timesteps = self.respaced_scheduler(num_steps)
-        x = x_T
-        for i, t in enumerate(timesteps.tolist()):
-            t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-            eps_hat = denoise_fn(x, t_batch)
-            x, x0_hat = scheduler.step(eps_hat, num_steps - 1 - i, x, generator=generator)
-            if callback is not None:
-                callback(i, t_batch, x, x0_hat)
-        return x
+    def network_timesteps(self, t: Tensor) -> Tensor:
+        return t.round().long()
 
 
 # ============================================================================ RFlow
@@ -332,6 +297,7 @@ class RFlowStrategy(DiffusionStrategy):
     """
 
     name = "rflow"
+    samplers = ("euler", "heun")
 
     @dataclass
     class Config:
@@ -402,24 +368,21 @@ class RFlowStrategy(DiffusionStrategy):
             t = self.transform_timesteps(t)
         return t.to(device=device, dtype=torch.float32)
 
-    def inference_timesteps(self, num_steps: int) -> Tensor:
-        """``[N]`` float64, strictly decreasing: ``RFlowScheduler.set_timesteps`` without its float16 cast.
+    @property
+    def shift(self) -> float:
+        """The resolution shift ``image_size / base_image_size`` (1 without the timestep transform)."""
+        if not self.scheduler.use_timestep_transform:
+            return 1.0
+        return self.image_size / int(self.config["base_image_size"])
 
-        ``t_i = (1 - i / N) T`` for ``i = 0..N-1``, rounded to integers if discrete, then the
-        resolution shift (``input_img_size_numel = image_size^2``) and ``steps_offset``. MONAI then
-        casts to float16 (and to int64 if discrete), which merges neighbouring timesteps once the
-        shift compresses them below the float16/integer spacing; this grid keeps full precision.
-        """
-        T = self.num_train_timesteps
-        if not 1 <= num_steps <= T:
-            raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
-        i = torch.arange(num_steps, dtype=torch.float64)
-        t = (1.0 - i / num_steps) * T
-        if self.scheduler.use_discrete_timesteps:
-            t = torch.round(t)  # round half to even, like Python's round() in MONAI
-        if self.scheduler.use_timestep_transform:
-            t = self.transform_timesteps(t)
-        return t + self.scheduler.steps_offset
+    def grid(self, num_steps: int) -> Grid:
+        """MONAI's ``RFlowScheduler.set_timesteps`` grid with the shift the model was trained with,
+        in float64 (no float16 cast), then the clean end ``t = 0``."""
+        return rflow_grid(self.num_train_timesteps, num_steps, shift=self.shift,
+                          discrete=bool(self.scheduler.use_discrete_timesteps))
+
+    def network_timesteps(self, t: Tensor) -> Tensor:
+        return t.float()
 
     # ---------------------------------------------------------------- forward process
     def _s(self, t: Tensor, dtype: torch.dtype, ndim: int) -> Tensor:
@@ -446,38 +409,6 @@ class RFlowStrategy(DiffusionStrategy):
         """``x0_hat = x_t + s v_hat`` (``RFlowScheduler.step``'s ``pred_original_sample``)."""
         dtype = _work_dtype(model_out, x_t)
         return x_t.to(dtype) + self._s(t.to(x_t.device), dtype, x_t.ndim) * model_out.to(dtype)
-
-    # ---------------------------------------------------------------- sampling
-    def sample(
-        self,
-        denoise_fn: DenoiseFn,
-        x_T: Tensor,
-        num_steps: int,
-        generator: torch.Generator | None = None,
-        callback: SampleCallback | None = None,
-    ) -> Tensor:
-        """Euler integration of the flow ODE from ``t = T`` to 0 (Liu et al. 2022, eq. 1).
-
-        Grid: :meth:`inference_timesteps` (MONAI's ``set_timesteps`` grid in full precision).
-        Update: ``x <- x + (t_i - t_{i+1}) / T * v_hat`` with ``t_N = 0`` — the arithmetic of
-        ``RFlowScheduler.step``, which is used verbatim on integer grids, but with the exact
-        ``dt`` where MONAI's ``int(next_timestep)`` would truncate a shifted grid. The network
-        sees float32 timesteps. Deterministic: ``generator`` is accepted for the common
-        interface and not used.
-        """
-        _check_generator_device(generator, x_T.device)
-        timesteps = self.inference_timesteps(num_steps).tolist()
-        T = self.num_train_timesteps
-        x = x_T
-        for i, t in enumerate(timesteps):
-            t_next = timesteps[i + 1] if i + 1 < len(timesteps) else 0.0
-            t_batch = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
-            v_hat = denoise_fn(x, t_batch)
-            x0_hat = x + v_hat * (t / T)
-            x = x + v_hat * ((t - t_next) / T)
-            if callback is not None:
-                callback(i, t_batch, x, x0_hat)
-        return x
 
 
 def build_strategy(cfg: Any) -> DiffusionStrategy:
