@@ -179,10 +179,10 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     return merged
 
 
-def _check_fields(node: DictConfig, schema: type, prefix: str) -> None:
+def _check_fields(node: DictConfig, schema: type, prefix: str | None) -> None:
     """The ``choices`` / ``min`` metadata of each dataclass field (see :func:`choice`, :func:`at_least`)."""
     for f in fields(schema):
-        value, key = node[f.name], f"{prefix}.{f.name}"
+        value, key = node[f.name], f"{prefix}.{f.name}" if prefix else f.name
         if "choices" in f.metadata:
             options = f.metadata["choices"]
             _check(value in options, key, f"{value!r} is not one of {list(options)}")
@@ -258,6 +258,86 @@ def _check_values(cfg: DictConfig, world_size: int) -> None:
     _check(0 <= d.min_brain_fraction <= 1, "data.min_brain_fraction", "must be in [0, 1]")
     _check(0 <= d.brain_intensity < 1, "data.brain_intensity", "must be in [0, 1)")
     _check(0 < d.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
+
+
+# --------------------------------------------------------------------------- generation
+@dataclass
+class GateConfig:
+    enabled: bool = True
+    #: lesion area as a fraction of the image
+    min_area: float = at_least(0.0005, 0)
+    max_area: float = 0.1
+    max_components: int = at_least(10, 1)
+    #: a mask with a component smaller than this many pixels is rejected (specks)
+    min_component_pixels: int = at_least(4, 1)
+    #: candidates tried before giving up; null: 20 x num_images
+    max_attempts: Optional[int] = None
+
+
+@dataclass
+class NnunetConfig:
+    dataset_id: int = 501
+    name: str = "MedgenSynthetic"
+
+
+@dataclass
+class GenerateConfig:
+    seg_checkpoint: Optional[str] = None
+    image_checkpoint: Optional[str] = None
+    masks_from: Optional[str] = None
+    masks_split: str = choice("test", "train", "val", "test")
+    num_images: Optional[int] = 100
+    samples_per_mask: int = at_least(1, 1)
+    batch_size: int = at_least(16, 1)
+    out_dir: str = "./synthetic"
+    split: str = choice("train", "train", "val", "test")
+    seed: int = at_least(0, 0)
+    sampler: Optional[str] = None
+    seg_sampler: Optional[str] = None
+    image_sampler: Optional[str] = None
+    steps: int = at_least(25, 1)
+    guidance_scale: float = 1.0
+    use_ema: bool = True
+    precision: str = choice("bf16", "bf16", "fp32")
+    device: Optional[str] = None
+    compile: str = choice("auto", "auto", "true", "false")
+    format: str = choice("medgen", "medgen", "nnunet")
+    previews: bool = True
+    cache_dir: str = "~/.cache/medgen"
+    gate: GateConfig = field(default_factory=GateConfig)
+    nnunet: NnunetConfig = field(default_factory=NnunetConfig)
+
+
+def validate_generate_config(cfg: DictConfig) -> DictConfig:
+    """The ``medgen-generate`` counterpart of :func:`validate_config`: typed schema, field
+    metadata, and the constraints between keys. Raises :class:`ConfigError` naming the key."""
+    from medgen.diffusion.samplers import SAMPLERS
+
+    user = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(GenerateConfig), user)
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(str(getattr(exc, "full_key", None) or "<root>"), str(exc).splitlines()[0]) from None
+    _check_fields(merged, GenerateConfig, None)
+    _check_fields(merged.gate, GateConfig, "gate")
+    _check(merged.image_checkpoint is not None, "image_checkpoint",
+           "missing: the bravo or dual checkpoint that paints the images, e.g. image_checkpoint=runs/bravo/<run>")
+    _check((merged.seg_checkpoint is None) != (merged.masks_from is None), "seg_checkpoint",
+           "give exactly one mask source: seg_checkpoint=<seg run or checkpoint> (generate masks) or "
+           "masks_from=<medgen dataset> (use its masks)")
+    _check(merged.num_images is None and merged.masks_from is not None or
+           merged.num_images is not None and merged.num_images >= 1, "num_images",
+           "must be >= 1 (null: every mask of masks_from)")
+    for key in ("sampler", "seg_sampler", "image_sampler"):
+        _check(merged[key] is None or merged[key] in SAMPLERS, key,
+               f"unknown sampler {merged[key]!r}; choose one of {sorted(SAMPLERS)}")
+    _check(merged.guidance_scale >= 0, "guidance_scale", f"must be >= 0 (1 is off), got {merged.guidance_scale}")
+    g = merged.gate
+    _check(g.min_area < g.max_area <= 1, "gate.max_area",
+           f"need gate.min_area ({g.min_area}) < gate.max_area ({g.max_area}) <= 1")
+    _check(g.max_attempts is None or g.max_attempts >= 1, "gate.max_attempts", "must be >= 1 or null")
+    return merged
 
 
 # --------------------------------------------------------------------------- compose

@@ -61,13 +61,13 @@ def setup_distributed(use_multi_gpu: bool = False, device: str | None = None) ->
     several processes with ``use_multi_gpu=false`` is refused, since it is almost always a mistake.
     """
     rank, local_rank, world = env_world()
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU")
+        index = local_rank if world > 1 or dev.index is None else dev.index  # one GPU per rank under torchrun
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     if world > 1:
         if not use_multi_gpu:
             raise RuntimeError(

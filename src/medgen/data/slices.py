@@ -128,6 +128,8 @@ class SliceCache:
         self.keys: tuple[str, ...] = tuple(meta["keys"])
         self.shape: tuple[int, ...] = tuple(meta["shape"])
         self.patient_ids: list[str] = list(meta["patient_ids"])
+        #: median voxel size (mm) of a model slice, (x, y, z); None for caches built before it was recorded
+        self.spacing: list[float] | None = meta.get("spacing")
         index = np.load(self.directory / _INDEX_FILE)
         self.patient_index: np.ndarray = index["patient"]  # [N] index into patient_ids
         self.slice_index: np.ndarray = index["z"]  # [N] axial position in the source volume
@@ -225,6 +227,7 @@ class _PatientSlices:
     block: np.ndarray | None = None  # [k, C, S, S] float16
     z: np.ndarray | None = None  # [k] int32 axial positions
     lesion: np.ndarray | None = None  # [k] int32 lesion pixels per slice
+    spacing: tuple[float, float, float] | None = None  # mm per model pixel (x, y) and slice thickness (z)
 
 
 def _patient_slices(folder: Path, spec: SliceSpec, validate: bool = True, preprocess: bool = True) -> _PatientSlices:
@@ -234,7 +237,18 @@ def _patient_slices(folder: Path, spec: SliceSpec, validate: bool = True, prepro
     if not read.ok or not preprocess:
         return _PatientSlices(read.problems)
     block, z, lesion = preprocess_volumes(read.volumes, spec)
-    return _PatientSlices(read.problems, block, z, lesion)
+    key = spec.keys[0]
+    spacing = model_spacing(read.affines[key], read.volumes[key].shape, spec.image_size)
+    return _PatientSlices(read.problems, block, z, lesion, spacing)
+
+
+def model_spacing(affine: np.ndarray, shape: Sequence[int], image_size: int) -> tuple[float, float, float]:
+    """Voxel size (mm) of a model slice cut from a RAS volume of ``shape`` and ``affine``: the
+    in-plane spacing scaled by the square padding and the resize to ``image_size``, then the slice
+    thickness."""
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    scale = max(shape[:2]) / image_size
+    return (float(zooms[0] * scale), float(zooms[1] * scale), float(zooms[2]))
 
 
 def preprocess_volumes(volumes: dict[str, np.ndarray], spec: SliceSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -267,6 +281,7 @@ def _build(tmp: Path, patients: Sequence[Path], spec: SliceSpec, report: Report,
     patient_idx: list[np.ndarray] = []
     z_idx: list[np.ndarray] = []
     lesion: list[np.ndarray] = []
+    spacings: list[tuple[float, float, float]] = []
     job = partial(_patient_slices, spec=spec, validate=validate, preprocess=preprocess)
     with open(tmp / _DATA_FILE, "wb") as f:
         for i, result in enumerate(ordered_map(job, patients, workers, desc=f"building {desc}", progress=progress)):
@@ -278,6 +293,7 @@ def _build(tmp: Path, patients: Sequence[Path], spec: SliceSpec, report: Report,
             patient_idx.append(np.full(result.z.size, i, dtype=np.int32))
             z_idx.append(result.z)
             lesion.append(result.lesion)
+            spacings.append(result.spacing)
     report.patients_checked += len(patients)
     if not report.ok:
         return
@@ -294,6 +310,8 @@ def _build(tmp: Path, patients: Sequence[Path], spec: SliceSpec, report: Report,
         "patient_ids": [p.name for p in patients],
         "sources": [str(p) for p in patients],
         "spec": asdict(spec),
+        # median voxel size of a model slice (mm): recorded in checkpoints, written into generated data
+        "spacing": np.median(np.asarray(spacings), axis=0).tolist() if spacings else None,
         "preprocessing_version": PREPROCESSING_VERSION,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -60,6 +60,8 @@ class Report:
     problems: list[Problem] = field(default_factory=list)
     patients_checked: int = 0
     root: str | None = None
+    #: the modalities every patient was required to have
+    keys: list[str] | None = None
 
     @property
     def errors(self) -> list[Problem]:
@@ -76,7 +78,8 @@ class Report:
     def summary(self) -> str:
         verdict = "OK" if self.ok else "FAILED"
         where = f" in {self.root}" if self.root else ""
-        return (f"{verdict}: checked {self.patients_checked} patient(s){where}: "
+        what = f" ({', '.join(self.keys)})" if self.keys else ""
+        return (f"{verdict}: checked {self.patients_checked} patient(s){where}{what}: "
                 f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)")
 
     def format(self) -> str:
@@ -89,6 +92,7 @@ class Report:
             "ok": self.ok,
             "root": self.root,
             "patients_checked": self.patients_checked,
+            "modalities": self.keys,
             "errors": len(self.errors),
             "warnings": len(self.warnings),
             "problems": [asdict(p) for p in self.problems],
@@ -226,10 +230,11 @@ def check_patients(folders: Iterable[str | Path], keys: Sequence[str] = MODALITI
     return report
 
 
-def check_dataset(root: str | Path, keys: Sequence[str] = MODALITIES, progress: bool = True,
+def check_dataset(root: str | Path, keys: Sequence[str] | None = None, progress: bool = True,
                   workers: int = 0) -> Report:
     """Check a dataset root (``train/``, ``val/``, ``test/`` of patient folders) and report
-    every problem; ``keys`` are the modalities every patient must have."""
+    every problem; ``keys`` are the modalities every patient must have (None: every modality
+    that any patient has, e.g. ``bravo`` and ``seg`` for a synthetic bravo set)."""
     root = Path(root)
     report = Report(root=str(root))
     if not root.is_dir():
@@ -262,6 +267,9 @@ def check_dataset(root: str | Path, keys: Sequence[str] = MODALITIES, progress: 
     if not patients:
         report.problems.append(Problem(str(root), "dataset holds no patients"))
         return report
+    if keys is None:
+        keys = [k for k in MODALITIES if any(modality_path(p, k).is_file() for p in patients)] or list(MODALITIES)
+    report.keys = list(keys)
     sub = check_patients(patients, keys, progress=progress, workers=workers)
     report.problems.extend(sub.problems)
     report.patients_checked = sub.patients_checked

@@ -317,6 +317,9 @@ class DiffusionTrainer:
             "best_val_loss": self.best_val_loss,
             "nonfinite_streak": self.nonfinite_streak,
             "data_fingerprint": self.data.fingerprint,
+            # what generated data needs to look like the training data: voxel size (mm) of a model
+            # slice, in RAS (x, y, slice thickness)
+            "geometry": {"spacing": self.data.train_cache.spacing, "orientation": "RAS"},
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:

@@ -19,11 +19,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from medgen.core.checkpoint import CheckpointError
     from medgen.core.config import ConfigError
     from medgen.data.nifti_dataset import DataError
-
     from medgen.diffusion.perceptual import PerceptualWeightsError
     from medgen.diffusion.trainer import TrainingStopped
+    from medgen.generation.models import GenerationError
 
-    return (ConfigError, DataError, CheckpointError, PerceptualWeightsError, TrainingStopped)
+    return (ConfigError, DataError, CheckpointError, PerceptualWeightsError, TrainingStopped, GenerationError)
 
 
 @contextmanager

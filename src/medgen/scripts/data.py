@@ -2,7 +2,7 @@
 
     medgen-data phantom --out DIR --subjects N [--size 128] [--slices 64] [--seed 0] [--split 0.7,0.15,0.15]
     medgen-data import --format brainmetshare-png|nnunet SRC DST [--map 0=bravo,1=t1_pre,...]
-    medgen-data check DIR [--json] [--workers 2]
+    medgen-data check DIR [--json] [--workers 2] [--keys bravo,seg]
     medgen-data preview DIR --out FILE.png [--patients 4]
 """
 
@@ -23,6 +23,16 @@ def _split_arg(text: str) -> tuple[float, float, float]:
         return parse_split(text, "--split")
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _keys_arg(text: str) -> list[str]:
+    from medgen.core.constants import MODALITIES
+
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in MODALITIES]
+    if not keys or unknown:
+        raise argparse.ArgumentTypeError(f"--keys wants modalities from {','.join(MODALITIES)}, got {text!r}")
+    return keys
 
 
 def _map_arg(text: str) -> dict[str, str]:
@@ -76,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("dir", type=Path)
     ck.add_argument("--json", action="store_true", help="print the report as JSON")
     ck.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
+    ck.add_argument("--keys", type=_keys_arg, default=None,
+                    help="modalities every patient must have, e.g. bravo,seg (default: every modality any patient has)")
 
     pv = sub.add_parser("preview", help="montage of a few patients' middle slices, mask outlined")
     pv.add_argument("dir", type=Path)
@@ -123,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         from medgen.data.validate import check_dataset
 
-        report = check_dataset(args.dir, workers=args.workers)
+        report = check_dataset(args.dir, keys=args.keys, workers=args.workers)
         if args.json:
             print(json.dumps(report.to_dict(), indent=2))
         else:

@@ -1,0 +1,49 @@
+"""The stage-1 quality gate: which generated masks are plausible enough to paint.
+
+A mask passes when its lesion area (a fraction of the image) lies in ``[min_area, max_area]``,
+it has at most ``max_components`` connected lesions (8-connectivity), and none of them is a
+speck of fewer than ``min_component_pixels`` pixels. Nothing is corrected: a mask passes or is
+replaced by a new one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+@dataclass(frozen=True)
+class MaskStats:
+    """Per-mask measurements, ``[N]`` each."""
+
+    area: np.ndarray  # float64, lesion pixels / image pixels
+    components: np.ndarray  # int64, connected lesions
+    smallest: np.ndarray  # int64, pixels of the smallest lesion (0 for an empty mask)
+
+
+def measure(masks: np.ndarray) -> MaskStats:
+    """Area fraction, lesion count and smallest lesion of each mask ``[N, H, W]`` in {0, 1}."""
+    masks = np.asarray(masks) > 0
+    n = masks.shape[0]
+    components = np.zeros(n, dtype=np.int64)
+    smallest = np.zeros(n, dtype=np.int64)
+    for i, m in enumerate(masks):
+        labels, k = ndimage.label(m, structure=_EIGHT_CONNECTED)
+        components[i] = k
+        if k:
+            smallest[i] = int(np.bincount(labels.ravel())[1:].min())
+    area = masks.reshape(n, -1).mean(axis=1)
+    return MaskStats(area=area, components=components, smallest=smallest)
+
+
+def passes(stats: MaskStats, gate) -> np.ndarray:
+    """``[N]`` bool: which masks pass ``gate`` (the ``gate`` config: enabled, min_area, max_area,
+    max_components, min_component_pixels). A disabled gate passes every mask."""
+    if not gate.enabled:
+        return np.ones(stats.area.shape, dtype=bool)
+    return ((stats.area >= gate.min_area) & (stats.area <= gate.max_area) & (stats.components >= 1)
+            & (stats.components <= gate.max_components) & (stats.smallest >= gate.min_component_pixels))

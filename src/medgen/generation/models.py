@@ -1,0 +1,172 @@
+"""The two trained models of a generation run, loaded from their checkpoints alone.
+
+A :class:`Stage` holds a network (EMA weights by default), its strategy and mode, rebuilt from
+the checkpoint's own config, plus what the output records about it (path, SHA-256, voxel
+spacing). :meth:`Stage.sample` draws ``x0`` for a batch with per-sample generators, so a sample
+does not depend on the batch it is drawn in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from medgen.core.checkpoint import CheckpointError, load_checkpoint
+from medgen.core.paths import resolve_path
+from medgen.diffusion.modes import TrainingMode, build_mode
+from medgen.diffusion.samplers import guided, randn_like
+from medgen.diffusion.strategies import DiffusionStrategy, build_strategy
+from medgen.diffusion.utils import build_network
+
+log = logging.getLogger("medgen.generate")
+
+#: which checkpoint modes each stage takes
+STAGE_MODES = {"seg": ("seg",), "image": ("bravo", "dual")}
+
+
+class GenerationError(ValueError):
+    """Generation cannot run as asked; the message says why (and names the file or key)."""
+
+
+def checkpoint_file(path: str | Path, key: str) -> Path:
+    """A checkpoint file, or a run folder's ``checkpoints/best.pt`` (else ``latest.pt``)."""
+    p = resolve_path(path)
+    if p.is_dir():
+        folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        for name in ("best.pt", "latest.pt"):
+            if (folder / name).is_file():
+                return folder / name
+        raise GenerationError(f"{key}={path}: no checkpoints/best.pt or latest.pt in {p}")
+    if not p.is_file():
+        raise GenerationError(f"{key}={path}: {p} does not exist")
+    return p
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Stage:
+    """One trained model ready to sample."""
+
+    path: Path
+    sha256: str
+    network: torch.nn.Module
+    strategy: DiffusionStrategy
+    mode: TrainingMode
+    cond_dropout: float
+    spacing: tuple[float, float, float] | None
+    device: torch.device
+    precision: str
+    forward: Callable[[Tensor, Tensor], Tensor]
+
+    @property
+    def image_size(self) -> int:
+        return self.strategy.image_size
+
+    def autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def sample(self, cond: Tensor | None, generators: Sequence[torch.Generator], *, steps: int, sampler: str,
+               guidance_scale: float = 1.0, batch_size: int | None = None) -> Tensor:
+        """``x0 [B, C, S, S]`` in model space for the conditions ``cond [B, 1, S, S]`` (model space;
+        None for seg), one generator per sample. With ``batch_size``, the batch is padded to it
+        with throw-away samples, so a compiled network always sees one shape."""
+        n = len(generators)
+        shape = (n, self.mode.out_channels, self.image_size, self.image_size)
+        x_T = randn_like(torch.empty(shape, device=self.device), list(generators))
+        if batch_size is not None and n < batch_size:
+            pad = batch_size - n
+            x_T = torch.cat([x_T, torch.zeros((pad, *shape[1:]), device=self.device)])
+            cond = None if cond is None else torch.cat([cond, cond[:1].expand(pad, *cond.shape[1:])])
+            generators = [*generators, *[torch.Generator().manual_seed(i) for i in range(pad)]]
+
+        def model_fn(x: Tensor, t: Tensor, c: Tensor | None) -> Tensor:
+            with self.autocast():
+                return self.forward(self.mode.model_input(x, c), t).float()
+
+        if cond is None:
+            fn = lambda x, t: model_fn(x, t, None)  # noqa: E731
+        else:
+            fn = guided(model_fn, cond, self.mode.null_cond(cond), guidance_scale)
+        with torch.no_grad():
+            x0 = self.strategy.sample(fn, x_T, steps, sampler=sampler, generator=list(generators))
+        return x0[:n]
+
+
+def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, use_ema: bool = True,
+               precision: str = "bf16", compile: str = "auto") -> Stage:
+    """Load the checkpoint for ``stage`` (``"seg"`` or ``"image"``; ``key`` names the config key in
+    errors). Raises :class:`GenerationError`/:class:`CheckpointError` naming the file."""
+    file = checkpoint_file(path, key)
+    ckpt = load_checkpoint(file, map_location="cpu")
+    if ckpt["mode"] not in STAGE_MODES[stage]:
+        raise GenerationError(f"{key}={file} is a {ckpt['mode']!r} checkpoint; this stage needs "
+                              f"{' or '.join(repr(m) for m in STAGE_MODES[stage])}")
+    cfg = OmegaConf.create(ckpt["config"])
+    network = build_network(ckpt["network"])
+    ema = ckpt.get("ema") if use_ema else None
+    if use_ema and ema is None:
+        log.warning("%s has no EMA weights (trained with training.use_ema=false): using the raw weights", file)
+    weights = {k.removeprefix("ema_model."): v for k, v in ema.items() if k.startswith("ema_model.")} if ema \
+        else ckpt["model"]
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{file}: weights do not fit the stored network ({exc})") from None
+    network = network.to(device).eval().requires_grad_(False)
+    spacing = (ckpt.get("geometry") or {}).get("spacing")
+    return Stage(path=file, sha256=sha256(file), network=network, strategy=build_strategy(cfg), mode=build_mode(cfg),
+                 cond_dropout=float(cfg.training.cond_dropout), spacing=tuple(spacing) if spacing else None,
+                 device=device, precision=precision, forward=_forward(network, device, compile))
+
+
+def _forward(network: torch.nn.Module, device: torch.device, compile: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The network's forward, compiled for fixed shapes when ``compile`` is ``true`` (or ``auto``
+    on CUDA); a compile failure falls back to eager with one warning."""
+    if compile == "false" or (compile == "auto" and device.type != "cuda"):
+        return network
+    compiled = torch.compile(network, dynamic=False)
+    state: dict[str, Any] = {"fn": None}
+
+    def forward(x: Tensor, t: Tensor) -> Tensor:
+        if state["fn"] is not None:
+            return state["fn"](x, t)
+        t0 = time.perf_counter()
+        try:
+            out = compiled(x, t)
+            state["fn"] = compiled
+            log.info("compiled the denoiser in %.0f s", time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: eager still works
+            log.warning("torch.compile failed (%s: %s); sampling eagerly", type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "")
+            state["fn"] = network
+            out = network(x, t)
+        return out
+
+    return forward
+
+
+def check_pair(seg: Stage | None, image: Stage, guidance_scale: float) -> None:
+    """The two stages fit together, and guidance is possible for the image model."""
+    if seg is not None and seg.image_size != image.image_size:
+        raise GenerationError(f"seg_checkpoint {seg.path} makes {seg.image_size} px masks but image_checkpoint "
+                              f"{image.path} paints {image.image_size} px images; train both at one model.image_size")
+    if guidance_scale != 1 and image.cond_dropout == 0:
+        raise GenerationError(
+            f"guidance_scale={guidance_scale:g} needs a model trained with condition dropout, and {image.path} "
+            "was trained with training.cond_dropout=0; use guidance_scale=1, or train with e.g. "
+            "training.cond_dropout=0.1")

@@ -1,0 +1,153 @@
+"""What a generation run writes: sample folders in medgen's dataset layout, pictures, the
+manifest and the nnU-Net v2 export.
+
+Each sample folder holds one axial slice per modality as a NIfTI volume of shape ``[S, S, 1]``
+(RAS, the voxel size of the training data's model slices), so the set passes
+``medgen-data check``, trains with ``medgen-train`` and loads with MONAI ``LoadImage``. A
+folder is written under a temporary name and renamed when complete, so an interrupted run
+never leaves a half-written sample.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from medgen.core.constants import MASK_KEY, NIFTI_SUFFIX
+from medgen.data.nifti_dataset import modality_path, save_volume
+from medgen.data.transforms import ras_to_display
+
+#: the red of the mask outline in every picture
+OUTLINE_RGB = (255, 42, 42)
+#: the manifest's columns, in order
+MANIFEST_COLUMNS = ("id", "split", "mask_source", "mask_seed", "image_seed", "seg_checkpoint", "seg_sha256",
+                    "image_checkpoint", "image_sha256", "seg_sampler", "image_sampler", "steps", "guidance_scale",
+                    "mask_area", "components", "accepted")
+
+
+def slice_affine(spacing: Sequence[float]) -> np.ndarray:
+    """RAS affine of a generated ``[S, S, 1]`` slice with voxel size ``spacing`` (mm)."""
+    return np.diag([*map(float, spacing), 1.0])
+
+
+def write_sample(folder: Path, arrays: Mapping[str, np.ndarray], spacing: Sequence[float]) -> Path:
+    """Write ``{key: [S, S]}`` (images in [0, 1], ``seg`` in {0, 1}) as ``folder/<key>.nii.gz``,
+    atomically: into a temporary sibling folder, then renamed."""
+    folder = Path(folder)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    affine = slice_affine(spacing)
+    for key, plane in arrays.items():
+        save_volume(modality_path(tmp, key), np.asarray(plane, dtype=np.float32)[..., None], affine,
+                    is_mask=key == MASK_KEY)
+    os.replace(tmp, folder)
+    return folder
+
+
+def is_complete(folder: Path, keys: Sequence[str]) -> bool:
+    return all((Path(folder) / f"{k}{NIFTI_SUFFIX}").is_file() for k in keys)
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """Boundary pixels of a binary mask ``[H, W]`` (the mask minus its erosion)."""
+    m = np.asarray(mask) > 0.5
+    return m & ~ndimage.binary_erosion(m)
+
+
+def render_tile(image: np.ndarray, mask: np.ndarray | None, scale: int = 2) -> np.ndarray:
+    """One picture ``[H', W', 3]`` uint8: a RAS plane ``[X, Y]`` in [0, 1] in radiological display
+    (as ``medgen-data preview`` and the training sample grids), the mask outlined in red."""
+    gray = (np.clip(ras_to_display(image), 0, 1) * 255).round().astype(np.uint8)
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    if mask is not None:
+        rgb[outline(ras_to_display(mask))] = OUTLINE_RGB
+    return np.kron(rgb, np.ones((scale, scale, 1), dtype=np.uint8)) if scale > 1 else rgb
+
+
+def render_sample(arrays: Mapping[str, np.ndarray], image_keys: Sequence[str], scale: int = 2) -> np.ndarray:
+    """A sample's images side by side, each with the mask outlined, then the mask itself."""
+    mask = arrays[MASK_KEY]
+    tiles = [render_tile(arrays[k], mask, scale) for k in image_keys] + [render_tile(mask, None, scale)]
+    gap = np.full((tiles[0].shape[0], 2, 3), 255, dtype=np.uint8)
+    return np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)
+
+
+def contact_sheet(tiles: Sequence[np.ndarray], columns: int = 8, pad: int = 4) -> np.ndarray:
+    """Tiles ``[H, W, 3]`` (one size) on a white sheet, ``columns`` per row."""
+    h, w = tiles[0].shape[:2]
+    rows = -(-len(tiles) // columns)
+    cols = min(columns, len(tiles))
+    sheet = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        sheet[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = tile
+    return sheet
+
+
+def save_png(array: np.ndarray, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def write_manifest(path: Path, rows: Sequence[Mapping[str, object]]) -> Path:
+    """``manifest.csv`` with :data:`MANIFEST_COLUMNS`, written atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in MANIFEST_COLUMNS})
+    os.replace(tmp, path)
+    return path
+
+
+def export_nnunet(out_dir: Path, samples: Sequence[Path], image_keys: Sequence[str], dataset_id: int,
+                  name: str) -> Path:
+    """nnU-Net v2 raw format under ``out_dir/nnUNet_raw/Dataset<id>_<name>/``: ``imagesTr/<case>_<c>.nii.gz``
+    (channel ``c`` = ``image_keys[c]``), ``labelsTr/<case>.nii.gz`` and ``dataset.json``. Files are
+    hard links to the sample folders where the file system allows, else copies."""
+    root = Path(out_dir) / "nnUNet_raw" / f"Dataset{dataset_id:03d}_{name}"
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "imagesTr").mkdir(parents=True)
+    (tmp / "labelsTr").mkdir()
+    for folder in samples:
+        case = folder.name
+        for c, key in enumerate(image_keys):
+            _link(modality_path(folder, key), tmp / "imagesTr" / f"{case}_{c:04d}{NIFTI_SUFFIX}")
+        _link(modality_path(folder, MASK_KEY), tmp / "labelsTr" / f"{case}{NIFTI_SUFFIX}")
+    dataset = {
+        "channel_names": {str(c): key for c, key in enumerate(image_keys)},
+        "labels": {"background": 0, "lesion": 1},
+        "numTraining": len(samples),
+        "file_ending": NIFTI_SUFFIX,
+        "name": name,
+        "description": "synthetic brain-metastasis slices generated by medgen (mask + matching MRI)",
+    }
+    (tmp / "dataset.json").write_text(json.dumps(dataset, indent=2))
+    if root.exists():
+        shutil.rmtree(root)
+    os.replace(tmp, root)
+    return root
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -1,0 +1,45 @@
+"""The stage-1 quality gate on hand-built masks."""
+
+from __future__ import annotations
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from medgen.generation.gate import measure, passes
+
+GATE = OmegaConf.create({"enabled": True, "min_area": 0.01, "max_area": 0.2, "max_components": 2,
+                         "min_component_pixels": 3})
+
+
+def _mask(*boxes: tuple[int, int, int, int], size: int = 20) -> np.ndarray:
+    m = np.zeros((size, size), dtype=np.uint8)
+    for y0, y1, x0, x1 in boxes:
+        m[y0:y1, x0:x1] = 1
+    return m
+
+
+def test_measure_counts_area_components_and_the_smallest_lesion():
+    masks = np.stack([
+        _mask((2, 6, 2, 6)),  # one 4x4 lesion: 16 px of 400
+        _mask((2, 6, 2, 6), (10, 12, 10, 12), (15, 16, 15, 16)),  # 16 + 4 + 1 px, three lesions
+        _mask((2, 4, 2, 4), (4, 6, 4, 6)),  # touching diagonally: one lesion with 8-connectivity
+        _mask(),
+    ])
+    stats = measure(masks)
+    np.testing.assert_allclose(stats.area, [16 / 400, 21 / 400, 8 / 400, 0])
+    assert stats.components.tolist() == [1, 3, 1, 0]
+    assert stats.smallest.tolist() == [16, 1, 8, 0]
+
+
+def test_passes_rejects_what_it_should():
+    masks = np.stack([
+        _mask((2, 6, 2, 6)),  # ok
+        _mask((0, 20, 0, 20)),  # area 1.0 > max_area
+        _mask((2, 3, 2, 4)),  # 2 px: area 0.005 < min_area
+        _mask((2, 6, 2, 6), (10, 14, 10, 14), (16, 19, 16, 19)),  # 3 lesions > max_components
+        _mask((2, 6, 2, 6), (10, 11, 10, 12)),  # a 2-px speck < min_component_pixels
+        _mask(),  # empty
+    ])
+    assert passes(measure(masks), GATE).tolist() == [True, False, False, False, False, False]
+    off = OmegaConf.merge(GATE, {"enabled": False})
+    assert passes(measure(masks), off).all()

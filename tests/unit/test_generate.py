@@ -1,0 +1,221 @@
+"""medgen-generate: the two-stage pipeline, its output as a dataset, determinism, resume, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import LoadImage
+
+from medgen.core.checkpoint import CheckpointError, load_checkpoint
+from medgen.data.nifti_dataset import load_volume
+from medgen.data.validate import check_dataset
+from medgen.generation import GenerationError, generate
+from medgen.generation import pipeline as pipeline_module
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+OPEN_GATE = {"enabled": False}
+
+
+def _generate(tmp: Path, ckpts: dict[str, Path], **settings):
+    base = {"seg_checkpoint": str(ckpts["seg"]), "image_checkpoint": str(ckpts["bravo"]), "out_dir": str(tmp / "out"),
+            "num_images": 6, "batch_size": 4, "steps": 4, "precision": "fp32", "gate": OPEN_GATE,
+            "cache_dir": str(tmp / "cache")}
+    return generate(progress=False, **{**base, **settings})
+
+
+def _arrays(out: Path, split: str = "train") -> dict[str, dict[str, np.ndarray]]:
+    return {p.name: {f.name: load_volume(f)[0] for f in sorted(p.glob("*.nii.gz"))}
+            for p in sorted((out / split).iterdir())}
+
+
+def _manifest(out: Path) -> list[dict[str, str]]:
+    with open(out / "manifest.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_output_is_a_medgen_dataset_with_the_training_geometry(tmp_path, tiny_checkpoints):
+    result = _generate(tmp_path, tiny_checkpoints)
+    out = result.out_dir
+    assert result.status == "done" and result.sample_ids == [f"syn_{i:06d}" for i in range(6)]
+    assert sorted(p.name for p in (out / "train").iterdir()) == result.sample_ids
+    report = check_dataset(out, progress=False)
+    assert report.ok and report.keys == ["bravo", "seg"] and report.patients_checked == 6
+    # 2D slices as [S, S, 1] NIfTI with the voxel size of the training data's model slices
+    spacing = load_checkpoint(tiny_checkpoints["bravo"])["geometry"]["spacing"]
+    assert spacing == [2.0, 2.0, 2.0]  # tiny data: 1 x 1 x 2 mm at 32 px, resized to 16 px
+    img = LoadImage(image_only=True)(str(out / "train" / "syn_000000" / "bravo.nii.gz"))
+    assert tuple(img.shape) == (16, 16, 1)
+    np.testing.assert_allclose(img.meta["pixdim"][1:4], spacing)
+    arrays = _arrays(out)["syn_000000"]
+    assert set(np.unique(arrays["seg.nii.gz"])) <= {0.0, 1.0}
+    assert 0 <= arrays["bravo.nii.gz"].min() and arrays["bravo.nii.gz"].max() <= 1
+    # pictures and the manifest
+    assert (out / "contact_sheet.png").is_file() and len(list((out / "previews").glob("*.png"))) == 6
+    rows = _manifest(out)
+    assert [r["id"] for r in rows] == result.sample_ids
+    assert {r["image_sampler"] for r in rows} == {"euler"} and {r["seg_sampler"] for r in rows} == {"dpmpp_2m"}
+    assert rows[0]["image_sha256"] == __import__("hashlib").sha256(tiny_checkpoints["bravo"].read_bytes()).hexdigest()
+    assert len({r["image_seed"] for r in rows}) == 6 and all(r["accepted"] == "True" for r in rows)
+
+
+def test_samples_do_not_depend_on_the_batch_size(tmp_path, tiny_checkpoints):
+    one = _generate(tmp_path / "b1", tiny_checkpoints, batch_size=1, num_images=5)
+    four = _generate(tmp_path / "b4", tiny_checkpoints, batch_size=4, num_images=5)
+    a, b = _arrays(one.out_dir), _arrays(four.out_dir)
+    assert a.keys() == b.keys()
+    for sid in a:
+        assert np.array_equal(a[sid]["seg.nii.gz"], b[sid]["seg.nii.gz"]), sid
+        np.testing.assert_allclose(a[sid]["bravo.nii.gz"], b[sid]["bravo.nii.gz"], rtol=0, atol=1e-5)
+
+
+def test_interrupted_run_continues_to_the_same_files(tmp_path, tiny_checkpoints, monkeypatch):
+    straight = _generate(tmp_path / "straight", tiny_checkpoints, num_images=7, batch_size=2)
+    # a stop request (as SIGTERM sets it) at the second batch of stage 1 in the first run, and of
+    # stage 2 in the second run
+    real_any_rank, real_stage2 = pipeline_module.any_rank, pipeline_module._stage2
+    state = {"stage": "masks", "stop_in": "masks", "calls": 0}
+
+    def any_rank(flag, dist):
+        state["calls"] += state["stage"] == state["stop_in"]
+        return state["calls"] == 2 or real_any_rank(flag, dist)
+
+    def stage2(*args, **kwargs):
+        state["stage"] = "images"
+        return real_stage2(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "any_rank", any_rank)
+    monkeypatch.setattr(pipeline_module, "_stage2", stage2)
+    first = _generate(tmp_path / "resumed", tiny_checkpoints, num_images=7, batch_size=2)
+    assert first.status == "stopped" and not (first.out_dir / "train").exists()  # stopped in stage 1
+    state.update(stage="masks", stop_in="images", calls=0)
+    second = _generate(tmp_path / "resumed", tiny_checkpoints, num_images=7, batch_size=2)
+    assert second.status == "stopped" and len(list((second.out_dir / "train").iterdir())) == 2  # one batch painted
+    assert not (second.out_dir / "manifest.csv").exists()
+    state.update(stop_in="never", calls=0)
+    third = _generate(tmp_path / "resumed", tiny_checkpoints, num_images=7, batch_size=2)
+    assert third.status == "done"
+    a, b = _arrays(straight.out_dir), _arrays(third.out_dir)
+    assert a.keys() == b.keys()
+    for sid in a:
+        for key in a[sid]:
+            assert np.array_equal(a[sid][key], b[sid][key]), (sid, key)
+    assert _manifest(straight.out_dir) == _manifest(third.out_dir)
+
+
+def test_a_restart_with_other_settings_is_refused(tmp_path, tiny_checkpoints):
+    _generate(tmp_path, tiny_checkpoints, num_images=2)
+    with pytest.raises(GenerationError, match=r"other settings \(seed: 0 -> 1\)"):
+        _generate(tmp_path, tiny_checkpoints, num_images=2, seed=1)
+    _generate(tmp_path, tiny_checkpoints, num_images=3)  # more of the same is fine
+
+
+def test_gate_keeps_the_first_passing_candidates_whatever_the_batch(tmp_path, tiny_checkpoints):
+    gate = {"enabled": True, "min_area": 0.0, "max_area": 1.0, "max_components": 1000, "min_component_pixels": 1}
+    probe = _generate(tmp_path / "probe", tiny_checkpoints, num_images=12, gate=OPEN_GATE)
+    area = [float(r["mask_area"]) for r in _manifest(probe.out_dir)]  # candidates 0..11, in order
+    others = sorted(area[1:])
+    if area[0] > others[3]:  # an area window that rejects candidate 0 and passes at least 4 others
+        gate["max_area"] = (others[3] + area[0]) / 2
+    else:
+        gate["min_area"] = (others[-4] + area[0]) / 2
+    results = [_generate(tmp_path / f"b{b}", tiny_checkpoints, num_images=4, batch_size=b, gate=gate) for b in (1, 3)]
+    rows = [_manifest(r.out_dir) for r in results]
+    assert rows[0] == rows[1]
+    accepted = [r for r in rows[0] if r["accepted"] == "True"]
+    rejected = [r for r in rows[0] if r["accepted"] == "False"]
+    assert len(accepted) == 4 and rejected and all(r["id"] == "" for r in rejected)
+    inside = lambda r: gate["min_area"] <= float(r["mask_area"]) <= gate["max_area"]  # noqa: E731
+    assert all(inside(r) for r in accepted) and not any(inside(r) for r in rejected)
+    assert rows[0][0]["accepted"] == "True" and rows[0][0]["id"] == "syn_000000"  # accepted rows come first
+    candidates = [int(r["mask_source"].split()[-1]) for r in accepted + rejected]
+    assert sorted(candidates) == list(range(max(candidates) + 1))  # every candidate up to the 4th pass
+    assert 0 < results[0].acceptance_rate < 1
+
+
+def test_an_impossible_gate_stops_with_the_acceptance_rate(tmp_path, tiny_checkpoints):
+    gate = {"enabled": True, "min_area": 0.9, "max_area": 1.0, "max_attempts": 8}
+    with pytest.raises(GenerationError, match=r"accepted 0 of 8 generated masks \(0\.0%\).*gate\.max_attempts=8"):
+        _generate(tmp_path, tiny_checkpoints, num_images=3, gate=gate)
+
+
+def test_masks_from_a_dataset_and_several_samples_per_mask(tmp_path, tiny_checkpoints, tiny_data):
+    result = _generate(tmp_path, tiny_checkpoints, seg_checkpoint=None, masks_from=str(tiny_data), masks_split="train",
+                       num_images=3, samples_per_mask=2)
+    out = result.out_dir
+    rows = _manifest(out)
+    assert len(rows) == 6 and rows[0]["mask_source"].startswith("train/patient_")
+    assert rows[0]["id"].endswith("_s0") and rows[1]["id"].endswith("_s1")
+    a = _arrays(out)
+    s0, s1 = a[rows[0]["id"]], a[rows[1]["id"]]
+    assert np.array_equal(s0["seg.nii.gz"], s1["seg.nii.gz"]) and not np.array_equal(s0["bravo.nii.gz"], s1["bravo.nii.gz"])
+    # the uncertainty map is the per-pixel mean and std of the two draws
+    folder = out / "uncertainty" / rows[0]["id"][:-3]
+    both = np.stack([s0["bravo.nii.gz"], s1["bravo.nii.gz"]])
+    np.testing.assert_allclose(load_volume(folder / "bravo_mean.nii.gz")[0], both.mean(0), atol=1e-6)
+    np.testing.assert_allclose(load_volume(folder / "bravo_std.nii.gz")[0], both.std(0), atol=1e-6)
+    assert (folder / "uncertainty.png").is_file()
+    # the conditioning masks are the real ones
+    patient, z = rows[0]["mask_source"].split("/")[1:]
+    real = load_volume(tiny_data / "train" / patient / "seg.nii.gz")[0]
+    assert real[..., int(z[1:])].sum() > 0
+
+
+def test_nnunet_export_and_dual_images(tmp_path, tiny_checkpoints):
+    result = _generate(tmp_path, tiny_checkpoints, image_checkpoint=str(tiny_checkpoints["dual"]), num_images=3,
+                       format="nnunet")
+    root = result.out_dir / "nnUNet_raw" / "Dataset501_MedgenSynthetic"
+    dataset = json.loads((root / "dataset.json").read_text())
+    assert dataset["channel_names"] == {"0": "t1_pre", "1": "t1_gd"} and dataset["labels"] == {"background": 0, "lesion": 1}
+    assert dataset["numTraining"] == 3 and dataset["file_ending"] == ".nii.gz"
+    images = sorted(p.name for p in (root / "imagesTr").iterdir())
+    assert images == [f"syn_{i:06d}_{c:04d}.nii.gz" for i in range(3) for c in range(2)]
+    assert sorted(p.name for p in (root / "labelsTr").iterdir()) == [f"syn_{i:06d}.nii.gz" for i in range(3)]
+    for c, key in dataset["channel_names"].items():  # channel c is the modality the json names
+        assert np.array_equal(load_volume(root / "imagesTr" / f"syn_000001_{int(c):04d}.nii.gz")[0],
+                              load_volume(result.out_dir / "train" / "syn_000001" / f"{key}.nii.gz")[0])
+
+
+def test_guidance_needs_a_model_trained_with_condition_dropout(tmp_path, tiny_checkpoints):
+    with pytest.raises(GenerationError, match=r"guidance_scale=2 needs .*training.cond_dropout=0"):
+        _generate(tmp_path / "a", tiny_checkpoints, image_checkpoint=str(tiny_checkpoints["dual"]), guidance_scale=2)
+    guided = _generate(tmp_path / "b", tiny_checkpoints, guidance_scale=2.0, num_images=2)  # bravo: dropout 0.2
+    plain = _generate(tmp_path / "c", tiny_checkpoints, guidance_scale=1.0, num_images=2)
+    assert not np.array_equal(_arrays(guided.out_dir)["syn_000000"]["bravo.nii.gz"],
+                              _arrays(plain.out_dir)["syn_000000"]["bravo.nii.gz"])
+
+
+def test_wrong_stage_missing_and_newer_checkpoints_name_the_file(tmp_path, tiny_checkpoints):
+    with pytest.raises(GenerationError, match=rf"image_checkpoint={tiny_checkpoints['seg']} is a 'seg' checkpoint"):
+        _generate(tmp_path, tiny_checkpoints, image_checkpoint=str(tiny_checkpoints["seg"]))
+    with pytest.raises(GenerationError, match=r"seg_checkpoint=.*is a 'bravo' checkpoint; this stage needs 'seg'"):
+        _generate(tmp_path, tiny_checkpoints, seg_checkpoint=str(tiny_checkpoints["bravo"]))
+    with pytest.raises(GenerationError, match=r"seg_checkpoint=nope.pt: .*nope.pt does not exist"):
+        _generate(tmp_path, tiny_checkpoints, seg_checkpoint="nope.pt")
+    data = torch.load(tiny_checkpoints["seg"], weights_only=False)
+    data["format_version"] = 99
+    torch.save(data, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match=r"future.pt has checkpoint format 99, newer than this medgen"):
+        _generate(tmp_path, tiny_checkpoints, seg_checkpoint=str(tmp_path / "future.pt"))
+
+
+def test_the_command_prints_one_line_errors(tmp_path, tiny_checkpoints):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "medgen.scripts.generate", f"out_dir={tmp_path / 'out'}"]
+    out = subprocess.run([*cmd, f"seg_checkpoint={tiny_checkpoints['bravo']}", f"image_checkpoint={tiny_checkpoints['bravo']}"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"medgen-generate: seg_checkpoint={tiny_checkpoints['bravo']} is a 'bravo'")
+    out = subprocess.run([*cmd, "sampler=heun2", f"image_checkpoint={tiny_checkpoints['bravo']}", "masks_from=x"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and "config error at 'sampler': unknown sampler 'heun2'" in out.stderr
+    out = subprocess.run([*cmd, "sampler=heun", f"image_checkpoint={tiny_checkpoints['bravo']}",
+                          f"seg_checkpoint={tiny_checkpoints['seg']}"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1 and "sampler=heun: " in out.stderr and "'ddpm' model, which samples with" in out.stderr
