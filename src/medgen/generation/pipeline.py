@@ -100,9 +100,17 @@ def run_generation(cfg: DictConfig, dist: DistInfo | None = None, progress: bool
     check_pair(seg, image, cfg.guidance_scale)
     samplers = {"seg": _sampler(cfg, "seg_sampler", seg), "image": _sampler(cfg, "image_sampler", image)}
     settings = _settings(cfg, seg, image, samplers)
-    if dist.is_main:
-        _claim(state, settings)
-    barrier(dist)
+    with _exclusive(state, dist):
+        if dist.is_main:
+            _claim(state, settings)
+            _remove_partial_writes(out)
+        barrier(dist)
+        return _run_stages(cfg, seg, image, samplers, settings, out, state, dist, progress, t_start)
+
+
+def _run_stages(cfg: DictConfig, seg: Stage | None, image: Stage, samplers: dict[str, str | None],
+                settings: dict[str, Any], out: Path, state: Path, dist: DistInfo, progress: bool,
+                t_start: float) -> GenerationResult:
     seconds: dict[str, float] = {}
     status = "done"
     with _stop_signals() as stop:
@@ -157,6 +165,42 @@ def _settings(cfg: DictConfig, seg: Stage | None, image: Stage, samplers: dict[s
         "image_keys": list(image.mode.image_keys), "image_size": image.image_size,
         "spacing": list(image.spacing or (seg.spacing if seg and seg.spacing else (1.0, 1.0, 1.0))),
     }
+
+
+@contextmanager
+def _exclusive(state: Path, dist: DistInfo) -> Iterator[None]:
+    """One generation at a time per out_dir: the main rank holds a lock on ``.medgen/lock``."""
+    if not dist.is_main:
+        yield
+        return
+    import fcntl
+
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / "lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise GenerationError(f"another medgen-generate (pid {lock.read().strip() or '?'}) is writing to "
+                                  f"{state.parent}; wait for it or use another out_dir") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _remove_partial_writes(out: Path) -> None:
+    """Temporary files and folders an interrupted run left (``.<name>.tmp-<pid>``): never complete."""
+    import shutil
+
+    for path in out.glob("**/.*.tmp-*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _claim(state: Path, settings: dict[str, Any]) -> None:
