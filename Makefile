@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-slow bench-data lock clean
+.PHONY: install demo test test-slow bench-data lock clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# the whole pipeline on phantoms (about 20 minutes on a 2-core CPU): see demo/summary.md
+demo: install
+	$(VENV)/bin/medgen-demo --out demo
 
 test: install
 	$(PY) -m pytest -q tests

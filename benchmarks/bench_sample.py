@@ -190,9 +190,9 @@ def main() -> None:
 def cuda_figures(tmp: Path, seg_ckpt: Path, image_ckpt: Path, batch: int, pairs: int, device: torch.device) -> dict:
     from medgen.generation.models import load_stage
 
-    out = {"gpu": torch.cuda.get_device_name(), "batch_size": batch}
+    out = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else str(device), "batch_size": batch}
     stage = load_stage(image_ckpt, "image", "image", device=device, compile="false")
-    x = torch.randn(batch, stage.mode.in_channels, 128, 128, device=device)
+    x = torch.randn(batch, stage.mode.in_channels, stage.image_size, stage.image_size, device=device)
     t = torch.full((batch,), 500.0, device=device)
     for name, fn in (("eager", stage.network), ("compiled", torch.compile(stage.network, dynamic=False))):
         def forward():

@@ -219,3 +219,19 @@ def test_the_command_prints_one_line_errors(tmp_path, tiny_checkpoints):
     out = subprocess.run([*cmd, "sampler=heun", f"image_checkpoint={tiny_checkpoints['bravo']}",
                           f"seg_checkpoint={tiny_checkpoints['seg']}"], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 1 and "sampler=heun: " in out.stderr and "'ddpm' model, which samples with" in out.stderr
+
+
+def test_a_generated_set_trains_with_medgen_train(tmp_path, tiny_checkpoints):
+    from medgen.core.config import load_config
+    from medgen.core.distributed import DistInfo
+    from medgen.diffusion.trainer import DiffusionTrainer
+
+    out = _generate(tmp_path, tiny_checkpoints, num_images=8).out_dir
+    cfg = load_config([f"paths.data_dir={out}", f"paths.cache_dir={tmp_path / 'cache'}", "mode=bravo",
+                       "training=fast_debug", "training.precision=fp32", "training.batch_size=2", "training.max_steps=2",
+                       "data.num_workers=0", "model.image_size=16", "model.channels=[32,32]",
+                       "model.attention_levels=[false,true]", "model.num_head_channels=32"])
+    trainer = DiffusionTrainer(cfg, tmp_path / "run", DistInfo(device=torch.device("cpu")), progress=False)
+    assert len(trainer.data.train_cache) + len(trainer.data.val_cache) == 8  # every sample is one slice
+    assert trainer.train() == "max_steps"
+    assert trainer.data.train_cache.spacing == [2.0, 2.0, 2.0]  # the voxel size survives the round trip

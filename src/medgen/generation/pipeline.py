@@ -459,8 +459,8 @@ def _finish(out: Path, masks: _Masks, ids: list[tuple[str, int]], cfg: DictConfi
     tiles = []
     for sid, _ in ids[:CONTACT_SHEET_SAMPLES]:
         arrays = {k: load_volume(modality_path(split_dir / sid, k))[0][..., 0] for k in (*keys, MASK_KEY)}
-        tiles.append(writer.render_sample(arrays, keys, scale=1))
-    writer.save_png(writer.contact_sheet(tiles, columns=8 if len(keys) == 1 else 4), out / "contact_sheet.png")
+        tiles.append(writer.render_sample(arrays, keys, scale=max(1, 128 // image.image_size)))
+    writer.save_png(writer.contact_sheet(tiles, columns=8 // len(keys)), out / "contact_sheet.png")
     common = {"split": cfg.split, "seg_checkpoint": settings["seg_checkpoint"] or "",
               "seg_sha256": settings["seg_sha256"] or "", "image_checkpoint": settings["image_checkpoint"],
               "image_sha256": settings["image_sha256"], "seg_sampler": settings["seg_sampler"] or "",

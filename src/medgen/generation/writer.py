@@ -74,9 +74,10 @@ def render_tile(image: np.ndarray, mask: np.ndarray | None, scale: int = 2) -> n
 
 
 def render_sample(arrays: Mapping[str, np.ndarray], image_keys: Sequence[str], scale: int = 2) -> np.ndarray:
-    """A sample's images side by side, each with the mask outlined, then the mask itself."""
+    """A sample's pictures side by side: per image key the image as generated, then the same image
+    with the mask outlined in red (so the lesion itself is not hidden by its outline)."""
     mask = arrays[MASK_KEY]
-    tiles = [render_tile(arrays[k], mask, scale) for k in image_keys] + [render_tile(mask, None, scale)]
+    tiles = [t for k in image_keys for t in (render_tile(arrays[k], None, scale), render_tile(arrays[k], mask, scale))]
     gap = np.full((tiles[0].shape[0], 2, 3), 255, dtype=np.uint8)
     return np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)
 

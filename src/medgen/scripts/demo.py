@@ -1,0 +1,237 @@
+"""``medgen-demo``: the whole pipeline on phantoms, on a laptop CPU, in about 20 minutes.
+
+    medgen-demo --out demo [--minutes 14] [--subjects 20] [--pairs 64]
+
+1. writes a phantom dataset (``<out>/data``);
+2. trains a seg model and a bravo model with the ``training=cpu`` profile (rectified flow), the
+   number of epochs chosen from a timing probe so that the two runs take ``--minutes`` together;
+3. generates ``--pairs`` mask/image pairs (``<out>/synthetic``, a medgen dataset);
+4. writes ``<out>/summary.md`` (what ran, how long, where the files are, what it shows) and
+   ``<out>/contact_sheet.png``.
+
+Every stage that is already complete in ``<out>`` is reused, so an interrupted demo continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+log = logging.getLogger("medgen.demo")
+
+#: share of the training budget that goes to the seg model (the rest trains bravo)
+SEG_SHARE = 0.35
+#: measured steps of the timing probe (after 2 warm-up steps)
+PROBE_STEPS = 6
+
+
+def _overrides(out: Path, mode: str, seed: int) -> list[str]:
+    return ["training=cpu", f"mode={mode}", "strategy=rflow", f"seed={seed}", f"paths.data_dir={out / 'data'}",
+            f"paths.model_dir={out / 'runs'}", f"paths.cache_dir={out / 'cache'}"]
+
+
+def _seconds_per_epoch(overrides: list[str], out: Path) -> tuple[float, int]:
+    """Time a few real training steps of this run (the slice cache is built on the way)."""
+    from medgen.core.config import load_config
+    from medgen.diffusion.trainer import DiffusionTrainer
+
+    probe_dir = out / "runs" / ".probe"
+    quiet = logging.getLogger("medgen.train")
+    level, quiet.level = quiet.level, logging.WARNING
+    try:
+        trainer = DiffusionTrainer(load_config(overrides), probe_dir, progress=False)
+    finally:
+        quiet.setLevel(level)
+    batches = trainer.batches()
+    for _ in range(2):
+        trainer.train_step(next(batches))
+    t0 = time.perf_counter()
+    for _ in range(PROBE_STEPS):
+        trainer.train_step(next(batches))
+    per_step = (time.perf_counter() - t0) / PROBE_STEPS
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    # validation (forward passes over the val split, a sample grid) every few epochs: ~10% on top
+    return 1.1 * per_step * trainer.steps_per_epoch, trainer.steps_per_epoch
+
+
+def train(out: Path, mode: str, minutes: float, seed: int) -> tuple[Path, dict]:
+    """Train ``mode`` for about ``minutes``; returns (run folder, facts for the summary)."""
+    from medgen.core.checkpoint import load_checkpoint
+    from medgen.core.config import load_config
+    from medgen.scripts.train import run as train_run
+
+    run_dir = out / "runs" / mode / "demo"
+    latest = run_dir / "checkpoints" / "latest.pt"
+    if latest.is_file():
+        ckpt = load_checkpoint(latest)
+        if ckpt["epoch"] >= ckpt["config"]["training"]["epochs"]:
+            log.info("%s model already trained: %s", mode, run_dir)
+            return run_dir, {"epochs": ckpt["epoch"], "steps": ckpt["step"], "reused": True,
+                             "image_size": ckpt["config"]["model"]["image_size"]}
+        shutil.rmtree(run_dir)
+    overrides = _overrides(out, mode, seed)
+    per_epoch, steps_per_epoch = _seconds_per_epoch(overrides, out)
+    epochs = max(1, math.floor(minutes * 60 / per_epoch))
+    val_interval = max(1, epochs // 4)
+    log.info("%s: %d steps/epoch at %.1f s/epoch -> %d epochs in %.1f min", mode, steps_per_epoch, per_epoch,
+             epochs, minutes)
+    cfg = load_config([*overrides, f"training.epochs={epochs}", f"training.val_interval={val_interval}"])
+    train_run(cfg, run_dir)
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    return run_dir, {"epochs": epochs, "steps": epochs * steps_per_epoch, "image_size": cfg.model.image_size,
+                     "best_val_loss": float(best["best_val_loss"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="medgen-demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="folder for everything the demo writes")
+    ap.add_argument("--minutes", type=float, default=14.0, help="training budget of the two models together")
+    ap.add_argument("--subjects", type=int, default=20, help="phantom subjects (default 20)")
+    ap.add_argument("--pairs", type=int, default=64, help="mask/image pairs to generate (default 64)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    bad = [m for ok, m in [(args.minutes > 0, "--minutes must be > 0"), (args.subjects >= 4, "--subjects must be >= 4"),
+                           (args.pairs >= 1, "--pairs must be >= 1")] if not ok]
+    if bad:
+        print("medgen-demo: " + "; ".join(bad), file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    from medgen.scripts._cli import exit_on_user_error
+
+    with exit_on_user_error("medgen-demo"):
+        run_demo(args.out.resolve(), args.minutes, args.subjects, args.pairs, args.seed)
+    return 0
+
+
+def run_demo(out: Path, minutes: float, subjects: int, pairs: int, seed: int) -> Path:
+    from medgen.data.phantom import generate_dataset
+    from medgen.generation import generate
+
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    facts: dict[str, dict] = {}
+
+    t0 = time.perf_counter()
+    if not (out / "data" / "train").is_dir():
+        log.info("== 1/4 phantoms: %d subjects at 128 x 128 x 64", subjects)
+        generate_dataset(out / "data", subjects=subjects, size=128, slices=64, seed=seed, workers=2)
+    seconds["phantoms"] = time.perf_counter() - t0
+
+    runs = {}
+    for mode, share in (("seg", SEG_SHARE), ("bravo", 1 - SEG_SHARE)):
+        log.info("== %d/4 train %s (rectified flow, training=cpu, about %.1f min)", 2 if mode == "seg" else 3,
+                 mode, minutes * share)
+        t0 = time.perf_counter()
+        runs[mode], facts[mode] = train(out, mode, minutes * share, seed)
+        seconds[f"train {mode}"] = time.perf_counter() - t0
+
+    log.info("== 4/4 generate %d pairs", pairs)
+    t0 = time.perf_counter()
+    result = generate(seg_checkpoint=str(runs["seg"]), image_checkpoint=str(runs["bravo"]), num_images=pairs,
+                      out_dir=str(out / "synthetic"), cache_dir=str(out / "cache"), seed=seed)
+    seconds["generate"] = time.perf_counter() - t0
+    shutil.copyfile(result.contact_sheet, out / "contact_sheet.png")
+    summary = write_summary(out, subjects, pairs, seconds, facts, runs, result)
+    print(f"\ndemo finished in {sum(seconds.values()) / 60:.1f} min: {summary}")
+    return summary
+
+
+def lesion_contrast(image: np.ndarray, mask: np.ndarray, ring: int = 3) -> float:
+    """Mean intensity inside the mask minus the mean in a ``ring``-pixel band around it: > 0 when
+    the image shows a bright (enhancing) lesion where the mask has one."""
+    m = mask > 0.5
+    band = ndimage.binary_dilation(m, iterations=ring) & ~m
+    return float(image[m].mean() - image[band].mean())
+
+
+def contrast_check(out: Path, sample_dirs: list[Path], image_size: int) -> dict[str, float]:
+    """Do lesions sit where the masks are? :func:`lesion_contrast` of the synthetic bravo images with
+    their own masks, with the masks of other samples (a pipeline that ignored the mask would score
+    the same on both), and of the real test slices with lesions."""
+    from medgen.data.nifti_dataset import load_volume
+    from medgen.data.slices import SliceSpec, open_or_build_cache
+    from medgen.data.splits import split_patients
+
+    pairs = [(load_volume(d / "bravo.nii.gz")[0][..., 0], load_volume(d / "seg.nii.gz")[0][..., 0]) for d in sample_dirs]
+    own = [lesion_contrast(img, m) for img, m in pairs]
+    shuffled = [lesion_contrast(img, pairs[(i + len(pairs) // 2) % len(pairs)][1]) for i, (img, _) in enumerate(pairs)]
+    cache = open_or_build_cache(split_patients(out / "data", "test"), SliceSpec(keys=("bravo", "seg"),
+                                image_size=image_size, selection="lesion"), out / "cache", progress=False)
+    real = [lesion_contrast(np.asarray(cache.data[i, 0], np.float32), np.asarray(cache.data[i, 1], np.float32))
+            for i in range(len(cache))]
+    return {"own": float(np.mean(own)), "own_positive": float(np.mean(np.asarray(own) > 0)),
+            "shuffled": float(np.mean(shuffled)), "shuffled_positive": float(np.mean(np.asarray(shuffled) > 0)),
+            "real": float(np.mean(real)), "real_positive": float(np.mean(np.asarray(real) > 0)), "n_real": len(real)}
+
+
+def write_summary(out: Path, subjects: int, pairs: int, seconds: dict[str, float], facts: dict[str, dict],
+                  runs: dict[str, Path], result) -> Path:
+    rel = lambda p: Path(p).relative_to(out)  # noqa: E731
+    check = contrast_check(out, [result.out_dir / "train" / sid for sid in result.sample_ids],
+                           int(facts["bravo"].get("image_size", 64)))
+    lines = [
+        "# medgen demo",
+        "",
+        f"Phantoms → seg and bravo models (rectified flow, `training=cpu`, 64 px) → {pairs} synthetic pairs.",
+        "",
+        "| stage | minutes | what |",
+        "|---|---|---|",
+        f"| phantoms | {seconds['phantoms'] / 60:.1f} | {subjects} subjects, 128 × 128 × 64, four contrasts and lesions: `data/` |",
+    ]
+    for mode in ("seg", "bravo"):
+        f = facts[mode]
+        what = f"{f['epochs']} epochs, {f['steps']} steps" + (" (reused)" if f.get("reused") else
+                                                               f", best val loss {f['best_val_loss']:.4f}")
+        lines.append(f"| train {mode} | {seconds[f'train {mode}'] / 60:.1f} | {what}: `{rel(runs[mode])}/` |")
+    rate = "" if result.acceptance_rate is None else f", quality gate acceptance {100 * result.acceptance_rate:.0f}%"
+    lines += [
+        f"| generate | {seconds['generate'] / 60:.1f} | {len(result.sample_ids)} pairs{rate}: `synthetic/` |",
+        f"| total | {sum(seconds.values()) / 60:.1f} | |",
+        "",
+        "## Where the files are",
+        "",
+        "- `synthetic/train/<id>/{seg,bravo}.nii.gz`: the synthetic dataset (medgen layout; "
+        "`medgen-data check synthetic` passes, `medgen-train paths.data_dir=synthetic` trains on it)",
+        "- `synthetic/manifest.csv`: seeds, checkpoints (SHA-256), sampler, lesion area and components per sample",
+        "- `contact_sheet.png` (= `synthetic/contact_sheet.png`): bravo with the mask outlined in red, then the mask",
+        "- `runs/<mode>/demo/samples/`: the training sample grids (condition | real | generated), "
+        "`tensorboard --logdir runs` for the curves",
+        "",
+        "## What minutes of CPU training give",
+        "",
+        "**Do lesions sit where the masks are?** Mean intensity inside the mask minus the mean in a",
+        "3-pixel band around it (bravo in [0, 1]; higher = a brighter lesion at the mask):",
+        "",
+        "| images | masks | contrast | positive |",
+        "|---|---|---|---|",
+        f"| synthetic | their own | {check['own']:.3f} | {100 * check['own_positive']:.0f}% |",
+        f"| synthetic | another sample's (control) | {check['shuffled']:.3f} | {100 * check['shuffled_positive']:.0f}% |",
+        f"| real test slices ({check['n_real']}) | their own | {check['real']:.3f} | {100 * check['real_positive']:.0f}% |",
+        "",
+        "A 64 px model trained for minutes on a laptop learns the layout of a head: a dark background, a",
+        "skull ring, gyri-like texture inside, and a bright spot where the mask has a lesion (the table",
+        "above). The seg model learns small blob-like lesions of plausible size (the quality gate",
+        "replaces specks and oversized masks), but it knows nothing of the head the image model will",
+        "paint: a generated lesion can fall near or outside the edge of the brain. Sharp anatomy,",
+        "grey/white matter contrast and realistic lesion appearance need the specification's network",
+        "(`model=default`, 128 px) trained for hours on a GPU (`training=default`). The demo shows that",
+        "data, training, the two-stage generation and the output format work end to end; it is not",
+        "data to train a segmentation model on.",
+        "",
+    ]
+    path = out / "summary.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
