@@ -147,6 +147,13 @@ def _check(ok: bool, key: str, reason: str) -> None:
         raise ConfigError(key, reason)
 
 
+def _plain(cfg: DictConfig) -> DictConfig:
+    """``cfg`` without Hydra's own node, as plain (untyped) config: a config that was validated
+    before validates again."""
+    keys = [k for k in cfg.keys() if k != "hydra"]
+    return OmegaConf.create(OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=False))
+
+
 def _name_in(registry: dict[str, type], node: Any, group: str) -> type:
     name = OmegaConf.select(node, f"{group}.name", default=None) if node is not None else None
     _check(name in registry, f"{group}.name", f"unknown {group} {name!r}; choose one of {sorted(registry)}")
@@ -163,9 +170,8 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     strategies, modes = _registries()
     strategy_cls = _name_in(strategies, cfg, "strategy")
     mode_cls = _name_in(modes, cfg, "mode")
-    user = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
     try:
-        merged = OmegaConf.merge(_schema(strategy_cls.Config), user)
+        merged = OmegaConf.merge(_schema(strategy_cls.Config), _plain(cfg))
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:  # unknown key / wrong type / bad interpolation
         key = getattr(exc, "full_key", None) or "<root>"
@@ -313,9 +319,8 @@ def validate_generate_config(cfg: DictConfig) -> DictConfig:
     metadata, and the constraints between keys. Raises :class:`ConfigError` naming the key."""
     from medgen.diffusion.samplers import SAMPLERS
 
-    user = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(GenerateConfig), user)
+        merged = OmegaConf.merge(OmegaConf.structured(GenerateConfig), _plain(cfg))
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(str(getattr(exc, "full_key", None) or "<root>"), str(exc).splitlines()[0]) from None
