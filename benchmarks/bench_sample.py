@@ -148,6 +148,8 @@ def pipeline_pairs_per_s(tmp: Path, seg_ckpt: Path, image_ckpt: Path, pairs: int
                           batch_size=batch, out_dir=str(tmp / name), gate={"enabled": False}, compile=compile,
                           device=str(device))
     result = run_generation(cfg, DistInfo(device=device), progress=False)
+    if result.status != "done":
+        raise SystemExit(f"bench_sample: the generation run was stopped ({result.status}); no figure")
     return pairs / result.seconds["total"]
 
 

@@ -10,13 +10,18 @@ import torch
 from PIL import Image
 
 from medgen.core.checkpoint import CheckpointError, load_checkpoint
+from medgen.core.distributed import DistInfo
 from medgen.diffusion.perceptual import PerceptualWeightsError
 from medgen.diffusion.trainer import DiffusionTrainer, TrainingStopped
 from medgen.diffusion.utils import load_model_from_checkpoint
 
 
 def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+#: bit-exact resume is checked on the CPU: cuDNN's backward kernels are not deterministic
+CPU = DistInfo(device=torch.device("cpu"))
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -29,13 +34,13 @@ def test_resume_is_exact(tiny_cfg, tmp_path):
     """N steps straight == N/2 steps, stop, resume to N (model, EMA and optimizer state, bit for bit)."""
     extra = ("mode=bravo", "training.epochs=4", "training.warmup_steps=2", "training.cond_dropout=0.2",
              "training.ema_update_after_step=2", "training.val_interval=2")
-    straight = DiffusionTrainer(tiny_cfg(*extra, "training.max_steps=9"), tmp_path / "a", progress=False)
+    straight = DiffusionTrainer(tiny_cfg(*extra, "training.max_steps=9"), tmp_path / "a", CPU, progress=False)
     assert straight.steps_per_epoch == 6  # 9 steps end in the middle of epoch 2
     assert straight.train() == "max_steps" and straight.step == 9
 
-    half = DiffusionTrainer(tiny_cfg(*extra, "training.max_steps=5"), tmp_path / "b", progress=False)
+    half = DiffusionTrainer(tiny_cfg(*extra, "training.max_steps=5"), tmp_path / "b", CPU, progress=False)
     assert half.train() == "max_steps" and half.step == 5
-    resumed = DiffusionTrainer(tiny_cfg(*extra, "training.max_steps=9"), tmp_path / "b", progress=False)
+    resumed = DiffusionTrainer(tiny_cfg(*extra, "training.max_steps=9"), tmp_path / "b", CPU, progress=False)
     resumed.resume_from(tmp_path / "b" / "checkpoints" / "latest.pt")
     assert resumed.step == 5 and resumed.epoch == 0  # stopped mid-epoch
     resumed.train()
@@ -46,7 +51,7 @@ def test_resume_is_exact(tiny_cfg, tmp_path):
     for k in sa:
         assert torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"])
     # and the run really moved: not trivially equal to the initial weights
-    fresh = DiffusionTrainer(tiny_cfg(*extra), tmp_path / "c", progress=False)
+    fresh = DiffusionTrainer(tiny_cfg(*extra), tmp_path / "c", CPU, progress=False)
     assert any(not torch.equal(v, fresh.model.state_dict()[k]) for k, v in straight.model.state_dict().items())
 
 
@@ -171,7 +176,6 @@ def test_missing_perceptual_weights_stop_before_any_step(tiny_cfg, tmp_path, mon
 def test_validation_shards_cover_every_slice_once_for_any_world_size(tiny_cfg, tmp_path, monkeypatch):
     """Each rank's (loss sum, count) share, summed as the all-reduce does, gives the one-process
     value, also when the world size does not divide the number of validation slices."""
-    from medgen.core.distributed import DistInfo
     from medgen.diffusion import validation
 
     trainer = DiffusionTrainer(tiny_cfg("mode=bravo", "training.max_steps=2"), tmp_path / "v", progress=False)

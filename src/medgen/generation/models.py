@@ -83,7 +83,7 @@ class Stage:
     def sample(self, cond: Tensor | None, generators: Sequence[torch.Generator], *, steps: int, sampler: str,
                guidance_scale: float = 1.0, batch_size: int | None = None) -> Tensor:
         """``x0 [B, C, S, S]`` in model space for the conditions ``cond [B, 1, S, S]`` (model space;
-        None for seg), one generator per sample. With ``batch_size``, the batch is padded to it
+        None for seg), one generator per sample (on the sampling device). With ``batch_size``, the batch is padded to it
         with throw-away samples, so a compiled network always sees one shape."""
         n = len(generators)
         shape = (n, self.mode.out_channels, self.image_size, self.image_size)
@@ -92,7 +92,7 @@ class Stage:
             pad = batch_size - n
             x_T = torch.cat([x_T, torch.zeros((pad, *shape[1:]), device=self.device)])
             cond = None if cond is None else torch.cat([cond, cond[:1].expand(pad, *cond.shape[1:])])
-            generators = [*generators, *[torch.Generator().manual_seed(i) for i in range(pad)]]
+            generators = [*generators, *[torch.Generator(device=self.device).manual_seed(i) for i in range(pad)]]
 
         def model_fn(x: Tensor, t: Tensor, c: Tensor | None) -> Tensor:
             with self.autocast():

@@ -14,8 +14,9 @@ import csv
 import json
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -51,6 +52,38 @@ def write_sample(folder: Path, arrays: Mapping[str, np.ndarray], spacing: Sequen
                     is_mask=key == MASK_KEY)
     os.replace(tmp, folder)
     return folder
+
+
+class BackgroundWrites:
+    """Writes (compression and disk I/O) in worker threads, so they overlap with sampling the next
+    batch; a failed write is raised by :meth:`submit` or on leaving the ``with`` block, which waits
+    for every pending write (a stop never leaves a write behind)."""
+
+    def __init__(self, workers: int = 4):
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="medgen-write")
+        self._pending: list[Future] = []
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._raise_failures()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def _raise_failures(self, wait: bool = False) -> None:
+        still = []
+        for future in self._pending:
+            if wait or future.done():
+                future.result()  # re-raises the write's exception
+            else:
+                still.append(future)
+        self._pending = still
+
+    def __enter__(self) -> "BackgroundWrites":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._raise_failures(wait=True)
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def is_complete(folder: Path, keys: Sequence[str]) -> bool:
