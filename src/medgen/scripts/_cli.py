@@ -21,9 +21,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from medgen.data.nifti_dataset import DataError
     from medgen.diffusion.perceptual import PerceptualWeightsError
     from medgen.diffusion.trainer import TrainingStopped
+    from medgen.evaluation import EvaluationError
     from medgen.generation.models import GenerationError
 
-    return (ConfigError, DataError, CheckpointError, PerceptualWeightsError, TrainingStopped, GenerationError)
+    return (ConfigError, DataError, CheckpointError, PerceptualWeightsError, TrainingStopped, GenerationError,
+            EvaluationError)
 
 
 @contextmanager

@@ -1,12 +1,14 @@
 """``medgen-demo``: the whole pipeline on phantoms, on a laptop CPU, in about 20 minutes.
 
-    medgen-demo --out demo [--minutes 14] [--subjects 20] [--pairs 64]
+    medgen-demo --out demo [--minutes 12] [--subjects 20] [--pairs 64]
 
 1. writes a phantom dataset (``<out>/data``);
 2. trains a seg model and a bravo model with the ``training=cpu`` profile (rectified flow), the
    number of epochs chosen from a timing probe so that the two runs take ``--minutes`` together;
 3. generates ``--pairs`` mask/image pairs (``<out>/synthetic``, a medgen dataset);
-4. writes ``<out>/summary.md`` (what ran, how long, where the files are, what it shows) and
+4. evaluates them against the phantoms' test split (``<out>/evaluation``: FID, conditioning
+   adherence, downstream segmentation over 3 seeds with a short budget, the report);
+5. writes ``<out>/summary.md`` (what ran, how long, where the files are, what it shows) and
    ``<out>/contact_sheet.png``.
 
 Every stage that is already complete in ``<out>`` is reused, so an interrupted demo continues.
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="medgen-demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for everything the demo writes")
-    ap.add_argument("--minutes", type=float, default=14.0, help="training budget of the two models together")
+    ap.add_argument("--minutes", type=float, default=12.0, help="training budget of the two models together")
     ap.add_argument("--subjects", type=int, default=20, help="phantom subjects (default 20)")
     ap.add_argument("--pairs", type=int, default=64, help="mask/image pairs to generate (default 64)")
     ap.add_argument("--seed", type=int, default=0)
@@ -122,25 +124,30 @@ def run_demo(out: Path, minutes: float, subjects: int, pairs: int, seed: int) ->
 
     t0 = time.perf_counter()
     if not (out / "data" / "train").is_dir():
-        log.info("== 1/4 phantoms: %d subjects at 128 x 128 x 64", subjects)
+        log.info("== 1/5 phantoms: %d subjects at 128 x 128 x 64", subjects)
         generate_dataset(out / "data", subjects=subjects, size=128, slices=64, seed=seed, workers=2)
     seconds["phantoms"] = time.perf_counter() - t0
 
     runs = {}
     for mode, share in (("seg", SEG_SHARE), ("bravo", 1 - SEG_SHARE)):
-        log.info("== %d/4 train %s (rectified flow, training=cpu, about %.1f min)", 2 if mode == "seg" else 3,
+        log.info("== %d/5 train %s (rectified flow, training=cpu, about %.1f min)", 2 if mode == "seg" else 3,
                  mode, minutes * share)
         t0 = time.perf_counter()
         runs[mode], facts[mode] = train(out, mode, minutes * share, seed)
         seconds[f"train {mode}"] = time.perf_counter() - t0
 
-    log.info("== 4/4 generate %d pairs", pairs)
+    log.info("== 4/5 generate %d pairs", pairs)
     t0 = time.perf_counter()
     result = generate(seg_checkpoint=str(runs["seg"]), image_checkpoint=str(runs["bravo"]), num_images=pairs,
                       out_dir=str(out / "synthetic"), cache_dir=str(out / "cache"), seed=seed)
     seconds["generate"] = time.perf_counter() - t0
     shutil.copyfile(result.contact_sheet, out / "contact_sheet.png")
-    summary = write_summary(out, subjects, pairs, seconds, facts, runs, result)
+
+    log.info("== 5/5 evaluate the synthetic pairs against the phantoms' test split")
+    t0 = time.perf_counter()
+    evaluation = evaluate(out, seed)
+    seconds["evaluate"] = time.perf_counter() - t0
+    summary = write_summary(out, subjects, pairs, seconds, facts, runs, result, evaluation)
     print(f"\ndemo finished in {sum(seconds.values()) / 60:.1f} min: {summary}")
     return summary
 
@@ -173,8 +180,24 @@ def contrast_check(out: Path, sample_dirs: list[Path], image_size: int) -> dict[
             "real": float(np.mean(real)), "real_positive": float(np.mean(np.asarray(real) > 0)), "n_real": len(real)}
 
 
+def evaluate(out: Path, seed: int) -> dict:
+    """medgen-evaluate on the demo's sets with a budget that fits a laptop (200 steps per model)."""
+    from omegaconf import OmegaConf
+
+    from medgen.core.config import validate_evaluate_config
+    from medgen.evaluation.evaluate import evaluate as run_evaluation
+
+    cfg = validate_evaluate_config(OmegaConf.create({
+        "real_dir": str(out / "data"), "synthetic_dir": str(out / "synthetic"), "out_dir": str(out / "evaluation"),
+        "cache_dir": str(out / "cache"), "seed": seed, "seeds": [seed, seed + 1, seed + 2],
+        "budget": {"steps": 200, "batch_size": 16}}))
+    return run_evaluation(cfg)
+
+
 def write_summary(out: Path, subjects: int, pairs: int, seconds: dict[str, float], facts: dict[str, dict],
-                  runs: dict[str, Path], result) -> Path:
+                  runs: dict[str, Path], result, evaluation: dict) -> Path:
+    from medgen.evaluation.report import summary_lines
+
     rel = lambda p: Path(p).relative_to(out)  # noqa: E731
     check = contrast_check(out, [result.out_dir / "train" / sid for sid in result.sample_ids],
                            int(facts["bravo"].get("image_size", 64)))
@@ -195,6 +218,8 @@ def write_summary(out: Path, subjects: int, pairs: int, seconds: dict[str, float
     rate = "" if result.acceptance_rate is None else f", quality gate acceptance {100 * result.acceptance_rate:.0f}%"
     lines += [
         f"| generate | {seconds['generate'] / 60:.1f} | {len(result.sample_ids)} pairs{rate}: `synthetic/` |",
+        f"| evaluate | {seconds['evaluate'] / 60:.1f} | FID, conditioning adherence, downstream segmentation: "
+        "`evaluation/report.html` |",
         f"| total | {sum(seconds.values()) / 60:.1f} | |",
         "",
         "## Where the files are",
@@ -205,6 +230,14 @@ def write_summary(out: Path, subjects: int, pairs: int, seconds: dict[str, float
         "- `contact_sheet.png` (= `synthetic/contact_sheet.png`): bravo with the mask outlined in red, then the mask",
         "- `runs/<mode>/demo/samples/`: the training sample grids (condition | real | generated), "
         "`tensorboard --logdir runs` for the curves",
+        "",
+        "## Evaluation (`evaluation/report.html`, numbers in `evaluation/metrics.json`)",
+        "",
+        *[f"- {line}" for line in summary_lines(evaluation)[:-1]],
+        "",
+        "The downstream networks train for 200 steps only (a laptop budget) on a few dozen lesion slices;",
+        "`medgen-evaluate` defaults to 1000 steps. Read the numbers as a check that the pipeline measures",
+        "something, not as what these models could do for a segmentation network.",
         "",
         "## What minutes of CPU training give",
         "",

@@ -1,0 +1,181 @@
+"""What a synthetic set does for a segmentation model: downstream training and conditioning adherence.
+
+The segmentation network is MONAI's 2D ``DynUNet`` (4 levels, 16-128 filters, instance norm,
+residual blocks), one sigmoid output, trained with MONAI's ``DiceCELoss`` and AdamW for a fixed
+budget of steps on batches drawn with replacement, with random flips. Dice is MONAI's
+``DiceMetric`` per slice on the prediction thresholded at 0.5.
+
+* Downstream: the same network and budget trained on (a) real, (b) real + synthetic and (c)
+  synthetic only, once per seed; Dice on the real test slices, overall and by lesion-size bin.
+* Conditioning adherence: a network trained on real data segments the synthetic images; its
+  Dice against the masks they were generated for, beside its Dice on real test images.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
+from monai.networks.nets import DynUNet
+from tqdm.auto import tqdm
+
+log = logging.getLogger("medgen.evaluate")
+
+#: lesion-size bins by lesion area (fraction of the image): upper edges; the last bin is open
+SIZE_BINS: tuple[tuple[str, float], ...] = (("small", 0.002), ("medium", 0.01), ("large", math.inf))
+SETS = ("real", "real+synthetic", "synthetic")
+
+
+@dataclass
+class SliceSet:
+    """Slices in memory: ``images [N, C, S, S]`` float32 in [0, 1], ``masks [N, S, S]`` in {0, 1}."""
+
+    images: np.ndarray
+    masks: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    @staticmethod
+    def concat(a: "SliceSet", b: "SliceSet") -> "SliceSet":
+        return SliceSet(np.concatenate([a.images, b.images]), np.concatenate([a.masks, b.masks]))
+
+
+def build_segmenter(in_channels: int) -> DynUNet:
+    return DynUNet(spatial_dims=2, in_channels=in_channels, out_channels=1, kernel_size=[3, 3, 3, 3],
+                   strides=[1, 2, 2, 2], upsample_kernel_size=[2, 2, 2], filters=[16, 32, 64, 128],
+                   norm_name="instance", res_block=True)
+
+
+def train_segmenter(data: SliceSet, *, steps: int, batch_size: int, learning_rate: float, seed: int,
+                    device: torch.device, desc: str = "segmenter", progress: bool = True) -> DynUNet:
+    """Train a fresh network on ``data`` for ``steps`` steps; returns it in eval mode."""
+    torch.manual_seed(seed)
+    net = build_segmenter(data.images.shape[1]).to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
+    loss_fn = DiceCELoss(sigmoid=True)
+    rng = np.random.default_rng(seed)
+    images, masks = torch.from_numpy(data.images), torch.from_numpy(data.masks.astype(np.float32))[:, None]
+    net.train()
+    for _ in tqdm(range(steps), desc=desc, unit="step", leave=False, disable=not progress):
+        idx = rng.integers(0, len(data), batch_size)
+        x, y = images[idx].to(device), masks[idx].to(device)
+        for dim in (2, 3):  # random flips, one decision per batch and axis
+            if rng.random() < 0.5:
+                x, y = x.flip(dim), y.flip(dim)
+        loss = loss_fn(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def predict(net: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 32) -> np.ndarray:
+    """Binary predictions ``[N, S, S]`` for ``images [N, C, S, S]``."""
+    out = [(torch.sigmoid(net(torch.from_numpy(images[i:i + batch_size]).to(device))) > 0.5)[:, 0].cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy().astype(np.uint8)
+
+
+def dice_per_slice(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """MONAI ``DiceMetric`` of each slice ``[N, S, S]`` (an empty prediction of a lesion scores 0)."""
+    metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+    p, t = (torch.from_numpy(np.asarray(a, np.float32))[:, None] for a in (pred, target))
+    return metric(p, t)[:, 0].numpy().astype(np.float64)
+
+
+def size_bin(masks: np.ndarray) -> np.ndarray:
+    """The :data:`SIZE_BINS` name of each mask ``[N, S, S]`` by its lesion area."""
+    area = (np.asarray(masks) > 0.5).reshape(len(masks), -1).mean(1)
+    upper = np.asarray([edge for _, edge in SIZE_BINS[:-1]])
+    return np.asarray([name for name, _ in SIZE_BINS])[np.searchsorted(upper, area, side="right")]
+
+
+def summarise_dice(dice: np.ndarray, bins: np.ndarray) -> dict[str, float]:
+    """Mean Dice overall and per size bin (NaN for an empty bin), and the slice counts."""
+    out = {"overall": float(dice.mean()) if dice.size else math.nan}
+    for name, _ in SIZE_BINS:
+        sel = bins == name
+        out[name] = float(dice[sel].mean()) if sel.any() else math.nan
+        out[f"n_{name}"] = int(sel.sum())
+    return out
+
+
+def downstream(real_train: SliceSet, synthetic: SliceSet, real_test: SliceSet, *, seeds: list[int], steps: int,
+               batch_size: int, learning_rate: float, device: torch.device, progress: bool = True,
+               on_network: Callable[[str, int, DynUNet], None] | None = None) -> dict:
+    """Train on (a) real, (b) real + synthetic, (c) synthetic per seed; Dice on ``real_test``.
+
+    Returns per set: ``per_seed`` results, ``mean``/``std`` of the overall Dice over seeds and the
+    per-bin means; and ``gain`` = mean(b) - mean(a) with ``spread`` = the larger of their seed
+    standard deviations and ``gain_exceeds_spread``. ``on_network(set, seed, net)`` sees each net.
+    """
+    sets = {"real": real_train, "real+synthetic": SliceSet.concat(real_train, synthetic), "synthetic": synthetic}
+    bins = size_bin(real_test.masks)
+    results: dict = {}
+    for name, data in sets.items():
+        per_seed = []
+        for seed in seeds:
+            net = train_segmenter(data, steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                                  device=device, desc=f"{name} seed {seed}", progress=progress)
+            if on_network is not None:
+                on_network(name, seed, net)
+            dice = dice_per_slice(predict(net, real_test.images, device), real_test.masks)
+            per_seed.append({"seed": seed, **summarise_dice(dice, bins)})
+        overall = np.asarray([r["overall"] for r in per_seed])
+        results[name] = {"train_slices": len(data), "per_seed": per_seed, "mean": float(overall.mean()),
+                         "std": float(overall.std(ddof=1)) if len(overall) > 1 else 0.0,
+                         "bins": {b: float(np.nanmean([r[b] for r in per_seed])) if any(r[f"n_{b}"] for r in per_seed)
+                                  else math.nan for b, _ in SIZE_BINS}}
+        log.info("downstream %-15s Dice %.3f ± %.3f (%d seeds)", name, results[name]["mean"], results[name]["std"],
+                 len(seeds))
+    gain = results["real+synthetic"]["mean"] - results["real"]["mean"]
+    spread = max(results["real"]["std"], results["real+synthetic"]["std"])
+    verdict = ("helps: the gain is larger than the seed-to-seed spread" if gain > spread else
+               "hurts: the loss is larger than the seed-to-seed spread" if gain < -spread else
+               "no clear effect: the difference is within the seed-to-seed spread")
+    results["gain"] = {"value": gain, "spread": spread, "gain_exceeds_spread": bool(gain > spread),
+                       "verdict": f"adding the synthetic set {verdict}"}
+    return results
+
+
+def adherence(net: torch.nn.Module, synthetic: SliceSet, real_test: SliceSet, device: torch.device) -> dict:
+    """Dice of a real-trained network on synthetic images against their conditioning masks, beside
+    its Dice on real test images (the level a faithful synthetic image would reach)."""
+    syn = dice_per_slice(predict(net, synthetic.images, device), synthetic.masks)
+    real = dice_per_slice(predict(net, real_test.images, device), real_test.masks)
+    return {"synthetic_dice": float(syn.mean()), "real_test_dice": float(real.mean()),
+            "synthetic_slices": len(synthetic), "real_test_slices": len(real_test)}
+
+
+def save_segmenter(net: DynUNet, path: Path, image_keys: list[str], image_size: int) -> Path:
+    torch.save({"medgen_segmenter": 1, "image_keys": list(image_keys), "image_size": int(image_size),
+                "state_dict": net.state_dict()}, path)
+    return path
+
+
+def load_segmenter(path: str | Path, image_keys: list[str], image_size: int, device: torch.device) -> DynUNet:
+    """A network saved by :func:`save_segmenter` (``seg_net_checkpoint=``), checked against the sets."""
+    from medgen.core.paths import resolve_path
+    from medgen.evaluation import EvaluationError
+
+    p = resolve_path(path)
+    if not p.is_file():
+        raise EvaluationError(f"seg_net_checkpoint={path}: {p} does not exist")
+    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "medgen_segmenter" not in ckpt:
+        raise EvaluationError(f"seg_net_checkpoint={path}: not a network saved by medgen-evaluate (seg_net.pt)")
+    if list(ckpt["image_keys"]) != list(image_keys) or ckpt["image_size"] != image_size:
+        raise EvaluationError(f"seg_net_checkpoint={path} segments {ckpt['image_keys']} at {ckpt['image_size']} px; "
+                              f"these sets are {list(image_keys)} at {image_size} px")
+    net = build_segmenter(len(image_keys))
+    net.load_state_dict(ckpt["state_dict"])
+    return net.to(device).eval()

@@ -1,0 +1,253 @@
+"""``medgen-evaluate``'s work: load both sets as slices, compute every metric, write the report.
+
+Sets. The synthetic set is every slice of ``synthetic_dir`` (all splits). The real reference is
+the lesion slices of ``real_dir``'s test split (its val split when test is empty), at the
+synthetic set's image size and modalities; downstream models train on the lesion slices of its
+train split. Distribution metrics use at most ``max_images`` slices of each set (a seeded
+random subset). Each metric that cannot run (no feature weights, no paired masks) is reported
+as skipped with the reason; the others still run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from medgen.core.constants import MASK_KEY, MODALITIES, SPLITS
+from medgen.core.paths import resolve_path
+from medgen.data.nifti_dataset import list_patients, modality_path
+from medgen.data.slices import SliceCache, SliceSpec, open_or_build_cache
+from medgen.data.splits import split_patients
+from medgen.evaluation import EvaluationError, downstream, metrics
+from medgen.evaluation.downstream import SliceSet
+from medgen.evaluation.features import FeatureWeightsError, fid, kid, load_feature_network
+
+log = logging.getLogger("medgen.evaluate")
+
+
+# ============================================================================ the sets
+def _modalities(patients: list[Path]) -> list[str]:
+    return [k for k in MODALITIES if any(modality_path(p, k).is_file() for p in patients)]
+
+
+def _slice_size(patient: Path, key: str) -> int:
+    import nibabel as nib
+
+    shape = nib.load(str(modality_path(patient, key))).shape
+    return int(max(shape[:2]))
+
+
+def _as_set(cache: SliceCache, indices: np.ndarray | None = None) -> SliceSet:
+    data = np.asarray(cache.data if indices is None else cache.data[np.sort(indices)], dtype=np.float32)
+    seg = cache.keys.index(MASK_KEY)
+    images = data[:, [i for i, k in enumerate(cache.keys) if k != MASK_KEY]]
+    return SliceSet(np.ascontiguousarray(images), (data[:, seg] > 0.5).astype(np.uint8))
+
+
+def _subset(n: int, cap: int, seed: int) -> np.ndarray:
+    idx = np.arange(n)
+    return idx if n <= cap else np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
+
+
+class Sets:
+    """Both datasets as slice caches at one size and with one set of modalities."""
+
+    def __init__(self, cfg: DictConfig, progress: bool = True):
+        self.real_root, self.synthetic_root = resolve_path(cfg.real_dir), resolve_path(cfg.synthetic_dir)
+        for key, root in (("real_dir", self.real_root), ("synthetic_dir", self.synthetic_root)):
+            if not root.is_dir():
+                raise EvaluationError(f"{key}={root}: no such folder")
+        syn_patients = [p for s in SPLITS for p in list_patients(self.synthetic_root / s)]
+        if not syn_patients:
+            raise EvaluationError(f"synthetic_dir={self.synthetic_root}: empty set (no sample folders in "
+                                  f"{', '.join(s + '/' for s in SPLITS)})")
+        keys = _modalities(syn_patients)
+        if MASK_KEY not in keys or len(keys) < 2:
+            raise EvaluationError(f"synthetic_dir={self.synthetic_root}: its samples hold {keys}; a paired set needs "
+                                  f"seg and at least one image modality")
+        self.image_keys = [k for k in keys if k != MASK_KEY]
+        size = _slice_size(syn_patients[0], MASK_KEY)
+        if cfg.image_size is not None and cfg.image_size != size:
+            raise EvaluationError(f"image_size={cfg.image_size} but the synthetic slices in {self.synthetic_root} are "
+                                  f"{size} px; the sets are compared at the synthetic set's size")
+        self.image_size = size
+        test_split = "test" if split_patients(self.real_root, "test") else "val"
+        self.reference_split = test_split
+        real = {s: split_patients(self.real_root, s, cfg.val_fraction) for s in ("train", "val", "test")}
+        if not real[test_split]:
+            raise EvaluationError(f"real_dir={self.real_root}: empty set (no patients in test/ or val/)")
+        missing = [k for k in keys if k not in _modalities(real[test_split])]
+        if missing:
+            raise EvaluationError(f"the synthetic set has {keys} but the real set ({self.real_root}) lacks {missing}")
+        cache_dir = resolve_path(cfg.cache_dir)
+        spec = SliceSpec(keys=tuple(self.image_keys) + (MASK_KEY,), image_size=size, selection="lesion")
+        all_spec = SliceSpec(keys=spec.keys, image_size=size, selection="all")
+
+        def cache(patients, selection_spec, desc):
+            return open_or_build_cache(patients, selection_spec, cache_dir, progress=progress, desc=desc,
+                                       workers=cfg.num_workers) if patients else None
+
+        self.synthetic = cache(syn_patients, all_spec, "synthetic slices")
+        self.synthetic_ids = [self.synthetic.patient_ids[i] for i in self.synthetic.patient_index]
+        self.test = cache(real[test_split], spec, f"real {test_split} lesion slices")
+        self.train = cache(real["train"], spec, "real train lesion slices")
+        self.val = cache(real["val"], spec, "real val lesion slices") if test_split == "test" else None
+        for name, c in (("synthetic", self.synthetic), (f"real {test_split}", self.test)):
+            if c is None or len(c) == 0:
+                raise EvaluationError(f"the {name} set has no slices with a lesion to compare")
+
+
+# ============================================================================ metrics
+def _skip(reason: str, level: int = logging.WARNING) -> dict[str, str]:
+    log.log(level, "skipped: %s", reason)
+    return {"skipped": reason}
+
+
+def distribution_metrics(sets: Sets, cfg: DictConfig) -> dict:
+    syn = _as_set(sets.synthetic, _subset(len(sets.synthetic), cfg.max_images, cfg.seed))
+    real = _as_set(sets.test, _subset(len(sets.test), cfg.max_images, cfg.seed + 1))
+    out: dict[str, Any] = {"slices": {"synthetic": len(syn), "real": len(real)},
+                           "masks": metrics.compare_masks(real.masks, syn.masks), "intensity": {}, "diversity": {}}
+    for c, key in enumerate(sets.image_keys):
+        out["intensity"][key] = metrics.compare_intensities(real.images[:, c], syn.images[:, c], cfg.brain_intensity)
+        out["diversity"][key] = {"synthetic_ms_ssim": metrics.pairwise_ms_ssim(syn.images[:, c], cfg.diversity_pairs, cfg.seed),
+                                 "real_ms_ssim": metrics.pairwise_ms_ssim(real.images[:, c], cfg.diversity_pairs, cfg.seed)}
+    return out
+
+
+def paired_metrics(sets: Sets) -> dict:
+    """For sets made with ``masks_from``: synthetic vs the real images of the same masks."""
+    manifest = sets.synthetic_root / "manifest.csv"
+    if not manifest.is_file():
+        return _skip(f"paired PSNR/SSIM: no manifest.csv in {sets.synthetic_root} (a medgen-generate set has one)",
+                     logging.INFO)
+    with open(manifest) as f:
+        rows = {r["id"]: r for r in csv.DictReader(f) if r["id"]}
+    by_slice = {(sets.test.patient_ids[p], int(z)): i for i, (p, z) in
+                enumerate(zip(sets.test.patient_index, sets.test.slice_index))}
+    syn_idx, real_idx = [], []
+    for i, sid in enumerate(sets.synthetic_ids):
+        source = rows.get(sid, {}).get("mask_source", "")
+        parts = source.split("/")
+        if len(parts) == 3 and parts[0] == sets.reference_split and parts[2].startswith("z"):
+            j = by_slice.get((parts[1], int(parts[2][1:])))
+            if j is not None:
+                syn_idx.append(i)
+                real_idx.append(j)
+    if not syn_idx:
+        return _skip(f"paired PSNR/SSIM: no synthetic sample was conditioned on a mask of the real "
+                     f"{sets.reference_split} split (a set made with masks_from=<real_dir> masks_split=test has them)",
+                     logging.INFO)
+    syn = np.asarray(sets.synthetic.data[np.asarray(syn_idx)], np.float32)
+    real = np.asarray(sets.test.data[np.asarray(real_idx)], np.float32)
+    return {key: metrics.paired_fidelity(real[:, c], syn[:, c]) for c, key in enumerate(sets.image_keys)}
+
+
+def feature_metrics(sets: Sets, cfg: DictConfig, device: torch.device) -> dict:
+    """FID/KID of synthetic vs real test, and real val vs real test as the floor."""
+    f = cfg.features
+    try:
+        net = load_feature_network(f.network, device, f.batch_size, f.weights_path)
+    except FeatureWeightsError as exc:
+        return _skip(str(exc))
+    out: dict[str, Any] = {"network": net.name}
+    cap = cfg.max_images
+    real = _as_set(sets.test, _subset(len(sets.test), cap, cfg.seed + 1))
+    syn = _as_set(sets.synthetic, _subset(len(sets.synthetic), cap, cfg.seed))
+    val = _as_set(sets.val, _subset(len(sets.val), cap, cfg.seed + 2)) if sets.val is not None and len(sets.val) >= 2 \
+        else None
+    for c, key in enumerate(sets.image_keys):
+        fr, fs = net.extract(torch.from_numpy(real.images[:, c:c + 1])), net.extract(torch.from_numpy(syn.images[:, c:c + 1]))
+        kid_mean, kid_std = kid(fs, fr, f.kid_subsets, f.kid_subset_size, cfg.seed)
+        entry = {"fid": fid(fs, fr), "kid_mean": kid_mean, "kid_std": kid_std, "n_real": len(fr), "n_synthetic": len(fs)}
+        if val is not None:
+            fv = net.extract(torch.from_numpy(val.images[:, c:c + 1]))
+            entry["fid_real_val_vs_test"] = fid(fv, fr)
+            entry["kid_real_val_vs_test"] = kid(fv, fr, f.kid_subsets, f.kid_subset_size, cfg.seed)[0]
+            entry["n_real_val"] = len(fv)
+        out[key] = entry
+    return out
+
+
+def segmentation_metrics(sets: Sets, cfg: DictConfig, out_dir: Path, device: torch.device, progress: bool) -> dict:
+    """Conditioning adherence and the downstream experiment."""
+    b = cfg.budget
+    test, syn = _as_set(sets.test), _as_set(sets.synthetic)
+    train = _as_set(sets.train) if sets.train is not None and len(sets.train) else None
+    out: dict[str, Any] = {}
+    adherence_net = None
+    if cfg.seg_net_checkpoint:
+        adherence_net = downstream.load_segmenter(cfg.seg_net_checkpoint, sets.image_keys, sets.image_size, device)
+    if cfg.downstream:
+        if train is None:
+            return {"downstream": _skip(f"no real train lesion slices in {sets.real_root / 'train'}")}
+        kept: dict[str, Any] = {}
+
+        def keep_first_real(name: str, seed: int, net) -> None:
+            if name == "real" and seed == cfg.seeds[0]:
+                kept["net"] = net
+                downstream.save_segmenter(net, out_dir / "seg_net.pt", sets.image_keys, sets.image_size)
+
+        out["downstream"] = downstream.downstream(
+            train, syn, test, seeds=list(cfg.seeds), steps=b.steps, batch_size=b.batch_size,
+            learning_rate=b.learning_rate, device=device, progress=progress, on_network=keep_first_real)
+        out["downstream"]["budget"] = OmegaConf.to_container(b)
+        adherence_net = adherence_net or kept.get("net")
+    elif adherence_net is None and train is not None:
+        adherence_net = downstream.train_segmenter(train, steps=b.steps, batch_size=b.batch_size,
+                                                   learning_rate=b.learning_rate, seed=cfg.seeds[0], device=device,
+                                                   desc="real seed", progress=progress)
+        downstream.save_segmenter(adherence_net, out_dir / "seg_net.pt", sets.image_keys, sets.image_size)
+    out["adherence"] = downstream.adherence(adherence_net, syn, test, device) if adherence_net is not None else \
+        _skip("no real train slices to train the segmentation network on, and no seg_net_checkpoint")
+    return out
+
+
+# ============================================================================ entry point
+def evaluate(cfg: DictConfig, device: torch.device | None = None, progress: bool = True) -> dict:
+    """Every metric for ``cfg`` (a validated evaluate config); writes ``metrics.json`` and the
+    report into ``out_dir`` and returns the metrics."""
+    from medgen.core.distributed import default_device
+    from medgen.evaluation.report import write_report
+
+    device = device or (torch.device(cfg.device) if cfg.device else default_device())
+    out_dir = resolve_path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    sets = Sets(cfg, progress)
+    result: dict[str, Any] = {
+        "real_dir": str(sets.real_root), "synthetic_dir": str(sets.synthetic_root), "out_dir": str(out_dir),
+        "image_size": sets.image_size,
+        "modalities": sets.image_keys, "reference_split": sets.reference_split, "seed": cfg.seed}
+    result["distribution"] = distribution_metrics(sets, cfg)
+    result["paired"] = paired_metrics(sets)
+    result["features"] = feature_metrics(sets, cfg, device)
+    result.update(segmentation_metrics(sets, cfg, out_dir, device, progress))
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    path = out_dir / "metrics.json"
+    tmp = path.with_name(f".metrics.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(_finite(result), indent=1))
+    os.replace(tmp, path)
+    write_report(out_dir, result, sets)
+    return result
+
+
+def _finite(value):
+    """NaN/inf as null in JSON (strict JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

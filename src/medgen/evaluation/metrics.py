@@ -1,0 +1,106 @@
+"""Metrics that need no downloaded weights: mask statistics, intensities, diversity, paired fidelity.
+
+Inputs are slice sets as arrays: masks ``[N, S, S]`` in {0, 1}, images ``[N, S, S]`` in [0, 1]
+(one modality). Distances between a real and a synthetic distribution are the Wasserstein-1
+distance (earth mover's, in the quantity's own units) and the two-sample Kolmogorov-Smirnov
+statistic (0 = same distribution, 1 = disjoint).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
+from scipy import ndimage, stats
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+#: intensity histograms: bins over [0, 1]
+HISTOGRAM_BINS = 50
+
+
+def distribution_distance(real: np.ndarray, synthetic: np.ndarray) -> dict[str, float]:
+    """``{"wasserstein": W1, "ks": KS statistic}`` between two 1-D samples (NaN when one is empty)."""
+    real, synthetic = np.asarray(real, np.float64), np.asarray(synthetic, np.float64)
+    if real.size == 0 or synthetic.size == 0:
+        return {"wasserstein": math.nan, "ks": math.nan}
+    return {"wasserstein": float(stats.wasserstein_distance(real, synthetic)),
+            "ks": float(stats.ks_2samp(real, synthetic).statistic)}
+
+
+# ============================================================================ masks
+def mask_statistics(masks: np.ndarray) -> dict[str, np.ndarray]:
+    """Per slice: ``lesions`` (8-connected components), ``area`` (lesion fraction of the image);
+    over all lesions: ``component_size`` (fraction of the image)."""
+    masks = np.asarray(masks) > 0.5
+    pixels = masks.shape[1] * masks.shape[2]
+    lesions, sizes = [], []
+    for m in masks:
+        labels, k = ndimage.label(m, structure=_EIGHT_CONNECTED)
+        lesions.append(k)
+        sizes.extend((np.bincount(labels.ravel())[1:] / pixels).tolist())
+    return {"lesions": np.asarray(lesions, np.int64), "area": masks.reshape(len(masks), -1).mean(1),
+            "component_size": np.asarray(sizes, np.float64)}
+
+
+def compare_masks(real: np.ndarray, synthetic: np.ndarray) -> dict:
+    """Mask statistics of both sets (means, empty fraction) and the distances between them."""
+    r, s = mask_statistics(real), mask_statistics(synthetic)
+    out: dict = {}
+    for key in ("lesions", "area", "component_size"):
+        out[key] = {"real_mean": float(np.mean(r[key])) if r[key].size else math.nan,
+                    "synthetic_mean": float(np.mean(s[key])) if s[key].size else math.nan,
+                    **distribution_distance(r[key], s[key])}
+    out["empty_fraction"] = {"real": float(np.mean(r["lesions"] == 0)), "synthetic": float(np.mean(s["lesions"] == 0))}
+    return out
+
+
+# ============================================================================ intensities
+def brain_intensities(images: np.ndarray, threshold: float) -> np.ndarray:
+    """Intensities of the pixels above ``threshold`` (the brain, as the slice selection sees it)."""
+    images = np.asarray(images, np.float32)
+    return images[images > threshold]
+
+
+def compare_intensities(real: np.ndarray, synthetic: np.ndarray, threshold: float) -> dict:
+    """Brain-intensity histograms (``HISTOGRAM_BINS`` bins over [0, 1], densities) and distances."""
+    r, s = brain_intensities(real, threshold), brain_intensities(synthetic, threshold)
+    edges = np.linspace(0, 1, HISTOGRAM_BINS + 1)
+    return {"real_mean": float(r.mean()) if r.size else math.nan,
+            "synthetic_mean": float(s.mean()) if s.size else math.nan, **distribution_distance(r, s),
+            "histogram_edges": edges.tolist(),
+            "real_histogram": np.histogram(r, edges, density=True)[0].tolist(),
+            "synthetic_histogram": np.histogram(s, edges, density=True)[0].tolist()}
+
+
+# ============================================================================ diversity
+def _ms_ssim(size: int) -> MultiScaleSSIMMetric:
+    """MONAI's MS-SSIM with as many of the 5 standard scales as ``size`` allows at kernel 7."""
+    weights = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+    levels = max(1, min(5, int(math.log2(size / 7)) + 1))
+    w = weights[:levels]
+    return MultiScaleSSIMMetric(spatial_dims=2, data_range=1.0, kernel_size=7,
+                                weights=tuple(x / sum(w) for x in w))
+
+
+def pairwise_ms_ssim(images: np.ndarray, pairs: int, seed: int) -> float:
+    """Mean MS-SSIM between ``pairs`` random pairs of distinct images ``[N, S, S]`` (lower = more
+    diverse; NaN for fewer than 2 images)."""
+    images = np.asarray(images, np.float32)
+    if len(images) < 2:
+        return math.nan
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, len(images), pairs)
+    b = (a + rng.integers(1, len(images), pairs)) % len(images)
+    x, y = (torch.from_numpy(images[i])[:, None] for i in (a, b))
+    return float(_ms_ssim(images.shape[-1])(x, y).mean())
+
+
+# ============================================================================ paired
+def paired_fidelity(real: np.ndarray, synthetic: np.ndarray) -> dict[str, float]:
+    """PSNR and SSIM (MONAI, data range 1) of synthetic images against the real images of the same
+    masks, ``[N, S, S]`` each, in the same order."""
+    x, y = (torch.from_numpy(np.asarray(a, np.float32))[:, None] for a in (synthetic, real))
+    return {"psnr": float(PSNRMetric(max_val=1.0)(x, y).mean()),
+            "ssim": float(SSIMMetric(spatial_dims=2, data_range=1.0)(x, y).mean()), "pairs": int(len(real))}

@@ -1,0 +1,218 @@
+"""The evaluation report: ``report.md`` and ``report.html`` with PNG figures, from ``metrics.json``.
+
+Figures (matplotlib's Agg canvas, no pyplot): ``contact_sheets.png`` (real | synthetic),
+``intensity_histograms.png``, ``mask_statistics.png`` and, when the downstream experiment ran,
+``downstream.png`` (Dice per training set, one dot per seed). Both report files reference
+exactly the figures written.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+
+from medgen.evaluation import metrics
+from medgen.evaluation.downstream import SETS, SIZE_BINS
+from medgen.generation import writer
+
+SHEET_TILES = 16
+_COLOURS = {"real": "#4c72b0", "synthetic": "#dd8452", "real+synthetic": "#55a868"}
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# ============================================================================ figures
+def contact_sheets(sets, out: Path) -> Path:
+    """Real test slices (left) and synthetic samples (right), each image with its mask outlined."""
+    def tiles(cache, seed):
+        idx = np.sort(np.random.default_rng(seed).choice(len(cache), min(SHEET_TILES, len(cache)), replace=False))
+        data = np.asarray(cache.data[idx], np.float32)
+        seg = cache.keys.index("seg")
+        image = next(i for i, k in enumerate(cache.keys) if k != "seg")  # the first image modality
+        scale = max(1, 128 // data.shape[-1])
+        return [writer.render_tile(d[image], d[seg], scale) for d in data]
+
+    real, syn = writer.contact_sheet(tiles(sets.test, 0), columns=4), writer.contact_sheet(tiles(sets.synthetic, 1), columns=4)
+    h = max(real.shape[0], syn.shape[0])
+    pad = lambda a: np.pad(a, ((0, h - a.shape[0]), (0, 0), (0, 0)), constant_values=255)  # noqa: E731
+    gap = np.full((h, 16, 3), 255, np.uint8)
+    return writer.save_png(np.concatenate([pad(real), gap, pad(syn)], axis=1), out / "contact_sheets.png")
+
+
+def intensity_figure(result: dict, out: Path) -> Path:
+    keys = list(result["distribution"]["intensity"])
+    fig = Figure(figsize=(5 * len(keys), 3.5))
+    for i, key in enumerate(keys):
+        d = result["distribution"]["intensity"][key]
+        ax = fig.add_subplot(1, len(keys), i + 1)
+        edges = np.asarray(d["histogram_edges"])
+        centres = (edges[1:] + edges[:-1]) / 2
+        for name in ("real", "synthetic"):
+            ax.plot(centres, d[f"{name}_histogram"], color=_COLOURS[name], label=name)
+        ax.set_title(f"{key}: brain intensities (W1 {_fmt(d['wasserstein'])})")
+        ax.set_xlabel("intensity (0-1)")
+        ax.set_ylabel("density")
+        ax.legend()
+    return _save(fig, out / "intensity_histograms.png")
+
+
+def mask_figure(sets, out: Path) -> Path:
+    real = metrics.mask_statistics(np.asarray(sets.test.data[:, sets.test.keys.index("seg")]) > 0.5)
+    syn = metrics.mask_statistics(np.asarray(sets.synthetic.data[:, sets.synthetic.keys.index("seg")]) > 0.5)
+    fig = Figure(figsize=(14, 3.5))
+    panels = (("lesions", "lesions per slice", None), ("area", "lesion area (fraction of slice)", None),
+              ("component_size", "lesion size (fraction of slice)", "log"))
+    for i, (key, label, scale) in enumerate(panels):
+        ax = fig.add_subplot(1, 3, i + 1)
+        both = np.concatenate([real[key], syn[key]]).astype(np.float64)
+        if key == "lesions":
+            bins = np.arange(0, both.max() + 2) - 0.5
+        elif scale == "log":
+            bins = np.geomspace(max(both[both > 0].min(), 1e-6), both.max() * 1.01, 30)
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: minor ones overlap
+        else:
+            bins = np.linspace(0, both.max() * 1.01, 30)
+        for name, values in (("real", real[key]), ("synthetic", syn[key])):
+            ax.hist(values, bins=bins, density=True, histtype="step", linewidth=1.6, color=_COLOURS[name], label=name)
+        ax.set_xlabel(label)
+        ax.legend()
+    return _save(fig, out / "mask_statistics.png")
+
+
+def downstream_figure(result: dict, out: Path) -> Path:
+    d = result["downstream"]
+    fig = Figure(figsize=(6, 3.8))
+    ax = fig.add_subplot(1, 1, 1)
+    for i, name in enumerate(SETS):
+        dice = [r["overall"] for r in d[name]["per_seed"]]
+        ax.bar(i, d[name]["mean"], yerr=d[name]["std"], color=_COLOURS[name], alpha=0.6, capsize=6)
+        ax.scatter([i] * len(dice), dice, color="black", s=14, zorder=3)
+    ax.set_xticks(range(len(SETS)), [f"{n}\n({d[n]['train_slices']} slices)" for n in SETS])
+    ax.set_ylabel("Dice on real test slices")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"downstream segmentation ({len(d['real']['per_seed'])} seeds, {d['budget']['steps']} steps)")
+    return _save(fig, out / "downstream.png")
+
+
+# ============================================================================ tables
+def _tables(result: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
+    """(title, header, rows, note) of every table in the report."""
+    dist, tables = result["distribution"], []
+    m = dist["masks"]
+    rows = [[k.replace("_", " "), _fmt(m[k]["real_mean"], 4), _fmt(m[k]["synthetic_mean"], 4), _fmt(m[k]["wasserstein"], 4),
+             _fmt(m[k]["ks"])] for k in ("lesions", "area", "component_size")]
+    rows.append(["empty fraction", _fmt(m["empty_fraction"]["real"]), _fmt(m["empty_fraction"]["synthetic"]), "", ""])
+    tables.append(("Masks", ["statistic", "real mean", "synthetic mean", "Wasserstein-1", "KS"], rows,
+                   "Lesions per slice, lesion area and size of each lesion (areas as fractions of the slice)."))
+    rows = [[k, _fmt(v["real_mean"]), _fmt(v["synthetic_mean"]), _fmt(v["wasserstein"], 4), _fmt(v["ks"]),
+             _fmt(dist["diversity"][k]["real_ms_ssim"]), _fmt(dist["diversity"][k]["synthetic_ms_ssim"])]
+            for k, v in dist["intensity"].items()]
+    tables.append(("Intensities and diversity", ["modality", "real mean", "synthetic mean", "Wasserstein-1", "KS",
+                                                  "MS-SSIM real pairs", "MS-SSIM synthetic pairs"], rows,
+                   "Intensities of brain pixels; MS-SSIM between random pairs within a set (lower = more diverse)."))
+    f = result["features"]
+    if "skipped" in f:
+        tables.append(("FID and KID", ["note"], [[f["skipped"]]], ""))
+    else:
+        rows = [[k, _fmt(v["fid"], 2), f"{_fmt(v['kid_mean'], 4)} ± {_fmt(v['kid_std'], 4)}",
+                 _fmt(v.get("fid_real_val_vs_test"), 2), _fmt(v.get("kid_real_val_vs_test"), 4)]
+                for k, v in f.items() if k != "network"]
+        tables.append((f"FID and KID ({f['network']} features)", ["modality", "FID synthetic vs real",
+                       "KID synthetic vs real", "FID real val vs real test (floor)", "KID floor"], rows,
+                       "The floor is what two real samples of this size score against each other."))
+    p = result["paired"]
+    if "skipped" not in p:
+        rows = [[k, _fmt(v["psnr"], 2), _fmt(v["ssim"]), str(v["pairs"])] for k, v in p.items()]
+        tables.append(("Paired fidelity (same masks)", ["modality", "PSNR (dB)", "SSIM", "pairs"], rows,
+                       "Synthetic images against the real images whose masks they were generated for."))
+    a = result.get("adherence", {})
+    if "skipped" not in a and a:
+        tables.append(("Conditioning adherence", ["images", "Dice against their masks", "slices"],
+                       [["synthetic", _fmt(a["synthetic_dice"]), str(a["synthetic_slices"])],
+                        ["real test (reference level)", _fmt(a["real_test_dice"]), str(a["real_test_slices"])]],
+                       "A segmentation network trained on real data segments each set."))
+    d = result.get("downstream", {})
+    if d and "skipped" not in d:
+        rows = [[n, str(d[n]["train_slices"]), f"{_fmt(d[n]['mean'])} ± {_fmt(d[n]['std'])}",
+                 *[_fmt(d[n]["bins"][b]) for b, _ in SIZE_BINS]] for n in SETS]
+        g = d["gain"]
+        note = (f"Gain of real+synthetic over real: {g['value']:+.3f} Dice; seed-to-seed spread (largest standard "
+                f"deviation) {g['spread']:.3f}: {g['verdict']}.")
+        tables.append(("Downstream segmentation (Dice on real test slices)",
+                       ["trained on", "slices", "Dice mean ± std over seeds", *[f"{b} lesions" for b, _ in SIZE_BINS]],
+                       rows, note))
+    return tables
+
+
+def summary_lines(result: dict) -> list[str]:
+    """The headline numbers, for the console and the demo's summary."""
+    lines = []
+    for key, v in result["features"].items():
+        if key not in ("network", "skipped"):
+            floor = v.get("fid_real_val_vs_test")
+            lines.append(f"FID {key} ({result['features']['network']}): {v['fid']:.2f} synthetic vs real"
+                         + (f", {floor:.2f} real val vs real test (floor)" if floor is not None else ""))
+    if "skipped" in result["features"]:
+        lines.append(f"FID/KID skipped: {result['features']['skipped']}")
+    a = result.get("adherence", {})
+    if a and "skipped" not in a:
+        lines.append(f"conditioning Dice: {a['synthetic_dice']:.3f} on synthetic images, {a['real_test_dice']:.3f} on "
+                     "real test images (same real-trained network)")
+    d = result.get("downstream", {})
+    if d and "skipped" not in d:
+        for name in SETS:
+            lines.append(f"downstream Dice, trained on {name:<15} {d[name]['mean']:.3f} ± {d[name]['std']:.3f}")
+        g = d["gain"]
+        lines.append(f"gain of real+synthetic over real: {g['value']:+.3f} Dice (seed spread {g['spread']:.3f}): "
+                     f"{g['verdict']}")
+    lines.append(f"report: {Path(result['out_dir']) / 'report.html'}")
+    return lines
+
+
+def write_report(out: Path, result: dict, sets) -> tuple[Path, Path]:
+    figures = [("Real (left) and synthetic (right) slices, mask outlined", contact_sheets(sets, out)),
+               ("Brain intensities", intensity_figure(result, out)),
+               ("Mask statistics", mask_figure(sets, out))]
+    if result.get("downstream") and "skipped" not in result["downstream"]:
+        figures.append(("Downstream segmentation", downstream_figure(result, out)))
+    title = f"medgen evaluation: {Path(result['synthetic_dir']).name} vs {Path(result['real_dir']).name}"
+    intro = (f"Synthetic set `{result['synthetic_dir']}` against the lesion slices of the real {result['reference_split']} "
+             f"split of `{result['real_dir']}`, at {result['image_size']} px, modalities {', '.join(result['modalities'])}. "
+             f"All numbers are in `metrics.json`.")
+    md = [f"# {title}", "", intro, ""]
+    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
+    for name, header, rows, note in _tables(result):
+        md += [f"## {name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        md += ["| " + " | ".join(r) + " |" for r in rows]
+        md += ["", note, ""] if note else [""]
+        body.append(f"<h2>{html.escape(name)}</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+        body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
+        body.append("</table>" + (f"<p>{html.escape(note)}</p>" if note else ""))
+    for caption, path in figures:
+        md += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
+        body.append(f"<h2>{html.escape(caption)}</h2><img src=\"{path.name}\" alt=\"{html.escape(caption)}\">")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}")
+    (out / "report.md").write_text("\n".join(md))
+    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
+                                     f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    return out / "report.md", out / "report.html"

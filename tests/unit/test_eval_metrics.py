@@ -1,0 +1,99 @@
+"""Evaluation metrics against closed forms and hand-built cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medgen.evaluation import metrics
+from medgen.evaluation.downstream import dice_per_slice, size_bin, summarise_dice
+from medgen.evaluation.features import fid, frechet_distance, kid
+
+
+def test_frechet_distance_of_gaussians_in_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=4), rng.normal(size=4)
+    a, b = rng.uniform(0.5, 2, 4), rng.uniform(0.5, 2, 4)
+    # diagonal covariances: |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    # a rotated (non-diagonal) pair: the trace term is rotation-invariant when both rotate together
+    q, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    assert frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T) == pytest.approx(expected, rel=1e-8)
+    # general position: tr(S1 + S2 - 2 (S1 S2)^1/2) against the eigenvalues of S1 S2
+    m1, m2 = rng.normal(size=(4, 4)), rng.normal(size=(4, 4))
+    s1, s2 = m1 @ m1.T + np.eye(4), m2 @ m2.T + np.eye(4)
+    trace_sqrt = np.sum(np.sqrt(np.linalg.eigvals(s1 @ s2).real))
+    assert frechet_distance(mu1, s1, mu1, s2) == pytest.approx(np.trace(s1 + s2) - 2 * trace_sqrt, rel=1e-8)
+
+
+def test_fid_from_samples_converges_to_the_closed_form_and_is_zero_for_a_set_with_itself():
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, size=(20000, 3))
+    y = rng.normal(0.5, 2, size=(20000, 3))
+    assert fid(x, x) == pytest.approx(0, abs=1e-8)
+    assert fid(x, y) == pytest.approx(3 * 0.25 + 3 * (1 - 2) ** 2, rel=0.03)
+
+
+def test_kid_is_unbiased_and_orders_shifts():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(400, 8)), rng.normal(size=(400, 8))
+    same, same_std = kid(a, b, subsets=50, subset_size=200)
+    assert abs(same) < 3 * same_std + 1e-3  # unbiased: about 0 for one distribution
+    small = kid(a, b + 0.3, subsets=50, subset_size=200)[0]
+    large = kid(a, b + 1.0, subsets=50, subset_size=200)[0]
+    assert same < small < large
+    with pytest.raises(ValueError, match="at least 2"):
+        kid(a[:1], b)
+
+
+def _masks() -> np.ndarray:
+    m = np.zeros((3, 20, 20), np.uint8)
+    m[0, 2:6, 2:6] = 1  # one 16-px lesion
+    m[1, 2:4, 2:4] = 1
+    m[1, 10:13, 10:13] = 1  # two lesions: 4 + 9 px
+    return m  # slice 2 empty
+
+
+def test_mask_statistics_by_hand():
+    s = metrics.mask_statistics(_masks())
+    assert s["lesions"].tolist() == [1, 2, 0]
+    np.testing.assert_allclose(s["area"], [16 / 400, 13 / 400, 0])
+    np.testing.assert_allclose(sorted(s["component_size"]), sorted([16 / 400, 4 / 400, 9 / 400]))
+    c = metrics.compare_masks(_masks(), _masks()[:2])
+    # lesions per slice {0, 1, 2} against {1, 2}: |F - G| is 1/3 on [0, 1) and 1/6 on [1, 2)
+    assert c["lesions"]["wasserstein"] == pytest.approx(1 / 3 + 1 / 6)
+    assert c["empty_fraction"] == {"real": pytest.approx(1 / 3), "synthetic": 0.0}
+    assert c["lesions"]["ks"] == pytest.approx(1 / 3)  # CDFs differ by 1/3 at 0 lesions
+
+
+def test_distribution_distance_by_hand():
+    d = metrics.distribution_distance(np.array([0.0, 1.0]), np.array([1.0, 2.0]))
+    assert d == {"wasserstein": pytest.approx(1.0), "ks": pytest.approx(0.5)}
+
+
+def test_dice_and_size_bins_by_hand():
+    target = _masks()[:2]
+    pred = target.copy()
+    pred[1, 10:13, 10:13] = 0  # misses the 9-px lesion of slice 1: Dice 2*4/(4+13)
+    dice = dice_per_slice(pred, target)
+    np.testing.assert_allclose(dice, [1.0, 8 / 17])
+    assert dice_per_slice(np.zeros_like(target), target).tolist() == [0.0, 0.0]  # an empty prediction scores 0
+    big = np.zeros((1, 20, 20), np.uint8)
+    big[0, :10, :10] = 1  # 25% of the slice
+    assert size_bin(np.concatenate([target, big, np.zeros((1, 20, 20))])).tolist() == ["large", "large", "large", "small"]
+    summary = summarise_dice(dice, np.array(["small", "large"]))
+    assert summary["overall"] == pytest.approx((1 + 8 / 17) / 2) and summary["small"] == 1.0
+    assert np.isnan(summary["medium"]) and summary["n_medium"] == 0
+
+
+def test_diversity_and_paired_fidelity():
+    rng = np.random.default_rng(3)
+    images = rng.random((6, 64, 64)).astype(np.float32)
+    identical = np.repeat(images[:1], 6, axis=0)
+    assert metrics.pairwise_ms_ssim(identical, 20, 0) == pytest.approx(1.0, abs=1e-5)
+    assert metrics.pairwise_ms_ssim(images, 20, 0) < 0.5
+    paired = metrics.paired_fidelity(images, images)
+    assert paired["ssim"] == pytest.approx(1.0, abs=1e-5) and paired["psnr"] > 80
+    noisy = metrics.paired_fidelity(images, np.clip(images + 0.1, 0, 1))
+    assert 15 < noisy["psnr"] < 25
