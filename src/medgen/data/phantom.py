@@ -38,6 +38,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from medgen.core.constants import DEFAULT_SPLIT, IMAGE_MODALITIES, MASK_KEY, NIFTI_SUFFIX, SPLITS
+from medgen.core.signals import default_signals
 from medgen.data.nifti_dataset import geometry_mismatches, list_patients, save_volume
 from medgen.data.splits import parse_split, split_indices
 
@@ -581,7 +582,7 @@ def generate_dataset(out: str | Path, subjects: int, size: int = 128, slices: in
     if "fork" in methods:
         _template()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with context.Pool(min(workers, subjects)) as pool:
+    with context.Pool(min(workers, subjects), initializer=default_signals) as pool:
         with tqdm(total=subjects, desc="phantoms", unit="subject") as progress:
             for path in pool.imap_unordered(_write_subject, jobs):
                 written.append(path)

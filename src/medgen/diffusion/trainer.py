@@ -12,10 +12,8 @@ uninterrupted run would have drawn.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +26,7 @@ from tqdm.auto import tqdm
 from medgen.core.checkpoint import CheckpointError, load_checkpoint
 from medgen.core.config import MAX_WARMUP_FRACTION
 from medgen.core.distributed import DistInfo, any_rank, barrier
+from medgen.core.signals import StopRequest, stop_signals
 from medgen.data.slices import DataBundle, build_data
 from medgen.data.transforms import from_model_space
 from medgen.diffusion import validation
@@ -117,7 +116,7 @@ class DiffusionTrainer:
         self.epoch = 0
         self.best_val_loss = math.inf
         self.nonfinite_streak = 0
-        self._stop_requested = False
+        self._stop = StopRequest()  # SIGTERM/SIGUSR1 while train() runs
 
     # ------------------------------------------------------------------ building blocks
     def _build_ema(self):
@@ -194,7 +193,10 @@ class DiffusionTrainer:
     # ------------------------------------------------------------------ loop
     def train(self) -> str:
         """Run until ``epochs`` (or ``max_steps``); returns ``"done"``, ``"max_steps"`` or ``"stopped"``."""
-        self._install_signal_handlers()
+        with stop_signals() as self._stop:
+            return self._train()
+
+    def _train(self) -> str:
         self.logger.open(self.step)
         if self.dist.is_main:
             n_params = sum(p.numel() for p in self.model.parameters())
@@ -228,7 +230,7 @@ class DiffusionTrainer:
             for batch in self.data.train:
                 if self.t.max_steps is not None and self.step >= self.t.max_steps:
                     return "max_steps"
-                if any_rank(self._stop_requested, self.dist):
+                if any_rank(self._stop.requested, self.dist):
                     log.warning("stop signal received: saving latest.pt at step %d", self.step)
                     return "stopped"
                 result = self.train_step(batch)
@@ -346,11 +348,3 @@ class DiffusionTrainer:
         self.load_state_dict(ckpt)
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
 
-    # ------------------------------------------------------------------ signals
-    def _install_signal_handlers(self) -> None:
-        def handler(signum, frame):  # noqa: ARG001
-            self._stop_requested = True
-
-        with contextlib.suppress(ValueError):  # not in the main thread
-            signal.signal(signal.SIGTERM, handler)
-            signal.signal(signal.SIGUSR1, handler)

@@ -141,7 +141,7 @@ def downstream(real_train: SliceSet, synthetic: SliceSet, real_test: SliceSet, *
     spread = max(results["real"]["std"], results["real+synthetic"]["std"])
     verdict = ("helps: the gain is larger than the seed-to-seed spread" if gain > spread else
                "hurts: the loss is larger than the seed-to-seed spread" if gain < -spread else
-               "no clear effect: the difference is within the seed-to-seed spread")
+               "has no clear effect: the difference is within the seed-to-seed spread")
     results["gain"] = {"value": gain, "spread": spread, "gain_exceeds_spread": bool(gain > spread),
                        "verdict": f"adding the synthetic set {verdict}"}
     return results

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 from medgen.core.constants import MASK_KEY
 from medgen.core.distributed import DistInfo, any_rank, barrier
 from medgen.core.paths import resolve_path
+from medgen.core.signals import stop_signals
 from medgen.data.nifti_dataset import DataError, load_volume, modality_path
 from medgen.data.transforms import to_model_space
 from medgen.diffusion.utils import sample_seed
@@ -113,7 +113,7 @@ def _run_stages(cfg: DictConfig, seg: Stage | None, image: Stage, samplers: dict
                 t_start: float) -> GenerationResult:
     seconds: dict[str, float] = {}
     status = "done"
-    with _stop_signals() as stop:
+    with stop_signals(ctrl_c=True) as stop:
         t0 = time.perf_counter()
         if seg is not None:
             masks = _stage1(seg, cfg, samplers["seg"], state / "masks", dist, stop, progress)
@@ -219,30 +219,6 @@ def _claim(state: Path, settings: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-@contextmanager
-def _stop_signals() -> Iterator[dict[str, bool]]:
-    """SIGTERM, SIGUSR1 and a first Ctrl-C ask the run to stop after the current batch (a second
-    Ctrl-C interrupts at once)."""
-    stop = {"requested": False}
-
-    def handler(signum, frame):  # noqa: ARG001
-        if signum == signal.SIGINT and stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-
-    previous = {}
-    try:
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            previous[sig] = signal.signal(sig, handler)
-    except ValueError:  # not in the main thread: no signal handling
-        pass
-    try:
-        yield stop
-    finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
-
-
 def _generators(seed: int, indices: Sequence[int], stream: int, device: torch.device) -> list[torch.Generator]:
     """One generator per sample, on the sampling device (drawing on the CPU and copying would
     cost ~10% of a GPU step for the ancestral samplers). PyTorch's CPU and CUDA generators differ,
@@ -279,7 +255,7 @@ def _stage1(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: DistI
                 f"(min_area={cfg.gate.min_area}, max_area={cfg.gate.max_area}, max_components={cfg.gate.max_components}, "
                 f"min_component_pixels={cfg.gate.min_component_pixels}), raise gate.max_attempts, or train the seg "
                 "model longer")
-        if any_rank(stop["requested"], dist):
+        if any_rank(stop.requested, dist):
             bar.close()
             return None
         queue = _next_candidates(evaluated, dist.world_size * cfg.batch_size)
@@ -422,7 +398,7 @@ def _stage2(image: Stage, masks: _Masks, ids: list[tuple[str, int]], cfg: DictCo
     n_rounds = math.ceil(len(pending) / (cfg.batch_size * dist.world_size))
     with writer.BackgroundWrites(workers=min(4, os.cpu_count() or 1)) as writes:
         for r in range(n_rounds):
-            if any_rank(stop["requested"], dist):
+            if any_rank(stop.requested, dist):
                 bar.close()
                 return False
             batch = batches[r] if r < len(batches) else []

@@ -1,0 +1,52 @@
+"""Stop requests by signal, for long runs (training, generation).
+
+SLURM sends SIGTERM (or the ``--signal`` of the job script, SIGUSR1 in ours) before it kills a job;
+a run that catches it finishes the current step, saves, and exits cleanly. The handlers live only
+for the length of the run: afterwards the previous ones are back, so a process that trains and then
+forks workers (a phantom pool, say) does not leave them deaf to ``terminate()``.
+"""
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+
+@dataclass
+class StopRequest:
+    """Set by a caught signal; the run polls ``requested`` between steps."""
+    requested: bool = False
+
+
+@contextmanager
+def stop_signals(ctrl_c: bool = False) -> Iterator[StopRequest]:
+    """Catch SIGTERM and SIGUSR1 (and, with ``ctrl_c``, a first Ctrl-C; a second one interrupts at
+    once) as a stop request while the block runs; restore the previous handlers on exit. Outside
+    the main thread signals cannot be caught, and the request simply never comes."""
+    stop = StopRequest()
+
+    def handler(signum, frame):  # noqa: ARG001
+        if signum == signal.SIGINT and stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+
+    caught = [signal.SIGTERM, signal.SIGUSR1] + ([signal.SIGINT] if ctrl_c else [])
+    previous = {}
+    try:
+        for sig in caught:
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not in the main thread
+        pass
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def default_signals() -> None:
+    """Pool initializer: a forked worker gets the default handlers back, so ``Pool.terminate()``
+    ends it even when its parent catches SIGTERM at the time of the fork."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
