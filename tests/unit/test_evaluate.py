@@ -144,5 +144,7 @@ def test_bad_inputs_give_one_line(tmp_path, real, feature_net):
     assert out.stderr.strip() == (f"medgen-evaluate: the synthetic set has ['flair', 'seg'] but the real set ({real}) "
                                   "lacks ['flair']")
     out = subprocess.run([sys.executable, "-m", "medgen.scripts.evaluate", f"real_dir={real}"], capture_output=True,
-                         text=True, env=env, timeout=120)
+                         text=True, env=env, timeout=120, cwd=tmp_path)
     assert out.returncode == 2 and "config error at 'synthetic_dir': missing" in out.stderr
+    assert not (tmp_path / "evaluation").exists()  # the default out_dir: a bad command line leaves no folder
+    assert not (tmp_path / "cli").exists()

@@ -42,10 +42,16 @@ def exit_on_user_error(prog: str) -> Iterator[None]:
 
 
 def remove_if_only_hydra(run_dir: Path) -> None:
-    """Delete a run folder that holds nothing but Hydra's ``.hydra/`` (a run that stopped before
-    writing anything, or a resume that continued in its own folder)."""
+    """Delete a run folder that holds nothing but Hydra's config copy (``.hydra/`` for training,
+    ``.medgen/hydra/`` for generation and evaluation): a run that stopped before writing anything,
+    a bad command line, or a resume that continued in its own folder."""
     run_dir = Path(run_dir)
-    if run_dir.is_dir() and all(p.name == ".hydra" for p in run_dir.iterdir()):
+    if not run_dir.is_dir():
+        return
+    entries = list(run_dir.iterdir())
+    only_hydra = all(p.name == ".hydra" for p in entries) or (
+        [p.name for p in entries] == [".medgen"] and [p.name for p in entries[0].iterdir()] == ["hydra"])
+    if only_hydra:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
