@@ -48,5 +48,6 @@ def stop_signals(ctrl_c: bool = False) -> Iterator[StopRequest]:
 def default_signals() -> None:
     """Pool initializer: a forked worker gets the default handlers back, so ``Pool.terminate()``
     ends it even when its parent catches SIGTERM at the time of the fork."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)

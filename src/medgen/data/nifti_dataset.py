@@ -54,6 +54,11 @@ def _read_image(path: str | Path) -> nib.spatialimages.SpatialImage:
     return nib.load(str(path))
 
 
+def present_modalities(patients: Sequence[Path], keys: Sequence[str] = MODALITIES) -> list[str]:
+    """The ``keys`` (in their order) that at least one of ``patients`` has a file for."""
+    return [k for k in keys if any(modality_path(p, k).is_file() for p in patients)]
+
+
 def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a NIfTI file, reorient to RAS; returns (``[H, W, D]`` float32 array, 4x4 RAS affine)."""
     img = nib.as_closest_canonical(_read_image(path))

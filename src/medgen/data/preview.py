@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from medgen.core.constants import IMAGE_MODALITIES, MASK_KEY, SPLITS
-from medgen.data.nifti_dataset import DataError, list_patients, load_volume, modality_path
+from medgen.data.nifti_dataset import DataError, list_patients, load_volume, modality_path, present_modalities
 from medgen.data.transforms import binarize_mask, ras_to_display
 
 __all__ = ["CELL_HEIGHT_IN", "CELL_WIDTH_IN", "DPI", "CONTOUR_COLOUR", "make_preview", "preview_size", "ras_to_display"]
@@ -79,9 +79,9 @@ def make_preview(root: str | Path, out_png: str | Path, n_patients: int = 4) -> 
         raise ValueError(f"n_patients must be >= 1, got {n_patients}")
     root, out_png = Path(root), Path(out_png)
     patients = _patients(root, n_patients)
-    columns = [k for k in IMAGE_MODALITIES if any(modality_path(p, k).is_file() for p in patients)]
+    columns = present_modalities(patients, IMAGE_MODALITIES)
     if not columns:
-        if not any(modality_path(p, MASK_KEY).is_file() for p in patients):
+        if not present_modalities(patients, [MASK_KEY]):
             raise DataError(f"{root}: the first {len(patients)} patient folder(s) hold no modality files")
         columns = [MASK_KEY]
 

@@ -27,7 +27,8 @@ from typing import Iterable, Literal, Sequence
 import numpy as np
 
 from medgen.core.constants import AFFINE_ATOL, MASK_KEY, MODALITIES, NIFTI_SUFFIX, SPLITS
-from medgen.data.nifti_dataset import geometry_mismatches, list_patients, load_volume, modality_path
+from medgen.data.nifti_dataset import (geometry_mismatches, list_patients, load_volume, modality_path,
+                                       present_modalities)
 from medgen.data.parallel import ordered_map
 
 __all__ = ["AFFINE_ATOL", "PatientRead", "Problem", "Report", "check_dataset", "check_patient", "check_patients",
@@ -268,7 +269,7 @@ def check_dataset(root: str | Path, keys: Sequence[str] | None = None, progress:
         report.problems.append(Problem(str(root), "dataset holds no patients"))
         return report
     if keys is None:
-        keys = [k for k in MODALITIES if any(modality_path(p, k).is_file() for p in patients)] or list(MODALITIES)
+        keys = present_modalities(patients) or list(MODALITIES)
     report.keys = list(keys)
     sub = check_patients(patients, keys, progress=progress, workers=workers)
     report.problems.extend(sub.problems)

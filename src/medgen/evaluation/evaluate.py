@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from medgen.core.constants import MASK_KEY, MODALITIES, SPLITS
+from medgen.core.constants import MASK_KEY, SPLITS
 from medgen.core.paths import resolve_path
-from medgen.data.nifti_dataset import list_patients, modality_path
+from medgen.data.nifti_dataset import list_patients, modality_path, present_modalities
 from medgen.data.slices import SliceCache, SliceSpec, open_or_build_cache
 from medgen.data.splits import split_patients
 from medgen.evaluation import EvaluationError, downstream, metrics
@@ -36,10 +36,6 @@ log = logging.getLogger("medgen.evaluate")
 
 
 # ============================================================================ the sets
-def _modalities(patients: list[Path]) -> list[str]:
-    return [k for k in MODALITIES if any(modality_path(p, k).is_file() for p in patients)]
-
-
 def _slice_size(patient: Path, key: str) -> int:
     import nibabel as nib
 
@@ -71,7 +67,7 @@ class Sets:
         if not syn_patients:
             raise EvaluationError(f"synthetic_dir={self.synthetic_root}: empty set (no sample folders in "
                                   f"{', '.join(s + '/' for s in SPLITS)})")
-        keys = _modalities(syn_patients)
+        keys = present_modalities(syn_patients)
         if MASK_KEY not in keys or len(keys) < 2:
             raise EvaluationError(f"synthetic_dir={self.synthetic_root}: its samples hold {keys}; a paired set needs "
                                   f"seg and at least one image modality")
@@ -86,7 +82,7 @@ class Sets:
         real = {s: split_patients(self.real_root, s, cfg.val_fraction) for s in ("train", "val", "test")}
         if not real[test_split]:
             raise EvaluationError(f"real_dir={self.real_root}: empty set (no patients in test/ or val/)")
-        missing = [k for k in keys if k not in _modalities(real[test_split])]
+        missing = [k for k in keys if k not in present_modalities(real[test_split])]
         if missing:
             raise EvaluationError(f"the synthetic set has {keys} but the real set ({self.real_root}) lacks {missing}")
         cache_dir = resolve_path(cfg.cache_dir)
@@ -105,6 +101,17 @@ class Sets:
         for name, c in (("synthetic", self.synthetic), (f"real {test_split}", self.test)):
             if c is None or len(c) == 0:
                 raise EvaluationError(f"the {name} set has no slices with a lesion to compare")
+        self._cap, self._seed = cfg.max_images, cfg.seed
+        self._samples: dict[str, SliceSet | None] = {}
+
+    def sample(self, name: str) -> SliceSet | None:
+        """At most ``max_images`` slices of ``synthetic``, ``real`` (the reference split) or ``val``
+        (None without a val reference): a seeded random subset, read once for every metric."""
+        if name not in self._samples:
+            cache, offset = {"synthetic": (self.synthetic, 0), "real": (self.test, 1), "val": (self.val, 2)}[name]
+            self._samples[name] = None if cache is None else \
+                _as_set(cache, _subset(len(cache), self._cap, self._seed + offset))
+        return self._samples[name]
 
 
 # ============================================================================ metrics
@@ -114,8 +121,7 @@ def _skip(reason: str, level: int = logging.WARNING) -> dict[str, str]:
 
 
 def distribution_metrics(sets: Sets, cfg: DictConfig) -> dict:
-    syn = _as_set(sets.synthetic, _subset(len(sets.synthetic), cfg.max_images, cfg.seed))
-    real = _as_set(sets.test, _subset(len(sets.test), cfg.max_images, cfg.seed + 1))
+    syn, real = sets.sample("synthetic"), sets.sample("real")
     out: dict[str, Any] = {"slices": {"synthetic": len(syn), "real": len(real)},
                            "masks": metrics.compare_masks(real.masks, syn.masks), "intensity": {}, "diversity": {}}
     for c, key in enumerate(sets.image_keys):
@@ -161,11 +167,8 @@ def feature_metrics(sets: Sets, cfg: DictConfig, device: torch.device) -> dict:
     except FeatureWeightsError as exc:
         return _skip(str(exc))
     out: dict[str, Any] = {"network": net.name}
-    cap = cfg.max_images
-    real = _as_set(sets.test, _subset(len(sets.test), cap, cfg.seed + 1))
-    syn = _as_set(sets.synthetic, _subset(len(sets.synthetic), cap, cfg.seed))
-    val = _as_set(sets.val, _subset(len(sets.val), cap, cfg.seed + 2)) if sets.val is not None and len(sets.val) >= 2 \
-        else None
+    real, syn, val = sets.sample("real"), sets.sample("synthetic"), sets.sample("val")
+    val = val if val is not None and len(val) >= 2 else None
     for c, key in enumerate(sets.image_keys):
         fr, fs = net.extract(torch.from_numpy(real.images[:, c:c + 1])), net.extract(torch.from_numpy(syn.images[:, c:c + 1]))
         kid_mean, kid_std = kid(fs, fr, f.kid_subsets, f.kid_subset_size, cfg.seed)

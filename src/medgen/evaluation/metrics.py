@@ -13,9 +13,10 @@ import math
 import numpy as np
 import torch
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
-from scipy import ndimage, stats
+from scipy import stats
 
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+from medgen.generation.gate import lesion_sizes
+
 #: intensity histograms: bins over [0, 1]
 HISTOGRAM_BINS = 50
 
@@ -37,9 +38,9 @@ def mask_statistics(masks: np.ndarray) -> dict[str, np.ndarray]:
     pixels = masks.shape[1] * masks.shape[2]
     lesions, sizes = [], []
     for m in masks:
-        labels, k = ndimage.label(m, structure=_EIGHT_CONNECTED)
-        lesions.append(k)
-        sizes.extend((np.bincount(labels.ravel())[1:] / pixels).tolist())
+        lesion_pixels = lesion_sizes(m)
+        lesions.append(len(lesion_pixels))
+        sizes.extend((lesion_pixels / pixels).tolist())
     return {"lesions": np.asarray(lesions, np.int64), "area": masks.reshape(len(masks), -1).mean(1),
             "component_size": np.asarray(sizes, np.float64)}
 

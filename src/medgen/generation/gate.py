@@ -16,6 +16,12 @@ from scipy import ndimage
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
+def lesion_sizes(mask: np.ndarray) -> np.ndarray:
+    """Pixels of each connected lesion (8-connectivity) of one mask ``[H, W]`` (empty: ``[]``)."""
+    labels, _ = ndimage.label(np.asarray(mask) > 0, structure=_EIGHT_CONNECTED)
+    return np.bincount(labels.ravel())[1:]
+
+
 @dataclass(frozen=True)
 class MaskStats:
     """Per-mask measurements, ``[N]`` each."""
@@ -32,10 +38,10 @@ def measure(masks: np.ndarray) -> MaskStats:
     components = np.zeros(n, dtype=np.int64)
     smallest = np.zeros(n, dtype=np.int64)
     for i, m in enumerate(masks):
-        labels, k = ndimage.label(m, structure=_EIGHT_CONNECTED)
-        components[i] = k
-        if k:
-            smallest[i] = int(np.bincount(labels.ravel())[1:].min())
+        sizes = lesion_sizes(m)
+        components[i] = len(sizes)
+        if len(sizes):
+            smallest[i] = int(sizes.min())
     area = masks.reshape(n, -1).mean(axis=1)
     return MaskStats(area=area, components=components, smallest=smallest)
 
