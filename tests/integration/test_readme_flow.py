@@ -37,7 +37,8 @@ def test_quick_start(tmp_path):
         runs = sorted((tmp_path / "runs" / mode).glob(f"{strategy}_64_*"))
         assert len(runs) == 1, runs
         run = runs[0]
-        assert (run / "config.yaml").is_file() and (run / ".hydra" / "config.yaml").is_file()
+        assert (run / "config.yaml").is_file() and "training.epochs=2" in (run / "overrides.yaml").read_text()
+        assert not (tmp_path / ".hydra").exists()  # Hydra writes nothing into the launch folder
         assert {p.name for p in (run / "samples").iterdir()} == {"epoch_0001.png", "epoch_0002.png"}
         ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
         assert ckpt["epoch"] == 2 and ckpt["mode"] == mode

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,7 +82,8 @@ def test_stop_signal_saves_latest_and_exits_0(tmp_path, tiny_data, sig):
     assert proc.returncode == 0, err
     ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
     assert 0 < ckpt["step"] < 1000 * 3
-    assert "stopped by signal; resume with training.resume=auto" in out + err
+    assert re.search(rf"stopped on request in epoch \d+/1000, step {ckpt['step']};", out + err)
+    assert f"continue with training.resume={run}" in out + err
 
 
 @pytest.mark.timeout(400)
@@ -148,3 +150,15 @@ def test_resume_auto_without_a_run_starts_fresh(tmp_path, tiny_data, resume):
     assert out.returncode == 0, out.stderr
     assert "starting fresh" in out.stderr + out.stdout
     assert (tmp_path / "r" / "config.yaml").is_file() and (tmp_path / "r" / "checkpoints" / "latest.pt").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_ranks_agree_on_one_run_folder(tmp_path, tiny_data, one_thread):
+    over = tiny_overrides(tmp_path, tiny_data, "mode=bravo", "training.use_multi_gpu=true", "training.max_steps=2")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "medgen.scripts.train", *over], capture_output=True, text=True, env=ENV, cwd=tmp_path,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = list((tmp_path / "runs" / "bravo").iterdir())  # one folder for both ranks
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "runs"]  # nothing else in the launch folder

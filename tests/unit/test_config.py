@@ -118,10 +118,19 @@ def test_relative_paths_resolve_against_launch_dir(monkeypatch, tmp_path):
     assert resolve_path("~/y") == Path.home() / "y"
 
 
-def test_run_folder_pattern():
-    raw = OmegaConf.load(CONFIGS / "config.yaml")
-    dir_ = OmegaConf.to_container(raw, resolve=False)["hydra"]["run"]["dir"]
-    assert dir_.startswith("${paths.model_dir}/${mode.name}/${strategy.name}_${model.image_size}_${now:")
+def test_run_folder_pattern(tmp_path, monkeypatch):
+    """Hydra writes nothing (medgen names each run folder itself, uniquely): <model_dir>/<mode>/<strategy>_<size>_<time>."""
+    import re
+
+    from medgen.diffusion.run_folder import plan_run
+
+    hydra = OmegaConf.to_container(OmegaConf.load(CONFIGS / "config.yaml"), resolve=False)["hydra"]
+    assert hydra["run"]["dir"] == "." and hydra["output_subdir"] is None
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(var, raising=False)
+    plan = plan_run(load_config(["mode=dual", "strategy=rflow", f"paths.model_dir={tmp_path}"]))
+    assert plan.run_dir.parent == tmp_path / "dual" and plan.run_dir.is_dir() and plan.checkpoint is None
+    assert re.fullmatch(r"rflow_128_\d{8}-\d{6}", plan.run_dir.name)
 
 
 def test_sigmoid_schedule_is_accepted_by_the_one_validator_and_the_strategy():

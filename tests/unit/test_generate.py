@@ -235,3 +235,13 @@ def test_a_generated_set_trains_with_medgen_train(tmp_path, tiny_checkpoints):
     assert len(trainer.data.train_cache) + len(trainer.data.val_cache) == 8  # every sample is one slice
     assert trainer.train() == "max_steps"
     assert trainer.data.train_cache.spacing == [2.0, 2.0, 2.0]  # the voxel size survives the round trip
+
+
+def test_a_second_generation_into_the_same_out_dir_is_refused(tmp_path, tiny_checkpoints):
+    from medgen.core.fs import FolderBusy, FolderLock
+
+    out = tmp_path / "out"
+    with FolderLock(out, "generation folder", ".medgen/lock"):  # another medgen-generate is writing there
+        with pytest.raises(FolderBusy, match=f"generation folder {out} is in use by process {os.getpid()}"):
+            _generate(tmp_path, tiny_checkpoints)
+    assert not (out / "train").exists()

@@ -4,7 +4,7 @@ A checkpoint is one file holding a format version, the resolved config, mode/str
 names, the network kwargs, and the ``state_dict`` of every stateful component (model,
 EMA, optimizer, LR schedule, trainer counters). It is written to a temporary name in
 the same folder, flushed to disk and renamed, so a crash never leaves a half-written
-``latest.pt``.
+``latest.pt``, and a failed write (a full disk) leaves the previous one as it was.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
+
+from medgen.core.fs import temporary_path, write_error
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "config", "mode", "strategy", "network", "model", "step")
@@ -26,15 +28,21 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
     """Write ``payload`` (plus ``format_version``) to ``path`` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     data = {"format_version": FORMAT_VERSION, **payload}
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(data, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        # a full disk reaches us as torch's "RuntimeError: [enforce fail at inline_container.cc]"
+        cause = write_error(exc, path)
+        if cause is None:
+            raise
+        raise cause from exc
     finally:
         if tmp.exists():
             tmp.unlink()

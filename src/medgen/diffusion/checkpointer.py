@@ -13,7 +13,6 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from medgen.core.checkpoint import CheckpointError, config_diff, save_checkpoint
-from medgen.core.paths import resolve_path
 
 #: config keys that may change when resuming (everything else must match the checkpoint)
 RESUME_ALLOWED = (
@@ -44,25 +43,6 @@ class Checkpointer:
         save_checkpoint(self.folder / f"epoch_{epoch:04d}.pt", state)
         for old in sorted(self.folder.glob("epoch_*.pt"))[: -self.keep]:
             old.unlink()
-
-
-def find_resume_checkpoint(resume: str | None, cfg: DictConfig) -> Path | None:
-    """``training.resume``: null -> None; ``auto`` -> the newest ``latest.pt`` of a run of the same
-    mode/strategy/size under ``paths.model_dir`` (None if there is none); otherwise a checkpoint
-    file or a run folder."""
-    if resume is None or resume == "":
-        return None
-    if resume == "auto":
-        root = resolve_path(cfg.paths.model_dir) / cfg.mode.name
-        pattern = f"{cfg.strategy.name}_{cfg.model.image_size}_*/checkpoints/latest.pt"
-        found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
-        return found[-1] if found else None
-    path = resolve_path(resume)
-    if path.is_dir():
-        path = path / "checkpoints" / "latest.pt" if (path / "checkpoints").is_dir() else path / "latest.pt"
-    if not path.is_file():
-        raise CheckpointError(f"training.resume={resume}: no checkpoint at {path}")
-    return path
 
 
 def check_resumable(ckpt: Mapping[str, Any], cfg: DictConfig, path: str | Path) -> None:

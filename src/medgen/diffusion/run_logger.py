@@ -72,17 +72,21 @@ class RunLogger:
         path = self.metrics_path
         if not self.enabled or not path.is_file():
             return
-        lines = path.read_text().splitlines()
+        text = path.read_text(errors="replace")
+        lines = text.splitlines()
         kept = []
         for i, line in enumerate(lines):
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s: dropping unreadable line %d (a run killed while writing it)", path, i + 1)
+                if not isinstance(record, dict):
+                    raise ValueError("not a record")
+            except ValueError:
+                if line.strip():
+                    log.warning("%s: dropping unreadable line %d (a run killed while writing it)", path, i + 1)
                 continue
             if record.get("step", 0) <= step:
                 kept.append(line)
-        if len(kept) != len(lines):
+        if len(kept) != len(lines) or (text and not text.endswith("\n")):
             path.write_text("".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ step statistics

@@ -192,8 +192,9 @@ class DiffusionTrainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> str:
-        """Run until ``epochs`` (or ``max_steps``); returns ``"done"``, ``"max_steps"`` or ``"stopped"``."""
-        with stop_signals() as self._stop:
+        """Run until ``epochs`` (or ``max_steps``); returns ``"done"``, ``"max_steps"`` or ``"stopped"``
+        (SIGTERM, SIGUSR1 or a first Ctrl-C: ``latest.pt`` is saved; a second Ctrl-C interrupts at once)."""
+        with stop_signals(ctrl_c=True) as self._stop:
             return self._train()
 
     def _train(self) -> str:
@@ -221,6 +222,12 @@ class DiffusionTrainer:
         finally:
             self.logger.close()
 
+    def epoch_label(self) -> str:
+        """``"<e>/<epochs>"``: the epoch in progress (as the progress bar counts, from 1), or the last
+        one completed when no step of the next has run."""
+        current = self.epoch + 1 if self.step > self.epoch * self.steps_per_epoch else max(self.epoch, 1)
+        return f"{min(current, self.t.epochs)}/{self.t.epochs}"
+
     def _run_epoch(self) -> str:
         batches_done = self._position_sampler()
         bar = tqdm(total=self.steps_per_epoch, initial=batches_done, desc=f"epoch {self.epoch + 1}/{self.t.epochs}",
@@ -231,7 +238,8 @@ class DiffusionTrainer:
                 if self.t.max_steps is not None and self.step >= self.t.max_steps:
                     return "max_steps"
                 if any_rank(self._stop.requested, self.dist):
-                    log.warning("stop signal received: saving latest.pt at step %d", self.step)
+                    log.warning("stop requested (signal or Ctrl-C): saving latest.pt at step %d; "
+                                "press Ctrl-C again to abort without saving", self.step)
                     return "stopped"
                 result = self.train_step(batch)
                 self.step += 1

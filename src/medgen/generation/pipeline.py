@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from medgen.core.constants import MASK_KEY
 from medgen.core.distributed import DistInfo, any_rank, barrier
 from medgen.core.paths import resolve_path
+from medgen.core.fs import FolderLock
 from medgen.core.signals import stop_signals
 from medgen.data.nifti_dataset import DataError, load_volume, modality_path
 from medgen.data.transforms import to_model_space
@@ -173,23 +174,8 @@ def _exclusive(state: Path, dist: DistInfo) -> Iterator[None]:
     if not dist.is_main:
         yield
         return
-    import fcntl
-
-    state.mkdir(parents=True, exist_ok=True)
-    with open(state / "lock", "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise GenerationError(f"another medgen-generate (pid {lock.read().strip() or '?'}) is writing to "
-                                  f"{state.parent}; wait for it or use another out_dir") from None
-        lock.truncate(0)
-        lock.write(str(os.getpid()))
-        lock.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with FolderLock(state.parent, "generation folder", f"{state.name}/lock"):
+        yield
 
 
 def _remove_partial_writes(out: Path) -> None:

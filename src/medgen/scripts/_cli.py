@@ -18,27 +18,41 @@ CONFIG_DIR = str(configs_dir())
 def user_errors() -> tuple[type[BaseException], ...]:
     from medgen.core.checkpoint import CheckpointError
     from medgen.core.config import ConfigError
+    from medgen.core.fs import FolderBusy
     from medgen.data.nifti_dataset import DataError
     from medgen.diffusion.perceptual import PerceptualWeightsError
+    from medgen.diffusion.run_folder import RunFolderError
     from medgen.diffusion.trainer import TrainingStopped
     from medgen.evaluation import EvaluationError
     from medgen.generation.models import GenerationError
 
     return (ConfigError, DataError, CheckpointError, PerceptualWeightsError, TrainingStopped, GenerationError,
-            EvaluationError)
+            EvaluationError, FolderBusy, RunFolderError)
 
 
 @contextmanager
 def exit_on_user_error(prog: str) -> Iterator[None]:
-    """Print ``prog: message`` and exit 1 (config errors: 2) for errors the user can fix."""
+    """Print ``prog: message`` and exit 1 (config errors: 2) for errors the user can fix; file-system
+    errors (permissions, a full disk, ...) as the path and the cause, exit 1; Ctrl-C as one line,
+    exit 130. The traceback is logged at debug level only."""
     from medgen.core.config import ConfigError
+    from medgen.core.fs import os_error_line
 
+    debug = logging.getLogger("medgen").debug
     try:
         yield
     except user_errors() as exc:
-        logging.getLogger("medgen").debug("user error", exc_info=True)
+        debug("user error", exc_info=True)
         print(f"{prog}: {exc}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
+    except OSError as exc:
+        debug("file-system error", exc_info=True)
+        print(f"{prog}: {os_error_line(exc)}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        debug("interrupted", exc_info=True)
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def remove_if_only_hydra(run_dir: Path) -> None:

@@ -14,47 +14,93 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from medgen.scripts._cli import CONFIG_DIR, run_in_hydra_folder
+from medgen.scripts._cli import CONFIG_DIR, exit_on_user_error
 
 log = logging.getLogger("medgen.train")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> str:
-    """Validate, set up (distributed) training, resume if asked, train. Returns the final status."""
+def run(cfg: DictConfig, explicit_dir: Path | None = None) -> str:
+    """Validate, set up (distributed) training, choose the run folder, resume if asked, train.
+    ``explicit_dir``: the run folder named on the command line (``hydra.run.dir=...``), if any.
+    Returns the final status."""
     from medgen.core.config import validate_config
     from medgen.core.distributed import cleanup, env_world, setup_distributed
-    from medgen.diffusion.checkpointer import find_resume_checkpoint
+    from medgen.diffusion.run_folder import remove_if_unused
     from medgen.diffusion.trainer import DiffusionTrainer
 
     _, _, world = env_world()
     cfg = validate_config(cfg, world_size=world)
     dist = setup_distributed(cfg.training.use_multi_gpu)
+    plan, lock = None, None
     try:
-        ckpt = find_resume_checkpoint(cfg.training.resume, cfg)
-        if ckpt is not None:
-            run_dir = ckpt.parent.parent  # the run continues in its own folder
-        elif cfg.training.resume == "auto":
-            log.info("training.resume=auto: no earlier run found, starting fresh")
-        trainer = DiffusionTrainer(cfg, run_dir, dist)
-        if ckpt is not None:
-            trainer.resume_from(ckpt)
+        plan, lock = _agree_on_run_folder(cfg, explicit_dir, dist)
+        trainer = DiffusionTrainer(cfg, plan.run_dir, dist)
+        if plan.checkpoint is not None:
+            trainer.resume_from(plan.checkpoint)
         if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+            (plan.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+            (plan.run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(_overrides()))
         status = trainer.train()
         if dist.is_main:
             msg = {"done": "finished", "max_steps": f"stopped at training.max_steps={cfg.training.max_steps}",
-                   "stopped": "stopped by signal; resume with training.resume=auto"}[status]
-            log.info("%s at epoch %d, step %d; checkpoints in %s", msg, trainer.epoch, trainer.step,
-                     run_dir / "checkpoints")
+                   "stopped": "stopped on request"}[status]
+            hint = f"; continue with training.resume={plan.run_dir}" if status == "stopped" else ""
+            log.info("%s in epoch %s, step %d; checkpoints in %s%s", msg, trainer.epoch_label(), trainer.step,
+                     plan.run_dir / "checkpoints", hint)
         return status
     finally:
+        if plan is not None and dist.is_main:
+            remove_if_unused(plan)
+        if lock is not None:
+            lock.release()
         cleanup()
+
+
+def _agree_on_run_folder(cfg: DictConfig, explicit_dir: Path | None, dist):
+    """The main rank plans the run folder (:func:`~medgen.diffusion.run_folder.plan_run`), locks it
+    and tells the other ranks, so that all of them use one folder; an error reaches every rank."""
+    from medgen.core.distributed import broadcast_object
+    from medgen.diffusion.run_folder import RunFolderError, lock_run_folder, plan_run, remove_if_unused, start_branch
+
+    plan, lock = None, None
+    if dist.is_main:
+        try:
+            plan = plan_run(cfg, explicit_dir)
+            lock = lock_run_folder(plan.run_dir)
+            start_branch(plan)
+        except BaseException as exc:
+            broadcast_object({"error": f"{exc}"}, dist)
+            if lock is not None:
+                lock.release()
+            if plan is not None:
+                remove_if_unused(plan)
+            raise
+    answer = broadcast_object({"plan": plan}, dist)
+    if "error" in answer:
+        raise RunFolderError(f"rank 0 could not set up the run folder: {answer['error']}")
+    return answer["plan"], lock
+
+
+def _overrides() -> list[str]:
+    """The command-line overrides of this run (recorded next to the resolved config)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _main(cfg: DictConfig) -> None:
-    run_in_hydra_folder("medgen-train", run, cfg)
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    # medgen names the run folder itself (unique per run); hydra.run.dir=... on the command line names it instead
+    explicit = Path(hydra_cfg.runtime.output_dir) if str(hydra_cfg.run.dir) != "." else None
+    try:
+        with exit_on_user_error("medgen-train"):
+            run(cfg, explicit)
+    finally:
+        if explicit is not None and explicit.is_dir() and not any(explicit.iterdir()):
+            explicit.rmdir()  # Hydra created it for a run that wrote nothing (or continued elsewhere)
 
 
 def main() -> None:
