@@ -1,15 +1,22 @@
 """Per-patient work (checking, preprocessing) spread over worker processes, results in order.
 
 It reuses PyTorch's ``DataLoader`` workers as the process pool: they start with one intra-op
-thread each, are fork-safe with torch already imported, and hand results back in order.
+thread each, are fork-safe with torch already imported, and hand results back in order. Every
+worker dies with the process that started it (:func:`worker_init_dying_with_parent`), so a killed
+run leaves no worker behind.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from functools import partial
 from typing import Callable, Iterator, Sequence, TypeVar
 
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+from medgen.core.fs import die_with_parent
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -30,13 +37,28 @@ def _as_is(x):
     return x
 
 
+def _die_with_parent(parent_pid: int | None, worker_id: int) -> None:
+    die_with_parent(os.getppid() if parent_pid is None else parent_pid)
+
+
+def worker_init_dying_with_parent() -> Callable[[int], None]:
+    """A ``worker_init_fn`` for a ``DataLoader`` created in this process: each worker gets SIGKILL
+    when this process dies, and exits at once if it is already gone. Without it, a worker blocked
+    on a full result pipe outlives a killed run for good. Picklable (a module function bound with
+    ``partial``). Under the forkserver start method a worker's parent is the fork server, which
+    exits with this process: the worker follows that one."""
+    direct = multiprocessing.get_start_method() != "forkserver"
+    return partial(_die_with_parent, os.getpid() if direct else None)
+
+
 def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int = 0, desc: str | None = None,
                 progress: bool = True, unit: str = "patient") -> Iterator[R]:
     """``map(fn, items)`` in ``workers`` processes (0 or 1: in this process), in order, with a progress bar."""
     items = list(items)
     n = min(int(workers), len(items)) if workers > 1 else 0
     if n:
-        results = iter(DataLoader(_Jobs(fn, items), batch_size=None, num_workers=n, collate_fn=_as_is))
+        results = iter(DataLoader(_Jobs(fn, items), batch_size=None, num_workers=n, collate_fn=_as_is,
+                                  worker_init_fn=worker_init_dying_with_parent()))
     else:
         results = (fn(item) for item in items)
     yield from tqdm(results, total=len(items), desc=desc, unit=unit, disable=None if progress else True)
