@@ -12,7 +12,6 @@ from PIL import Image
 
 from medgen.data.importers import (
     ImportFormatError,
-    ImportFormatWarning,
     import_brainmetshare_png,
     import_nnunet,
     png_slice_to_ras,
@@ -129,15 +128,16 @@ def test_png_bad_map(png_src, tmp_path: Path, mapping: dict[str, str], words: st
         import_brainmetshare_png(png_src[0], tmp_path / "out", mapping=mapping)
 
 
-def test_png_split_folders_and_patients_without_seg(tmp_path: Path) -> None:
+def test_png_split_folders_and_patients_without_seg(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     src, dst = tmp_path / "bms", tmp_path / "out"
     _write_png_patient(src / "train" / "Mets_010", _png_patient(10))
     _write_png_patient(src / "test" / "Mets_020", _png_patient(20))
     no_seg = _png_patient(30)
     del no_seg["seg"]
     _write_png_patient(src / "test" / "Mets_030", no_seg)
-    with pytest.warns(ImportFormatWarning, match="test/Mets_030"):
+    with caplog.at_level("WARNING", logger="medgen"):
         assert import_brainmetshare_png(src, dst) == 2
+    assert "test/Mets_030" in caplog.text
     assert [p.name for p in list_patients(dst / "train")] == ["Mets_010"]
     assert [p.name for p in list_patients(dst / "test")] == ["Mets_020"]
 
@@ -174,7 +174,7 @@ def test_png_mismatched_size_leaves_dst_untouched(png_src, tmp_path: Path) -> No
     with pytest.raises(ImportFormatError, match=r"patient Mets_002: PNG size in .*Mets_002/3"):
         import_brainmetshare_png(src, dst)
     assert not any(list_patients(dst / s) for s in ("train", "val", "test"))
-    assert [p.name for p in dst.iterdir()] == []
+    assert [p.name for p in dst.iterdir() if p.name != ".medgen.lock"] == []  # only the import's lock file
     Image.fromarray(np.zeros((ROWS + 2, COLS), np.uint8)).save(src / "Mets_001" / "3" / "4.png")
     with pytest.raises(ImportFormatError, match=r"patient Mets_001: PNG sizes differ within .*Mets_001/3"):
         import_brainmetshare_png(src, dst)
@@ -312,13 +312,14 @@ def test_nnunet_affine_mismatch_blames_the_odd_file(nn_src, tmp_path: Path) -> N
     assert not list_patients(tmp_path / "out" / "train")
 
 
-def test_nnunet_map_override_and_test_set(nn_src, tmp_path: Path) -> None:
+def test_nnunet_map_override_and_test_set(nn_src, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     src, truth = nn_src
     _nn_case(src, "imagesTs", "labelsTs", "mets_101", 101)
     _nn_case(src, "imagesTs", None, "mets_102", 102)
     dst = tmp_path / "out"
-    with pytest.warns(ImportFormatWarning, match="mets_102"):
+    with caplog.at_level("WARNING", logger="medgen"):
         assert import_nnunet(src, dst, mapping={"0001": "flair", "0": "t1_pre"}) == 3
+    assert "mets_102" in caplog.text
     assert [p.name for p in list_patients(dst / "test")] == ["mets_101"]
     volume, _ = load_volume(dst / "train" / "mets_002" / "flair.nii.gz")
     np.testing.assert_allclose(volume, _canonical(truth["mets_002"]["0001"])[0], rtol=1e-6)

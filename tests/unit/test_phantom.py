@@ -10,6 +10,7 @@ from scipy import ndimage
 from medgen.core.constants import IMAGE_MODALITIES, MASK_KEY, MODALITIES, SPLITS
 from medgen.data import phantom
 from medgen.data.splits import split_counts
+from medgen.data.validate import check_dataset
 from medgen.data.preview import render_phantom_figure
 
 SMALL = dict(size=64, slices=32)
@@ -129,7 +130,8 @@ def test_generate_dataset_layout_and_refuses_rerun(tmp_path):
     out = tmp_path / "ds"
     patients = phantom.generate_dataset(out, subjects=4, size=32, slices=12, seed=5)
     assert [p.name for p in patients] == [f"phantom_{i:04d}" for i in range(4)]
-    per_split = {name: sorted(p.name for p in (out / name).iterdir()) for name in SPLITS}
+    per_split = {name: sorted(p.name for p in (out / name).iterdir()) if (out / name).is_dir() else []
+                 for name in SPLITS}  # a split without subjects has no folder
     assert tuple(len(per_split[name]) for name in SPLITS) == split_counts(4, (0.7, 0.15, 0.15))
     for patient in patients:
         assert patient.parent.name in SPLITS
@@ -149,8 +151,8 @@ def test_generate_dataset_layout_and_refuses_rerun(tmp_path):
 def test_generate_dataset_empty_splits_and_workers(tmp_path):
     serial = phantom.generate_dataset(tmp_path / "a", subjects=2, size=24, slices=8, seed=1, split=(1.0, 0.0, 0.0))
     assert all(p.parent.name == "train" for p in serial)
-    assert (tmp_path / "a" / "val").is_dir() and not any((tmp_path / "a" / "val").iterdir())
-    assert (tmp_path / "a" / "test").is_dir()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["train"]  # no empty val/ or test/
+    assert check_dataset(tmp_path / "a", progress=False).ok
     pooled = phantom.generate_dataset(tmp_path / "b", subjects=2, size=24, slices=8, seed=1,
                                       split=(1.0, 0.0, 0.0), workers=2)
     for a, b in zip(serial, pooled):

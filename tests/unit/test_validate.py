@@ -183,7 +183,7 @@ def test_json_output_parses(dataset: Path, capsys: pytest.CaptureFixture[str]) -
     payload = json.loads(capsys.readouterr().out)
     assert payload["ok"] is False and payload["errors"] == 1 and payload["warnings"] == 1
     assert payload["patients_checked"] == 3
-    assert {"path": named, "message": "missing modality 't1_gd'", "severity": "error"} in payload["problems"]
+    assert {"path": named, "message": "missing modality 't1_gd' (no t1_gd.nii.gz or t1_gd.nii)", "severity": "error"} in payload["problems"]
 
 
 def test_check_patients_only_reads_requested_keys(dataset: Path) -> None:

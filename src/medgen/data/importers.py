@@ -29,10 +29,10 @@ the volume back with :func:`medgen.data.preview.make_preview` shows the slices a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -42,13 +42,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from medgen.core.constants import IMAGE_MODALITIES, MASK_KEY, NIFTI_SUFFIX, SPLITS
+from medgen.core.fs import FolderLock, remove_orphans, temporary_path
 from medgen.data.nifti_dataset import (
     DataError,
+    folder_problem,
     geometry_mismatches,
     list_patients,
     load_volume,
     modality_path,
     save_volume,
+    volume_shape_problem,
 )
 from medgen.data.splits import assign_splits, parse_split
 from medgen.data.transforms import binarize_mask
@@ -56,7 +59,6 @@ from medgen.data.transforms import binarize_mask
 __all__ = [
     "DEFAULT_PNG_MAPPING",
     "ImportFormatError",
-    "ImportFormatWarning",
     "import_brainmetshare_png",
     "import_nnunet",
     "png_slice_to_ras",
@@ -76,12 +78,19 @@ class ImportFormatError(DataError):
     the message names the patient / file / argument."""
 
 
-class ImportFormatWarning(UserWarning):
-    """Something in the source was skipped (e.g. patients without labels); the message names it."""
+log = logging.getLogger("medgen.data")
+
+#: the staging folders of an import live in the destination, named ``.medgen-import.tmp-<host>-<pid>-<token>``
+#: (:func:`medgen.core.fs.temporary_path`), so a later import removes those a killed one left behind
+_STAGING = "medgen-import"
+#: the lock an import holds on its destination (another import into it fails at once, naming the holder)
+_DESTINATION = "import destination"
 
 
 def _warn(message: str) -> None:
-    warnings.warn(message, ImportFormatWarning, stacklevel=3)
+    """Something in the source was skipped (e.g. patients without labels): a one-line warning on
+    the ``medgen`` logger that names it."""
+    log.warning(message)
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,9 +121,13 @@ def _check_split_fractions(split: Sequence[float] | None) -> tuple[float, float,
 
 def _check_dst(dst: Path, src: Path) -> None:
     if dst.exists() and not dst.is_dir():
-        raise ImportFormatError(f"destination {dst} exists and is not a folder")
+        raise ImportFormatError(f"destination {dst} is a file, not a folder; choose a new folder")
     if dst.resolve() == src.resolve():
         raise ImportFormatError(f"destination {dst} is the source folder; choose a new folder")
+    _check_dst_empty(dst)
+
+
+def _check_dst_empty(dst: Path) -> None:
     existing = [p for s in SPLITS for p in list_patients(dst / s)]
     if existing:
         names = ", ".join(str(p.relative_to(dst)) for p in existing[:3])
@@ -122,6 +135,12 @@ def _check_dst(dst: Path, src: Path) -> None:
         raise ImportFormatError(
             f"destination {dst} already holds patient folders ({names}{more}); import into an empty folder"
         )
+
+
+def _check_src(src: Path) -> None:
+    problem = folder_problem(src, "source folder")
+    if problem:
+        raise ImportFormatError(f"source folder {src} does not exist" if not src.exists() else f"{src}: {problem}")
 
 
 def _check_unique_ids(patients: Sequence[_Patient]) -> None:
@@ -149,20 +168,26 @@ def _write_all(
     desc: str,
 ) -> int:
     """Write every patient into a hidden staging folder under ``dst`` and move the finished
-    patient folders into place only when all succeeded (a failed import leaves ``dst`` as it was)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    staging = dst / f".medgen-import-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    try:
-        for patient in tqdm(patients, desc=desc, unit="patient"):
-            write_one(patient, staging / targets[patient.pid] / patient.pid)
-        for patient in patients:
-            final = dst / targets[patient.pid] / patient.pid
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / targets[patient.pid] / patient.pid, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    patient folders into place only when all succeeded (a failed import leaves ``dst`` as it was).
+
+    The whole write holds an exclusive lock on ``dst`` (:class:`medgen.core.fs.FolderLock`): a second
+    import into it fails at once with :class:`medgen.core.fs.FolderBusy`, naming the process that
+    holds it. Under the lock ``dst`` is checked again to hold no patient folder (an import that
+    finished meanwhile), and staging folders left by killed imports are removed.
+    """
+    with FolderLock(dst, _DESTINATION):
+        _check_dst_empty(dst)  # again, now that no other import can write into it
+        remove_orphans(sorted(dst.glob(f".{_STAGING}.tmp-*")) + sorted(dst.glob(f".{_STAGING}-[0-9]*")))
+        staging = temporary_path(dst / _STAGING)
+        try:
+            for patient in tqdm(patients, desc=desc, unit="patient"):
+                write_one(patient, staging / targets[patient.pid] / patient.pid)
+            for patient in patients:
+                final = dst / targets[patient.pid] / patient.pid
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / targets[patient.pid] / patient.pid, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return len(patients)
 
 
@@ -330,12 +355,12 @@ def import_brainmetshare_png(
     Raises:
         ImportFormatError: bad arguments, missing channel folders, slice counts or PNG sizes that
             differ between channels, no patient with a ``seg`` folder, or a non-empty ``dst``.
+        FolderBusy: another import is writing into ``dst`` (the message names that process).
 
     Patients without a ``seg`` folder (BrainMetShare's test set) are skipped with a warning.
     """
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise ImportFormatError(f"source folder {src} does not exist")
+    _check_src(src)
     channels = _check_modality_targets(DEFAULT_PNG_MAPPING if mapping is None else mapping, "--map")
     if PNG_SEG_FOLDER in channels:
         raise ImportFormatError(f"--map: {PNG_SEG_FOLDER!r} is the mask folder, not an image channel")
@@ -507,14 +532,14 @@ def import_nnunet(
     Raises:
         ImportFormatError: missing folders / files, no usable mapping, shape or affine mismatch
             between a case's channels and label, or a non-empty ``dst``.
+        FolderBusy: another import is writing into ``dst`` (the message names that process).
 
     Labels become binary masks (lesion = label > 0). The source affines are kept (volumes are
     reoriented to RAS by :func:`load_volume`). ``imagesTs`` cases go to ``test/`` when their label
     exists in ``labelsTs/``; the others are skipped with a warning.
     """
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise ImportFormatError(f"source folder {src} does not exist")
+    _check_src(src)
     if not (src / "imagesTr").is_dir():
         raise ImportFormatError(f"{src} has no imagesTr/ folder; is it an nnU-Net raw dataset folder?")
     if not (src / "labelsTr").is_dir():
@@ -572,10 +597,13 @@ def import_nnunet(
         for key, path in patient.sources.items():
             try:
                 volume, affine = load_volume(path)  # type: ignore[arg-type]
+            except DataError as exc:  # not a grayscale volume; the message names the file
+                raise ImportFormatError(f"case {patient.pid}: {exc}") from None
             except Exception as exc:  # noqa: BLE001 - nibabel raises many types; report the file
                 raise ImportFormatError(f"case {patient.pid}: cannot read {path}: {type(exc).__name__}: {exc}") from None
-            if volume.ndim not in (2, 3):
-                raise ImportFormatError(f"case {patient.pid}: {path} has shape {volume.shape}; expected a 3D volume")
+            problem = volume_shape_problem(volume.shape)
+            if problem:
+                raise ImportFormatError(f"case {patient.pid}: {path}: {problem}")
             volumes[key] = path, volume, affine  # type: ignore[assignment]
         for m in geometry_mismatches([(path, v.shape, affine) for path, v, affine in volumes.values()]):
             if m.kind == "shape":

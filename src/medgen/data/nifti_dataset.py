@@ -1,7 +1,8 @@
 """NIfTI volume loading for medgen's dataset layout (see docs/architecture.md, Data).
 
 A dataset root holds ``train/``, ``val/``, ``test/``; each holds one folder per patient
-with ``bravo.nii.gz``, ``t1_pre.nii.gz``, ``t1_gd.nii.gz``, ``flair.nii.gz``, ``seg.nii.gz``.
+with ``bravo.nii.gz``, ``t1_pre.nii.gz``, ``t1_gd.nii.gz``, ``flair.nii.gz``, ``seg.nii.gz``
+(an uncompressed ``<key>.nii`` is read as well: :func:`modality_path`).
 Volumes are reoriented to RAS, so axial slices are along the last array axis. The volumes of
 one patient must share shape and affine: :func:`geometry_mismatches` is the one comparison
 (``medgen-data check``, training, the importers and the phantom template use it).
@@ -26,8 +27,56 @@ class DataError(ValueError):
     """The data on disk cannot be used; the message names the file and the problem."""
 
 
-def modality_path(patient_dir: Path, key: str) -> Path:
-    return Path(patient_dir) / f"{key}{NIFTI_SUFFIX}"
+#: the endings a modality file may have, in the order they are looked for; new files get the first
+MODALITY_SUFFIXES: tuple[str, ...] = (NIFTI_SUFFIX, ".nii")
+
+
+def modality_path(patient_dir: str | Path, key: str) -> Path:
+    """The file of modality ``key`` in a patient folder: ``<key>.nii.gz``, or ``<key>.nii`` when only
+    that one exists. A file to be written (neither exists yet) is ``<key>.nii.gz``."""
+    folder = Path(patient_dir)
+    for suffix in MODALITY_SUFFIXES:
+        path = folder / f"{key}{suffix}"
+        if path.is_file():
+            return path
+    return folder / f"{key}{NIFTI_SUFFIX}"
+
+
+def modality_files(patient_dir: str | Path, key: str) -> list[Path]:
+    """Every file of modality ``key`` in a patient folder (more than one is ambiguous)."""
+    return [p for p in (Path(patient_dir) / f"{key}{s}" for s in MODALITY_SUFFIXES) if p.is_file()]
+
+
+def missing_modality_message(key: str) -> str:
+    """The one wording of a missing modality file (``medgen-data check``, training, the readers)."""
+    return f"missing modality {key!r} (no {' or '.join(key + s for s in MODALITY_SUFFIXES)})"
+
+
+def folder_problem(path: str | Path, what: str = "folder") -> str | None:
+    """Why ``path`` cannot be read as a ``what`` (``"dataset folder"``, ...): ``"<what> does not
+    exist"`` or ``"is a file, not a <what>"``; None for a folder."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    if path.is_file():
+        return f"is a file, not a {what}"
+    if path.exists():
+        return f"is not a {what}"
+    return f"{what} does not exist"
+
+
+def volume_shape_problem(shape: Sequence[int]) -> str | None:
+    """Why a volume of ``shape`` (as :func:`load_volume` returns it) cannot be sliced for training,
+    or None: only 3D volumes ``[x, y, slices]`` can (a single slice is ``[x, y, 1]``)."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) == 3 and min(shape) >= 1:
+        return None
+    if len(shape) == 2:
+        return (f"volume is 2D {shape}; expected a 3D volume [x, y, slices] (save a single slice "
+                f"as {shape + (1,)})")
+    if len(shape) == 4:
+        return f"volume has shape {shape}: {shape[3]} volumes in one file; expected one 3D volume"
+    return f"volume has shape {shape}; expected a 3D volume [x, y, slices]"
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -60,8 +109,18 @@ def present_modalities(patients: Sequence[Path], keys: Sequence[str] = MODALITIE
 
 
 def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a NIfTI file, reorient to RAS; returns (``[H, W, D]`` float32 array, 4x4 RAS affine)."""
-    img = nib.as_closest_canonical(_read_image(path))
+    """Read a NIfTI file, reorient to RAS; returns (``[H, W, D]`` float32 array, 4x4 RAS affine).
+
+    Raises:
+        DataError: complex or RGB voxels (not a grayscale volume); the message names the file.
+        Exception: whatever nibabel, gzip or zlib raise for an unreadable or truncated file.
+    """
+    img = _read_image(path)
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.kind not in "biuf":
+        what = "complex numbers" if dtype.kind == "c" else "colours (RGB)" if dtype.names else f"of type {dtype}"
+        raise DataError(f"{path}: voxels are {what}; expected a grayscale volume (one real number per voxel)")
+    img = nib.as_closest_canonical(img)
     data = np.asarray(img.dataobj, dtype=np.float32)
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
@@ -165,8 +224,16 @@ class NiFTIDataset(Dataset):
         for key in self.keys:
             path = modality_path(folder, key)
             if not path.is_file():
-                raise DataError(f"{path}: missing modality {key!r}")
-            data, affine = load_volume(path)
+                raise DataError(f"{path}: {missing_modality_message(key)}")
+            try:
+                data, affine = load_volume(path)
+            except DataError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - nibabel/gzip/zlib raise many types; name the file
+                raise DataError(f"{path}: unreadable or truncated file ({type(exc).__name__}: {exc})") from None
+            problem = volume_shape_problem(data.shape)
+            if problem:
+                raise DataError(f"{path}: {problem}")
             geometry.append((path, data.shape, affine))
             volumes[key] = binarize_mask(data) if key == MASK_KEY else data
         mismatches = geometry_mismatches(geometry)

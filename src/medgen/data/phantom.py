@@ -552,7 +552,7 @@ def generate_dataset(out: str | Path, subjects: int, size: int = 128, slices: in
 
     Subject ``i`` is ``make_subject(subject_seed(seed, i))``; subjects are assigned to splits
     by :func:`medgen.data.splits.split_indices` (``split`` fractions, seeded by ``seed`` and
-    ``subjects``); all three split folders are created, also empty ones. ``workers > 1``
+    ``subjects``); a split that gets no subject has no folder. ``workers > 1``
     renders in a process pool with identical output. Refuses an ``out`` that already holds
     patient folders. Returns the patient folders sorted by id."""
     out = Path(out)
@@ -564,8 +564,8 @@ def generate_dataset(out: str | Path, subjects: int, size: int = 128, slices: in
     _streams(seed)
     split_of = split_indices(subjects, fractions, np.random.SeedSequence([int(seed), subjects, _SPLIT_STREAM]))
     _check_empty(out)
-    for name in SPLITS:
-        (out / name).mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # split folders appear with their first subject: an empty
+    # val/ would be refused by medgen-data check and training (without it, train/ is split by patient)
     jobs = [(out / SPLITS[split_of[i]] / f"phantom_{i:04d}", subject_seed(seed, i), int(size), int(slices))
             for i in range(subjects)]
     written: list[Path] = []

@@ -16,7 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from medgen.core.constants import IMAGE_MODALITIES, MASK_KEY, SPLITS
-from medgen.data.nifti_dataset import DataError, list_patients, load_volume, modality_path, present_modalities
+from medgen.data.nifti_dataset import (DataError, folder_problem, list_patients, load_volume, modality_path,
+                                       present_modalities, volume_shape_problem)
 from medgen.data.transforms import binarize_mask, ras_to_display
 
 __all__ = ["CELL_HEIGHT_IN", "CELL_WIDTH_IN", "DPI", "CONTOUR_COLOUR", "make_preview", "preview_size", "ras_to_display"]
@@ -36,9 +37,14 @@ def preview_size(n_rows: int, n_cols: int) -> tuple[int, int]:
 
 def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
-        return load_volume(path)
+        volume, affine = load_volume(path)
+    except DataError as exc:  # names the file already
+        raise DataError(f"{exc}; run `medgen-data check`") from None
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types; name the file
         raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc}); run `medgen-data check`") from None
+    if volume.ndim not in (2, 3):  # a single 2D slice still makes a picture
+        raise DataError(f"{path}: {volume_shape_problem(volume.shape)}; run `medgen-data check`")
+    return volume, affine
 
 
 def _pick_slice(mask: np.ndarray | None, depth: int) -> int:
@@ -55,8 +61,9 @@ def _plane(volume: np.ndarray, k: int) -> np.ndarray:
 
 
 def _patients(root: Path, n_patients: int) -> list[Path]:
-    if not root.is_dir():
-        raise DataError(f"{root}: dataset folder does not exist")
+    problem = folder_problem(root, "dataset folder")
+    if problem:
+        raise DataError(f"{root}: {problem}")
     found = [p for split in SPLITS for p in list_patients(root / split)]
     if not found:
         raise DataError(f"{root}: no patient folders in {', '.join(s + '/' for s in SPLITS)}; nothing to preview")

@@ -401,13 +401,31 @@ class _PatientSlices:
 
 def _patient_slices(folder: Path, spec: SliceSpec, validate: bool = True, preprocess: bool = True) -> _PatientSlices:
     """Read each modality of one patient once; check it (``validate``); when it has no error
-    (and ``preprocess``), preprocess the volumes and select the slices."""
+    (and ``preprocess``), preprocess the volumes and select the slices. A failure while
+    preprocessing is returned as an error on the file it came from (the patient folder when no
+    single file fails on its own), never raised from inside a library."""
     read = read_patient(folder, spec.keys, validate=validate, keep=preprocess)
     if not read.ok or not preprocess:
         return _PatientSlices(read.problems)
-    block, z, lesion = preprocess_volumes(read.volumes, spec)
-    key = spec.keys[0]
-    spacing = model_spacing(read.affines[key], read.volumes[key].shape, spec.image_size)
+    try:
+        block, z, lesion = preprocess_volumes(read.volumes, spec)
+        key = spec.keys[0]
+        spacing = model_spacing(read.affines[key], read.volumes[key].shape, spec.image_size)
+    except Exception as exc:  # noqa: BLE001 - MONAI/torch/numpy raise many types; name the patient and file
+        culprit = Path(folder)
+        for k in spec.keys:  # the first file that fails on its own
+            try:
+                if k == MASK_KEY:
+                    preprocess_mask(read.volumes[k], spec.image_size)
+                else:
+                    preprocess_image(read.volumes[k], spec.image_size, spec.lower_percentile, spec.upper_percentile)
+            except Exception:  # noqa: BLE001
+                culprit = modality_path(folder, k)
+                break
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        problem = Problem(str(culprit), f"patient {Path(folder).name}: cannot preprocess for training "
+                                        f"({type(exc).__name__}{': ' + text[:200] if text else ''})")
+        return _PatientSlices(read.problems + [problem])
     return _PatientSlices(read.problems, block, z, lesion, spacing)
 
 
@@ -569,9 +587,14 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, progress: bool = True,
     In a multi-process run, rank 0 builds the caches and the others wait on ``barrier()``.
     """
     from medgen.core.paths import resolve_path
+    from medgen.data.nifti_dataset import folder_problem
 
     root = resolve_path(cfg.paths.data_dir)
-    if not root.is_dir():
+    problem = folder_problem(root, "data folder")
+    if problem and root.exists():
+        raise DataError(f"paths.data_dir {root} {problem}; set paths.data_dir=... (or MEDGEN_DATA_DIR) to the "
+                        "dataset root, the folder that holds train/")
+    if problem:
         raise DataError(
             f"data folder {root} does not exist. Set paths.data_dir=... or MEDGEN_DATA_DIR, or make a "
             f"phantom dataset: medgen-data phantom --out {root} --subjects 20"
@@ -596,6 +619,13 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, progress: bool = True,
         barrier()
     if len(train_cache) == 0:
         raise DataError(f"no training slices selected from {root / 'train'} for mode {cfg.mode.name!r} ({spec.selection} selection)")
+    if rank == 0 and (val_cache is None or len(val_cache) == 0):
+        source = f"{root / 'val'}" if (root / "val").is_dir() else f"the validation share of {root / 'train'}"
+        why = (f"0 selected from {len(val_patients)} patient(s) of {source} for mode {cfg.mode.name!r} "
+               f"({spec.selection} selection)" if val_patients else
+               f"{source} is empty (train/ holds {len(train_patients)} patient(s))")
+        log.warning("no validation slices: %s; the validation loss cannot be computed (it is logged as nan) and "
+                    "best.pt is not written; add validation patients whose slices pass the selection", why)
 
     per_rank = cfg.training.batch_size // world_size
     train_ds = SliceDataset(train_cache)

@@ -6,7 +6,9 @@
 * :func:`split_indices` / :func:`assign_splits` draw the seeded patient-level assignment that
   ``medgen-data phantom`` and ``medgen-data import --split`` write to disk;
 * :func:`split_patients` is what training reads: the ``train/``, ``val/``, ``test/`` folders,
-  or, without ``val/``, a hash-based share of ``train/``.
+  or, without ``val/``, a hash-based share of ``train/``;
+* :func:`split_folder_problem` decides whether a split folder is usable, for both
+  ``medgen-data check`` and training (an empty ``val/`` is an error to both, with one message).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from medgen.core.constants import DEFAULT_SPLIT, SPLITS
-from medgen.data.nifti_dataset import list_patients
+from medgen.data.nifti_dataset import DataError, list_patients
 
-__all__ = ["DEFAULT_SPLIT", "assign_splits", "parse_split", "split_counts", "split_indices", "split_patients"]
+__all__ = ["DEFAULT_SPLIT", "assign_splits", "parse_split", "split_counts", "split_folder_problem", "split_indices",
+           "split_patients"]
 
 #: how far the fractions' sum may be from 1
 _SUM_TOLERANCE = 1e-6
@@ -104,15 +107,56 @@ def _in_val(patient_id: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
+_SPLIT_FOLDER_RULE = {
+    "train": "train/ must be a folder of patient folders (train/<patient>/seg.nii.gz, ...)",
+    "val": "val/ must be a folder of patient folders, or absent (then train/ is split by patient)",
+    "test": "test/ must be a folder of patient folders, or absent",
+}
+
+
+def split_folder_problem(root: str | Path, split: str) -> str | None:
+    """Why ``<root>/<split>`` cannot be used as a split folder, or None (a folder with patient
+    folders, or no such entry: an absent ``val/`` means a patient-level split of ``train/``).
+
+    The one decision for ``medgen-data check`` (an error on the split folder) and training
+    (:func:`split_patients` raises it): an empty split folder, or a file where the folder belongs.
+    """
+    path = Path(root) / split
+    if not path.exists() and not path.is_symlink():
+        return None
+    if not path.is_dir():
+        return f"is a file, not a split folder; {_SPLIT_FOLDER_RULE[split]}"
+    if not list_patients(path):
+        return f"split folder holds no patient folders; {_SPLIT_FOLDER_RULE[split]}"
+    return None
+
+
+def _refuse_unusable(root: Path, split: str) -> None:
+    problem = split_folder_problem(root, split)
+    if problem:
+        raise DataError(f"{root / split}: {problem}")
+
+
 def split_patients(root: str | Path, split: str, val_fraction: float = 0.15) -> list[Path]:
     """Patient folders of ``split``. Without ``val/``, a deterministic patient-level split of
     ``train/`` is used (by a hash of the patient id, so adding patients does not move others);
-    at least one patient goes to each side when train/ has two or more."""
+    at least one patient goes to each side when train/ has two or more.
+
+    Raises:
+        DataError: for ``train`` and ``val``, a ``train/`` or ``val/`` they are drawn from that
+            :func:`split_folder_problem` refuses (``medgen-data check``'s message, after the folder's path).
+    """
     root = Path(root)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    if split == "test" or (root / "val").is_dir():
+    if split == "test":
         return list_patients(root / split)
+    _refuse_unusable(root, "val")  # whether val/ is there decides what both train and val are
+    if (root / "val").is_dir():
+        if split == "train":
+            _refuse_unusable(root, "train")
+        return list_patients(root / split)
+    _refuse_unusable(root, "train")
     train = list_patients(root / "train")
     val = [p for p in train if _in_val(p.name, val_fraction)]
     if len(train) >= 2 and not val:

@@ -6,17 +6,21 @@ Masks: the same padding, nearest-neighbour resize, then :func:`binarize_mask` â€
 binarisation function that training and generation share. The results are bit-identical to
 MONAI's ``ScaleIntensityRangePercentiles`` / ``SpatialPad`` / ``Resize`` pipeline on a
 C-ordered copy of the volume (the slice cache depends on it; ``tests/unit/test_slices.py``
-checks it), computed with fewer passes over the voxels.
+checks it), computed with fewer passes over the voxels. MONAI is imported when a volume is first
+preprocessed, so reading and checking data (``medgen-data check``) does not pay for it.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from monai.transforms import Compose, Resize, SpatialPad
-from monai.transforms.utils_pytorch_numpy_unification import percentile
 
 from medgen.core.constants import MASK_THRESHOLD
+
+if TYPE_CHECKING:
+    from monai.transforms import Compose
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -55,6 +59,8 @@ def _square_size(shape_hw: tuple[int, int]) -> int:
 def spatial_pipeline(in_hw: tuple[int, int], image_size: int, mode: str) -> Compose:
     """MONAI pipeline ``[1, H, W, D]`` -> ``[1, S, S, D]``: centred zero padding to a square, then
     an in-plane resize with interpolation ``mode`` (``area``, ``bilinear`` or ``nearest``)."""
+    from monai.transforms import Compose, Resize, SpatialPad
+
     side = _square_size(in_hw)
     return Compose(
         [
@@ -115,6 +121,8 @@ def _percentiles(voxels: np.ndarray, lower: float, upper: float) -> torch.Tensor
         raise ValueError(f"Percentiles must be in the range [0, 100], got {lower} and {upper}")
     n = voxels.size
     if n <= _MONAI_NUMPY_PERCENTILE_ABOVE or np.isnan(voxels.min()):
+        from monai.transforms.utils_pytorch_numpy_unification import percentile
+
         return percentile(_as_tensor(voxels), [lower, upper])
     virtual = (n - 1) * np.true_divide(np.asarray([lower, upper], dtype=np.float64), 100)  # as np.percentile
     previous = np.floor(virtual)

@@ -7,11 +7,13 @@ in RAS exactly as training will see them. :func:`read_patient` is the one per-pa
 ``medgen-data check`` keeps only its problems, the slice-cache build also keeps the volumes it
 read, so a cold build reads every file once.
 
-Errors (``Report.ok`` is False): a missing or unreadable modality file, a shape or affine that
-differs between a patient's files, NaN/Inf voxels, a mask with values other than 0/1, a volume
-that is not 2D/3D, an empty patient folder, no split folder, an empty split, no patients, a
-patient id in two splits. Warnings: an empty mask, a constant image, stray files in a patient
-folder or at split level.
+Errors (``Report.ok`` is False): a missing or unreadable modality file (``<key>.nii.gz`` or
+``<key>.nii``; both at once is an error too), a shape or affine that differs between a patient's
+files, NaN/Inf voxels, a mask with values other than 0/1, a volume that is not 3D (a 2D image, a 4D
+series), complex or RGB voxels, an empty patient folder, no split folder, an empty split or a file
+in its place (:func:`medgen.data.splits.split_folder_problem`, which training applies too), no
+patients, a patient id in two splits, a dataset path that is a file. Warnings: an empty mask, a
+constant image, stray files in a patient folder or at split level.
 
     report = check_dataset("data/brainmetshare")
     print(report.format()); assert report.ok
@@ -26,10 +28,12 @@ from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
-from medgen.core.constants import AFFINE_ATOL, MASK_KEY, MODALITIES, NIFTI_SUFFIX, SPLITS
-from medgen.data.nifti_dataset import (geometry_mismatches, list_patients, load_volume, modality_path,
-                                       present_modalities)
+from medgen.core.constants import AFFINE_ATOL, MASK_KEY, MODALITIES, SPLITS
+from medgen.data.nifti_dataset import (MODALITY_SUFFIXES, DataError, folder_problem, geometry_mismatches,
+                                       list_patients, load_volume, missing_modality_message, modality_files,
+                                       modality_path, present_modalities, volume_shape_problem)
 from medgen.data.parallel import ordered_map
+from medgen.data.splits import split_folder_problem
 
 __all__ = ["AFFINE_ATOL", "PatientRead", "Problem", "Report", "check_dataset", "check_patient", "check_patients",
            "read_patient"]
@@ -37,7 +41,7 @@ __all__ = ["AFFINE_ATOL", "PatientRead", "Problem", "Report", "check_dataset", "
 Severity = Literal["error", "warning"]
 
 #: file names a patient folder may hold
-_KNOWN_FILES: frozenset[str] = frozenset(f"{k}{NIFTI_SUFFIX}" for k in MODALITIES)
+_KNOWN_FILES: frozenset[str] = frozenset(f"{k}{s}" for k in MODALITIES for s in MODALITY_SUFFIXES)
 _MAX_VALUES_SHOWN = 6
 _MAX_NAMES_SHOWN = 8
 
@@ -169,8 +173,8 @@ def read_patient(folder: str | Path, keys: Sequence[str] = MODALITIES, validate:
 
     With ``validate`` the problems are exactly :func:`check_patient`'s (folder, file and value
     checks, then shape/affine agreement); without it only what makes the volumes unusable is
-    reported (a missing or unreadable file, a volume that is not 2D/3D, shapes or affines that
-    differ). With ``keep`` the volumes read are returned too.
+    reported (a missing, ambiguous or unreadable file, a volume that is not 3D, shapes or affines
+    that differ). With ``keep`` the volumes read are returned too.
     """
     folder = Path(folder)
     unknown = [k for k in keys if k not in MODALITIES]
@@ -192,15 +196,27 @@ def read_patient(folder: str | Path, keys: Sequence[str] = MODALITIES, validate:
     for key in keys:
         path = modality_path(folder, key)
         if not path.is_file():
-            problems.append(Problem(str(path), f"missing modality {key!r}"))
+            message = missing_modality_message(key)
+            if path.exists():  # e.g. a folder named bravo.nii.gz
+                message += f": {path.name} is {'a folder' if path.is_dir() else 'not a regular file'}"
+            problems.append(Problem(str(path), message))
+            continue
+        found = modality_files(folder, key)
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            problems.append(Problem(str(folder), f"modality {key!r} is there twice ({names}); keep one"))
             continue
         try:
             data, affine = load_volume(path)  # decompresses every voxel
+        except DataError as exc:  # not a grayscale volume
+            problems.append(Problem(str(path), str(exc).removeprefix(f"{path}: ")))
+            continue
         except Exception as exc:  # noqa: BLE001 - nibabel/gzip/zlib raise many types; report, don't crash
             problems.append(Problem(str(path), f"unreadable or truncated file ({_short(exc)})"))
             continue
-        if data.ndim not in (2, 3):
-            problems.append(Problem(str(path), f"volume has shape {data.shape}; expected 2D or 3D"))
+        shape_problem = volume_shape_problem(data.shape)  # what slicing for training cannot use
+        if shape_problem:
+            problems.append(Problem(str(path), shape_problem))
         geometry.append((path, data.shape, affine))
         if validate:
             problems.extend(_check_values(path, key, data))
@@ -238,10 +254,15 @@ def check_dataset(root: str | Path, keys: Sequence[str] | None = None, progress:
     that any patient has, e.g. ``bravo`` and ``seg`` for a synthetic bravo set)."""
     root = Path(root)
     report = Report(root=str(root))
-    if not root.is_dir():
-        report.problems.append(Problem(str(root), "dataset folder does not exist"))
+    problem = folder_problem(root, "dataset folder")
+    if problem:
+        report.problems.append(Problem(str(root), problem))
         return report
     split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
+    for split in SPLITS:  # a file in place of a split folder (an empty one is reported below)
+        problem = split_folder_problem(root, split)
+        if problem and not (root / split).is_dir():
+            report.problems.append(Problem(str(root / split), problem))
     if not split_dirs:
         hint = ""
         if list_patients(root):
@@ -256,8 +277,9 @@ def check_dataset(root: str | Path, keys: Sequence[str] | None = None, progress:
         stray = sorted(p.name for p in split_dir.iterdir() if p not in split_patients)
         if stray:
             report.problems.append(Problem(str(split_dir), f"stray file(s) at split level: {_names(stray)}", "warning"))
-        if not split_patients:
-            report.problems.append(Problem(str(split_dir), "split folder holds no patient folders"))
+        problem = split_folder_problem(root, split_dir.name)
+        if problem:
+            report.problems.append(Problem(str(split_dir), problem))
         for p in split_patients:
             if p.name in seen:
                 report.problems.append(Problem(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -97,7 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; what a user can fix (bad data, a folder in use, a file-system error) is one
+    line ``medgen-data <command>: message`` on stderr and exit code 1, never a traceback."""
+    from medgen.core.fs import FolderBusy, os_error_line
+    from medgen.data.nifti_dataset import DataError
+
     args = build_parser().parse_args(argv)
+    # warnings (skipped patients, removed leftovers) as one line each, without Python source lines
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return _run(args)
+    except (DataError, FolderBusy) as exc:
+        print(f"medgen-data {args.command}: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"medgen-data {args.command}: {os_error_line(exc)}", file=sys.stderr)
+    return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "phantom":
         from medgen.data.phantom import generate_dataset
 
@@ -109,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             print("medgen-data phantom: " + "; ".join(bad), file=sys.stderr)
             return 2
+        if args.out.exists() and not args.out.is_dir():
+            print(f"medgen-data phantom: --out {args.out} is a file, not a folder; choose a new folder",
+                  file=sys.stderr)
+            return 1
         try:
             generate_dataset(args.out, subjects=args.subjects, size=args.size, slices=args.slices,
                              seed=args.seed, split=args.split, workers=args.workers)
