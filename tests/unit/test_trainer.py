@@ -192,3 +192,27 @@ def test_validation_shards_cover_every_slice_once_for_any_world_size(tiny_cfg, t
     total = sum(shares)
     assert total[1] == n  # every slice counted exactly once
     assert float(total[0] / total[1]) == pytest.approx(single, rel=1e-6)
+
+
+def test_compile_auto_is_eager_on_the_cpu(tiny_cfg, tmp_path):
+    trainer = DiffusionTrainer(tiny_cfg("mode=seg"), tmp_path / "a", progress=False)
+    assert trainer.cfg.training.compile == "auto"  # the default
+    assert trainer.forward_model is trainer.model and not trainer._compile_pending
+
+
+def test_a_compiler_error_falls_back_to_eager_with_one_warning(tiny_cfg, tmp_path, monkeypatch, caplog):
+    def broken_compile(module, **kwargs):
+        def fail(*args, **kw):
+            raise RuntimeError("backend exploded\nlong compiler trace")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    compiled = DiffusionTrainer(tiny_cfg("mode=seg", "training.compile=true", "training.max_steps=3"), tmp_path / "c",
+                                progress=False)
+    eager = DiffusionTrainer(tiny_cfg("mode=seg", "training.compile=false", "training.max_steps=3"), tmp_path / "e",
+                             progress=False)
+    with caplog.at_level("WARNING", logger="medgen.train"):
+        assert compiled.train() == eager.train() == "max_steps"
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert warnings == ["torch.compile failed (RuntimeError: backend exploded); training eagerly"]
+    _assert_same(_weights(compiled.model), _weights(eager.model))  # the failed first step was redone exactly

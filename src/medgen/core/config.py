@@ -81,7 +81,7 @@ class TrainingConfig:
     perceptual_allow_download: bool = False
     use_multi_gpu: bool = False
     precision: str = choice("bf16", "bf16", "fp32")
-    compile: bool = False
+    compile: str = choice("auto", "auto", "true", "false")
     cond_dropout: float = 0.0
     max_steps: Optional[int] = None
     resume: Optional[str] = None
@@ -191,6 +191,8 @@ def _check_fields(node: DictConfig, schema: type, prefix: str | None) -> None:
         value, key = node[f.name], f"{prefix}.{f.name}" if prefix else f.name
         if "choices" in f.metadata:
             options = f.metadata["choices"]
+            if value in ("True", "False") and value.lower() in options:  # `key=true` parsed as a boolean
+                value = node[f.name] = value.lower()
             _check(value in options, key, f"{value!r} is not one of {list(options)}")
         if "min" in f.metadata and value is not None:
             _check(value >= f.metadata["min"], key, f"must be >= {f.metadata['min']}, got {value}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,7 +38,7 @@ from medgen.diffusion.modes import build_mode
 from medgen.diffusion.perceptual import build_perceptual_loss
 from medgen.diffusion.run_logger import RunLogger
 from medgen.diffusion.strategies import build_strategy
-from medgen.diffusion.utils import build_network, network_kwargs, save_png, step_seed
+from medgen.diffusion.utils import build_network, compile_enabled, network_kwargs, save_png, step_seed
 
 log = logging.getLogger("medgen.train")
 
@@ -107,7 +108,9 @@ class DiffusionTrainer:
         if self.dist.distributed:
             self.forward_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if self.t.compile:
+        self._eager_forward = self.forward_model
+        self._compile_pending = compile_enabled(self.t.compile, self.device)  # compiled at the first step
+        if self._compile_pending:
             self.forward_model = torch.compile(self.forward_model)
 
         self.logger = RunLogger(self.run_dir, self.device, self.strategy.num_train_timesteps, enabled=self.dist.is_main)
@@ -183,6 +186,24 @@ class DiffusionTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss.detach(), mse.detach(), perceptual.detach(), grad_norm.detach(), skipped)
 
+    def _first_compiled_step(self, batch: dict[str, torch.Tensor]) -> StepResult:
+        """The first step of a compiled run, where torch.compile does its work: timed, and on a
+        compiler error the run goes on eagerly (the step is redone from the same state)."""
+        self._compile_pending = False
+        t0 = time.perf_counter()
+        try:
+            result = self.train_step(batch)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: eager still trains
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            log.warning("torch.compile failed (%s: %s); training eagerly", type(exc).__name__, first[:300])
+            self.forward_model = self._eager_forward
+            self.optimizer.zero_grad(set_to_none=True)
+            return self.train_step(batch)
+        if self.dist.is_main:
+            log.info("compiled the training step in %.0f s (training.compile=%s)", time.perf_counter() - t0,
+                     self.t.compile)
+        return result
+
     def _perceptual(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         if self.perceptual is None:
             return torch.zeros((), device=self.device)
@@ -241,7 +262,7 @@ class DiffusionTrainer:
                     log.warning("stop requested (signal or Ctrl-C): saving latest.pt at step %d; "
                                 "press Ctrl-C again to abort without saving", self.step)
                     return "stopped"
-                result = self.train_step(batch)
+                result = self._first_compiled_step(batch) if self._compile_pending else self.train_step(batch)
                 self.step += 1
                 self._after_step(result, batch, bar)
             if self.t.max_steps is not None and self.step >= self.t.max_steps and \

@@ -39,6 +39,11 @@ def build_network(kwargs: Mapping[str, Any]) -> DiffusionModelUNet:
     return DiffusionModelUNet(**kw)
 
 
+def compile_enabled(setting: str, device: torch.device) -> bool:
+    """``compile`` = ``auto`` | ``true`` | ``false``: auto compiles on CUDA only (on the CPU, eager)."""
+    return setting == "true" or (setting == "auto" and device.type == "cuda")
+
+
 def load_model_from_checkpoint(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
     """Build the network from the checkpoint alone. Returns ``(model.eval(), checkpoint dict)``;
     EMA weights are used when present and ``use_ema``."""

@@ -24,7 +24,7 @@ from medgen.core.paths import resolve_path
 from medgen.diffusion.modes import TrainingMode, build_mode
 from medgen.diffusion.samplers import guided, randn_like
 from medgen.diffusion.strategies import DiffusionStrategy, build_strategy
-from medgen.diffusion.utils import build_network
+from medgen.diffusion.utils import build_network, compile_enabled
 
 log = logging.getLogger("medgen.generate")
 
@@ -137,7 +137,7 @@ def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, 
 def _forward(network: torch.nn.Module, device: torch.device, compile: str) -> Callable[[Tensor, Tensor], Tensor]:
     """The network's forward, compiled for fixed shapes when ``compile`` is ``true`` (or ``auto``
     on CUDA); a compile failure falls back to eager with one warning."""
-    if compile == "false" or (compile == "auto" and device.type != "cuda"):
+    if not compile_enabled(compile, device):
         return network
     compiled = torch.compile(network, dynamic=False)
     state: dict[str, Any] = {"fn": None}
