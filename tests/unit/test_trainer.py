@@ -216,3 +216,66 @@ def test_a_compiler_error_falls_back_to_eager_with_one_warning(tiny_cfg, tmp_pat
     warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
     assert warnings == ["torch.compile failed (RuntimeError: backend exploded); training eagerly"]
     _assert_same(_weights(compiled.model), _weights(eager.model))  # the failed first step was redone exactly
+
+
+def _poison(trainer: DiffusionTrainer, steps: set[int], monkeypatch) -> None:
+    real_target = trainer.strategy.target
+    monkeypatch.setattr(trainer.strategy, "target", lambda x0, eps, t: real_target(x0, eps, t) * (
+        float("nan") if trainer.step in steps else 1.0))
+
+
+def test_the_device_side_skip_equals_a_host_decided_skip(tiny_cfg, tmp_path, monkeypatch):
+    """The step decides a skip on the device (fused AdamW's found_inf); the same run with the
+    plain foreach AdamW, whose skip the host decides by reading the flag, ends with the same losses
+    and weights (up to the fused kernel's float rounding)."""
+    cfg = tiny_cfg("mode=bravo", "training.use_ema=false", "training.epochs=10")
+    fused = DiffusionTrainer(cfg, tmp_path / "f", progress=False)
+    host = DiffusionTrainer(cfg, tmp_path / "h", progress=False)
+    host.optimizer = torch.optim.AdamW(host.model.parameters(), lr=cfg.training.learning_rate,
+                                       weight_decay=cfg.training.weight_decay, foreach=True)
+    plain_step = host.optimizer.step
+
+    def host_decided_step():
+        if not bool(host.optimizer.__dict__.pop("found_inf")):  # the host waits for the flag here
+            plain_step()
+
+    monkeypatch.setattr(host.optimizer, "step", host_decided_step)
+    for trainer in (fused, host):
+        _poison(trainer, {2}, monkeypatch)
+    batch = next(iter(fused.data.train))
+    for _ in range(6):
+        a, b = fused.train_step(batch), host.train_step(batch)
+        assert bool(a.skipped) == bool(b.skipped) == (fused.step == 2)
+        if not a.skipped:
+            assert float(a.loss) == pytest.approx(float(b.loss), rel=1e-5)
+        fused.step += 1
+        host.step += 1
+    for k, v in _weights(fused.model).items():
+        torch.testing.assert_close(v, _weights(host.model)[k], rtol=1e-4, atol=1e-5)
+    assert int(fused.optimizer.state[next(fused.model.parameters())]["step"]) == 5  # the skipped step not counted
+
+
+def test_the_step_reads_nothing_back_from_the_device(tiny_cfg, tmp_path):
+    """No item()/_local_scalar_dense in a training step outside the optimizer: the host never waits
+    on the accelerator. (On the CPU the fused AdamW reads its own step counter, a CPU tensor; on CUDA
+    it reads nothing. EMA's counters are CPU tensors: reading them never waits on a GPU.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer = DiffusionTrainer(tiny_cfg("mode=bravo", "training.use_ema=false"), tmp_path / "p", progress=False)
+    batch = next(iter(trainer.data.train))
+    trainer.train_step(batch)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            trainer.train_step(batch)
+            trainer.step += 1
+
+    def in_optimizer(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("Optimizer.step"):
+            parent = parent.cpu_parent
+        return parent is not None
+
+    reads = [e for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense")]
+    assert reads and all(in_optimizer(e) for e in reads)
+    with_ema = DiffusionTrainer(tiny_cfg("mode=bravo"), tmp_path / "e", progress=False)
+    assert with_ema.ema.step.device.type == "cpu" and with_ema.ema.initted.device.type == "cpu"

@@ -96,6 +96,16 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(t.item())
 
 
+def all_ranks(flag: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """``flag`` (a bool scalar on this rank's device) AND-ed over all ranks, on the device: no rank's
+    host waits for it (an all-reduce MIN)."""
+    if not info.distributed:
+        return flag
+    t = flag.to(torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.bool()
+
+
 def broadcast_object(obj: Any, info: DistInfo) -> Any:
     """Rank 0's ``obj`` on every rank (picklable objects; a no-op in one process)."""
     if not info.distributed:

@@ -93,34 +93,40 @@ class RunLogger:
     def reset(self) -> None:
         z = lambda: torch.zeros((), device=self.device)  # noqa: E731
         self._window: dict[str, Any] = {k: z() for k in _WINDOW_KEYS}
-        self._window.update(n=0, images=0, t0=time.perf_counter())
+        self._window.update(n=z(), images=0, t0=time.perf_counter())  # n: applied steps, on the device
         self._bin_sum = torch.zeros(N_TIMESTEP_BINS, device=self.device)
         self._bin_count = torch.zeros(N_TIMESTEP_BINS, device=self.device)
 
-    def record_step(self, values: Mapping[str, torch.Tensor], images: int) -> None:
-        """Add one applied step's scalars (device tensors: loss, mse, perceptual, grad_norm)."""
+    def record_step(self, values: Mapping[str, torch.Tensor], images: int, applied: torch.Tensor) -> None:
+        """Add one step's scalars (device tensors: loss, mse, perceptual, grad_norm) if ``applied``
+        (a device bool: a skipped step's non-finite values are left out), without a host sync."""
         if not self.enabled:
             return
         for k in _WINDOW_KEYS:
-            self._window[k] += values[k]
-        self._window["n"] += 1
+            self._window[k] += torch.where(applied, values[k].float(), 0.0)
+        self._window["n"] += applied.float()
         self._window["images"] += images
 
-    def record_bins(self, t: torch.Tensor, per_sample: torch.Tensor) -> None:
-        """Accumulate per-sample losses ``[B]`` by timestep ``t [B]`` bin, on the device (no host sync)."""
+    def record_bins(self, t: torch.Tensor, per_sample: torch.Tensor, applied: torch.Tensor) -> None:
+        """Accumulate per-sample losses ``[B]`` by timestep ``t [B]`` bin if ``applied``, on the device."""
         if not self.enabled:
             return
         bins = (t.float() / self.num_train_timesteps * N_TIMESTEP_BINS).long().clamp(0, N_TIMESTEP_BINS - 1)
-        self._bin_sum.index_add_(0, bins, per_sample.float())
-        self._bin_count.index_add_(0, bins, torch.ones_like(per_sample, dtype=torch.float32))
+        self._bin_sum.index_add_(0, bins, torch.where(applied, per_sample.float(), 0.0))
+        self._bin_count.index_add_(0, bins, applied.float().expand(per_sample.shape[0]).contiguous())
 
     def flush(self, step: int, epoch: int, lr: float) -> dict[str, float] | None:
         """Write the window's means at ``step`` and start a new window; returns them (None if empty)."""
         w = self._window
-        if not self.enabled or w["n"] == 0:
+        if not self.enabled:
+            return None
+        sums = torch.stack([w["n"], *(w[k] for k in _WINDOW_KEYS)]).tolist()  # the one host read per window
+        n = sums[0]
+        if n == 0:
+            self.reset()
             return None
         elapsed = max(1e-9, time.perf_counter() - w["t0"])
-        stats = {k: float(w[k]) / w["n"] for k in _WINDOW_KEYS}
+        stats = {k: v / n for k, v in zip(_WINDOW_KEYS, sums[1:])}
         stats["lr"] = lr
         stats["images_per_sec"] = w["images"] / elapsed
         stats["peak_memory_mb"] = self._peak_memory_mb()

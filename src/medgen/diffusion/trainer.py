@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from medgen.core.checkpoint import CheckpointError, load_checkpoint
 from medgen.core.config import MAX_WARMUP_FRACTION
-from medgen.core.distributed import DistInfo, any_rank, barrier
+from medgen.core.distributed import DistInfo, all_ranks, any_rank, barrier
 from medgen.core.signals import StopRequest, stop_signals
 from medgen.data.slices import DataBundle, build_data
 from medgen.data.transforms import from_model_space
@@ -53,7 +53,38 @@ class StepResult:
     mse: torch.Tensor  # scalar weighted diffusion loss (device)
     perceptual: torch.Tensor  # scalar (device)
     grad_norm: torch.Tensor  # scalar (device)
-    skipped: bool
+    skipped: torch.Tensor  # scalar bool (device): the update was skipped (non-finite on some rank)
+
+
+class SkipTracker:
+    """Non-finite steps counted on the device, so that deciding a skip never makes the host wait:
+    how many since the last read, the longest run of them in a row, the last one's step."""
+
+    def __init__(self, device: torch.device):
+        z = lambda: torch.zeros((), dtype=torch.long, device=device)  # noqa: E731
+        self.device = device
+        self.streak, self.longest, self.count, self.last = z(), z(), z(), z()
+
+    def record(self, ok: torch.Tensor, step: int) -> None:
+        bad = (~ok).long()
+        self.streak = (self.streak + 1) * bad
+        self.longest = torch.maximum(self.longest, self.streak)
+        self.count = self.count + bad
+        self.last = torch.where(ok, self.last, torch.full((), step, dtype=torch.long, device=self.device))
+
+    def read(self) -> tuple[int, int, int]:
+        """(skipped, longest run in a row, last skipped step) since the last read; one host sync."""
+        n, longest, last = torch.stack([self.count, self.longest, self.last]).tolist()
+        self.count.zero_()
+        self.longest.copy_(self.streak)
+        return n, longest, last
+
+    def streak_now(self) -> int:
+        return int(self.streak)
+
+    def load(self, streak: int) -> None:
+        self.streak.fill_(streak)
+        self.longest.fill_(streak)
 
 
 class DiffusionTrainer:
@@ -83,8 +114,10 @@ class DiffusionTrainer:
         self.network_kwargs = network_kwargs(cfg.model, self.mode)
         self.model = build_network(self.network_kwargs).to(self.device)
         self.ema = self._build_ema()
+        # fused (CUDA and CPU): it takes a device-side found_inf flag and skips its update for it, so a
+        # non-finite step is skipped without the host waiting for the GPU
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.t.learning_rate,
-                                           weight_decay=self.t.weight_decay, fused=self.device.type == "cuda")
+                                           weight_decay=self.t.weight_decay, fused=True)
         # before any step: a missing-weights error must reach the user now, not after hours
         self.perceptual = None
         if self.mode.supports_perceptual and self.t.perceptual_weight > 0:
@@ -118,7 +151,7 @@ class DiffusionTrainer:
         self.step = 0
         self.epoch = 0
         self.best_val_loss = math.inf
-        self.nonfinite_streak = 0
+        self.skips = SkipTracker(self.device)  # non-finite steps, counted on the device
         self._stop = StopRequest()  # SIGTERM/SIGUSR1 while train() runs
 
     # ------------------------------------------------------------------ building blocks
@@ -175,16 +208,18 @@ class DiffusionTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.gradient_clip_norm)
-        skipped = any_rank(not bool(torch.isfinite(grad_norm) & torch.isfinite(loss)), self.dist)
-        if not skipped:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr_schedule(self.step)
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update()
-            self.logger.record_bins(t, per_sample.detach())
+        # decided on the device, agreed by every rank, never read by the host here
+        ok = all_ranks(torch.isfinite(grad_norm) & torch.isfinite(loss), self.dist)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_schedule(self.step)
+        self.optimizer.found_inf = (~ok).float()  # the fused AdamW skips its whole update where 1
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()  # on a skipped step it moves towards the unchanged weights
+        self.logger.record_bins(t, per_sample.detach(), ok)
+        self.skips.record(ok, self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss.detach(), mse.detach(), perceptual.detach(), grad_norm.detach(), skipped)
+        return StepResult(loss.detach(), mse.detach(), perceptual.detach(), grad_norm.detach(), ~ok)
 
     def _first_compiled_step(self, batch: dict[str, torch.Tensor]) -> StepResult:
         """The first step of a compiled run, where torch.compile does its work: timed, and on a
@@ -231,6 +266,7 @@ class DiffusionTrainer:
         try:
             while self.epoch < self.t.epochs:
                 status = self._run_epoch()
+                self.check_skips()
                 if status != "epoch":
                     self.save("latest.pt")  # max_steps or stop signal
                     return status
@@ -242,6 +278,13 @@ class DiffusionTrainer:
             return "done"
         finally:
             self.logger.close()
+
+    def _stop_requested(self) -> bool:
+        """A stop signal on any rank. Under DDP the ranks compare notes only every ``log_every``
+        steps (all at the same steps), so that no step waits on a collective read by the host."""
+        if not self.dist.distributed:
+            return self._stop.requested
+        return self.step % self.t.log_every == 0 and any_rank(self._stop.requested, self.dist)
 
     def epoch_label(self) -> str:
         """``"<e>/<epochs>"``: the epoch in progress (as the progress bar counts, from 1), or the last
@@ -258,7 +301,7 @@ class DiffusionTrainer:
             for batch in self.data.train:
                 if self.t.max_steps is not None and self.step >= self.t.max_steps:
                     return "max_steps"
-                if any_rank(self._stop.requested, self.dist):
+                if self._stop_requested():
                     log.warning("stop requested (signal or Ctrl-C): saving latest.pt at step %d; "
                                 "press Ctrl-C again to abort without saving", self.step)
                     return "stopped"
@@ -273,24 +316,29 @@ class DiffusionTrainer:
             bar.close()
 
     def _after_step(self, r: StepResult, batch: dict[str, torch.Tensor], bar) -> None:
-        if r.skipped:
-            self.nonfinite_streak += 1
-            log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)",
-                        self.step - 1, self.nonfinite_streak)
-            if self.nonfinite_streak >= self.t.max_nonfinite_steps:
-                raise TrainingStopped(
-                    f"{self.nonfinite_streak} non-finite losses in a row, the last at step {self.step - 1}; "
-                    "lower training.learning_rate, keep gradient clipping on, or check the data "
-                    "(medgen-data check)")
-            return
-        self.nonfinite_streak = 0
+        """Device-side bookkeeping every step; the host reads it only every ``log_every`` steps."""
         images = next(iter(batch.values())).shape[0] * self.dist.world_size
-        self.logger.record_step(vars(r), images)
+        self.logger.record_step(vars(r), images, ~r.skipped)
         bar.update(1)
         if self.step % self.t.log_every == 0:
+            self.check_skips()
             stats = self.logger.flush(self.step, self.epoch, self.lr_schedule(self.step - 1))
             if stats is not None:
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_sec']:.1f}")
+
+    def check_skips(self) -> None:
+        """Report the steps skipped since the last check (one host read); stop the run after
+        ``training.max_nonfinite_steps`` in a row."""
+        n, longest, last = self.skips.read()
+        if n == 0:
+            return
+        log.warning("%d step(s) skipped since the last report: non-finite loss or gradient (the last at step %d)",
+                    n, last)
+        if longest >= self.t.max_nonfinite_steps:
+            raise TrainingStopped(
+                f"{longest} non-finite losses in a row, the last at step {last}; "
+                "lower training.learning_rate, keep gradient clipping on, or check the data "
+                "(medgen-data check)")
 
     # ------------------------------------------------------------------ validation
     def _eval_model(self) -> torch.nn.Module:
@@ -346,7 +394,7 @@ class DiffusionTrainer:
             "step": self.step,
             "epoch": self.epoch,
             "best_val_loss": self.best_val_loss,
-            "nonfinite_streak": self.nonfinite_streak,
+            "nonfinite_streak": self.skips.streak_now(),
             "data_fingerprint": self.data.fingerprint,
             # what generated data needs to look like the training data: voxel size (mm) of a model
             # slice, in RAS (x, y, slice thickness)
@@ -363,7 +411,7 @@ class DiffusionTrainer:
         self.step = int(ckpt["step"])
         self.epoch = int(ckpt["epoch"])
         self.best_val_loss = float(ckpt["best_val_loss"])
-        self.nonfinite_streak = int(ckpt.get("nonfinite_streak", 0))
+        self.skips.load(int(ckpt.get("nonfinite_streak", 0)))
 
     def save(self, name: str) -> Path | None:
         return self.checkpointer.save(name, self.state_dict()) if self.dist.is_main else None
