@@ -279,3 +279,27 @@ def test_the_step_reads_nothing_back_from_the_device(tiny_cfg, tmp_path):
     assert reads and all(in_optimizer(e) for e in reads)
     with_ema = DiffusionTrainer(tiny_cfg("mode=bravo"), tmp_path / "e", progress=False)
     assert with_ema.ema.step.device.type == "cpu" and with_ema.ema.initted.device.type == "cpu"
+
+
+@pytest.mark.slow
+def test_a_nan_step_is_skipped_in_a_compiled_run_too(tiny_cfg, tmp_path, monkeypatch, caplog):
+    """torch.compile (inductor, on the CPU here) with the device-side skip: the NaN step leaves the
+    weights as they were, the others change them (slow: about a minute of compiling)."""
+    trainer = DiffusionTrainer(tiny_cfg("mode=bravo", "training.compile=true", "training.max_steps=5"),
+                               tmp_path / "c", progress=False)
+    _poison(trainer, {2}, monkeypatch)
+    before: dict[int, dict] = {}
+    original_step = trainer.train_step
+
+    def spy(batch):
+        before[trainer.step] = _weights(trainer.model)
+        return original_step(batch)
+
+    monkeypatch.setattr(trainer, "train_step", spy)
+    with caplog.at_level("INFO", logger="medgen.train"):
+        assert trainer.train() == "max_steps"
+    assert type(trainer.forward_model).__name__ == "OptimizedModule"  # it did compile, no fallback
+    assert any(r.getMessage().startswith("compiled the training step in ") for r in caplog.records)
+    _assert_same(before[2], before[3])
+    assert any(not torch.equal(before[3][k], before[4][k]) for k in before[3])
+    assert "1 step(s) skipped since the last report: non-finite loss or gradient (the last at step 2)" in caplog.text
