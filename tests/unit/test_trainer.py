@@ -24,6 +24,19 @@ def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 CPU = DistInfo(device=torch.device("cpu"))
 
 
+def _weights_before_each_step(trainer: DiffusionTrainer, monkeypatch) -> dict[int, dict]:
+    """{step: the weights just before that step}, filled while the trainer trains."""
+    before: dict[int, dict] = {}
+    original_step = trainer.train_step
+
+    def spy(batch):
+        before[trainer.step] = _weights(trainer.model)
+        return original_step(batch)
+
+    monkeypatch.setattr(trainer, "train_step", spy)
+    return before
+
+
 def _assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
@@ -80,14 +93,7 @@ def test_non_finite_loss_skips_the_step_and_k_in_a_row_stop(tiny_cfg, tmp_path, 
         return out * float("nan") if trainer.step in poisoned else out
 
     monkeypatch.setattr(trainer.strategy, "target", target)
-    before: dict[int, dict] = {}
-    original_step = trainer.train_step
-
-    def spy(batch):
-        before[trainer.step] = _weights(trainer.model)
-        return original_step(batch)
-
-    monkeypatch.setattr(trainer, "train_step", spy)
+    before = _weights_before_each_step(trainer, monkeypatch)
     with pytest.raises(TrainingStopped, match="3 non-finite losses in a row, the last at step 7"):
         trainer.train()
     _assert_same(before[2], before[3])  # the NaN step changed nothing
@@ -288,14 +294,7 @@ def test_a_nan_step_is_skipped_in_a_compiled_run_too(tiny_cfg, tmp_path, monkeyp
     trainer = DiffusionTrainer(tiny_cfg("mode=bravo", "training.compile=true", "training.max_steps=5"),
                                tmp_path / "c", progress=False)
     _poison(trainer, {2}, monkeypatch)
-    before: dict[int, dict] = {}
-    original_step = trainer.train_step
-
-    def spy(batch):
-        before[trainer.step] = _weights(trainer.model)
-        return original_step(batch)
-
-    monkeypatch.setattr(trainer, "train_step", spy)
+    before = _weights_before_each_step(trainer, monkeypatch)
     with caplog.at_level("INFO", logger="medgen.train"):
         assert trainer.train() == "max_steps"
     assert type(trainer.forward_model).__name__ == "OptimizedModule"  # it did compile, no fallback

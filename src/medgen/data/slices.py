@@ -362,16 +362,22 @@ def _discard(directory: Path, seen: os.stat_result) -> None:
     except OSError as exc:
         raise CacheCorrupt(directory, f"it failed its check and cannot be moved aside ({exc.strerror})") from None
     st = aside.lstat()
-    if (st.st_dev, st.st_ino) != (seen.st_dev, seen.st_ino):
-        try:
-            os.rename(aside, directory)
-            return
-        except OSError:
-            pass  # yet another one is in place now: this one is surplus
+    if (st.st_dev, st.st_ino) != (seen.st_dev, seen.st_ino) and _rename_back(aside, directory):
+        return
     if aside.is_dir() and not aside.is_symlink():
         shutil.rmtree(aside, ignore_errors=True)
     else:
         aside.unlink(missing_ok=True)
+
+
+def _rename_back(aside: Path, directory: Path) -> bool:
+    """Put a folder moved aside by mistake back in place; False if yet another one is there now
+    (then the one aside is surplus)."""
+    try:
+        os.rename(aside, directory)
+    except OSError:
+        return False
+    return True
 
 
 def _move_into_place(tmp: Path, directory: Path) -> None:

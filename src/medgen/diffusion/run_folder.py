@@ -17,6 +17,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,23 +225,16 @@ def lock_run_folder(run_dir: Path) -> FolderLock:
 
 
 def start_branch(plan: RunPlan) -> None:
-    """Record the parent of a branched run and carry over its ``metrics.jsonl`` up to the step it
-    branches at (so the curves start where the parent's were)."""
+    """Record the parent of a branched run and copy its ``metrics.jsonl``; the run logger trims the
+    copy to the branch step when it opens (:meth:`~medgen.diffusion.run_logger.RunLogger.open`),
+    so the curves start where the parent's were."""
     if plan.parent is None:
         return
     (plan.run_dir / PARENT_FILE).write_text(json.dumps(plan.parent, indent=1) + "\n")
-    if plan.parent.get("run") and plan.parent.get("step") is not None:
+    if plan.parent.get("run"):
         source = Path(plan.parent["run"]) / "metrics.jsonl"
         if source.is_file():
-            lines = []
-            for line in source.read_text(errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict) and record.get("step", 0) <= plan.parent["step"]:
-                    lines.append(line + "\n")
-            (plan.run_dir / "metrics.jsonl").write_text("".join(lines))
+            shutil.copyfile(source, plan.run_dir / "metrics.jsonl")
 
 
 def remove_if_unused(plan: RunPlan) -> None:
