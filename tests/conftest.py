@@ -1,12 +1,25 @@
-"""Shared fixtures: a tiny dataset and tiny configs that train in well under a second per step."""
+"""Shared fixtures: a tiny dataset and tiny configs that train in well under a second per step.
+
+The device: the suite is written for the CPU (bit-exact comparisons with CPU runs, DDP tests that
+start two ranks on one machine, which NCCL refuses on one GPU, ``compile=auto`` being eager). On a
+machine with a GPU it runs on the CPU all the same: the GPU is hidden here, before torch first
+looks for one, from this process and from every process a test starts (``CUDA_VISIBLE_DEVICES=``).
+``MEDGEN_TEST_CUDA=1`` keeps the GPU and runs only the tests marked ``cuda`` (the rest are skipped);
+without it those are skipped.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+CUDA_TESTS = os.environ.get("MEDGEN_TEST_CUDA") == "1"
+if not CUDA_TESTS:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "unit"))  # `from datagen import ...` in every test module
 
@@ -16,6 +29,24 @@ from medgen.core.config import load_config  # noqa: E402
 
 TINY_MODEL = ["model.image_size=16", "model.channels=[32,32]", "model.attention_levels=[false,true]",
               "model.num_head_channels=32"]
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "cuda: runs on a CUDA GPU (run with: MEDGEN_TEST_CUDA=1 pytest -m cuda tests/unit)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if not CUDA_TESTS:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU and MEDGEN_TEST_CUDA=1 (the suite runs on the CPU)")
+        wrong = [item for item in items if item.get_closest_marker("cuda")]
+    elif not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="MEDGEN_TEST_CUDA=1 but PyTorch sees no CUDA GPU")
+        wrong = items
+    else:
+        skip = pytest.mark.skip(reason="written for the CPU: runs without MEDGEN_TEST_CUDA=1")
+        wrong = [item for item in items if not item.get_closest_marker("cuda")]
+    for item in wrong:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

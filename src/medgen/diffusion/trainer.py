@@ -38,7 +38,8 @@ from medgen.diffusion.modes import build_mode
 from medgen.diffusion.perceptual import build_perceptual_loss
 from medgen.diffusion.run_logger import RunLogger
 from medgen.diffusion.strategies import build_strategy
-from medgen.diffusion.utils import build_network, compile_enabled, network_kwargs, save_png, step_seed
+from medgen.diffusion.utils import (build_network, compile_enabled, network_kwargs, sampling_forward, save_png,
+                                   step_seed)
 
 log = logging.getLogger("medgen.train")
 
@@ -145,6 +146,9 @@ class DiffusionTrainer:
         self._compile_pending = compile_enabled(self.t.compile, self.device)  # compiled at the first step
         if self._compile_pending:
             self.forward_model = torch.compile(self.forward_model)
+        # the sample grids' denoiser (EMA or raw network), compiled once per run under the same
+        # training.compile setting; it reads the weights as they are at each grid
+        self._sample_forward = sampling_forward(self._eval_model(), self.device, self.t.compile, log)
 
         self.logger = RunLogger(self.run_dir, self.device, self.strategy.num_train_timesteps, enabled=self.dist.is_main)
         self.checkpointer = Checkpointer(self.run_dir, self.t.checkpoint_keep, enabled=self.dist.is_main)
@@ -363,7 +367,7 @@ class DiffusionTrainer:
             return None
         return validation.sample_grid(self._eval_model(), self.strategy, self.mode, batch,
                                       num_steps=self.t.num_sample_steps, seed=self.cfg.seed, device=self.device,
-                                      autocast=self.autocast)
+                                      autocast=self.autocast, forward=self._sample_forward)
 
     def validate_and_sample(self) -> float:
         """Validation loss on every rank, then (main rank) ``best.pt`` bookkeeping and the sample grid."""

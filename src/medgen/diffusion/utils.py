@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -42,6 +44,38 @@ def build_network(kwargs: Mapping[str, Any]) -> DiffusionModelUNet:
 def compile_enabled(setting: str, device: torch.device) -> bool:
     """``compile`` = ``auto`` | ``true`` | ``false``: auto compiles on CUDA only (on the CPU, eager)."""
     return setting == "true" or (setting == "auto" and device.type == "cuda")
+
+
+def sampling_forward(network: torch.nn.Module, device: torch.device, compile: str,
+                     logger: logging.Logger | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``network``'s forward for fixed-shape sampling (generation, training's sample grids):
+    ``(x [B, C, H, W], t [B]) -> [B, C_out, H, W]``. With ``compile`` = ``true`` (or ``auto`` on
+    CUDA) it is compiled for fixed shapes at its first call, which ``logger`` times; a compile
+    failure falls back to eager with one warning. Otherwise it is ``network`` itself, so the
+    eager path is the plain module call. The compiled forward reads the module's weights at
+    each call: weights updated in place (EMA, training) are seen without recompiling."""
+    if not compile_enabled(compile, device):
+        return network
+    logger = logger or logging.getLogger("medgen")
+    compiled = torch.compile(network, dynamic=False)
+    state: dict[str, Any] = {"fn": None}
+
+    def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if state["fn"] is not None:
+            return state["fn"](x, t)
+        t0 = time.perf_counter()
+        try:
+            out = compiled(x, t)
+            state["fn"] = compiled
+            logger.info("compiled the denoiser in %.0f s", time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: eager still works
+            logger.warning("torch.compile failed (%s: %s); sampling eagerly", type(exc).__name__,
+                           str(exc).splitlines()[0] if str(exc) else "")
+            state["fn"] = network
+            out = network(x, t)
+        return out
+
+    return forward
 
 
 def load_model_from_checkpoint(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):

@@ -86,8 +86,12 @@ def fixed_samples(cache: SliceCache, n: int) -> dict[str, torch.Tensor] | None:
 @torch.no_grad()
 def sample_grid(model: torch.nn.Module, strategy: DiffusionStrategy, mode: TrainingMode,
                 batch: dict[str, torch.Tensor], *, num_steps: int, seed: int, device: torch.device,
-                autocast: Callable[[], AbstractContextManager]) -> np.ndarray:
-    """Samples for the conditions of ``batch``: one row per slice; columns = condition, real, generated."""
+                autocast: Callable[[], AbstractContextManager],
+                forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
+    """Samples for the conditions of ``batch``: one row per slice; columns = condition, real, generated.
+    ``forward``: what evaluates ``model`` (default: ``model`` itself), e.g. its compiled forward
+    (:func:`medgen.diffusion.utils.sampling_forward`); the batch, and so every shape, is fixed."""
+    forward = model if forward is None else forward
     was_training = model.training
     model.eval()
     x0, cond = mode.split({k: v.to(device) for k, v in batch.items()})
@@ -96,7 +100,7 @@ def sample_grid(model: torch.nn.Module, strategy: DiffusionStrategy, mode: Train
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with autocast():
-            return model(mode.model_input(x_t, cond), t).float()
+            return forward(mode.model_input(x_t, cond), t).float()
 
     x0_gen = strategy.sample(denoise, x_T, num_steps, generator=g)
     model.train(was_training)

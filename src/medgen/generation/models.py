@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -24,7 +23,7 @@ from medgen.core.paths import resolve_path
 from medgen.diffusion.modes import TrainingMode, build_mode
 from medgen.diffusion.samplers import guided, randn_like
 from medgen.diffusion.strategies import DiffusionStrategy, build_strategy
-from medgen.diffusion.utils import build_network, compile_enabled
+from medgen.diffusion.utils import build_network, sampling_forward
 
 log = logging.getLogger("medgen.generate")
 
@@ -131,33 +130,7 @@ def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, 
     spacing = (ckpt.get("geometry") or {}).get("spacing")
     return Stage(path=file, sha256=sha256(file), network=network, strategy=build_strategy(cfg), mode=build_mode(cfg),
                  cond_dropout=float(cfg.training.cond_dropout), spacing=tuple(spacing) if spacing else None,
-                 device=device, precision=precision, forward=_forward(network, device, compile))
-
-
-def _forward(network: torch.nn.Module, device: torch.device, compile: str) -> Callable[[Tensor, Tensor], Tensor]:
-    """The network's forward, compiled for fixed shapes when ``compile`` is ``true`` (or ``auto``
-    on CUDA); a compile failure falls back to eager with one warning."""
-    if not compile_enabled(compile, device):
-        return network
-    compiled = torch.compile(network, dynamic=False)
-    state: dict[str, Any] = {"fn": None}
-
-    def forward(x: Tensor, t: Tensor) -> Tensor:
-        if state["fn"] is not None:
-            return state["fn"](x, t)
-        t0 = time.perf_counter()
-        try:
-            out = compiled(x, t)
-            state["fn"] = compiled
-            log.info("compiled the denoiser in %.0f s", time.perf_counter() - t0)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure: eager still works
-            log.warning("torch.compile failed (%s: %s); sampling eagerly", type(exc).__name__,
-                        str(exc).splitlines()[0] if str(exc) else "")
-            state["fn"] = network
-            out = network(x, t)
-        return out
-
-    return forward
+                 device=device, precision=precision, forward=sampling_forward(network, device, compile, log))
 
 
 def check_pair(seg: Stage | None, image: Stage, guidance_scale: float) -> None:
