@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-slow bench-data lock clean
+.PHONY: install demo test test-slow cluster-deps test-cluster bench-data lock clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow tests
+
+# the cluster path on a real one-node SLURM (Debian's slurm-wlm 22.05 and munge, installed here if
+# missing; root needed): the IDUN templates under time limits, scancel, requeue and DDP
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+cluster-deps:
+	@command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null || \
+	  { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q slurm-wlm munge; }
+
+test-cluster: install cluster-deps
+	$(PY) -m pytest -q -m cluster --basetemp=/tmp/medgen-test-cluster tests/cluster
 
 bench-data: install
 	$(PY) benchmarks/bench_data.py

@@ -95,3 +95,16 @@ def tiny_checkpoints(tmp_path_factory, tiny_data) -> dict[str, Path]:
         DiffusionTrainer(cfg, tmp / mode, DistInfo(device=torch.device("cpu")), progress=False).train()
         out[mode] = tmp / mode / "checkpoints" / "latest.pt"
     return out
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed cluster test (tests/cluster) also shows the end of SLURM's own logs."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed and "slurm" in getattr(item, "funcargs", {}):
+        logs = Path(item.funcargs["slurm"]["MEDGEN_SLURM_DIR"]) / "log"
+        for name in ("slurmctld.log", "slurmd.log"):
+            if (logs / name).exists():
+                tail = "\n".join((logs / name).read_text(errors="replace").splitlines()[-40:])
+                report.sections.append((f"{name} (last 40 lines)", tail))

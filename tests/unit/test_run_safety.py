@@ -309,3 +309,52 @@ def test_resume_auto_in_a_slurm_array_task_continues_only_its_own_run(tmp_path, 
     for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(var)
     assert run_folder.find_checkpoint("auto", cfg).parent.parent.name == "ddpm_128_20260101-000002"  # the newest
+
+
+# ---------------------------------------------------------------------------------- signals from SLURM
+def test_a_stop_signal_while_the_run_starts_up_stops_it_at_its_first_step_boundary(tmp_path, tiny_data, monkeypatch):
+    """SLURM's warning (USR1) can come while the cache is built or the model set up: the run must
+    not die of it (USR1's default action), but stop before its first step with latest.pt saved."""
+    from medgen.core.config import load_config
+    from medgen.diffusion.trainer import DiffusionTrainer
+    from medgen.scripts import train as train_script
+
+    leaked = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: leaked.append(1))  # where a missed signal would land
+    set_up = DiffusionTrainer.__init__
+
+    def set_up_then_warning(self, *args, **kwargs):
+        set_up(self, *args, **kwargs)
+        signal.raise_signal(signal.SIGUSR1)
+
+    monkeypatch.setattr(DiffusionTrainer, "__init__", set_up_then_warning)
+    try:
+        cfg = load_config(tiny_overrides(tmp_path, tiny_data, "mode=bravo", "strategy=rflow", "training.max_steps=4"))
+        assert train_script.run(cfg) == "stopped"
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert leaked == []
+    (run,) = runs(tmp_path)
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["step"] == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=lambda s: s.name)
+def test_worker_processes_leave_stop_signals_to_their_parent(sig):
+    """``scancel --signal`` and srun's forwarding reach every process of a job step, data workers
+    included; a worker that died of it would crash the DataLoader of a run that is saving."""
+    from medgen.core.fs import die_with_parent
+
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker
+        try:
+            die_with_parent(os.getppid())
+            os.write(ready_w, b"1")
+            time.sleep(0.5)
+        finally:
+            os._exit(7)
+    os.read(ready_r, 1)
+    os.close(ready_r), os.close(ready_w)
+    os.kill(pid, sig)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 7  # it ran on to its normal end

@@ -132,6 +132,21 @@ def test_warmup_is_capped_at_a_tenth_of_a_short_run(tiny_cfg, tmp_path, caplog):
     assert trainer.lr_schedule(total - 1) > 0
 
 
+def test_without_a_terminal_progress_is_a_log_line_not_a_bar(tiny_cfg, tmp_path, monkeypatch, caplog, capsys):
+    """A SLURM job's log is a file: a bar's carriage returns would fill it with fragments."""
+    import medgen.diffusion.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "PROGRESS_LINE_SECONDS", 0.0)
+    monkeypatch.setattr(trainer_module.sys.stderr, "isatty", lambda: False, raising=False)
+    with caplog.at_level("INFO", logger="medgen.train"):
+        trainer = DiffusionTrainer(tiny_cfg("training.max_steps=4", "training.log_every=2"), tmp_path / "p")
+        trainer.train()
+    lines = [r.getMessage() for r in caplog.records if ": loss " in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == [f"epoch 1/{trainer.t.epochs}, step 2/{trainer.total_steps}",
+                                                      f"epoch 1/{trainer.t.epochs}, step 4/{trainer.total_steps}"]
+    assert "images/s" in lines[0] and "\r" not in capsys.readouterr().err
+
+
 def test_run_folder_files_and_tensorboard_tags(tiny_cfg, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -120,9 +120,11 @@ _PR_SET_PDEATHSIG = 1
 def die_with_parent(parent_pid: int) -> None:
     """In a worker process: get SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``), and
     exit at once if it is already gone. A worker blocked on a full result pipe would otherwise
-    outlive a killed parent for good. Ctrl-C is ignored: the terminal sends it to every process of
-    the job, and the parent decides what it means (save and stop, or abort)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    outlive a killed parent for good. Ctrl-C, SIGTERM and SIGUSR1 are ignored: a terminal sends
+    Ctrl-C, and SLURM (``scancel --signal``, ``srun`` forwarding a signal) sends the others, to every
+    process of the job, and the parent decides what they mean (save and stop, or abort)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)

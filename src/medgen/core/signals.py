@@ -20,11 +20,14 @@ class StopRequest:
 
 
 @contextmanager
-def stop_signals(ctrl_c: bool = False) -> Iterator[StopRequest]:
+def stop_signals(ctrl_c: bool = False, request: StopRequest | None = None) -> Iterator[StopRequest]:
     """Catch SIGTERM and SIGUSR1 (and, with ``ctrl_c``, a first Ctrl-C; a second one interrupts at
     once) as a stop request while the block runs; restore the previous handlers on exit. Outside
-    the main thread signals cannot be caught, and the request simply never comes."""
-    stop = StopRequest()
+    the main thread signals cannot be caught, and the request simply never comes.
+
+    ``request``: an outer block's request to go on setting, so that a signal caught while a run was
+    still starting (an outer block without Ctrl-C, say) stops the run at its first step boundary."""
+    stop = request if request is not None else StopRequest()
 
     def handler(signum, frame):  # noqa: ARG001
         if signum == signal.SIGINT and stop.requested:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from medgen.diffusion.utils import (build_network, compile_enabled, network_kwar
                                    step_seed)
 
 log = logging.getLogger("medgen.train")
+PROGRESS_LINE_SECONDS = 60.0  # without a terminal, a progress line in the log at most this often
 
 
 class TrainingStopped(RuntimeError):
@@ -108,6 +110,7 @@ class DiffusionTrainer:
         self.dist = dist or DistInfo()
         self.device = self.dist.device
         self.progress = progress and self.dist.is_main
+        self._log_lines, self._last_line = False, time.monotonic()  # progress as log lines (no terminal)
         torch.manual_seed(cfg.seed)  # network initialisation is the same on every rank
 
         self.mode = build_mode(cfg)
@@ -251,10 +254,12 @@ class DiffusionTrainer:
             return self.perceptual(from_model_space(x0_hat), from_model_space(x0)).float()
 
     # ------------------------------------------------------------------ loop
-    def train(self) -> str:
+    def train(self, stop: StopRequest | None = None) -> str:
         """Run until ``epochs`` (or ``max_steps``); returns ``"done"``, ``"max_steps"`` or ``"stopped"``
-        (SIGTERM, SIGUSR1 or a first Ctrl-C: ``latest.pt`` is saved; a second Ctrl-C interrupts at once)."""
-        with stop_signals(ctrl_c=True) as self._stop:
+        (SIGTERM, SIGUSR1 or a first Ctrl-C: ``latest.pt`` is saved; a second Ctrl-C interrupts at once).
+        ``stop``: a request already being watched since the process started (a signal that came
+        while the run was setting up stops it after its first step)."""
+        with stop_signals(ctrl_c=True, request=stop) as self._stop:
             return self._train()
 
     def _train(self) -> str:
@@ -298,16 +303,19 @@ class DiffusionTrainer:
 
     def _run_epoch(self) -> str:
         batches_done = self._position_sampler()
+        # a terminal gets a progress bar; a log file (a SLURM job's, say) gets a line a minute instead
+        self._log_lines = self.progress and not sys.stderr.isatty()
         bar = tqdm(total=self.steps_per_epoch, initial=batches_done, desc=f"epoch {self.epoch + 1}/{self.t.epochs}",
-                   disable=not self.progress, leave=False, dynamic_ncols=True)
+                   disable=not self.progress or self._log_lines, leave=False, dynamic_ncols=True)
         self.model.train()
         try:
             for batch in self.data.train:
                 if self.t.max_steps is not None and self.step >= self.t.max_steps:
                     return "max_steps"
                 if self._stop_requested():
-                    log.warning("stop requested (signal or Ctrl-C): saving latest.pt at step %d; "
-                                "press Ctrl-C again to abort without saving", self.step)
+                    if self.dist.is_main:
+                        log.warning("stop requested (signal or Ctrl-C): saving latest.pt at step %d; "
+                                    "press Ctrl-C again to abort without saving", self.step)
                     return "stopped"
                 result = self._first_compiled_step(batch) if self._compile_pending else self.train_step(batch)
                 self.step += 1
@@ -329,6 +337,10 @@ class DiffusionTrainer:
             stats = self.logger.flush(self.step, self.epoch, self.lr_schedule(self.step - 1))
             if stats is not None:
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_sec']:.1f}")
+                if self._log_lines and time.monotonic() - self._last_line >= PROGRESS_LINE_SECONDS:
+                    self._last_line = time.monotonic()
+                    log.info("epoch %s, step %d/%d: loss %.4f, %.1f images/s", self.epoch_label(), self.step,
+                             self.total_steps, stats["loss"], stats["images_per_sec"])
 
     def check_skips(self) -> None:
         """Report the steps skipped since the last check (one host read); stop the run after
@@ -424,8 +436,9 @@ class DiffusionTrainer:
         """Load a checkpoint after checking that its config matches this run's (except RESUME_ALLOWED)."""
         ckpt = load_checkpoint(path, map_location=self.device)
         check_resumable(ckpt, self.cfg, path)
-        if ckpt.get("data_fingerprint") != self.data.fingerprint:
+        if ckpt.get("data_fingerprint") != self.data.fingerprint and self.dist.is_main:
             log.warning("the training data changed since %s was written (fingerprint differs)", path)
         self.load_state_dict(ckpt)
-        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
+        if self.dist.is_main:  # every rank loads it; one line says so
+            log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
 

@@ -23,6 +23,15 @@ def run(cfg: DictConfig, explicit_dir: Path | None = None) -> str:
     """Validate, set up (distributed) training, choose the run folder, resume if asked, train.
     ``explicit_dir``: the run folder named on the command line (``hydra.run.dir=...``), if any.
     Returns the final status."""
+    from medgen.core.signals import stop_signals
+
+    # SIGTERM/SIGUSR1 (SLURM's warning, scancel --signal) count from the start: one that comes while
+    # the cache is built or the model set up stops the run after its first step, with latest.pt saved
+    with stop_signals() as stop:
+        return _run(cfg, explicit_dir, stop)
+
+
+def _run(cfg: DictConfig, explicit_dir: Path | None, stop) -> str:
     from medgen.core.config import validate_config
     from medgen.core.distributed import cleanup, env_world, setup_distributed
     from medgen.diffusion.run_folder import remove_if_unused
@@ -40,7 +49,7 @@ def run(cfg: DictConfig, explicit_dir: Path | None = None) -> str:
         if dist.is_main:
             (plan.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
             (plan.run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(_overrides()))
-        status = trainer.train()
+        status = trainer.train(stop)
         if dist.is_main:
             msg = {"done": "finished", "max_steps": f"stopped at training.max_steps={cfg.training.max_steps}",
                    "stopped": "stopped on request"}[status]
