@@ -27,7 +27,7 @@ from medgen.diffusion.samplers import (
     sample_euler,
     sample_heun,
 )
-from medgen.diffusion.strategies import DDPMStrategy, RFlowStrategy
+from medgen.diffusion.strategies import RFlowStrategy
 
 T = 1000
 COSINE = DDPMScheduler(T, schedule="cosine")  # only its schedule is read

@@ -6,7 +6,6 @@ import pytest
 import torch
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 from monai.networks.schedulers.rectified_flow import timestep_transform
-from omegaconf import OmegaConf
 from scipy.stats import ks_2samp
 
 from medgen.core.config import load_config
