@@ -290,7 +290,7 @@ def test_lr_find_bad_sweep_is_one_line_naming_the_key(tmp_path, override, messag
     assert not list(tmp_path.rglob("*.png"))
 
 
-def test_resume_auto_in_a_slurm_array_task_continues_only_its_own_run(tmp_path, monkeypatch):
+def test_resume_auto_in_a_slurm_job_continues_only_that_jobs_run(tmp_path, monkeypatch, caplog):
     from medgen.core.checkpoint import save_checkpoint
     from medgen.core.config import load_config
 
@@ -306,9 +306,18 @@ def test_resume_auto_in_a_slurm_array_task_continues_only_its_own_run(tmp_path, 
     assert run_folder.find_checkpoint("auto", cfg).parent.parent.name == "ddpm_128_20260101-000000_job77_3"
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
     assert run_folder.find_checkpoint("auto", cfg) is None  # task 4 has no run yet: it starts fresh
-    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
-        monkeypatch.delenv(var)
-    assert run_folder.find_checkpoint("auto", cfg).parent.parent.name == "ddpm_128_20260101-000002"  # the newest
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    # a new job (the templates always pass resume=auto) does not take over another job's run, but names it
+    caplog.set_level("INFO", logger="medgen")
+    assert run_folder.find_checkpoint("auto", cfg) is None
+    assert (f"SLURM job 99 has no run to continue yet; the newest run of another job that fits is "
+            f"{tmp_path / 'seg' / 'ddpm_128_20260101-000002'}") in caplog.text
+    save_checkpoint(tmp_path / "seg" / "ddpm_128_20260101-000003_job99" / "checkpoints" / "latest.pt",
+                    {"config": config, "mode": "seg", "strategy": "ddpm", "network": {}, "model": {}, "step": 1})
+    assert run_folder.find_checkpoint("auto", cfg).parent.parent.name == "ddpm_128_20260101-000003_job99"  # requeued
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert run_folder.find_checkpoint("auto", cfg).parent.parent.name == "ddpm_128_20260101-000003_job99"  # the newest
 
 
 # ---------------------------------------------------------------------------------- signals from SLURM

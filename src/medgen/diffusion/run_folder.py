@@ -139,31 +139,49 @@ def _tagged(name: str, tag: str) -> bool:
 
 def find_auto_checkpoint(cfg: DictConfig) -> Path | None:
     """``training.resume=auto``: the newest ``latest.pt`` of this mode/strategy/size under
-    ``paths.model_dir`` whose config fits this run and that no live process is training. In a SLURM
-    job the run of this job (a requeued job) comes first; a SLURM array task only continues its own."""
+    ``paths.model_dir`` whose config fits this run and that no live process is training.
+
+    In a SLURM job only the runs of this job count (a requeued job continues its own run; an array
+    task, its own): the job templates always pass ``resume=auto``, and a new job must not take over
+    another job's run, finished or waiting for its requeue. The log names the newest run of another
+    job that would fit, for ``training.resume=<folder>``."""
     root = runs_root(cfg)
     pattern = f"{cfg.strategy.name}_{cfg.model.image_size}_*/checkpoints/latest.pt"
     found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
     tag = job_tag()
-    if tag and os.environ.get("SLURM_ARRAY_TASK_ID"):  # array tasks never continue each other's runs
-        found = [p for p in found if _tagged(p.parent.parent.name, tag)]
-    elif tag:
-        found.sort(key=lambda p: not _tagged(p.parent.parent.name, tag))  # stable: this job's runs first
+    if not tag:
+        return _first_resumable(found, cfg)
+    own = [p for p in found if _tagged(p.parent.parent.name, tag)]
+    chosen = _first_resumable(own, cfg)
+    if chosen is None:
+        other = _first_resumable([p for p in found if p not in own], cfg, quiet=True)
+        if other is not None:
+            log.info("training.resume=auto: SLURM job %s has no run to continue yet; the newest run of another "
+                     "job that fits is %s (training.resume=<that folder> continues it)", tag.removeprefix("job"),
+                     other.parent.parent)
+    return chosen
+
+
+def _first_resumable(found: list[Path], cfg: DictConfig, quiet: bool = False) -> Path | None:
+    """The first of ``found`` (``latest.pt`` files) that no live process is training and whose
+    config fits ``cfg``; what is skipped is logged unless ``quiet``."""
+    say = (lambda *a: None) if quiet else log.info
     for path in found:
         run = path.parent.parent
         try:
             FolderLock(run, "run folder", LOCK_FILE).acquire().release()
         except FolderBusy:
-            log.info("training.resume=auto: skipping %s, another process is training it", run)
+            say("training.resume=auto: skipping %s, another process is training it", run)
             continue
         try:
             check_resumable(peek_checkpoint(path), cfg, path)
         except CheckpointError as exc:
-            log.info("training.resume=auto: skipping %s (%s)", run, str(exc).splitlines()[0])
+            say("training.resume=auto: skipping %s (%s)", run, str(exc).splitlines()[0])
             continue
         except Exception as exc:  # noqa: BLE001 - a damaged file is skipped, not fatal
-            log.warning("training.resume=auto: skipping %s, its latest.pt cannot be read (%s)", run,
-                        type(exc).__name__)
+            if not quiet:
+                log.warning("training.resume=auto: skipping %s, its latest.pt cannot be read (%s)", run,
+                            type(exc).__name__)
             continue
         return path
     return None
