@@ -110,7 +110,8 @@ class DiffusionTrainer:
         self.dist = dist or DistInfo()
         self.device = self.dist.device
         self.progress = progress and self.dist.is_main
-        self._log_lines, self._last_line = False, time.monotonic()  # progress as log lines (no terminal)
+        # a terminal gets a progress bar; a log file (a SLURM job's, say) gets a line a minute instead
+        self._log_lines, self._last_line = self.progress and not sys.stderr.isatty(), time.monotonic()
         torch.manual_seed(cfg.seed)  # network initialisation is the same on every rank
 
         self.mode = build_mode(cfg)
@@ -303,8 +304,6 @@ class DiffusionTrainer:
 
     def _run_epoch(self) -> str:
         batches_done = self._position_sampler()
-        # a terminal gets a progress bar; a log file (a SLURM job's, say) gets a line a minute instead
-        self._log_lines = self.progress and not sys.stderr.isatty()
         bar = tqdm(total=self.steps_per_epoch, initial=batches_done, desc=f"epoch {self.epoch + 1}/{self.t.epochs}",
                    disable=not self.progress or self._log_lines, leave=False, dynamic_ncols=True)
         self.model.train()
