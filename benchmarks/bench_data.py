@@ -47,7 +47,7 @@ def child(kind: str, data_dir: str, cache_dir: str, image_size: int, batch: int,
     base = _rss_mb("VmRSS")
     t0 = time.perf_counter()
     if kind == "medgen":
-        from medgen.data.slices import build_data
+        from medgen.data.loading import build_data
 
         bundle = build_data(cfg, progress=False)
         first = next(iter(bundle.train))

@@ -19,7 +19,8 @@ import pytest
 from datagen import write_dataset
 
 from medgen.data import slices as slices_mod
-from medgen.data.slices import SliceCache, SliceSpec, build_dataloader, open_or_build_cache
+from medgen.data.loading import build_dataloader
+from medgen.data.slices import SliceCache, SliceSpec, open_or_build_cache
 
 SPEC = SliceSpec(("bravo", "seg"), 32, "brain")
 

@@ -21,7 +21,8 @@ from medgen.core.config import load_config
 from medgen.core.fs import HOST, FolderLock
 from medgen.data import slices
 from medgen.data.nifti_dataset import DataError, load_volume, modality_path
-from medgen.data.slices import SliceSpec, build_data, fingerprint, open_or_build_cache, source_files
+from medgen.data.loading import build_data
+from medgen.data.slices import SliceSpec, fingerprint, open_or_build_cache, source_files
 from medgen.data.splits import split_folder_problem
 from medgen.data.validate import check_patient, read_patient
 from medgen.scripts.data import main as data_main

@@ -29,7 +29,7 @@ from medgen.core.checkpoint import CheckpointError, load_checkpoint
 from medgen.core.config import MAX_WARMUP_FRACTION
 from medgen.core.distributed import DistInfo, all_ranks, any_rank, barrier
 from medgen.core.signals import StopRequest, stop_signals
-from medgen.data.slices import DataBundle, build_data
+from medgen.data.loading import DataBundle, build_data
 from medgen.data.transforms import from_model_space
 from medgen.diffusion import validation
 from medgen.diffusion.checkpointer import Checkpointer, check_resumable
