@@ -15,7 +15,8 @@ against the specification's generation, in one process.
 * On CUDA also ``cuda``: the specification's network (128 px, channels [128, 256, 256]) through
   the pipeline at ``--cuda-batch``: eager and compiled forwards/s of the bravo network (the
   compiled one is the denoiser generation samples with, bf16) and their ratio
-  ``compiled_vs_eager_forward`` (target >= 2), pairs/s of the pipeline eager and compiled over
+  ``compiled_vs_eager_forward`` (target >= 2); the same compiled with CUDA graphs
+  (``compile_mode=reduce-overhead``) as ``cudagraph_vs_eager_forward``; pairs/s of the pipeline eager and compiled over
   ``--cuda-pairs`` pairs (each after a warm-up run that compiles; 0: no pipeline runs), and the
   projected minutes for 15,000 pairs (target <= 10 on one H100/H200). ``--cuda-only``: only these.
 
@@ -216,7 +217,9 @@ def cuda_figures(tmp: Path, seg_ckpt: Path, image_ckpt: Path, batch: int, pairs:
     x = torch.randn(batch, stage.mode.in_channels, stage.image_size, stage.image_size, device=device)
     t = torch.full((batch,), 500.0, device=device)
     # the compiled forward is the one generation samples with (medgen.diffusion.utils.sampling_forward)
-    for name, fn in (("eager", stage.network), ("compiled", sampling_forward(stage.network, device, "true"))):
+    # compiled with CUDA graphs (compile_mode=reduce-overhead): a candidate, measured beside the default
+    for name, fn in (("eager", stage.network), ("compiled", sampling_forward(stage.network, device, "true")),
+                     ("cudagraph", sampling_forward(stage.network, device, "true", mode="reduce-overhead"))):
         def forward():
             with torch.no_grad(), stage.autocast():
                 for _ in range(20):
@@ -224,6 +227,7 @@ def cuda_figures(tmp: Path, seg_ckpt: Path, image_ckpt: Path, batch: int, pairs:
 
         out[f"{name}_forwards_per_s"] = round(20 * batch / _timed(forward, device), 1)
     out["compiled_vs_eager_forward"] = round(out["compiled_forwards_per_s"] / out["eager_forwards_per_s"], 2)
+    out["cudagraph_vs_eager_forward"] = round(out["cudagraph_forwards_per_s"] / out["eager_forwards_per_s"], 2)
     if pairs <= 0:
         return out
     for compile in ("false", "true"):

@@ -14,7 +14,10 @@ On CUDA (or anywhere with ``--table``): a table for the specification's network 
 turn (a configuration that runs out of memory is a row saying so):
 
 * ``train_step`` eager and compiled (``training.compile=false`` / ``true``) at ``--batches``;
-* the MONAI-tutorial loop at ``--reference-batches``: fp32 with TF32 on, and bf16 autocast.
+* the MONAI-tutorial loop at ``--reference-batches``: fp32 with TF32 on, and bf16 autocast;
+* ``--variants``: candidate settings (``VARIANTS``: channels_last, CUDA graphs, max-autotune, heads of
+  64), each the default configuration plus its overrides, compiled, at ``--variant-batch``. They
+  are for deciding what pays; they never count as the default configuration.
 
 Each row: images/s, MFU = FLOPs per image (torch ``FlopCounterMode`` on the network, forward +
 backward, attention included; the same network FLOPs for every row) x images/s / the card's peak
@@ -29,7 +32,8 @@ about 5 minutes on an H100 (three compilations of ~45 s each); ``--batches``,
 
     python benchmarks/bench_train.py [--steps 20] [--blocks 3] [config overrides ...]          # CPU
     python benchmarks/bench_train.py [--batches 16,64,128] [--reference-batches 64] [--compile both]
-                                     [--steps 20] [--warmup 5] [--peak-tflops N] [overrides ...]  # CUDA
+                                     [--steps 20] [--warmup 5] [--peak-tflops N] [--variants a,b]
+                                     [--variant-batch 64] [overrides ...]                       # CUDA
 Prints one JSON line.
 """
 
@@ -47,6 +51,17 @@ import torch
 
 #: the specification's network and training profile, perceptual loss off (the table's medgen rows)
 SPEC = ["mode=bravo", "model=default", "training=default", "training.perceptual_weight=0"]
+
+#: candidate settings (issue: "measure and keep only what pays"), each the default configuration plus
+#: these overrides, measured as rows with ``--variants`` (compiled, at ``--variant-batch``)
+VARIANTS = {
+    "base": [],  # the default configuration itself, for comparison in the same process
+    "channels_last": ["training.channels_last=true"],
+    "cudagraphs": ["training.compile_mode=reduce-overhead"],
+    "channels_last+cudagraphs": ["training.channels_last=true", "training.compile_mode=reduce-overhead"],
+    "autotune": ["training.compile_mode=max-autotune-no-cudagraphs"],
+    "heads64": ["model.num_head_channels=64"],  # 4 heads of 64 at 256 channels instead of 1 of 256
+}
 
 #: peak dense bf16 TFLOP/s by card name: the first entry whose key is in the name (case-insensitive)
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0),
@@ -156,19 +171,24 @@ def mfu(flops_per_image: float, images_per_s: float | None, peak: float | None) 
 
 
 def plan(batches: list[int], compile_modes: list[bool], reference_batches: list[int],
-         reference_precisions: list[str], default: tuple[int | None, bool]) -> list[dict]:
+         reference_precisions: list[str], default: tuple[int | None, bool], variants: list[str] = (),
+         variant_batch: int = 64) -> list[dict]:
     """The table's configurations, smallest batch first (so a run out of memory comes late): medgen
     at each batch x compile mode, the reference at each reference batch x precision. The
     configuration ``training=default`` trains with (``default`` = (batch size, compiled)) is always
-    in it."""
+    in it, unless ``batches`` is empty (a table of variants only). Then the ``variants`` (names in :data:`VARIANTS`), compiled, at ``variant_batch``."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"bench_train: unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     rows = [{"step": "medgen", "batch": b, "compile": c} for b in batches for c in compile_modes]
     rows += [{"step": "reference", "batch": b, "precision": p} for b in reference_batches for p in reference_precisions]
     d_batch, d_compile = default
-    if d_batch is not None and not any(r["step"] == "medgen" and r["batch"] == d_batch and r["compile"] == d_compile
+    if d_batch is not None and batches and not any(r["step"] == "medgen" and r["batch"] == d_batch and r["compile"] == d_compile
                                        for r in rows):
         rows.append({"step": "medgen", "batch": d_batch, "compile": d_compile})
     order = {"medgen": 0, "reference": 1}
-    return sorted(rows, key=lambda r: (r["batch"], order[r["step"]], r.get("compile", False), r.get("precision", "")))
+    rows = sorted(rows, key=lambda r: (r["batch"], order[r["step"]], r.get("compile", False), r.get("precision", "")))
+    return rows + [{"step": "medgen", "batch": variant_batch, "compile": True, "variant": v} for v in variants]
 
 
 def is_default(row: dict, default: tuple[int | None, bool]) -> bool:
@@ -176,7 +196,7 @@ def is_default(row: dict, default: tuple[int | None, bool]) -> bool:
     fell back to eager is not the compiled configuration)."""
     d_batch, d_compile = default
     return (row["step"] == "medgen" and row["compile"] == d_compile and (d_batch is None or row["batch"] == d_batch)
-            and not row.get("compile_failed", False))
+            and not row.get("compile_failed", False) and "variant" not in row)
 
 
 def best_default_mfu(rows: list[dict], default: tuple[int | None, bool]) -> tuple[float | None, dict | None]:
@@ -237,7 +257,8 @@ def flops_per_image(trainer) -> int:
 
 
 def _medgen_row(tmp: Path, overrides: list[str], cfg: dict, steps: int, warmup: int) -> dict:
-    trainer = _trainer([*SPEC, f"training.compile={'true' if cfg['compile'] else 'false'}", *overrides], tmp)
+    trainer = _trainer([*SPEC, f"training.compile={'true' if cfg['compile'] else 'false'}", *overrides,
+                        *VARIANTS.get(cfg.get("variant"), [])], tmp)
     device = trainer.device
     batches = _fixed_batches(trainer.data.train, cfg["batch"])
 
@@ -323,9 +344,10 @@ def table(tmp: Path, args, overrides: list[str]) -> dict:
     result["default"] = {"batch_size": default[0], "compile": default[1]}
     compile_modes = {"both": [False, True], "true": [True], "false": [False]}[args.compile]
     precisions = [p for p in args.reference_precision.split(",") if p]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip() and v.strip() != "none"]
     configs = plan(parse_batches(args.batches), compile_modes,
                    parse_batches(args.reference_batches if args.reference_batches is not None else args.batches),
-                   precisions, default)
+                   precisions, default, variants, args.variant_batch)
     warmup = 5 if args.warmup is None else args.warmup
     t_start = time.perf_counter()
     rows = []
@@ -356,6 +378,9 @@ def main() -> None:
     ap.add_argument("--reference-batches", default=None,
                     help="table: batch sizes of the MONAI-tutorial rows (default: --batches; 'none': no reference)")
     ap.add_argument("--reference-precision", default="fp32,bf16", help="table: fp32 (TF32 on) and/or bf16 autocast")
+    ap.add_argument("--variants", default="none",
+                    help=f"table: candidate settings measured as extra rows, comma-separated: {', '.join(VARIANTS)}")
+    ap.add_argument("--variant-batch", type=int, default=64, help="table: batch size of the --variants rows")
     ap.add_argument("--warmup", type=int, default=None, help="table: untimed steps per row after compiling (5)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the card's peak dense bf16 TFLOP/s (default: from its name: H100/H200 989, A100 312)")

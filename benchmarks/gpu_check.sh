@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: what a machine with one CUDA GPU measures and tests, in one command (about 7 to 8
-# minutes on one H100 or H200 with the default sections).
+# The GPU check: what a machine with one CUDA GPU measures and tests, in one command (the default
+# sections take about 10 minutes on one H100 or H200; the last one is cut at DEADLINE).
 #
 #   bash benchmarks/gpu_check.sh --wheels          # on a machine with network access, once: fills .whl/
 #   bash benchmarks/gpu_check.sh [SECTION ...]     # on the GPU machine, from the repository root
@@ -13,21 +13,27 @@
 # plain PyTorch image lacks: MONAI, Hydra (+ omegaconf, antlr4), nibabel, ema-pytorch, nilearn, and
 # for the tests diffusers (+ importlib-metadata). Carry .whl/ to the GPU machine with the tree.
 #
-# Sections (default: tests train sample), each under its own time limit (seconds, overridable):
+# Sections (default: tests train sample variants), each under its own time limit (seconds, overridable):
 #   tests   MEDGEN_TEST_CUDA=1 pytest -m cuda: the tests that run on the GPU (compiled training
 #           step and sample grid, the step never waiting on the GPU)          T_TESTS=150
 #   train   bench_train.py's CUDA table: medgen's step eager/compiled at batch 16, 64, 128, the
 #           MONAI-tutorial loop (fp32+TF32, bf16) at 64, MFU; TRAIN_ARGS replaces those
 #           options                                                           T_TRAIN=300
-#   sample  bench_sample.py --cuda-only --cuda-pairs 0: compiled vs eager generation forward
-#           (SAMPLE_ARGS replaces those options; --cuda-pairs 1024 adds the generation pipeline's
-#           pairs/s, a few minutes more)                                      T_SAMPLE=120
+#   sample  bench_sample.py --cuda-only --cuda-pairs 0: compiled vs eager generation forward, and
+#           compiled with CUDA graphs (SAMPLE_ARGS replaces those options; --cuda-pairs 1024 adds
+#           the generation pipeline's pairs/s, a few minutes more)           T_SAMPLE=120
+#   variants bench_train.py rows for the candidate settings, compiled at batch 64, beside the
+#           default configuration in the same process: base, channels_last, CUDA graphs
+#           (compile_mode=reduce-overhead), heads of 64 (VARIANT_ARGS replaces those options;
+#           --variants also takes channels_last+cudagraphs, autotune). Last by default: it gets
+#           the time left (about 4 minutes for all four); `gpu_check.sh variants` runs it alone.
+#                                                                             T_VARIANTS=300
 #   suite   the whole default test suite, which pins itself to the CPU (tests/conftest.py), as it
 #           runs on a machine without a GPU: several minutes, so not a default section  T_SUITE=540
 # No section runs past DEADLINE=580 seconds from the start (under a 10-minute command limit).
 #
 # Output, in $OUT (default /tmp/medgen-gpu-check): gpu_check.log (everything), tests.log, suite.log,
-# bench_train.json, bench_sample.json (one JSON line each); a summary is printed at the end.
+# bench_train.json, bench_sample.json, bench_variants.json (one JSON line each); a summary is printed at the end.
 # Environment: PYTHON (the interpreter; default python3, or .venv/bin/python where it exists),
 # SITE, OUT, T_*, TRAIN_ARGS, SAMPLE_ARGS.
 set -uo pipefail
@@ -40,9 +46,11 @@ fi
 SITE=${SITE:-/tmp/medgen-site}
 OUT=${OUT:-/tmp/medgen-gpu-check}
 T_TESTS=${T_TESTS:-150} T_TRAIN=${T_TRAIN:-300} T_SAMPLE=${T_SAMPLE:-120} T_SUITE=${T_SUITE:-540}
+T_VARIANTS=${T_VARIANTS:-300}
 DEADLINE=${DEADLINE:-580}
 TRAIN_ARGS=${TRAIN_ARGS:---batches 16,64,128 --reference-batches 64 --steps 10}
 SAMPLE_ARGS=${SAMPLE_ARGS:---cuda-only --cuda-batch 64 --cuda-pairs 0}
+VARIANT_ARGS=${VARIANT_ARGS:---batches none --reference-batches none --variants base,channels_last,cudagraphs,heads64 --steps 10}
 export PYTHONUNBUFFERED=1
 
 die() { echo "gpu_check: $*" >&2; exit 1; }
@@ -70,11 +78,11 @@ for arg in "$@"; do
     --wheels) fetch_wheels; exit 0 ;;
     --dry-run) DRY=1 ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    tests|train|sample|suite) SECTIONS+=("$arg") ;;
-    *) die "unknown argument '$arg' (sections: tests train sample suite; options: --dry-run --wheels)" ;;
+    tests|train|sample|variants|suite) SECTIONS+=("$arg") ;;
+    *) die "unknown argument '$arg' (sections: tests train sample variants suite; options: --dry-run --wheels)" ;;
   esac
 done
-[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(tests train sample)
+[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(tests train sample variants)
 
 mkdir -p "$OUT" || die "cannot create $OUT"
 LOG=$OUT/gpu_check.log
@@ -144,6 +152,8 @@ for s in "${SECTIONS[@]}"; do
     train) section train "$T_TRAIN" "$OUT/bench_train.json" "$PYTHON" benchmarks/bench_train.py $TRAIN_ARGS ;;
     # shellcheck disable=SC2086
     sample) section sample "$T_SAMPLE" "$OUT/bench_sample.json" "$PYTHON" benchmarks/bench_sample.py $SAMPLE_ARGS ;;
+    # shellcheck disable=SC2086
+    variants) section variants "$T_VARIANTS" "$OUT/bench_variants.json" "$PYTHON" benchmarks/bench_train.py $VARIANT_ARGS ;;
     suite) section suite "$T_SUITE" "$OUT/suite.log" \
              "$PYTHON" -m pytest -q -p no:cacheprovider "${IGNORE[@]}" tests/unit tests/integration ;;
   esac
@@ -151,7 +161,7 @@ done
 
 echo "== summary"
 printf '%s\n' "${RESULTS[@]}"
-for f in bench_train.json bench_sample.json; do
+for f in bench_train.json bench_sample.json bench_variants.json; do
   [ -s "$OUT/$f" ] && { echo "-- $f"; tail -n 1 "$OUT/$f"; }
 done
 for f in tests.log suite.log; do

@@ -54,6 +54,22 @@ def test_the_plan_always_holds_the_default_configuration_smallest_batch_first():
     assert bench_train.parse_batches("none") == []
 
 
+def test_variants_are_extra_compiled_rows_that_never_count_as_the_default():
+    rows = bench_train.plan([16], [True], [], [], default=(16, True), variants=["base", "channels_last"],
+                            variant_batch=64)
+    assert [(r["batch"], r["compile"], r.get("variant")) for r in rows] == [
+        (16, True, None), (64, True, "base"), (64, True, "channels_last")]
+    assert [bench_train.is_default(r, (16, True)) for r in rows] == [True, False, False]
+    only = bench_train.plan([], [True], [], [], default=(16, True), variants=["heads64"])
+    assert only == [{"step": "medgen", "batch": 64, "compile": True, "variant": "heads64"}]  # no default row
+    with pytest.raises(SystemExit, match="unknown variant.*'fastest'"):
+        bench_train.plan([16], [True], [], [], default=(16, True), variants=["fastest"])
+    # each variant is the default configuration plus overrides that the config accepts
+    from medgen.core.config import load_config
+    for name, overrides in bench_train.VARIANTS.items():
+        load_config([*bench_train.SPEC, *overrides])
+
+
 def test_mfu_is_the_best_row_that_trains_with_the_defaults():
     rows = [{"step": "medgen", "batch": 16, "compile": True, "mfu": 0.30},
             {"step": "medgen", "batch": 64, "compile": True, "mfu": 0.36},  # not the default batch

@@ -38,6 +38,12 @@ def at_least(default: Any, minimum: float) -> Any:
     return field(default=default, metadata={"min": minimum})
 
 
+#: ``torch.compile`` modes (``training.compile_mode``, ``compile_mode`` of generation): ``default``;
+#: ``reduce-overhead`` (CUDA graphs); ``max-autotune`` (kernel search + CUDA graphs, slow to compile);
+#: ``max-autotune-no-cudagraphs``
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 # --------------------------------------------------------------------------- schema
 # The strategy and mode schemas live with their classes (``DiffusionStrategy.Config``,
 # ``TrainingMode`` key rules) so that adding one is a class, its registration and a YAML file;
@@ -82,6 +88,8 @@ class TrainingConfig:
     use_multi_gpu: bool = False
     precision: str = choice("bf16", "bf16", "fp32")
     compile: str = choice("auto", "auto", "true", "false")
+    compile_mode: str = choice("default", *COMPILE_MODES)
+    channels_last: bool = False
     cond_dropout: float = 0.0
     max_steps: Optional[int] = None
     resume: Optional[str] = None
@@ -309,6 +317,7 @@ class GenerateConfig:
     precision: str = choice("bf16", "bf16", "fp32")
     device: Optional[str] = None
     compile: str = choice("auto", "auto", "true", "false")
+    compile_mode: str = choice("default", *COMPILE_MODES)
     format: str = choice("medgen", "medgen", "nnunet")
     previews: bool = True
     cache_dir: str = "~/.cache/medgen"

@@ -18,7 +18,7 @@ from medgen.core.checkpoint import CheckpointError, config_diff, save_checkpoint
 RESUME_ALLOWED = (
     "training.epochs", "training.max_steps", "training.val_interval", "training.log_every",
     "training.resume", "training.num_val_samples", "training.num_sample_steps", "training.checkpoint_keep",
-    "training.compile", "paths", "data.num_workers",
+    "training.compile", "training.compile_mode", "training.channels_last", "paths", "data.num_workers",
 )
 
 

@@ -39,8 +39,8 @@ from medgen.diffusion.modes import build_mode
 from medgen.diffusion.perceptual import build_perceptual_loss
 from medgen.diffusion.run_logger import RunLogger
 from medgen.diffusion.strategies import build_strategy
-from medgen.diffusion.utils import (build_network, compile_enabled, network_kwargs, sampling_forward, save_png,
-                                   step_seed)
+from medgen.diffusion.utils import (build_network, compile_enabled, compile_module, network_kwargs, sampling_forward,
+                                    save_png, step_seed, uses_cuda_graphs)
 
 log = logging.getLogger("medgen.train")
 PROGRESS_LINE_SECONDS = 60.0  # without a terminal, a progress line in the log at most this often
@@ -90,6 +90,18 @@ class SkipTracker:
         self.longest.fill_(streak)
 
 
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each optimizer state tensor its parameter's memory layout. ``load_state_dict`` keeps the
+    saved layout, and the fused AdamW walks parameter, gradient and moments as flat memory: a
+    channels_last parameter with contiguous moments (a run resumed with ``training.channels_last``
+    changed) would be updated with another element's moments, silently."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 class DiffusionTrainer:
     """Trains a MONAI ``DiffusionModelUNet`` for the configured strategy and mode.
 
@@ -118,6 +130,8 @@ class DiffusionTrainer:
         self.strategy = build_strategy(cfg)
         self.network_kwargs = network_kwargs(cfg.model, self.mode)
         self.model = build_network(self.network_kwargs).to(self.device)
+        if self.t.channels_last:  # once, before the EMA copy and the optimizer state take its layout
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = self._build_ema()
         # fused (CUDA and CPU): it takes a device-side found_inf flag and skips its update for it, so a
         # non-finite step is skipped without the host waiting for the GPU
@@ -149,10 +163,12 @@ class DiffusionTrainer:
         self._eager_forward = self.forward_model
         self._compile_pending = compile_enabled(self.t.compile, self.device)  # compiled at the first step
         if self._compile_pending:
-            self.forward_model = torch.compile(self.forward_model)
+            self.forward_model = compile_module(self.forward_model, self.t.compile_mode)
+        self._cuda_graphs = self._compile_pending and uses_cuda_graphs(self.t.compile_mode, self.device)
         # the sample grids' denoiser (EMA or raw network), compiled once per run under the same
         # training.compile setting; it reads the weights as they are at each grid
-        self._sample_forward = sampling_forward(self._eval_model(), self.device, self.t.compile, log)
+        self._sample_forward = sampling_forward(self._eval_model(), self.device, self.t.compile, log,
+                                                self.t.compile_mode)
 
         self.logger = RunLogger(self.run_dir, self.device, self.strategy.num_train_timesteps, enabled=self.dist.is_main)
         self.checkpointer = Checkpointer(self.run_dir, self.t.checkpoint_keep, enabled=self.dist.is_main)
@@ -206,8 +222,13 @@ class DiffusionTrainer:
         t = self.strategy.sample_timesteps(x0.shape[0], g, self.device)
         eps = torch.randn(x0.shape, generator=g, device=self.device)
         x_t = self.strategy.add_noise(x0, eps, t)
+        x_in = self.mode.model_input(x_t, cond)
+        if self.t.channels_last:
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
+        if self._cuda_graphs and self.forward_model is not self._eager_forward:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are free again
         with self.autocast():
-            out = self.forward_model(self.mode.model_input(x_t, cond), t)
+            out = self.forward_model(x_in, t)
         weight = self.strategy.loss_weight(t, self.t.min_snr_gamma) if self.t.use_min_snr else None
         mse, per_sample = diffusion_loss(out, self.strategy.target(x0, eps, t), weight)
         perceptual = self._perceptual(out, x_t, t, x0)
@@ -423,6 +444,7 @@ class DiffusionTrainer:
                 raise CheckpointError("the checkpoint has no EMA weights but training.use_ema=true")
             self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        match_state_layout(self.optimizer)
         self.step = int(ckpt["step"])
         self.epoch = int(ckpt["epoch"])
         self.best_val_loss = float(ckpt["best_val_loss"])

@@ -46,18 +46,39 @@ def compile_enabled(setting: str, device: torch.device) -> bool:
     return setting == "true" or (setting == "auto" and device.type == "cuda")
 
 
+def uses_cuda_graphs(mode: str, device: torch.device) -> bool:
+    """Whether ``torch.compile(mode=mode)`` replays CUDA graphs on ``device``: its outputs then live in
+    memory that the next call overwrites (``reduce-overhead``, ``max-autotune``; on CUDA only)."""
+    return device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+
+
+def compile_module(module: torch.nn.Module, mode: str = "default", dynamic: bool | None = None):
+    """``torch.compile(module)`` in ``mode`` (``training.compile_mode``, generation's ``compile_mode``)."""
+    return torch.compile(module, mode=None if mode == "default" else mode, dynamic=dynamic)
+
+
 def sampling_forward(network: torch.nn.Module, device: torch.device, compile: str,
-                     logger: logging.Logger | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                     logger: logging.Logger | None = None,
+                     mode: str = "default") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``network``'s forward for fixed-shape sampling (generation, training's sample grids):
     ``(x [B, C, H, W], t [B]) -> [B, C_out, H, W]``. With ``compile`` = ``true`` (or ``auto`` on
-    CUDA) it is compiled for fixed shapes at its first call, which ``logger`` times; a compile
-    failure falls back to eager with one warning. Otherwise it is ``network`` itself, so the
-    eager path is the plain module call. The compiled forward reads the module's weights at
-    each call: weights updated in place (EMA, training) are seen without recompiling."""
+    CUDA) it is compiled for fixed shapes in ``mode`` at its first call, which ``logger`` times; a
+    compile failure falls back to eager with one warning. Otherwise it is ``network`` itself, so
+    the eager path is the plain module call. The compiled forward reads the module's weights at
+    each call: weights updated in place (EMA, training) are seen without recompiling. Under CUDA
+    graphs each call's output is copied out of the graph's memory, because samplers keep earlier
+    model outputs (multistep solvers) that the next replay would overwrite."""
     if not compile_enabled(compile, device):
         return network
     logger = logger or logging.getLogger("medgen")
-    compiled = torch.compile(network, dynamic=False)
+    compiled = compile_module(network, mode, dynamic=False)
+    if uses_cuda_graphs(mode, device):
+        graphed = compiled
+
+        def compiled(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            torch.compiler.cudagraph_mark_step_begin()
+            return graphed(x, t).clone()
+
     state: dict[str, Any] = {"fn": None}
 
     def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -67,7 +88,7 @@ def sampling_forward(network: torch.nn.Module, device: torch.device, compile: st
         try:
             out = compiled(x, t)
             state["fn"] = compiled
-            logger.info("compiled the denoiser in %.0f s", time.perf_counter() - t0)
+            logger.info("compiled the denoiser in %.0f s (compile mode %s)", time.perf_counter() - t0, mode)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: eager still works
             logger.warning("torch.compile failed (%s: %s); sampling eagerly", type(exc).__name__,
                            str(exc).splitlines()[0] if str(exc) else "")

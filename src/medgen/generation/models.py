@@ -107,7 +107,7 @@ class Stage:
 
 
 def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, use_ema: bool = True,
-               precision: str = "bf16", compile: str = "auto") -> Stage:
+               precision: str = "bf16", compile: str = "auto", compile_mode: str = "default") -> Stage:
     """Load the checkpoint for ``stage`` (``"seg"`` or ``"image"``; ``key`` names the config key in
     errors). Raises :class:`GenerationError`/:class:`CheckpointError` naming the file."""
     file = checkpoint_file(path, key)
@@ -130,7 +130,7 @@ def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, 
     spacing = (ckpt.get("geometry") or {}).get("spacing")
     return Stage(path=file, sha256=sha256(file), network=network, strategy=build_strategy(cfg), mode=build_mode(cfg),
                  cond_dropout=float(cfg.training.cond_dropout), spacing=tuple(spacing) if spacing else None,
-                 device=device, precision=precision, forward=sampling_forward(network, device, compile, log))
+                 device=device, precision=precision, forward=sampling_forward(network, device, compile, log, compile_mode))
 
 
 def check_pair(seg: Stage | None, image: Stage, guidance_scale: float) -> None:

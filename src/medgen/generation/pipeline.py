@@ -93,11 +93,11 @@ def run_generation(cfg: DictConfig, dist: DistInfo | None = None, progress: bool
     out = resolve_path(cfg.out_dir)
     state = out / ".medgen"
     image = load_stage(cfg.image_checkpoint, "image", "image_checkpoint", device=dist.device, use_ema=cfg.use_ema,
-                       precision=cfg.precision, compile=cfg.compile)
+                       precision=cfg.precision, compile=cfg.compile, compile_mode=cfg.compile_mode)
     seg = None
     if cfg.seg_checkpoint is not None:
         seg = load_stage(cfg.seg_checkpoint, "seg", "seg_checkpoint", device=dist.device, use_ema=cfg.use_ema,
-                         precision=cfg.precision, compile=cfg.compile)
+                         precision=cfg.precision, compile=cfg.compile, compile_mode=cfg.compile_mode)
     check_pair(seg, image, cfg.guidance_scale)
     samplers = {"seg": _sampler(cfg, "seg_sampler", seg), "image": _sampler(cfg, "image_sampler", image)}
     settings = _settings(cfg, seg, image, samplers)
