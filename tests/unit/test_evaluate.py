@@ -148,3 +148,19 @@ def test_bad_inputs_give_one_line(tmp_path, real, feature_net):
     assert out.returncode == 2 and "config error at 'synthetic_dir': missing" in out.stderr
     assert not (tmp_path / "evaluation").exists()  # the default out_dir: a bad command line leaves no folder
     assert not (tmp_path / "cli").exists()
+
+
+def test_a_second_evaluation_into_a_busy_folder_stops_naming_the_first(tmp_path, real, feature_net):
+    from medgen.core.fs import FolderBusy, FolderLock
+    from medgen.scripts._cli import remove_if_only_hydra
+
+    out = tmp_path / "e"
+    (out / ".medgen" / "hydra").mkdir(parents=True)  # as Hydra leaves it for the first run
+    with FolderLock(out, "evaluation folder", ".medgen/lock"):  # the first evaluation, still running
+        with pytest.raises(FolderBusy, match=rf"evaluation folder {out} is in use by process {os.getpid()} "):
+            evaluate(_cfg(real, tmp_path / "s", out, feature_net), progress=False)
+        remove_if_only_hydra(out)  # the second one's clean-up keeps the folder the first one works in
+        assert (out / ".medgen" / "lock").is_file()
+    remove_if_only_hydra(out)  # the first one stopped before writing anything: nothing is left
+    assert not out.exists()
+

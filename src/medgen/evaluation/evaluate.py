@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from medgen.core.constants import MASK_KEY, SPLITS
+from medgen.core.fs import FolderLock
 from medgen.core.paths import resolve_path
 from medgen.data.nifti_dataset import list_patients, modality_path, present_modalities
 from medgen.data.slices import SliceCache, SliceSpec, open_or_build_cache
@@ -221,11 +222,18 @@ def evaluate(cfg: DictConfig, device: torch.device | None = None, progress: bool
     """Every metric for ``cfg`` (a validated evaluate config); writes ``metrics.json`` and the
     report into ``out_dir`` and returns the metrics."""
     from medgen.core.distributed import default_device
-    from medgen.evaluation.report import write_report
 
     device = device or (torch.device(cfg.device) if cfg.device else default_device())
     out_dir = resolve_path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # a second evaluation into the same folder stops at once, naming the first
+    with FolderLock(out_dir, "evaluation folder", ".medgen/lock"):
+        return _evaluate(cfg, out_dir, device, progress)
+
+
+def _evaluate(cfg: DictConfig, out_dir: Path, device: torch.device, progress: bool) -> dict:
+    from medgen.evaluation.report import write_report
+
     t0 = time.perf_counter()
     sets = Sets(cfg, progress)
     result: dict[str, Any] = {

@@ -57,16 +57,31 @@ def exit_on_user_error(prog: str) -> Iterator[None]:
 
 def remove_if_only_hydra(run_dir: Path) -> None:
     """Delete a run folder that holds nothing but Hydra's config copy (``.hydra/`` for training,
-    ``.medgen/hydra/`` for generation and evaluation): a run that stopped before writing anything,
-    a bad command line, or a resume that continued in its own folder."""
+    ``.medgen/hydra/`` for generation and evaluation, maybe beside their ``.medgen/lock``): a run
+    that stopped before writing anything, a bad command line, or a resume that continued in its own
+    folder. A folder whose lock another process holds is in use, and is kept."""
+    from medgen.core.fs import FolderBusy, FolderLock
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return
     entries = list(run_dir.iterdir())
-    only_hydra = all(p.name == ".hydra" for p in entries) or (
-        [p.name for p in entries] == [".medgen"] and [p.name for p in entries[0].iterdir()] == ["hydra"])
-    if only_hydra:
+    if all(p.name == ".hydra" for p in entries):
         shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    if [p.name for p in entries] != [".medgen"] or not {p.name for p in entries[0].iterdir()} <= {"hydra", "lock"}:
+        return
+    if (entries[0] / "lock").exists():
+        try:
+            lock = FolderLock(run_dir, "folder", ".medgen/lock").acquire()
+        except FolderBusy:
+            return
+        try:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        finally:
+            lock.release()
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def run_in_hydra_folder(prog: str, fn: Callable[[Any, Path], Any], cfg: Any) -> None:
