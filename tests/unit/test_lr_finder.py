@@ -41,3 +41,30 @@ def test_sweep_on_the_configured_run_writes_plot_and_json(tiny_cfg, tmp_path):
     png, js = save_lr_find(result, tmp_path / "out")
     assert Image.open(png).size[0] > 300
     assert json.loads(js.read_text())["suggested_lr"] == result.suggested_lr
+
+
+def test_two_sweeps_started_in_the_same_second_get_folders_of_their_own(tmp_path, tiny_data, monkeypatch, capsys):
+    from conftest import tiny_overrides
+
+    from medgen.core.config import compose_config
+    from medgen.data.nifti_dataset import DataError
+    from medgen.diffusion import run_folder
+    from medgen.scripts.lr_find import run
+
+    monkeypatch.setattr(run_folder, "run_stem", lambda cfg: "rflow_16_20261126-120000")  # one second for both
+    cfg = compose_config(tiny_overrides(tmp_path, tiny_data, "mode=bravo", "strategy=rflow", "lr_find.num_steps=5"),
+                         config_name="lr_find")
+    for _ in range(2):
+        run(cfg)
+    root = tmp_path / "runs" / "lr_find"
+    assert sorted(p.name for p in root.iterdir()) == ["bravo_rflow_16_20261126-120000",
+                                                      "bravo_rflow_16_20261126-120000_2"]
+    for folder in root.iterdir():
+        assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "lr_find.json", "lr_find.png"]
+        assert json.loads((folder / "lr_find.json").read_text())["suggested_lr"] > 0
+    assert f"plot: {root / 'bravo_rflow_16_20261126-120000_2' / 'lr_find.png'}" in capsys.readouterr().out
+    # a sweep that stops before writing anything leaves no folder
+    with pytest.raises(DataError, match="/nonexistent"):
+        run(compose_config(tiny_overrides(tmp_path, tiny_data, "mode=bravo", "paths.data_dir=/nonexistent"),
+                           config_name="lr_find"))
+    assert len(list(root.iterdir())) == 2
