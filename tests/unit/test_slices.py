@@ -122,6 +122,21 @@ def test_training_refuses_bad_data_with_the_check_messages(tmp_path):
     assert not list((tmp_path / "cache").glob("slices/*/meta.json"))  # nothing half-built left behind
 
 
+def test_no_selected_slice_says_what_selects_one(tmp_path):
+    patients = write_dataset(tmp_path / "d", n_patients=2, keys=("bravo", "seg"))  # 1 train, 1 val patient
+    with pytest.raises(DataError) as info:
+        build_data(_cfg(tmp_path, tmp_path / "d", "mode=bravo", "data.min_brain_fraction=1.0"), progress=False)
+    assert str(info.value) == (
+        f"no training slices selected from 1 patient(s) of {tmp_path / 'd' / 'train'} for mode 'bravo': 'brain' "
+        "selection keeps slices where at least 100% of the pixels of every image exceed 0.1 after normalisation "
+        "to [0, 1] (data.min_brain_fraction, data.brain_intensity)")
+    for p in patients:  # NaN images, unchecked: nothing is selected, and the message says where to look
+        save_volume(p / "bravo.nii.gz", np.full((32, 32, 8), np.nan, np.float32), np.diag([1.0, 1.0, 2.0, 1.0]))
+    with pytest.raises(DataError, match=r"'brain' selection .*; data.validate=false, so unreadable or non-finite "
+                                         rf"\(NaN\) voxels were not reported: medgen-data check {tmp_path / 'd'}$"):
+        build_data(_cfg(tmp_path, tmp_path / "d", "mode=bravo", "data.validate=false"), progress=False)
+
+
 def test_missing_data_folder_says_how_to_make_one(tmp_path):
     with pytest.raises(DataError, match="medgen-data phantom"):
         build_data(_cfg(tmp_path, tmp_path / "nowhere", "mode=bravo"), progress=False)

@@ -93,6 +93,18 @@ class DataBundle:
     fingerprint: str
 
 
+def _selection_rule(spec: SliceSpec) -> str:
+    """What a slice needs to be selected, in the words of the config keys that set it."""
+    if spec.selection == "lesion":
+        return (f"'lesion' selection keeps slices with at least {spec.min_lesion_pixels} mask pixel(s) "
+                "(data.min_lesion_pixels; data.seg_positive_only=false keeps every slice)")
+    if spec.selection == "brain":
+        return (f"'brain' selection keeps slices where at least {spec.min_brain_fraction:.0%} of the pixels of every "
+                f"image exceed {spec.brain_intensity} after normalisation to [0, 1] "
+                "(data.min_brain_fraction, data.brain_intensity)")
+    return "'all' selection, and the volumes have no slices"
+
+
 def build_data(cfg, rank: int = 0, world_size: int = 1, progress: bool = True,
                barrier=None) -> DataBundle:
     """Train/val loaders for the configured mode from ``paths.data_dir`` (cache under ``paths.cache_dir``).
@@ -131,7 +143,11 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, progress: bool = True,
     if barrier is not None and world_size > 1 and rank == 0:
         barrier()
     if len(train_cache) == 0:
-        raise DataError(f"no training slices selected from {root / 'train'} for mode {cfg.mode.name!r} ({spec.selection} selection)")
+        raise DataError(f"no training slices selected from {len(train_patients)} patient(s) of {root / 'train'} "
+                        f"for mode {cfg.mode.name!r}: {_selection_rule(spec)}"
+                        + ("" if d.validate else
+                           f"; data.validate=false, so unreadable or non-finite (NaN) voxels were not reported: "
+                           f"medgen-data check {root}"))
     if rank == 0 and (val_cache is None or len(val_cache) == 0):
         source = f"{root / 'val'}" if (root / "val").is_dir() else f"the validation share of {root / 'train'}"
         why = (f"0 selected from {len(val_patients)} patient(s) of {source} for mode {cfg.mode.name!r} "
