@@ -13,7 +13,7 @@
 # plain PyTorch image lacks: MONAI, Hydra (+ omegaconf, antlr4), nibabel, ema-pytorch, nilearn, and
 # for the tests diffusers (+ importlib-metadata). Carry .whl/ to the GPU machine with the tree.
 #
-# Sections (default: tests train sample variants), each under its own time limit (seconds, overridable):
+# Sections (default: tests train sample attention variants), each under its own time limit (seconds, overridable):
 #   tests   MEDGEN_TEST_CUDA=1 pytest -m cuda: the tests that run on the GPU (compiled training
 #           step and sample grid, the step never waiting on the GPU)          T_TESTS=150
 #   train   bench_train.py's CUDA table: medgen's step eager/compiled at batch 16, 64, 128, the
@@ -22,6 +22,9 @@
 #   sample  bench_sample.py --cuda-only --cuda-pairs 0: compiled vs eager generation forward, and
 #           compiled with CUDA graphs (SAMPLE_ARGS replaces those options; --cuda-pairs 1024 adds
 #           the generation pipeline's pairs/s, a few minutes more)           T_SAMPLE=120
+#   attention bench_attention.py: the SDPA kernels that take the network's attention at head size 256
+#           (the specification) and 64, their forward+backward times at batch 64 (ATTENTION_ARGS)
+#                                                                             T_ATTENTION=90
 #   variants bench_train.py rows for the candidate settings, compiled at batch 64, beside the
 #           default configuration in the same process: base, channels_last, CUDA graphs
 #           (compile_mode=reduce-overhead), heads of 64 (VARIANT_ARGS replaces those options;
@@ -33,7 +36,7 @@
 # No section runs past DEADLINE=580 seconds from the start (under a 10-minute command limit).
 #
 # Output, in $OUT (default /tmp/medgen-gpu-check): gpu_check.log (everything), tests.log, suite.log,
-# bench_train.json, bench_sample.json, bench_variants.json (one JSON line each); a summary is printed at the end.
+# bench_train.json, bench_sample.json, bench_attention.json, bench_variants.json (one JSON line each); a summary is printed at the end.
 # Environment: PYTHON (the interpreter; default python3, or .venv/bin/python where it exists),
 # SITE, OUT, T_*, TRAIN_ARGS, SAMPLE_ARGS.
 set -uo pipefail
@@ -46,10 +49,11 @@ fi
 SITE=${SITE:-/tmp/medgen-site}
 OUT=${OUT:-/tmp/medgen-gpu-check}
 T_TESTS=${T_TESTS:-150} T_TRAIN=${T_TRAIN:-300} T_SAMPLE=${T_SAMPLE:-120} T_SUITE=${T_SUITE:-540}
-T_VARIANTS=${T_VARIANTS:-300}
+T_VARIANTS=${T_VARIANTS:-300} T_ATTENTION=${T_ATTENTION:-90}
 DEADLINE=${DEADLINE:-580}
 TRAIN_ARGS=${TRAIN_ARGS:---batches 16,64,128 --reference-batches 64 --steps 10}
 SAMPLE_ARGS=${SAMPLE_ARGS:---cuda-only --cuda-batch 64 --cuda-pairs 0}
+ATTENTION_ARGS=${ATTENTION_ARGS:---batch 64}
 VARIANT_ARGS=${VARIANT_ARGS:---batches none --reference-batches none --variants base,channels_last,cudagraphs,heads64 --steps 10}
 export PYTHONUNBUFFERED=1
 
@@ -78,11 +82,11 @@ for arg in "$@"; do
     --wheels) fetch_wheels; exit 0 ;;
     --dry-run) DRY=1 ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    tests|train|sample|variants|suite) SECTIONS+=("$arg") ;;
-    *) die "unknown argument '$arg' (sections: tests train sample variants suite; options: --dry-run --wheels)" ;;
+    tests|train|sample|attention|variants|suite) SECTIONS+=("$arg") ;;
+    *) die "unknown argument '$arg' (sections: tests train sample attention variants suite; options: --dry-run --wheels)" ;;
   esac
 done
-[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(tests train sample variants)
+[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(tests train sample attention variants)
 
 mkdir -p "$OUT" || die "cannot create $OUT"
 LOG=$OUT/gpu_check.log
@@ -153,6 +157,8 @@ for s in "${SECTIONS[@]}"; do
     # shellcheck disable=SC2086
     sample) section sample "$T_SAMPLE" "$OUT/bench_sample.json" "$PYTHON" benchmarks/bench_sample.py $SAMPLE_ARGS ;;
     # shellcheck disable=SC2086
+    attention) section attention "$T_ATTENTION" "$OUT/bench_attention.json" "$PYTHON" benchmarks/bench_attention.py $ATTENTION_ARGS ;;
+    # shellcheck disable=SC2086
     variants) section variants "$T_VARIANTS" "$OUT/bench_variants.json" "$PYTHON" benchmarks/bench_train.py $VARIANT_ARGS ;;
     suite) section suite "$T_SUITE" "$OUT/suite.log" \
              "$PYTHON" -m pytest -q -p no:cacheprovider "${IGNORE[@]}" tests/unit tests/integration ;;
@@ -161,7 +167,7 @@ done
 
 echo "== summary"
 printf '%s\n' "${RESULTS[@]}"
-for f in bench_train.json bench_sample.json bench_variants.json; do
+for f in bench_train.json bench_sample.json bench_attention.json bench_variants.json; do
   [ -s "$OUT/$f" ] && { echo "-- $f"; tail -n 1 "$OUT/$f"; }
 done
 for f in tests.log suite.log; do

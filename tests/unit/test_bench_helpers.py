@@ -23,6 +23,7 @@ def _load(name: str):
 
 bench_train = _load("bench_train")
 bench_sample = _load("bench_sample")
+bench_attention = _load("bench_attention")
 
 
 @pytest.mark.parametrize("name, peak", [
@@ -118,3 +119,12 @@ def test_sampling_targets_count_the_figures_there_are():
     assert bench_sample.meets_targets({"cuda": cuda})  # --cuda-only
     assert not bench_sample.meets_targets({**cpu, "cuda": {**cuda, "compiled_vs_eager_forward": 1.9}})
     assert not bench_sample.meets_targets({"cuda": {**cuda, "projected_15000_pairs_min": 12}})
+
+
+def test_an_attention_kernel_that_refuses_the_shapes_is_a_cell_saying_so():
+    cpu = torch.device("cpu")
+    timed = bench_attention.time_attention(1, 16, 32, 16, cpu, None, repeats=1)  # the default dispatch
+    assert set(timed) == {"ms"} and timed["ms"] > 0
+    refused = bench_attention.time_attention(1, 16, 32, 16, cpu, "cudnn", repeats=1)  # a CUDA-only kernel
+    assert refused["error"].startswith("refused")
+
