@@ -39,7 +39,7 @@ def _assert_same_training(a: torch.nn.Module, b: torch.nn.Module, start: torch.T
     assert (_flat(a) - _flat(b)).abs().mean().item() < 1e-3 * moved
 
 
-def test_channels_last_trains_as_the_default_layout_does(tiny_cfg, tmp_path):
+def test_channels_last_trains_as_the_default_layout_does(tiny_cfg, tmp_path, caplog):
     runs = {cl: DiffusionTrainer(tiny_cfg(*EXTRA, f"training.channels_last={cl}", "training.max_steps=6"),
                                  tmp_path / str(cl), CPU, progress=False) for cl in (False, True)}
     on, off = runs[True], runs[False]
@@ -49,8 +49,11 @@ def test_channels_last_trains_as_the_default_layout_does(tiny_cfg, tmp_path):
     assert all(p.is_contiguous(memory_format=CL) for p in _convs(on.ema.ema_model))
     assert all(p.is_contiguous() for p in _convs(off.model))
     start = _flat(off.model).clone()
-    for r in runs.values():
-        assert r.train() == "max_steps"
+    with caplog.at_level("INFO", logger="medgen.train"):
+        for r in runs.values():
+            assert r.train() == "max_steps"
+    said = [r.getMessage() for r in caplog.records if "parameters on cpu" in r.getMessage()]
+    assert [m.split("(fp32 x 1 process(es)), ")[1] for m in said] == ["eager", "eager, channels_last"]
     for p in _convs(on.model):
         state = on.optimizer.state[p]
         assert state["exp_avg"].stride() == state["exp_avg_sq"].stride() == p.stride()

@@ -289,9 +289,12 @@ class DiffusionTrainer:
         if self.dist.is_main:
             n_params = sum(p.numel() for p in self.model.parameters())
             log.info("run folder: %s", self.run_dir)
-            log.info("%s x %s at %d px: %.1fM parameters on %s (%s x %d process(es))", self.strategy.name,
+            compiled = self.forward_model is not self._eager_forward
+            how = (f"compiled ({self.t.compile_mode} mode)" if compiled else "eager") + \
+                (", channels_last" if self.t.channels_last else "")
+            log.info("%s x %s at %d px: %.1fM parameters on %s (%s x %d process(es)), %s", self.strategy.name,
                      self.mode.name, self.cfg.model.image_size, n_params / 1e6, self.device, self.t.precision,
-                     self.dist.world_size)
+                     self.dist.world_size, how)
             log.info("%d training slices, %d steps/epoch, %d epochs (%d steps)", len(self.data.train_cache),
                      self.steps_per_epoch, self.t.epochs, self.total_steps)
         try:
