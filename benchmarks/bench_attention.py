@@ -21,25 +21,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from timing import median_time
+
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_attention(batch: int, tokens: int, channels: int, head_size: int, device: torch.device,
                    backend: str | None, repeats: int = 10) -> dict:
     """Median milliseconds of one forward + backward, or ``{"error": ...}`` when refused or out of memory."""
+    try:
+        return _time_attention(batch, tokens, channels, head_size, device, backend, repeats)
+    finally:  # the tensors are gone with the call
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _time_attention(batch: int, tokens: int, channels: int, head_size: int, device: torch.device,
+                    backend: str | None, repeats: int) -> dict:
     heads = channels // head_size
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(batch, heads, tokens, head_size, device=device, dtype=torch.bfloat16, generator=g)
@@ -47,38 +52,23 @@ def time_attention(batch: int, tokens: int, channels: int, head_size: int, devic
     grad = torch.randn(batch, heads, tokens, head_size, device=device, dtype=torch.bfloat16, generator=g)
 
     def step():
-        out = F.scaled_dot_product_attention(q, k, v)
-        out.backward(grad)
+        F.scaled_dot_product_attention(q, k, v).backward(grad)
 
-    caught = warnings.catch_warnings(record=True)
-    why = caught.__enter__()
-    warnings.simplefilter("always")
-    try:
-        with sdpa_kernel([BACKENDS[backend]] if backend else list(BACKENDS.values())):
-            step()  # warm-up (and the refusal, if the backend does not take these shapes)
-            times = []
-            for _ in range(repeats):
-                _sync(device)
-                t0 = time.perf_counter()
-                step()
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-    except (RuntimeError, torch.OutOfMemoryError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
-        if "out of memory" in first.lower():
-            return {"error": "out of memory"}
-        if "no viable backend" in first.lower():  # torch says why in warnings, one per backend it tried
-            reasons = [str(w.message).strip().splitlines()[0] for w in why if "sdp" in str(w.message).lower()
-                       or "attention" in str(w.message).lower()]
-            return {"error": "refused" + (f": {reasons[0][:200]}" if reasons else "")}
-        return {"error": first[:200]}
-    finally:
-        caught.__exit__(None, None, None)
-        del q, k, v, grad
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    times.sort()
-    return {"ms": round(1000 * times[len(times) // 2], 3)}
+    with warnings.catch_warnings(record=True) as why:
+        warnings.simplefilter("always")
+        try:
+            with sdpa_kernel([BACKENDS[backend]] if backend else list(BACKENDS.values())):
+                # the warm-up run also meets the refusal, if the backend does not take these shapes
+                return {"ms": round(1000 * median_time(step, device, repeats, warmup=True), 3)}
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            if "out of memory" in first.lower():
+                return {"error": "out of memory"}
+            if "no viable backend" in first.lower():  # torch says why in warnings, one per backend it tried
+                reasons = [str(w.message).strip().splitlines()[0] for w in why
+                           if "sdp" in str(w.message).lower() or "attention" in str(w.message).lower()]
+                return {"error": "refused" + (f": {reasons[0][:200]}" if reasons else "")}
+            return {"error": first[:200]}
 
 
 def main() -> None:

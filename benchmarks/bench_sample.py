@@ -33,34 +33,16 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from timing import median_time
 
 CPU_MODEL = ["model.image_size=64", "model.channels=[32,64,128]", "model.attention_levels=[false,false,true]",
              "model.num_head_channels=32", "model.norm_num_groups=16"]
 SPEC_MODEL = ["model.image_size=128", "model.channels=[128,256,256]", "model.attention_levels=[false,true,true]",
               "model.num_head_channels=256", "model.norm_num_groups=32"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device: torch.device, repeats: int = 3) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs (after one warm-up run when ``repeats > 1``)."""
-    if repeats > 1:
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def make_checkpoint(path: Path, mode: str, strategy: str, model: list[str], seed: int = 0) -> Path:
@@ -113,8 +95,8 @@ def step_overhead(tmp: Path, model: list[str], batch: int, steps: int, device: t
             sample()  # warm-up
             t_raw, t_sample = [], []
             for _ in range(repeats):
-                t_raw.append(_timed(raw, device, repeats=1))
-                t_sample.append(_timed(sample, device, repeats=1))
+                t_raw.append(median_time(raw, device, repeats=1))
+                t_sample.append(median_time(sample, device, repeats=1))
             out[name] = round(statistics.median(t_sample) / statistics.median(t_raw), 3)
     return out
 
@@ -139,7 +121,7 @@ def spec_generation_seconds_per_pair(seg, image, batch: int, spec_steps: int, de
                     out = stage.network(torch.cat([x, cond], 1), t.expand(batch).to(device))
                 x, _ = scheduler.step(out, t, x)
 
-        per_pair += _timed(steps, device, repeats=1) / spec_steps * 1000 / batch
+        per_pair += median_time(steps, device, repeats=1) / spec_steps * 1000 / batch
     return per_pair
 
 
@@ -225,7 +207,7 @@ def cuda_figures(tmp: Path, seg_ckpt: Path, image_ckpt: Path, batch: int, pairs:
                 for _ in range(20):
                     fn(x, t)
 
-        out[f"{name}_forwards_per_s"] = round(20 * batch / _timed(forward, device), 1)
+        out[f"{name}_forwards_per_s"] = round(20 * batch / median_time(forward, device), 1)
     out["compiled_vs_eager_forward"] = round(out["compiled_forwards_per_s"] / out["eager_forwards_per_s"], 2)
     out["cudagraph_vs_eager_forward"] = round(out["cudagraph_forwards_per_s"] / out["eager_forwards_per_s"], 2)
     if pairs <= 0:

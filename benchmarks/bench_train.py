@@ -49,6 +49,8 @@ from pathlib import Path
 
 import torch
 
+from timing import sync
+
 #: the specification's network and training profile, perceptual loss off (the table's medgen rows)
 SPEC = ["mode=bravo", "model=default", "training=default", "training.perceptual_weight=0"]
 
@@ -116,17 +118,12 @@ class ReferenceLoop:
         self.opt.step()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _time(fn, batches, steps: int, device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for i in range(steps):
         fn(batches[i % len(batches)])
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -270,7 +267,7 @@ def _medgen_row(tmp: Path, overrides: list[str], cfg: dict, steps: int, warmup: 
     if trainer._compile_pending:  # compiling happens here, timed on its own (a failure falls back to eager)
         trainer._first_compiled_step(batches[0])
         trainer.step += 1
-        _sync(device)
+        sync(device)
         cfg["compile_s"] = round(time.perf_counter() - t0, 1)
         cfg["compile_failed"] = trainer.forward_model is trainer._eager_forward
     for _ in range(warmup):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # as when a script runs: its folder first (benchmarks/timing.py)
 
 
 def _load(name: str):
