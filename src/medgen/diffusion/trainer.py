@@ -264,8 +264,8 @@ class DiffusionTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             return self.train_step(batch)
         if self.dist.is_main:
-            log.info("compiled the training step in %.0f s (training.compile=%s)", time.perf_counter() - t0,
-                     self.t.compile)
+            log.info("compiled the training step in %.0f s (training.compile=%s, compile_mode=%s)",
+                     time.perf_counter() - t0, self.t.compile, self.t.compile_mode)
         return result
 
     def _perceptual(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
