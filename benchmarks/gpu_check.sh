@@ -26,17 +26,20 @@
 #           (the specification) and 64, their forward+backward times at batch 64 (ATTENTION_ARGS)
 #                                                                             T_ATTENTION=90
 #   variants bench_train.py rows for the candidate settings, compiled at batch 64, beside the
-#           default configuration in the same process: base, channels_last, CUDA graphs
-#           (compile_mode=reduce-overhead), heads of 64 (VARIANT_ARGS replaces those options;
-#           --variants also takes channels_last+cudagraphs, autotune). Last by default: it gets
-#           the time left (about 4 minutes for all four); `gpu_check.sh variants` runs it alone.
+#           default configuration in the same process: base, CUDA graphs
+#           (compile_mode=reduce-overhead), channels_last, heads of 64 (VARIANT_ARGS replaces those
+#           options; --variants also takes channels_last+cudagraphs, autotune). Last by default: it
+#           gets the time left (about 4 minutes for all four; a row is logged as soon as it is
+#           measured, so rows done before the cut are in gpu_check.log); `gpu_check.sh variants`
+#           runs it alone.
 #                                                                             T_VARIANTS=300
 #   suite   the whole default test suite, which pins itself to the CPU (tests/conftest.py), as it
 #           runs on a machine without a GPU: several minutes, so not a default section  T_SUITE=540
 # No section runs past DEADLINE=580 seconds from the start (under a 10-minute command limit).
 #
 # Output, in $OUT (default /tmp/medgen-gpu-check): gpu_check.log (everything), tests.log, suite.log,
-# bench_train.json, bench_sample.json, bench_attention.json, bench_variants.json (one JSON line each); a summary is printed at the end.
+# bench_train.json, bench_sample.json, bench_attention.json, bench_variants.json (one JSON line
+# each); a summary is printed at the end.
 # Environment: PYTHON (the interpreter; default python3, or .venv/bin/python where it exists),
 # SITE, OUT, T_*, TRAIN_ARGS, SAMPLE_ARGS.
 set -uo pipefail
@@ -54,7 +57,7 @@ DEADLINE=${DEADLINE:-580}
 TRAIN_ARGS=${TRAIN_ARGS:---batches 16,64,128 --reference-batches 64 --steps 10}
 SAMPLE_ARGS=${SAMPLE_ARGS:---cuda-only --cuda-batch 64 --cuda-pairs 0}
 ATTENTION_ARGS=${ATTENTION_ARGS:---batch 64}
-VARIANT_ARGS=${VARIANT_ARGS:---batches none --reference-batches none --variants base,channels_last,cudagraphs,heads64 --steps 10}
+VARIANT_ARGS=${VARIANT_ARGS:---batches none --reference-batches none --variants base,cudagraphs,channels_last,heads64 --steps 10}
 export PYTHONUNBUFFERED=1
 
 die() { echo "gpu_check: $*" >&2; exit 1; }
