@@ -141,6 +141,30 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, tiny_data, n
     assert single.validation_loss() == pytest.approx(r0["val_loss"], rel=1e-5)
 
 
+@pytest.mark.timeout(300)
+def test_ddp_with_channels_last_trains_as_ddp_with_the_default_layout(tmp_path, tiny_data, one_thread):
+    """DDP all-reduces gradients in buckets and copies them back into each weight's layout: the two
+    layouts give the same training (up to the order of the convolutions' sums), on both ranks."""
+    models = {}
+    for layout in ("false", "true"):
+        folder = tmp_path / f"channels_last_{layout}"
+        over = tiny_overrides(folder, tiny_data, "mode=bravo", "training.use_multi_gpu=true", "training.max_steps=4",
+                              "training.learning_rate=1e-3", f"training.channels_last={layout}")
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              str(Path(__file__).parent / "ddp_worker.py"), str(folder), *over],
+                             capture_output=True, text=True, env=ENV, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        r0, r1 = (torch.load(folder / f"rank{r}.pt") for r in (0, 1))
+        for k in r0["model"]:
+            assert torch.equal(r0["model"][k], r1["model"][k]), k
+        models[layout] = torch.cat([v.flatten() for v in r0["model"].values()])
+    start = DiffusionTrainer(load_config(over), tmp_path / "start", DistInfo(device=torch.device("cpu")),
+                             progress=False).model
+    moved = (models["false"] - torch.cat([v.detach().flatten() for v in start.state_dict().values()])).abs().mean()
+    assert moved > 1e-4
+    assert (models["true"] - models["false"]).abs().mean() < 1e-3 * moved
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("resume", ["auto"])
 def test_resume_auto_without_a_run_starts_fresh(tmp_path, tiny_data, resume):
