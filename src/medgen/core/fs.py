@@ -22,8 +22,9 @@ import signal
 import socket
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 log = logging.getLogger("medgen")
 
@@ -50,6 +51,36 @@ def temporary_path(final: str | os.PathLike[str], suffix: str = "") -> Path:
     """A sibling of ``final`` to write into before an atomic ``os.replace``, named after its owner."""
     final = Path(final)
     return final.with_name(f".{final.name}.tmp-{HOST}-{os.getpid()}-{secrets.token_hex(3)}{suffix}")
+
+
+@contextmanager
+def atomic_write(final: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
+    """Write a file or folder atomically: the block writes to the temporary path it is given
+    (:func:`temporary_path`, a sibling of ``final``), which is renamed to ``final`` when the block
+    ends. If the block fails, the temporary is removed, so no half-written file is ever seen under
+    its final name, and an OS error becomes a :class:`FileSystemError` naming ``final`` (a full
+    disk inside gzip or zipfile names no file of its own). ``suffix`` keeps the extension writers
+    look at (``np.savez`` appends ``.npz`` to a name without it)."""
+    final = Path(final)
+    tmp = temporary_path(final, suffix)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException as exc:
+        _remove_quietly(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, FileSystemError):
+            raise (write_error(exc, final) or exc) from exc
+        raise
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def pid_alive(pid: int) -> bool:
