@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from medgen.core.checkpoint import CheckpointError, load_checkpoint
 from medgen.core.config import MAX_WARMUP_FRACTION
 from medgen.core.distributed import DistInfo, all_ranks, any_rank, barrier
+from medgen.core.precision import autocast, effective_precision
 from medgen.core.signals import StopRequest, stop_signals
 from medgen.data.loading import DataBundle, build_data
 from medgen.data.transforms import from_model_space
@@ -188,8 +189,7 @@ class DiffusionTrainer:
                    update_every=self.t.ema_update_every, include_online_model=False)
 
     def autocast(self):
-        enabled = self.t.precision == "bf16"
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return autocast(self.device, self.t.precision)
 
     def generator(self, step: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(step_seed(self.cfg.seed, step, self.dist.rank))
@@ -293,7 +293,8 @@ class DiffusionTrainer:
             how = (f"compiled ({self.t.compile_mode} mode)" if compiled else "eager") + \
                 (", channels_last" if self.t.channels_last else "")
             log.info("%s x %s at %d px: %.1fM parameters on %s (%s x %d process(es)), %s", self.strategy.name,
-                     self.mode.name, self.cfg.model.image_size, n_params / 1e6, self.device, self.t.precision,
+                     self.mode.name, self.cfg.model.image_size, n_params / 1e6, self.device,
+                     effective_precision(self.device, self.t.precision),
                      self.dist.world_size, how)
             log.info("%d training slices, %d steps/epoch, %d epochs (%d steps)", len(self.data.train_cache),
                      self.steps_per_epoch, self.t.epochs, self.total_steps)

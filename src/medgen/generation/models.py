@@ -20,6 +20,7 @@ from torch import Tensor
 
 from medgen.core.checkpoint import CheckpointError, load_checkpoint
 from medgen.core.paths import resolve_path
+from medgen.core.precision import autocast
 from medgen.diffusion.modes import TrainingMode, build_mode
 from medgen.diffusion.samplers import guided, randn_like
 from medgen.diffusion.strategies import DiffusionStrategy, build_strategy
@@ -77,7 +78,7 @@ class Stage:
         return self.strategy.image_size
 
     def autocast(self):
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        return autocast(self.device, self.precision)
 
     def sample(self, cond: Tensor | None, generators: Sequence[torch.Generator], *, steps: int, sampler: str,
                guidance_scale: float = 1.0, batch_size: int | None = None) -> Tensor:
