@@ -97,6 +97,17 @@ def tiny_checkpoints(tmp_path_factory, tiny_data) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="session")
+def feature_net(tmp_path_factory) -> Path:
+    """A tiny TorchScript feature network (any TorchScript file is a valid features.network)."""
+    torch.manual_seed(0)  # the same network in every test that compares FIDs
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten())
+    path = tmp_path_factory.mktemp("net") / "features.pt"
+    torch.jit.script(net).save(str(path))
+    return path
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A failed cluster test (tests/cluster) also shows the end of SLURM's own logs."""

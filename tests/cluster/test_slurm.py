@@ -109,6 +109,10 @@ class Job:
     def wait_done(self, timeout: float) -> dict[str, str]:
         return self.wait(lambda i: i.get("JobState") == "COMPLETED", "completion", timeout)
 
+    def wait_failed(self, timeout: float) -> dict[str, str]:
+        """Until the job ends with a non-zero exit code (SLURM's FAILED)."""
+        return self.wait(lambda i: i.get("JobState") == "FAILED", "its end", timeout)
+
     def signal_batch(self, sig: str) -> None:
         """What SLURM does at ``--signal=B:<sig>@<n>``: the signal to the batch script alone."""
         subprocess.run(["scancel", "--batch", f"--signal={sig}", self.id], env=self.env, check=True, timeout=60)
@@ -193,7 +197,7 @@ def test_2_a_time_limit_mid_run_saves_requeues_and_resumes_bit_exactly(tmp_path,
 
 
 @pytest.mark.timeout(600)
-def test_3_scancel_term_saves_latest_and_exits_0_within_killwait(tmp_path, slurm, phantoms):
+def test_3_scancel_term_saves_latest_and_ends_with_exit_75_within_killwait(tmp_path, slurm, phantoms):
     work = tmp_path
     job = Job(_paths(slurm, phantoms, work), work / "slurm-%j.out", [*CPU_JOB, "--time=30"], TRAIN,
               [*TRAIN_ARGS, "training.epochs=200"])
@@ -201,12 +205,14 @@ def test_3_scancel_term_saves_latest_and_exits_0_within_killwait(tmp_path, slurm
     _wait_for(lambda: (run / "checkpoints" / "latest.pt").exists(), job, "the first epoch's latest.pt")
     t0 = time.time()
     subprocess.run(["scancel", "--signal=TERM", job.id], env=slurm, check=True, timeout=60)
-    info = job.wait_done(timeout=120)
+    info = job.wait_failed(timeout=120)
     elapsed = time.time() - t0
     log = job.log()
     assert elapsed < KILL_WAIT, f"took {elapsed:.1f} s, KillWait is {KILL_WAIT} s\n{log}"
-    assert info["ExitCode"] == "0:0" and info["Restarts"] == "0", log
+    # stopped before done: exit 75 (not requeued: no time-limit warning came), so afterok dependents wait
+    assert info["ExitCode"] == "75:0" and info["Restarts"] == "0", log
     assert "stopped on request" in log and f"continue with training.resume={run}" in log, log
+    assert "medgen stopped before its work was done (exit 75)" in log and "requeueing" not in log, log
     step = load_checkpoint(run / "checkpoints" / "latest.pt")["step"]
     assert 0 < step < 800 and all(k <= step for k in _steps(run))
 

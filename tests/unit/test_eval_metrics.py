@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from medgen.evaluation import metrics
 from medgen.evaluation.downstream import dice_per_slice, size_bin, summarise_dice
@@ -97,3 +98,51 @@ def test_diversity_and_paired_fidelity():
     assert paired["ssim"] == pytest.approx(1.0, abs=1e-5) and paired["psnr"] > 80
     noisy = metrics.paired_fidelity(images, np.clip(images + 0.1, 0, 1))
     assert 15 < noisy["psnr"] < 25
+
+
+class _FixedPrediction(torch.nn.Module):
+    """A "segmenter" whose logits are given per image: +10 where ``marks`` is 1, -10 elsewhere."""
+
+    def __init__(self, marks: np.ndarray):
+        super().__init__()
+        self.marks = torch.from_numpy(marks.astype(np.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = x[:, 0, 0, 0].round().long()  # each image carries its own index in pixel (0, 0)
+        return (self.marks[index] * 20 - 10)[:, None]
+
+
+def test_adherence_scores_lesion_slices_by_dice_and_lesion_free_ones_by_false_positives():
+    from medgen.evaluation.downstream import SliceSet, adherence
+
+    s = 8
+    masks = np.zeros((4, s, s), np.uint8)
+    masks[0, 2:4, 2:4] = 1  # 4 lesion pixels
+    masks[1, 5:7, 5:7] = 1
+    marks = np.zeros((4, s, s), np.uint8)
+    marks[0, 2:4, 2:3] = 1  # half of slice 0's lesion: Dice 2*2 / (2 + 4) = 2/3
+    marks[1, 0, 1] = 1  # slice 1: a false pixel, the lesion missed: Dice 0
+    marks[3, 1:3, 1:3] = 1  # lesion-free slice 3: 4 false pixels; lesion-free slice 2: nothing
+    images = np.zeros((4, 1, s, s), np.float32)
+    images[:, 0, 0, 0] = np.arange(4)
+    syn = SliceSet(images, masks)
+    real = SliceSet(images[:2], masks[:2])
+    a = adherence(_FixedPrediction(marks), syn, real, torch.device("cpu"))
+    assert a["lesion_slices"] == 2 and a["empty_slices"] == 2
+    assert a["synthetic_dice"] == pytest.approx((2 / 3 + 0) / 2)  # over the lesion slices only
+    assert a["false_positive_fraction"] == pytest.approx(0.5)  # one of the two lesion-free slices
+    assert a["false_positive_area"] == pytest.approx(4 / (2 * s * s))
+    assert a["real_test_dice"] == pytest.approx(1 / 3)
+    # a set without lesions: no Dice at all (not the 0 or 1 an empty mask would give), false positives only
+    none = adherence(_FixedPrediction(marks), SliceSet(images[2:], masks[2:]), real, torch.device("cpu"))
+    assert none["synthetic_dice"] is None and none["lesion_slices"] == 0 and none["false_positive_fraction"] == 0.5
+
+
+def test_every_skipped_metric_is_listed_with_where_it_was():
+    from medgen.evaluation.report import skipped_metrics
+
+    result = {"features": {"skipped": "FID/KID needs at least 2 slices per set (synthetic 1)"},
+              "distribution": {"diversity": {"bravo": {"synthetic_ms_ssim": None, "skipped": "too few"}}},
+              "adherence": {"synthetic_dice": 0.5}}
+    assert skipped_metrics(result) == [("features", "FID/KID needs at least 2 slices per set (synthetic 1)"),
+                                       ("distribution.diversity.bravo", "too few")]

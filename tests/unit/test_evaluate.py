@@ -46,17 +46,6 @@ def _synthetic(real: Path, out: Path, cache: Path, shuffle: bool = False) -> Pat
     return out
 
 
-@pytest.fixture(scope="module")
-def feature_net(tmp_path_factory) -> Path:
-    """A tiny TorchScript feature network (any TorchScript file is a valid features.network)."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                              torch.nn.Flatten())
-    path = tmp_path_factory.mktemp("net") / "features.pt"
-    torch.jit.script(net).save(str(path))
-    return path
-
-
 def _cfg(real: Path, synthetic: Path, out: Path, feature_net: Path | str, **extra):
     settings = {"real_dir": str(real), "synthetic_dir": str(synthetic), "out_dir": str(out),
                 "cache_dir": str(out.parent / "cache"), "seeds": [0], "num_workers": 0, "max_images": 200,

@@ -19,6 +19,7 @@ from medgen.data.nifti_dataset import load_volume
 from medgen.data.validate import check_dataset
 from medgen.generation import GenerationError, generate
 from medgen.generation import pipeline as pipeline_module
+from medgen.generation.status import read_status
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 OPEN_GATE = {"enabled": False}
@@ -95,13 +96,22 @@ def test_interrupted_run_continues_to_the_same_files(tmp_path, tiny_checkpoints,
     monkeypatch.setattr(pipeline_module, "_stage2", stage2)
     first = _generate(tmp_path / "resumed", tiny_checkpoints, num_images=7, batch_size=2)
     assert first.status == "stopped" and not (first.out_dir / "train").exists()  # stopped in stage 1
+    status = read_status(first.out_dir)  # expected from the settings (num_images): no mask is known yet
+    assert _manifest(first.out_dir) == [] and (status.complete, status.done, status.expected) == (False, 0, 7)
     state.update(stage="masks", stop_in="images", calls=0)
     second = _generate(tmp_path / "resumed", tiny_checkpoints, num_images=7, batch_size=2)
-    assert second.status == "stopped" and len(list((second.out_dir / "train").iterdir())) == 2  # one batch painted
-    assert not (second.out_dir / "manifest.csv").exists()
+    painted = sorted(p.name for p in (second.out_dir / "train").iterdir())
+    assert second.status == "stopped" and len(painted) == 2  # one batch painted
+    # the manifest lists the samples done so far, each as the finished run lists it; the status says unfinished
+    assert [r["id"] for r in _manifest(second.out_dir)] == painted
+    assert _manifest(second.out_dir) == [r for r in _manifest(straight.out_dir) if r["id"] in painted]
+    status = read_status(second.out_dir)
+    assert (status.complete, status.done, status.expected) == (False, 2, 7)
     state.update(stop_in="never", calls=0)
     third = _generate(tmp_path / "resumed", tiny_checkpoints, num_images=7, batch_size=2)
     assert third.status == "done"
+    status = read_status(third.out_dir)
+    assert (status.complete, status.done, status.expected) == (True, 7, 7)
     a, b = _arrays(straight.out_dir), _arrays(third.out_dir)
     assert a.keys() == b.keys()
     for sid in a:
@@ -245,3 +255,34 @@ def test_a_second_generation_into_the_same_out_dir_is_refused(tmp_path, tiny_che
         with pytest.raises(FolderBusy, match=f"generation folder {out} is in use by process {os.getpid()}"):
             _generate(tmp_path, tiny_checkpoints)
     assert not (out / "train").exists()
+
+
+def test_the_status_of_an_older_or_foreign_folder(tmp_path):
+    (tmp_path / "plain").mkdir()
+    assert read_status(tmp_path / "plain") is None  # not a medgen-generate folder: nothing to refuse
+    old = tmp_path / "old"
+    (old / ".medgen").mkdir(parents=True)
+    (old / ".medgen" / "settings.json").write_text(json.dumps({"num_images": 5, "samples_per_mask": 2}))
+    status = read_status(old)  # written by a medgen without status.json, before its manifest: unfinished
+    assert (status.complete, status.expected) == (False, 10)
+    (old / "manifest.csv").write_text("id\n")  # those runs wrote the manifest last
+    assert read_status(old).complete
+    (old / ".medgen" / "status.json").write_text("{not json")  # torn: treated as unfinished
+    assert not read_status(old).complete
+
+
+def test_an_out_dir_that_cannot_be_a_folder_is_one_line(tmp_path):
+    from omegaconf import OmegaConf
+
+    from medgen.core.fs import FileSystemError, os_error_line
+    from medgen.scripts._cli import output_folder
+
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(FileSystemError) as caught:
+        output_folder(OmegaConf.create({"out_dir": str(tmp_path / "a_file")}))
+    assert os_error_line(caught.value) == (f"{tmp_path / 'a_file'}: out_dir must be a folder, and this is a file "
+                                           "(choose another out_dir, or move the file away)")
+    with pytest.raises(FileSystemError, match="cannot write to out_dir"):
+        output_folder(OmegaConf.create({"out_dir": str(tmp_path / "a_file" / "below")}))
+    folder = output_folder(OmegaConf.create({"out_dir": str(tmp_path / "new" / "out"), "seed": 3}))
+    assert OmegaConf.load(folder / ".medgen" / "hydra" / "config.yaml").seed == 3

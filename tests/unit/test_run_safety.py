@@ -247,11 +247,11 @@ def _start_long_run(tmp_path: Path, data: Path) -> tuple[subprocess.Popen, Path]
         time.sleep(0.05)
 
 
-def test_ctrl_c_saves_latest_and_exits_0(tmp_path, tiny_data):
+def test_ctrl_c_saves_latest_and_exits_75(tmp_path, tiny_data):
     proc, run = _start_long_run(tmp_path, tiny_data)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the whole job: workers included
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.returncode == 75, err[-2000:]  # saved, but stopped before done
     assert "Traceback" not in err
     step = load_checkpoint(run / "checkpoints" / "latest.pt")["step"]
     assert step >= 2

@@ -389,6 +389,7 @@ class EvaluateConfig:
     val_fraction: float = 0.15
     downstream: bool = True
     seg_net_checkpoint: Optional[str] = None
+    allow_partial: bool = False
     num_workers: int = at_least(2, 0)
     cache_dir: str = "~/.cache/medgen"
     features: FeaturesConfig = field(default_factory=FeaturesConfig)

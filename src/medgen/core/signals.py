@@ -12,6 +12,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+#: the exit code of a run that a signal stopped before its work was done (``EX_TEMPFAIL`` of
+#: ``sysexits.h``: "try again later"): ``medgen-train`` and ``medgen-generate`` exit with it, the SLURM
+#: templates requeue a job on it, and ``cmd && next`` does not go on to ``next``
+STOPPED_EXIT = 75
+
 
 @dataclass
 class StopRequest:

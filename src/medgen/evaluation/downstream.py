@@ -7,8 +7,11 @@ budget of steps on batches drawn with replacement, with random flips. Dice is MO
 
 * Downstream: the same network and budget trained on (a) real, (b) real + synthetic and (c)
   synthetic only, once per seed; Dice on the real test slices, overall and by lesion-size bin.
-* Conditioning adherence: a network trained on real data segments the synthetic images; its
-  Dice against the masks they were generated for, beside its Dice on real test images.
+* Conditioning adherence: a network trained on real data segments the synthetic images. On slices
+  whose mask has a lesion: its Dice against the mask, beside its Dice on real test images. On
+  lesion-free slices Dice says nothing (an empty prediction of an empty mask is 1 by convention,
+  any false pixel makes it 0), so they are measured by false positives instead: the fraction of
+  them where the network finds a lesion, and the mean area it marks.
 """
 
 from __future__ import annotations
@@ -139,21 +142,35 @@ def downstream(real_train: SliceSet, synthetic: SliceSet, real_test: SliceSet, *
                  len(seeds))
     gain = results["real+synthetic"]["mean"] - results["real"]["mean"]
     spread = max(results["real"]["std"], results["real+synthetic"]["std"])
-    verdict = ("helps: the gain is larger than the seed-to-seed spread" if gain > spread else
+    verdict = ("cannot be judged from one seed (there is no seed-to-seed spread to compare the difference with)"
+               if len(seeds) < 2 else
+               "helps: the gain is larger than the seed-to-seed spread" if gain > spread else
                "hurts: the loss is larger than the seed-to-seed spread" if gain < -spread else
                "has no clear effect: the difference is within the seed-to-seed spread")
-    results["gain"] = {"value": gain, "spread": spread, "gain_exceeds_spread": bool(gain > spread),
+    results["gain"] = {"value": gain, "spread": spread, "gain_exceeds_spread": bool(gain > spread and len(seeds) > 1),
                        "verdict": f"adding the synthetic set {verdict}"}
     return results
 
 
 def adherence(net: torch.nn.Module, synthetic: SliceSet, real_test: SliceSet, device: torch.device) -> dict:
-    """Dice of a real-trained network on synthetic images against their conditioning masks, beside
-    its Dice on real test images (the level a faithful synthetic image would reach)."""
-    syn = dice_per_slice(predict(net, synthetic.images, device), synthetic.masks)
+    """How a real-trained network reads the synthetic images (see the module docstring): Dice on
+    the slices with a lesion (None when there are none), false positives on the lesion-free ones
+    (None when there are none), and its Dice on real test images as the reference level."""
+    pred = predict(net, synthetic.images, device)
+    has_lesion = synthetic.masks.reshape(len(synthetic), -1).any(axis=1)
+    empty = ~has_lesion
     real = dice_per_slice(predict(net, real_test.images, device), real_test.masks)
-    return {"synthetic_dice": float(syn.mean()), "real_test_dice": float(real.mean()),
-            "synthetic_slices": len(synthetic), "real_test_slices": len(real_test)}
+    out = {"synthetic_dice": float(dice_per_slice(pred[has_lesion], synthetic.masks[has_lesion]).mean())
+           if has_lesion.any() else None,
+           "lesion_slices": int(has_lesion.sum()), "empty_slices": int(empty.sum()),
+           "false_positive_fraction": float(pred[empty].reshape(int(empty.sum()), -1).any(axis=1).mean())
+           if empty.any() else None,
+           "false_positive_area": float(pred[empty].mean()) if empty.any() else None,
+           "real_test_dice": float(real.mean()), "synthetic_slices": len(synthetic), "real_test_slices": len(real_test)}
+    if not has_lesion.any():
+        log.warning("adherence: no synthetic mask has a lesion, so there is no Dice to report; the %d lesion-free "
+                    "slices are scored by false positives only", len(synthetic))
+    return out
 
 
 def save_segmenter(net: DynUNet, path: Path, image_keys: list[str], image_size: int) -> Path:
@@ -174,8 +191,10 @@ def load_segmenter(path: str | Path, image_keys: list[str], image_size: int, dev
     if not isinstance(ckpt, dict) or "medgen_segmenter" not in ckpt:
         raise EvaluationError(f"seg_net_checkpoint={path}: not a network saved by medgen-evaluate (seg_net.pt)")
     if list(ckpt["image_keys"]) != list(image_keys) or ckpt["image_size"] != image_size:
-        raise EvaluationError(f"seg_net_checkpoint={path} segments {ckpt['image_keys']} at {ckpt['image_size']} px; "
-                              f"these sets are {list(image_keys)} at {image_size} px")
+        raise EvaluationError(f"seg_net_checkpoint={path} segments {list(ckpt['image_keys'])} at {ckpt['image_size']} "
+                              f"px, but the synthetic set holds {list(image_keys)} at {image_size} px: give the "
+                              "seg_net.pt of an evaluation of such a set, or leave seg_net_checkpoint unset to train "
+                              "one on the real train split")
     net = build_segmenter(len(image_keys))
     net.load_state_dict(ckpt["state_dict"])
     return net.to(device).eval()

@@ -4,8 +4,11 @@ Sets. The synthetic set is every slice of ``synthetic_dir`` (all splits). The re
 the lesion slices of ``real_dir``'s test split (its val split when test is empty), at the
 synthetic set's image size and modalities; downstream models train on the lesion slices of its
 train split. Distribution metrics use at most ``max_images`` slices of each set (a seeded
-random subset). Each metric that cannot run (no feature weights, no paired masks) is reported
-as skipped with the reason; the others still run.
+random subset). Each metric that cannot run (no feature weights, no paired masks, a set too small
+for it) is reported as skipped with the reason; the others still run.
+
+Refused before any work: a synthetic set whose ``medgen-generate`` run is unfinished (unless
+``allow_partial``), and a ``seg_net_checkpoint`` trained on other modalities or another size.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import csv
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from medgen.core.constants import MASK_KEY, SPLITS
-from medgen.core.fs import FolderLock
+from medgen.core.fs import FolderLock, atomic_write
 from medgen.core.paths import resolve_path
 from medgen.data.nifti_dataset import list_patients, modality_path, present_modalities
 from medgen.data.slices import SliceCache, SliceSpec, open_or_build_cache
@@ -32,6 +34,7 @@ from medgen.data.splits import split_patients
 from medgen.evaluation import EvaluationError, downstream, metrics
 from medgen.evaluation.downstream import SliceSet
 from medgen.evaluation.features import FeatureWeightsError, fid, kid, load_feature_network
+from medgen.generation.status import incomplete_message, read_status
 
 log = logging.getLogger("medgen.evaluate")
 
@@ -65,6 +68,15 @@ class Sets:
             if not root.is_dir():
                 raise EvaluationError(f"{key}={root}: no such folder")
         syn_patients = [p for s in SPLITS for p in list_patients(self.synthetic_root / s)]
+        #: what the report should say before any number (an unfinished set, a set without lesions)
+        self.warnings: list[str] = []
+        status = read_status(self.synthetic_root)
+        if status is not None and not status.complete:
+            if not cfg.allow_partial:
+                raise EvaluationError(f"synthetic_dir: {incomplete_message(self.synthetic_root, status, len(syn_patients))}")
+            self.warnings.append(f"the synthetic set is an unfinished generation ({len(syn_patients)} samples done"
+                                 + (f" of {status.expected}" if status.expected is not None else "")
+                                 + "), evaluated as it is (allow_partial=true)")
         if not syn_patients:
             raise EvaluationError(f"synthetic_dir={self.synthetic_root}: empty set (no sample folders in "
                                   f"{', '.join(s + '/' for s in SPLITS)})")
@@ -86,6 +98,9 @@ class Sets:
         missing = [k for k in keys if k not in present_modalities(real[test_split])]
         if missing:
             raise EvaluationError(f"the synthetic set has {keys} but the real set ({self.real_root}) lacks {missing}")
+        #: the real-trained segmenter of ``seg_net_checkpoint`` (on the CPU), checked before any work
+        self.segmenter = downstream.load_segmenter(cfg.seg_net_checkpoint, self.image_keys, size, torch.device("cpu")) \
+            if cfg.seg_net_checkpoint else None
         cache_dir = resolve_path(cfg.cache_dir)
         spec = SliceSpec(keys=tuple(self.image_keys) + (MASK_KEY,), image_size=size, selection="lesion")
         all_spec = SliceSpec(keys=spec.keys, image_size=size, selection="all")
@@ -121,14 +136,25 @@ def _skip(reason: str, level: int = logging.WARNING) -> dict[str, str]:
     return {"skipped": reason}
 
 
+def _too_small(what: str, sizes: dict[str, int], minimum: int = 2) -> str | None:
+    """The reason ``what`` cannot be computed when a set has fewer than ``minimum`` slices, else None."""
+    small = [f"{name} {n}" for name, n in sizes.items() if n < minimum]
+    return f"{what} needs at least {minimum} slices per set ({', '.join(small)})" if small else None
+
+
 def distribution_metrics(sets: Sets, cfg: DictConfig) -> dict:
     syn, real = sets.sample("synthetic"), sets.sample("real")
     out: dict[str, Any] = {"slices": {"synthetic": len(syn), "real": len(real)},
                            "masks": metrics.compare_masks(real.masks, syn.masks), "intensity": {}, "diversity": {}}
+    too_small = _too_small("MS-SSIM between random pairs", {"synthetic": len(syn), "real": len(real)})
     for c, key in enumerate(sets.image_keys):
         out["intensity"][key] = metrics.compare_intensities(real.images[:, c], syn.images[:, c], cfg.brain_intensity)
         out["diversity"][key] = {"synthetic_ms_ssim": metrics.pairwise_ms_ssim(syn.images[:, c], cfg.diversity_pairs, cfg.seed),
                                  "real_ms_ssim": metrics.pairwise_ms_ssim(real.images[:, c], cfg.diversity_pairs, cfg.seed)}
+        if too_small:
+            out["diversity"][key]["skipped"] = too_small
+    if too_small:
+        log.warning("skipped: %s", too_small)
     return out
 
 
@@ -163,6 +189,9 @@ def paired_metrics(sets: Sets) -> dict:
 def feature_metrics(sets: Sets, cfg: DictConfig, device: torch.device) -> dict:
     """FID/KID of synthetic vs real test, and real val vs real test as the floor."""
     f = cfg.features
+    too_small = _too_small("FID/KID", {"synthetic": len(sets.sample("synthetic")), "real": len(sets.sample("real"))})
+    if too_small:
+        return _skip(too_small)
     try:
         net = load_feature_network(f.network, device, f.batch_size, f.weights_path)
     except FeatureWeightsError as exc:
@@ -189,9 +218,7 @@ def segmentation_metrics(sets: Sets, cfg: DictConfig, out_dir: Path, device: tor
     test, syn = _as_set(sets.test), _as_set(sets.synthetic)
     train = _as_set(sets.train) if sets.train is not None and len(sets.train) else None
     out: dict[str, Any] = {}
-    adherence_net = None
-    if cfg.seg_net_checkpoint:
-        adherence_net = downstream.load_segmenter(cfg.seg_net_checkpoint, sets.image_keys, sets.image_size, device)
+    adherence_net = sets.segmenter.to(device) if sets.segmenter is not None else None
     if cfg.downstream:
         if train is None:
             return {"downstream": _skip(f"no real train lesion slices in {sets.real_root / 'train'}")}
@@ -236,6 +263,11 @@ def _evaluate(cfg: DictConfig, out_dir: Path, device: torch.device, progress: bo
 
     t0 = time.perf_counter()
     sets = Sets(cfg, progress)
+    if not np.asarray(sets.synthetic.data[:, sets.synthetic.keys.index(MASK_KEY)] > 0.5).any():
+        sets.warnings.append("the synthetic set has no lesion at all (every mask is empty): conditioning adherence "
+                             "can only count false positives, and the downstream gain says nothing about lesions")
+    for warning in sets.warnings:
+        log.warning("%s", warning)
     result: dict[str, Any] = {
         "real_dir": str(sets.real_root), "synthetic_dir": str(sets.synthetic_root), "out_dir": str(out_dir),
         "image_size": sets.image_size,
@@ -244,11 +276,10 @@ def _evaluate(cfg: DictConfig, out_dir: Path, device: torch.device, progress: bo
     result["paired"] = paired_metrics(sets)
     result["features"] = feature_metrics(sets, cfg, device)
     result.update(segmentation_metrics(sets, cfg, out_dir, device, progress))
+    result["warnings"] = sets.warnings
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    path = out_dir / "metrics.json"
-    tmp = path.with_name(f".metrics.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_finite(result), indent=1))
-    os.replace(tmp, path)
+    with atomic_write(out_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(_finite(result), indent=1))
     write_report(out_dir, result, sets)
     return result
 

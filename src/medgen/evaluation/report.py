@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+from medgen.core.fs import atomic_write
 from medgen.evaluation import metrics
 from medgen.evaluation.downstream import SETS, SIZE_BINS
 from medgen.generation import writer
@@ -92,6 +93,9 @@ def mask_figure(sets, out: Path) -> Path:
         else:
             bins = np.linspace(0, both.max() * 1.01, 30)
         for name, values in (("real", real[key]), ("synthetic", syn[key])):
+            if len(values) == 0:  # no lesion in the set: nothing to draw (a density of nothing is 0/0)
+                ax.plot([], [], color=_COLOURS[name], label=f"{name} (none)")
+                continue
             ax.hist(values, bins=bins, density=True, histtype="step", linewidth=1.6, color=_COLOURS[name], label=name)
         ax.set_xlabel(label)
         ax.legend()
@@ -146,10 +150,15 @@ def _tables(result: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
                        "Synthetic images against the real images whose masks they were generated for."))
     a = result.get("adherence", {})
     if "skipped" not in a and a:
-        tables.append(("Conditioning adherence", ["images", "Dice against their masks", "slices"],
-                       [["synthetic", _fmt(a["synthetic_dice"]), str(a["synthetic_slices"])],
-                        ["real test (reference level)", _fmt(a["real_test_dice"]), str(a["real_test_slices"])]],
-                       "A segmentation network trained on real data segments each set."))
+        tables.append(("Conditioning adherence", ["images", "slices", "Dice against their masks",
+                                                  "slices with a false lesion", "false lesion area"],
+                       [["synthetic, mask with a lesion", str(a["lesion_slices"]), _fmt(a["synthetic_dice"]), "", ""],
+                        ["synthetic, lesion-free mask", str(a["empty_slices"]), "",
+                         _fmt(a["false_positive_fraction"]), _fmt(a["false_positive_area"], 4)],
+                        ["real test (reference level)", str(a["real_test_slices"]), _fmt(a["real_test_dice"]), "", ""]],
+                       "A segmentation network trained on real data segments each set. Dice is measured where the "
+                       "mask has a lesion; lesion-free masks are scored by false positives (the fraction of them "
+                       "where the network marks a lesion, and the mean marked area)."))
     d = result.get("downstream", {})
     if d and "skipped" not in d:
         rows = [[n, str(d[n]["train_slices"]), f"{_fmt(d[n]['mean'])} ± {_fmt(d[n]['std'])}",
@@ -163,20 +172,35 @@ def _tables(result: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
     return tables
 
 
+def skipped_metrics(result: dict, where: str = "") -> list[tuple[str, str]]:
+    """``(where, reason)`` of every metric the evaluation skipped (a ``"skipped"`` entry anywhere in
+    the result, e.g. ``("features", "FID/KID needs at least 2 slices per set (synthetic 1)")``)."""
+    out = []
+    for key, value in result.items():
+        if key == "skipped" and isinstance(value, str):
+            out.append((where or "evaluation", value))
+        elif isinstance(value, dict):
+            out += skipped_metrics(value, f"{where}.{key}" if where else key)
+    return out
+
+
 def summary_lines(result: dict) -> list[str]:
     """The headline numbers, for the console and the demo's summary."""
-    lines = []
+    lines = [f"warning: {w}" for w in result.get("warnings", [])]
+    lines += [f"skipped: {where}: {reason}" for where, reason in skipped_metrics(result)]
     for key, v in result["features"].items():
         if key not in ("network", "skipped"):
             floor = v.get("fid_real_val_vs_test")
             lines.append(f"FID {key} ({result['features']['network']}): {v['fid']:.2f} synthetic vs real"
                          + (f", {floor:.2f} real val vs real test (floor)" if floor is not None else ""))
-    if "skipped" in result["features"]:
-        lines.append(f"FID/KID skipped: {result['features']['skipped']}")
     a = result.get("adherence", {})
     if a and "skipped" not in a:
-        lines.append(f"conditioning Dice: {a['synthetic_dice']:.3f} on synthetic images, {a['real_test_dice']:.3f} on "
-                     "real test images (same real-trained network)")
+        if a["synthetic_dice"] is not None:
+            lines.append(f"conditioning Dice: {a['synthetic_dice']:.3f} on synthetic images ({a['lesion_slices']} with "
+                         f"a lesion), {a['real_test_dice']:.3f} on real test images (same real-trained network)")
+        if a["false_positive_fraction"] is not None:
+            lines.append(f"false lesions on {100 * a['false_positive_fraction']:.1f}% of the {a['empty_slices']} "
+                         "lesion-free synthetic slices")
     d = result.get("downstream", {})
     if d and "skipped" not in d:
         for name in SETS:
@@ -200,6 +224,11 @@ def write_report(out: Path, result: dict, sets) -> tuple[Path, Path]:
              f"All numbers are in `metrics.json`.")
     md = [f"# {title}", "", intro, ""]
     body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
+    notes = [f"Warning: {w}" for w in result.get("warnings", [])] + \
+        [f"Skipped ({where}): {reason}" for where, reason in skipped_metrics(result)]
+    if notes:
+        md += [f"- {n}" for n in notes] + [""]
+        body.append("<ul class=\"notes\">" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
     for name, header, rows, note in _tables(result):
         md += [f"## {name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         md += ["| " + " | ".join(r) + " |" for r in rows]
@@ -212,7 +241,9 @@ def write_report(out: Path, result: dict, sets) -> tuple[Path, Path]:
         body.append(f"<h2>{html.escape(caption)}</h2><img src=\"{path.name}\" alt=\"{html.escape(caption)}\">")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}")
-    (out / "report.md").write_text("\n".join(md))
-    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
-                                     f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    with atomic_write(out / "report.md") as tmp:
+        tmp.write_text("\n".join(md))
+    with atomic_write(out / "report.html") as tmp:
+        tmp.write_text(f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+                       f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
     return out / "report.md", out / "report.html"

@@ -7,9 +7,13 @@ gate. Sample ``q`` (mask ``q // K``, draw ``q % K`` with ``K = samples_per_mask`
 number of processes, nor interruptions (up to bf16 rounding where batches change).
 
 Resumability. Stage-1 results are kept in ``<out_dir>/.medgen/masks/*.npz`` (one file per
-evaluated batch); a sample folder is renamed into place only when complete. A restarted run reads
-what exists and does the rest. ``<out_dir>/.medgen/settings.json`` records what determines the
-samples; a restart with other settings is refused, naming them.
+evaluated batch); a sample's preview is written before its folder, and the folder is renamed into
+place only when complete, so a sample folder on disk means a finished sample. A restarted run reads
+what exists, does the rest and writes any preview an older run left missing.
+``<out_dir>/.medgen/settings.json`` records what determines the samples; a restart with other
+settings is refused, naming them. ``<out_dir>/.medgen/status.json`` says whether the folder is
+complete (:mod:`medgen.generation.status`); a run that stops early (a signal, an error) leaves it
+and ``manifest.csv`` listing the samples done so far.
 
 Distributed. Under ``torchrun``/SLURM, stage-1 candidates are evaluated in rounds of one batch per
 rank (acceptance shared with one all-gather per round), stage-2 samples are sharded across ranks,
@@ -37,14 +41,15 @@ from tqdm.auto import tqdm
 from medgen.core.constants import MASK_KEY
 from medgen.core.distributed import DistInfo, any_rank, barrier
 from medgen.core.paths import resolve_path
-from medgen.core.fs import FolderLock
-from medgen.core.signals import stop_signals
+from medgen.core.fs import FolderLock, atomic_write
+from medgen.core.signals import StopRequest, stop_signals
 from medgen.data.nifti_dataset import DataError, load_volume, modality_path
 from medgen.data.transforms import to_model_space
 from medgen.diffusion.utils import sample_seed
 from medgen.generation import gate as quality_gate
 from medgen.generation import writer
 from medgen.generation.models import GenerationError, Stage, check_pair, load_stage
+from medgen.generation.status import GenerationStatus, write_status
 
 log = logging.getLogger("medgen.generate")
 
@@ -86,8 +91,10 @@ class _Masks:
 
 
 # ============================================================================ entry point
-def run_generation(cfg: DictConfig, dist: DistInfo | None = None, progress: bool = True) -> GenerationResult:
-    """Generate (or continue generating) the dataset ``cfg`` describes (a validated generate config)."""
+def run_generation(cfg: DictConfig, dist: DistInfo | None = None, progress: bool = True,
+                   command: str | None = None) -> GenerationResult:
+    """Generate (or continue generating) the dataset ``cfg`` describes (a validated generate config).
+    ``command``: the command line that runs it, recorded for whoever finds the folder unfinished."""
     dist = dist or DistInfo(device=torch.device(cfg.device) if cfg.device else DistInfo().device)
     t_start = time.perf_counter()
     out = resolve_path(cfg.out_dir)
@@ -105,41 +112,79 @@ def run_generation(cfg: DictConfig, dist: DistInfo | None = None, progress: bool
         if dist.is_main:
             _claim(state, settings)
             _remove_partial_writes(out)
+            keys = (*image.mode.image_keys, MASK_KEY)
+            write_status(out, GenerationStatus(complete=False, done=_count_complete(out / cfg.split, keys),
+                                               command=command))
         barrier(dist)
-        return _run_stages(cfg, seg, image, samplers, settings, out, state, dist, progress, t_start)
+        return _run_stages(cfg, seg, image, samplers, settings, out, state, dist, progress, t_start, command)
 
 
 def _run_stages(cfg: DictConfig, seg: Stage | None, image: Stage, samplers: dict[str, str | None],
                 settings: dict[str, Any], out: Path, state: Path, dist: DistInfo, progress: bool,
-                t_start: float) -> GenerationResult:
+                t_start: float, command: str | None) -> GenerationResult:
     seconds: dict[str, float] = {}
-    status = "done"
-    with stop_signals(ctrl_c=True) as stop:
-        t0 = time.perf_counter()
-        if seg is not None:
-            masks = _stage1(seg, cfg, samplers["seg"], state / "masks", dist, stop, progress)
-        else:
-            masks = _real_masks(cfg, image.image_size)
-        seconds["masks"] = time.perf_counter() - t0
-        if masks is None:
-            status = "stopped"
-        else:
+    status, masks, ids = "stopped", None, []
+    try:
+        with stop_signals(ctrl_c=True) as stop:
             t0 = time.perf_counter()
-            ids = _sample_ids(masks, cfg)
-            done = _stage2(image, masks, ids, cfg, samplers["image"], out, dist, stop, progress)
-            seconds["images"] = time.perf_counter() - t0
-            status = "done" if done else "stopped"
-    barrier(dist)
-    if status == "done" and dist.is_main:
-        _finish(out, masks, ids, cfg, image, settings)
+            if seg is not None:
+                masks = _stage1(seg, cfg, samplers["seg"], state / "masks", dist, stop, progress)
+            else:
+                masks = _real_masks(cfg, image.image_size)
+            seconds["masks"] = time.perf_counter() - t0
+            if masks is not None:
+                t0 = time.perf_counter()
+                ids = _sample_ids(masks, cfg)
+                done = _stage2(image, masks, ids, cfg, samplers["image"], out, dist, stop, progress)
+                seconds["images"] = time.perf_counter() - t0
+                status = "done" if done else "stopped"
+        barrier(dist)
+        if dist.is_main:
+            if status == "done":
+                _finish(out, masks, ids, cfg, image, settings)
+                write_status(out, GenerationStatus(complete=True, done=len(ids), expected=len(ids), command=command))
+            else:
+                _record_partial(out, masks, ids, cfg, image, settings, command)
+    except BaseException:
+        if dist.is_main:  # an error (a full disk, say) or a second Ctrl-C: what is done is listed
+            _record_partial(out, masks, ids, cfg, image, settings, command)
+        raise
+    barrier(dist)  # every rank leaves together: none exits while rank 0 still writes
     seconds["total"] = time.perf_counter() - t_start
     if dist.is_main:
         if status == "stopped":
-            log.warning("stopped by signal: run the same command again to continue in %s", out)
+            log.warning("stopped by signal before every sample was written: run the same command again to "
+                        "continue in %s", out)
         else:
             log.info("wrote %d samples to %s in %.0f s", len(ids), out / cfg.split, seconds["total"])
     rate = masks.acceptance_rate if masks is not None else None
     return GenerationResult(out, status, [i for i, _ in ids] if status == "done" else [], rate, seconds)
+
+
+def _count_complete(split_dir: Path, keys: Sequence[str]) -> int:
+    if not split_dir.is_dir():
+        return 0
+    return sum(1 for p in split_dir.iterdir() if p.is_dir() and writer.is_complete(p, keys))
+
+
+def _record_partial(out: Path, masks: _Masks | None, ids: list[tuple[str, int]], cfg: DictConfig, image: Stage,
+                    settings: dict[str, Any], command: str | None) -> None:
+    """After an early stop: ``manifest.csv`` of the samples done so far and ``status.json`` saying
+    the folder is unfinished. Best effort: on a full disk this may fail too, and the error that
+    stopped the run is the one reported."""
+    split_dir = out / cfg.split
+    keys = (*image.mode.image_keys, MASK_KEY)
+    try:
+        if masks is not None:
+            done = {sid for sid, _ in ids if writer.is_complete(split_dir / sid, keys)}
+            writer.write_manifest(out / "manifest.csv", _manifest_rows(masks, ids, cfg, settings, done))
+            write_status(out, GenerationStatus(complete=False, done=len(done), expected=len(ids), command=command))
+        else:
+            if not (out / "manifest.csv").exists():
+                writer.write_manifest(out / "manifest.csv", [])
+            write_status(out, GenerationStatus(complete=False, done=_count_complete(split_dir, keys), command=command))
+    except OSError as exc:
+        log.warning("could not list the samples done so far: %s", exc)
 
 
 def _sampler(cfg: DictConfig, key: str, stage: Stage | None) -> str | None:
@@ -179,7 +224,9 @@ def _exclusive(state: Path, dist: DistInfo) -> Iterator[None]:
 
 
 def _remove_partial_writes(out: Path) -> None:
-    """Temporary files and folders an interrupted run left (``.<name>.tmp-<pid>``): never complete."""
+    """Temporary files and folders an interrupted run left (``.<name>.tmp-<host>-<pid>-<token>``, or
+    ``.<name>.tmp-<pid>`` from an older medgen): never complete. This run holds the folder's lock, so
+    every one of them is a dead run's."""
     import shutil
 
     for path in out.glob("**/.*.tmp-*"):
@@ -200,9 +247,8 @@ def _claim(state: Path, settings: dict[str, Any]) -> None:
                                   "use another out_dir, or the same settings to continue it")
         log.info("continuing the generation in %s", state.parent)
     state.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".settings.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(settings, indent=1))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(settings, indent=1))
 
 
 def _generators(seed: int, indices: Sequence[int], stream: int, device: torch.device) -> list[torch.Generator]:
@@ -218,38 +264,35 @@ def _bar(total: int, initial: int, desc: str, dist: DistInfo, progress: bool):
 
 
 # ============================================================================ stage 1
-def _stage1(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: DistInfo, stop: dict[str, bool],
+def _stage1(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: DistInfo, stop: StopRequest,
             progress: bool) -> _Masks | None:
     """Masks until ``num_images`` pass the gate (None if stopped by a signal)."""
     n_wanted = int(cfg.num_images)
     max_attempts = cfg.gate.max_attempts or 20 * n_wanted
     folder.mkdir(parents=True, exist_ok=True)
     evaluated = _read_blocks(folder, keep_masks=False)  # candidate -> (area, components, smallest, accepted)
-    bar = _bar(n_wanted, min(n_wanted, _accepted_prefix(evaluated)[1]), "masks", dist, progress)
-    while True:
-        prefix, accepted = _accepted_prefix(evaluated)
-        bar.n = min(accepted, n_wanted)
-        bar.set_postfix(accepted=f"{accepted}/{prefix}")
-        bar.refresh()
-        if accepted >= n_wanted:
-            break
-        if prefix >= max_attempts:
-            bar.close()
-            raise GenerationError(
-                f"the quality gate accepted {accepted} of {prefix} generated masks ({100 * accepted / prefix:.1f}%), "
-                f"short of num_images={n_wanted} within gate.max_attempts={max_attempts}; loosen gate.* "
-                f"(min_area={cfg.gate.min_area}, max_area={cfg.gate.max_area}, max_components={cfg.gate.max_components}, "
-                f"min_component_pixels={cfg.gate.min_component_pixels}), raise gate.max_attempts, or train the seg "
-                "model longer")
-        if any_rank(stop.requested, dist):
-            bar.close()
-            return None
-        queue = _next_candidates(evaluated, dist.world_size * cfg.batch_size)
-        mine = queue[dist.rank * cfg.batch_size:(dist.rank + 1) * cfg.batch_size]
-        results = _evaluate(seg, mine, cfg, sampler, folder, dist) if mine else {}
-        for part in _gather(results, dist):
-            evaluated.update(part)
-    bar.close()
+    with _bar(n_wanted, min(n_wanted, _accepted_prefix(evaluated)[1]), "masks", dist, progress) as bar:
+        while True:
+            prefix, accepted = _accepted_prefix(evaluated)
+            bar.n = min(accepted, n_wanted)
+            bar.set_postfix(accepted=f"{accepted}/{prefix}")
+            bar.refresh()
+            if accepted >= n_wanted:
+                break
+            if prefix >= max_attempts:
+                raise GenerationError(
+                    f"the quality gate accepted {accepted} of {prefix} generated masks ({100 * accepted / prefix:.1f}%), "
+                    f"short of num_images={n_wanted} within gate.max_attempts={max_attempts}; loosen gate.* "
+                    f"(min_area={cfg.gate.min_area}, max_area={cfg.gate.max_area}, max_components={cfg.gate.max_components}, "
+                    f"min_component_pixels={cfg.gate.min_component_pixels}), raise gate.max_attempts, or train the seg "
+                    "model longer")
+            if any_rank(stop.requested, dist):
+                return None
+            queue = _next_candidates(evaluated, dist.world_size * cfg.batch_size)
+            mine = queue[dist.rank * cfg.batch_size:(dist.rank + 1) * cfg.batch_size]
+            results = _evaluate(seg, mine, cfg, sampler, folder, dist) if mine else {}
+            for part in _gather(results, dist):
+                evaluated.update(part)
     _, accepted = _accepted_prefix(evaluated)
     order = sorted(evaluated)
     chosen = [j for j in order if evaluated[j][3]][:n_wanted]
@@ -279,10 +322,9 @@ def _evaluate(seg: Stage, candidates: list[int], cfg: DictConfig, sampler: str, 
     stats = quality_gate.measure(masks)
     ok = quality_gate.passes(stats, cfg.gate)
     path = folder / f"block_{candidates[0]:09d}_{len(candidates):05d}_r{dist.rank}.npz"
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez_compressed(tmp, candidates=np.asarray(candidates, dtype=np.int64), masks=masks, area=stats.area,
-                        components=stats.components, smallest=stats.smallest, accepted=ok)
-    os.replace(tmp, path)
+    with atomic_write(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, candidates=np.asarray(candidates, dtype=np.int64), masks=masks, area=stats.area,
+                            components=stats.components, smallest=stats.smallest, accepted=ok)
     return {j: (float(stats.area[i]), int(stats.components[i]), int(stats.smallest[i]), bool(ok[i]))
             for i, j in enumerate(candidates)}
 
@@ -371,7 +413,7 @@ def _sample_ids(masks: _Masks, cfg: DictConfig) -> list[tuple[str, int]]:
 
 
 def _stage2(image: Stage, masks: _Masks, ids: list[tuple[str, int]], cfg: DictConfig, sampler: str, out: Path,
-            dist: DistInfo, stop: dict[str, bool], progress: bool) -> bool:
+            dist: DistInfo, stop: StopRequest, progress: bool) -> bool:
     """Paint every sample whose folder is not complete yet; False if stopped by a signal."""
     split_dir = out / cfg.split
     split_dir.mkdir(parents=True, exist_ok=True)
@@ -379,13 +421,12 @@ def _stage2(image: Stage, masks: _Masks, ids: list[tuple[str, int]], cfg: DictCo
     pending = [q for q, (sid, _) in enumerate(ids) if not writer.is_complete(split_dir / sid, keys)]
     mine = pending[dist.rank::dist.world_size]
     spacing = _spacing(image)
-    bar = _bar(len(ids), len(ids) - len(pending), "images", dist, progress)
     batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
     n_rounds = math.ceil(len(pending) / (cfg.batch_size * dist.world_size))
-    with writer.BackgroundWrites(workers=min(4, os.cpu_count() or 1)) as writes:
+    with _bar(len(ids), len(ids) - len(pending), "images", dist, progress) as bar, \
+            writer.BackgroundWrites(workers=min(4, os.cpu_count() or 1)) as writes:
         for r in range(n_rounds):
             if any_rank(stop.requested, dist):
-                bar.close()
                 return False
             batch = batches[r] if r < len(batches) else []
             if batch:
@@ -400,16 +441,21 @@ def _stage2(image: Stage, masks: _Masks, ids: list[tuple[str, int]], cfg: DictCo
                     writes.submit(_write, split_dir / ids[q][0], arrays, spacing, image.mode.image_keys,
                                   out / "previews" / f"{ids[q][0]}.png" if cfg.previews else None)
             bar.update(min(len(pending) - r * cfg.batch_size * dist.world_size, cfg.batch_size * dist.world_size))
-    bar.close()
     return True
 
 
 def _write(folder: Path, arrays: dict[str, np.ndarray], spacing: Sequence[float], image_keys: Sequence[str],
            preview: Path | None) -> None:
-    """One sample's folder (and preview): runs in a writer thread."""
-    writer.write_sample(folder, arrays, spacing)
+    """One sample's preview, then its folder (a folder on disk is a finished sample, preview
+    included): runs in a writer thread."""
     if preview is not None:
         writer.save_png(writer.render_sample(arrays, image_keys), preview)
+    writer.write_sample(folder, arrays, spacing)
+
+
+def _read_sample(folder: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """A written sample's planes ``{key: [S, S]}``, image keys and the mask."""
+    return {k: load_volume(modality_path(folder, k))[0][..., 0] for k in (*keys, MASK_KEY)}
 
 
 def _spacing(image: Stage) -> tuple[float, float, float]:
@@ -422,31 +468,49 @@ def _spacing(image: Stage) -> tuple[float, float, float]:
 # ============================================================================ the end
 def _finish(out: Path, masks: _Masks, ids: list[tuple[str, int]], cfg: DictConfig, image: Stage,
             settings: dict[str, Any]) -> None:
-    """Rank 0, once every sample exists: uncertainty maps, contact sheet, manifest, nnU-Net export."""
+    """Rank 0, once every sample exists: missing previews, uncertainty maps, contact sheet,
+    manifest, nnU-Net export."""
     split_dir = out / cfg.split
     keys = image.mode.image_keys
+    if cfg.previews:
+        _repair_previews(out, [sid for sid, _ in ids], split_dir, keys)
     if cfg.samples_per_mask > 1:
         _uncertainty(out, split_dir, masks, ids, keys, _spacing(image))
-    tiles = []
-    for sid, _ in ids[:CONTACT_SHEET_SAMPLES]:
-        arrays = {k: load_volume(modality_path(split_dir / sid, k))[0][..., 0] for k in (*keys, MASK_KEY)}
-        tiles.append(writer.render_sample(arrays, keys, scale=max(1, 128 // image.image_size)))
+    tiles = [writer.render_sample(_read_sample(split_dir / sid, keys), keys, scale=max(1, 128 // image.image_size))
+             for sid, _ in ids[:CONTACT_SHEET_SAMPLES]]
     writer.save_png(writer.contact_sheet(tiles, columns=8 // len(keys)), out / "contact_sheet.png")
+    writer.write_manifest(out / "manifest.csv", _manifest_rows(masks, ids, cfg, settings))
+    if cfg.format == "nnunet":
+        root = writer.export_nnunet(out, [split_dir / sid for sid, _ in ids], keys, cfg.nnunet.dataset_id,
+                                    cfg.nnunet.name)
+        log.info("nnU-Net v2 raw dataset: %s", root)
+
+
+def _repair_previews(out: Path, sample_ids: Sequence[str], split_dir: Path, keys: Sequence[str]) -> None:
+    """Previews of finished samples that an older medgen left without one (it wrote the folder first)."""
+    missing = [sid for sid in sample_ids if not (out / "previews" / f"{sid}.png").is_file()]
+    for sid in missing:
+        writer.save_png(writer.render_sample(_read_sample(split_dir / sid, keys), keys),
+                        out / "previews" / f"{sid}.png")
+    if missing:
+        log.info("wrote %d missing previews", len(missing))
+
+
+def _manifest_rows(masks: _Masks, ids: list[tuple[str, int]], cfg: DictConfig, settings: dict[str, Any],
+                   done: set[str] | None = None) -> list[dict[str, Any]]:
+    """The manifest's rows: every sample (or those in ``done``), then the masks the gate rejected."""
     common = {"split": cfg.split, "seg_checkpoint": settings["seg_checkpoint"] or "",
               "seg_sha256": settings["seg_sha256"] or "", "image_checkpoint": settings["image_checkpoint"],
               "image_sha256": settings["image_sha256"], "seg_sampler": settings["seg_sampler"] or "",
               "image_sampler": settings["image_sampler"], "steps": cfg.steps, "guidance_scale": cfg.guidance_scale}
     rows = []
     for q, (sid, i) in enumerate(ids):
+        if done is not None and sid not in done:
+            continue
         row = {k: v for k, v in masks.rows[i].items() if not k.startswith("_")}
         rows.append({**common, **row, "id": sid, "image_seed": sample_seed(cfg.seed, q, IMAGE_STREAM)})
-    rows += [{**common, **row, "image_checkpoint": "", "image_sha256": "", "image_sampler": ""}
-             for row in masks.rejected]
-    writer.write_manifest(out / "manifest.csv", rows)
-    if cfg.format == "nnunet":
-        root = writer.export_nnunet(out, [split_dir / sid for sid, _ in ids], keys, cfg.nnunet.dataset_id,
-                                    cfg.nnunet.name)
-        log.info("nnU-Net v2 raw dataset: %s", root)
+    return rows + [{**common, **row, "image_checkpoint": "", "image_sha256": "", "image_sampler": ""}
+                   for row in masks.rejected]
 
 
 def _uncertainty(out: Path, split_dir: Path, masks: _Masks, ids: list[tuple[str, int]], keys: Sequence[str],

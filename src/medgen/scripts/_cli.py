@@ -84,14 +84,62 @@ def remove_if_only_hydra(run_dir: Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def run_in_hydra_folder(prog: str, fn: Callable[[Any, Path], Any], cfg: Any) -> None:
-    """Inside a ``@hydra.main`` function: call ``fn(cfg, run_folder)`` with user errors turned into
-    one line and an exit code, and no empty run folder left behind when it stops early."""
+def output_folder(cfg: Any, key: str = "out_dir") -> Path:
+    """Create the folder ``cfg[key]`` names (medgen does this, not Hydra: an error inside Hydra's
+    own folder handling is a traceback) and keep the composed config and the command-line overrides
+    in its ``.medgen/hydra/``. A path that is a file, or a folder that cannot be written (read-only,
+    no permission), is one line naming it."""
+    import errno
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from medgen.core.config import ConfigError
+    from medgen.core.fs import FileSystemError
+    from medgen.core.paths import resolve_path
+
+    if cfg.get(key) is None:
+        raise ConfigError(key, "missing: the folder to write to")
+    folder = resolve_path(str(cfg[key]))
+    if folder.exists() and not folder.is_dir():
+        raise FileSystemError(errno.EEXIST, f"{key} must be a folder, and this is a file (choose another {key}, or "
+                              "move the file away)", str(folder))
+    try:
+        (folder / ".medgen" / "hydra").mkdir(parents=True, exist_ok=True)
+        (folder / ".medgen" / "hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        (folder / ".medgen" / "hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
+    except OSError as exc:
+        raise FileSystemError(exc.errno or errno.EIO, f"cannot write to {key}: {exc.strerror or exc}",
+                              str(folder)) from None
+    return folder
+
+
+def command_line(prog: str) -> str:
+    """``prog`` with this run's command-line overrides, quoted for a shell: the command that
+    continues an interrupted run."""
+    import shlex
+
     from hydra.core.hydra_config import HydraConfig
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return " ".join([prog, *map(shlex.quote, overrides)])
+
+
+def run_in_hydra_folder(prog: str, fn: Callable[[Any, Path], Any], cfg: Any) -> None:
+    """Inside a ``@hydra.main`` function: create ``out_dir`` (:func:`output_folder`) and call
+    ``fn(cfg, out_dir)`` with user errors turned into one line and an exit code, and no empty
+    folder left behind when it stops early. A result whose ``status`` is ``"stopped"`` (a signal
+    came before the work was done) exits with :data:`~medgen.core.signals.STOPPED_EXIT`."""
+    from medgen.core.signals import STOPPED_EXIT
+
+    folder, result = None, None
     try:
         with exit_on_user_error(prog):
-            fn(cfg, run_dir)
+            folder = output_folder(cfg)
+            result = fn(cfg, folder)
     finally:
-        remove_if_only_hydra(run_dir)
+        if folder is not None:
+            remove_if_only_hydra(folder)
+    if getattr(result, "status", None) == "stopped":
+        sys.exit(STOPPED_EXIT)

@@ -13,10 +13,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from medgen.scripts._cli import CONFIG_DIR, run_in_hydra_folder
+from medgen.scripts._cli import CONFIG_DIR, command_line, run_in_hydra_folder
 
 
 def run(cfg: DictConfig, run_dir: Path):  # noqa: ARG001 - the run folder is out_dir itself
+    """Generate; a run stopped by a signal returns ``status == "stopped"`` (exit 75)."""
     from medgen.core.config import ConfigError, validate_generate_config
     from medgen.core.distributed import cleanup, setup_distributed
     from medgen.generation import run_generation
@@ -27,7 +28,7 @@ def run(cfg: DictConfig, run_dir: Path):  # noqa: ARG001 - the run folder is out
     except RuntimeError as exc:
         raise ConfigError("device", str(exc)) from None
     try:
-        result = run_generation(cfg, dist)
+        result = run_generation(cfg, dist, command=command_line("medgen-generate"))
     finally:
         cleanup()
     if dist.is_main and result.status == "done":

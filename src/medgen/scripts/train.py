@@ -14,6 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from medgen.core.signals import STOPPED_EXIT
 from medgen.scripts._cli import CONFIG_DIR, exit_on_user_error
 
 log = logging.getLogger("medgen.train")
@@ -22,7 +23,8 @@ log = logging.getLogger("medgen.train")
 def run(cfg: DictConfig, explicit_dir: Path | None = None) -> str:
     """Validate, set up (distributed) training, choose the run folder, resume if asked, train.
     ``explicit_dir``: the run folder named on the command line (``hydra.run.dir=...``), if any.
-    Returns the final status."""
+    Returns the final status: ``"done"``, ``"max_steps"`` or ``"stopped"`` (by a signal: the
+    command exits with :data:`~medgen.core.signals.STOPPED_EXIT`)."""
     from medgen.core.signals import stop_signals
 
     # SIGTERM/SIGUSR1 (SLURM's warning, scancel --signal) count from the start: one that comes while
@@ -33,7 +35,7 @@ def run(cfg: DictConfig, explicit_dir: Path | None = None) -> str:
 
 def _run(cfg: DictConfig, explicit_dir: Path | None, stop) -> str:
     from medgen.core.config import validate_config
-    from medgen.core.distributed import cleanup, env_world, setup_distributed
+    from medgen.core.distributed import barrier, cleanup, env_world, setup_distributed
     from medgen.diffusion.run_folder import remove_if_unused
     from medgen.diffusion.trainer import DiffusionTrainer
 
@@ -50,6 +52,7 @@ def _run(cfg: DictConfig, explicit_dir: Path | None, stop) -> str:
             (plan.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
             (plan.run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(_overrides()))
         status = trainer.train(stop)
+        barrier(dist)  # every rank leaves together: none exits while rank 0 still saves latest.pt
         if dist.is_main:
             msg = {"done": "finished", "max_steps": f"stopped at training.max_steps={cfg.training.max_steps}",
                    "stopped": "stopped on request"}[status]
@@ -104,12 +107,15 @@ def _main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     # medgen names the run folder itself (unique per run); hydra.run.dir=... on the command line names it instead
     explicit = Path(hydra_cfg.runtime.output_dir) if str(hydra_cfg.run.dir) != "." else None
+    status = None
     try:
         with exit_on_user_error("medgen-train"):
-            run(cfg, explicit)
+            status = run(cfg, explicit)
     finally:
         if explicit is not None and explicit.is_dir() and not any(explicit.iterdir()):
             explicit.rmdir()  # Hydra created it for a run that wrote nothing (or continued elsewhere)
+    if status == "stopped":  # saved, but not done: `medgen-train ... && next` does not go on
+        sys.exit(STOPPED_EXIT)
 
 
 def main() -> None:
