@@ -36,8 +36,8 @@ def child(kind: str, data_dir: str, cache_dir: str, image_size: int, batch: int,
     import torch
     from torch.utils.data import DataLoader
 
-    from medgen.core.config import load_config
     from medgen.data.splits import split_patients
+    from medgen.diffusion.config import load_config
 
     torch.set_num_threads(1)
     cfg = load_config(["mode=bravo", f"model.image_size={image_size}", f"training.batch_size={batch}",

@@ -48,7 +48,7 @@ SPEC_MODEL = ["model.image_size=128", "model.channels=[128,256,256]", "model.att
 def make_checkpoint(path: Path, mode: str, strategy: str, model: list[str], seed: int = 0) -> Path:
     """A medgen checkpoint with random weights (and EMA = the same weights) for ``mode`` x ``strategy``."""
     from medgen.core.checkpoint import save_checkpoint
-    from medgen.core.config import load_config
+    from medgen.diffusion.config import load_config
     from medgen.diffusion.modes import build_mode
     from medgen.diffusion.utils import build_network, network_kwargs
 

@@ -78,8 +78,8 @@ def _phantom_data(root: Path, subjects: int = 3) -> Path:
 
 
 def _trainer(overrides: list[str], tmp: Path):
-    from medgen.core.config import load_config
     from medgen.core.distributed import setup_distributed
+    from medgen.diffusion.config import load_config
     from medgen.diffusion.trainer import DiffusionTrainer
 
     cfg = load_config([f"paths.data_dir={tmp / 'data'}", f"paths.cache_dir={tmp / 'cache'}",
@@ -215,7 +215,7 @@ def parse_batches(text: str) -> list[int]:
 def default_training(device: torch.device, overrides: list[str] = ()) -> tuple[int | None, bool]:
     """(batch size, compiled) of ``training=default`` (with ``overrides``) on ``device``: what a
     user's run does there."""
-    from medgen.core.config import load_config
+    from medgen.diffusion.config import load_config
     from medgen.diffusion.utils import compile_enabled
 
     t = load_config([*SPEC, *overrides]).training

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent / "unit"))  # `from datagen import 
 
 from datagen import write_dataset  # noqa: E402
 
-from medgen.core.config import load_config  # noqa: E402
+from medgen.diffusion.config import load_config  # noqa: E402
 
 TINY_MODEL = ["model.image_size=16", "model.channels=[32,32]", "model.attention_levels=[false,true]",
               "model.num_head_channels=32"]

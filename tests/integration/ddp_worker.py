@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from medgen.core.config import load_config
 from medgen.core.distributed import cleanup, setup_distributed
+from medgen.diffusion.config import load_config
 from medgen.diffusion.trainer import DiffusionTrainer
 
 out = Path(sys.argv[1])

@@ -17,9 +17,9 @@ import torch
 from conftest import tiny_overrides
 
 from medgen.core.checkpoint import load_checkpoint
-from medgen.core.config import load_config
 from medgen.core.distributed import DistInfo
 from medgen.core.signals import STOPPED_EXIT
+from medgen.diffusion.config import load_config
 from medgen.diffusion.trainer import DiffusionTrainer
 
 pytestmark = pytest.mark.slow

@@ -67,7 +67,7 @@ def test_variants_are_extra_compiled_rows_that_never_count_as_the_default():
     with pytest.raises(SystemExit, match="unknown variant.*'fastest'"):
         bench_train.plan([16], [True], [], [], default=(16, True), variants=["fastest"])
     # each variant is the default configuration plus overrides that the config accepts
-    from medgen.core.config import load_config
+    from medgen.diffusion.config import load_config
     for name, overrides in bench_train.VARIANTS.items():
         load_config([*bench_train.SPEC, *overrides])
 

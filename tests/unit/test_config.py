@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from medgen.core.config import ConfigError, compose_config, load_config, validate_config
 from medgen.core.paths import configs_dir, resolve_path
+from medgen.core.schema import ConfigError, compose_config
+from medgen.diffusion.config import load_config, validate_config
 
 CONFIGS = configs_dir()
 GROUPS = {g: sorted(p.stem for p in (CONFIGS / g).glob("*.yaml")) for g in ("model", "strategy", "mode", "training", "paths")}
@@ -147,7 +148,7 @@ def test_a_registered_strategy_and_mode_need_no_validator_edit():
     picks up the new class's schema and key rules."""
     from dataclasses import dataclass
 
-    from medgen.core.config import choice
+    from medgen.core.schema import choice
     from medgen.diffusion.modes import MODES, ConditionalSingleMode, register_mode
     from medgen.diffusion.strategies import STRATEGIES, DDPMStrategy, register_strategy
 

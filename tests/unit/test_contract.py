@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
-from medgen.core.config import load_config
+from medgen.diffusion.config import load_config
 from medgen.diffusion.losses import diffusion_loss
 from medgen.diffusion.modes import build_mode
 from medgen.diffusion.strategies import build_strategy

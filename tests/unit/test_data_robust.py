@@ -17,7 +17,6 @@ import pytest
 from PIL import Image
 
 from datagen import write_dataset
-from medgen.core.config import load_config
 from medgen.core.fs import HOST, FolderLock
 from medgen.data import slices
 from medgen.data.nifti_dataset import DataError, load_volume, modality_path
@@ -25,6 +24,7 @@ from medgen.data.loading import build_data
 from medgen.data.slices import SliceSpec, fingerprint, open_or_build_cache, source_files
 from medgen.data.splits import split_folder_problem
 from medgen.data.validate import check_patient, read_patient
+from medgen.diffusion.config import load_config
 from medgen.scripts.data import main as data_main
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

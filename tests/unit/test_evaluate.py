@@ -16,10 +16,10 @@ import torch
 from datagen import write_dataset
 from omegaconf import OmegaConf
 
-from medgen.core.config import validate_evaluate_config
 from medgen.data.slices import SliceSpec, open_or_build_cache
 from medgen.data.splits import split_patients
 from medgen.evaluation import EvaluationError
+from medgen.evaluation.config import validate_evaluate_config
 from medgen.evaluation.evaluate import evaluate
 from medgen.generation.writer import write_sample
 

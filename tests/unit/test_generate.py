@@ -232,8 +232,8 @@ def test_the_command_prints_one_line_errors(tmp_path, tiny_checkpoints):
 
 
 def test_a_generated_set_trains_with_medgen_train(tmp_path, tiny_checkpoints):
-    from medgen.core.config import load_config
     from medgen.core.distributed import DistInfo
+    from medgen.diffusion.config import load_config
     from medgen.diffusion.trainer import DiffusionTrainer
 
     out = _generate(tmp_path, tiny_checkpoints, num_images=8).out_dir

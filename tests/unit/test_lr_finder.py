@@ -46,7 +46,7 @@ def test_sweep_on_the_configured_run_writes_plot_and_json(tiny_cfg, tmp_path):
 def test_two_sweeps_started_in_the_same_second_get_folders_of_their_own(tmp_path, tiny_data, monkeypatch, capsys):
     from conftest import tiny_overrides
 
-    from medgen.core.config import compose_config
+    from medgen.core.schema import compose_config
     from medgen.data.nifti_dataset import DataError
     from medgen.diffusion import run_folder
     from medgen.scripts.lr_find import run

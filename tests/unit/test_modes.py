@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from medgen.core.config import load_config
+from medgen.diffusion.config import load_config
 from medgen.diffusion.modes import (
     MODES,
     ConditionalDualMode,

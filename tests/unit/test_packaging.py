@@ -24,7 +24,7 @@ def test_wheel_ships_the_configs_and_composes_them(tmp_path):
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     # the installed copy (not this checkout) composes a config
     assert "medgen/data/importers/nnunet.py" in names  # subpackages too
-    code = ("import medgen; from medgen.core.config import load_config; from medgen.data.importers import import_nnunet; "
+    code = ("import medgen; from medgen.diffusion.config import load_config; from medgen.data.importers import import_nnunet; "
             "c = load_config(['mode=dual', 'strategy=rflow']); print(medgen.__file__, c.mode.name, c.strategy.name)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})

@@ -8,11 +8,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from medgen.core.config import ConfigError, validate_generate_config
 from medgen.core.distributed import DistInfo
+from medgen.core.schema import ConfigError
 from medgen.diffusion import utils
 from medgen.diffusion.trainer import DiffusionTrainer
 from medgen.diffusion.utils import load_model_from_checkpoint, sampling_forward
+from medgen.generation.config import validate_generate_config
 
 CPU = DistInfo(device=torch.device("cpu"))
 CL = torch.channels_last

@@ -292,7 +292,7 @@ def test_lr_find_bad_sweep_is_one_line_naming_the_key(tmp_path, override, messag
 
 def test_resume_auto_in_a_slurm_job_continues_only_that_jobs_run(tmp_path, monkeypatch, caplog):
     from medgen.core.checkpoint import save_checkpoint
-    from medgen.core.config import load_config
+    from medgen.diffusion.config import load_config
 
     cfg = load_config([f"paths.model_dir={tmp_path}", "training.resume=auto"])
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -324,7 +324,7 @@ def test_resume_auto_in_a_slurm_job_continues_only_that_jobs_run(tmp_path, monke
 def test_a_stop_signal_while_the_run_starts_up_stops_it_at_its_first_step_boundary(tmp_path, tiny_data, monkeypatch):
     """SLURM's warning (USR1) can come while the cache is built or the model set up: the run must
     not die of it (USR1's default action), but stop before its first step with latest.pt saved."""
-    from medgen.core.config import load_config
+    from medgen.diffusion.config import load_config
     from medgen.diffusion.trainer import DiffusionTrainer
     from medgen.scripts import train as train_script
 

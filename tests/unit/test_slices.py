@@ -13,14 +13,14 @@ import pytest
 import torch
 from datagen import make_patient, write_dataset
 
-from medgen.core.config import load_config
 from medgen.data import slices as slices_mod
-from medgen.data.nifti_dataset import DataError, load_volume, modality_path, save_volume
 from medgen.data.loading import ResumableSampler, build_data
+from medgen.data.nifti_dataset import DataError, load_volume, modality_path, save_volume
 from medgen.data.slices import SliceSpec, open_or_build_cache, select_slices
 from medgen.data.splits import split_patients
 from medgen.data.transforms import preprocess_image, preprocess_mask
 from medgen.data.validate import check_patients
+from medgen.diffusion.config import load_config
 
 
 def _cfg(tmp_path, data, *overrides):

@@ -8,7 +8,7 @@ from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 from monai.networks.schedulers.rectified_flow import timestep_transform
 from scipy.stats import ks_2samp
 
-from medgen.core.config import load_config
+from medgen.diffusion.config import load_config
 from medgen.diffusion.strategies import STRATEGIES, DDPMStrategy, RFlowStrategy, build_strategy
 
 DDPMConfig, RFlowConfig = DDPMStrategy.Config, RFlowStrategy.Config

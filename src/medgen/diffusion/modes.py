@@ -45,7 +45,7 @@ _OUTPUT_TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {MASK_KEY: binarize_
 class TrainingMode(abc.ABC):
     """Channel layout of one mode, built from a validated ``cfg.mode`` (name, image_keys, cond_keys).
 
-    The key rules are class attributes, checked by ``medgen.core.config.validate_config`` (not
+    The key rules are class attributes, checked by ``medgen.diffusion.config.validate_config`` (not
     here): ``image_key_choices``/``num_image_keys`` and ``cond_key_choices``/``num_cond_keys``.
     Channel counts are derived from the keys.
 

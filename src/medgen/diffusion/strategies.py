@@ -54,7 +54,7 @@ from monai.utils import unsqueeze_right
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from medgen.core.config import at_least, choice
+from medgen.core.schema import at_least, choice
 from medgen.diffusion.losses import min_snr_weight
 from medgen.diffusion.samplers import SAMPLERS, Generators, Grid, SampleCallback, ddpm_grid, rflow_grid
 
@@ -93,7 +93,7 @@ class DiffusionStrategy(abc.ABC):
 
     name: ClassVar[str]
     #: the schema of ``configs/strategy/<name>.yaml``: every key, with its ``choices``/``min``
-    #: (checked by ``medgen.core.config.validate_config``, never here)
+    #: (checked by ``medgen.diffusion.config.validate_config``, never here)
     Config: ClassVar[type]
     #: names in ``medgen.diffusion.samplers.SAMPLERS`` this strategy's models sample with; the first is the default
     samplers: ClassVar[tuple[str, ...]]

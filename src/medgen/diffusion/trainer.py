@@ -26,7 +26,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from medgen.core.checkpoint import CheckpointError, load_checkpoint
-from medgen.core.config import MAX_WARMUP_FRACTION
 from medgen.core.distributed import DistInfo, all_ranks, any_rank, barrier
 from medgen.core.precision import autocast, effective_precision
 from medgen.core.signals import StopRequest, stop_signals
@@ -34,6 +33,7 @@ from medgen.data.loading import DataBundle, build_data
 from medgen.data.transforms import from_model_space
 from medgen.diffusion import validation
 from medgen.diffusion.checkpointer import Checkpointer, check_resumable
+from medgen.diffusion.config import MAX_WARMUP_FRACTION
 from medgen.diffusion.losses import diffusion_loss
 from medgen.diffusion.lr_schedule import LRSchedule, capped_warmup, warmup_cosine
 from medgen.diffusion.modes import build_mode
@@ -107,7 +107,7 @@ class DiffusionTrainer:
     """Trains a MONAI ``DiffusionModelUNet`` for the configured strategy and mode.
 
     Args:
-        cfg: a validated config (:func:`medgen.core.config.load_config`).
+        cfg: a validated config (:func:`medgen.diffusion.config.load_config`).
         run_dir: the run folder.
         dist: process group and device (default: one process on the available accelerator).
         data: the loaders (default: built from ``cfg``).

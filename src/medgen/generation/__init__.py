@@ -13,18 +13,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
+from medgen.core.schema import compose_config
+from medgen.generation.config import validate_generate_config
 from medgen.generation.models import GenerationError, Stage, load_stage
 from medgen.generation.pipeline import GenerationResult, run_generation
 
 __all__ = ["generate", "generate_config", "GenerationError", "GenerationResult", "Stage", "load_stage"]
 
 
-def generate_config(**settings: Any):
-    """The validated generate config: ``configs/generate.yaml`` with ``settings`` merged in."""
-    from omegaconf import OmegaConf
-
-    from medgen.core.config import compose_config, validate_generate_config
-
+def generate_config(**settings: Any) -> DictConfig:
+    """The validated generate config: ``configs/generate.yaml`` with ``settings`` merged in
+    (schema: :class:`medgen.generation.config.GenerateConfig`)."""
     base = compose_config([], config_name="generate")
     return validate_generate_config(OmegaConf.merge(base, OmegaConf.create(settings)))
 

@@ -17,8 +17,8 @@ CONFIG_DIR = str(configs_dir())
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from medgen.core.checkpoint import CheckpointError
-    from medgen.core.config import ConfigError
     from medgen.core.fs import FolderBusy
+    from medgen.core.schema import ConfigError
     from medgen.data.nifti_dataset import DataError
     from medgen.diffusion.perceptual import PerceptualWeightsError
     from medgen.diffusion.run_folder import RunFolderError
@@ -35,8 +35,8 @@ def exit_on_user_error(prog: str) -> Iterator[None]:
     """Print ``prog: message`` and exit 1 (config errors: 2) for errors the user can fix; file-system
     errors (permissions, a full disk, ...) as the path and the cause, exit 1; Ctrl-C as one line,
     exit 130. The traceback is logged at debug level only."""
-    from medgen.core.config import ConfigError
     from medgen.core.fs import os_error_line
+    from medgen.core.schema import ConfigError
 
     debug = logging.getLogger("medgen").debug
     try:
@@ -94,9 +94,9 @@ def output_folder(cfg: Any, key: str = "out_dir") -> Path:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from medgen.core.config import ConfigError
     from medgen.core.fs import FileSystemError
     from medgen.core.paths import resolve_path
+    from medgen.core.schema import ConfigError
 
     if cfg.get(key) is None:
         raise ConfigError(key, "missing: the folder to write to")

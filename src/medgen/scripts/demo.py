@@ -46,7 +46,7 @@ def _overrides(out: Path, mode: str, seed: int) -> list[str]:
 
 def _seconds_per_epoch(overrides: list[str], out: Path) -> tuple[float, int]:
     """Time a few real training steps of this run (the slice cache is built on the way)."""
-    from medgen.core.config import load_config
+    from medgen.diffusion.config import load_config
     from medgen.diffusion.trainer import DiffusionTrainer
 
     probe_dir = out / "runs" / ".probe"
@@ -71,7 +71,7 @@ def _seconds_per_epoch(overrides: list[str], out: Path) -> tuple[float, int]:
 def train(out: Path, mode: str, minutes: float, seed: int) -> tuple[Path, dict]:
     """Train ``mode`` for about ``minutes``; returns (run folder, facts for the summary)."""
     from medgen.core.checkpoint import load_checkpoint
-    from medgen.core.config import load_config
+    from medgen.diffusion.config import load_config
     from medgen.scripts.train import run as train_run
 
     run_dir = out / "runs" / mode / "demo"
@@ -197,7 +197,7 @@ def evaluate(out: Path, seed: int) -> dict:
     """medgen-evaluate on the demo's sets with a budget that fits a laptop (200 steps per model)."""
     from omegaconf import OmegaConf
 
-    from medgen.core.config import validate_evaluate_config
+    from medgen.evaluation.config import validate_evaluate_config
     from medgen.evaluation.evaluate import evaluate as run_evaluation
 
     cfg = validate_evaluate_config(OmegaConf.create({

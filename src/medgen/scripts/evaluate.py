@@ -16,7 +16,7 @@ from medgen.scripts._cli import CONFIG_DIR, run_in_hydra_folder
 
 
 def run(cfg: DictConfig, run_dir: Path):  # noqa: ARG001 - the run folder is out_dir itself
-    from medgen.core.config import validate_evaluate_config
+    from medgen.evaluation.config import validate_evaluate_config
     from medgen.evaluation.evaluate import evaluate
     from medgen.evaluation.report import summary_lines
 

@@ -18,9 +18,10 @@ from medgen.scripts._cli import CONFIG_DIR, command_line, run_in_hydra_folder
 
 def run(cfg: DictConfig, run_dir: Path):  # noqa: ARG001 - the run folder is out_dir itself
     """Generate; a run stopped by a signal returns ``status == "stopped"`` (exit 75)."""
-    from medgen.core.config import ConfigError, validate_generate_config
     from medgen.core.distributed import cleanup, setup_distributed
+    from medgen.core.schema import ConfigError
     from medgen.generation import run_generation
+    from medgen.generation.config import validate_generate_config
 
     cfg = validate_generate_config(cfg)
     try:

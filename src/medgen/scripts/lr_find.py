@@ -19,7 +19,7 @@ log = logging.getLogger("medgen.lr_find")
 
 
 def _check_sweep(sweep: DictConfig) -> None:
-    from medgen.core.config import ConfigError
+    from medgen.core.schema import ConfigError
 
     checks = [(0 < sweep.min_lr < sweep.max_lr, "lr_find.max_lr",
                f"need 0 < lr_find.min_lr ({sweep.min_lr}) < lr_find.max_lr ({sweep.max_lr})"),
@@ -43,8 +43,8 @@ def lr_find_folder(cfg: DictConfig) -> Path:
 def run(cfg: DictConfig, out_dir: Path | None = None):
     """The sweep for ``cfg`` (a composed lr_find config) in ``out_dir``, or in a new folder of its own
     (:func:`lr_find_folder`, chosen by rank 0); the folder also gets the resolved ``config.yaml``."""
-    from medgen.core.config import validate_config
     from medgen.core.distributed import broadcast_object, cleanup, setup_distributed
+    from medgen.diffusion.config import validate_config
     from medgen.diffusion.lr_finder import find_lr, save_lr_find
 
     sweep = cfg.lr_find

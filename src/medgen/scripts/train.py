@@ -34,8 +34,8 @@ def run(cfg: DictConfig, explicit_dir: Path | None = None) -> str:
 
 
 def _run(cfg: DictConfig, explicit_dir: Path | None, stop) -> str:
-    from medgen.core.config import validate_config
     from medgen.core.distributed import barrier, cleanup, env_world, setup_distributed
+    from medgen.diffusion.config import validate_config
     from medgen.diffusion.run_folder import remove_if_unused
     from medgen.diffusion.trainer import DiffusionTrainer
 

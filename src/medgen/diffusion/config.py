@@ -1,0 +1,210 @@
+"""The training schema, checked once at the boundary.
+
+Hydra composes ``configs/``; :func:`validate_config` merges the result into the typed schema
+below (unknown keys and wrong types fail there) and then checks values that are impossible
+(lr <= 0, channel/attention length mismatch, ...). Every failure is a
+:class:`~medgen.core.schema.ConfigError` naming the dotted key and the reason. The strategy's
+schema is its class's ``Config`` and the mode's key rules are class attributes (both found
+through the registries); the ``data`` keys' schema is :class:`medgen.data.config.DataConfig`.
+Strategies and modes trust a config that passed here and check nothing themselves
+(docs/architecture.md, "Configuration").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from medgen.core.constants import MODALITIES
+from medgen.core.schema import at_least, check, check_fields, choice, compose_config, merge_schema
+from medgen.data.config import DataConfig, check_data_values
+from medgen.diffusion.modes import MODES
+from medgen.diffusion.strategies import STRATEGIES
+
+__all__ = ["COMPILE_MODES", "MAX_WARMUP_FRACTION", "ModelConfig", "ModeConfig", "TrainingConfig", "PathsConfig",
+           "validate_config", "load_config"]
+
+#: ``torch.compile`` modes (``training.compile_mode``, ``compile_mode`` of generation): ``default``;
+#: ``reduce-overhead`` (CUDA graphs); ``max-autotune`` (kernel search + CUDA graphs, slow to compile);
+#: ``max-autotune-no-cudagraphs``
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+#: the warm-up never takes more than this fraction of a run's optimizer steps (``training.warmup_steps``)
+MAX_WARMUP_FRACTION = 0.1
+
+
+# --------------------------------------------------------------------------- schema
+@dataclass
+class ModelConfig:
+    image_size: int = 128
+    channels: list[int] = field(default_factory=lambda: [128, 256, 256])
+    attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
+    num_res_blocks: int = at_least(1, 1)
+    num_head_channels: int = 256
+    norm_num_groups: int = at_least(32, 1)
+
+
+@dataclass
+class ModeConfig:
+    name: str = "seg"
+    image_keys: list[str] = field(default_factory=lambda: ["seg"])
+    cond_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainingConfig:
+    name: str = "default"
+    epochs: int = at_least(500, 1)
+    batch_size: int = at_least(16, 1)
+    learning_rate: float = 1e-4
+    weight_decay: float = at_least(0.0, 0)
+    gradient_clip_norm: float = 1.0
+    #: linear warm-up in optimizer steps, capped at ``MAX_WARMUP_FRACTION`` of the run
+    warmup_steps: int = at_least(1000, 0)
+    val_interval: int = at_least(30, 1)
+    use_ema: bool = True
+    ema_decay: float = 0.9999
+    ema_update_after_step: int = at_least(100, 0)
+    ema_update_every: int = at_least(10, 1)
+    use_min_snr: bool = True
+    min_snr_gamma: float = 5.0
+    perceptual_weight: float = at_least(0.001, 0)
+    perceptual_weights_path: Optional[str] = None
+    perceptual_allow_download: bool = False
+    use_multi_gpu: bool = False
+    precision: str = choice("bf16", "bf16", "fp32")
+    compile: str = choice("auto", "auto", "true", "false")
+    compile_mode: str = choice("default", *COMPILE_MODES)
+    channels_last: bool = False
+    cond_dropout: float = 0.0
+    max_steps: Optional[int] = None
+    resume: Optional[str] = None
+    checkpoint_keep: int = at_least(3, 0)
+    max_nonfinite_steps: int = at_least(5, 1)
+    log_every: int = at_least(50, 1)
+    num_val_samples: int = at_least(4, 0)
+    num_sample_steps: int = at_least(50, 1)
+
+
+@dataclass
+class PathsConfig:
+    name: str = "local"
+    data_dir: str = "./data/brainmetshare-3"
+    model_dir: str = "./runs"
+    cache_dir: str = "~/.cache/medgen"
+
+
+def _schema(strategy_schema: type) -> DictConfig:
+    @dataclass
+    class Root:
+        seed: int = 42
+        model: ModelConfig = field(default_factory=ModelConfig)
+        strategy: Any = None
+        mode: ModeConfig = field(default_factory=ModeConfig)
+        training: TrainingConfig = field(default_factory=TrainingConfig)
+        paths: PathsConfig = field(default_factory=PathsConfig)
+        data: DataConfig = field(default_factory=DataConfig)
+
+    root = OmegaConf.structured(Root)
+    root.strategy = OmegaConf.structured(strategy_schema)
+    return root
+
+
+# --------------------------------------------------------------------------- checks
+def _name_in(registry: dict[str, type], node: Any, group: str) -> type:
+    name = OmegaConf.select(node, f"{group}.name", default=None) if node is not None else None
+    check(name in registry, f"{group}.name", f"unknown {group} {name!r}; choose one of {sorted(registry)}")
+    return registry[name]
+
+
+def validate_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
+    """Merge ``cfg`` into the typed schema and check every value. Returns the typed config.
+
+    The one place where a training configuration is checked: unknown keys, wrong types, the
+    ``choices`` and ``min`` of every schema field (the strategy's own ``Config`` included), the
+    mode's key rules and the cross-key constraints below. Raises
+    :class:`~medgen.core.schema.ConfigError` naming the first bad key.
+    """
+    strategy_cls = _name_in(STRATEGIES, cfg, "strategy")
+    mode_cls = _name_in(MODES, cfg, "mode")
+    merged = merge_schema(partial(_schema, strategy_cls.Config), cfg)
+    for group, schema in (("model", ModelConfig), ("strategy", strategy_cls.Config), ("training", TrainingConfig),
+                          ("data", DataConfig)):
+        check_fields(merged[group], schema, group)
+    _check_mode(merged.mode, mode_cls)
+    _check_values(merged, world_size)
+    return merged
+
+
+def _check_mode(mo: DictConfig, mode_cls: type) -> None:
+    """Modality keys: known, not repeated, and within the mode class's rules
+    (``image_key_choices``/``num_image_keys``, ``cond_key_choices``/``num_cond_keys``)."""
+    for group, choices, count in (("image_keys", mode_cls.image_key_choices, mode_cls.num_image_keys),
+                                  ("cond_keys", mode_cls.cond_key_choices, mode_cls.num_cond_keys)):
+        keys = list(mo[group])
+        for i, k in enumerate(keys):
+            check(k in MODALITIES, f"mode.{group}[{i}]", f"unknown modality {k!r}; known: {list(MODALITIES)}")
+            check(k in choices, f"mode.{group}[{i}]",
+                  f"mode {mo.name!r} takes {list(choices)} here, got {k!r}")
+        check(len(keys) == count, f"mode.{group}",
+              f"mode {mo.name!r} needs {count} key(s) here, got {keys}")
+        check(len(set(keys)) == len(keys), f"mode.{group}", f"{keys} repeats a key")
+    both = set(mo.image_keys) & set(mo.cond_keys)
+    check(not both, "mode.cond_keys", f"{sorted(both)} cannot be generated and condition at once")
+
+
+def _check_values(cfg: DictConfig, world_size: int) -> None:
+    """Constraints between keys, and value ranges that field metadata cannot express."""
+    m, t = cfg.model, cfg.training
+
+    # model
+    n_levels = len(m.channels)
+    check(n_levels >= 1, "model.channels", "needs at least one level")
+    check(
+        len(m.attention_levels) == n_levels,
+        "model.attention_levels",
+        f"has {len(m.attention_levels)} entries but model.channels has {n_levels}; they must match",
+    )
+    check(m.image_size > 0, "model.image_size", "must be positive")
+    factor = 2 ** (n_levels - 1)
+    check(
+        m.image_size % factor == 0,
+        "model.image_size",
+        f"{m.image_size} is not divisible by 2^{n_levels - 1}={factor} (the U-Net downsamples {n_levels - 1} times)",
+    )
+    for i, ch in enumerate(m.channels):
+        check(ch > 0, f"model.channels[{i}]", "must be positive")
+        check(
+            ch % m.norm_num_groups == 0,
+            f"model.channels[{i}]",
+            f"{ch} is not divisible by model.norm_num_groups={m.norm_num_groups}",
+        )
+        if m.attention_levels[i]:
+            check(
+                m.num_head_channels > 0 and ch % m.num_head_channels == 0,
+                "model.num_head_channels",
+                f"{m.num_head_channels} does not divide model.channels[{i}]={ch} (an attention level)",
+            )
+
+    # training
+    check(world_size >= 1 and t.batch_size % world_size == 0, "training.batch_size",
+          f"{t.batch_size} is not divisible by the world size {world_size} (batch_size is the global batch)")
+    check(t.learning_rate > 0, "training.learning_rate", f"must be > 0, got {t.learning_rate}")
+    check(t.gradient_clip_norm > 0, "training.gradient_clip_norm", "must be > 0")
+    check(0 < t.ema_decay < 1, "training.ema_decay", "must be in (0, 1)")
+    check(t.min_snr_gamma > 0, "training.min_snr_gamma", "must be > 0")
+    check(0 <= t.cond_dropout < 1, "training.cond_dropout", "must be in [0, 1)")
+    check(t.cond_dropout == 0 or len(cfg.mode.cond_keys) > 0, "training.cond_dropout",
+          f"classifier-free guidance needs a conditional mode; mode {cfg.mode.name!r} has no condition")
+    check(t.max_steps is None or t.max_steps >= 1, "training.max_steps", "must be >= 1 or null")
+
+    # data
+    check_data_values(cfg.data)
+
+
+def load_config(overrides: list[str] | None = None, world_size: int = 1) -> DictConfig:
+    """Compose and validate: the typed config a run uses."""
+    return validate_config(compose_config(overrides), world_size=world_size)

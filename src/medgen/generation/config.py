@@ -1,0 +1,92 @@
+"""The schema of ``configs/generate.yaml`` (``medgen-generate``, :func:`medgen.generate`), checked once.
+
+:func:`validate_generate_config` is the generation counterpart of
+:func:`medgen.diffusion.config.validate_config`: typed schema, field metadata, and the
+constraints between keys; a failure is a :class:`~medgen.core.schema.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from medgen.core.schema import at_least, check, check_fields, choice, merge_schema
+from medgen.diffusion.config import COMPILE_MODES
+from medgen.diffusion.samplers import SAMPLERS
+
+__all__ = ["GateConfig", "NnunetConfig", "GenerateConfig", "validate_generate_config"]
+
+
+@dataclass
+class GateConfig:
+    enabled: bool = True
+    #: lesion area as a fraction of the image
+    min_area: float = at_least(0.0005, 0)
+    max_area: float = 0.1
+    max_components: int = at_least(10, 1)
+    #: a mask with a component smaller than this many pixels is rejected (specks)
+    min_component_pixels: int = at_least(4, 1)
+    #: candidates tried before giving up; null: 20 x num_images
+    max_attempts: Optional[int] = None
+
+
+@dataclass
+class NnunetConfig:
+    dataset_id: int = 501
+    name: str = "MedgenSynthetic"
+
+
+@dataclass
+class GenerateConfig:
+    seg_checkpoint: Optional[str] = None
+    image_checkpoint: Optional[str] = None
+    masks_from: Optional[str] = None
+    masks_split: str = choice("test", "train", "val", "test")
+    num_images: Optional[int] = 100
+    samples_per_mask: int = at_least(1, 1)
+    batch_size: int = at_least(16, 1)
+    out_dir: str = "./synthetic"
+    split: str = choice("train", "train", "val", "test")
+    seed: int = at_least(0, 0)
+    sampler: Optional[str] = None
+    seg_sampler: Optional[str] = None
+    image_sampler: Optional[str] = None
+    steps: int = at_least(25, 1)
+    guidance_scale: float = 1.0
+    use_ema: bool = True
+    precision: str = choice("bf16", "bf16", "fp32")
+    device: Optional[str] = None
+    compile: str = choice("auto", "auto", "true", "false")
+    compile_mode: str = choice("default", *COMPILE_MODES)
+    format: str = choice("medgen", "medgen", "nnunet")
+    previews: bool = True
+    cache_dir: str = "~/.cache/medgen"
+    gate: GateConfig = field(default_factory=GateConfig)
+    nnunet: NnunetConfig = field(default_factory=NnunetConfig)
+
+
+def validate_generate_config(cfg: DictConfig) -> DictConfig:
+    """Merge ``cfg`` into :class:`GenerateConfig` and check every value; returns the typed config.
+    Raises :class:`~medgen.core.schema.ConfigError` naming the key."""
+    merged = merge_schema(GenerateConfig, cfg)
+    check_fields(merged, GenerateConfig, None)
+    check_fields(merged.gate, GateConfig, "gate")
+    check(merged.image_checkpoint is not None, "image_checkpoint",
+          "missing: the bravo or dual checkpoint that paints the images, e.g. image_checkpoint=runs/bravo/<run>")
+    check((merged.seg_checkpoint is None) != (merged.masks_from is None), "seg_checkpoint",
+          "give exactly one mask source: seg_checkpoint=<seg run or checkpoint> (generate masks) or "
+          "masks_from=<medgen dataset> (use its masks)")
+    check(merged.num_images is None and merged.masks_from is not None or
+          merged.num_images is not None and merged.num_images >= 1, "num_images",
+          "must be >= 1 (null: every mask of masks_from)")
+    for key in ("sampler", "seg_sampler", "image_sampler"):
+        check(merged[key] is None or merged[key] in SAMPLERS, key,
+              f"unknown sampler {merged[key]!r}; choose one of {sorted(SAMPLERS)}")
+    check(merged.guidance_scale >= 0, "guidance_scale", f"must be >= 0 (1 is off), got {merged.guidance_scale}")
+    g = merged.gate
+    check(g.min_area < g.max_area <= 1, "gate.max_area",
+          f"need gate.min_area ({g.min_area}) < gate.max_area ({g.max_area}) <= 1")
+    check(g.max_attempts is None or g.max_attempts >= 1, "gate.max_attempts", "must be >= 1 or null")
+    return merged
