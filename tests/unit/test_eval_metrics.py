@@ -68,6 +68,19 @@ def test_mask_statistics_by_hand():
     assert c["lesions"]["ks"] == pytest.approx(1 / 3)  # CDFs differ by 1/3 at 0 lesions
 
 
+def test_lesion_contrast_by_hand():
+    image = np.zeros((9, 9), np.float32)
+    image[4, 4] = 1.0  # the lesion pixel
+    image[4, 5] = 0.8  # a neighbour of it, inside every ring
+    mask = np.zeros((9, 9))
+    mask[4, 4] = 1
+    mask[0, 0] = 0.5  # exactly 0.5 is no lesion
+    # the ring of a one-pixel lesion after one dilation (a cross): its 4 neighbours, one of them 0.8
+    assert metrics.lesion_contrast(image, mask, ring=1) == pytest.approx(1.0 - 0.8 / 4)
+    # two dilations: the 12 pixels of a diamond of radius 2 around it
+    assert metrics.lesion_contrast(image, mask, ring=2) == pytest.approx(1.0 - 0.8 / 12)
+
+
 def test_distribution_distance_by_hand():
     d = metrics.distribution_distance(np.array([0.0, 1.0]), np.array([1.0, 2.0]))
     assert d == {"wasserstein": pytest.approx(1.0), "ks": pytest.approx(0.5)}

@@ -18,7 +18,8 @@ from matplotlib.figure import Figure
 from medgen.core.constants import IMAGE_MODALITIES, MASK_KEY, SPLITS
 from medgen.data.nifti_dataset import (DataError, folder_problem, list_patients, load_volume, modality_path,
                                        present_modalities, volume_shape_problem)
-from medgen.data.transforms import binarize_mask, ras_to_display
+from medgen.data.masks import binarize_mask
+from medgen.data.transforms import ras_to_display
 
 __all__ = ["CELL_HEIGHT_IN", "CELL_WIDTH_IN", "DPI", "CONTOUR_COLOUR", "make_preview", "preview_size", "ras_to_display"]
 

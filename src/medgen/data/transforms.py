@@ -2,12 +2,13 @@
 
 Images: robust per-volume intensity scaling (percentiles -> [0, 1], clipped), centred
 padding to a square, then area (downsampling) or bilinear (upsampling) resize in-plane.
-Masks: the same padding, nearest-neighbour resize, then :func:`binarize_mask` — the one
-binarisation function that training and generation share. The results are bit-identical to
-MONAI's ``ScaleIntensityRangePercentiles`` / ``SpatialPad`` / ``Resize`` pipeline on a
-C-ordered copy of the volume (the slice cache depends on it; ``tests/unit/test_slices.py``
-checks it), computed with fewer passes over the voxels. MONAI is imported when a volume is first
-preprocessed, so reading and checking data (``medgen-data check``) does not pay for it.
+Masks: the same padding, nearest-neighbour resize, then :func:`binarize_mask` (from
+:mod:`medgen.data.masks`, the one binarisation of every mask in medgen; importable from here
+too). The results are bit-identical to MONAI's ``ScaleIntensityRangePercentiles`` /
+``SpatialPad`` / ``Resize`` pipeline on a C-ordered copy of the volume (the slice cache depends
+on it; ``tests/unit/test_slices.py`` checks it), computed with fewer passes over the voxels.
+MONAI is imported when a volume is first preprocessed, so reading and checking data
+(``medgen-data check``) does not pay for it.
 """
 
 from __future__ import annotations
@@ -17,23 +18,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from medgen.core.constants import MASK_THRESHOLD
+from medgen.data.masks import binarize_mask, is_lesion
 
 if TYPE_CHECKING:
     from monai.transforms import Compose
 
-ArrayLike = np.ndarray | torch.Tensor
-
-
-def binarize_mask(mask: ArrayLike, threshold: float = MASK_THRESHOLD) -> ArrayLike:
-    """``mask > threshold`` as float32 {0, 1}; numpy in -> numpy out, tensor in -> tensor out.
-
-    Used on data loading (``seg`` volumes), after resizing, and on generated masks
-    (model space [-1, 1] must first be mapped back to [0, 1] with :func:`from_model_space`).
-    """
-    if isinstance(mask, torch.Tensor):
-        return (mask > threshold).to(torch.float32)
-    return (np.asarray(mask) > threshold).astype(np.float32)
+__all__ = ["binarize_mask", "from_model_space", "image_resize_mode", "preprocess_image", "preprocess_mask",
+           "ras_to_display", "scale_percentiles", "spatial_pipeline", "to_model_space"]
 
 
 def to_model_space(x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +166,7 @@ def preprocess_mask(volume: np.ndarray, image_size: int) -> np.ndarray:
     # plane pixel (i, j) is numbered 1 + i + h * j (0 is the padding), the volume's Fortran order
     numbers = torch.arange(1, h * w + 1, dtype=torch.float32).reshape(w, h).T.reshape(1, h, w, 1)
     picked = np.asarray(spatial_pipeline((h, w), image_size, "nearest")(numbers)[0, ..., 0]).astype(np.int64)
-    columns = (v > MASK_THRESHOLD).reshape(h * w, v.shape[2], order="F")  # a view for a Fortran-ordered volume
+    columns = is_lesion(v).reshape(h * w, v.shape[2], order="F")  # a view for a Fortran-ordered volume
     out = columns[np.maximum(picked - 1, 0)]  # [S, S, D]
     out[picked == 0] = False
     return out.astype(np.float32)

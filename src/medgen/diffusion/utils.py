@@ -15,6 +15,7 @@ from monai.networks.nets import DiffusionModelUNet
 from PIL import Image
 
 from medgen.core.checkpoint import CheckpointError, load_checkpoint
+from medgen.data.pictures import save_png  # noqa: F401  (re-exported: the trainer writes its sample grids with it)
 
 
 def network_kwargs(model_cfg, mode) -> dict[str, Any]:
@@ -164,13 +165,6 @@ def make_grid(rows: list[list[np.ndarray]], labels: list[str] | None = None, sca
             draw.text(((pad + j * (w + pad)) * scale + 2, 2), text, fill=255)
         img = canvas
     return np.asarray(img)
-
-
-def save_png(array: np.ndarray, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
 
 
 def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:

@@ -29,6 +29,8 @@ from monai.metrics import DiceMetric
 from monai.networks.nets import DynUNet
 from tqdm.auto import tqdm
 
+from medgen.data.masks import is_lesion
+
 log = logging.getLogger("medgen.evaluate")
 
 #: lesion-size bins by lesion area (fraction of the image): upper edges; the last bin is open
@@ -83,7 +85,7 @@ def train_segmenter(data: SliceSet, *, steps: int, batch_size: int, learning_rat
 @torch.no_grad()
 def predict(net: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 32) -> np.ndarray:
     """Binary predictions ``[N, S, S]`` for ``images [N, C, S, S]``."""
-    out = [(torch.sigmoid(net(torch.from_numpy(images[i:i + batch_size]).to(device))) > 0.5)[:, 0].cpu()
+    out = [is_lesion(torch.sigmoid(net(torch.from_numpy(images[i:i + batch_size]).to(device))))[:, 0].cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy().astype(np.uint8)
 
@@ -97,7 +99,7 @@ def dice_per_slice(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 def size_bin(masks: np.ndarray) -> np.ndarray:
     """The :data:`SIZE_BINS` name of each mask ``[N, S, S]`` by its lesion area."""
-    area = (np.asarray(masks) > 0.5).reshape(len(masks), -1).mean(1)
+    area = is_lesion(masks).reshape(len(masks), -1).mean(1)
     upper = np.asarray([edge for _, edge in SIZE_BINS[:-1]])
     return np.asarray([name for name, _ in SIZE_BINS])[np.searchsorted(upper, area, side="right")]
 

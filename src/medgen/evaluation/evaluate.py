@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from medgen.core.constants import MASK_KEY, SPLITS
 from medgen.core.fs import FolderLock, atomic_write
 from medgen.core.paths import resolve_path
+from medgen.data.masks import is_lesion
 from medgen.data.nifti_dataset import list_patients, modality_path, present_modalities
 from medgen.data.slices import SliceCache, SliceSpec, open_or_build_cache
 from medgen.data.splits import split_patients
@@ -51,7 +52,7 @@ def _as_set(cache: SliceCache, indices: np.ndarray | None = None) -> SliceSet:
     data = np.asarray(cache.data if indices is None else cache.data[np.sort(indices)], dtype=np.float32)
     seg = cache.keys.index(MASK_KEY)
     images = data[:, [i for i, k in enumerate(cache.keys) if k != MASK_KEY]]
-    return SliceSet(np.ascontiguousarray(images), (data[:, seg] > 0.5).astype(np.uint8))
+    return SliceSet(np.ascontiguousarray(images), is_lesion(data[:, seg]).astype(np.uint8))
 
 
 def _subset(n: int, cap: int, seed: int) -> np.ndarray:
@@ -263,7 +264,7 @@ def _evaluate(cfg: DictConfig, out_dir: Path, device: torch.device, progress: bo
 
     t0 = time.perf_counter()
     sets = Sets(cfg, progress)
-    if not np.asarray(sets.synthetic.data[:, sets.synthetic.keys.index(MASK_KEY)] > 0.5).any():
+    if not is_lesion(sets.synthetic.data[:, sets.synthetic.keys.index(MASK_KEY)]).any():
         sets.warnings.append("the synthetic set has no lesion at all (every mask is empty): conditioning adherence "
                              "can only count false positives, and the downstream gain says nothing about lesions")
     for warning in sets.warnings:

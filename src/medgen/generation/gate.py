@@ -1,9 +1,9 @@
 """The stage-1 quality gate: which generated masks are plausible enough to paint.
 
 A mask passes when its lesion area (a fraction of the image) lies in ``[min_area, max_area]``,
-it has at most ``max_components`` connected lesions (8-connectivity), and none of them is a
-speck of fewer than ``min_component_pixels`` pixels. Nothing is corrected: a mask passes or is
-replaced by a new one.
+it has at most ``max_components`` lesions (8-connected components, as :mod:`medgen.data.masks`
+counts them), and none of them is a speck of fewer than ``min_component_pixels`` pixels.
+Nothing is corrected: a mask passes or is replaced by a new one.
 """
 
 from __future__ import annotations
@@ -11,15 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-
-
-def lesion_sizes(mask: np.ndarray) -> np.ndarray:
-    """Pixels of each connected lesion (8-connectivity) of one mask ``[H, W]`` (empty: ``[]``)."""
-    labels, _ = ndimage.label(np.asarray(mask) > 0, structure=_EIGHT_CONNECTED)
-    return np.bincount(labels.ravel())[1:]
+from medgen.data.masks import is_lesion, lesion_sizes
 
 
 @dataclass(frozen=True)
@@ -33,7 +26,7 @@ class MaskStats:
 
 def measure(masks: np.ndarray) -> MaskStats:
     """Area fraction, lesion count and smallest lesion of each mask ``[N, H, W]`` in {0, 1}."""
-    masks = np.asarray(masks) > 0
+    masks = is_lesion(masks)
     n = masks.shape[0]
     components = np.zeros(n, dtype=np.int64)
     smallest = np.zeros(n, dtype=np.int64)

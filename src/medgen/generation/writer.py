@@ -19,16 +19,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from PIL import Image
-from scipy import ndimage
 
 from medgen.core.constants import MASK_KEY, NIFTI_SUFFIX
 from medgen.core.fs import atomic_write
 from medgen.data.nifti_dataset import modality_path, save_volume
-from medgen.data.transforms import ras_to_display
+# contact_sheet and save_png are re-exported: the run (pipeline) draws its pictures through this module
+from medgen.data.pictures import contact_sheet, render_tile, save_png, side_by_side  # noqa: F401
 
-#: the red of the mask outline in every picture
-OUTLINE_RGB = (255, 42, 42)
 #: the manifest's columns, in order
 MANIFEST_COLUMNS = ("id", "split", "mask_source", "mask_seed", "image_seed", "seg_checkpoint", "seg_sha256",
                     "image_checkpoint", "image_sha256", "seg_sampler", "image_sampler", "steps", "guidance_scale",
@@ -88,50 +85,12 @@ def is_complete(folder: Path, keys: Sequence[str]) -> bool:
     return all((Path(folder) / f"{k}{NIFTI_SUFFIX}").is_file() for k in keys)
 
 
-def outline(mask: np.ndarray) -> np.ndarray:
-    """Boundary pixels of a binary mask ``[H, W]`` (the mask minus its erosion)."""
-    m = np.asarray(mask) > 0.5
-    return m & ~ndimage.binary_erosion(m)
-
-
-def render_tile(image: np.ndarray, mask: np.ndarray | None, scale: int = 2) -> np.ndarray:
-    """One picture ``[H', W', 3]`` uint8: a RAS plane ``[X, Y]`` in [0, 1] in radiological display
-    (as ``medgen-data preview`` and the training sample grids), the mask outlined in red."""
-    gray = (np.clip(ras_to_display(image), 0, 1) * 255).round().astype(np.uint8)
-    rgb = np.repeat(gray[..., None], 3, axis=2)
-    if mask is not None:
-        rgb[outline(ras_to_display(mask))] = OUTLINE_RGB
-    return np.kron(rgb, np.ones((scale, scale, 1), dtype=np.uint8)) if scale > 1 else rgb
-
-
 def render_sample(arrays: Mapping[str, np.ndarray], image_keys: Sequence[str], scale: int = 2) -> np.ndarray:
     """A sample's pictures side by side: per image key the image as generated, then the same image
     with the mask outlined in red (so the lesion itself is not hidden by its outline)."""
     mask = arrays[MASK_KEY]
     tiles = [t for k in image_keys for t in (render_tile(arrays[k], None, scale), render_tile(arrays[k], mask, scale))]
-    gap = np.full((tiles[0].shape[0], 2, 3), 255, dtype=np.uint8)
-    return np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)
-
-
-def contact_sheet(tiles: Sequence[np.ndarray], columns: int = 8, pad: int = 4) -> np.ndarray:
-    """Tiles ``[H, W, 3]`` (one size) on a white sheet, ``columns`` per row."""
-    h, w = tiles[0].shape[:2]
-    rows = -(-len(tiles) // columns)
-    cols = min(columns, len(tiles))
-    sheet = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, columns)
-        sheet[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = tile
-    return sheet
-
-
-def save_png(array: np.ndarray, path: Path) -> Path:
-    """``array [H, W, 3]`` uint8 as a PNG file, written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
-    return path
+    return side_by_side(tiles, gap=2)
 
 
 def write_manifest(path: Path, rows: Sequence[Mapping[str, object]]) -> Path:

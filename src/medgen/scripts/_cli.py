@@ -20,13 +20,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from medgen.core.fs import FolderBusy
     from medgen.core.schema import ConfigError
     from medgen.data.nifti_dataset import DataError
-    from medgen.diffusion.perceptual import PerceptualWeightsError
+    from medgen.diffusion.radimagenet import RadImageNetWeightsError
     from medgen.diffusion.run_folder import RunFolderError
     from medgen.diffusion.trainer import TrainingStopped
     from medgen.evaluation import EvaluationError
     from medgen.generation.models import GenerationError
 
-    return (ConfigError, DataError, CheckpointError, PerceptualWeightsError, TrainingStopped, GenerationError,
+    return (ConfigError, DataError, CheckpointError, RadImageNetWeightsError, TrainingStopped, GenerationError,
             EvaluationError, FolderBusy, RunFolderError)
 
 

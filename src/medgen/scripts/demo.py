@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 log = logging.getLogger("medgen.demo")
 
@@ -165,14 +164,6 @@ def run_demo(out: Path, minutes: float, subjects: int, pairs: int, seed: int) ->
     return summary
 
 
-def lesion_contrast(image: np.ndarray, mask: np.ndarray, ring: int = 3) -> float:
-    """Mean intensity inside the mask minus the mean in a ``ring``-pixel band around it: > 0 when
-    the image shows a bright (enhancing) lesion where the mask has one."""
-    m = mask > 0.5
-    band = ndimage.binary_dilation(m, iterations=ring) & ~m
-    return float(image[m].mean() - image[band].mean())
-
-
 def contrast_check(out: Path, sample_dirs: list[Path], image_size: int) -> dict[str, float]:
     """Do lesions sit where the masks are? :func:`lesion_contrast` of the synthetic bravo images with
     their own masks, with the masks of other samples (a pipeline that ignored the mask would score
@@ -180,6 +171,7 @@ def contrast_check(out: Path, sample_dirs: list[Path], image_size: int) -> dict[
     from medgen.data.nifti_dataset import load_volume
     from medgen.data.slices import SliceSpec, open_or_build_cache
     from medgen.data.splits import split_patients
+    from medgen.evaluation.metrics import lesion_contrast
 
     pairs = [(load_volume(d / "bravo.nii.gz")[0][..., 0], load_volume(d / "seg.nii.gz")[0][..., 0]) for d in sample_dirs]
     own = [lesion_contrast(img, m) for img, m in pairs]
