@@ -1,8 +1,8 @@
 """``DiffusionTrainer``: one training loop for every strategy x mode (docs/architecture.md, "Training").
 
 :meth:`DiffusionTrainer.train_step` is the whole step; the loop around it calls out to the
-:class:`~medgen.diffusion.run_logger.RunLogger` (TensorBoard, ``metrics.jsonl``), the
-:class:`~medgen.diffusion.checkpointer.Checkpointer` (which files, when), the validation
+:class:`~medgen.diffusion.run.logger.RunLogger` (TensorBoard, ``metrics.jsonl``), the
+:class:`~medgen.diffusion.run.checkpointer.Checkpointer` (which files, when), the validation
 functions (:mod:`medgen.diffusion.validation`) and an LR schedule (a plain function of the
 step, :mod:`medgen.diffusion.lr_schedule`). The randomness of step ``k`` (timesteps, noise,
 condition dropout) comes from a generator seeded with (seed, k, rank), and the data order is a
@@ -33,12 +33,12 @@ from medgen.core.signals import StopRequest, stop_signals
 from medgen.data.loading import DataBundle, build_data
 from medgen.data.transforms import from_model_space
 from medgen.diffusion import validation
-from medgen.diffusion.checkpointer import Checkpointer, check_resumable
+from medgen.diffusion.run.checkpointer import Checkpointer, check_resumable
 from medgen.diffusion.losses import diffusion_loss
 from medgen.diffusion.lr_schedule import LRSchedule, capped_warmup, warmup_cosine
 from medgen.diffusion.modes import build_mode
 from medgen.diffusion.perceptual import build_perceptual_loss
-from medgen.diffusion.run_logger import RunLogger
+from medgen.diffusion.run.logger import RunLogger
 from medgen.diffusion.strategies import build_strategy
 from medgen.diffusion.utils import (build_network, compile_enabled, compile_module, network_kwargs, sampling_forward,
                                     save_png, step_seed, uses_cuda_graphs)

@@ -1,10 +1,8 @@
-"""Network construction, checkpoint -> model for inference, sample grids, metrics log."""
+"""Network construction, checkpoint -> model for inference, sample grids."""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -171,13 +169,3 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
     return path
-
-
-def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return str(v)
-        return v
-
-    with open(path, "a") as f:
-        f.write(json.dumps({k: clean(v) for k, v in record.items()}) + "\n")

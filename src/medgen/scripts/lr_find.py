@@ -35,7 +35,7 @@ def lr_find_folder(cfg: DictConfig) -> Path:
     """A new folder ``<paths.model_dir>/lr_find/<mode>_<strategy>_<size>_<time>[_job<id>]``, made with
     an exclusive ``mkdir`` (``_2``, ``_3``, ... when taken): two sweeps never share one."""
     from medgen.core.paths import resolve_path
-    from medgen.diffusion.run_folder import claim_new_folder, run_stem
+    from medgen.diffusion.run.folder import claim_new_folder, run_stem
 
     return claim_new_folder(resolve_path(cfg.paths.model_dir) / "lr_find", f"{cfg.mode.name}_{run_stem(cfg)}")
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from medgen.diffusion.utils import append_jsonl
+from medgen.core.jsonio import append_jsonl
 
 log = logging.getLogger("medgen.train")
 
