@@ -86,7 +86,7 @@ def sampling_forward(network: torch.nn.Module, device: torch.device, compile: st
         try:
             out = compiled(x, t)
             state["fn"] = compiled
-            logger.info("compiled the denoiser in %.0f s (compile mode %s)", time.perf_counter() - t0, mode)
+            logger.info("compiled the sampling network in %.0f s (compile mode %s)", time.perf_counter() - t0, mode)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: eager still works
             logger.warning("torch.compile failed (%s: %s); sampling eagerly", type(exc).__name__,
                            str(exc).splitlines()[0] if str(exc) else "")

@@ -45,11 +45,13 @@ def run(cfg: DictConfig, out_dir: Path | None = None):
     (:func:`lr_find_folder`, chosen by rank 0); the folder also gets the resolved ``config.yaml``."""
     from medgen.core.config import validate_config
     from medgen.core.distributed import broadcast_object, cleanup, setup_distributed
+    from medgen.core.precision import configure_backends
     from medgen.diffusion.lr_finder import find_lr, save_lr_find
 
     sweep = cfg.lr_find
     _check_sweep(sweep)
     train_cfg = validate_config(OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "lr_find"]))
+    configure_backends()
     dist = setup_distributed(train_cfg.training.use_multi_gpu)
     created = False
     try:

@@ -36,11 +36,13 @@ def run(cfg: DictConfig, explicit_dir: Path | None = None) -> str:
 def _run(cfg: DictConfig, explicit_dir: Path | None, stop) -> str:
     from medgen.core.config import validate_config
     from medgen.core.distributed import barrier, cleanup, env_world, setup_distributed
+    from medgen.core.precision import configure_backends
     from medgen.diffusion.run.folder import remove_if_unused
     from medgen.diffusion.trainer import DiffusionTrainer
 
     _, _, world = env_world()
     cfg = validate_config(cfg, world_size=world)
+    configure_backends()
     dist = setup_distributed(cfg.training.use_multi_gpu)
     plan, lock = None, None
     try:
