@@ -1,4 +1,4 @@
-"""What a training run keeps on disk, apart from the maths: the run folder and its lock
-(:mod:`.folder`), the checkpoint policy (:mod:`.checkpointer`) and the metrics log
-(:mod:`.logger`). Generation never imports this package; it reads checkpoints through
-:mod:`medgen.diffusion.utils`."""
+"""The machinery around a training run, apart from the maths: its folder and lock (:mod:`.folder`),
+the checkpoint policy and resume (:mod:`.checkpointer`), and what it records while it trains, the
+metrics log and the count of skipped steps (:mod:`.logger`). Generation never imports this
+package; it reads checkpoints through :mod:`medgen.diffusion.utils`."""
