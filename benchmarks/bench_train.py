@@ -131,7 +131,7 @@ def compare(trainer, steps: int, blocks: int, warmup: int = 3) -> dict:
     device = trainer.device
     batches = [b for _, b in zip(range(4), trainer.data.train)]
     bsz = batches[0]["bravo"].shape[0]
-    ref = ReferenceLoop(trainer.network_kwargs, trainer.t.learning_rate, device)
+    ref = ReferenceLoop(trainer.network_kwargs, trainer.train_cfg.learning_rate, device)
 
     def medgen_step(batch):
         trainer.train_step(batch)
@@ -279,7 +279,7 @@ def _medgen_row(tmp: Path, overrides: list[str], cfg: dict, steps: int, warmup: 
 def _reference_row(tmp: Path, overrides: list[str], cfg: dict, steps: int, warmup: int) -> dict:
     trainer = _trainer([*SPEC, "training.compile=false", *overrides], tmp)  # for its data and network kwargs
     batches = _fixed_batches(trainer.data.train, cfg["batch"])
-    kwargs, lr, device = trainer.network_kwargs, trainer.t.learning_rate, trainer.device
+    kwargs, lr, device = trainer.network_kwargs, trainer.train_cfg.learning_rate, trainer.device
     del trainer
     gc.collect()
     ref = ReferenceLoop(kwargs, lr, device, cfg["precision"])
@@ -321,9 +321,6 @@ def table(tmp: Path, args, overrides: list[str]) -> dict:
     """The table (see the module docstring) as one JSON-able dict."""
     trainer = _trainer([*SPEC, "training.compile=false", *overrides], tmp)
     device = trainer.device
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (CPU)"
     peak = peak_tflops(gpu, args.peak_tflops)
     flops = flops_per_image(trainer)
@@ -383,6 +380,9 @@ def main() -> None:
                     help="the card's peak dense bf16 TFLOP/s (default: from its name: H100/H200 989, A100 312)")
     ap.add_argument("overrides", nargs="*", help="extra config overrides for the medgen run, e.g. model.channels=[64,128,128]")
     args = ap.parse_args()
+    from medgen.core.precision import configure_backends
+
+    configure_backends()  # TF32 on CUDA, as medgen-train sets it
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         _phantom_data(tmp / "data")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from datagen import write_dataset
 
-from medgen.data import slices as slices_mod
+from medgen.data import slice_cache
 from medgen.data.loading import build_dataloader
 from medgen.data.slices import SliceCache, SliceSpec, open_or_build_cache
 
@@ -198,10 +198,10 @@ def test_a_corrupt_cache_is_rebuilt_with_a_warning_naming_it(tmp_path, patients,
 def test_random_bytes_are_caught_where_the_slices_file_is_sampled(tmp_path, patients, monkeypatch, caplog):
     """With small blocks the slices file is larger than the sample: random bytes of the right size
     are still caught, and the sample is the first block, the last, and evenly spaced ones."""
-    monkeypatch.setattr(slices_mod, "_SAMPLE_BLOCK_BYTES", 256)
+    monkeypatch.setattr(slice_cache, "_SAMPLE_BLOCK_BYTES", 256)
     directory = open_or_build_cache(patients, SPEC, tmp_path / "c", progress=False).directory
     size = (directory / "slices.bin").stat().st_size
-    offsets = slices_mod._sample_offsets(size)
+    offsets = slice_cache._sample_offsets(size)
     assert size > 64 * 256 and len(offsets) == 64 and offsets[0] == 0 and offsets[-1] == size - 256
     _random_slices(directory)
     caplog.set_level(logging.WARNING)
@@ -216,16 +216,16 @@ def test_a_cache_replaced_after_its_check_is_put_back_not_deleted(tmp_path, pati
     directory = open_or_build_cache(patients, SPEC, tmp_path / "c", progress=False).directory
     other = tmp_path / "elsewhere"
     other.mkdir()
-    slices_mod._discard(directory, other.stat())  # what the first process saw was another folder
+    slice_cache._discard(directory, other.stat())  # what the first process saw was another folder
     assert SliceCache.is_complete(directory) and _leftovers(tmp_path / "c") == []
     SliceCache(directory)  # opens, checked
-    slices_mod._discard(directory, directory.stat())  # the folder it saw: moved aside and deleted
+    slice_cache._discard(directory, directory.stat())  # the folder it saw: moved aside and deleted
     assert not directory.exists() and _leftovers(tmp_path / "c") == []
 
 
 def test_opening_a_large_cache_reads_only_a_sample(tmp_path, patients, monkeypatch):
     """The check reads the index and the metadata, and 64 blocks of a slices file larger than that."""
-    monkeypatch.setattr(slices_mod, "_SAMPLE_BLOCK_BYTES", 256)
+    monkeypatch.setattr(slice_cache, "_SAMPLE_BLOCK_BYTES", 256)
     directory = open_or_build_cache(patients, SPEC, tmp_path / "c", progress=False).directory
     read = []
     real = os.pread

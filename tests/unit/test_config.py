@@ -123,7 +123,7 @@ def test_run_folder_pattern(tmp_path, monkeypatch):
     """Hydra writes nothing (medgen names each run folder itself, uniquely): <model_dir>/<mode>/<strategy>_<size>_<time>."""
     import re
 
-    from medgen.diffusion.run_folder import plan_run
+    from medgen.diffusion.run.folder import plan_run
 
     hydra = OmegaConf.to_container(OmegaConf.load(CONFIGS / "config.yaml"), resolve=False)["hydra"]
     assert hydra["run"]["dir"] == "." and hydra["output_subdir"] is None

@@ -21,12 +21,6 @@ def test_epsilon_weight_closed_form():
     torch.testing.assert_close(w, torch.tensor([1.0, 1.0, 0.25], dtype=torch.float64))
 
 
-def test_v_prediction_weight_closed_form():
-    # min(SNR, 5) / (SNR + 1)
-    w = min_snr_weight(SNRS, GAMMA, "v_prediction")
-    torch.testing.assert_close(w, torch.tensor([1 / 2, 5 / 6, 5 / 21], dtype=torch.float64))
-
-
 def test_velocity_weight_closed_form():
     # min(SNR, 5) / (1 + sqrt(SNR))^2
     expected = [1 / 4, 5 / (1 + math.sqrt(5)) ** 2, 5 / (1 + math.sqrt(20)) ** 2]
@@ -41,7 +35,7 @@ def test_velocity_weight_is_min_snr_times_s_squared():
     torch.testing.assert_close(min_snr_weight(snr, GAMMA, "velocity"), snr.clamp(max=GAMMA) * s**2)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "velocity"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "velocity"])
 def test_weights_finite_at_edges(prediction_type):
     snr = torch.tensor([0.0, 1e-30, 1e30, float("inf")])
     w = min_snr_weight(snr, GAMMA, prediction_type)
@@ -53,13 +47,14 @@ def test_weights_finite_at_edges(prediction_type):
 def test_edge_values():
     snr = torch.tensor([0.0, float("inf")])
     torch.testing.assert_close(min_snr_weight(snr, GAMMA, "epsilon"), torch.tensor([1.0, 0.0]))
-    torch.testing.assert_close(min_snr_weight(snr, GAMMA, "v_prediction"), torch.tensor([0.0, 0.0]))
     torch.testing.assert_close(min_snr_weight(snr, GAMMA, "velocity"), torch.tensor([0.0, 0.0]))
 
 
 def test_weight_errors():
     with pytest.raises(ValueError, match="unknown prediction_type"):
         min_snr_weight(SNRS, GAMMA, "sample")
+    with pytest.raises(ValueError, match="unknown prediction_type"):
+        min_snr_weight(SNRS, GAMMA, "v_prediction")  # no strategy predicts v
     with pytest.raises(ValueError, match="gamma"):
         min_snr_weight(SNRS, 0.0, "epsilon")
 

@@ -48,7 +48,7 @@ def test_two_sweeps_started_in_the_same_second_get_folders_of_their_own(tmp_path
 
     from medgen.core.schema import compose_config
     from medgen.data.nifti_dataset import DataError
-    from medgen.diffusion import run_folder
+    from medgen.diffusion.run import folder as run_folder
     from medgen.scripts.lr_find import run
 
     monkeypatch.setattr(run_folder, "run_stem", lambda cfg: "rflow_16_20261126-120000")  # one second for both

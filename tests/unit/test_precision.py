@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 import medgen.core.precision as precision
+
+
+@pytest.fixture
+def tf32_off():
+    """TF32 off during the test, the flags restored after it."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _dtype_under(ctx) -> torch.dtype:
@@ -34,3 +44,8 @@ def test_bf16_autocast_only_on_a_cpu_that_computes_bf16(monkeypatch, caplog):
 
 def test_the_cpu_check_is_onednns_own():
     assert precision.cpu_has_native_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def test_configure_backends_turns_tf32_on_for_training_and_generation(tf32_off):
+    precision.configure_backends()
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from medgen.core.checkpoint import load_checkpoint
 from medgen.core.fs import HOST, FolderBusy, FolderLock
-from medgen.diffusion import run_folder
+from medgen.diffusion.run import folder as run_folder
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

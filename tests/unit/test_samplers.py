@@ -105,10 +105,10 @@ def _close(actual, expected, rtol=1e-5, atol=1e-6):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: ddpm_grid(ALPHA_BAR, 10),
+        lambda: ddpm_grid(ALPHA_BAR, 10, "linspace"),
         lambda: ddpm_grid(ALPHA_BAR, 7, "monai"),
         lambda: ddpm_grid(ALPHA_BAR, 3, "leading"),
-        lambda: ddpm_grid(ALPHA_BAR, 1),
+        lambda: ddpm_grid(ALPHA_BAR, 1, "linspace"),
         lambda: rflow_grid(T, 10),
         lambda: rflow_grid(T, 13, shift=2.0, discrete=False),
         lambda: rflow_grid(T, 1),
@@ -137,7 +137,7 @@ def test_rflow_grid_levels():
     assert grid.alpha.tolist() == [0, 0.25, 0.5, 0.75, 1] and grid.sigma.tolist() == [1, 0.75, 0.5, 0.25, 0]
 
 
-@pytest.mark.parametrize("make", [lambda n: ddpm_grid(ALPHA_BAR, n), lambda n: rflow_grid(T, n)])
+@pytest.mark.parametrize("make", [lambda n: ddpm_grid(ALPHA_BAR, n, "linspace"), lambda n: rflow_grid(T, n)])
 @pytest.mark.parametrize("num_steps", [0, -1, T + 1])
 def test_grid_num_steps_out_of_range(make, num_steps):
     with pytest.raises(ValueError, match="num_steps"):
@@ -146,7 +146,7 @@ def test_grid_num_steps_out_of_range(make, num_steps):
 
 def test_grid_rejects_repeats_bad_spacing_and_bad_levels():
     with pytest.raises(ValueError, match="repeats"):  # linspace(0, T-1, T+1) rounds to repeated values
-        ddpm_grid(ALPHA_BAR, T)
+        ddpm_grid(ALPHA_BAR, T, "linspace")
     with pytest.raises(ValueError, match="spacing"):
         ddpm_grid(ALPHA_BAR, 10, "karras")
     with pytest.raises(ValueError, match="shift"):
@@ -352,7 +352,7 @@ def _gaussian_denoiser(family: str):
 
 
 GRIDS = {
-    "ddpm": lambda n: ddpm_grid(ALPHA_BAR, n),
+    "ddpm": lambda n: ddpm_grid(ALPHA_BAR, n, "linspace"),
     # continuous t: integer rounding moves the last level by up to 0.5 / T, a floor unrelated to the sampler
     "rflow": lambda n: rflow_grid(T, n, discrete=False),
     "rflow_shift2": lambda n: rflow_grid(T, n, shift=2.0, discrete=False),
@@ -447,7 +447,7 @@ def test_vp_final_step_error_is_first_order(name, monkeypatch):
     """
     errors = []
     for n in NS:
-        grid = ddpm_grid(ALPHA_BAR, n)
+        grid = ddpm_grid(ALPHA_BAR, n, "linspace")
         _, var = _output_moments(name, grid, monkeypatch)
         final = SD**2 - _denoised_var(grid)
         errors.append(abs(var - SD**2))
@@ -471,7 +471,7 @@ def test_randn_like_draws():
 @pytest.mark.parametrize("name, options", [("ddpm", {}), ("ddim", {"eta": 0.5})])
 def test_per_sample_generators_make_samples_batch_independent(name, options):
     denoise = _vp_denoiser(_vp_eps_model(ALPHA_BAR), ALPHA_BAR)
-    grid, x_T, seeds = ddpm_grid(ALPHA_BAR, 12), _x_T(6, shape=(4, 2, 4, 4)), [11, 12, 13, 14]
+    grid, x_T, seeds = ddpm_grid(ALPHA_BAR, 12, "linspace"), _x_T(6, shape=(4, 2, 4, 4)), [11, 12, 13, 14]
     batch = SAMPLERS[name](denoise, x_T, grid, generator=[_gen(s) for s in seeds], **options)
     singles = torch.cat(
         [SAMPLERS[name](denoise, x_T[i : i + 1], grid, generator=[_gen(s)], **options) for i, s in enumerate(seeds)]

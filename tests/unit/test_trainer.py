@@ -40,6 +40,15 @@ def _weights_before_each_step(trainer: DiffusionTrainer, monkeypatch) -> dict[in
     return before
 
 
+@pytest.fixture
+def tf32_off():
+    """TF32 off during the test, the flags restored after it."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
@@ -69,6 +78,43 @@ def test_resume_is_exact(tiny_cfg, tmp_path):
     # and the run really moved: not trivially equal to the initial weights
     fresh = DiffusionTrainer(tiny_cfg(*extra), tmp_path / "c", CPU, progress=False)
     assert any(not torch.equal(v, fresh.model.state_dict()[k]) for k, v in straight.model.state_dict().items())
+
+
+def test_fit_runs_the_steps_train_runs_and_stops_when_asked(tiny_cfg, tmp_path):
+    """fit(): the same weights as train() for the same steps, also split over calls and across an
+    epoch boundary; on_step sees every step and a true return stops."""
+    extra = ("mode=bravo", "training.epochs=4", "training.warmup_steps=2", "training.cond_dropout=0.2")
+    trained = DiffusionTrainer(tiny_cfg(*extra, "training.max_steps=8"), tmp_path / "a", CPU, progress=False)
+    assert trained.steps_per_epoch == 6 and trained.train() == "max_steps"
+    fitted = DiffusionTrainer(tiny_cfg(*extra), tmp_path / "b", CPU, progress=False)
+    assert fitted.fit(5) == 5 and fitted.fit(3) == 3 and fitted.step == 8 and fitted.epoch == 1
+    _assert_same(_weights(trained.model), _weights(fitted.model))
+    assert not (tmp_path / "b").exists()  # no checkpoints, logs or samples
+
+    stopped = DiffusionTrainer(tiny_cfg(*extra), tmp_path / "c", CPU, progress=False)
+    losses: list[float] = []
+
+    def on_step(result) -> bool:
+        losses.append(float(result.loss))
+        return stopped.step == 3
+
+    assert stopped.fit(10, on_step) == 3 and stopped.step == 3
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+
+
+def test_building_a_trainer_leaves_process_wide_state_alone(tiny_cfg, tmp_path, tf32_off):
+    """The initial weights depend on the seed only, and the global RNG and the TF32 flags are the
+    same after building a trainer as before."""
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    first = DiffusionTrainer(tiny_cfg("mode=seg"), tmp_path / "a", CPU, progress=False)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    torch.manual_seed(7)
+    second = DiffusionTrainer(tiny_cfg("mode=seg"), tmp_path / "b", CPU, progress=False)
+    _assert_same(_weights(first.model), _weights(second.model))
+    other_seed = DiffusionTrainer(tiny_cfg("mode=seg", "seed=1"), tmp_path / "c", CPU, progress=False)
+    assert any(not torch.equal(v, other_seed.model.state_dict()[k]) for k, v in first.model.state_dict().items())
 
 
 def test_resume_with_changed_config_is_refused_naming_the_key(tiny_cfg, tmp_path):
@@ -142,8 +188,8 @@ def test_without_a_terminal_progress_is_a_log_line_not_a_bar(tiny_cfg, tmp_path,
         trainer = DiffusionTrainer(tiny_cfg("training.max_steps=4", "training.log_every=2"), tmp_path / "p")
         trainer.train()
     lines = [r.getMessage() for r in caplog.records if ": loss " in r.getMessage()]
-    assert [line.split(":")[0] for line in lines] == [f"epoch 1/{trainer.t.epochs}, step 2/{trainer.total_steps}",
-                                                      f"epoch 1/{trainer.t.epochs}, step 4/{trainer.total_steps}"]
+    assert [line.split(":")[0] for line in lines] == [f"epoch 1/{trainer.train_cfg.epochs}, step 2/{trainer.total_steps}",
+                                                      f"epoch 1/{trainer.train_cfg.epochs}, step 4/{trainer.total_steps}"]
     assert "images/s" in lines[0] and "\r" not in capsys.readouterr().err
 
 
@@ -248,7 +294,7 @@ def test_a_compiled_sample_grid_equals_the_eager_one(tiny_cfg, tmp_path, caplog,
         first = {c: r.sample_grid() for c, r in runs.items()}
         set_weights(0.1)
         second = {c: r.sample_grid() for c, r in runs.items()}
-    assert [r.getMessage().startswith("compiled the denoiser in ") for r in caplog.records].count(True) == 1
+    assert [r.getMessage().startswith("compiled the sampling network in ") for r in caplog.records].count(True) == 1
     for grids in (first, second):
         diff = np.abs(grids["true"].astype(int) - grids["false"].astype(int))
         assert diff.max() <= 2 and diff.mean() < 0.05  # a level or two at a few pixels, from bf16 rounding

@@ -5,7 +5,9 @@ with ``bravo.nii.gz``, ``t1_pre.nii.gz``, ``t1_gd.nii.gz``, ``flair.nii.gz``, ``
 (an uncompressed ``<key>.nii`` is read as well: :func:`modality_path`).
 Volumes are reoriented to RAS, so axial slices are along the last array axis. The volumes of
 one patient must share shape and affine: :func:`geometry_mismatches` is the one comparison
-(``medgen-data check``, training, the importers and the phantom template use it).
+(``medgen-data check``, training, the importers and the phantom template use it), and
+:class:`PatientReader` the one way to read a patient's files and compare them
+(``medgen-data check`` and the slice cache, :class:`NiFTIDataset`, the nnU-Net importer).
 """
 
 from __future__ import annotations
@@ -193,6 +195,51 @@ def geometry_mismatches(volumes: Sequence[tuple[str | Path, tuple[int, ...], np.
     return out
 
 
+def short_error(exc: BaseException) -> str:
+    """``"<type>: <first line of the message>"``, at most about 200 characters of message."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@dataclass
+class VolumeRead:
+    """One file as :meth:`PatientReader.read` read it."""
+
+    path: Path
+    data: np.ndarray | None  #: RAS ``[H, W, D]`` float32 (:func:`load_volume`); None when unreadable
+    affine: np.ndarray | None
+    #: why the volume cannot be used for training (unreadable, not grayscale, not 3D), without the path
+    problem: str | None = None
+
+
+class PatientReader:
+    """Reads the files of one patient one at a time and then compares their geometry: what
+    ``medgen-data check``, the slice cache, :class:`NiFTIDataset` and the importers share, so
+    they find the same problems and blame the same file."""
+
+    def __init__(self) -> None:
+        self._geometry: list[tuple[Path, tuple[int, ...], np.ndarray]] = []
+
+    def read(self, path: str | Path) -> VolumeRead:
+        """Read ``path`` fully (:func:`load_volume`) and say what makes it unusable, if anything.
+        A volume that could be read takes part in :meth:`mismatches`, whatever its shape."""
+        path = Path(path)
+        try:
+            data, affine = load_volume(path)  # decompresses every voxel
+        except DataError as exc:  # not a grayscale volume
+            return VolumeRead(path, None, None, str(exc).removeprefix(f"{path}: "))
+        except Exception as exc:  # noqa: BLE001 - nibabel/gzip/zlib raise many types; name the file
+            return VolumeRead(path, None, None, f"unreadable or truncated file ({short_error(exc)})")
+        self._geometry.append((path, data.shape, affine))
+        return VolumeRead(path, data, affine, volume_shape_problem(data.shape))
+
+    def mismatches(self) -> list[GeometryMismatch]:
+        """The shape and affine mismatches among the volumes read so far (:func:`geometry_mismatches`)."""
+        return geometry_mismatches(self._geometry)
+
+
 @dataclass
 class PatientVolumes:
     patient_id: str
@@ -220,23 +267,18 @@ class NiFTIDataset(Dataset):
     def __getitem__(self, index: int) -> PatientVolumes:
         folder = self.patients[index]
         volumes: dict[str, np.ndarray] = {}
-        geometry: list[tuple[Path, tuple[int, ...], np.ndarray]] = []
+        affine: np.ndarray | None = None
+        reader = PatientReader()
         for key in self.keys:
             path = modality_path(folder, key)
             if not path.is_file():
                 raise DataError(f"{path}: {missing_modality_message(key)}")
-            try:
-                data, affine = load_volume(path)
-            except DataError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - nibabel/gzip/zlib raise many types; name the file
-                raise DataError(f"{path}: unreadable or truncated file ({type(exc).__name__}: {exc})") from None
-            problem = volume_shape_problem(data.shape)
-            if problem:
-                raise DataError(f"{path}: {problem}")
-            geometry.append((path, data.shape, affine))
-            volumes[key] = binarize_mask(data) if key == MASK_KEY else data
-        mismatches = geometry_mismatches(geometry)
+            read = reader.read(path)
+            if read.problem:
+                raise DataError(f"{path}: {read.problem}")
+            volumes[key] = binarize_mask(read.data) if key == MASK_KEY else read.data
+            affine = read.affine if affine is None else affine
+        mismatches = reader.mismatches()
         if mismatches:
             raise DataError("\n".join(f"{m.path}: {m.message}" for m in mismatches))
-        return PatientVolumes(folder.name, volumes, geometry[0][2] if geometry else None)
+        return PatientVolumes(folder.name, volumes, affine)

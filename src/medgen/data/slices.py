@@ -13,16 +13,16 @@ and training memory does not grow with the dataset (pages are read on demand).
 A cache is built in a temporary folder (a killed build's folder is removed by the next run) and
 records a checksum when it is complete (:func:`cache_checksum`: all of the index and the metadata,
 sampled blocks of the slices). Opening checks it; a cache that fails (or predates the checksum) is
-moved aside, deleted and rebuilt, with a warning that names its folder.
+moved aside, deleted and rebuilt, with a warning that names its folder. This module selects and
+builds; :mod:`medgen.data.slice_cache` holds the folder on disk (:class:`SliceCache`: opening and
+checking it, replacing a bad one).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -36,31 +36,16 @@ from medgen.core.constants import MASK_KEY, PREPROCESSING_VERSION
 from medgen.core.fs import remove_orphans, temporary_path
 from medgen.data.nifti_dataset import DataError, modality_path
 from medgen.data.parallel import ordered_map
+from medgen.data.slice_cache import (CACHE_DTYPE, CHECKSUM_SCHEME, DATA_FILE, INDEX_FILE, META_FILE, CacheCorrupt,
+                                     SliceCache, cache_checksum, move_into_place, open_checked)
 from medgen.data.transforms import preprocess_image, preprocess_mask
 from medgen.data.validate import Problem, Report, read_patient
 
+__all__ = ["CACHE_DTYPE", "CacheCorrupt", "SliceCache", "SliceSpec", "cache_checksum", "cache_directory",
+           "fingerprint", "model_spacing", "open_or_build_cache", "open_or_build_caches", "preprocess_volumes",
+           "select_slices", "source_files"]
+
 log = logging.getLogger("medgen.data")
-
-CACHE_DTYPE = np.float16
-_DATA_FILE = "slices.bin"
-_META_FILE = "meta.json"
-_INDEX_FILE = "index.npz"
-#: how :func:`cache_checksum` is computed, recorded with the checksum; a cache that records another
-#: scheme, or none (built before caches checked themselves), is rebuilt
-CHECKSUM_SCHEME = "sha256/index+meta+slices-64x64KiB-v1"
-_SAMPLE_BLOCKS = 64  # evenly spaced, first and last block included
-_SAMPLE_BLOCK_BYTES = 64 * 1024
-
-
-class CacheCorrupt(DataError):
-    """A slice cache folder that cannot be used; the message names the folder and the reason."""
-
-    def __init__(self, directory: Path, reason: str):
-        super().__init__(f"slice cache {directory} cannot be used: {reason}")
-        self.directory, self.reason = Path(directory), reason
-
-    def __reduce__(self):
-        return type(self), (self.directory, self.reason)
 
 
 @dataclass(frozen=True)
@@ -141,133 +126,6 @@ def select_slices(channels: np.ndarray, spec: SliceSpec) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-class SliceCache:
-    """A built slice cache: ``data`` ``[N, C, S, S]`` float16 memmap plus per-slice index arrays.
-
-    Opening checks the folder: readable metadata and index that agree, a slices file of the
-    expected size, and the checksum recorded when the cache was completed.
-
-    Raises:
-        CacheCorrupt: any of these fails (the message names the folder and the reason).
-    """
-
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
-        meta = self._read_meta()
-        self.meta = meta
-        try:
-            self.keys: tuple[str, ...] = tuple(str(k) for k in meta["keys"])
-            self.shape: tuple[int, ...] = tuple(int(n) for n in meta["shape"])
-            self.patient_ids: list[str] = [str(p) for p in meta["patient_ids"]]
-            #: median voxel size (mm) of a model slice, (x, y, z); None for caches built before it was recorded
-            self.spacing: list[float] | None = meta.get("spacing")
-            shape_ok = len(self.shape) == 4 and min(self.shape) >= 0 and self.shape[1] == len(self.keys)
-            if not shape_ok or meta["dtype"] != np.dtype(CACHE_DTYPE).name:
-                raise ValueError
-        except (KeyError, TypeError, ValueError):
-            raise CacheCorrupt(self.directory, f"{_META_FILE} does not describe a slice cache") from None
-        try:
-            with np.load(self.directory / _INDEX_FILE) as index:
-                self.patient_index: np.ndarray = index["patient"]  # [N] index into patient_ids
-                self.slice_index: np.ndarray = index["z"]  # [N] axial position in the source volume
-                self.lesion_pixels: np.ndarray = index["lesion_pixels"]  # [N] (0 without a mask channel)
-        except FileNotFoundError:
-            raise CacheCorrupt(self.directory, f"{_INDEX_FILE} is missing") from None
-        except Exception as exc:  # a truncated or overwritten zip fails in many ways: all mean unusable
-            raise CacheCorrupt(self.directory, f"{_INDEX_FILE} is unreadable ({type(exc).__name__}: {exc})") from None
-        n = self.shape[0]
-        arrays = (self.patient_index, self.slice_index, self.lesion_pixels)
-        if any(a.shape != (n,) or a.dtype.kind not in "iu" for a in arrays) or (
-                n and not 0 <= self.patient_index.min() <= self.patient_index.max() < len(self.patient_ids)):
-            raise CacheCorrupt(self.directory, f"{_INDEX_FILE} does not match {_META_FILE}")
-        expected = int(np.prod(self.shape)) * np.dtype(CACHE_DTYPE).itemsize
-        try:
-            size = (self.directory / _DATA_FILE).stat().st_size
-        except FileNotFoundError:
-            raise CacheCorrupt(self.directory, f"{_DATA_FILE} is missing") from None
-        except OSError as exc:
-            raise CacheCorrupt(self.directory, f"{_DATA_FILE} is unreadable ({exc.strerror})") from None
-        if size != expected:
-            raise CacheCorrupt(self.directory, f"{_DATA_FILE} has {size} bytes, {expected} expected (truncated?)")
-        recorded = meta.get("checksum")
-        if not isinstance(recorded, dict) or recorded.get("scheme") != CHECKSUM_SCHEME:
-            raise CacheCorrupt(self.directory, "it records no checksum (built by an older medgen)")
-        try:
-            actual = cache_checksum(self.directory, meta)
-        except OSError as exc:
-            raise CacheCorrupt(self.directory, f"cannot read it to check it ({exc.strerror})") from None
-        if actual != recorded.get("sha256"):
-            raise CacheCorrupt(self.directory, "its contents do not match the checksum recorded when it was built")
-        self._data: np.memmap | None = None
-
-    def _read_meta(self) -> dict:
-        try:
-            meta = json.loads((self.directory / _META_FILE).read_text())
-        except FileNotFoundError:
-            raise CacheCorrupt(self.directory, f"{_META_FILE} is missing") from None
-        except OSError as exc:
-            raise CacheCorrupt(self.directory, f"{_META_FILE} is unreadable ({exc.strerror})") from None
-        except ValueError:  # not JSON, not UTF-8
-            raise CacheCorrupt(self.directory, f"{_META_FILE} is not valid JSON") from None
-        if not isinstance(meta, dict):
-            raise CacheCorrupt(self.directory, f"{_META_FILE} does not describe a slice cache")
-        return meta
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    @property
-    def data(self) -> np.ndarray:
-        """The slices, opened lazily (so a pickled cache re-opens in each loader worker)."""
-        if self._data is None:
-            if self.shape[0] == 0:
-                self._data = np.zeros(self.shape, dtype=CACHE_DTYPE)  # type: ignore[assignment]
-            else:
-                self._data = np.memmap(self.directory / _DATA_FILE, dtype=CACHE_DTYPE, mode="r", shape=self.shape)
-        return self._data
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_data"] = None
-        return state
-
-    @staticmethod
-    def is_complete(directory: Path) -> bool:
-        """Every file of a cache is there (meta.json, written last, holds the checksum); whether
-        their contents are intact is what opening checks."""
-        return all((Path(directory) / f).is_file() for f in (_DATA_FILE, _INDEX_FILE, _META_FILE))
-
-
-def _sample_offsets(size: int) -> list[int]:
-    """Offsets of the blocks of a slices file of ``size`` bytes that :func:`cache_checksum` reads:
-    every block of a small file, else evenly spaced ones from the first to the last."""
-    if size <= _SAMPLE_BLOCKS * _SAMPLE_BLOCK_BYTES:
-        return list(range(0, size, _SAMPLE_BLOCK_BYTES))
-    last = size - _SAMPLE_BLOCK_BYTES
-    return [last * i // (_SAMPLE_BLOCKS - 1) for i in range(_SAMPLE_BLOCKS)]
-
-
-def cache_checksum(directory: Path, meta: dict) -> str:
-    """sha256 of a cache folder's contents: all of index.npz, the metadata (canonical JSON without
-    the checksum), the size of slices.bin and :data:`_SAMPLE_BLOCKS` blocks of it (the whole file
-    when it is small). A warm start reads a few MB whatever the size of the cache; a file
-    overwritten, truncated or swapped is caught, a change confined to unsampled bytes is not."""
-    directory = Path(directory)
-    h = hashlib.sha256(f"{CHECKSUM_SCHEME}\n".encode())
-    h.update(hashlib.sha256((directory / _INDEX_FILE).read_bytes()).digest())
-    fields = {k: v for k, v in meta.items() if k != "checksum"}
-    h.update(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode() + b"\n")
-    fd = os.open(directory / _DATA_FILE, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        h.update(f"{size}\n".encode())
-        for offset in _sample_offsets(size):
-            h.update(os.pread(fd, _SAMPLE_BLOCK_BYTES, offset))
-    finally:
-        os.close(fd)
-    return h.hexdigest()
-
-
 def cache_directory(cache_dir: Path, patients: Sequence[Path], spec: SliceSpec) -> Path:
     return Path(cache_dir) / "slices" / fingerprint(patients, spec)[:24]
 
@@ -303,7 +161,7 @@ def open_or_build_caches(groups: Sequence[tuple[Sequence[Path], str]], spec: Sli
     slices_dir = Path(cache_dir) / "slices"
     if slices_dir.is_dir():
         remove_orphans(sorted(slices_dir.glob(".*.tmp-*")))
-    caches = [_open_checked(directory) for directory in directories]
+    caches = [open_checked(directory) for directory in directories]
     report = Report()
     staged: list[tuple[Path, Path]] = []  # (temporary folder, final folder)
     try:
@@ -322,73 +180,13 @@ def open_or_build_caches(groups: Sequence[tuple[Sequence[Path], str]], spec: Sli
         if not report.ok:
             raise DataError("the dataset has problems; fix them and run again:\n" + report.format())
         for tmp, directory in staged:
-            _move_into_place(tmp, directory)
+            move_into_place(tmp, directory)
     finally:
         for tmp, _ in staged:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     # a cache built just now is checked too (it may be another process's, finished first)
     return [cache if cache is not None else SliceCache(directory) for cache, directory in zip(caches, directories)]
-
-
-def _open_checked(directory: Path) -> SliceCache | None:
-    """The cache in ``directory`` if it passes its check; None when there is none, or when it
-    failed (then, with a warning naming the folder and the reason, it is moved aside and deleted)."""
-    try:
-        seen = directory.lstat()
-    except FileNotFoundError:
-        return None
-    try:
-        return SliceCache(directory)
-    except CacheCorrupt as exc:
-        log.warning("%s; rebuilding it", exc)
-        _discard(directory, seen)
-        return None
-
-
-def _discard(directory: Path, seen: os.stat_result) -> None:
-    """Move the bad cache ``directory`` (as it was when ``seen``) out of the way, then delete it.
-    Renaming first keeps the final name free for the rebuild at once, and a run killed while
-    deleting leaves a temporary that the next run removes. If another process replaced the folder
-    between the check and the rename, that new folder is put back rather than deleted."""
-    aside = temporary_path(directory)
-    try:
-        os.rename(directory, aside)
-    except FileNotFoundError:
-        return  # another process moved it first
-    except OSError as exc:
-        raise CacheCorrupt(directory, f"it failed its check and cannot be moved aside ({exc.strerror})") from None
-    st = aside.lstat()
-    if (st.st_dev, st.st_ino) != (seen.st_dev, seen.st_ino) and _rename_back(aside, directory):
-        return
-    if aside.is_dir() and not aside.is_symlink():
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        aside.unlink(missing_ok=True)
-
-
-def _rename_back(aside: Path, directory: Path) -> bool:
-    """Put a folder moved aside by mistake back in place; False if yet another one is there now
-    (then the one aside is surplus)."""
-    try:
-        os.rename(aside, directory)
-    except OSError:
-        return False
-    return True
-
-
-def _move_into_place(tmp: Path, directory: Path) -> None:
-    """Rename the built ``tmp`` to ``directory`` (atomic). When another process finished the same
-    cache first, keep that one if it passes its check, else replace it."""
-    for attempt in range(3):
-        try:
-            os.replace(tmp, directory)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR) or attempt == 2:
-                raise
-        if _open_checked(directory) is not None:  # else it failed its check and is gone now
-            return
 
 
 @dataclass
@@ -473,7 +271,7 @@ def _build(tmp: Path, patients: Sequence[Path], spec: SliceSpec, report: Report,
     lesion: list[np.ndarray] = []
     spacings: list[tuple[float, float, float]] = []
     job = partial(_patient_slices, spec=spec, validate=validate, preprocess=preprocess)
-    with open(tmp / _DATA_FILE, "wb") as f:
+    with open(tmp / DATA_FILE, "wb") as f:
         for i, result in enumerate(ordered_map(job, patients, workers, desc=f"building {desc}", progress=progress)):
             report.problems.extend(result.problems)
             if not report.ok or result.block is None:
@@ -488,7 +286,7 @@ def _build(tmp: Path, patients: Sequence[Path], spec: SliceSpec, report: Report,
     if not report.ok:
         return
     np.savez(
-        tmp / _INDEX_FILE,
+        tmp / INDEX_FILE,
         patient=np.concatenate(patient_idx),
         z=np.concatenate(z_idx),
         lesion_pixels=np.concatenate(lesion),
@@ -507,4 +305,4 @@ def _build(tmp: Path, patients: Sequence[Path], spec: SliceSpec, report: Report,
     }
     meta = json.loads(json.dumps(meta))  # exactly what opening will read back, for the checksum
     meta["checksum"] = {"scheme": CHECKSUM_SCHEME, "sha256": cache_checksum(tmp, meta)}
-    (tmp / _META_FILE).write_text(json.dumps(meta, indent=1))  # last: the cache is complete with it
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))  # last: the cache is complete with it

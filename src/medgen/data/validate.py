@@ -29,9 +29,8 @@ from typing import Iterable, Literal, Sequence
 import numpy as np
 
 from medgen.core.constants import AFFINE_ATOL, MASK_KEY, MODALITIES, SPLITS
-from medgen.data.nifti_dataset import (MODALITY_SUFFIXES, DataError, folder_problem, geometry_mismatches,
-                                       list_patients, load_volume, missing_modality_message, modality_files,
-                                       modality_path, present_modalities, volume_shape_problem)
+from medgen.data.nifti_dataset import (MODALITY_SUFFIXES, PatientReader, folder_problem, list_patients,
+                                       missing_modality_message, modality_files, modality_path, present_modalities)
 from medgen.data.parallel import ordered_map
 from medgen.data.splits import split_folder_problem
 
@@ -102,13 +101,6 @@ class Report:
             "warnings": len(self.warnings),
             "problems": [asdict(p) for p in self.problems],
         }
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if len(text) > 200:
-        text = text[:197] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _values_sample(values: np.ndarray) -> str:
@@ -192,7 +184,7 @@ def read_patient(folder: str | Path, keys: Sequence[str] = MODALITIES, validate:
             problems.append(Problem(str(folder), f"stray file(s) in patient folder: {_names(stray)}", "warning"))
 
     read = PatientRead(problems)
-    geometry: list[tuple[Path, tuple[int, ...], np.ndarray]] = []
+    reader = PatientReader()
     for key in keys:
         path = modality_path(folder, key)
         if not path.is_file():
@@ -206,23 +198,16 @@ def read_patient(folder: str | Path, keys: Sequence[str] = MODALITIES, validate:
             names = ", ".join(p.name for p in found)
             problems.append(Problem(str(folder), f"modality {key!r} is there twice ({names}); keep one"))
             continue
-        try:
-            data, affine = load_volume(path)  # decompresses every voxel
-        except DataError as exc:  # not a grayscale volume
-            problems.append(Problem(str(path), str(exc).removeprefix(f"{path}: ")))
+        volume = reader.read(path)
+        if volume.problem:  # unreadable, not grayscale, or not slicable for training
+            problems.append(Problem(str(path), volume.problem))
+        if volume.data is None:
             continue
-        except Exception as exc:  # noqa: BLE001 - nibabel/gzip/zlib raise many types; report, don't crash
-            problems.append(Problem(str(path), f"unreadable or truncated file ({_short(exc)})"))
-            continue
-        shape_problem = volume_shape_problem(data.shape)  # what slicing for training cannot use
-        if shape_problem:
-            problems.append(Problem(str(path), shape_problem))
-        geometry.append((path, data.shape, affine))
         if validate:
-            problems.extend(_check_values(path, key, data))
+            problems.extend(_check_values(path, key, volume.data))
         if keep:
-            read.volumes[key], read.affines[key] = data, affine
-    problems.extend(Problem(str(m.path), m.message) for m in geometry_mismatches(geometry))
+            read.volumes[key], read.affines[key] = volume.data, volume.affine
+    problems.extend(Problem(str(m.path), m.message) for m in reader.mismatches())
     return read
 
 

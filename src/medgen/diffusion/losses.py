@@ -13,8 +13,6 @@ space of the prediction target gives one closed form per target:
 * epsilon (DDPM, Ho et al. 2020): ``x0_hat - x0 = -sqrt(1 - a) / sqrt(a) * (eps_hat - eps)``
   with ``a = alpha_bar``, so ``||x0_hat - x0||^2 = ||eps_hat - eps||^2 / SNR`` and the weight
   on the epsilon MSE is ``min(SNR, gamma) / SNR`` (Hang et al. eq. 8).
-* v-prediction (Salimans & Ho 2022): ``||x0_hat - x0||^2 = (1 - a) ||v_hat - v||^2 =
-  ||v_hat - v||^2 / (SNR + 1)``, weight ``min(SNR, gamma) / (SNR + 1)`` (Hang et al. eq. 9).
 * rectified-flow velocity: see :func:`_velocity_weight` for the derivation; weight
   ``min(SNR, gamma) / (1 + sqrt(SNR))^2``.
 """
@@ -57,11 +55,6 @@ def _epsilon_weight(snr: Tensor, gamma: float) -> Tensor:
     return torch.clamp(gamma / snr, max=1.0)
 
 
-def _v_prediction_weight(snr: Tensor, gamma: float) -> Tensor:
-    """``min(SNR, gamma) / (SNR + 1)`` (Hang et al. 2023, eq. 9): 0 at SNR = 0 and at SNR = inf."""
-    return torch.clamp(snr, max=gamma) / (snr + 1.0)
-
-
 def _velocity_weight(snr: Tensor, gamma: float) -> Tensor:
     """Min-SNR-gamma for the rectified-flow velocity target (MONAI ``RFlowScheduler``).
 
@@ -81,7 +74,7 @@ def _velocity_weight(snr: Tensor, gamma: float) -> Tensor:
 
         w(SNR) = min(SNR, gamma) / (1 + sqrt(SNR))^2.
 
-    Like the v-prediction weight it vanishes at both ends: SNR -> 0 (s = 1, pure noise) gives
+    It vanishes at both ends: SNR -> 0 (s = 1, pure noise) gives
     ``SNR / 1 -> 0`` and SNR -> inf (s = 0, clean) gives ``gamma / inf -> 0``; its maximum is
     ``(sqrt(gamma) / (1 + sqrt(gamma)))^2`` (0.48 for gamma = 5) at SNR = gamma.
     """
@@ -91,7 +84,6 @@ def _velocity_weight(snr: Tensor, gamma: float) -> Tensor:
 #: prediction target -> weight function ``(snr [B], gamma) -> [B]``
 MIN_SNR_WEIGHTS: dict[str, Callable[[Tensor, float], Tensor]] = {
     "epsilon": _epsilon_weight,
-    "v_prediction": _v_prediction_weight,
     "velocity": _velocity_weight,
 }
 
@@ -102,8 +94,8 @@ def min_snr_weight(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
     Args:
         snr: ``[B]`` signal-to-noise ratio of each sample's timestep, in [0, inf].
         gamma: the clamp value (5 in the paper); must be > 0.
-        prediction_type: ``"epsilon"`` (DDPM), ``"v_prediction"`` (DDPM-v, Salimans & Ho 2022)
-            or ``"velocity"`` (rectified flow, MONAI sign ``v = x0 - eps``).
+        prediction_type: what the strategy's network predicts: ``"epsilon"`` (DDPM) or
+            ``"velocity"`` (rectified flow, MONAI sign ``v = x0 - eps``).
 
     Returns:
         ``[B]`` float32 (float64 for float64 input) weights, finite for every SNR in [0, inf].

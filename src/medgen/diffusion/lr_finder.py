@@ -17,7 +17,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from medgen.core.distributed import DistInfo
-from medgen.diffusion.trainer import DiffusionTrainer
+from medgen.diffusion.trainer import DiffusionTrainer, StepResult
 
 
 @dataclass
@@ -63,16 +63,19 @@ def find_lr(cfg: DictConfig, run_dir: str | Path, dist: DistInfo | None = None, 
     sweep = lr_schedule(min_lr, max_lr, num_steps)
     trainer = DiffusionTrainer(cfg, run_dir, dist, lr_schedule=lambda step: float(sweep[min(step, num_steps - 1)]),
                                progress=progress)
-    lrs, smooth, raw = [], [], []
+    lrs: list[float] = []
+    smooth: list[float] = []
+    raw: list[float] = []
     avg, best, diverged = 0.0, math.inf, False
     bar = tqdm(total=num_steps, desc="LR sweep", disable=not progress)
-    for batch in trainer.batches():
-        lr = trainer.lr_schedule(trainer.step)
-        loss = float(trainer.train_step(batch).loss)
-        trainer.step += 1
+
+    def record(result: StepResult) -> bool:
+        """Smooth and record the loss of the step just run; True (stop) once it diverges."""
+        nonlocal avg, best, diverged
+        lr, loss = trainer.lr_schedule(trainer.step - 1), float(result.loss)
         if not math.isfinite(loss):
             diverged = True
-            break
+            return True
         # exponential moving average from 0 with bias correction (as in Adam): unbiased from step 1
         avg = smoothing * loss + (1 - smoothing) * avg if 0 < smoothing < 1 else loss
         corrected = avg / (1 - (1 - smoothing) ** (len(lrs) + 1)) if 0 < smoothing < 1 else avg
@@ -83,8 +86,9 @@ def find_lr(cfg: DictConfig, run_dir: str | Path, dist: DistInfo | None = None, 
         bar.update(1)
         bar.set_postfix(lr=f"{lr:.2e}", loss=f"{corrected:.4f}")
         diverged = corrected > diverge_factor * best
-        if diverged or len(lrs) >= num_steps:
-            break
+        return diverged
+
+    trainer.fit(num_steps, record)
     bar.close()
     if len(lrs) < 5:
         raise RuntimeError(f"the LR sweep stopped after {len(lrs)} steps (loss not finite); lower lr_find.min_lr")

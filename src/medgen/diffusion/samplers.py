@@ -116,8 +116,9 @@ def ddpm_grid_from_timesteps(alpha_bar: Tensor, timesteps: Tensor | Sequence[int
     return Grid(t=torch.cat([t, -one]), alpha=torch.cat([ab.sqrt(), one]), sigma=torch.cat([(1 - ab).sqrt(), zero]))
 
 
-def ddpm_grid(alpha_bar: Tensor, num_steps: int, spacing: str = "linspace") -> Grid:
+def ddpm_grid(alpha_bar: Tensor, num_steps: int, spacing: str) -> Grid:
     """``num_steps`` DDPM timesteps from ``alpha_bar`` (``[T]``), then the clean end ``t = -1``.
+    The DDPM strategy samples on the ``"monai"`` spacing; the others are there to compare with.
 
     Spacings (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", Table 2):
 

@@ -1,13 +1,19 @@
 """``DiffusionTrainer``: one training loop for every strategy x mode (docs/architecture.md, "Training").
 
-:meth:`DiffusionTrainer.train_step` is the whole step; the loop around it calls out to the
-:class:`~medgen.diffusion.run_logger.RunLogger` (TensorBoard, ``metrics.jsonl``), the
-:class:`~medgen.diffusion.checkpointer.Checkpointer` (which files, when), the validation
+:meth:`DiffusionTrainer.train` runs the configured training (epochs, validation, checkpoints, stop
+signals); :meth:`DiffusionTrainer.fit` runs a number of steps for callers that drive the trainer
+themselves (the LR finder, the demo's timing probe). :meth:`DiffusionTrainer.train_step` is the
+whole step; the loop around it calls out to the
+:class:`~medgen.diffusion.run.logger.RunLogger` (TensorBoard, ``metrics.jsonl``), the
+:class:`~medgen.diffusion.run.checkpointer.Checkpointer` (which files, when), the validation
 functions (:mod:`medgen.diffusion.validation`) and an LR schedule (a plain function of the
 step, :mod:`medgen.diffusion.lr_schedule`). The randomness of step ``k`` (timesteps, noise,
 condition dropout) comes from a generator seeded with (seed, k, rank), and the data order is a
 function of (seed, epoch): so a run resumed from a checkpoint draws exactly what an
 uninterrupted run would have drawn.
+
+The trainer changes no process-wide state: the network is initialised from ``seed`` on a forked
+RNG, and backend flags (TF32) are the entry point's (:func:`medgen.core.precision.configure_backends`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -30,77 +36,35 @@ from medgen.core.distributed import DistInfo, all_ranks, any_rank, barrier
 from medgen.core.precision import autocast, effective_precision
 from medgen.core.signals import StopRequest, stop_signals
 from medgen.data.loading import DataBundle, build_data
+from medgen.data.pictures import save_png
 from medgen.data.transforms import from_model_space
 from medgen.diffusion import validation
-from medgen.diffusion.checkpointer import Checkpointer, check_resumable
 from medgen.diffusion.config import MAX_WARMUP_FRACTION
 from medgen.diffusion.losses import diffusion_loss
 from medgen.diffusion.lr_schedule import LRSchedule, capped_warmup, warmup_cosine
 from medgen.diffusion.modes import build_mode
 from medgen.diffusion.perceptual import build_perceptual_loss
-from medgen.diffusion.run_logger import RunLogger
+from medgen.diffusion.run.checkpointer import Checkpointer, check_resumable, match_state_layout
+from medgen.diffusion.run.logger import RunLogger, SkipTracker, TrainingStopped
 from medgen.diffusion.strategies import build_strategy
 from medgen.diffusion.utils import (build_network, compile_enabled, compile_module, network_kwargs, sampling_forward,
-                                    save_png, step_seed, uses_cuda_graphs)
+                                    step_seed, uses_cuda_graphs)
+
+__all__ = ["DiffusionTrainer", "StepResult", "TrainingStopped"]
 
 log = logging.getLogger("medgen.train")
 PROGRESS_LINE_SECONDS = 60.0  # without a terminal, a progress line in the log at most this often
 
 
-class TrainingStopped(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite losses in a row)."""
-
-
 @dataclass
 class StepResult:
+    """What one optimizer step gives back, on the device (reading it makes the host wait)."""
+
     loss: torch.Tensor  # scalar total loss (device)
     mse: torch.Tensor  # scalar weighted diffusion loss (device)
     perceptual: torch.Tensor  # scalar (device)
     grad_norm: torch.Tensor  # scalar (device)
     skipped: torch.Tensor  # scalar bool (device): the update was skipped (non-finite on some rank)
-
-
-class SkipTracker:
-    """Non-finite steps counted on the device, so that deciding a skip never makes the host wait:
-    how many since the last read, the longest run of them in a row, the last one's step."""
-
-    def __init__(self, device: torch.device):
-        z = lambda: torch.zeros((), dtype=torch.long, device=device)  # noqa: E731
-        self.device = device
-        self.streak, self.longest, self.count, self.last = z(), z(), z(), z()
-
-    def record(self, ok: torch.Tensor, step: int) -> None:
-        bad = (~ok).long()
-        self.streak = (self.streak + 1) * bad
-        self.longest = torch.maximum(self.longest, self.streak)
-        self.count = self.count + bad
-        self.last = torch.where(ok, self.last, torch.full((), step, dtype=torch.long, device=self.device))
-
-    def read(self) -> tuple[int, int, int]:
-        """(skipped, longest run in a row, last skipped step) since the last read; one host sync."""
-        n, longest, last = torch.stack([self.count, self.longest, self.last]).tolist()
-        self.count.zero_()
-        self.longest.copy_(self.streak)
-        return n, longest, last
-
-    def streak_now(self) -> int:
-        return int(self.streak)
-
-    def load(self, streak: int) -> None:
-        self.streak.fill_(streak)
-        self.longest.fill_(streak)
-
-
-def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
-    """Give each optimizer state tensor its parameter's memory layout. ``load_state_dict`` keeps the
-    saved layout, and the fused AdamW walks parameter, gradient and moments as flat memory: a
-    channels_last parameter with contiguous moments (a run resumed with ``training.channels_last``
-    changed) would be updated with another element's moments, silently."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
-                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 class DiffusionTrainer:
@@ -118,61 +82,60 @@ class DiffusionTrainer:
     def __init__(self, cfg: DictConfig, run_dir: str | Path, dist: DistInfo | None = None,
                  data: DataBundle | None = None, lr_schedule: LRSchedule | None = None, progress: bool = True):
         self.cfg = cfg
-        self.t = cfg.training
+        self.train_cfg = tc = cfg.training
         self.run_dir = Path(run_dir)
         self.dist = dist or DistInfo()
         self.device = self.dist.device
         self.progress = progress and self.dist.is_main
         # a terminal gets a progress bar; a log file (a SLURM job's, say) gets a line a minute instead
         self._log_lines, self._last_line = self.progress and not sys.stderr.isatty(), time.monotonic()
-        torch.manual_seed(cfg.seed)  # network initialisation is the same on every rank
 
         self.mode = build_mode(cfg)
         self.strategy = build_strategy(cfg)
         self.network_kwargs = network_kwargs(cfg.model, self.mode)
-        self.model = build_network(self.network_kwargs).to(self.device)
-        if self.t.channels_last:  # once, before the EMA copy and the optimizer state take its layout
+        # initial weights from the seed alone (the same on every rank, whatever the process drew
+        # before), on a forked CPU RNG: the process's global RNG is left as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(int(cfg.seed))
+            self.model = build_network(self.network_kwargs).to(self.device)
+        if tc.channels_last:  # once, before the EMA copy and the optimizer state take its layout
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = self._build_ema()
         # fused (CUDA and CPU): it takes a device-side found_inf flag and skips its update for it, so a
         # non-finite step is skipped without the host waiting for the GPU
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.t.learning_rate,
-                                           weight_decay=self.t.weight_decay, fused=True)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.learning_rate,
+                                           weight_decay=tc.weight_decay, fused=True)
         # before any step: a missing-weights error must reach the user now, not after hours
         self.perceptual = None
-        if self.mode.supports_perceptual and self.t.perceptual_weight > 0:
-            self.perceptual = build_perceptual_loss(self.t.perceptual_weight, self.t.perceptual_weights_path,
-                                                    self.t.perceptual_allow_download, device=self.device)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        if self.mode.supports_perceptual and tc.perceptual_weight > 0:
+            self.perceptual = build_perceptual_loss(tc.perceptual_weight, tc.perceptual_weights_path,
+                                                    tc.perceptual_allow_download, device=self.device)
 
         self.data = data or build_data(cfg, self.dist.rank, self.dist.world_size, progress=self.progress,
                                        barrier=lambda: barrier(self.dist))
         self.steps_per_epoch = len(self.data.train)
-        self.total_steps = self.t.epochs * self.steps_per_epoch
-        self.warmup_steps = capped_warmup(self.t.warmup_steps, self.total_steps, MAX_WARMUP_FRACTION)
-        if self.warmup_steps < self.t.warmup_steps and self.dist.is_main:
+        self.total_steps = tc.epochs * self.steps_per_epoch
+        self.warmup_steps = capped_warmup(tc.warmup_steps, self.total_steps, MAX_WARMUP_FRACTION)
+        if self.warmup_steps < tc.warmup_steps and self.dist.is_main:
             log.info("warm-up capped at %d steps (%.0f%% of this run's %d steps) instead of training.warmup_steps=%d",
-                     self.warmup_steps, 100 * MAX_WARMUP_FRACTION, self.total_steps, self.t.warmup_steps)
-        self.lr_schedule = lr_schedule or warmup_cosine(self.t.learning_rate, self.warmup_steps, self.total_steps)
+                     self.warmup_steps, 100 * MAX_WARMUP_FRACTION, self.total_steps, tc.warmup_steps)
+        self.lr_schedule = lr_schedule or warmup_cosine(tc.learning_rate, self.warmup_steps, self.total_steps)
 
         self.forward_model: torch.nn.Module = self.model
         if self.dist.distributed:
             self.forward_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self._eager_forward = self.forward_model
-        self._compile_pending = compile_enabled(self.t.compile, self.device)  # compiled at the first step
+        self._compile_pending = compile_enabled(tc.compile, self.device)  # compiled at the first step
         if self._compile_pending:
-            self.forward_model = compile_module(self.forward_model, self.t.compile_mode)
-        self._cuda_graphs = self._compile_pending and uses_cuda_graphs(self.t.compile_mode, self.device)
-        # the sample grids' denoiser (EMA or raw network), compiled once per run under the same
+            self.forward_model = compile_module(self.forward_model, tc.compile_mode)
+        self._cuda_graphs = self._compile_pending and uses_cuda_graphs(tc.compile_mode, self.device)
+        # the sample grids' network function (EMA or raw network), compiled once per run under the same
         # training.compile setting; it reads the weights as they are at each grid
-        self._sample_forward = sampling_forward(self._eval_model(), self.device, self.t.compile, log,
-                                                self.t.compile_mode)
+        self._sample_forward = sampling_forward(self._eval_model(), self.device, tc.compile, log, tc.compile_mode)
 
         self.logger = RunLogger(self.run_dir, self.device, self.strategy.num_train_timesteps, enabled=self.dist.is_main)
-        self.checkpointer = Checkpointer(self.run_dir, self.t.checkpoint_keep, enabled=self.dist.is_main)
+        self.checkpointer = Checkpointer(self.run_dir, tc.checkpoint_keep, enabled=self.dist.is_main)
         self.step = 0
         self.epoch = 0
         self.best_val_loss = math.inf
@@ -181,15 +144,15 @@ class DiffusionTrainer:
 
     # ------------------------------------------------------------------ building blocks
     def _build_ema(self):
-        if not self.t.use_ema:
+        if not self.train_cfg.use_ema:
             return None
         from ema_pytorch import EMA
 
-        return EMA(self.model, beta=self.t.ema_decay, update_after_step=self.t.ema_update_after_step,
-                   update_every=self.t.ema_update_every, include_online_model=False)
+        return EMA(self.model, beta=self.train_cfg.ema_decay, update_after_step=self.train_cfg.ema_update_after_step,
+                   update_every=self.train_cfg.ema_update_every, include_online_model=False)
 
     def autocast(self):
-        return autocast(self.device, self.t.precision)
+        return autocast(self.device, self.train_cfg.precision)
 
     def generator(self, step: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(step_seed(self.cfg.seed, step, self.dist.rank))
@@ -204,7 +167,7 @@ class DiffusionTrainer:
         self.data.train.sampler.set_epoch(self.epoch, skip=done * self.data.train.batch_size)
         return done
 
-    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Training batches from the current position on, epoch after epoch (advancing ``self.epoch``)."""
         while True:
             self._position_sampler()
@@ -213,30 +176,32 @@ class DiffusionTrainer:
 
     # ------------------------------------------------------------------ the step
     def train_step(self, batch: dict[str, torch.Tensor]) -> StepResult:
-        """One optimizer step on ``batch`` (``{key: [B, 1, H, W]}`` in [0, 1]); skipped on every
-        rank if the loss or gradient is not finite on any rank."""
+        """One optimizer step on ``batch`` (``{key: [B, 1, H, W]}`` in [0, 1]) at ``self.step``, which
+        it does not advance; skipped on every rank if the loss or gradient is not finite on any rank.
+        :meth:`fit` and :meth:`train` run steps: they also position the data, count the steps and
+        fall back to eager when the compiled first step fails."""
         g = self.generator(self.step)
         x0, cond = self.mode.split(self._to_device(batch))  # [B, C, H, W] in [-1, 1]
-        if cond is not None and self.t.cond_dropout > 0:
-            cond = self.mode.drop_cond(cond, self.t.cond_dropout, g)  # classifier-free guidance training
+        if cond is not None and self.train_cfg.cond_dropout > 0:
+            cond = self.mode.drop_cond(cond, self.train_cfg.cond_dropout, g)  # classifier-free guidance training
         t = self.strategy.sample_timesteps(x0.shape[0], g, self.device)
         eps = torch.randn(x0.shape, generator=g, device=self.device)
         x_t = self.strategy.add_noise(x0, eps, t)
         x_in = self.mode.model_input(x_t, cond)
-        if self.t.channels_last:
+        if self.train_cfg.channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
         if self._cuda_graphs and self.forward_model is not self._eager_forward:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are free again
         with self.autocast():
             out = self.forward_model(x_in, t)
-        weight = self.strategy.loss_weight(t, self.t.min_snr_gamma) if self.t.use_min_snr else None
+        weight = self.strategy.loss_weight(t, self.train_cfg.min_snr_gamma) if self.train_cfg.use_min_snr else None
         mse, per_sample = diffusion_loss(out, self.strategy.target(x0, eps, t), weight)
         perceptual = self._perceptual(out, x_t, t, x0)
-        loss = mse + self.t.perceptual_weight * perceptual
+        loss = mse + self.train_cfg.perceptual_weight * perceptual
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.gradient_clip_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.gradient_clip_norm)
         # decided on the device, agreed by every rank, never read by the host here
         ok = all_ranks(torch.isfinite(grad_norm) & torch.isfinite(loss), self.dist)
         for group in self.optimizer.param_groups:
@@ -265,7 +230,13 @@ class DiffusionTrainer:
             return self.train_step(batch)
         if self.dist.is_main:
             log.info("compiled the training step in %.0f s (training.compile=%s, compile_mode=%s)",
-                     time.perf_counter() - t0, self.t.compile, self.t.compile_mode)
+                     time.perf_counter() - t0, self.train_cfg.compile, self.train_cfg.compile_mode)
+        return result
+
+    def _advance(self, batch: dict[str, torch.Tensor]) -> StepResult:
+        """Step ``self.step`` on ``batch`` (the first through the compile fallback), then count it."""
+        result = self._first_compiled_step(batch) if self._compile_pending else self.train_step(batch)
+        self.step += 1
         return result
 
     def _perceptual(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -276,6 +247,22 @@ class DiffusionTrainer:
             return self.perceptual(from_model_space(x0_hat), from_model_space(x0)).float()
 
     # ------------------------------------------------------------------ loop
+    def fit(self, max_steps: int, on_step: Callable[[StepResult], bool | None] | None = None) -> int:
+        """Run up to ``max_steps`` training steps from the current position (``self.step``), with the
+        data order, step randomness and LR schedule of :meth:`train`, but without its epochs,
+        validation, checkpoints, logs or signal handling. After each step (``self.step`` counts it)
+        ``on_step(result)`` is called; a true return stops. Returns the number of steps run."""
+        if max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+        self.model.train()
+        batches, done = self._batches(), 0
+        while done < max_steps:
+            result = self._advance(next(batches))
+            done += 1
+            if on_step is not None and on_step(result):
+                break
+        return done
+
     def train(self, stop: StopRequest | None = None) -> str:
         """Run until ``epochs`` (or ``max_steps``); returns ``"done"``, ``"max_steps"`` or ``"stopped"``
         (SIGTERM, SIGUSR1 or a first Ctrl-C: ``latest.pt`` is saved; a second Ctrl-C interrupts at once).
@@ -290,23 +277,23 @@ class DiffusionTrainer:
             n_params = sum(p.numel() for p in self.model.parameters())
             log.info("run folder: %s", self.run_dir)
             compiled = self.forward_model is not self._eager_forward
-            how = (f"compiled ({self.t.compile_mode} mode)" if compiled else "eager") + \
-                (", channels_last" if self.t.channels_last else "")
+            how = (f"compiled ({self.train_cfg.compile_mode} mode)" if compiled else "eager") + \
+                (", channels_last" if self.train_cfg.channels_last else "")
             log.info("%s x %s at %d px: %.1fM parameters on %s (%s x %d process(es)), %s", self.strategy.name,
                      self.mode.name, self.cfg.model.image_size, n_params / 1e6, self.device,
-                     effective_precision(self.device, self.t.precision),
+                     effective_precision(self.device, self.train_cfg.precision),
                      self.dist.world_size, how)
             log.info("%d training slices, %d steps/epoch, %d epochs (%d steps)", len(self.data.train_cache),
-                     self.steps_per_epoch, self.t.epochs, self.total_steps)
+                     self.steps_per_epoch, self.train_cfg.epochs, self.total_steps)
         try:
-            while self.epoch < self.t.epochs:
+            while self.epoch < self.train_cfg.epochs:
                 status = self._run_epoch()
                 self.check_skips()
                 if status != "epoch":
                     self.save("latest.pt")  # max_steps or stop signal
                     return status
                 self.epoch += 1
-                if self.epoch % self.t.val_interval == 0 or self.epoch == self.t.epochs:
+                if self.epoch % self.train_cfg.val_interval == 0 or self.epoch == self.train_cfg.epochs:
                     self.validate_and_sample()
                 self.save("latest.pt")
                 self.checkpointer.snapshot(self.epoch, self.state_dict())
@@ -319,32 +306,31 @@ class DiffusionTrainer:
         steps (all at the same steps), so that no step waits on a collective read by the host."""
         if not self.dist.distributed:
             return self._stop.requested
-        return self.step % self.t.log_every == 0 and any_rank(self._stop.requested, self.dist)
+        return self.step % self.train_cfg.log_every == 0 and any_rank(self._stop.requested, self.dist)
 
     def epoch_label(self) -> str:
         """``"<e>/<epochs>"``: the epoch in progress (as the progress bar counts, from 1), or the last
         one completed when no step of the next has run."""
         current = self.epoch + 1 if self.step > self.epoch * self.steps_per_epoch else max(self.epoch, 1)
-        return f"{min(current, self.t.epochs)}/{self.t.epochs}"
+        return f"{min(current, self.train_cfg.epochs)}/{self.train_cfg.epochs}"
 
     def _run_epoch(self) -> str:
         batches_done = self._position_sampler()
-        bar = tqdm(total=self.steps_per_epoch, initial=batches_done, desc=f"epoch {self.epoch + 1}/{self.t.epochs}",
-                   disable=not self.progress or self._log_lines, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=self.steps_per_epoch, initial=batches_done,
+                   desc=f"epoch {self.epoch + 1}/{self.train_cfg.epochs}", disable=not self.progress or self._log_lines,
+                   leave=False, dynamic_ncols=True)
         self.model.train()
         try:
             for batch in self.data.train:
-                if self.t.max_steps is not None and self.step >= self.t.max_steps:
+                if self.train_cfg.max_steps is not None and self.step >= self.train_cfg.max_steps:
                     return "max_steps"
                 if self._stop_requested():
                     if self.dist.is_main:
                         log.warning("stop requested (signal or Ctrl-C): saving latest.pt at step %d; "
                                     "press Ctrl-C again to abort without saving", self.step)
                     return "stopped"
-                result = self._first_compiled_step(batch) if self._compile_pending else self.train_step(batch)
-                self.step += 1
-                self._after_step(result, batch, bar)
-            if self.t.max_steps is not None and self.step >= self.t.max_steps and \
+                self._after_step(self._advance(batch), batch, bar)
+            if self.train_cfg.max_steps is not None and self.step >= self.train_cfg.max_steps and \
                     self.step < (self.epoch + 1) * self.steps_per_epoch:
                 return "max_steps"
             return "epoch"
@@ -356,7 +342,7 @@ class DiffusionTrainer:
         images = next(iter(batch.values())).shape[0] * self.dist.world_size
         self.logger.record_step(vars(r), images, ~r.skipped)
         bar.update(1)
-        if self.step % self.t.log_every == 0:
+        if self.step % self.train_cfg.log_every == 0:
             self.check_skips()
             stats = self.logger.flush(self.step, self.epoch, self.lr_schedule(self.step - 1))
             if stats is not None:
@@ -367,18 +353,9 @@ class DiffusionTrainer:
                              self.total_steps, stats["loss"], stats["images_per_sec"])
 
     def check_skips(self) -> None:
-        """Report the steps skipped since the last check (one host read); stop the run after
+        """Report the steps skipped since the last check; :class:`TrainingStopped` after
         ``training.max_nonfinite_steps`` in a row."""
-        n, longest, last = self.skips.read()
-        if n == 0:
-            return
-        log.warning("%d step(s) skipped since the last report: non-finite loss or gradient (the last at step %d)",
-                    n, last)
-        if longest >= self.t.max_nonfinite_steps:
-            raise TrainingStopped(
-                f"{longest} non-finite losses in a row, the last at step {last}; "
-                "lower training.learning_rate, keep gradient clipping on, or check the data "
-                "(medgen-data check)")
+        self.skips.check(self.train_cfg.max_nonfinite_steps)
 
     # ------------------------------------------------------------------ validation
     def _eval_model(self) -> torch.nn.Module:
@@ -398,11 +375,11 @@ class DiffusionTrainer:
         """EMA samples for fixed validation conditions (rows); columns = condition, real, generated."""
         cache = self.data.val_cache if self.data.val_cache is not None and len(self.data.val_cache) else \
             self.data.train_cache
-        batch = validation.fixed_samples(cache, self.t.num_val_samples)
+        batch = validation.fixed_samples(cache, self.train_cfg.num_val_samples)
         if batch is None:
             return None
         return validation.sample_grid(self._eval_model(), self.strategy, self.mode, batch,
-                                      num_steps=self.t.num_sample_steps, seed=self.cfg.seed, device=self.device,
+                                      num_steps=self.train_cfg.num_sample_steps, seed=self.cfg.seed, device=self.device,
                                       autocast=self.autocast, forward=self._sample_forward)
 
     def validate_and_sample(self) -> float:

@@ -1,10 +1,8 @@
-"""Network construction, checkpoint -> model for inference, sample grids, metrics log."""
+"""Network construction, checkpoint -> model for inference, sample grids."""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -15,7 +13,6 @@ from monai.networks.nets import DiffusionModelUNet
 from PIL import Image
 
 from medgen.core.checkpoint import CheckpointError, load_checkpoint
-from medgen.data.pictures import save_png  # noqa: F401  (re-exported: the trainer writes its sample grids with it)
 
 
 def network_kwargs(model_cfg, mode) -> dict[str, Any]:
@@ -89,7 +86,7 @@ def sampling_forward(network: torch.nn.Module, device: torch.device, compile: st
         try:
             out = compiled(x, t)
             state["fn"] = compiled
-            logger.info("compiled the denoiser in %.0f s (compile mode %s)", time.perf_counter() - t0, mode)
+            logger.info("compiled the sampling network in %.0f s (compile mode %s)", time.perf_counter() - t0, mode)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: eager still works
             logger.warning("torch.compile failed (%s: %s); sampling eagerly", type(exc).__name__,
                            str(exc).splitlines()[0] if str(exc) else "")
@@ -167,11 +164,3 @@ def make_grid(rows: list[list[np.ndarray]], labels: list[str] | None = None, sca
     return np.asarray(img)
 
 
-def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return str(v)
-        return v
-
-    with open(path, "a") as f:
-        f.write(json.dumps({k: clean(v) for k, v in record.items()}) + "\n")

@@ -98,11 +98,13 @@ def sample_grid(model: torch.nn.Module, strategy: DiffusionStrategy, mode: Train
     g = torch.Generator(device=device).manual_seed(sample_seed(seed, 0, SAMPLE_GRID_STREAM))
     x_T = torch.randn(x0.shape, generator=g, device=device)
 
-    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's prediction (the strategy's target, e.g. noise or velocity) for ``x_t``;
+        the strategy turns it into the samplers' denoiser."""
         with autocast():
             return forward(mode.model_input(x_t, cond), t).float()
 
-    x0_gen = strategy.sample(denoise, x_T, num_steps, generator=g)
+    x0_gen = strategy.sample(predict, x_T, num_steps, generator=g)
     model.train(was_training)
     real, gen = mode.to_outputs(x0), mode.to_outputs(x0_gen)
     rows = []

@@ -14,9 +14,7 @@ Refused before any work: a synthetic set whose ``medgen-generate`` run is unfini
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from medgen.core import jsonio
 from medgen.core.constants import MASK_KEY, SPLITS
 from medgen.core.fs import FolderLock, atomic_write
 from medgen.core.paths import resolve_path
@@ -280,17 +279,7 @@ def _evaluate(cfg: DictConfig, out_dir: Path, device: torch.device, progress: bo
     result["warnings"] = sets.warnings
     result["seconds"] = round(time.perf_counter() - t0, 1)
     with atomic_write(out_dir / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(_finite(result), indent=1))
+        tmp.write_text(jsonio.dumps(result, indent=1))
     write_report(out_dir, result, sets)
     return result
 
-
-def _finite(value):
-    """NaN/inf as null in JSON (strict JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value

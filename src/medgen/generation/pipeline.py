@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from medgen.core.constants import MASK_KEY
 from medgen.core.distributed import DistInfo, any_rank, barrier
 from medgen.core.paths import resolve_path
+from medgen.core.precision import configure_backends
 from medgen.core.fs import FolderLock, atomic_write
 from medgen.core.signals import StopRequest, stop_signals
 from medgen.data.nifti_dataset import DataError, load_volume, modality_path
@@ -95,6 +96,7 @@ def run_generation(cfg: DictConfig, dist: DistInfo | None = None, progress: bool
                    command: str | None = None) -> GenerationResult:
     """Generate (or continue generating) the dataset ``cfg`` describes (a validated generate config).
     ``command``: the command line that runs it, recorded for whoever finds the folder unfinished."""
+    configure_backends()
     dist = dist or DistInfo(device=torch.device(cfg.device) if cfg.device else DistInfo().device)
     t_start = time.perf_counter()
     out = resolve_path(cfg.out_dir)

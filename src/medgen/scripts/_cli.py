@@ -21,7 +21,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from medgen.core.schema import ConfigError
     from medgen.data.nifti_dataset import DataError
     from medgen.diffusion.radimagenet import RadImageNetWeightsError
-    from medgen.diffusion.run_folder import RunFolderError
+    from medgen.diffusion.run.folder import RunFolderError
     from medgen.diffusion.trainer import TrainingStopped
     from medgen.evaluation import EvaluationError
     from medgen.generation.models import GenerationError

@@ -55,12 +55,9 @@ def _seconds_per_epoch(overrides: list[str], out: Path) -> tuple[float, int]:
         trainer = DiffusionTrainer(load_config(overrides), probe_dir, progress=False)
     finally:
         quiet.setLevel(level)
-    batches = trainer.batches()
-    for _ in range(2):
-        trainer.train_step(next(batches))
+    trainer.fit(2)  # warm-up, untimed
     t0 = time.perf_counter()
-    for _ in range(PROBE_STEPS):
-        trainer.train_step(next(batches))
+    trainer.fit(PROBE_STEPS)
     per_step = (time.perf_counter() - t0) / PROBE_STEPS
     shutil.rmtree(probe_dir, ignore_errors=True)
     # validation (forward passes over the val split, a sample grid) every few epochs: ~10% on top
@@ -123,9 +120,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_demo(out: Path, minutes: float, subjects: int, pairs: int, seed: int) -> Path:
+    from medgen.core.precision import configure_backends
     from medgen.data.phantom import generate_dataset
     from medgen.generation import generate
 
+    configure_backends()
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     facts: dict[str, dict] = {}
@@ -201,9 +200,10 @@ def evaluate(out: Path, seed: int) -> dict:
 
 def write_summary(out: Path, subjects: int, pairs: int, seconds: dict[str, float], facts: dict[str, dict],
                   runs: dict[str, Path], result, evaluation: dict) -> Path:
+    """``<out>/summary.md``: the stages (minutes, what each wrote), where the files are, the
+    evaluation's summary and the lesion-contrast check."""
     from medgen.evaluation.report import summary_lines
 
-    rel = lambda p: Path(p).relative_to(out)  # noqa: E731
     check = contrast_check(out, [result.out_dir / "train" / sid for sid in result.sample_ids],
                            int(facts["bravo"].get("image_size", 64)))
     lines = [
@@ -211,21 +211,7 @@ def write_summary(out: Path, subjects: int, pairs: int, seconds: dict[str, float
         "",
         f"Phantoms → seg and bravo models (rectified flow, `training=cpu`, 64 px) → {pairs} synthetic pairs.",
         "",
-        "| stage | minutes | what |",
-        "|---|---|---|",
-        f"| phantoms | {seconds['phantoms'] / 60:.1f} | {subjects} subjects, 128 × 128 × 64, four contrasts and lesions: `data/` |",
-    ]
-    for mode in ("seg", "bravo"):
-        f = facts[mode]
-        what = f"{f['epochs']} epochs, {f['steps']} steps" + (" (reused)" if f.get("reused") else
-                                                               f", best val loss {f['best_val_loss']:.4f}")
-        lines.append(f"| train {mode} | {seconds[f'train {mode}'] / 60:.1f} | {what}: `{rel(runs[mode])}/` |")
-    rate = "" if result.acceptance_rate is None else f", quality gate acceptance {100 * result.acceptance_rate:.0f}%"
-    lines += [
-        f"| generate | {seconds['generate'] / 60:.1f} | {len(result.sample_ids)} pairs{rate}: `synthetic/` |",
-        f"| evaluate | {seconds['evaluate'] / 60:.1f} | FID, conditioning adherence, downstream segmentation: "
-        "`evaluation/report.html` |",
-        f"| total | {sum(seconds.values()) / 60:.1f} | |",
+        *_stage_table(out, subjects, seconds, facts, runs, result),
         "",
         "## Where the files are",
         "",
@@ -244,6 +230,40 @@ def write_summary(out: Path, subjects: int, pairs: int, seconds: dict[str, float
         "`medgen-evaluate` defaults to 1000 steps. Read the numbers as a check that the pipeline measures",
         "something, not as what these models could do for a segmentation network.",
         "",
+        *_contrast_section(check),
+    ]
+    path = out / "summary.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _stage_table(out: Path, subjects: int, seconds: dict[str, float], facts: dict[str, dict],
+                 runs: dict[str, Path], result) -> list[str]:
+    """The summary's table of stages: minutes and what each one wrote."""
+    rel = lambda p: Path(p).relative_to(out)  # noqa: E731
+    lines = [
+        "| stage | minutes | what |",
+        "|---|---|---|",
+        f"| phantoms | {seconds['phantoms'] / 60:.1f} | {subjects} subjects, 128 × 128 × 64, four contrasts and lesions: `data/` |",
+    ]
+    for mode in ("seg", "bravo"):
+        f = facts[mode]
+        what = f"{f['epochs']} epochs, {f['steps']} steps" + (" (reused)" if f.get("reused") else
+                                                               f", best val loss {f['best_val_loss']:.4f}")
+        lines.append(f"| train {mode} | {seconds[f'train {mode}'] / 60:.1f} | {what}: `{rel(runs[mode])}/` |")
+    rate = "" if result.acceptance_rate is None else f", quality gate acceptance {100 * result.acceptance_rate:.0f}%"
+    lines += [
+        f"| generate | {seconds['generate'] / 60:.1f} | {len(result.sample_ids)} pairs{rate}: `synthetic/` |",
+        f"| evaluate | {seconds['evaluate'] / 60:.1f} | FID, conditioning adherence, downstream segmentation: "
+        "`evaluation/report.html` |",
+        f"| total | {sum(seconds.values()) / 60:.1f} | |",
+    ]
+    return lines
+
+
+def _contrast_section(check: dict[str, float]) -> list[str]:
+    """The summary's last section: :func:`contrast_check`'s numbers and what they show."""
+    return [
         "## What minutes of CPU training give",
         "",
         "**Do lesions sit where the masks are?** Mean intensity inside the mask minus the mean in a",
@@ -266,9 +286,6 @@ def write_summary(out: Path, subjects: int, pairs: int, seconds: dict[str, float
         "data to train a segmentation model on.",
         "",
     ]
-    path = out / "summary.md"
-    path.write_text("\n".join(lines))
-    return path
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def lr_find_folder(cfg: DictConfig) -> Path:
     """A new folder ``<paths.model_dir>/lr_find/<mode>_<strategy>_<size>_<time>[_job<id>]``, made with
     an exclusive ``mkdir`` (``_2``, ``_3``, ... when taken): two sweeps never share one."""
     from medgen.core.paths import resolve_path
-    from medgen.diffusion.run_folder import claim_new_folder, run_stem
+    from medgen.diffusion.run.folder import claim_new_folder, run_stem
 
     return claim_new_folder(resolve_path(cfg.paths.model_dir) / "lr_find", f"{cfg.mode.name}_{run_stem(cfg)}")
 
@@ -44,12 +44,14 @@ def run(cfg: DictConfig, out_dir: Path | None = None):
     """The sweep for ``cfg`` (a composed lr_find config) in ``out_dir``, or in a new folder of its own
     (:func:`lr_find_folder`, chosen by rank 0); the folder also gets the resolved ``config.yaml``."""
     from medgen.core.distributed import broadcast_object, cleanup, setup_distributed
+    from medgen.core.precision import configure_backends
     from medgen.diffusion.config import validate_config
     from medgen.diffusion.lr_finder import find_lr, save_lr_find
 
     sweep = cfg.lr_find
     _check_sweep(sweep)
     train_cfg = validate_config(OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "lr_find"]))
+    configure_backends()
     dist = setup_distributed(train_cfg.training.use_multi_gpu)
     created = False
     try:

@@ -35,12 +35,14 @@ def run(cfg: DictConfig, explicit_dir: Path | None = None) -> str:
 
 def _run(cfg: DictConfig, explicit_dir: Path | None, stop) -> str:
     from medgen.core.distributed import barrier, cleanup, env_world, setup_distributed
+    from medgen.core.precision import configure_backends
     from medgen.diffusion.config import validate_config
-    from medgen.diffusion.run_folder import remove_if_unused
+    from medgen.diffusion.run.folder import remove_if_unused
     from medgen.diffusion.trainer import DiffusionTrainer
 
     _, _, world = env_world()
     cfg = validate_config(cfg, world_size=world)
+    configure_backends()
     dist = setup_distributed(cfg.training.use_multi_gpu)
     plan, lock = None, None
     try:
@@ -69,10 +71,10 @@ def _run(cfg: DictConfig, explicit_dir: Path | None, stop) -> str:
 
 
 def _agree_on_run_folder(cfg: DictConfig, explicit_dir: Path | None, dist):
-    """The main rank plans the run folder (:func:`~medgen.diffusion.run_folder.plan_run`), locks it
+    """The main rank plans the run folder (:func:`~medgen.diffusion.run.folder.plan_run`), locks it
     and tells the other ranks, so that all of them use one folder; an error reaches every rank."""
     from medgen.core.distributed import broadcast_object
-    from medgen.diffusion.run_folder import RunFolderError, lock_run_folder, plan_run, remove_if_unused, start_branch
+    from medgen.diffusion.run.folder import RunFolderError, lock_run_folder, plan_run, remove_if_unused, start_branch
 
     plan, lock = None, None
     if dist.is_main:

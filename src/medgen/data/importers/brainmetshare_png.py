@@ -22,6 +22,7 @@ the volume back with :func:`medgen.data.preview.make_preview` shows the slices a
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -49,8 +50,6 @@ from medgen.data.transforms import binarize_mask
 DEFAULT_PNG_MAPPING: dict[str, str] = {"0": "bravo", "1": "t1_pre", "2": "t1_gd", "3": "flair"}
 #: name of the mask folder in a BrainMetShare patient folder
 PNG_SEG_FOLDER = "seg"
-
-
 
 
 def png_slice_to_ras(png: np.ndarray) -> np.ndarray:
@@ -203,6 +202,16 @@ def import_brainmetshare_png(
     fractions = check_split_fractions(split)
     check_dst(dst, src)
 
+    patients = _source_patients(src, channels)
+    check_unique_ids(patients)
+    targets = target_splits(patients, fractions, seed)
+    write_one = partial(_write_patient, affine=np.diag([*voxel, 1.0]))
+    return write_all(patients, dst, targets, write_one, desc="import brainmetshare-png")
+
+
+def _source_patients(src: Path, channels: Mapping[str, str]) -> list[SourcePatient]:
+    """One :class:`SourcePatient` per patient folder under ``src`` with a mask folder (its slice
+    files by modality, checked to agree between channels); the others are skipped with a warning."""
     if (src / PNG_SEG_FOLDER).is_dir() or any((src / c).is_dir() for c in channels):
         raise ImportFormatError(
             f"{src} looks like a single patient folder (it holds channel folders); pass the folder that holds the patients"
@@ -237,24 +246,22 @@ def import_brainmetshare_png(
     if no_seg:
         warn_skipped(f"skipped {len(no_seg)} patient(s) without a {PNG_SEG_FOLDER}/ folder (unusable for training): "
               + ", ".join(no_seg))
-    check_unique_ids(patients)
-    targets = target_splits(patients, fractions, seed)
-    affine = np.diag([*voxel, 1.0])
+    return patients
 
-    def write_one(patient: SourcePatient, out_dir: Path) -> None:
-        volumes: dict[str, tuple[Path, np.ndarray]] = {}
-        for key, files in patient.sources.items():
-            channel_dir = files[0].parent  # type: ignore[index]
-            volumes[key] = channel_dir, _stack_png_channel(files, patient.pid, channel_dir)  # type: ignore[arg-type]
-        for m in geometry_mismatches([(d, v.shape, affine) for d, v in volumes.values()]):
-            raise ImportFormatError(f"patient {patient.pid}: PNG size in {m.path} differs from that in {m.reference} "
-                                    f"(RAS volumes {m.shape} vs {m.reference_shape})")
-        for key, (_, volume) in volumes.items():
-            if key == MASK_KEY:
-                save_volume(modality_path(out_dir, key), binarize_mask(_png_mask_to_unit(volume)), affine, is_mask=True)
-            else:
-                save_volume(modality_path(out_dir, key), volume, affine)
 
-    return write_all(patients, dst, targets, write_one, desc="import brainmetshare-png")
+def _write_patient(patient: SourcePatient, out_dir: Path, affine: np.ndarray) -> None:
+    """Stack a patient's PNG slices into RAS volumes (of one size) and write them into ``out_dir``."""
+    volumes: dict[str, tuple[Path, np.ndarray]] = {}
+    for key, files in patient.sources.items():
+        channel_dir = files[0].parent  # type: ignore[index]
+        volumes[key] = channel_dir, _stack_png_channel(files, patient.pid, channel_dir)  # type: ignore[arg-type]
+    for m in geometry_mismatches([(d, v.shape, affine) for d, v in volumes.values()]):
+        raise ImportFormatError(f"patient {patient.pid}: PNG size in {m.path} differs from that in {m.reference} "
+                                f"(RAS volumes {m.shape} vs {m.reference_shape})")
+    for key, (_, volume) in volumes.items():
+        if key == MASK_KEY:
+            save_volume(modality_path(out_dir, key), binarize_mask(_png_mask_to_unit(volume)), affine, is_mask=True)
+        else:
+            save_volume(modality_path(out_dir, key), volume, affine)
 
 

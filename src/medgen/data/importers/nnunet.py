@@ -23,19 +23,10 @@ from medgen.data.importers.common import (
     warn_skipped,
     write_all,
 )
-from medgen.data.nifti_dataset import (
-    DataError,
-    geometry_mismatches,
-    load_volume,
-    modality_path,
-    save_volume,
-    volume_shape_problem,
-)
+from medgen.data.nifti_dataset import PatientReader, modality_path, save_volume
 
 _NNUNET_IMAGE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
 _NNUNET_LABEL = re.compile(r"^(?P<case>.+)\.nii(\.gz)?$")
-
-
 
 
 def _scan_nnunet_images(folder: Path) -> dict[str, dict[int, Path]]:
@@ -158,8 +149,15 @@ def import_nnunet(
     fractions = check_split_fractions(split)
     check_dst(dst, src)
     _warn_ignore_label(src)
+    patients = _source_patients(src, channels)
+    check_unique_ids(patients)
+    targets = target_splits(patients, fractions, seed)
+    return write_all(patients, dst, targets, _write_case, desc="import nnunet")
 
-    patients: list[SourcePatient] = []
+
+def _case_groups(src: Path) -> list[tuple[dict[str, dict[int, Path]], dict[str, Path], str | None, str]]:
+    """``(images, labels, split or None, folder name)`` of ``imagesTr`` (every case labelled, every
+    label with images) and, if there, of the ``imagesTs`` cases that have a label in ``labelsTs``."""
     images_tr = _scan_nnunet_images(src / "imagesTr")
     labels_tr = _scan_nnunet_labels(src / "labelsTr")
     if not images_tr:
@@ -180,7 +178,12 @@ def import_nnunet(
         if skipped:
             warn_skipped(f"skipped {len(skipped)} imagesTs case(s) without a label in {src / 'labelsTs'}: " + ", ".join(skipped))
         groups.append(({c: images_ts[c] for c in images_ts if c in labels_ts}, labels_ts, "test", "imagesTs"))
+    return groups
 
+
+def _source_patients(src: Path, channels: Mapping[int, str]) -> list[SourcePatient]:
+    """One :class:`SourcePatient` per case to import, its files named by modality."""
+    groups = _case_groups(src)
     all_channels = {ch for images, _, _, _ in groups for case in images.values() for ch in case}
     unknown = sorted(set(channels) - all_channels)
     if unknown:
@@ -188,6 +191,7 @@ def import_nnunet(
             f"--map: channel {unknown[0]:04d} does not exist in {src} (channels present: "
             f"{[f'{c:04d}' for c in sorted(all_channels)]})"
         )
+    patients: list[SourcePatient] = []
     for images, labels, source_split, folder_name in groups:
         for case in sorted(images):
             patient = SourcePatient(case, source_split)
@@ -199,32 +203,27 @@ def import_nnunet(
                 patient.sources[modality] = images[case][channel]
             patient.sources[MASK_KEY] = labels[case]
             patients.append(patient)
-    check_unique_ids(patients)
-    targets = target_splits(patients, fractions, seed)
+    return patients
 
-    def write_one(patient: SourcePatient, out_dir: Path) -> None:
-        volumes: dict[str, tuple[Path, np.ndarray, np.ndarray]] = {}
-        for key, path in patient.sources.items():
-            try:
-                volume, affine = load_volume(path)  # type: ignore[arg-type]
-            except DataError as exc:  # not a grayscale volume; the message names the file
-                raise ImportFormatError(f"case {patient.pid}: {exc}") from None
-            except Exception as exc:  # noqa: BLE001 - nibabel raises many types; report the file
-                raise ImportFormatError(f"case {patient.pid}: cannot read {path}: {type(exc).__name__}: {exc}") from None
-            problem = volume_shape_problem(volume.shape)
-            if problem:
-                raise ImportFormatError(f"case {patient.pid}: {path}: {problem}")
-            volumes[key] = path, volume, affine  # type: ignore[assignment]
-        for m in geometry_mismatches([(path, v.shape, affine) for path, v, affine in volumes.values()]):
-            if m.kind == "shape":
-                raise ImportFormatError(
-                    f"case {patient.pid}: {m.path} has shape {m.shape}, {m.reference} has {m.reference_shape}")
-            raise ImportFormatError(f"case {patient.pid}: the affine of {m.path} differs from that of {m.reference} "
-                                    f"(max difference {m.max_difference:.4g} mm)")
-        for key, (_, volume, affine) in volumes.items():
-            if key == MASK_KEY:
-                save_volume(modality_path(out_dir, key), (volume > 0).astype(np.float32), affine, is_mask=True)
-            else:
-                save_volume(modality_path(out_dir, key), volume, affine)
 
-    return write_all(patients, dst, targets, write_one, desc="import nnunet")
+def _write_case(patient: SourcePatient, out_dir: Path) -> None:
+    """Read a case's files (each must be a readable 3D volume, all of one shape and affine) and
+    write them into ``out_dir``; the label as a binary mask (lesion = label > 0)."""
+    reader = PatientReader()
+    volumes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for key, path in patient.sources.items():
+        read = reader.read(path)  # type: ignore[arg-type]
+        if read.problem:
+            raise ImportFormatError(f"case {patient.pid}: {path}: {read.problem}")
+        volumes[key] = read.data, read.affine
+    for m in reader.mismatches():
+        if m.kind == "shape":
+            raise ImportFormatError(
+                f"case {patient.pid}: {m.path} has shape {m.shape}, {m.reference} has {m.reference_shape}")
+        raise ImportFormatError(f"case {patient.pid}: the affine of {m.path} differs from that of {m.reference} "
+                                f"(max difference {m.max_difference:.4g} mm)")
+    for key, (volume, affine) in volumes.items():
+        if key == MASK_KEY:
+            save_volume(modality_path(out_dir, key), (volume > 0).astype(np.float32), affine, is_mask=True)
+        else:
+            save_volume(modality_path(out_dir, key), volume, affine)

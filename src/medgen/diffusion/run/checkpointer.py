@@ -2,7 +2,8 @@
 
 ``latest.pt`` is written every epoch and when a run stops; ``best.pt`` at each new lowest
 validation loss; ``epoch_XXXX.pt`` snapshots, the newest ``training.checkpoint_keep`` kept.
-Each file is written atomically by :func:`medgen.core.checkpoint.save_checkpoint`.
+Each file is written atomically by :func:`medgen.core.checkpoint.save_checkpoint`. A resumed
+optimizer gets its parameters' memory layout back (:func:`match_state_layout`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from medgen.core.checkpoint import CheckpointError, config_diff, save_checkpoint
@@ -54,3 +56,15 @@ def check_resumable(ckpt: Mapping[str, Any], cfg: DictConfig, path: str | Path) 
             f"cannot resume from {path}: the config differs from the checkpoint's in\n  "
             + "\n  ".join(changes)
             + "\nrun with the checkpoint's values, or start a new run (training.resume=null)")
+
+
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each optimizer state tensor its parameter's memory layout. ``load_state_dict`` keeps the
+    saved layout, and the fused AdamW walks parameter, gradient and moments as flat memory: a
+    channels_last parameter with contiguous moments (a run resumed with ``training.channels_last``
+    changed) would be updated with another element's moments, silently."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)

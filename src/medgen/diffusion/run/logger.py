@@ -1,4 +1,5 @@
-"""What a training run writes while it trains: TensorBoard events and ``metrics.jsonl``.
+"""What a training run records while it trains: TensorBoard events and ``metrics.jsonl``
+(:class:`RunLogger`), and the count of skipped, non-finite steps (:class:`SkipTracker`).
 
 Training statistics are accumulated on the device every step and read back (one host sync)
 only every ``log_every`` steps. Only the main rank writes; on other ranks the logger keeps
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from medgen.diffusion.utils import append_jsonl
+from medgen.core.jsonio import append_jsonl
 
 log = logging.getLogger("medgen.train")
 
@@ -161,3 +162,52 @@ class RunLogger:
             if grid is not None:
                 self.writer.add_image("samples", grid[None], step)
         append_jsonl(self.metrics_path, {"step": step, "epoch": epoch, "val_loss": val_loss})
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+class SkipTracker:
+    """Non-finite steps counted on the device, so that deciding a skip never makes the host wait:
+    how many since the last read, the longest run of them in a row, the last one's step."""
+
+    def __init__(self, device: torch.device):
+        z = lambda: torch.zeros((), dtype=torch.long, device=device)  # noqa: E731
+        self.device = device
+        self.streak, self.longest, self.count, self.last = z(), z(), z(), z()
+
+    def record(self, ok: torch.Tensor, step: int) -> None:
+        bad = (~ok).long()
+        self.streak = (self.streak + 1) * bad
+        self.longest = torch.maximum(self.longest, self.streak)
+        self.count = self.count + bad
+        self.last = torch.where(ok, self.last, torch.full((), step, dtype=torch.long, device=self.device))
+
+    def read(self) -> tuple[int, int, int]:
+        """(skipped, longest run in a row, last skipped step) since the last read; one host sync."""
+        n, longest, last = torch.stack([self.count, self.longest, self.last]).tolist()
+        self.count.zero_()
+        self.longest.copy_(self.streak)
+        return n, longest, last
+
+    def check(self, max_in_a_row: int) -> None:
+        """Warn about the steps skipped since the last check (one host read); raise
+        :class:`TrainingStopped` once ``max_in_a_row`` of them came in a row."""
+        n, longest, last = self.read()
+        if n == 0:
+            return
+        log.warning("%d step(s) skipped since the last report: non-finite loss or gradient (the last at step %d)",
+                    n, last)
+        if longest >= max_in_a_row:
+            raise TrainingStopped(
+                f"{longest} non-finite losses in a row, the last at step {last}; "
+                "lower training.learning_rate, keep gradient clipping on, or check the data "
+                "(medgen-data check)")
+
+    def streak_now(self) -> int:
+        return int(self.streak)
+
+    def load(self, streak: int) -> None:
+        self.streak.fill_(streak)
+        self.longest.fill_(streak)

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from medgen.core.checkpoint import CheckpointError
 from medgen.core.fs import FileSystemError, FolderBusy, FolderLock, remove_orphans
 from medgen.core.paths import resolve_path
-from medgen.diffusion.checkpointer import check_resumable
+from medgen.diffusion.run.checkpointer import check_resumable
 
 log = logging.getLogger("medgen.train")
 
@@ -244,7 +244,7 @@ def lock_run_folder(run_dir: Path) -> FolderLock:
 
 def start_branch(plan: RunPlan) -> None:
     """Record the parent of a branched run and copy its ``metrics.jsonl``; the run logger trims the
-    copy to the branch step when it opens (:meth:`~medgen.diffusion.run_logger.RunLogger.open`),
+    copy to the branch step when it opens (:meth:`~medgen.diffusion.run.logger.RunLogger.open`),
     so the curves start where the parent's were."""
     if plan.parent is None:
         return
