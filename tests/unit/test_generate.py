@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,7 @@ from monai.transforms import LoadImage
 from medgen.core.checkpoint import CheckpointError, load_checkpoint
 from medgen.data.nifti_dataset import load_volume
 from medgen.data.validate import check_dataset
-from medgen.generation import GenerationError, generate
-from medgen.generation import pipeline as pipeline_module
+from medgen.generation import GenerationError, Stage, generate
 from medgen.generation.status import read_status
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,26 +79,24 @@ def test_samples_do_not_depend_on_the_batch_size(tmp_path, tiny_checkpoints):
 
 def test_interrupted_run_continues_to_the_same_files(tmp_path, tiny_checkpoints, monkeypatch):
     straight = _generate(tmp_path / "straight", tiny_checkpoints, num_images=7, batch_size=2)
-    # a stop request (as SIGTERM sets it) at the second batch of stage 1 in the first run, and of
-    # stage 2 in the second run
-    real_any_rank, real_stage2 = pipeline_module.any_rank, pipeline_module._stage2
-    state = {"stage": "masks", "stop_in": "masks", "calls": 0}
+    # SIGTERM (as SLURM sends it before a job's end) after the first batch of stage 1 in the first
+    # run, and of stage 2 in the second run
+    real_sample = Stage.sample
+    state = {"stop_in": "masks"}
 
-    def any_rank(flag, dist):
-        state["calls"] += state["stage"] == state["stop_in"]
-        return state["calls"] == 2 or real_any_rank(flag, dist)
+    def sample(self, cond, *args, **kwargs):
+        x0 = real_sample(self, cond, *args, **kwargs)
+        if state["stop_in"] == ("masks" if cond is None else "images"):  # the seg model samples without a condition
+            state["stop_in"] = "never"
+            os.kill(os.getpid(), signal.SIGTERM)
+        return x0
 
-    def stage2(*args, **kwargs):
-        state["stage"] = "images"
-        return real_stage2(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline_module, "any_rank", any_rank)
-    monkeypatch.setattr(pipeline_module, "_stage2", stage2)
+    monkeypatch.setattr(Stage, "sample", sample)
     first = _generate(tmp_path / "resumed", tiny_checkpoints, num_images=7, batch_size=2)
     assert first.status == "stopped" and not (first.out_dir / "train").exists()  # stopped in stage 1
     status = read_status(first.out_dir)  # expected from the settings (num_images): no mask is known yet
     assert _manifest(first.out_dir) == [] and (status.complete, status.done, status.expected) == (False, 0, 7)
-    state.update(stage="masks", stop_in="images", calls=0)
+    state["stop_in"] = "images"
     second = _generate(tmp_path / "resumed", tiny_checkpoints, num_images=7, batch_size=2)
     painted = sorted(p.name for p in (second.out_dir / "train").iterdir())
     assert second.status == "stopped" and len(painted) == 2  # one batch painted
@@ -107,7 +105,6 @@ def test_interrupted_run_continues_to_the_same_files(tmp_path, tiny_checkpoints,
     assert _manifest(second.out_dir) == [r for r in _manifest(straight.out_dir) if r["id"] in painted]
     status = read_status(second.out_dir)
     assert (status.complete, status.done, status.expected) == (False, 2, 7)
-    state.update(stop_in="never", calls=0)
     third = _generate(tmp_path / "resumed", tiny_checkpoints, num_images=7, batch_size=2)
     assert third.status == "done"
     status = read_status(third.out_dir)
@@ -286,3 +283,28 @@ def test_an_out_dir_that_cannot_be_a_folder_is_one_line(tmp_path):
         output_folder(OmegaConf.create({"out_dir": str(tmp_path / "a_file" / "below")}))
     folder = output_folder(OmegaConf.create({"out_dir": str(tmp_path / "new" / "out"), "seed": 3}))
     assert OmegaConf.load(folder / ".medgen" / "hydra" / "config.yaml").seed == 3
+
+
+def test_the_mask_source_column_reads_back():
+    from medgen.generation.records import CandidateSource, SliceSource, parse_mask_source
+
+    for source in (CandidateSource(7), SliceSource("test", "patient_003", 41)):
+        assert parse_mask_source(source.format()) == source
+    assert SliceSource("test", "patient_003", 4).format() == "test/patient_003/z4"
+    assert SliceSource("test", "patient_003", 4).sample_name == "patient_003_z004"
+    assert [parse_mask_source(t) for t in ("", "candidate x", "test/patient_003/4", "a/b/zc")] == [None] * 4
+
+
+def test_a_restart_removes_what_a_dead_run_left_half_written_only(tmp_path, tiny_checkpoints):
+    from medgen.core.fs import HOST
+
+    out = _generate(tmp_path, tiny_checkpoints, num_images=2).out_dir
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = out / "train" / f".syn_000009.tmp-{HOST}-{gone.pid}-0a0b0c"  # a sample folder a killed run left
+    (dead / "seg.nii.gz").parent.mkdir()
+    (dead / "seg.nii.gz").write_bytes(b"half")
+    live = out / f".manifest.csv.tmp-{HOST}-{os.getpid()}-0a0b0c"  # its owner still runs: not ours to remove
+    live.write_text("id\n")
+    assert _generate(tmp_path, tiny_checkpoints, num_images=2).status == "done"
+    assert not dead.exists() and live.exists()
