@@ -200,9 +200,12 @@ def test_guidance_needs_a_model_trained_with_condition_dropout(tmp_path, tiny_ch
 
 
 def test_wrong_stage_missing_and_newer_checkpoints_name_the_file(tmp_path, tiny_checkpoints):
-    with pytest.raises(GenerationError, match=rf"image_checkpoint={tiny_checkpoints['seg']} is a 'seg' checkpoint"):
+    with pytest.raises(GenerationError, match=rf"image_checkpoint={tiny_checkpoints['seg']} is a 'seg' checkpoint "
+                                              r"\(it generates \['seg'\] from noise\); the image stage needs a model "
+                                              r"that generates images given the mask alone"):
         _generate(tmp_path, tiny_checkpoints, image_checkpoint=str(tiny_checkpoints["seg"]))
-    with pytest.raises(GenerationError, match=r"seg_checkpoint=.*is a 'bravo' checkpoint; this stage needs 'seg'"):
+    with pytest.raises(GenerationError, match=r"seg_checkpoint=.*is a 'bravo' checkpoint \(it generates \['bravo'\] "
+                                              r"given \['seg'\]\); the seg stage needs a model that generates the mask"):
         _generate(tmp_path, tiny_checkpoints, seg_checkpoint=str(tiny_checkpoints["bravo"]))
     with pytest.raises(GenerationError, match=r"seg_checkpoint=nope.pt: .*nope.pt does not exist"):
         _generate(tmp_path, tiny_checkpoints, seg_checkpoint="nope.pt")
@@ -308,3 +311,52 @@ def test_a_restart_removes_what_a_dead_run_left_half_written_only(tmp_path, tiny
     live.write_text("id\n")
     assert _generate(tmp_path, tiny_checkpoints, num_images=2).status == "done"
     assert not dead.exists() and live.exists()
+
+
+@pytest.fixture
+def flair_mode():
+    """A mode registered by its class and decorator alone: flair painted given the mask."""
+    from medgen.diffusion.modes import MODES, ConditionalSingleMode, register_mode
+
+    @register_mode
+    class FlairGivenMask(ConditionalSingleMode):
+        name = "flair_given_mask"
+
+    yield FlairGivenMask
+    MODES.pop(FlairGivenMask.name, None)
+
+
+def test_a_new_mode_trains_and_paints_the_images_of_a_generation(tmp_path, tiny_checkpoints, flair_mode, monkeypatch):
+    from conftest import tiny_overrides
+    from datagen import write_dataset
+
+    from medgen.core.config import load_config
+    from medgen.core.distributed import DistInfo
+    from medgen.diffusion.trainer import DiffusionTrainer
+
+    data = tmp_path / "data"
+    write_dataset(data, n_patients=4, shape=(32, 32, 8), keys=("flair", "seg"))
+    cfg = load_config(tiny_overrides(tmp_path, data, "mode=bravo", f"mode.name={flair_mode.name}",
+                                     "mode.image_keys=[flair]", "strategy=rflow", "training.max_steps=3"))
+    trainer = DiffusionTrainer(cfg, tmp_path / "run", DistInfo(device=torch.device("cpu")), progress=False)
+    cache = trainer.data.train_cache  # the slice selection its class declares: brain slices, lesion or not
+    assert cache.keys == ("flair", "seg") and (cache.lesion_pixels == 0).any() and 0 not in cache.slice_index
+    assert trainer.train() == "max_steps"
+    checkpoint = tmp_path / "run" / "checkpoints" / "latest.pt"
+    result = _generate(tmp_path, tiny_checkpoints, image_checkpoint=str(checkpoint), num_images=3)
+    assert result.status == "done" and len(result.sample_ids) == 3
+    report = check_dataset(result.out_dir, progress=False)
+    assert report.ok and report.keys == ["flair", "seg"] and report.patients_checked == 3
+    arrays = _arrays(result.out_dir)["syn_000000"]
+    assert 0 <= arrays["flair.nii.gz"].min() and arrays["flair.nii.gz"].max() <= 1
+    # it paints images; it cannot make the masks
+    with pytest.raises(GenerationError, match=rf"seg_checkpoint={checkpoint} is a 'flair_given_mask' checkpoint "
+                                              r"\(it generates \['flair'\] given \['seg'\]\); the seg stage needs a "
+                                              r"model that generates the mask \('seg' in mode.image_keys\)"):
+        _generate(tmp_path / "b", tiny_checkpoints, seg_checkpoint=str(checkpoint), image_checkpoint=str(checkpoint))
+    # a process that does not register the mode cannot rebuild it, and says so
+    from medgen.diffusion.modes import MODES
+
+    monkeypatch.delitem(MODES, flair_mode.name)
+    with pytest.raises(GenerationError, match=r"is a 'flair_given_mask' checkpoint, a mode this medgen does not know"):
+        _generate(tmp_path / "c", tiny_checkpoints, image_checkpoint=str(checkpoint))
