@@ -25,6 +25,7 @@ from medgen.data.slices import SliceSpec, fingerprint, open_or_build_cache, sour
 from medgen.data.splits import split_folder_problem
 from medgen.data.validate import check_patient, read_patient
 from medgen.diffusion.config import load_config
+from medgen.diffusion.modes import MODES
 from medgen.scripts.data import main as data_main
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -32,6 +33,11 @@ KEYS = ("bravo", "seg")
 #: the tiny training run of the issue ("$P"), one step
 P = ["model.image_size=32", "model.channels=[32,64,64]", "model.num_head_channels=32", "training=cpu",
      "training.batch_size=4", "training.max_steps=1", "mode=bravo", "strategy=rflow"]
+
+
+def _build_data(cfg, **kwargs):
+    """``build_data`` as the trainer calls it: with the slice selection of the config's mode class."""
+    return build_data(cfg, selection=MODES[cfg.mode.name].slice_selection, **kwargs)
 
 
 def dataset(root: Path, n: int = 5, splits: tuple[str, ...] = ("train",)) -> list[Path]:
@@ -87,7 +93,7 @@ def test_4_val_without_selected_slices_warns_instead_of_a_silent_nan(tmp_path, c
     _, affine = load_volume(seg)
     nib.save(nib.Nifti1Image(np.zeros((32, 32, 8), np.uint8), affine), str(seg))  # no lesion: seg mode keeps nothing
     with caplog.at_level(logging.WARNING, logger="medgen"):
-        bundle = build_data(config(tmp_path, root, "mode=seg", "training.batch_size=2"), progress=False)
+        bundle = _build_data(config(tmp_path, root, "mode=seg", "training.batch_size=2"), progress=False)
     assert len(bundle.val_cache) == 0
     warning = next(r.getMessage() for r in caplog.records if "no validation slices" in r.getMessage())
     assert f"0 selected from 1 patient(s) of {root / 'val'} for mode 'seg' (lesion selection)" in warning
@@ -186,7 +192,7 @@ def test_9_a_file_given_as_the_data_folder_is_called_a_file(tmp_path, capsys):
     assert f"medgen-data preview: {data}: is a file, not a dataset folder" in capsys.readouterr().err
 
     with pytest.raises(DataError, match=f"paths.data_dir {data} is a file, not a data folder; set paths.data_dir"):
-        build_data(config(tmp_path, data), progress=False)
+        _build_data(config(tmp_path, data), progress=False)
     assert data.read_bytes() == b"not a folder"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,7 @@ from monai.transforms import LoadImage
 from medgen.core.checkpoint import CheckpointError, load_checkpoint
 from medgen.data.nifti_dataset import load_volume
 from medgen.data.validate import check_dataset
-from medgen.generation import GenerationError, generate
-from medgen.generation import pipeline as pipeline_module
+from medgen.generation import GenerationError, Stage, generate
 from medgen.generation.status import read_status
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,26 +79,24 @@ def test_samples_do_not_depend_on_the_batch_size(tmp_path, tiny_checkpoints):
 
 def test_interrupted_run_continues_to_the_same_files(tmp_path, tiny_checkpoints, monkeypatch):
     straight = _generate(tmp_path / "straight", tiny_checkpoints, num_images=7, batch_size=2)
-    # a stop request (as SIGTERM sets it) at the second batch of stage 1 in the first run, and of
-    # stage 2 in the second run
-    real_any_rank, real_stage2 = pipeline_module.any_rank, pipeline_module._stage2
-    state = {"stage": "masks", "stop_in": "masks", "calls": 0}
+    # SIGTERM (as SLURM sends it before a job's end) after the first batch of stage 1 in the first
+    # run, and of stage 2 in the second run
+    real_sample = Stage.sample
+    state = {"stop_in": "masks"}
 
-    def any_rank(flag, dist):
-        state["calls"] += state["stage"] == state["stop_in"]
-        return state["calls"] == 2 or real_any_rank(flag, dist)
+    def sample(self, cond, *args, **kwargs):
+        x0 = real_sample(self, cond, *args, **kwargs)
+        if state["stop_in"] == ("masks" if cond is None else "images"):  # the seg model samples without a condition
+            state["stop_in"] = "never"
+            os.kill(os.getpid(), signal.SIGTERM)
+        return x0
 
-    def stage2(*args, **kwargs):
-        state["stage"] = "images"
-        return real_stage2(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline_module, "any_rank", any_rank)
-    monkeypatch.setattr(pipeline_module, "_stage2", stage2)
+    monkeypatch.setattr(Stage, "sample", sample)
     first = _generate(tmp_path / "resumed", tiny_checkpoints, num_images=7, batch_size=2)
     assert first.status == "stopped" and not (first.out_dir / "train").exists()  # stopped in stage 1
     status = read_status(first.out_dir)  # expected from the settings (num_images): no mask is known yet
     assert _manifest(first.out_dir) == [] and (status.complete, status.done, status.expected) == (False, 0, 7)
-    state.update(stage="masks", stop_in="images", calls=0)
+    state["stop_in"] = "images"
     second = _generate(tmp_path / "resumed", tiny_checkpoints, num_images=7, batch_size=2)
     painted = sorted(p.name for p in (second.out_dir / "train").iterdir())
     assert second.status == "stopped" and len(painted) == 2  # one batch painted
@@ -107,7 +105,6 @@ def test_interrupted_run_continues_to_the_same_files(tmp_path, tiny_checkpoints,
     assert _manifest(second.out_dir) == [r for r in _manifest(straight.out_dir) if r["id"] in painted]
     status = read_status(second.out_dir)
     assert (status.complete, status.done, status.expected) == (False, 2, 7)
-    state.update(stop_in="never", calls=0)
     third = _generate(tmp_path / "resumed", tiny_checkpoints, num_images=7, batch_size=2)
     assert third.status == "done"
     status = read_status(third.out_dir)
@@ -203,9 +200,12 @@ def test_guidance_needs_a_model_trained_with_condition_dropout(tmp_path, tiny_ch
 
 
 def test_wrong_stage_missing_and_newer_checkpoints_name_the_file(tmp_path, tiny_checkpoints):
-    with pytest.raises(GenerationError, match=rf"image_checkpoint={tiny_checkpoints['seg']} is a 'seg' checkpoint"):
+    with pytest.raises(GenerationError, match=rf"image_checkpoint={tiny_checkpoints['seg']} is a 'seg' checkpoint "
+                                              r"\(it generates \['seg'\] from noise\); the image stage needs a model "
+                                              r"that generates images given the mask alone"):
         _generate(tmp_path, tiny_checkpoints, image_checkpoint=str(tiny_checkpoints["seg"]))
-    with pytest.raises(GenerationError, match=r"seg_checkpoint=.*is a 'bravo' checkpoint; this stage needs 'seg'"):
+    with pytest.raises(GenerationError, match=r"seg_checkpoint=.*is a 'bravo' checkpoint \(it generates \['bravo'\] "
+                                              r"given \['seg'\]\); the seg stage needs a model that generates the mask"):
         _generate(tmp_path, tiny_checkpoints, seg_checkpoint=str(tiny_checkpoints["bravo"]))
     with pytest.raises(GenerationError, match=r"seg_checkpoint=nope.pt: .*nope.pt does not exist"):
         _generate(tmp_path, tiny_checkpoints, seg_checkpoint="nope.pt")
@@ -286,3 +286,77 @@ def test_an_out_dir_that_cannot_be_a_folder_is_one_line(tmp_path):
         output_folder(OmegaConf.create({"out_dir": str(tmp_path / "a_file" / "below")}))
     folder = output_folder(OmegaConf.create({"out_dir": str(tmp_path / "new" / "out"), "seed": 3}))
     assert OmegaConf.load(folder / ".medgen" / "hydra" / "config.yaml").seed == 3
+
+
+def test_the_mask_source_column_reads_back():
+    from medgen.generation.records import CandidateSource, SliceSource, parse_mask_source
+
+    for source in (CandidateSource(7), SliceSource("test", "patient_003", 41)):
+        assert parse_mask_source(source.format()) == source
+    assert SliceSource("test", "patient_003", 4).format() == "test/patient_003/z4"
+    assert SliceSource("test", "patient_003", 4).sample_name == "patient_003_z004"
+    assert [parse_mask_source(t) for t in ("", "candidate x", "test/patient_003/4", "a/b/zc")] == [None] * 4
+
+
+def test_a_restart_removes_what_a_dead_run_left_half_written_only(tmp_path, tiny_checkpoints):
+    from medgen.core.fs import HOST
+
+    out = _generate(tmp_path, tiny_checkpoints, num_images=2).out_dir
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = out / "train" / f".syn_000009.tmp-{HOST}-{gone.pid}-0a0b0c"  # a sample folder a killed run left
+    (dead / "seg.nii.gz").parent.mkdir()
+    (dead / "seg.nii.gz").write_bytes(b"half")
+    live = out / f".manifest.csv.tmp-{HOST}-{os.getpid()}-0a0b0c"  # its owner still runs: not ours to remove
+    live.write_text("id\n")
+    assert _generate(tmp_path, tiny_checkpoints, num_images=2).status == "done"
+    assert not dead.exists() and live.exists()
+
+
+@pytest.fixture
+def flair_mode():
+    """A mode registered by its class and decorator alone: flair painted given the mask."""
+    from medgen.diffusion.modes import MODES, ConditionalSingleMode, register_mode
+
+    @register_mode
+    class FlairGivenMask(ConditionalSingleMode):
+        name = "flair_given_mask"
+
+    yield FlairGivenMask
+    MODES.pop(FlairGivenMask.name, None)
+
+
+def test_a_new_mode_trains_and_paints_the_images_of_a_generation(tmp_path, tiny_checkpoints, flair_mode, monkeypatch):
+    from conftest import tiny_overrides
+    from datagen import write_dataset
+
+    from medgen.core.config import load_config
+    from medgen.core.distributed import DistInfo
+    from medgen.diffusion.trainer import DiffusionTrainer
+
+    data = tmp_path / "data"
+    write_dataset(data, n_patients=4, shape=(32, 32, 8), keys=("flair", "seg"))
+    cfg = load_config(tiny_overrides(tmp_path, data, "mode=bravo", f"mode.name={flair_mode.name}",
+                                     "mode.image_keys=[flair]", "strategy=rflow", "training.max_steps=3"))
+    trainer = DiffusionTrainer(cfg, tmp_path / "run", DistInfo(device=torch.device("cpu")), progress=False)
+    cache = trainer.data.train_cache  # the slice selection its class declares: brain slices, lesion or not
+    assert cache.keys == ("flair", "seg") and (cache.lesion_pixels == 0).any() and 0 not in cache.slice_index
+    assert trainer.train() == "max_steps"
+    checkpoint = tmp_path / "run" / "checkpoints" / "latest.pt"
+    result = _generate(tmp_path, tiny_checkpoints, image_checkpoint=str(checkpoint), num_images=3)
+    assert result.status == "done" and len(result.sample_ids) == 3
+    report = check_dataset(result.out_dir, progress=False)
+    assert report.ok and report.keys == ["flair", "seg"] and report.patients_checked == 3
+    arrays = _arrays(result.out_dir)["syn_000000"]
+    assert 0 <= arrays["flair.nii.gz"].min() and arrays["flair.nii.gz"].max() <= 1
+    # it paints images; it cannot make the masks
+    with pytest.raises(GenerationError, match=rf"seg_checkpoint={checkpoint} is a 'flair_given_mask' checkpoint "
+                                              r"\(it generates \['flair'\] given \['seg'\]\); the seg stage needs a "
+                                              r"model that generates the mask \('seg' in mode.image_keys\)"):
+        _generate(tmp_path / "b", tiny_checkpoints, seg_checkpoint=str(checkpoint), image_checkpoint=str(checkpoint))
+    # a process that does not register the mode cannot rebuild it, and says so
+    from medgen.diffusion.modes import MODES
+
+    monkeypatch.delitem(MODES, flair_mode.name)
+    with pytest.raises(GenerationError, match=r"is a 'flair_given_mask' checkpoint, a mode this medgen does not know"):
+        _generate(tmp_path / "c", tiny_checkpoints, image_checkpoint=str(checkpoint))

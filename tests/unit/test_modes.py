@@ -50,6 +50,16 @@ def test_registry_and_attributes():
     assert dual.image_keys == ("t1_pre", "t1_gd") and dual.cond_keys == ("seg",)
 
 
+def test_generation_roles_follow_from_the_keys_and_the_slice_selection_from_the_class():
+    seg, bravo, dual = _mode("seg"), _mode("bravo"), _mode("dual")
+    assert (seg.generates_mask, seg.mask_conditioned, seg.slice_selection) == (True, False, "lesion")
+    for mode in (bravo, dual):
+        assert (mode.generates_mask, mode.mask_conditioned, mode.slice_selection) == (False, True, "brain")
+    # the roles are read from the keys, not the name: an unconditional image mode neither makes nor takes masks
+    unconditional = ConditionalSingleMode(OmegaConf.create({"image_keys": ["flair"], "cond_keys": []}))
+    assert (unconditional.generates_mask, unconditional.mask_conditioned) == (False, False)
+
+
 @pytest.mark.parametrize(
     "name, x0_levels, cond_levels",
     [("seg", [1.0], None), ("bravo", [0.2], [1.0]), ("dual", [0.4, 0.6], [1.0])],

@@ -21,6 +21,12 @@ from medgen.data.splits import split_patients
 from medgen.data.transforms import preprocess_image, preprocess_mask
 from medgen.data.validate import check_patients
 from medgen.diffusion.config import load_config
+from medgen.diffusion.modes import MODES
+
+
+def _build_data(cfg, **kwargs):
+    """``build_data`` as the trainer calls it: with the slice selection of the config's mode class."""
+    return build_data(cfg, selection=MODES[cfg.mode.name].slice_selection, **kwargs)
 
 
 def _cfg(tmp_path, data, *overrides):
@@ -66,10 +72,10 @@ def test_no_patient_in_two_splits(tmp_path):
 
 def test_seg_mode_keeps_tumour_positive_slices_and_bravo_keeps_brain(tmp_path):
     write_dataset(tmp_path / "d", n_patients=3, shape=(32, 32, 12), keys=("bravo", "seg"))
-    seg = build_data(_cfg(tmp_path, tmp_path / "d", "mode=seg"), progress=False)
+    seg = _build_data(_cfg(tmp_path, tmp_path / "d", "mode=seg"), progress=False)
     assert len(seg.train_cache) > 0 and (seg.train_cache.lesion_pixels >= 1).all()
     assert set(np.unique(np.asarray(seg.train_cache.data))) == {0.0, 1.0}
-    bravo = build_data(_cfg(tmp_path, tmp_path / "d", "mode=bravo"), progress=False)
+    bravo = _build_data(_cfg(tmp_path, tmp_path / "d", "mode=bravo"), progress=False)
     # the ellipsoid brain is absent from the outermost slices: they are dropped, lesion-free brain slices kept
     zs = set(bravo.train_cache.slice_index.tolist())
     assert 0 not in zs and 11 not in zs and len(zs) >= 6
@@ -117,7 +123,7 @@ def test_training_refuses_bad_data_with_the_check_messages(tmp_path):
     bad[3, 3, 3] = np.nan
     save_volume(patients[1] / "bravo.nii.gz", bad, np.diag([1.0, 1.0, 2.0, 1.0]))
     with pytest.raises(DataError) as info:
-        build_data(_cfg(tmp_path, tmp_path / "d", "mode=bravo"), progress=False)
+        _build_data(_cfg(tmp_path, tmp_path / "d", "mode=bravo"), progress=False)
     assert str(patients[1] / "bravo.nii.gz") in str(info.value) and "NaN" in str(info.value)
     assert not list((tmp_path / "cache").glob("slices/*/meta.json"))  # nothing half-built left behind
 
@@ -125,7 +131,7 @@ def test_training_refuses_bad_data_with_the_check_messages(tmp_path):
 def test_no_selected_slice_says_what_selects_one(tmp_path):
     patients = write_dataset(tmp_path / "d", n_patients=2, keys=("bravo", "seg"))  # 1 train, 1 val patient
     with pytest.raises(DataError) as info:
-        build_data(_cfg(tmp_path, tmp_path / "d", "mode=bravo", "data.min_brain_fraction=1.0"), progress=False)
+        _build_data(_cfg(tmp_path, tmp_path / "d", "mode=bravo", "data.min_brain_fraction=1.0"), progress=False)
     assert str(info.value) == (
         f"no training slices selected from 1 patient(s) of {tmp_path / 'd' / 'train'} for mode 'bravo': 'brain' "
         "selection keeps slices where at least 100% of the pixels of every image exceed 0.1 after normalisation "
@@ -134,12 +140,12 @@ def test_no_selected_slice_says_what_selects_one(tmp_path):
         save_volume(p / "bravo.nii.gz", np.full((32, 32, 8), np.nan, np.float32), np.diag([1.0, 1.0, 2.0, 1.0]))
     with pytest.raises(DataError, match=r"'brain' selection .*; data.validate=false, so unreadable or non-finite "
                                          rf"\(NaN\) voxels were not reported: medgen-data check {tmp_path / 'd'}$"):
-        build_data(_cfg(tmp_path, tmp_path / "d", "mode=bravo", "data.validate=false"), progress=False)
+        _build_data(_cfg(tmp_path, tmp_path / "d", "mode=bravo", "data.validate=false"), progress=False)
 
 
 def test_missing_data_folder_says_how_to_make_one(tmp_path):
     with pytest.raises(DataError, match="medgen-data phantom"):
-        build_data(_cfg(tmp_path, tmp_path / "nowhere", "mode=bravo"), progress=False)
+        _build_data(_cfg(tmp_path, tmp_path / "nowhere", "mode=bravo"), progress=False)
 
 
 def test_resumable_sampler_skips_into_the_same_epoch_order():
@@ -185,7 +191,7 @@ def test_parallel_build_and_check_equal_serial(tmp_path):
 def test_fewer_slices_than_one_batch_is_refused(tmp_path):
     write_dataset(tmp_path / "d", n_patients=3, keys=("bravo", "seg"))
     with pytest.raises(DataError, match="fewer than one batch"):
-        build_data(_cfg(tmp_path, tmp_path / "d", "mode=seg", "training.batch_size=64"), progress=False)
+        _build_data(_cfg(tmp_path, tmp_path / "d", "mode=seg", "training.batch_size=64"), progress=False)
 
 
 # --- the one-read cold build: same bytes as before, every file read once, refusals like `check` ---
@@ -351,14 +357,14 @@ def test_a_bad_file_in_val_refuses_with_the_check_report_and_leaves_nothing(tmp_
 
     for workers in (0, 2):
         with pytest.raises(DataError) as info:
-            build_data(_cfg(tmp_path, tmp_path / "d", "mode=bravo", f"data.num_workers={workers}"), progress=False)
+            _build_data(_cfg(tmp_path, tmp_path / "d", "mode=bravo", f"data.num_workers={workers}"), progress=False)
         assert str(info.value) == "the dataset has problems; fix them and run again:\n" + expected.format()
         assert f"ERROR {val[1] / 'bravo.nii.gz'}: 1 Inf voxel(s) of 8192" in str(info.value)
         assert list((tmp_path / "cache" / "slices").iterdir()) == []  # no temporary folder, no train cache
 
     os.remove(val[1] / "bravo.nii.gz")  # fixed (the patient's bravo rewritten): both caches build
     save_volume(val[1] / "bravo.nii.gz", make_patient(seed=9, keys=("bravo",))["bravo"], np.diag([1.0, 1.0, 2.0, 1.0]))
-    bundle = build_data(_cfg(tmp_path, tmp_path / "d", "mode=bravo"), progress=False)
+    bundle = _build_data(_cfg(tmp_path, tmp_path / "d", "mode=bravo"), progress=False)
     assert bundle.val_cache is not None and bundle.val_cache.patient_ids == [p.name for p in val]
     assert sorted(p.name for p in (tmp_path / "cache" / "slices").iterdir()) == sorted(
         [bundle.train_cache.directory.name, bundle.val_cache.directory.name])

@@ -106,8 +106,9 @@ def _selection_rule(spec: SliceSpec) -> str:
 
 
 def build_data(cfg, rank: int = 0, world_size: int = 1, progress: bool = True,
-               barrier=None) -> DataBundle:
-    """Train/val loaders for the configured mode from ``paths.data_dir`` (cache under ``paths.cache_dir``).
+               barrier=None, *, selection: str) -> DataBundle:
+    """Train/val loaders for the configured mode from ``paths.data_dir`` (cache under ``paths.cache_dir``),
+    with the slice ``selection`` the mode's class declares (``TrainingMode.slice_selection``).
 
     In a multi-process run, rank 0 builds the caches and the others wait on ``barrier()``.
     """
@@ -125,7 +126,7 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, progress: bool = True,
             f"phantom dataset: medgen-data phantom --out {root} --subjects 20"
         )
     cache_dir = resolve_path(cfg.paths.cache_dir)
-    spec = SliceSpec.for_mode(cfg.mode, cfg.data, cfg.model.image_size)
+    spec = SliceSpec.for_mode(cfg.mode, cfg.data, cfg.model.image_size, selection)
     d = cfg.data
     train_patients = split_patients(root, "train", d.val_fraction)
     val_patients = split_patients(root, "val", d.val_fraction)

@@ -22,7 +22,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from medgen.core.constants import AFFINE_ATOL, MASK_KEY, MODALITIES, NIFTI_SUFFIX
-from medgen.data.transforms import binarize_mask
+from medgen.data.masks import binarize_mask
 
 
 class DataError(ValueError):

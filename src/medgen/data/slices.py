@@ -74,14 +74,13 @@ class SliceSpec:
         return tuple(k for k in self.keys if k != MASK_KEY)
 
     @classmethod
-    def for_mode(cls, mode_cfg, data_cfg, image_size: int) -> "SliceSpec":
-        """Per-mode selection: seg keeps tumour-positive slices (unless ``data.seg_positive_only``
-        is false: then every slice); bravo/dual keep slices where every image channel shows brain."""
+    def for_mode(cls, mode_cfg, data_cfg, image_size: int, selection: str) -> "SliceSpec":
+        """The slices of a mode's keys (``cfg.mode``) with the selection its class declares
+        (``slice_selection``): ``"lesion"`` keeps tumour-positive slices (every slice when
+        ``data.seg_positive_only`` is false), ``"brain"`` slices where every image channel shows brain."""
         keys = tuple(dict.fromkeys([*mode_cfg.image_keys, *mode_cfg.cond_keys]))
-        if mode_cfg.name == "seg" or list(keys) == [MASK_KEY]:
-            selection = "lesion" if data_cfg.seg_positive_only else "all"
-        else:
-            selection = "brain"
+        if selection == "lesion" and not data_cfg.seg_positive_only:
+            selection = "all"
         return cls(
             keys=keys,
             image_size=int(image_size),

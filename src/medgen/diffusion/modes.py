@@ -15,6 +15,11 @@ the network input (``model_input``) and maps generated ``x0`` back to [0, 1] per
 
 Unconditional (:class:`SegmentationMode`) and mask-conditioned modes are two implementations of
 one interface: the unconditional mode's condition is always ``None``.
+
+What a mode can do in a generation run follows from its keys: a mode that generates the mask
+(``seg`` in ``image_keys``) can make the masks, one conditioned on the mask (``seg`` in
+``cond_keys``) can paint the images. Which training slices it learns from is declared by its
+class (``slice_selection``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import torch
 from torch import Tensor
 
 from medgen.core.constants import IMAGE_MODALITIES, MASK_KEY
-from medgen.data.transforms import binarize_mask, from_model_space, to_model_space
+from medgen.data.masks import binarize_mask
+from medgen.data.transforms import from_model_space, to_model_space
 
 __all__ = [
     "TrainingMode",
@@ -55,10 +61,14 @@ class TrainingMode(abc.ABC):
         cond_keys: the conditioning modalities (``()`` or ``("seg",)``).
         supports_perceptual: whether a perceptual loss may be applied to the outputs
             (never to masks).
+        slice_selection: the training slices it learns from: ``"lesion"`` (slices with a lesion;
+            every slice with ``data.seg_positive_only=false``) or ``"brain"`` (slices where every
+            image shows brain); the data layer applies it (``SliceSpec.for_mode``).
     """
 
     name: ClassVar[str]
     supports_perceptual: ClassVar[bool]
+    slice_selection: ClassVar[str]
     image_key_choices: ClassVar[tuple[str, ...]]
     num_image_keys: ClassVar[int]
     cond_key_choices: ClassVar[tuple[str, ...]] = ()
@@ -81,6 +91,18 @@ class TrainingMode(abc.ABC):
     @property
     def is_conditional(self) -> bool:
         return bool(self.cond_keys)
+
+    @property
+    def generates_mask(self) -> bool:
+        """Whether it generates the tumour mask (``seg`` in ``image_keys``): it can make a
+        generation run's masks."""
+        return MASK_KEY in self.image_keys
+
+    @property
+    def mask_conditioned(self) -> bool:
+        """Whether it is conditioned on the tumour mask (``seg`` in ``cond_keys``): it can paint a
+        generation run's images for given masks."""
+        return MASK_KEY in self.cond_keys
 
     # ---------------------------------------------------------------- batch -> model space
     def _stack(self, batch: Mapping[str, Tensor], keys: tuple[str, ...]) -> Tensor:
@@ -158,6 +180,7 @@ class SegmentationMode(TrainingMode):
 
     name = "seg"
     supports_perceptual = False  # perceptual features of a binary mask are meaningless
+    slice_selection = "lesion"
     image_key_choices = (MASK_KEY,)
     num_image_keys = 1
 
@@ -184,6 +207,7 @@ class _MaskConditionedMode(TrainingMode):
     """Images generated given the tumour mask: input ``[x_t channels..., mask]``."""
 
     supports_perceptual = True
+    slice_selection = "brain"
     image_key_choices = IMAGE_MODALITIES
     cond_key_choices = (MASK_KEY,)
     num_cond_keys = 1

@@ -112,7 +112,7 @@ class DiffusionTrainer:
                                                     tc.perceptual_allow_download, device=self.device)
 
         self.data = data or build_data(cfg, self.dist.rank, self.dist.world_size, progress=self.progress,
-                                       barrier=lambda: barrier(self.dist))
+                                       barrier=lambda: barrier(self.dist), selection=self.mode.slice_selection)
         self.steps_per_epoch = len(self.data.train)
         self.total_steps = tc.epochs * self.steps_per_epoch
         self.warmup_steps = capped_warmup(tc.warmup_steps, self.total_steps, MAX_WARMUP_FRACTION)

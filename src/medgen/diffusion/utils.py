@@ -97,10 +97,13 @@ def sampling_forward(network: torch.nn.Module, device: torch.device, compile: st
     return forward
 
 
-def load_model_from_checkpoint(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
-    """Build the network from the checkpoint alone. Returns ``(model.eval(), checkpoint dict)``;
-    EMA weights are used when present and ``use_ema``."""
-    ckpt = load_checkpoint(path, map_location="cpu")
+def network_from_checkpoint(ckpt: Mapping[str, Any], path: str | Path, use_ema: bool = True) -> DiffusionModelUNet:
+    """The network of a loaded checkpoint dict (read from ``path``, named in errors), built from
+    its stored kwargs, with its EMA weights when present and ``use_ema``, else the raw ones.
+
+    Raises:
+        CheckpointError: the weights do not fit the stored network.
+    """
     model = build_network(ckpt["network"])
     ema = ckpt.get("ema") if use_ema else None
     if ema is not None:  # ema-pytorch state: the averaged network's entries are under "ema_model."
@@ -111,7 +114,14 @@ def load_model_from_checkpoint(path: str | Path, use_ema: bool = True, device: s
         model.load_state_dict(weights)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the stored network ({exc})") from None
-    return model.to(device).eval(), ckpt
+    return model
+
+
+def load_model_from_checkpoint(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
+    """Build the network from the checkpoint alone. Returns ``(model.eval(), checkpoint dict)``;
+    EMA weights are used when present and ``use_ema``."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    return network_from_checkpoint(ckpt, path, use_ema).to(device).eval(), ckpt
 
 
 def _mix(*values: int) -> int:

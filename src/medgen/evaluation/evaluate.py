@@ -34,6 +34,7 @@ from medgen.data.splits import split_patients
 from medgen.evaluation import EvaluationError, downstream, metrics
 from medgen.evaluation.downstream import SliceSet
 from medgen.evaluation.features import FeatureWeightsError, fid, kid, load_feature_network
+from medgen.generation.records import SliceSource, parse_mask_source
 from medgen.generation.status import incomplete_message, read_status
 
 log = logging.getLogger("medgen.evaluate")
@@ -170,10 +171,9 @@ def paired_metrics(sets: Sets) -> dict:
                 enumerate(zip(sets.test.patient_index, sets.test.slice_index))}
     syn_idx, real_idx = [], []
     for i, sid in enumerate(sets.synthetic_ids):
-        source = rows.get(sid, {}).get("mask_source", "")
-        parts = source.split("/")
-        if len(parts) == 3 and parts[0] == sets.reference_split and parts[2].startswith("z"):
-            j = by_slice.get((parts[1], int(parts[2][1:])))
+        source = parse_mask_source(rows.get(sid, {}).get("mask_source", ""))
+        if isinstance(source, SliceSource) and source.split == sets.reference_split:
+            j = by_slice.get((source.patient, source.z))
             if j is not None:
                 syn_idx.append(i)
                 real_idx.append(j)

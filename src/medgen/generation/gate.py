@@ -17,11 +17,17 @@ from medgen.data.masks import is_lesion, lesion_sizes
 
 @dataclass(frozen=True)
 class MaskStats:
-    """Per-mask measurements, ``[N]`` each."""
+    """Per-mask measurements, ``[N]`` each (:func:`measure`), or one mask's as plain numbers
+    (``stats[i]``)."""
 
-    area: np.ndarray  # float64, lesion pixels / image pixels
-    components: np.ndarray  # int64, connected lesions
-    smallest: np.ndarray  # int64, pixels of the smallest lesion (0 for an empty mask)
+    area: np.ndarray | float  # float64, lesion pixels / image pixels
+    components: np.ndarray | int  # int64, connected lesions
+    smallest: np.ndarray | int  # int64, pixels of the smallest lesion (0 for an empty mask)
+
+    def __getitem__(self, i: int) -> "MaskStats":
+        """Mask ``i``'s measurements."""
+        return MaskStats(area=float(self.area[i]), components=int(self.components[i]),
+                         smallest=int(self.smallest[i]))
 
 
 def measure(masks: np.ndarray) -> MaskStats:

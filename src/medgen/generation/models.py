@@ -18,18 +18,24 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from medgen.core.checkpoint import CheckpointError, load_checkpoint
+from medgen.core.checkpoint import load_checkpoint
+from medgen.core.constants import MASK_KEY
 from medgen.core.paths import resolve_path
 from medgen.core.precision import autocast
-from medgen.diffusion.modes import TrainingMode, build_mode
+from medgen.diffusion.modes import MODES, TrainingMode, build_mode
 from medgen.diffusion.samplers import guided, randn_like
 from medgen.diffusion.strategies import DiffusionStrategy, build_strategy
-from medgen.diffusion.utils import build_network, sampling_forward
+from medgen.diffusion.utils import network_from_checkpoint, sampling_forward
 
 log = logging.getLogger("medgen.generate")
 
-#: which checkpoint modes each stage takes
-STAGE_MODES = {"seg": ("seg",), "image": ("bravo", "dual")}
+#: per stage: whether a mode can serve it (from its keys), and what the stage needs, in an error's words
+STAGE_ROLES: dict[str, tuple[Callable[[TrainingMode], bool], str]] = {
+    "seg": (lambda mode: mode.generates_mask and not mode.is_conditional,
+            f"a model that generates the mask ({MASK_KEY!r} in mode.image_keys) from noise alone"),
+    "image": (lambda mode: mode.mask_conditioned and mode.cond_keys == (MASK_KEY,),
+              f"a model that generates images given the mask alone (mode.cond_keys = [{MASK_KEY!r}])"),
+}
 
 
 class GenerationError(ValueError):
@@ -109,29 +115,35 @@ class Stage:
 
 def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, use_ema: bool = True,
                precision: str = "bf16", compile: str = "auto", compile_mode: str = "default") -> Stage:
-    """Load the checkpoint for ``stage`` (``"seg"`` or ``"image"``; ``key`` names the config key in
-    errors). Raises :class:`GenerationError`/:class:`CheckpointError` naming the file."""
+    """Load the checkpoint for ``stage`` (``"seg"``: the masks, or ``"image"``; ``key`` names the
+    config key in errors). Its mode, rebuilt from the checkpoint's config, must be able to serve
+    the stage (:data:`STAGE_ROLES`). Raises :class:`GenerationError`/:class:`CheckpointError` naming the file."""
     file = checkpoint_file(path, key)
     ckpt = load_checkpoint(file, map_location="cpu")
-    if ckpt["mode"] not in STAGE_MODES[stage]:
-        raise GenerationError(f"{key}={file} is a {ckpt['mode']!r} checkpoint; this stage needs "
-                              f"{' or '.join(repr(m) for m in STAGE_MODES[stage])}")
     cfg = OmegaConf.create(ckpt["config"])
-    network = build_network(ckpt["network"])
-    ema = ckpt.get("ema") if use_ema else None
-    if use_ema and ema is None:
+    mode = _stage_mode(cfg, ckpt["mode"], stage, key, file)
+    if use_ema and ckpt.get("ema") is None:
         log.warning("%s has no EMA weights (trained with training.use_ema=false): using the raw weights", file)
-    weights = {k.removeprefix("ema_model."): v for k, v in ema.items() if k.startswith("ema_model.")} if ema \
-        else ckpt["model"]
-    try:
-        network.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{file}: weights do not fit the stored network ({exc})") from None
-    network = network.to(device).eval().requires_grad_(False)
+    network = network_from_checkpoint(ckpt, file, use_ema).to(device).eval().requires_grad_(False)
     spacing = (ckpt.get("geometry") or {}).get("spacing")
-    return Stage(path=file, sha256=sha256(file), network=network, strategy=build_strategy(cfg), mode=build_mode(cfg),
+    return Stage(path=file, sha256=sha256(file), network=network, strategy=build_strategy(cfg), mode=mode,
                  cond_dropout=float(cfg.training.cond_dropout), spacing=tuple(spacing) if spacing else None,
                  device=device, precision=precision, forward=sampling_forward(network, device, compile, log, compile_mode))
+
+
+def _stage_mode(cfg, name: str, stage: str, key: str, file: Path) -> TrainingMode:
+    """The checkpoint's mode, if it can serve ``stage``; else a :class:`GenerationError` naming the
+    key, the file, the mode and what the stage needs."""
+    if name not in MODES:
+        raise GenerationError(f"{key}={file} is a {name!r} checkpoint, a mode this medgen does not know "
+                              f"(known: {sorted(MODES)}; a mode of your own must be registered before generating)")
+    mode = build_mode(cfg)
+    serves, needs = STAGE_ROLES[stage]
+    if not serves(mode):
+        given = f"given {list(mode.cond_keys)}" if mode.cond_keys else "from noise"
+        raise GenerationError(f"{key}={file} is a {name!r} checkpoint (it generates {list(mode.image_keys)} {given}); "
+                              f"the {stage} stage needs {needs}")
+    return mode
 
 
 def check_pair(seg: Stage | None, image: Stage, guidance_scale: float) -> None:

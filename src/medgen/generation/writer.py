@@ -23,8 +23,7 @@ import numpy as np
 from medgen.core.constants import MASK_KEY, NIFTI_SUFFIX
 from medgen.core.fs import atomic_write
 from medgen.data.nifti_dataset import modality_path, save_volume
-# contact_sheet and save_png are re-exported: the run (pipeline) draws its pictures through this module
-from medgen.data.pictures import contact_sheet, render_tile, save_png, side_by_side  # noqa: F401
+from medgen.data.pictures import render_tile, side_by_side
 
 #: the manifest's columns, in order
 MANIFEST_COLUMNS = ("id", "split", "mask_source", "mask_seed", "image_seed", "seg_checkpoint", "seg_sha256",

@@ -43,7 +43,7 @@ from medgen.data.importers.common import (
     write_all,
 )
 from medgen.data.nifti_dataset import geometry_mismatches, list_patients, modality_path, save_volume
-from medgen.data.transforms import binarize_mask
+from medgen.data.masks import binarize_mask
 
 
 #: BrainMetShare channel folder -> medgen modality

@@ -1,0 +1,107 @@
+"""The records a generation run passes between its stages and writes to ``manifest.csv``.
+
+A mask comes from a stage-1 candidate (:class:`CandidateSource`, ``"candidate 7"`` in the
+manifest's ``mask_source``) or from a slice of a real dataset (:class:`SliceSource`,
+``"test/patient_003/z41"``); :func:`parse_mask_source` reads the column back. A
+:class:`Candidate` is one evaluated stage-1 mask with its gate measurements, a
+:class:`MaskRecord` what the manifest says about a mask, and :class:`Masks` everything stage 2
+paints from.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+
+from medgen.generation.gate import MaskStats
+
+_CANDIDATE = re.compile(r"candidate (\d+)")
+
+
+@dataclass(frozen=True)
+class CandidateSource:
+    """Stage-1 candidate ``index`` (its noise: ``sample_seed(seed, index, MASK_STREAM)``)."""
+
+    index: int
+
+    def format(self) -> str:
+        return f"candidate {self.index}"
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    """Axial slice ``z`` of ``patient`` in ``split`` of a real dataset (``masks_from``)."""
+
+    split: str
+    patient: str
+    z: int
+
+    def format(self) -> str:
+        return f"{self.split}/{self.patient}/z{self.z}"
+
+    @property
+    def sample_name(self) -> str:
+        """The name of the samples painted on this mask: ``<patient>_z<zzz>``."""
+        return f"{self.patient}_z{self.z:03d}"
+
+
+MaskSource = Union[CandidateSource, SliceSource]
+
+
+def parse_mask_source(text: str) -> MaskSource | None:
+    """The source a manifest's ``mask_source`` names (None for a text no medgen writes)."""
+    m = _CANDIDATE.fullmatch(text)
+    if m:
+        return CandidateSource(int(m[1]))
+    parts = text.split("/")
+    if len(parts) == 3 and parts[2].startswith("z") and parts[2][1:].isdigit():
+        return SliceSource(parts[0], parts[1], int(parts[2][1:]))
+    return None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One evaluated stage-1 mask: its gate measurements (one mask's :class:`MaskStats`), the
+    verdict, and the mask ``[S, S]`` uint8 where it was read (None otherwise)."""
+
+    index: int
+    stats: MaskStats
+    accepted: bool
+    mask: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class MaskRecord:
+    """What the manifest says about one mask: where it came from, the seed of its noise (stage-1
+    candidates only), its lesion area and count, and whether the gate accepted it."""
+
+    source: MaskSource
+    area: float
+    components: int
+    accepted: bool
+    seed: int | None = None
+
+    def sample_name(self, i: int) -> str:
+        """The name of the samples painted on this mask, mask ``i`` of the run."""
+        return self.source.sample_name if isinstance(self.source, SliceSource) else f"syn_{i:06d}"
+
+    def manifest_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"mask_source": self.source.format()}
+        if self.seed is not None:
+            fields["mask_seed"] = self.seed
+        return {**fields, "mask_area": f"{self.area:.6f}", "components": int(self.components),
+                "accepted": bool(self.accepted)}
+
+
+@dataclass
+class Masks:
+    """The masks stage 2 paints: ``masks [N, S, S]`` uint8 with a record each, the masks the gate
+    rejected on the way (stage 1), and the gate's acceptance rate (None for real masks)."""
+
+    masks: np.ndarray
+    records: list[MaskRecord]
+    rejected: list[MaskRecord]
+    acceptance_rate: float | None

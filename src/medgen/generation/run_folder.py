@@ -1,0 +1,84 @@
+"""A generation's output folder: one run at a time, the settings that fix its samples, clean-up.
+
+``<out_dir>/.medgen/lock`` is held by the main rank while a run writes; ``.medgen/settings.json``
+records what determines the samples, and a restart with other settings is refused, naming them.
+A claimed folder is cleared of the temporaries an interrupted run left (medgen's owner-named
+temporary rule, :func:`medgen.core.fs.remove_orphans`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from medgen.core.distributed import DistInfo
+from medgen.core.fs import FolderLock, atomic_write, remove_orphans
+from medgen.core.paths import resolve_path
+from medgen.generation import writer
+from medgen.generation.models import GenerationError, Stage
+
+log = logging.getLogger("medgen.generate")
+
+#: settings that change the samples: a restart in the same out_dir must keep them
+DETERMINING = ("seg_sha256", "image_sha256", "masks_from", "masks_split", "samples_per_mask", "split", "seed",
+               "seg_sampler", "image_sampler", "steps", "guidance_scale", "use_ema", "precision", "gate")
+
+
+def run_settings(cfg: DictConfig, seg: Stage | None, image: Stage, samplers: dict[str, str | None]) -> dict[str, Any]:
+    """What ``.medgen/settings.json`` records of a run (the manifest repeats some of it)."""
+    return {
+        "seg_checkpoint": str(seg.path) if seg else None, "seg_sha256": seg.sha256 if seg else None,
+        "image_checkpoint": str(image.path), "image_sha256": image.sha256,
+        "masks_from": str(resolve_path(cfg.masks_from)) if cfg.masks_from else None,
+        "masks_split": cfg.masks_split if cfg.masks_from else None,
+        "num_images": cfg.num_images, "samples_per_mask": cfg.samples_per_mask, "split": cfg.split, "seed": cfg.seed,
+        "seg_sampler": samplers["seg"], "image_sampler": samplers["image"], "steps": cfg.steps,
+        "guidance_scale": cfg.guidance_scale, "use_ema": cfg.use_ema, "precision": cfg.precision,
+        "gate": OmegaConf.to_container(cfg.gate) if seg else None,
+        "image_keys": list(image.mode.image_keys), "image_size": image.image_size,
+        "spacing": list(image.spacing or (seg.spacing if seg and seg.spacing else (1.0, 1.0, 1.0))),
+    }
+
+
+@contextmanager
+def exclusive(state: Path, dist: DistInfo) -> Iterator[None]:
+    """One generation at a time per out_dir: the main rank holds a lock on ``.medgen/lock``."""
+    if not dist.is_main:
+        yield
+        return
+    with FolderLock(state.parent, "generation folder", f"{state.name}/lock"):
+        yield
+
+
+def claim(state: Path, settings: dict[str, Any]) -> None:
+    """Record the settings of this out_dir, or check that a restart keeps them."""
+    path = state / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in DETERMINING if old.get(k) != settings.get(k)]
+        if changed:
+            raise GenerationError(f"{state.parent} holds a generation with other settings ({'; '.join(changed)}); "
+                                  "use another out_dir, or the same settings to continue it")
+        log.info("continuing the generation in %s", state.parent)
+    state.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(settings, indent=1))
+
+
+def remove_partial_writes(out: Path) -> list[Path]:
+    """Remove the temporary files and folders (``.<name>.tmp-...``: never complete) that an
+    interrupted run left under ``out``, by the owner rule of :func:`medgen.core.fs.remove_orphans`;
+    returns what was removed."""
+    return remove_orphans(sorted(out.glob("**/.*.tmp-*")))
+
+
+def count_complete(split_dir: Path, keys: Sequence[str]) -> int:
+    """Sample folders in ``split_dir`` that hold every one of ``keys``."""
+    if not split_dir.is_dir():
+        return 0
+    return sum(1 for p in split_dir.iterdir() if p.is_dir() and writer.is_complete(p, keys))
