@@ -35,7 +35,18 @@ def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "cuda: runs on a CUDA GPU (run with: MEDGEN_TEST_CUDA=1 pytest -m cuda tests/unit)")
 
 
+#: the per-test limit of the slow and cluster tiers, for a test that does not set its own; the default
+#: tier's limit (pyproject.toml) is short, so that a hang there shows in minutes
+LONG_TIMEOUT = 900
+
+
 def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        long = item.get_closest_marker("slow") or item.get_closest_marker("cluster")
+        if long and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(LONG_TIMEOUT))
+        if "integration" in item.path.parts and not long:
+            item.add_marker(pytest.mark.cli)
     if not CUDA_TESTS:
         skip = pytest.mark.skip(reason="needs a CUDA GPU and MEDGEN_TEST_CUDA=1 (the suite runs on the CPU)")
         wrong = [item for item in items if item.get_closest_marker("cuda")]

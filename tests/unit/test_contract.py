@@ -1,4 +1,4 @@
-"""Shared contract of strategies x modes: all 6 combinations train and sample with a real MONAI U-Net."""
+"""Shared contract of strategies x modes: all 6 combinations train and sample with the production network (``build_network``)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import itertools
 
 import pytest
 import torch
-from monai.networks.nets import DiffusionModelUNet
 
 from medgen.diffusion.config import load_config
 from medgen.diffusion.losses import diffusion_loss
 from medgen.diffusion.modes import build_mode
 from medgen.diffusion.strategies import build_strategy
+from medgen.diffusion.utils import build_network, network_kwargs
 
 MODEL_OVERRIDES = [
     "model.image_size=32",
@@ -19,6 +19,7 @@ MODEL_OVERRIDES = [
     "model.attention_levels=[false,true]",
     "model.num_head_channels=32",
     "model.norm_num_groups=32",
+    "model.num_res_blocks=1",
 ]
 COMBINATIONS = list(itertools.product(["ddpm", "rflow"], ["seg", "bravo", "dual"]))
 BATCH = 2
@@ -33,16 +34,7 @@ def _setup(strategy_name: str, mode_name: str):
     cfg = load_config([f"strategy={strategy_name}", f"mode={mode_name}", *MODEL_OVERRIDES])
     strategy, mode = build_strategy(cfg), build_mode(cfg)
     torch.manual_seed(0)  # network initialisation only
-    model = DiffusionModelUNet(
-        spatial_dims=2,
-        in_channels=mode.in_channels,
-        out_channels=mode.out_channels,
-        channels=list(cfg.model.channels),
-        attention_levels=list(cfg.model.attention_levels),
-        num_res_blocks=1,
-        num_head_channels=cfg.model.num_head_channels,
-        norm_num_groups=cfg.model.norm_num_groups,
-    )
+    model = build_network(network_kwargs(cfg.model, mode))  # the production network, with its settings
     return cfg, strategy, mode, model
 
 
