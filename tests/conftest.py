@@ -130,3 +130,26 @@ def pytest_runtest_makereport(item, call):
             if (logs / name).exists():
                 tail = "\n".join((logs / name).read_text(errors="replace").splitlines()[-40:])
                 report.sections.append((f"{name} (last 40 lines)", tail))
+
+
+@pytest.fixture
+def tf32_off():
+    """TF32 off during the test, the flags restored after it."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(scope="module")
+def reference_state() -> dict[str, torch.Tensor]:
+    """Random RadImageNet ResNet50 weights with non-trivial BatchNorm statistics."""
+    from medgen.diffusion.radimagenet import RadImageNetResNet50
+
+    torch.manual_seed(0)
+    net = RadImageNetResNet50()
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return {k: v.clone() for k, v in net.state_dict().items()}

@@ -60,18 +60,6 @@ def empty_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference_state() -> dict[str, torch.Tensor]:
-    """Random RadImageNet ResNet50 weights with non-trivial BatchNorm statistics."""
-    torch.manual_seed(0)
-    net = RadImageNetResNet50()
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.1, 0.1)
-            module.running_var.uniform_(0.5, 1.5)
-    return {k: v.clone() for k, v in net.state_dict().items()}
-
-
-@pytest.fixture(scope="module")
 def weights_file(tmp_path_factory: pytest.TempPathFactory, reference_state: dict[str, torch.Tensor]) -> Path:
     """The random state dict saved the way the published file is (a plain state dict)."""
     path = tmp_path_factory.mktemp("weights") / WEIGHTS_FILENAME

@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import logging
 
-import pytest
 import torch
 
 import medgen.core.precision as precision
-
-
-@pytest.fixture
-def tf32_off():
-    """TF32 off during the test, the flags restored after it."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _dtype_under(ctx) -> torch.dtype:

@@ -20,18 +20,6 @@ from medgen.diffusion.radimagenet import (
 from medgen.evaluation.features import load_feature_network
 
 
-@pytest.fixture(scope="module")
-def reference_state() -> dict[str, torch.Tensor]:
-    """Random weights with non-trivial BatchNorm statistics."""
-    torch.manual_seed(0)
-    net = RadImageNetResNet50()
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.1, 0.1)
-            module.running_var.uniform_(0.5, 1.5)
-    return {k: v.clone() for k, v in net.state_dict().items()}
-
-
 def _saved(tmp_path: Path, state: object, name: str = "weights.pth") -> Path:
     path = tmp_path / name
     torch.save(state, path)

@@ -40,15 +40,6 @@ def _weights_before_each_step(trainer: DiffusionTrainer, monkeypatch) -> dict[in
     return before
 
 
-@pytest.fixture
-def tf32_off():
-    """TF32 off during the test, the flags restored after it."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def _assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
