@@ -91,10 +91,20 @@ def train(out: Path, mode: str, minutes: float, seed: int) -> tuple[Path, dict]:
     log.info("%s: %d steps/epoch at %.1f s/epoch -> %d epochs in %.1f min", mode, steps_per_epoch, per_epoch,
              epochs, epochs * per_epoch / 60)
     cfg = load_config([*overrides, f"training.epochs={epochs}", f"training.val_interval={val_interval}"])
-    train_run(cfg, run_dir)
+    if train_run(cfg, run_dir) == "stopped":
+        _stopped(f"training {mode}")
     best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     return run_dir, {"epochs": epochs, "steps": epochs * steps_per_epoch, "image_size": cfg.model.image_size,
                      "best_val_loss": float(best["best_val_loss"])}
+
+
+def _stopped(step: str) -> None:
+    """A signal stopped ``step``: leave with the exit code of a stopped run, not on to the next step."""
+    from medgen.core.signals import STOPPED_EXIT
+
+    log.info("medgen-demo: %s was stopped by a signal; run the same command again to go on (a stopped "
+             "training starts again, the phantoms and a finished model are kept)", step)
+    sys.exit(STOPPED_EXIT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +162,8 @@ def run_demo(out: Path, minutes: float, subjects: int, pairs: int, seed: int) ->
     result = generate(seg_checkpoint=str(runs["seg"]), image_checkpoint=str(runs["bravo"]), num_images=pairs,
                       out_dir=str(out / "synthetic"), cache_dir=str(out / "cache"), seed=seed)
     seconds["generate"] = time.perf_counter() - t0
+    if result.status == "stopped":
+        _stopped("generation")
     shutil.copyfile(result.contact_sheet, out / "contact_sheet.png")
 
     log.info("== 5/5 evaluate the synthetic pairs against the phantoms' test split")
