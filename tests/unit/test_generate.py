@@ -330,7 +330,7 @@ def test_a_new_mode_trains_and_paints_the_images_of_a_generation(tmp_path, tiny_
     from conftest import tiny_overrides
     from datagen import write_dataset
 
-    from medgen.core.config import load_config
+    from medgen.diffusion.config import load_config
     from medgen.core.distributed import DistInfo
     from medgen.diffusion.trainer import DiffusionTrainer
 
