@@ -66,7 +66,7 @@ def config(tmp_path: Path, data: Path, *extra: str):
 
 
 # ------------------------------------------------------------------ 4. an empty val/
-def test_4_empty_val_is_refused_by_check_and_training_with_one_message(tmp_path):
+def test_empty_val_is_refused_by_check_and_training_with_one_message(tmp_path):
     root = tmp_path / "data"
     dataset(root)
     (root / "val").mkdir()
@@ -86,7 +86,7 @@ def test_4_empty_val_is_refused_by_check_and_training_with_one_message(tmp_path)
     assert digests(root) == before
 
 
-def test_4_val_without_selected_slices_warns_instead_of_a_silent_nan(tmp_path, caplog):
+def test_val_without_selected_slices_warns_instead_of_a_silent_nan(tmp_path, caplog):
     root = tmp_path / "data"
     dataset(root, n=4, splits=("train", "train", "train", "val"))
     seg = modality_path(root / "val" / "patient_003", "seg")
@@ -101,7 +101,7 @@ def test_4_val_without_selected_slices_warns_instead_of_a_silent_nan(tmp_path, c
 
 
 # ------------------------------------------------------------------ 7. what training cannot slice
-def test_7_2d_and_truncated_files_are_refused_naming_the_file_even_without_validation(tmp_path):
+def test_2d_and_truncated_files_are_refused_naming_the_file_even_without_validation(tmp_path):
     root = tmp_path / "data"
     patients = dataset(root)
     flat = modality_path(patients[0], "bravo")
@@ -130,7 +130,7 @@ def test_7_2d_and_truncated_files_are_refused_naming_the_file_even_without_valid
     (np.ones((32, 32, 8), np.complex64), "complex numbers"),
     (np.ones((32, 32), np.float32), "volume is 2D"),
 ])
-def test_7_check_and_training_refuse_volumes_that_cannot_be_sliced(tmp_path, data, words):
+def test_check_and_training_refuse_volumes_that_cannot_be_sliced(tmp_path, data, words):
     folder = dataset(tmp_path / "data", n=1)[0]
     path = modality_path(folder, "bravo")
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
@@ -138,7 +138,7 @@ def test_7_check_and_training_refuse_volumes_that_cannot_be_sliced(tmp_path, dat
         assert any(p.path == str(path) and p.severity == "error" and words in p.message for p in problems), problems
 
 
-def test_7_an_error_while_preprocessing_names_the_patient_and_the_file(tmp_path, monkeypatch):
+def test_an_error_while_preprocessing_names_the_patient_and_the_file(tmp_path, monkeypatch):
     patients = dataset(tmp_path / "data", n=2)
 
     def broken(volume, *args, **kwargs):
@@ -155,7 +155,7 @@ def test_7_an_error_while_preprocessing_names_the_patient_and_the_file(tmp_path,
 
 
 # ------------------------------------------------------------------ 9. .nii, a file for a folder, imports
-def test_9_uncompressed_nii_is_read_and_fingerprinted(tmp_path):
+def test_uncompressed_nii_is_read_and_fingerprinted(tmp_path):
     root = tmp_path / "data"
     patients = dataset(root)
     gz = modality_path(patients[0], "bravo")
@@ -181,7 +181,7 @@ def test_9_uncompressed_nii_is_read_and_fingerprinted(tmp_path):
         (str(patients[0]), "modality 'bravo' is there twice (bravo.nii.gz, bravo.nii); keep one")]
 
 
-def test_9_a_file_given_as_the_data_folder_is_called_a_file(tmp_path, capsys):
+def test_a_file_given_as_the_data_folder_is_called_a_file(tmp_path, capsys):
     data = tmp_path / "data.nii.gz"
     data.write_bytes(b"not a folder")
     check = medgen_data("check", data)
@@ -205,7 +205,7 @@ def _nnunet_source(src: Path) -> None:
             nib.save(nib.Nifti1Image(volume.astype(np.float32), np.eye(4)), str(src / folder / name))
 
 
-def test_9_an_import_locks_its_destination_and_removes_dead_imports_leftovers(tmp_path):
+def test_an_import_locks_its_destination_and_removes_dead_imports_leftovers(tmp_path):
     src, dst = tmp_path / "nnunet", tmp_path / "dst"
     _nnunet_source(src)
     dst.mkdir()
@@ -232,7 +232,7 @@ def test_9_an_import_locks_its_destination_and_removes_dead_imports_leftovers(tm
     assert not list(dst.glob(".medgen-import*"))
 
 
-def test_9_a_patient_without_seg_is_skipped_with_a_one_line_warning(tmp_path):
+def test_a_patient_without_seg_is_skipped_with_a_one_line_warning(tmp_path):
     src = tmp_path / "bms"
     for pid, folders in (("Mets_001", ("0", "seg")), ("Mets_002", ("0",))):
         for folder in folders:
