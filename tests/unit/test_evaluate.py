@@ -67,15 +67,26 @@ def test_a_matching_set_beats_a_broken_one_and_the_report_is_complete(tmp_path, 
     assert good["distribution"]["masks"]["area"]["synthetic_mean"] == pytest.approx(
         bad["distribution"]["masks"]["area"]["synthetic_mean"])
     assert good["features"]["bravo"]["fid_real_val_vs_test"] >= 0  # the floor, from the real val split
+    # lesion by lesion on the whole real test split: the same real runs, a clear difference for the synthetic ones
+    les_good, les_bad = good["lesions"], bad["lesions"]
+    assert les_good["sets"]["real"]["mean"] == les_bad["sets"]["real"]["mean"]
+    assert les_good["sets"]["synthetic"]["mean"]["all"]["dice"] > les_bad["sets"]["synthetic"]["mean"]["all"]["dice"] + 0.2
+    assert les_good["lesion_slices"] == good["adherence"]["real_test_slices"] and les_good["lesion_free_slices"] > 0
+    assert les_good["test_slices"] == les_good["lesion_slices"] + les_good["lesion_free_slices"]
+    assert list(les_good["test_lesions"]) == ["tiny", "small", "medium", "large"]
+    assert ("warning" in les_good["yardstick"]) == (not les_good["yardstick"]["ok"])
+    assert (les_good["yardstick"].get("warning") in good["warnings"]) == (not les_good["yardstick"]["ok"])
     # files: metrics.json is strict JSON; both reports reference exactly the figures written
     out = tmp_path / "eval_good"
     assert json.loads((out / "metrics.json").read_text())["downstream"]["gain"]["spread"] == 0.0
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert sorted(figures) == sorted(re.findall(r'<img src="([^"]+)"', page))
-    assert set(figures) == {"contact_sheets.png", "intensity_histograms.png", "mask_statistics.png", "downstream.png"}
+    assert set(figures) == {"contact_sheets.png", "intensity_histograms.png", "mask_statistics.png", "downstream.png",
+                            "lesions.png"}
     assert all((out / f).is_file() for f in figures)
     assert "Downstream segmentation (Dice on real test slices)" in md and "Conditioning adherence" in md
+    assert "Lesion-wise segmentation (real test split, by lesion size)" in md and "Yardstick rule: " in md
     assert (out / "seg_net.pt").is_file()
 
 

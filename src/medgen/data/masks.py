@@ -6,8 +6,9 @@ after resizing, generated masks, the masks a metric or a picture reads from the 
 and a segmentation network's sigmoid output. Numpy arrays (and anything ``np.asarray`` takes)
 come back as numpy arrays, torch tensors as tensors on the same device.
 
-Lesions are the 8-connected components of a mask's lesion pixels (diagonal neighbours belong
-to the same lesion), as the quality gate and the mask statistics count them.
+Lesions are the fully connected components of a mask's lesion pixels (8-connected in 2D, 26 in
+3D: diagonal neighbours belong to the same lesion), as the quality gate and the mask statistics
+count them.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ import torch
 from medgen.core.constants import MASK_THRESHOLD
 
 ArrayLike = np.ndarray | torch.Tensor
-
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-
 
 def is_lesion(mask: ArrayLike, threshold: float = MASK_THRESHOLD) -> ArrayLike:
     """``mask > threshold`` as booleans; numpy in -> numpy out, tensor in -> tensor out."""
@@ -41,14 +39,16 @@ def binarize_mask(mask: ArrayLike, threshold: float = MASK_THRESHOLD) -> ArrayLi
 
 
 def lesion_labels(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """``(labels, count)`` of one mask ``[H, W]``: each lesion (8-connected component of
-    :func:`is_lesion` pixels) numbered ``1 .. count`` in ``labels`` (int32), background 0."""
+    """``(labels, count)`` of one mask ``[H, W]`` (or volume ``[H, W, D]``): each lesion (fully
+    connected component of :func:`is_lesion` pixels) numbered ``1 .. count`` in ``labels`` (int32),
+    background 0."""
     from scipy import ndimage  # imported here: reading and checking data never needs it
 
-    return ndimage.label(is_lesion(mask), structure=_EIGHT_CONNECTED)
+    lesion = is_lesion(mask)
+    return ndimage.label(lesion, structure=np.ones((3,) * lesion.ndim, dtype=bool))
 
 
 def lesion_sizes(mask: np.ndarray) -> np.ndarray:
-    """Pixels of each lesion of one mask ``[H, W]``, in label order (int64; no lesion: ``[]``)."""
+    """Pixels of each lesion of one mask ``[H, W]`` (or ``[H, W, D]``), in label order (int64; no lesion: ``[]``)."""
     labels, _ = lesion_labels(mask)
     return np.bincount(labels.ravel())[1:]

@@ -8,13 +8,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from medgen.core.schema import at_least, check, check_fields, merge_schema
+from medgen.core.schema import ConfigError, at_least, check, check_fields, merge_schema
+from medgen.data.lesions import RANO_BM, SizeBins
 
-__all__ = ["FeaturesConfig", "BudgetConfig", "EvaluateConfig", "validate_evaluate_config"]
+#: the binnings ``lesions.bins`` can name
+NAMED_BINS = {"rano_bm": RANO_BM}
+
+__all__ = ["FeaturesConfig", "BudgetConfig", "LesionsConfig", "EvaluateConfig", "size_bins", "validate_evaluate_config"]
 
 
 @dataclass
@@ -32,6 +36,34 @@ class BudgetConfig:
     steps: int = at_least(1000, 1)
     batch_size: int = at_least(16, 1)
     learning_rate: float = 3e-3
+
+
+@dataclass
+class LesionsConfig:
+    #: ``rano_bm`` (tiny < 10 mm, small 10-20, medium 20-30, large >= 30) or increasing edges in mm
+    bins: Any = "rano_bm"
+    resamples: int = at_least(1000, 10)
+    #: the real-trained segmenter is a usable yardstick when it reaches both (all lesion sizes)
+    min_sensitivity: float = 0.5
+    min_dice: float = 0.3
+
+
+def size_bins(bins: Any) -> SizeBins:
+    """The :class:`~medgen.data.lesions.SizeBins` of ``lesions.bins``; a
+    :class:`~medgen.core.schema.ConfigError` naming the key when it makes none."""
+    if isinstance(bins, str):
+        check(bins in NAMED_BINS, "lesions.bins", f"unknown binning {bins!r}; use one of {sorted(NAMED_BINS)} "
+                                                  "or a list of increasing diameters in mm, e.g. [3, 6, 10, 20, 30]")
+        return NAMED_BINS[bins]
+    try:
+        edges = [float(b) for b in bins]
+    except (TypeError, ValueError):
+        raise ConfigError("lesions.bins", f"must be a binning's name ({sorted(NAMED_BINS)}) or a list of diameters "
+                                          f"in mm, got {bins!r}") from None
+    try:
+        return SizeBins.from_edges(edges)
+    except ValueError as exc:
+        raise ConfigError("lesions.bins", str(exc)) from None
 
 
 @dataclass
@@ -54,6 +86,7 @@ class EvaluateConfig:
     cache_dir: str = "~/.cache/medgen"
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    lesions: LesionsConfig = field(default_factory=LesionsConfig)
 
 
 def validate_evaluate_config(cfg: DictConfig) -> DictConfig:
@@ -61,7 +94,7 @@ def validate_evaluate_config(cfg: DictConfig) -> DictConfig:
     Raises :class:`~medgen.core.schema.ConfigError` naming the key."""
     merged = merge_schema(EvaluateConfig, cfg)
     for node, schema, prefix in ((merged, EvaluateConfig, None), (merged.features, FeaturesConfig, "features"),
-                                 (merged.budget, BudgetConfig, "budget")):
+                                 (merged.budget, BudgetConfig, "budget"), (merged.lesions, LesionsConfig, "lesions")):
         check_fields(node, schema, prefix)
     for key, example in (("real_dir", "data/brainmetshare-3"), ("synthetic_dir", "synthetic")):
         check(merged[key] is not None, key, f"missing: the {key.split('_')[0]} dataset, e.g. {key}={example}")
@@ -69,4 +102,7 @@ def validate_evaluate_config(cfg: DictConfig) -> DictConfig:
     check(merged.image_size is None or merged.image_size > 0, "image_size", "must be positive or null")
     check(merged.budget.learning_rate > 0, "budget.learning_rate", "must be > 0")
     check(0 <= merged.brain_intensity < 1, "brain_intensity", "must be in [0, 1)")
+    size_bins(merged.lesions.bins)
+    for key in ("min_sensitivity", "min_dice"):
+        check(0 <= merged.lesions[key] <= 1, f"lesions.{key}", "must be in [0, 1]")
     return merged

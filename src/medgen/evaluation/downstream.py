@@ -6,7 +6,9 @@ budget of steps on batches drawn with replacement, with random flips. Dice is MO
 ``DiceMetric`` per slice on the prediction thresholded at 0.5.
 
 * Downstream: the same network and budget trained on (a) real, (b) real + synthetic and (c)
-  synthetic only, once per seed; Dice on the real test slices, overall and by lesion-size bin.
+  synthetic only, once per seed; Dice on the real test lesion slices, overall and by lesion-area
+  bin, and lesion by lesion on the whole real test split (:mod:`medgen.evaluation.lesionwise`:
+  sensitivity, false positives and lesion Dice per Feret-diameter bin).
 * Conditioning adherence: a network trained on real data segments the synthetic images. On slices
   whose mask has a lesion: its Dice against the mask, beside its Dice on real test images. On
   lesion-free slices Dice says nothing (an empty prediction of an empty mask is 1 by convention,
@@ -30,6 +32,7 @@ from monai.networks.nets import DynUNet
 from tqdm.auto import tqdm
 
 from medgen.data.masks import is_lesion
+from medgen.evaluation.lesionwise import LesionTest, over_seeds
 
 log = logging.getLogger("medgen.evaluate")
 
@@ -116,18 +119,21 @@ def summarise_dice(dice: np.ndarray, bins: np.ndarray) -> dict[str, float]:
 
 def downstream(real_train: SliceSet, synthetic: SliceSet, real_test: SliceSet, *, seeds: list[int], steps: int,
                batch_size: int, learning_rate: float, device: torch.device, progress: bool = True,
-               on_network: Callable[[str, int, DynUNet], None] | None = None) -> dict:
+               on_network: Callable[[str, int, DynUNet], None] | None = None,
+               lesions: LesionTest | None = None) -> dict:
     """Train on (a) real, (b) real + synthetic, (c) synthetic per seed; Dice on ``real_test``.
 
     Returns per set: ``per_seed`` results, ``mean``/``std`` of the overall Dice over seeds and the
     per-bin means; and ``gain`` = mean(b) - mean(a) with ``spread`` = the larger of their seed
     standard deviations and ``gain_exceeds_spread``. ``on_network(set, seed, net)`` sees each net.
+    With ``lesions``, each set also gets ``lesions``: the lesion-wise summary of each seed
+    (``per_seed``) and their ``mean``/``std`` (:func:`~medgen.evaluation.lesionwise.over_seeds`).
     """
     sets = {"real": real_train, "real+synthetic": SliceSet.concat(real_train, synthetic), "synthetic": synthetic}
     bins = size_bin(real_test.masks)
     results: dict = {}
     for name, data in sets.items():
-        per_seed = []
+        per_seed, per_seed_lesions = [], []
         for seed in seeds:
             net = train_segmenter(data, steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                                   device=device, desc=f"{name} seed {seed}", progress=progress)
@@ -135,11 +141,15 @@ def downstream(real_train: SliceSet, synthetic: SliceSet, real_test: SliceSet, *
                 on_network(name, seed, net)
             dice = dice_per_slice(predict(net, real_test.images, device), real_test.masks)
             per_seed.append({"seed": seed, **summarise_dice(dice, bins)})
+            if lesions is not None:
+                per_seed_lesions.append({"seed": seed, **lesions.score(predict(net, lesions.images, device), seed)})
         overall = np.asarray([r["overall"] for r in per_seed])
         results[name] = {"train_slices": len(data), "per_seed": per_seed, "mean": float(overall.mean()),
                          "std": float(overall.std(ddof=1)) if len(overall) > 1 else 0.0,
                          "bins": {b: float(np.nanmean([r[b] for r in per_seed])) if any(r[f"n_{b}"] for r in per_seed)
                                   else math.nan for b, _ in SIZE_BINS}}
+        if lesions is not None:
+            results[name]["lesions"] = {"per_seed": per_seed_lesions, **over_seeds(per_seed_lesions)}
         log.info("downstream %-15s Dice %.3f ± %.3f (%d seeds)", name, results[name]["mean"], results[name]["std"],
                  len(seeds))
     gain = results["real+synthetic"]["mean"] - results["real"]["mean"]

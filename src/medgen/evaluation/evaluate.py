@@ -3,7 +3,8 @@
 Sets. The synthetic set is every slice of ``synthetic_dir`` (all splits). The real reference is
 the lesion slices of ``real_dir``'s test split (its val split when test is empty), at the
 synthetic set's image size and modalities; downstream models train on the lesion slices of its
-train split. Distribution metrics use at most ``max_images`` slices of each set (a seeded
+train split. Lesion-wise figures use the whole reference split: its lesion slices and its
+lesion-free slices that show brain (where false positives are counted). Distribution metrics use at most ``max_images`` slices of each set (a seeded
 random subset). Each metric that cannot run (no feature weights, no paired masks, a set too small
 for it) is reported as skipped with the reason; the others still run.
 
@@ -27,11 +28,13 @@ from medgen.core import jsonio
 from medgen.core.constants import MASK_KEY, SPLITS
 from medgen.core.fs import FolderLock, atomic_write
 from medgen.core.paths import resolve_path
+from medgen.data.lesions import feret_diameters
 from medgen.data.masks import is_lesion
 from medgen.data.nifti_dataset import list_patients, modality_path, present_modalities
 from medgen.data.slices import SliceCache, SliceSpec, open_or_build_cache
 from medgen.data.splits import split_patients
-from medgen.evaluation import EvaluationError, downstream, metrics
+from medgen.evaluation import EvaluationError, downstream, lesionwise, metrics
+from medgen.evaluation.config import size_bins
 from medgen.evaluation.downstream import SliceSet
 from medgen.evaluation.features import FeatureWeightsError, fid, kid, load_feature_network
 from medgen.generation.records import SliceSource, parse_mask_source
@@ -105,6 +108,7 @@ class Sets:
         cache_dir = resolve_path(cfg.cache_dir)
         spec = SliceSpec(keys=tuple(self.image_keys) + (MASK_KEY,), image_size=size, selection="lesion")
         all_spec = SliceSpec(keys=spec.keys, image_size=size, selection="all")
+        brain_spec = SliceSpec(keys=spec.keys, image_size=size, selection="brain", brain_intensity=cfg.brain_intensity)
 
         def cache(patients, selection_spec, desc):
             return open_or_build_cache(patients, selection_spec, cache_dir, progress=progress, desc=desc,
@@ -115,6 +119,9 @@ class Sets:
         self.test = cache(real[test_split], spec, f"real {test_split} lesion slices")
         self.train = cache(real["train"], spec, "real train lesion slices")
         self.val = cache(real["val"], spec, "real val lesion slices") if test_split == "test" else None
+        #: the reference split's brain slices, of which the lesion-free ones join the lesion-wise test
+        self.test_brain = cache(real[test_split], brain_spec, f"real {test_split} brain slices") \
+            if cfg.downstream else None
         for name, c in (("synthetic", self.synthetic), (f"real {test_split}", self.test)):
             if c is None or len(c) == 0:
                 raise EvaluationError(f"the {name} set has no slices with a lesion to compare")
@@ -229,10 +236,13 @@ def segmentation_metrics(sets: Sets, cfg: DictConfig, out_dir: Path, device: tor
                 kept["net"] = net
                 downstream.save_segmenter(net, out_dir / "seg_net.pt", sets.image_keys, sets.image_size)
 
+        lesion_test = _lesion_test(sets, test, cfg)
         out["downstream"] = downstream.downstream(
             train, syn, test, seeds=list(cfg.seeds), steps=b.steps, batch_size=b.batch_size,
-            learning_rate=b.learning_rate, device=device, progress=progress, on_network=keep_first_real)
+            learning_rate=b.learning_rate, device=device, progress=progress, on_network=keep_first_real,
+            lesions=lesion_test)
         out["downstream"]["budget"] = OmegaConf.to_container(b)
+        out["lesions"] = _lesion_figures(out["downstream"], lesion_test, len(test), cfg, sets.warnings)
         adherence_net = adherence_net or kept.get("net")
     elif adherence_net is None and train is not None:
         adherence_net = downstream.train_segmenter(train, steps=b.steps, batch_size=b.batch_size,
@@ -241,6 +251,45 @@ def segmentation_metrics(sets: Sets, cfg: DictConfig, out_dir: Path, device: tor
         downstream.save_segmenter(adherence_net, out_dir / "seg_net.pt", sets.image_keys, sets.image_size)
     out["adherence"] = downstream.adherence(adherence_net, syn, test, device) if adherence_net is not None else \
         _skip("no real train slices to train the segmentation network on, and no seg_net_checkpoint")
+    return out
+
+
+def _lesion_test(sets: Sets, lesion_slices: SliceSet, cfg: DictConfig) -> lesionwise.LesionTest:
+    """The whole reference split: its lesion slices, then its lesion-free brain slices."""
+    brain = _as_set(sets.test_brain) if sets.test_brain is not None and len(sets.test_brain) else None
+    free = brain.masks.reshape(len(brain), -1).max(1) == 0 if brain is not None else None
+    whole = SliceSet.concat(lesion_slices, SliceSet(brain.images[free], brain.masks[free])) \
+        if brain is not None and free.any() else lesion_slices
+    spacing = sets.test.spacing
+    if spacing is None:
+        log.warning("the real slice cache records no voxel spacing: lesion diameters assume 1 mm pixels")
+    return lesionwise.LesionTest(whole.images, whole.masks, tuple(spacing[:2]) if spacing else (1.0, 1.0),
+                                 size_bins(cfg.lesions.bins), cfg.lesions.resamples)
+
+
+def _lesion_figures(results: dict, test: lesionwise.LesionTest, lesion_slices: int, cfg: DictConfig,
+                    warnings: list[str]) -> dict:
+    """``metrics.json``'s ``lesions``: the test split's lesions per bin, each training set's
+    lesion-wise figures (moved out of ``results``), and whether the real-trained yardstick can judge."""
+    diameters = np.concatenate([feret_diameters(m, test.spacing) for m in test.masks])
+    out: dict[str, Any] = {
+        "bins": list(test.bins.names), "edges_mm": list(test.bins.edges), "spacing_mm": list(test.spacing),
+        "test_slices": len(test.masks), "lesion_slices": lesion_slices,
+        "lesion_free_slices": len(test.masks) - lesion_slices,
+        "test_lesions": dict(zip(test.bins.names, test.bins.counts(diameters).tolist())),
+        "sets": {name: results[name].pop("lesions") for name in downstream.SETS}}
+    if out["lesion_free_slices"] == 0:
+        out["notes"] = ["the real reference split has no lesion-free brain slice: false positives are counted on "
+                        "lesion slices only"]
+    out["yardstick"] = lesionwise.yardstick(out["sets"]["real"], cfg.lesions.min_sensitivity, cfg.lesions.min_dice)
+    if "warning" in out["yardstick"]:
+        warnings.append(out["yardstick"]["warning"])
+        log.warning("%s", out["yardstick"]["warning"])
+    for name in downstream.SETS:
+        m = out["sets"][name]["mean"]["all"]
+        log.info("lesion-wise %-15s sensitivity %s, lesion Dice %s, false positives per slice %s", name,
+                 *(f"{v:.3f}" if v is not None else "-" for v in (m["sensitivity"], m["dice"],
+                                                                  m["false_positives_per_slice"])))
     return out
 
 

@@ -2,7 +2,8 @@
 
 Figures (matplotlib's Agg canvas, no pyplot): ``contact_sheets.png`` (real | synthetic),
 ``intensity_histograms.png``, ``mask_statistics.png`` and, when the downstream experiment ran,
-``downstream.png`` (Dice per training set, one dot per seed). Both report files reference
+``downstream.png`` (Dice per training set, one dot per seed) and ``lesions.png`` (lesion-wise
+sensitivity, lesion Dice and false positives per size bin and training set). Both report files reference
 exactly the figures written.
 """
 
@@ -116,7 +117,62 @@ def downstream_figure(result: dict, out: Path) -> Path:
     return _save(fig, out / "downstream.png")
 
 
+_LESION_FIGURES = (("sensitivity", "lesion-wise sensitivity"), ("dice", "lesion Dice"),
+                   ("false_positives_per_slice", "false-positive lesions per slice"))
+
+
+def lesion_figure(result: dict, out: Path) -> Path:
+    les = result["lesions"]
+    names = [*les["bins"], "all"]
+    counts = [*les["test_lesions"].values(), sum(les["test_lesions"].values())]
+    fig = Figure(figsize=(4.2 * len(_LESION_FIGURES), 3.8))
+    width = 0.8 / len(SETS)
+    for k, (figure, label) in enumerate(_LESION_FIGURES):
+        ax = fig.add_subplot(1, len(_LESION_FIGURES), k + 1)
+        for j, name in enumerate(SETS):
+            s = les["sets"][name]
+            x = np.arange(len(names)) + (j - (len(SETS) - 1) / 2) * width
+            mean = [np.nan if s["mean"][b][figure] is None else s["mean"][b][figure] for b in names]
+            std = [0.0 if s["std"][b][figure] is None else s["std"][b][figure] for b in names]
+            ax.bar(x, mean, width, yerr=std, color=_COLOURS[name], alpha=0.7, capsize=3, label=name)
+            for seed in s["per_seed"]:
+                v = [(seed["all"] if b == "all" else seed["bins"][b])[figure]["value"] for b in names]
+                ax.scatter(x, [np.nan if a is None else a for a in v], color="black", s=6, zorder=3)
+        ax.set_xticks(range(len(names)), [f"{b}\n({n})" for b, n in zip(names, counts)])
+        ax.set_title(label)
+        if figure != "false_positives_per_slice":
+            ax.set_ylim(0, 1.2)  # room above 1 for the legend
+            ax.set_yticks(np.linspace(0, 1, 6))
+        if k == 0:
+            ax.set_ylabel("real test split (lesions per bin)")
+            ax.legend(fontsize=7, ncol=len(SETS), loc="upper center")
+    return _save(fig, out / "lesions.png")
+
+
 # ============================================================================ tables
+def _mean_std(s: dict, b: str, figure: str, digits: int = 3) -> str:
+    mean, std = s["mean"][b][figure], s["std"][b][figure]
+    if mean is None:
+        return "—"
+    first = (s["per_seed"][0]["all"] if b == "all" else s["per_seed"][0]["bins"][b])[figure]["ci95"]
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" + (f" [{first[0]:.{digits}f}, {first[1]:.{digits}f}]" if first else "")
+
+
+def _lesion_table(les: dict) -> tuple[str, list[str], list[list[str]], str]:
+    rows = [[name, b, str(les["test_lesions"].get(b, sum(les["test_lesions"].values()))),
+             *[_mean_std(les["sets"][name], b, figure) for figure, _ in _LESION_FIGURES]]
+            for name in SETS for b in [*les["bins"], "all"]]
+    note = (f"The whole real test split: {les['lesion_slices']} lesion slices and {les['lesion_free_slices']} "
+            f"lesion-free brain slices; lesions binned by Feret diameter (edges {les['edges_mm']} mm, pixels "
+            f"{les['spacing_mm']} mm). A true lesion is found when the prediction overlaps it; its lesion Dice "
+            "counts the predicted lesions that touch it; a predicted lesion touching none is a false positive, "
+            "binned by its own diameter. Mean ± std over seeds, [bootstrap 95% interval over slices, first seed]. "
+            f"Yardstick rule: {les['yardstick']['rule']}.")
+    return ("Lesion-wise segmentation (real test split, by lesion size)",
+            ["trained on", "size", "test lesions", "sensitivity", "lesion Dice", "false positives / slice"], rows, note)
+
+
+
 def _tables(result: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
     """(title, header, rows, note) of every table in the report."""
     dist, tables = result["distribution"], []
@@ -168,6 +224,8 @@ def _tables(result: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
         tables.append(("Downstream segmentation (Dice on real test slices)",
                        ["trained on", "slices", "Dice mean ± std over seeds", *[f"{b} lesions" for b, _ in SIZE_BINS]],
                        rows, note))
+    if result.get("lesions") and "skipped" not in result["lesions"]:
+        tables.append(_lesion_table(result["lesions"]))
     return tables
 
 
@@ -207,6 +265,13 @@ def summary_lines(result: dict) -> list[str]:
         g = d["gain"]
         lines.append(f"gain of real+synthetic over real: {g['value']:+.3f} Dice (seed spread {g['spread']:.3f}): "
                      f"{g['verdict']}")
+    les = result.get("lesions", {})
+    if les and "skipped" not in les:
+        for name in SETS:
+            m = les["sets"][name]["mean"]
+            per_bin = ", ".join(f"{b} {_fmt(m[b]['sensitivity'], 2)}" for b in les["bins"])
+            lines.append(f"lesion-wise sensitivity, trained on {name:<15} {_fmt(m['all']['sensitivity'])} "
+                         f"({per_bin}); false positives per slice {_fmt(m['all']['false_positives_per_slice'])}")
     lines.append(f"report: {Path(result['out_dir']) / 'report.html'}")
     return lines
 
@@ -217,6 +282,8 @@ def write_report(out: Path, result: dict, sets) -> tuple[Path, Path]:
                ("Mask statistics", mask_figure(sets, out))]
     if result.get("downstream") and "skipped" not in result["downstream"]:
         figures.append(("Downstream segmentation", downstream_figure(result, out)))
+    if result.get("lesions") and "skipped" not in result["lesions"]:
+        figures.append(("Lesion-wise segmentation by lesion size", lesion_figure(result, out)))
     title = f"medgen evaluation: {Path(result['synthetic_dir']).name} vs {Path(result['real_dir']).name}"
     intro = (f"Synthetic set `{result['synthetic_dir']}` against the lesion slices of the real {result['reference_split']} "
              f"split of `{result['real_dir']}`, at {result['image_size']} px, modalities {', '.join(result['modalities'])}. "

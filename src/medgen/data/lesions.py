@@ -1,0 +1,108 @@
+"""Lesion sizes in millimetres: the Feret diameter of each lesion and the size bins it falls in.
+
+A lesion is a connected component of a mask's lesion pixels (:func:`medgen.data.masks.lesion_labels`:
+8-connected in 2D, 26-connected in 3D). Its **Feret diameter** is the longest distance between two
+points of the lesion, the lesion taken as the union of its voxels as boxes of the voxel spacing
+(so one 1 mm pixel measures √2 mm, its diagonal, and an ``a × b`` rectangle of pixels of spacing
+``(sx, sy)`` measures ``√((a·sx)² + (b·sy)²)``). The maximum distance between two points of a
+union of boxes is reached at two box corners on the convex hull, which is what is computed.
+
+Size bins are half-open intervals ``[lower, upper)`` of the diameter in mm. The default is the
+RANO-BM binning of brain-metastasis reports (tiny < 10 mm, small 10–20, medium 20–30,
+large ≥ 30); any increasing list of edges makes a finer one, e.g. ``SizeBins.from_edges([3, 6, 10,
+15, 20, 30])``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from medgen.data.masks import lesion_labels
+
+
+@dataclass(frozen=True)
+class SizeBins:
+    """Named diameter bins: bin ``i`` holds diameters in ``[edges[i-1], edges[i])`` mm (the first
+    from 0, the last without an upper end)."""
+
+    edges: tuple[float, ...]  #: increasing inner edges in mm; len(names) - 1 of them
+    names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.names) != len(self.edges) + 1:
+            raise ValueError(f"{len(self.edges)} edges make {len(self.edges) + 1} bins, got {len(self.names)} names")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"bin names must differ, got {list(self.names)}")
+        if any(not np.isfinite(e) or e <= 0 for e in self.edges) or any(
+                b <= a for a, b in zip(self.edges, self.edges[1:])):
+            raise ValueError(f"bin edges must be positive, finite and increasing, got {list(self.edges)} mm")
+
+    @classmethod
+    def from_edges(cls, edges: Sequence[float]) -> SizeBins:
+        """Bins named by their bounds: ``[3, 6]`` → ``"<3mm"``, ``"3-6mm"``, ``">=6mm"``; no edge:
+        one bin, ``"any"``."""
+        edges = tuple(float(e) for e in edges)
+        fmt = [f"{e:g}" for e in edges]
+        names = ([f"<{fmt[0]}mm"] if edges else ["any"]) + [f"{a}-{b}mm" for a, b in zip(fmt, fmt[1:])]
+        return cls(edges, tuple(names + ([f">={fmt[-1]}mm"] if edges else [])))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def index(self, diameters_mm: np.ndarray | Sequence[float] | float) -> np.ndarray:
+        """The bin index of each diameter (int64, same shape)."""
+        return np.searchsorted(np.asarray(self.edges), np.asarray(diameters_mm, dtype=np.float64), side="right")
+
+    def name(self, diameter_mm: float) -> str:
+        return self.names[int(self.index(diameter_mm))]
+
+    def counts(self, diameters_mm: np.ndarray | Sequence[float]) -> np.ndarray:
+        """How many diameters fall in each bin (int64 ``[len(self)]``)."""
+        return np.bincount(self.index(np.asarray(diameters_mm, dtype=np.float64).ravel()), minlength=len(self))
+
+
+#: RANO-BM's size classes of brain metastases.
+RANO_BM = SizeBins(edges=(10.0, 20.0, 30.0), names=("tiny", "small", "medium", "large"))
+
+
+def _corners(points: np.ndarray) -> np.ndarray:
+    """The ``2**D`` corners of the voxel boxes centred on ``points`` ``[N, D]`` (voxel units)."""
+    offsets = np.array(list(itertools.product((-0.5, 0.5), repeat=points.shape[1])))
+    return (points[:, None, :] + offsets[None]).reshape(-1, points.shape[1])
+
+
+def _max_distance(points: np.ndarray) -> float:
+    """The largest distance between two of ``points`` ``[N, D]`` (N ≥ 1), through their convex hull."""
+    if len(points) > 64:
+        from scipy.spatial import ConvexHull  # box corners are never flat, so the hull always exists
+
+        points = points[ConvexHull(points).vertices]
+    diff = points[:, None, :] - points[None, :, :]
+    return float(np.sqrt((diff ** 2).sum(-1).max()))
+
+
+def feret_diameters(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """The Feret diameter in mm of each lesion of ``mask`` (``[H, W]`` or ``[H, W, D]``), in the
+    label order of :func:`~medgen.data.masks.lesion_labels`; ``spacing`` is the voxel size in mm per
+    axis of ``mask``. float64 ``[n_lesions]`` (no lesion: ``[]``)."""
+    mask = np.asarray(mask)
+    spacing = np.asarray(spacing, dtype=np.float64)
+    if spacing.shape != (mask.ndim,) or not np.all(spacing > 0):
+        raise ValueError(f"spacing must give one positive size per mask axis ({mask.ndim}), got {spacing.tolist()}")
+    labels, count = lesion_labels(mask)
+    out = np.zeros(count, np.float64)
+    if count == 0:
+        return out
+    from scipy import ndimage
+
+    for i, box in enumerate(ndimage.find_objects(labels)):
+        inside = labels[box] == i + 1
+        # only boundary voxels can hold an extreme corner: drop the ones whose 2·D face neighbours are all inside
+        interior = ndimage.binary_erosion(inside, border_value=0)
+        points = np.argwhere(inside & ~interior).astype(np.float64)
+        out[i] = _max_distance(_corners(points) * spacing)
+    return out

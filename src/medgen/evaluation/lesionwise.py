@@ -1,0 +1,167 @@
+"""Lesion-wise segmentation figures per size bin: sensitivity, false positives, per-lesion Dice.
+
+A slice's (or volume's) true lesions and predicted lesions are the connected components of its
+masks (:func:`medgen.data.masks.lesion_labels`), each sized by its Feret diameter in mm
+(:func:`medgen.data.lesions.feret_diameters`) and put in a bin of a :class:`SizeBins`.
+
+- A true lesion is **found** when at least one predicted pixel overlaps it.
+- Its **lesion Dice** is the Dice of the true lesion with the union of the predicted lesions
+  that overlap it (0 when it is missed), so a lesion found by a prediction that bleeds over its
+  neighbours scores low, and a lesion split in two predicted pieces scores as one.
+- A predicted lesion that overlaps no true lesion is a **false positive**, binned by its own
+  diameter; the figure is false-positive lesions per slice (all test slices count, lesion-free
+  ones included).
+
+Intervals are percentile bootstrap intervals over slices (each resample draws whole slices, so
+lesions of one slice stay together: they are not independent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from medgen.data.lesions import SizeBins, feret_diameters
+from medgen.data.masks import is_lesion, lesion_labels
+
+
+@dataclass(frozen=True)
+class LesionMatch:
+    """What one slice's prediction did to its lesions."""
+
+    diameters: np.ndarray  #: float64 [n_true], mm, in label order
+    found: np.ndarray  #: bool [n_true]
+    dice: np.ndarray  #: float64 [n_true], lesion Dice (0 for a missed lesion)
+    false_positive_diameters: np.ndarray  #: float64 [n_fp], mm
+
+
+def match_lesions(truth: np.ndarray, prediction: np.ndarray, spacing: Sequence[float]) -> LesionMatch:
+    """Match the lesions of ``truth`` and ``prediction`` (masks of one slice ``[H, W]`` or volume,
+    binarised by :func:`~medgen.data.masks.is_lesion`); ``spacing`` in mm per axis."""
+    true_labels, n_true = lesion_labels(truth)
+    pred_labels, n_pred = lesion_labels(prediction)
+    # overlap[i, j]: pixels of true lesion i (1-based) in predicted lesion j (1-based); row/column 0 background
+    overlap = np.zeros((n_true + 1, n_pred + 1), np.int64)
+    np.add.at(overlap, (true_labels.ravel(), pred_labels.ravel()), 1)
+    true_size = overlap.sum(1)[1:]
+    pred_size = overlap.sum(0)[1:]
+    hits = overlap[1:, 1:] > 0  # [n_true, n_pred]
+    found = hits.any(1)
+    matched_pred = (hits * pred_size[None, :]).sum(1)  # pixels of the predicted lesions touching each true one
+    intersection = overlap[1:, 1:].sum(1)
+    dice = np.where(found, 2 * intersection / np.maximum(true_size + matched_pred, 1), 0.0).astype(np.float64)
+    fp = ~hits.any(0)
+    pred_diameters = feret_diameters(is_lesion(prediction), spacing) if fp.any() else np.zeros(n_pred)
+    return LesionMatch(diameters=feret_diameters(truth, spacing), found=found, dice=dice,
+                       false_positive_diameters=pred_diameters[fp])
+
+
+def _per_slice_table(matches: Sequence[LesionMatch], bins: SizeBins) -> np.ndarray:
+    """``[n_slices, 4, n_bins]``: true lesions, found lesions, summed lesion Dice, false positives."""
+    table = np.zeros((len(matches), 4, len(bins)), np.float64)
+    for i, m in enumerate(matches):
+        b = bins.index(m.diameters)
+        np.add.at(table[i, 0], b, 1)
+        np.add.at(table[i, 1], b, m.found)
+        np.add.at(table[i, 2], b, m.dice)
+        np.add.at(table[i, 3], bins.index(m.false_positive_diameters), 1)
+    return table
+
+
+def _figures(sums: np.ndarray, n_slices: int) -> np.ndarray:
+    """``sums`` ``[..., 4, n_bins]`` → sensitivity, mean lesion Dice, false positives per slice
+    ``[..., 3, n_bins]`` (NaN where a bin has no true lesion)."""
+    lesions = sums[..., 0, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.stack([sums[..., 1, :] / lesions, sums[..., 2, :] / lesions, sums[..., 3, :] / n_slices], -2)
+
+
+def _interval(value: float, boot: np.ndarray) -> dict:
+    if not np.isfinite(value):
+        return {"value": None, "ci95": None}
+    boot = boot[np.isfinite(boot)]
+    low, high = np.percentile(boot, [2.5, 97.5]) if len(boot) else (np.nan, np.nan)
+    return {"value": float(value), "ci95": [float(low), float(high)]}
+
+
+def summarize(matches: Sequence[LesionMatch], bins: SizeBins, resamples: int = 1000, seed: int = 0) -> dict:
+    """Per bin and over all lesions: ``lesions`` (true lesions in the bin), ``sensitivity``,
+    ``dice`` (mean lesion Dice) and ``false_positives_per_slice``, each ``{"value", "ci95"}``
+    (``None`` with the reason in ``"skipped"`` where the bin holds no true lesion)."""
+    if not matches:
+        raise ValueError("no slices to summarise")
+    table = _per_slice_table(matches, bins)
+    table = np.concatenate([table, table.sum(-1, keepdims=True)], -1)  # last column: every bin together
+    n = len(matches)
+    point = _figures(table.sum(0), n)
+    rng = np.random.default_rng(seed)
+    boot = _figures(table[rng.integers(0, n, size=(resamples, n))].sum(1), n)  # [resamples, 3, bins + 1]
+    out = {"slices": n, "bins": {}, "edges_mm": list(bins.edges)}
+    for b, name in enumerate([*bins.names, None]):
+        entry = {"lesions": int(table[:, 0, b].sum())}
+        for k, key in enumerate(("sensitivity", "dice", "false_positives_per_slice")):
+            entry[key] = _interval(point[k, b], boot[:, k, b])
+        if entry["lesions"] == 0:
+            entry["skipped"] = "no true lesion of this size in the test slices: sensitivity and Dice cannot be measured"
+        if name is None:
+            out["all"] = entry
+        else:
+            out["bins"][name] = entry
+    return out
+
+
+FIGURES = ("sensitivity", "dice", "false_positives_per_slice")
+
+
+@dataclass
+class LesionTest:
+    """The whole real test split a segmenter is scored on lesion by lesion: ``images [N, C, S, S]``,
+    ``masks [N, S, S]`` (its lesion slices and its lesion-free brain slices), the in-plane pixel
+    spacing in mm of the masks' two axes, and the bins."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    spacing: tuple[float, float]
+    bins: SizeBins
+    resamples: int = 1000
+
+    def score(self, prediction: np.ndarray, seed: int) -> dict:
+        """:func:`summarize` of ``prediction [N, S, S]`` against the masks (intervals seeded by ``seed``)."""
+        matches = [match_lesions(t, p, self.spacing) for t, p in zip(self.masks, prediction)]
+        return summarize(matches, self.bins, self.resamples, seed)
+
+
+def over_seeds(summaries: Sequence[dict]) -> dict:
+    """Mean and standard deviation over seeds (ddof 1; 0 for one seed) of each figure of each bin
+    and of ``all`` in :func:`summarize`'s results: ``{"mean": {bin: {figure: v}}, "std": ...}``;
+    ``None`` where no seed could measure it."""
+    out: dict = {"mean": {}, "std": {}}
+    for name in [*summaries[0]["bins"], "all"]:
+        entries = [s["all"] if name == "all" else s["bins"][name] for s in summaries]
+        out["mean"][name], out["std"][name] = {}, {}
+        for figure in FIGURES:
+            values = np.asarray([e[figure]["value"] for e in entries if e[figure]["value"] is not None], np.float64)
+            out["mean"][name][figure] = float(values.mean()) if len(values) else None
+            out["std"][name][figure] = (float(values.std(ddof=1)) if len(values) > 1 else 0.0) if len(values) else None
+    return out
+
+
+def yardstick(real: dict, min_sensitivity: float, min_dice: float) -> dict:
+    """Whether the segmenter trained on real data (``real``: :func:`over_seeds` of its summaries)
+    is good enough for its verdict on synthetic data to mean anything: over all lesion sizes its
+    mean sensitivity must reach ``min_sensitivity`` and its mean lesion Dice ``min_dice``."""
+    sensitivity, dice = real["mean"]["all"]["sensitivity"], real["mean"]["all"]["dice"]
+    rule = (f"the real-trained network must find at least {min_sensitivity:.0%} of the real test lesions with a mean "
+            f"lesion Dice of at least {min_dice:.2f}")
+    if sensitivity is None:
+        return {"ok": False, "rule": rule, "warning": "the real test split has no lesion: lesion-wise figures cannot "
+                                                      "be measured, so the downstream verdict cannot be judged"}
+    ok = sensitivity >= min_sensitivity and dice >= min_dice
+    out = {"ok": bool(ok), "rule": rule, "sensitivity": sensitivity, "dice": dice}
+    if not ok:
+        out["warning"] = (f"the yardstick is too weak to judge: the segmenter trained on real data finds "
+                          f"{sensitivity:.0%} of the real test lesions with a mean lesion Dice of {dice:.2f} ({rule}); "
+                          f"its comparison of training sets is noise: raise budget.steps or use more real data")
+    return out
