@@ -91,3 +91,21 @@ def test_finer_bins_from_edges():
         SizeBins((1.0, 2.0), ("a", "b"))
     with pytest.raises(ValueError, match="names must differ"):
         SizeBins((1.0,), ("a", "a"))
+
+
+def test_the_census_of_a_dataset_by_hand(tmp_path):
+    from medgen.data.lesions import census_line, lesion_census
+    from medgen.data.nifti_dataset import save_volume
+
+    seg = np.zeros((20, 20, 4), np.float32)
+    seg[1:4, 1:4, 0] = 1  # 3x3 px of 2 mm on one slice: 8.5 mm (tiny); as a 3D lesion with 3 mm slices: 9.0 mm
+    seg[10:18, 10:18, 1:3] = 1  # 8x8 px on two slices: 22.6 mm each (medium); in 3D: 23.4 mm (medium)
+    (tmp_path / "p").mkdir()
+    save_volume(tmp_path / "p" / "seg.nii.gz", seg, np.diag([2.0, 2.0, 3.0, 1.0]), is_mask=True)
+    census = lesion_census([tmp_path / "p"])
+    assert census["slice_lesions"] == {"tiny": 1, "small": 0, "medium": 2, "large": 0}
+    assert census["volume_lesions"] == {"tiny": 1, "small": 0, "medium": 1, "large": 0}
+    assert (census["slices"], census["lesion_slices"], census["patients"]) == (4, 3, 1)
+    assert census_line(census) == ("lesions by size (tiny/small/medium/large, Feret diameter): on axial slices tiny 1, "
+                                   "small 0, medium 2, large 0 (3 of 4 slices hold a lesion); as 3D lesions tiny 1, "
+                                   "small 0, medium 1, large 0")

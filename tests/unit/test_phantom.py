@@ -161,13 +161,45 @@ def test_generate_dataset_empty_splits_and_workers(tmp_path):
                                           np.asarray(nib.load(b / f"{key}.nii.gz").dataobj))
 
 
-def test_cli_phantom(tmp_path):
+def test_cli_phantom(tmp_path, capsys):
     from medgen.scripts.data import main
 
     d = tmp_path / "cli"
     assert main(["phantom", "--out", str(d), "--subjects", "3", "--size", "64", "--slices", "16"]) == 0
     files = sorted(d.glob("*/phantom_*/*.nii.gz"))
     assert len(files) == 3 * len(MODALITIES)
+    assert "lesions by size (tiny/small/medium/large, Feret diameter): on axial slices tiny " in capsys.readouterr().out
+    assert main(["phantom", "--out", str(tmp_path / "x"), "--subjects", "1", "--lesion-sizes", "huge"]) == 2
+    assert "--lesion-sizes must be one of clinical, cover, got 'huge'" in capsys.readouterr().err
+    assert main(["phantom", "--out", str(tmp_path / "x"), "--subjects", "1", "--max-lesions", "0"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_cover_draws_every_size_class_alike():
+    from medgen.data.lesions import RANO_BM
+    from medgen.data.phantom_lesions import COVER_RANGES_MM
+
+    drawn = [phantom.sample_lesions(seed, "cover", max_lesions=4) for seed in range(2000)]
+    counts = np.asarray([len(d) for d in drawn])
+    assert counts.min() == 1 and counts.max() == 4 and abs(counts.mean() - 2.5) < 0.1  # uniform 1..4 (sd of the mean 0.025)
+    diameters = np.asarray([les.diameter_mm for d in drawn for les in d])
+    assert COVER_RANGES_MM[0][0] <= diameters.min() and diameters.max() <= COVER_RANGES_MM[-1][1]
+    share = RANO_BM.counts(diameters) / len(diameters)
+    np.testing.assert_allclose(share, 0.25, atol=0.03)  # each class a quarter (5000 lesions: sd 0.006)
+    assert all(les.ring == (les.diameter_mm > phantom.RING_DIAMETER_MM) for d in drawn for les in d)
+    # the default is the clinical distribution, drawn exactly as before the option existed
+    assert phantom.sample_lesions(5) == phantom.sample_lesions(5, "clinical", phantom.MAX_LESIONS)
+    with pytest.raises(ValueError, match="unknown lesion sizes 'big'; choose one of clinical, cover"):
+        phantom.sample_lesions(0, "big")
+
+
+def test_a_cover_subject_holds_large_lesions_inside_its_brain():
+    seed = next(s for s in range(100) if any(les.diameter_mm >= 30 for les in phantom.sample_lesions(s, "cover", 6)))
+    s = phantom.make_subject(seed, size=64, slices=32, lesion_sizes="cover", max_lesions=6, return_tissue=True)
+    assert max(les.diameter_mm for les in s.lesions) >= 30 and s.volumes[MASK_KEY].any()
+    brain = (s.tissue["gm"] + s.tissue["wm"] + s.tissue["csf"]) > 0.5
+    inside = brain[s.volumes[MASK_KEY] > 0.5].mean()
+    assert inside > 0.95, inside
 
 
 def test_render_figure(tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -106,3 +107,38 @@ def feret_diameters(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
         points = np.argwhere(inside & ~interior).astype(np.float64)
         out[i] = _max_distance(_corners(points) * spacing)
     return out
+
+
+def lesion_census(patients: Sequence[Path], bins: SizeBins = RANO_BM) -> dict:
+    """How many lesions of each size a dataset holds: over the ``seg`` volumes of ``patients``,
+    the lesions of each axial slice binned by their 2D Feret diameter (``slices``: what a 2D
+    model and the lesion-wise evaluation see) and the 3D lesions by their 3D diameter
+    (``volumes``), with the slice counts. Spacings come from each file's affine."""
+    from medgen.core.constants import MASK_KEY
+    from medgen.data.nifti_dataset import load_volume, modality_path
+
+    per_slice = np.zeros(len(bins), np.int64)
+    per_volume = np.zeros(len(bins), np.int64)
+    slices = lesion_slices = 0
+    for patient in patients:
+        seg, affine = load_volume(modality_path(patient, MASK_KEY))
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        per_volume += bins.counts(feret_diameters(seg, spacing))
+        for z in range(seg.shape[2]):
+            d = feret_diameters(seg[:, :, z], spacing[:2])
+            per_slice += bins.counts(d)
+            lesion_slices += bool(len(d))
+        slices += seg.shape[2]
+    return {"bins": list(bins.names), "edges_mm": list(bins.edges), "patients": len(patients), "slices": slices,
+            "lesion_slices": lesion_slices, "slice_lesions": dict(zip(bins.names, per_slice.tolist())),
+            "volume_lesions": dict(zip(bins.names, per_volume.tolist()))}
+
+
+def census_line(census: dict) -> str:
+    """:func:`lesion_census` in one line, for a console."""
+    def counts(key: str) -> str:
+        return ", ".join(f"{name} {n}" for name, n in census[key].items())
+
+    return (f"lesions by size ({'/'.join(census['bins'])}, Feret diameter): on axial slices {counts('slice_lesions')} "
+            f"({census['lesion_slices']} of {census['slices']} slices hold a lesion); as 3D lesions "
+            f"{counts('volume_lesions')}")

@@ -43,12 +43,12 @@ from medgen.core.signals import default_signals
 from medgen.data.nifti_dataset import list_patients, save_volume
 from medgen.data.phantom_anatomy import (FOV_MM, HEAD_CENTRE_MNI, NATIVE_SCALE, TISSUES, grid_affine,
                                          load_template, smooth_noise, warp_anatomy)
-from medgen.data.phantom_lesions import (DIAMETER_RANGE_MM, MAX_LESIONS, RING_DIAMETER_MM, Lesion, draw_lesions,
-                                         place_lesions, render_lesions)
+from medgen.data.phantom_lesions import (DIAMETER_RANGE_MM, LESION_SIZES, MAX_LESIONS, RING_DIAMETER_MM, Lesion,
+                                         draw_lesions, place_lesions, render_lesions)
 from medgen.data.splits import parse_split, split_indices
 
 __all__ = ["DIAMETER_RANGE_MM", "FOV_MM", "HEAD_CENTRE_MNI", "MAX_LESIONS", "NATIVE_SCALE", "RING_DIAMETER_MM",
-           "TISSUES", "Lesion", "PhantomSubject", "generate_dataset", "grid_affine", "make_subject", "sample_lesions",
+           "TISSUES", "LESION_SIZES", "Lesion", "PhantomSubject", "generate_dataset", "grid_affine", "make_subject", "sample_lesions",
            "smooth_noise", "subject_seed"]
 
 # Relative signal per tissue and contrast (order of IMAGE_MODALITIES: bravo, t1_pre, t1_gd,
@@ -112,10 +112,10 @@ def subject_seed(seed: int, index: int) -> int:
     return int(state >> np.uint64(1))
 
 
-def sample_lesions(seed: int) -> list[Lesion]:
+def sample_lesions(seed: int, lesion_sizes: str = "clinical", max_lesions: int = MAX_LESIONS) -> list[Lesion]:
     """Only the lesion parameters (count, diameters, ring/core, oedema) that
-    :func:`make_subject` with the same seed uses; centres are ``None``. Cheap."""
-    return draw_lesions(_streams(seed)["lesions"])
+    :func:`make_subject` with the same arguments uses; centres are ``None``. Cheap."""
+    return draw_lesions(_streams(seed)["lesions"], lesion_sizes, max_lesions)
 
 
 # --------------------------------------------------------------------------- contrast and acquisition
@@ -175,8 +175,10 @@ def _acquire(images: np.ndarray, contrast: _Contrast, rngs: dict[str, np.random.
 # --------------------------------------------------------------------------- subject
 
 
-def make_subject(seed: int, size: int = 128, slices: int = 64, return_tissue: bool = False) -> PhantomSubject:
-    """One phantom subject on a ``[size, size, slices]`` grid (spacing ``FOV_MM / shape``).
+def make_subject(seed: int, size: int = 128, slices: int = 64, return_tissue: bool = False,
+                 lesion_sizes: str = "clinical", max_lesions: int = MAX_LESIONS) -> PhantomSubject:
+    """One phantom subject on a ``[size, size, slices]`` grid (spacing ``FOV_MM / shape``), its
+    lesions drawn by :func:`~medgen.data.phantom_lesions.draw_lesions` (``lesion_sizes``, ``max_lesions``).
 
     Returns volumes ``bravo``, ``t1_pre``, ``t1_gd``, ``flair`` (float32, >= 0, WM ~0.8 on
     T1) and ``seg`` (float32 {0, 1}), the RAS affine, the placed lesions and, with
@@ -184,7 +186,7 @@ def make_subject(seed: int, size: int = 128, slices: int = 64, return_tissue: bo
     if size < 8 or slices < 4:
         raise ValueError(f"phantom grid too small: size={size}, slices={slices} (need >= 8 and >= 4)")
     rngs = _streams(seed)
-    lesions = draw_lesions(rngs["lesions"])
+    lesions = draw_lesions(rngs["lesions"], lesion_sizes, max_lesions)
     shape = (int(size), int(size), int(slices))
     affine = grid_affine(size, slices)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
@@ -225,10 +227,10 @@ def _check_empty(out: Path) -> None:
                              "--out instead of mixing datasets")
 
 
-def _write_subject(job: tuple[Path, int, int, int]) -> Path:
+def _write_subject(job: tuple[Path, int, int, int, str, int]) -> Path:
     """Render one subject and write its five volumes into ``job[0]`` (a patient folder)."""
-    patient_dir, seed, size, slices = job
-    subject = make_subject(seed, size=size, slices=slices)
+    patient_dir, seed, size, slices, lesion_sizes, max_lesions = job
+    subject = make_subject(seed, size=size, slices=slices, lesion_sizes=lesion_sizes, max_lesions=max_lesions)
     patient_dir.mkdir(parents=True, exist_ok=True)
     for key, volume in subject.volumes.items():
         save_volume(patient_dir / f"{key}{NIFTI_SUFFIX}", volume, subject.affine, is_mask=key == MASK_KEY)
@@ -236,10 +238,11 @@ def _write_subject(job: tuple[Path, int, int, int]) -> Path:
 
 
 def generate_dataset(out: str | Path, subjects: int, size: int = 128, slices: int = 64, seed: int = 0,
-                     split: Sequence[float] = DEFAULT_SPLIT, workers: int = 1) -> list[Path]:
+                     split: Sequence[float] = DEFAULT_SPLIT, workers: int = 1, lesion_sizes: str = "clinical",
+                     max_lesions: int = MAX_LESIONS) -> list[Path]:
     """Write ``subjects`` phantoms as ``out/{train,val,test}/phantom_XXXX/<key>.nii.gz``.
 
-    Subject ``i`` is ``make_subject(subject_seed(seed, i))``; subjects are assigned to splits
+    Subject ``i`` is ``make_subject(subject_seed(seed, i), lesion_sizes=..., max_lesions=...)``; subjects are assigned to splits
     by :func:`medgen.data.splits.split_indices` (``split`` fractions, seeded by ``seed`` and
     ``subjects``); a split that gets no subject has no folder. ``workers > 1``
     renders in a process pool with identical output. Refuses an ``out`` that already holds
@@ -249,14 +252,14 @@ def generate_dataset(out: str | Path, subjects: int, size: int = 128, slices: in
         raise ValueError(f"subjects must be >= 0, got {subjects}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    fractions = parse_split(split)  # split and seed are checked before anything is written
-    _streams(seed)
+    fractions = parse_split(split)  # split, seed and lesion sizes are checked before anything is written
+    draw_lesions(_streams(seed)["lesions"], lesion_sizes, max_lesions)
     split_of = split_indices(subjects, fractions, np.random.SeedSequence([int(seed), subjects, _SPLIT_STREAM]))
     _check_empty(out)
     out.mkdir(parents=True, exist_ok=True)  # split folders appear with their first subject: an empty
     # val/ would be refused by medgen-data check and training (without it, train/ is split by patient)
-    jobs = [(out / SPLITS[split_of[i]] / f"phantom_{i:04d}", subject_seed(seed, i), int(size), int(slices))
-            for i in range(subjects)]
+    jobs = [(out / SPLITS[split_of[i]] / f"phantom_{i:04d}", subject_seed(seed, i), int(size), int(slices),
+             lesion_sizes, int(max_lesions)) for i in range(subjects)]
     written: list[Path] = []
     if workers == 1 or subjects <= 1:
         with tqdm(total=subjects, desc="phantoms", unit="subject") as progress:

@@ -17,6 +17,10 @@ from medgen.data.phantom_anatomy import ramp, smooth_noise
 RING_DIAMETER_MM: float = 10.0
 MAX_LESIONS: int = 15
 DIAMETER_RANGE_MM: tuple[float, float] = (2.0, 30.0)
+#: ``cover``'s diameter ranges: one per RANO-BM size class (tiny, small, medium, large), drawn alike
+COVER_RANGES_MM: tuple[tuple[float, float], ...] = ((3.0, 10.0), (10.0, 20.0), (20.0, 30.0), (30.0, 40.0))
+#: the lesion size distributions :func:`draw_lesions` knows
+LESION_SIZES: tuple[str, ...] = ("clinical", "cover")
 
 
 @dataclass(frozen=True)
@@ -36,15 +40,28 @@ class Lesion:
         return self.core_fraction > 0.0
 
 
-def draw_lesions(rng: np.random.Generator) -> list[Lesion]:
+def draw_lesions(rng: np.random.Generator, sizes: str = "clinical", max_lesions: int = MAX_LESIONS) -> list[Lesion]:
     """The lesions of one subject: count, diameters, ring/core, oedema and margin irregularity
-    (centres ``None``)."""
-    # Count: 10 % of subjects without metastases, otherwise geometric (p = 0.33) capped at 15,
-    # so 1-5 lesions in ~87 % of positive subjects with a tail of multiple metastases.
-    count = 0 if rng.random() < 0.10 else min(int(rng.geometric(0.33)), MAX_LESIONS)
-    # Diameter: log-normal, median 7 mm, sigma 0.65 (most brain metastases at detection are
-    # small; a few exceed 2 cm), clipped to 2-30 mm.
-    diameters = np.clip(np.exp(rng.normal(math.log(7.0), 0.65, count)), *DIAMETER_RANGE_MM)
+    (centres ``None``).
+
+    ``sizes="clinical"``: 10 % of subjects without metastases, otherwise a geometric count
+    (p = 0.33) capped at ``max_lesions``, so 1-5 lesions in ~87 % of positive subjects with a tail
+    of multiple metastases; log-normal diameters, median 7 mm, sigma 0.65 (most brain metastases
+    at detection are small; a few exceed 2 cm), clipped to 2-30 mm.
+    ``sizes="cover"`` (a benchmark with lesions of every size): 1 to ``max_lesions`` lesions
+    (uniform), each in one of the four RANO-BM size classes with equal probability and uniform
+    within its range (:data:`COVER_RANGES_MM`: 3-10, 10-20, 20-30, 30-40 mm)."""
+    if sizes not in LESION_SIZES:
+        raise ValueError(f"unknown lesion sizes {sizes!r}; choose one of {', '.join(LESION_SIZES)}")
+    if max_lesions < 1:
+        raise ValueError(f"max_lesions must be >= 1, got {max_lesions}")
+    if sizes == "clinical":
+        count = 0 if rng.random() < 0.10 else min(int(rng.geometric(0.33)), max_lesions)
+        diameters = np.clip(np.exp(rng.normal(math.log(7.0), 0.65, count)), *DIAMETER_RANGE_MM)
+    else:
+        count = int(rng.integers(1, max_lesions + 1))
+        ranges = np.asarray(COVER_RANGES_MM)[rng.integers(0, len(COVER_RANGES_MM), count)]
+        diameters = rng.uniform(ranges[:, 0], ranges[:, 1])
     lesions = []
     for d in diameters:
         d = float(d)

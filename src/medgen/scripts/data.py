@@ -1,6 +1,7 @@
 """``medgen-data``: make, import, check and preview datasets in medgen's layout.
 
     medgen-data phantom --out DIR --subjects N [--size 128] [--slices 64] [--seed 0] [--split 0.7,0.15,0.15]
+                        [--lesion-sizes clinical|cover] [--max-lesions 15]
     medgen-data import --format brainmetshare-png|nnunet SRC DST [--map 0=bravo,1=t1_pre,...]
     medgen-data check DIR [--json] [--workers 2] [--keys bravo,seg]
     medgen-data preview DIR --out FILE.png [--patients 4]
@@ -70,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--split", type=_split_arg, default=DEFAULT_SPLIT,
                     help=f"train,val,test fractions (default {','.join(f'{f:g}' for f in DEFAULT_SPLIT)})")
     ph.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    ph.add_argument("--lesion-sizes", default="clinical", metavar="{clinical,cover}",
+                    help="clinical (default: mostly small metastases, median 7 mm, 10%% of subjects without) or "
+                         "cover (a benchmark: 1 to --max-lesions lesions per subject, each size class of RANO-BM "
+                         "equally likely: 3-10, 10-20, 20-30, 30-40 mm)")
+    ph.add_argument("--max-lesions", type=int, default=None,
+                    help="most lesions per subject (default: the phantom model's cap, 15)")
 
     im = sub.add_parser("import", help="convert BrainMetShare PNG slices or an nnU-Net folder into medgen's layout")
     im.add_argument("--format", required=True, choices=["brainmetshare-png", "nnunet"])
@@ -115,30 +122,42 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+def _phantom(args: argparse.Namespace) -> int:
+    from medgen.data.lesions import census_line, lesion_census
+    from medgen.data.phantom import LESION_SIZES, MAX_LESIONS, generate_dataset
+
+    max_lesions = MAX_LESIONS if args.max_lesions is None else args.max_lesions
+    bad = [msg for ok, msg in [(args.subjects >= 1, "--subjects must be >= 1"),
+                               (args.size >= 8, "--size must be >= 8"),
+                               (args.slices >= 4, "--slices must be >= 4"),
+                               (args.seed >= 0, "--seed must be >= 0"),
+                               (args.workers >= 1, "--workers must be >= 1"),
+                               (max_lesions >= 1, "--max-lesions must be >= 1"),
+                               (args.lesion_sizes in LESION_SIZES,
+                                f"--lesion-sizes must be one of {', '.join(LESION_SIZES)}, "
+                                f"got {args.lesion_sizes!r}")] if not ok]
+    if bad:
+        print("medgen-data phantom: " + "; ".join(bad), file=sys.stderr)
+        return 2
+    if args.out.exists() and not args.out.is_dir():
+        print(f"medgen-data phantom: --out {args.out} is a file, not a folder; choose a new folder",
+              file=sys.stderr)
+        return 1
+    try:
+        patients = generate_dataset(args.out, subjects=args.subjects, size=args.size, slices=args.slices,
+                                    seed=args.seed, split=args.split, workers=args.workers,
+                                    lesion_sizes=args.lesion_sizes, max_lesions=max_lesions)
+    except ValueError as exc:
+        print(f"medgen-data phantom: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.subjects} phantom subjects to {args.out}")
+    print(census_line(lesion_census(patients)))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "phantom":
-        from medgen.data.phantom import generate_dataset
-
-        bad = [msg for ok, msg in [(args.subjects >= 1, "--subjects must be >= 1"),
-                                   (args.size >= 8, "--size must be >= 8"),
-                                   (args.slices >= 4, "--slices must be >= 4"),
-                                   (args.seed >= 0, "--seed must be >= 0"),
-                                   (args.workers >= 1, "--workers must be >= 1")] if not ok]
-        if bad:
-            print("medgen-data phantom: " + "; ".join(bad), file=sys.stderr)
-            return 2
-        if args.out.exists() and not args.out.is_dir():
-            print(f"medgen-data phantom: --out {args.out} is a file, not a folder; choose a new folder",
-                  file=sys.stderr)
-            return 1
-        try:
-            generate_dataset(args.out, subjects=args.subjects, size=args.size, slices=args.slices,
-                             seed=args.seed, split=args.split, workers=args.workers)
-        except ValueError as exc:
-            print(f"medgen-data phantom: {exc}", file=sys.stderr)
-            return 1
-        print(f"wrote {args.subjects} phantom subjects to {args.out}")
-        return 0
+        return _phantom(args)
     if args.command == "import":
         from medgen.data import importers
 
