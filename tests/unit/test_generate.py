@@ -65,6 +65,15 @@ def test_output_is_a_medgen_dataset_with_the_training_geometry(tmp_path, tiny_ch
     assert {r["image_sampler"] for r in rows} == {"euler"} and {r["seg_sampler"] for r in rows} == {"dpmpp_2m"}
     assert rows[0]["image_sha256"] == __import__("hashlib").sha256(tiny_checkpoints["bravo"].read_bytes()).hexdigest()
     assert len({r["image_seed"] for r in rows}) == 6 and all(r["accepted"] == "True" for r in rows)
+    # each lesion's Feret diameter and size class, as measured on the written mask with its own voxel size
+    from medgen.data.lesions import RANO_BM, feret_diameters
+
+    for r in rows:
+        seg = LoadImage(image_only=True)(str(out / "train" / r["id"] / "seg.nii.gz"))
+        d = feret_diameters(np.asarray(seg)[..., 0], seg.meta["pixdim"][1:3])
+        assert r["lesion_diameters_mm"] == ";".join(f"{x:.1f}" for x in d) and len(d) == int(r["components"])
+        assert r["lesion_bins"] == ";".join(RANO_BM.name(x) for x in d)
+    assert sum(int(r["components"]) for r in rows) > 0  # the untrained tiny model's noise masks do have lesions
 
 
 def test_samples_do_not_depend_on_the_batch_size(tmp_path, tiny_checkpoints):

@@ -36,6 +36,7 @@ from medgen.core.distributed import DistInfo, barrier
 from medgen.core.paths import resolve_path
 from medgen.core.precision import configure_backends
 from medgen.core.signals import stop_signals
+from medgen.data.lesions import RANO_BM, feret_diameters
 from medgen.data.nifti_dataset import load_volume, modality_path
 from medgen.data.pictures import contact_sheet, render_tile, save_png
 from medgen.diffusion.utils import sample_seed
@@ -230,17 +231,24 @@ def _repair_previews(out: Path, names: Sequence[str], split_dir: Path, keys: Seq
 
 
 def _manifest_rows(run: _Run, masks: Masks, ids: SampleIds, done: set[str] | None = None) -> list[dict[str, Any]]:
-    """The manifest's rows: every sample (or those in ``done``), then the masks the gate rejected."""
+    """The manifest's rows: every sample (or those in ``done``), with the Feret diameter (mm) and
+    RANO-BM size class of each of its lesions (in raster order), then the masks the gate rejected."""
     cfg, settings = run.cfg, run.settings
     common = {"split": cfg.split, "seg_checkpoint": settings["seg_checkpoint"] or "",
               "seg_sha256": settings["seg_sha256"] or "", "image_checkpoint": settings["image_checkpoint"],
               "image_sha256": settings["image_sha256"], "seg_sampler": settings["seg_sampler"] or "",
               "image_sampler": settings["image_sampler"], "steps": cfg.steps, "guidance_scale": cfg.guidance_scale}
+    spacing = tuple((run.image.spacing or (1.0, 1.0, 1.0))[:2])  # the pixel size the samples are written with
+    sizes: dict[int, dict[str, str]] = {}  # mask index -> its lesions' fields (a mask may have several samples)
     rows = []
     for q, (sid, i) in enumerate(ids):
         if done is not None and sid not in done:
             continue
-        rows.append({**common, **masks.records[i].manifest_fields(), "id": sid,
+        if i not in sizes:
+            d = feret_diameters(masks.masks[i], spacing)
+            sizes[i] = {"lesion_diameters_mm": ";".join(f"{x:.1f}" for x in d),
+                        "lesion_bins": ";".join(RANO_BM.names[b] for b in RANO_BM.index(d))}
+        rows.append({**common, **masks.records[i].manifest_fields(), **sizes[i], "id": sid,
                      "image_seed": sample_seed(cfg.seed, q, IMAGE_STREAM)})
     return rows + [{**common, **record.manifest_fields(), "image_checkpoint": "", "image_sha256": "",
                     "image_sampler": ""} for record in masks.rejected]
