@@ -90,11 +90,15 @@ def feret_diameters(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """The Feret diameter in mm of each lesion of ``mask`` (``[H, W]`` or ``[H, W, D]``), in the
     label order of :func:`~medgen.data.masks.lesion_labels`; ``spacing`` is the voxel size in mm per
     axis of ``mask``. float64 ``[n_lesions]`` (no lesion: ``[]``)."""
-    mask = np.asarray(mask)
+    return component_diameters(*lesion_labels(mask), spacing)
+
+
+def component_diameters(labels: np.ndarray, count: int, spacing: Sequence[float]) -> np.ndarray:
+    """:func:`feret_diameters` of the components ``1 .. count`` of a label image that
+    :func:`~medgen.data.masks.lesion_labels` made (for a caller that has the labels already)."""
     spacing = np.asarray(spacing, dtype=np.float64)
-    if spacing.shape != (mask.ndim,) or not np.all(spacing > 0):
-        raise ValueError(f"spacing must give one positive size per mask axis ({mask.ndim}), got {spacing.tolist()}")
-    labels, count = lesion_labels(mask)
+    if spacing.shape != (labels.ndim,) or not np.all(spacing > 0):
+        raise ValueError(f"spacing must give one positive size per mask axis ({labels.ndim}), got {spacing.tolist()}")
     out = np.zeros(count, np.float64)
     if count == 0:
         return out

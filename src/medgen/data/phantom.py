@@ -47,9 +47,9 @@ from medgen.data.phantom_lesions import (DIAMETER_RANGE_MM, LESION_SIZES, MAX_LE
                                          draw_lesions, place_lesions, render_lesions)
 from medgen.data.splits import parse_split, split_indices
 
-__all__ = ["DIAMETER_RANGE_MM", "FOV_MM", "HEAD_CENTRE_MNI", "MAX_LESIONS", "NATIVE_SCALE", "RING_DIAMETER_MM",
-           "TISSUES", "LESION_SIZES", "Lesion", "PhantomSubject", "generate_dataset", "grid_affine", "make_subject", "sample_lesions",
-           "smooth_noise", "subject_seed"]
+__all__ = ["DIAMETER_RANGE_MM", "FOV_MM", "HEAD_CENTRE_MNI", "LESION_SIZES", "MAX_LESIONS", "NATIVE_SCALE",
+           "RING_DIAMETER_MM", "TISSUES", "Lesion", "PhantomSubject", "generate_dataset", "grid_affine", "make_subject",
+           "sample_lesions", "smooth_noise", "subject_seed"]
 
 # Relative signal per tissue and contrast (order of IMAGE_MODALITIES: bravo, t1_pre, t1_gd,
 # flair). Grounded in the usual appearance at 1.5-3 T: on T1 WM > GM > CSF and fat bright,
@@ -242,8 +242,8 @@ def generate_dataset(out: str | Path, subjects: int, size: int = 128, slices: in
                      max_lesions: int = MAX_LESIONS) -> list[Path]:
     """Write ``subjects`` phantoms as ``out/{train,val,test}/phantom_XXXX/<key>.nii.gz``.
 
-    Subject ``i`` is ``make_subject(subject_seed(seed, i), lesion_sizes=..., max_lesions=...)``; subjects are assigned to splits
-    by :func:`medgen.data.splits.split_indices` (``split`` fractions, seeded by ``seed`` and
+    Subject ``i`` is ``make_subject(subject_seed(seed, i), lesion_sizes=..., max_lesions=...)``;
+    subjects are assigned to splits by :func:`medgen.data.splits.split_indices` (``split`` fractions, seeded by ``seed`` and
     ``subjects``); a split that gets no subject has no folder. ``workers > 1``
     renders in a process pool with identical output. Refuses an ``out`` that already holds
     patient folders. Returns the patient folders sorted by id."""

@@ -4,9 +4,10 @@ Sets. The synthetic set is every slice of ``synthetic_dir`` (all splits). The re
 the lesion slices of ``real_dir``'s test split (its val split when test is empty), at the
 synthetic set's image size and modalities; downstream models train on the lesion slices of its
 train split. Lesion-wise figures use the whole reference split: its lesion slices and its
-lesion-free slices that show brain (where false positives are counted). Distribution metrics use at most ``max_images`` slices of each set (a seeded
-random subset). Each metric that cannot run (no feature weights, no paired masks, a set too small
-for it) is reported as skipped with the reason; the others still run.
+lesion-free slices that show brain (where false positives are counted). Distribution metrics use
+at most ``max_images`` slices of each set (a seeded random subset). Each metric that cannot run
+(no feature weights, no paired masks, a set too small for it) is reported as skipped with the
+reason; the others still run.
 
 Refused before any work: a synthetic set whose ``medgen-generate`` run is unfinished (unless
 ``allow_partial``), and a ``seg_net_checkpoint`` trained on other modalities or another size.
@@ -28,7 +29,6 @@ from medgen.core import jsonio
 from medgen.core.constants import MASK_KEY, SPLITS
 from medgen.core.fs import FolderLock, atomic_write
 from medgen.core.paths import resolve_path
-from medgen.data.lesions import feret_diameters
 from medgen.data.masks import is_lesion
 from medgen.data.nifti_dataset import list_patients, modality_path, present_modalities
 from medgen.data.slices import SliceCache, SliceSpec, open_or_build_cache
@@ -271,12 +271,11 @@ def _lesion_figures(results: dict, test: lesionwise.LesionTest, lesion_slices: i
                     warnings: list[str]) -> dict:
     """``metrics.json``'s ``lesions``: the test split's lesions per bin, each training set's
     lesion-wise figures (moved out of ``results``), and whether the real-trained yardstick can judge."""
-    diameters = np.concatenate([feret_diameters(m, test.spacing) for m in test.masks])
     out: dict[str, Any] = {
         "bins": list(test.bins.names), "edges_mm": list(test.bins.edges), "spacing_mm": list(test.spacing),
         "test_slices": len(test.masks), "lesion_slices": lesion_slices,
         "lesion_free_slices": len(test.masks) - lesion_slices,
-        "test_lesions": dict(zip(test.bins.names, test.bins.counts(diameters).tolist())),
+        "test_lesions": dict(zip(test.bins.names, test.lesion_counts().tolist())),
         "sets": {name: results[name].pop("lesions") for name in downstream.SETS}}
     if out["lesion_free_slices"] == 0:
         out["notes"] = ["the real reference split has no lesion-free brain slice: false positives are counted on "

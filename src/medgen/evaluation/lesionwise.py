@@ -23,8 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medgen.data.lesions import SizeBins, feret_diameters
-from medgen.data.masks import is_lesion, lesion_labels
+from medgen.data.lesions import SizeBins, component_diameters
+from medgen.data.masks import lesion_labels
+
+#: the figures of each bin, in the order of :func:`summarize`'s tables
+FIGURES = ("sensitivity", "dice", "false_positives_per_slice")
 
 
 @dataclass(frozen=True)
@@ -37,14 +40,29 @@ class LesionMatch:
     false_positive_diameters: np.ndarray  #: float64 [n_fp], mm
 
 
-def match_lesions(truth: np.ndarray, prediction: np.ndarray, spacing: Sequence[float]) -> LesionMatch:
-    """Match the lesions of ``truth`` and ``prediction`` (masks of one slice ``[H, W]`` or volume,
-    binarised by :func:`~medgen.data.masks.is_lesion`); ``spacing`` in mm per axis."""
-    true_labels, n_true = lesion_labels(truth)
+@dataclass(frozen=True)
+class TrueLesions:
+    """The lesions of one true mask, labelled and measured once however many predictions meet them."""
+
+    labels: np.ndarray  #: int32, :func:`~medgen.data.masks.lesion_labels` of the mask
+    count: int
+    diameters: np.ndarray  #: float64 [count], mm
+
+    @classmethod
+    def of(cls, truth: np.ndarray, spacing: Sequence[float]) -> TrueLesions:
+        labels, count = lesion_labels(truth)
+        return cls(labels, count, component_diameters(labels, count, spacing))
+
+
+def match_lesions(truth: np.ndarray | TrueLesions, prediction: np.ndarray, spacing: Sequence[float]) -> LesionMatch:
+    """Match the lesions of ``truth`` (a mask, or its :class:`TrueLesions`) and ``prediction``
+    (masks of one slice ``[H, W]`` or volume, binarised by :func:`~medgen.data.masks.is_lesion`);
+    ``spacing`` in mm per axis."""
+    true = truth if isinstance(truth, TrueLesions) else TrueLesions.of(truth, spacing)
     pred_labels, n_pred = lesion_labels(prediction)
     # overlap[i, j]: pixels of true lesion i (1-based) in predicted lesion j (1-based); row/column 0 background
-    overlap = np.zeros((n_true + 1, n_pred + 1), np.int64)
-    np.add.at(overlap, (true_labels.ravel(), pred_labels.ravel()), 1)
+    overlap = np.zeros((true.count + 1, n_pred + 1), np.int64)
+    np.add.at(overlap, (true.labels.ravel(), pred_labels.ravel()), 1)
     true_size = overlap.sum(1)[1:]
     pred_size = overlap.sum(0)[1:]
     hits = overlap[1:, 1:] > 0  # [n_true, n_pred]
@@ -53,9 +71,8 @@ def match_lesions(truth: np.ndarray, prediction: np.ndarray, spacing: Sequence[f
     intersection = overlap[1:, 1:].sum(1)
     dice = np.where(found, 2 * intersection / np.maximum(true_size + matched_pred, 1), 0.0).astype(np.float64)
     fp = ~hits.any(0)
-    pred_diameters = feret_diameters(is_lesion(prediction), spacing) if fp.any() else np.zeros(n_pred)
-    return LesionMatch(diameters=feret_diameters(truth, spacing), found=found, dice=dice,
-                       false_positive_diameters=pred_diameters[fp])
+    pred_diameters = component_diameters(pred_labels, n_pred, spacing) if fp.any() else np.zeros(n_pred)
+    return LesionMatch(diameters=true.diameters, found=found, dice=dice, false_positive_diameters=pred_diameters[fp])
 
 
 def _per_slice_table(matches: Sequence[LesionMatch], bins: SizeBins) -> np.ndarray:
@@ -101,7 +118,7 @@ def summarize(matches: Sequence[LesionMatch], bins: SizeBins, resamples: int = 1
     out = {"slices": n, "bins": {}, "edges_mm": list(bins.edges)}
     for b, name in enumerate([*bins.names, None]):
         entry = {"lesions": int(table[:, 0, b].sum())}
-        for k, key in enumerate(("sensitivity", "dice", "false_positives_per_slice")):
+        for k, key in enumerate(FIGURES):
             entry[key] = _interval(point[k, b], boot[:, k, b])
         if entry["lesions"] == 0:
             entry["skipped"] = "no true lesion of this size in the test slices: sensitivity and Dice cannot be measured"
@@ -110,9 +127,6 @@ def summarize(matches: Sequence[LesionMatch], bins: SizeBins, resamples: int = 1
         else:
             out["bins"][name] = entry
     return out
-
-
-FIGURES = ("sensitivity", "dice", "false_positives_per_slice")
 
 
 @dataclass
@@ -127,10 +141,23 @@ class LesionTest:
     bins: SizeBins
     resamples: int = 1000
 
+    def __post_init__(self) -> None:
+        #: each test mask's lesions, labelled and measured once for every network scored
+        self.truth = [TrueLesions.of(m, self.spacing) for m in self.masks]
+
+    def lesion_counts(self) -> np.ndarray:
+        """How many true lesions each bin holds (int64 ``[len(bins)]``)."""
+        return self.bins.counts(np.concatenate([t.diameters for t in self.truth]))
+
     def score(self, prediction: np.ndarray, seed: int) -> dict:
         """:func:`summarize` of ``prediction [N, S, S]`` against the masks (intervals seeded by ``seed``)."""
-        matches = [match_lesions(t, p, self.spacing) for t, p in zip(self.masks, prediction)]
+        matches = [match_lesions(t, p, self.spacing) for t, p in zip(self.truth, prediction)]
         return summarize(matches, self.bins, self.resamples, seed)
+
+
+def bin_entry(summary: dict, name: str) -> dict:
+    """The entry of bin ``name`` in a :func:`summarize` result (``"all"``: every bin together)."""
+    return summary["all"] if name == "all" else summary["bins"][name]
 
 
 def over_seeds(summaries: Sequence[dict]) -> dict:
@@ -139,12 +166,15 @@ def over_seeds(summaries: Sequence[dict]) -> dict:
     ``None`` where no seed could measure it."""
     out: dict = {"mean": {}, "std": {}}
     for name in [*summaries[0]["bins"], "all"]:
-        entries = [s["all"] if name == "all" else s["bins"][name] for s in summaries]
+        entries = [bin_entry(s, name) for s in summaries]
         out["mean"][name], out["std"][name] = {}, {}
         for figure in FIGURES:
             values = np.asarray([e[figure]["value"] for e in entries if e[figure]["value"] is not None], np.float64)
-            out["mean"][name][figure] = float(values.mean()) if len(values) else None
-            out["std"][name][figure] = (float(values.std(ddof=1)) if len(values) > 1 else 0.0) if len(values) else None
+            if not len(values):
+                out["mean"][name][figure] = out["std"][name][figure] = None
+                continue
+            out["mean"][name][figure] = float(values.mean())
+            out["std"][name][figure] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
     return out
 
 

@@ -24,6 +24,7 @@ from medgen.core.fs import atomic_write
 from medgen.data import pictures
 from medgen.evaluation import metrics
 from medgen.evaluation.downstream import SETS, SIZE_BINS
+from medgen.evaluation.lesionwise import bin_entry
 
 SHEET_TILES = 16
 _COLOURS = {"real": "#4c72b0", "synthetic": "#dd8452", "real+synthetic": "#55a868"}
@@ -121,10 +122,15 @@ _LESION_FIGURES = (("sensitivity", "lesion-wise sensitivity"), ("dice", "lesion 
                    ("false_positives_per_slice", "false-positive lesions per slice"))
 
 
+def _test_lesions(les: dict) -> dict[str, int]:
+    """True lesions per bin of the real test split, and ``all`` of them."""
+    return {**les["test_lesions"], "all": sum(les["test_lesions"].values())}
+
+
 def lesion_figure(result: dict, out: Path) -> Path:
     les = result["lesions"]
-    names = [*les["bins"], "all"]
-    counts = [*les["test_lesions"].values(), sum(les["test_lesions"].values())]
+    counts = _test_lesions(les)
+    names = list(counts)
     fig = Figure(figsize=(4.2 * len(_LESION_FIGURES), 3.8))
     width = 0.8 / len(SETS)
     for k, (figure, label) in enumerate(_LESION_FIGURES):
@@ -136,9 +142,9 @@ def lesion_figure(result: dict, out: Path) -> Path:
             std = [0.0 if s["std"][b][figure] is None else s["std"][b][figure] for b in names]
             ax.bar(x, mean, width, yerr=std, color=_COLOURS[name], alpha=0.7, capsize=3, label=name)
             for seed in s["per_seed"]:
-                v = [(seed["all"] if b == "all" else seed["bins"][b])[figure]["value"] for b in names]
+                v = [bin_entry(seed, b)[figure]["value"] for b in names]
                 ax.scatter(x, [np.nan if a is None else a for a in v], color="black", s=6, zorder=3)
-        ax.set_xticks(range(len(names)), [f"{b}\n({n})" for b, n in zip(names, counts)])
+        ax.set_xticks(range(len(names)), [f"{b}\n({n})" for b, n in counts.items()])
         ax.set_title(label)
         if figure != "false_positives_per_slice":
             ax.set_ylim(0, 1.2)  # room above 1 for the legend
@@ -154,14 +160,13 @@ def _mean_std(s: dict, b: str, figure: str, digits: int = 3) -> str:
     mean, std = s["mean"][b][figure], s["std"][b][figure]
     if mean is None:
         return "—"
-    first = (s["per_seed"][0]["all"] if b == "all" else s["per_seed"][0]["bins"][b])[figure]["ci95"]
+    first = bin_entry(s["per_seed"][0], b)[figure]["ci95"]
     return f"{mean:.{digits}f} ± {std:.{digits}f}" + (f" [{first[0]:.{digits}f}, {first[1]:.{digits}f}]" if first else "")
 
 
 def _lesion_table(les: dict) -> tuple[str, list[str], list[list[str]], str]:
-    rows = [[name, b, str(les["test_lesions"].get(b, sum(les["test_lesions"].values()))),
-             *[_mean_std(les["sets"][name], b, figure) for figure, _ in _LESION_FIGURES]]
-            for name in SETS for b in [*les["bins"], "all"]]
+    rows = [[name, b, str(n), *[_mean_std(les["sets"][name], b, figure) for figure, _ in _LESION_FIGURES]]
+            for name in SETS for b, n in _test_lesions(les).items()]
     note = (f"The whole real test split: {les['lesion_slices']} lesion slices and {les['lesion_free_slices']} "
             f"lesion-free brain slices; lesions binned by Feret diameter (edges {les['edges_mm']} mm, pixels "
             f"{les['spacing_mm']} mm). A true lesion is found when the prediction overlaps it; its lesion Dice "
