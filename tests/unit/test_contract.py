@@ -39,13 +39,13 @@ def _setup(strategy_name: str, mode_name: str):
 
 
 def _batch(size: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Smooth images in [0, 1] and a binary disc mask, one [B, 1, H, W] tensor per modality."""
+    """Smooth images in [0, 1], a binary disc mask and the brain around it, one [B, 1, H, W] tensor per key."""
     g = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     centres = torch.rand(BATCH, 2, generator=g) * 0.8 - 0.4
     disc = ((yy - centres[:, 0, None, None]) ** 2 + (xx - centres[:, 1, None, None]) ** 2 < 0.1).float()[:, None]
     brain = (yy**2 + xx**2 < 0.8).float()[None, None]
-    batch = {"seg": disc}
+    batch = {"seg": disc, "brain": ((brain + disc) > 0).float().expand(BATCH, 1, size, size).contiguous()}
     for i, key in enumerate(("bravo", "t1_pre", "t1_gd", "flair")):
         texture = 0.1 * torch.sin((3 + i) * xx + (2 + i) * yy)[None, None]
         batch[key] = (brain * (0.5 + texture) + 0.4 * disc * (i % 2)).clamp(0, 1).expand(BATCH, 1, size, size).contiguous()

@@ -67,6 +67,8 @@ def test_a_matching_set_beats_a_broken_one_and_the_report_is_complete(tmp_path, 
     assert good["distribution"]["masks"]["area"]["synthetic_mean"] == pytest.approx(
         bad["distribution"]["masks"]["area"]["synthetic_mean"])
     assert good["features"]["bravo"]["fid_real_val_vs_test"] >= 0  # the floor, from the real val split
+    # the lesions of both sets lie inside the brain of their images (derived from bravo)
+    assert good["anatomy"]["brain_from"] == "bravo" and min(good["anatomy"]["inside_brain"].values()) > 0.9
     # lesion by lesion on the whole real test split: the same real runs, a clear difference for the synthetic ones
     les_good, les_bad = good["lesions"], bad["lesions"]
     assert les_good["sets"]["real"]["mean"] == les_bad["sets"]["real"]["mean"]
@@ -87,6 +89,7 @@ def test_a_matching_set_beats_a_broken_one_and_the_report_is_complete(tmp_path, 
     assert all((out / f).is_file() for f in figures)
     assert "Downstream segmentation (Dice on real test slices)" in md and "Conditioning adherence" in md
     assert "Lesion-wise segmentation (real test split, by lesion size)" in md and "Yardstick rule: " in md
+    assert "| lesion pixels inside the brain |" in md
     assert (out / "seg_net.pt").is_file()
 
 
@@ -149,3 +152,27 @@ def test_a_second_evaluation_into_a_busy_folder_stops_naming_the_first(tmp_path,
     remove_if_only_hydra(out)  # the first one stopped before writing anything: nothing is left
     assert not out.exists()
 
+
+
+def test_lesions_outside_the_brain_of_their_image_are_measured_and_warned_about():
+    from types import SimpleNamespace
+
+    from medgen.evaluation.downstream import SliceSet
+    from medgen.evaluation.evaluate import anatomy_metrics
+
+    yy, xx = np.mgrid[:32, :32] - 15.5
+    image = np.where(np.hypot(yy, xx) < 10, 0.8, 0.0).astype(np.float32)  # a bright brain disc in air
+    inside, outside = np.zeros((32, 32), np.uint8), np.zeros((32, 32), np.uint8)
+    inside[14:18, 14:18] = 1  # 16 px at the centre
+    outside[0:2, 0:4] = 1  # 8 px in the air
+    both = np.maximum(inside, outside)
+    sets = SimpleNamespace(image_keys=["bravo"], reference_split="test", warnings=[])
+    sets.warn = sets.warnings.append
+    samples = {"real": SliceSet(image[None, None], inside[None]), "synthetic": SliceSet(image[None, None], both[None])}
+    sets.sample = samples.__getitem__
+    out = anatomy_metrics(sets, OmegaConf.create({"brain_from": "bravo"}))
+    assert out["inside_brain"] == {"synthetic": pytest.approx(16 / 24), "real": 1.0}
+    assert out["lesion_pixels"] == {"synthetic": 24, "real": 16}
+    assert sets.warnings == ["33.3% of the synthetic lesion pixels lie outside the brain of their image (real test: "
+                             "0.0%); generate with a seg model that draws the brain (mode.image_keys=[seg,brain]) and "
+                             "gate.inside_brain=true"]

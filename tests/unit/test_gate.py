@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from medgen.generation.gate import measure, passes
 
 GATE = OmegaConf.create({"enabled": True, "min_area": 0.01, "max_area": 0.2, "max_components": 2,
-                         "min_component_pixels": 3})
+                         "min_component_pixels": 3, "inside_brain": True})
 
 
 def _mask(*boxes: tuple[int, int, int, int], size: int = 20) -> np.ndarray:
@@ -43,3 +43,18 @@ def test_passes_rejects_what_it_should():
     assert passes(measure(masks), GATE).tolist() == [True, False, False, False, False, False]
     off = OmegaConf.merge(GATE, {"enabled": False})
     assert passes(measure(masks), off).all()
+
+
+def test_a_lesion_pixel_outside_the_brain_drawn_with_it_rejects_the_mask():
+    masks = np.stack([_mask((6, 10, 6, 10))] * 3)  # one 4x4 lesion, 16 px
+    brains = np.stack([
+        _mask((2, 18, 2, 18)),  # the lesion well inside
+        _mask((2, 18, 2, 9)),  # one column of the lesion (4 px) outside
+        _mask(),  # no brain drawn at all
+    ])
+    stats = measure(masks, brains)
+    assert stats.outside.tolist() == [0, 4, 16]
+    assert passes(stats, GATE).tolist() == [True, False, False]
+    assert passes(stats, OmegaConf.merge(GATE, {"inside_brain": False})).tolist() == [True, True, True]
+    # a mask model that draws no brain: nothing is outside, the other rules decide
+    assert measure(masks).outside.tolist() == [0, 0, 0] and passes(measure(masks), GATE).all()

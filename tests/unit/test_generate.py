@@ -74,6 +74,55 @@ def test_output_is_a_medgen_dataset_with_the_training_geometry(tmp_path, tiny_ch
         assert r["lesion_diameters_mm"] == ";".join(f"{x:.1f}" for x in d) and len(d) == int(r["components"])
         assert r["lesion_bins"] == ";".join(RANO_BM.name(x) for x in d)
     assert sum(int(r["components"]) for r in rows) > 0  # the untrained tiny model's noise masks do have lesions
+    # where its lesion pixels lie: inside the brain derived from its own written bravo, or "" without lesion
+    from medgen.data.brain import brain_mask, inside_fraction
+
+    for r in rows:
+        arrays = _arrays(out)[r["id"]]
+        fraction = inside_fraction(arrays["seg.nii.gz"][..., 0], brain_mask(arrays["bravo.nii.gz"][..., 0]))
+        assert r["inside_brain"] == ("" if np.isnan(fraction) else f"{fraction:.4f}")
+
+
+def test_the_gate_refuses_lesions_outside_the_brain_and_the_images_are_given_that_brain(tmp_path, tiny_checkpoints,
+                                                                                       monkeypatch):
+    """A stand-in seg model draws one lesion per candidate and, for odd candidates, a brain that misses
+    a corner of it: only even candidates pass, and the image model is given each accepted brain."""
+    real_sample = Stage.sample
+    seen = []
+
+    def sample(self, cond, generators, **kwargs):
+        if cond is not None:
+            seen.append(cond.clone())
+            return real_sample(self, cond, generators, **kwargs)
+        n, size = len(generators), self.image_size
+        x0 = -torch.ones(n, 2, size, size)  # [seg, brain] in model space
+        x0[:, 0, 6:10, 6:10] = 1  # a 4 x 4 lesion
+        x0[:, 1, 2:14, 2:14] = 1  # inside a brain
+        for b in range(n):  # candidates are drawn in order, so their number is their position overall
+            if (len(seen_masks) + b) % 2:
+                x0[b, 1, 6:8, 6:8] = -1  # a hole: 4 lesion pixels outside the brain
+        seen_masks.extend(range(n))
+        return x0
+
+    seen_masks: list[int] = []
+    monkeypatch.setattr(Stage, "sample", sample)
+    gate = {"enabled": True, "min_area": 0.0, "max_area": 1.0, "inside_brain": True}
+    result = _generate(tmp_path, tiny_checkpoints, num_images=3, batch_size=2, gate=gate)
+    rows = _manifest(result.out_dir)
+    accepted = [int(r["mask_source"].split()[-1]) for r in rows if r["accepted"] == "True"]
+    rejected = [int(r["mask_source"].split()[-1]) for r in rows if r["accepted"] == "False"]
+    assert accepted == [0, 2, 4] and rejected == [1, 3] and result.acceptance_rate == pytest.approx(3 / 5)
+    cond = torch.cat(seen)  # what the bravo model was given: [mask, brain] in model space
+    assert cond.shape[1:] == (2, 16, 16)
+    assert torch.all(cond[:, 1, 2:14, 2:14] == 1) and torch.all(cond[:, 0, 6:10, 6:10] == 1)
+    # an image model that needs the brain cannot be paired with a seg model that does not draw it
+    ckpt = load_checkpoint(tiny_checkpoints["seg"])
+    ckpt["config"]["mode"]["image_keys"] = ["seg"]
+    blind = tmp_path / "blind_seg.pt"
+    torch.save(ckpt, blind)
+    monkeypatch.setattr(Stage, "sample", real_sample)
+    with pytest.raises(GenerationError, match=r"given the lesion mask and the brain .* generates \['seg'\] only"):
+        _generate(tmp_path / "b", tiny_checkpoints, seg_checkpoint=str(blind))
 
 
 def test_samples_do_not_depend_on_the_batch_size(tmp_path, tiny_checkpoints):
@@ -134,7 +183,8 @@ def test_a_restart_with_other_settings_is_refused(tmp_path, tiny_checkpoints):
 
 
 def test_gate_keeps_the_first_passing_candidates_whatever_the_batch(tmp_path, tiny_checkpoints):
-    gate = {"enabled": True, "min_area": 0.0, "max_area": 1.0, "max_components": 1000, "min_component_pixels": 1}
+    gate = {"enabled": True, "min_area": 0.0, "max_area": 1.0, "max_components": 1000, "min_component_pixels": 1,
+            "inside_brain": False}  # an untrained seg model draws no brain around its lesions
     probe = _generate(tmp_path / "probe", tiny_checkpoints, num_images=12, gate=OPEN_GATE)
     area = [float(r["mask_area"]) for r in _manifest(probe.out_dir)]  # candidates 0..11, in order
     others = sorted(area[1:])
@@ -210,11 +260,12 @@ def test_guidance_needs_a_model_trained_with_condition_dropout(tmp_path, tiny_ch
 
 def test_wrong_stage_missing_and_newer_checkpoints_name_the_file(tmp_path, tiny_checkpoints):
     with pytest.raises(GenerationError, match=rf"image_checkpoint={tiny_checkpoints['seg']} is a 'seg' checkpoint "
-                                              r"\(it generates \['seg'\] from noise\); the image stage needs a model "
-                                              r"that generates images given the mask alone"):
+                                              r"\(it generates \['seg', 'brain'\] from noise\); the image stage needs a "
+                                              r"model that generates images given the mask"):
         _generate(tmp_path, tiny_checkpoints, image_checkpoint=str(tiny_checkpoints["seg"]))
     with pytest.raises(GenerationError, match=r"seg_checkpoint=.*is a 'bravo' checkpoint \(it generates \['bravo'\] "
-                                              r"given \['seg'\]\); the seg stage needs a model that generates the mask"):
+                                              r"given \['seg', 'brain'\]\); the seg stage needs a model that generates "
+                                              r"the mask"):
         _generate(tmp_path, tiny_checkpoints, seg_checkpoint=str(tiny_checkpoints["bravo"]))
     with pytest.raises(GenerationError, match=r"seg_checkpoint=nope.pt: .*nope.pt does not exist"):
         _generate(tmp_path, tiny_checkpoints, seg_checkpoint="nope.pt")
@@ -331,10 +382,11 @@ def test_a_new_mode_trains_and_paints_the_images_of_a_generation(tmp_path, tiny_
     data = tmp_path / "data"
     write_dataset(data, n_patients=4, shape=(32, 32, 8), keys=("flair", "seg"))
     cfg = load_config(tiny_overrides(tmp_path, data, "mode=bravo", f"mode.name={flair_mode.name}",
-                                     "mode.image_keys=[flair]", "strategy=rflow", "training.max_steps=3"))
+                                     "mode.image_keys=[flair]", "data.brain_from=flair", "strategy=rflow",
+                                     "training.max_steps=3"))
     trainer = DiffusionTrainer(cfg, tmp_path / "run", DistInfo(device=torch.device("cpu")), progress=False)
     cache = trainer.data.train_cache  # the slice selection its class declares: brain slices, lesion or not
-    assert cache.keys == ("flair", "seg") and (cache.lesion_pixels == 0).any() and 0 not in cache.slice_index
+    assert cache.keys == ("flair", "seg", "brain") and (cache.lesion_pixels == 0).any() and 0 not in cache.slice_index
     assert trainer.train() == "max_steps"
     checkpoint = tmp_path / "run" / "checkpoints" / "latest.pt"
     result = _generate(tmp_path, tiny_checkpoints, image_checkpoint=str(checkpoint), num_images=3)
@@ -345,7 +397,7 @@ def test_a_new_mode_trains_and_paints_the_images_of_a_generation(tmp_path, tiny_
     assert 0 <= arrays["flair.nii.gz"].min() and arrays["flair.nii.gz"].max() <= 1
     # it paints images; it cannot make the masks
     with pytest.raises(GenerationError, match=rf"seg_checkpoint={checkpoint} is a 'flair_given_mask' checkpoint "
-                                              r"\(it generates \['flair'\] given \['seg'\]\); the seg stage needs a "
+                                              r"\(it generates \['flair'\] given \['seg', 'brain'\]\); the seg stage needs a "
                                               r"model that generates the mask \('seg' in mode.image_keys\)"):
         _generate(tmp_path / "b", tiny_checkpoints, seg_checkpoint=str(checkpoint), image_checkpoint=str(checkpoint))
     # a process that does not register the mode cannot rebuild it, and says so

@@ -18,7 +18,7 @@ from medgen.diffusion.modes import (
 )
 
 #: a distinct constant per modality, so channel order is visible after to_model_space
-LEVELS = {"bravo": 0.2, "t1_pre": 0.4, "t1_gd": 0.6, "flair": 0.8, "seg": 1.0}
+LEVELS = {"bravo": 0.2, "t1_pre": 0.4, "t1_gd": 0.6, "flair": 0.8, "seg": 1.0, "brain": 0.9}
 
 
 @lru_cache(maxsize=None)
@@ -44,10 +44,18 @@ def test_registry_and_attributes():
     assert set(MODES) == {"seg", "bravo", "dual"}
     seg, bravo, dual = _mode("seg"), _mode("bravo"), _mode("dual")
     assert isinstance(seg, SegmentationMode) and isinstance(bravo, ConditionalSingleMode) and isinstance(dual, ConditionalDualMode)
-    assert (seg.in_channels, seg.out_channels, seg.is_conditional, seg.supports_perceptual) == (1, 1, False, False)
-    assert (bravo.in_channels, bravo.out_channels, bravo.is_conditional, bravo.supports_perceptual) == (2, 1, True, True)
-    assert (dual.in_channels, dual.out_channels, dual.is_conditional, dual.supports_perceptual) == (3, 2, True, True)
-    assert dual.image_keys == ("t1_pre", "t1_gd") and dual.cond_keys == ("seg",)
+    # the defaults know the brain: the mask model draws it with the lesions, the image models are given it
+    assert (seg.in_channels, seg.out_channels, seg.is_conditional, seg.supports_perceptual) == (2, 2, False, False)
+    assert (bravo.in_channels, bravo.out_channels, bravo.is_conditional, bravo.supports_perceptual) == (3, 1, True, True)
+    assert (dual.in_channels, dual.out_channels, dual.is_conditional, dual.supports_perceptual) == (4, 2, True, True)
+    assert seg.image_keys == ("seg", "brain") and dual.image_keys == ("t1_pre", "t1_gd")
+    assert dual.cond_keys == bravo.cond_keys == ("seg", "brain")
+    assert seg.knows_brain and bravo.knows_brain
+    # without the brain: the anatomy-blind layout
+    blind = {name: MODES[name](_mode_cfg(name, **keys)) for name, keys in
+             [("seg", {"image_keys": ["seg"]}), ("bravo", {"cond_keys": ["seg"]}), ("dual", {"cond_keys": ["seg"]})]}
+    assert [(m.in_channels, m.out_channels) for m in blind.values()] == [(1, 1), (2, 1), (3, 2)]
+    assert not any(m.knows_brain for m in blind.values())
 
 
 def test_generation_roles_follow_from_the_keys_and_the_slice_selection_from_the_class():
@@ -62,7 +70,7 @@ def test_generation_roles_follow_from_the_keys_and_the_slice_selection_from_the_
 
 @pytest.mark.parametrize(
     "name, x0_levels, cond_levels",
-    [("seg", [1.0], None), ("bravo", [0.2], [1.0]), ("dual", [0.4, 0.6], [1.0])],
+    [("seg", [1.0, 0.9], None), ("bravo", [0.2], [1.0, 0.9]), ("dual", [0.4, 0.6], [1.0, 0.9])],
 )
 def test_split_channel_order_and_model_space(name, x0_levels, cond_levels):
     mode = _mode(name)
@@ -73,19 +81,23 @@ def test_split_channel_order_and_model_space(name, x0_levels, cond_levels):
     if cond_levels is None:
         assert cond is None
     else:
-        assert cond.shape == (3, 1, 8, 8) and torch.all(cond == 2 * cond_levels[0] - 1)
+        assert cond.shape == (3, len(cond_levels), 8, 8)
+        for c, level in enumerate(cond_levels):
+            torch.testing.assert_close(cond[:, c], torch.full((3, 8, 8), 2 * level - 1))
 
 
 def test_model_input_channel_order():
     x_t = torch.stack([torch.full((2, 8, 8), 10.0), torch.full((2, 8, 8), 20.0)], dim=1)  # [B, 2, H, W]
-    mask = torch.full((2, 1, 8, 8), 1.0)
-    dual = _mode("dual").model_input(x_t, mask)
-    assert dual.shape == (2, 3, 8, 8)
-    assert [dual[:, c].unique().item() for c in range(3)] == [10.0, 20.0, 1.0]  # [x_t(pre), x_t(post), mask]
-    bravo = _mode("bravo").model_input(x_t[:, :1], mask)
-    assert [bravo[:, c].unique().item() for c in range(2)] == [10.0, 1.0]  # [x_t, mask]
-    seg = _mode("seg").model_input(x_t[:, :1], None)
-    assert torch.equal(seg, x_t[:, :1])
+    cond = torch.cat([torch.full((2, 1, 8, 8), 1.0), torch.full((2, 1, 8, 8), 2.0)], dim=1)  # [mask, brain]
+    dual = _mode("dual").model_input(x_t, cond)
+    assert dual.shape == (2, 4, 8, 8)
+    assert [dual[:, c].unique().item() for c in range(4)] == [10.0, 20.0, 1.0, 2.0]  # [x_t(pre), x_t(post), mask, brain]
+    bravo = _mode("bravo").model_input(x_t[:, :1], cond)
+    assert [bravo[:, c].unique().item() for c in range(3)] == [10.0, 1.0, 2.0]  # [x_t, mask, brain]
+    blind = ConditionalSingleMode(_mode_cfg("bravo", cond_keys=["seg"])).model_input(x_t[:, :1], cond[:, :1])
+    assert [blind[:, c].unique().item() for c in range(2)] == [10.0, 1.0]  # [x_t, mask]
+    seg = _mode("seg").model_input(x_t, None)
+    assert torch.equal(seg, x_t)
 
 
 def test_model_input_errors():
@@ -93,11 +105,13 @@ def test_model_input_errors():
     with pytest.raises(ValueError, match="conditional"):
         bravo.model_input(torch.zeros(2, 1, 8, 8), None)
     with pytest.raises(ValueError, match="x_t must be"):
-        bravo.model_input(torch.zeros(2, 2, 8, 8), torch.zeros(2, 1, 8, 8))
+        bravo.model_input(torch.zeros(2, 2, 8, 8), torch.zeros(2, 2, 8, 8))
     with pytest.raises(ValueError, match="does not match"):
-        bravo.model_input(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 4, 4))
+        bravo.model_input(torch.zeros(2, 1, 8, 8), torch.zeros(2, 2, 4, 4))
+    with pytest.raises(ValueError, match=r"cond must be \[B, 2, H, W\]"):  # the brain is missing
+        bravo.model_input(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match="unconditional"):
-        seg.model_input(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8))
+        seg.model_input(torch.zeros(2, 2, 8, 8), torch.zeros(2, 1, 8, 8))
 
 
 @pytest.mark.parametrize("name", ["bravo", "dual"])
@@ -106,7 +120,7 @@ def test_null_cond_is_all_background(name):
     _, cond = mode.split(_batch())
     null = mode.null_cond(cond)
     assert null.shape == cond.shape and torch.all(null == -1.0)
-    assert torch.all(cond == 1.0)  # input untouched
+    torch.testing.assert_close(cond, mode.split(_batch())[1])  # input untouched
 
 
 def test_seg_has_no_condition():
@@ -117,7 +131,7 @@ def test_seg_has_no_condition():
 
 def test_drop_cond_rate_and_reproducibility():
     mode = _mode("bravo")
-    cond = torch.ones(4000, 1, 4, 4)
+    cond = torch.ones(4000, 2, 4, 4)
     dropped = mode.drop_cond(cond, 0.3, torch.Generator().manual_seed(0))
     per_sample = dropped.flatten(1)
     is_null = (per_sample == -1).all(1)
@@ -138,7 +152,7 @@ def test_drop_cond_leaves_global_rng_alone():
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    mode.drop_cond(torch.ones(8, 1, 4, 4), 0.5, torch.Generator().manual_seed(3))
+    mode.drop_cond(torch.ones(8, 2, 4, 4), 0.5, torch.Generator().manual_seed(3))
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -150,9 +164,10 @@ def test_to_outputs_ranges_and_binarised_mask():
     for v in out.values():
         assert v.shape == (2, 1, 8, 8) and v.min() >= 0 and v.max() <= 1
     torch.testing.assert_close(out["t1_gd"], ((x0[:, 1:2] + 1) / 2).clamp(0, 1))
-    mask = _mode("seg").to_outputs(x0[:, :1])["seg"]
-    assert set(mask.unique().tolist()) == {0.0, 1.0}
-    assert torch.equal(mask, (x0[:, :1] > 0).float())  # 0.5 in [0, 1] is 0 in model space
+    masks = _mode("seg").to_outputs(x0)
+    for c, key in enumerate(("seg", "brain")):  # the lesion mask and the brain, both binarised
+        assert set(masks[key].unique().tolist()) == {0.0, 1.0}
+        assert torch.equal(masks[key], (x0[:, c:c + 1] > 0).float())  # 0.5 in [0, 1] is 0 in model space
     with pytest.raises(ValueError, match="outputs"):
         _mode("bravo").to_outputs(x0)
 

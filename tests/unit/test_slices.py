@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import time
@@ -16,7 +17,7 @@ from datagen import make_patient, write_dataset
 from medgen.data import slices as slices_mod
 from medgen.data.loading import ResumableSampler, build_data
 from medgen.data.nifti_dataset import DataError, load_volume, modality_path, save_volume
-from medgen.data.slices import SliceSpec, open_or_build_cache, select_slices
+from medgen.data.slices import SliceSpec, fingerprint, open_or_build_cache, select_slices
 from medgen.data.splits import split_patients
 from medgen.data.transforms import preprocess_image, preprocess_mask
 from medgen.data.validate import check_patients
@@ -81,7 +82,14 @@ def test_seg_mode_keeps_tumour_positive_slices_and_bravo_keeps_brain(tmp_path):
     assert 0 not in zs and 11 not in zs and len(zs) >= 6
     assert (bravo.train_cache.lesion_pixels == 0).any()
     batch = next(iter(bravo.train))
-    assert set(batch) == {"bravo", "seg"} and batch["bravo"].shape == (2, 1, 16, 16)
+    assert set(batch) == {"bravo", "seg", "brain"} and batch["bravo"].shape == (2, 1, 16, 16)
+    # the brain is derived from bravo, holds every lesion pixel and lies within the head
+    for cache in (seg.train_cache, bravo.train_cache):
+        data = np.asarray(cache.data, dtype=np.float32)
+        lesion, brain = data[:, cache.keys.index("seg")] > 0.5, data[:, cache.keys.index("brain")] > 0.5
+        assert brain.any() and not (lesion & ~brain).any()
+    image = np.asarray(bravo.train_cache.data[:, 0], dtype=np.float32)
+    assert not (brain & (image <= 0.1)).any()
     assert batch["bravo"].dtype == torch.float32 and 0 <= batch["bravo"].min() and batch["bravo"].max() <= 1
 
 
@@ -368,3 +376,15 @@ def test_a_bad_file_in_val_refuses_with_the_check_report_and_leaves_nothing(tmp_
     assert bundle.val_cache is not None and bundle.val_cache.patient_ids == [p.name for p in val]
     assert sorted(p.name for p in (tmp_path / "cache" / "slices").iterdir()) == sorted(
         [bundle.train_cache.directory.name, bundle.val_cache.directory.name])
+
+
+def test_the_brain_channel_is_read_from_brain_from_and_other_caches_keep_their_fingerprint(tmp_path):
+    patients = write_dataset(tmp_path / "d", n_patients=2, keys=("bravo", "t1_pre", "seg"))
+    plain = SliceSpec(keys=("seg",), image_size=16, selection="lesion")
+    assert fingerprint(patients, plain) == fingerprint(patients, dataclasses.replace(plain, brain_from="t1_pre"))
+    spec = SliceSpec(keys=("seg", "brain"), image_size=16, selection="lesion", brain_from="t1_pre")
+    assert spec.file_keys == ("seg", "t1_pre") and spec.image_keys == ()
+    assert fingerprint(patients, spec) != fingerprint(patients, dataclasses.replace(spec, brain_from="bravo"))
+    (patients[0] / "t1_pre.nii.gz").unlink()
+    with pytest.raises(DataError, match="t1_pre"):
+        open_or_build_cache(patients, spec, tmp_path / "c", progress=False)

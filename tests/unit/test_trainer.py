@@ -194,12 +194,12 @@ def test_run_folder_files_and_tensorboard_tags(tiny_cfg, tmp_path):
     assert {p.name for p in ck.iterdir()} >= {"latest.pt", "best.pt", "epoch_0001.pt", "epoch_0002.pt"}
     latest = load_checkpoint(ck / "latest.pt")
     assert latest["step"] == trainer.step and latest["mode"] == "dual" and latest["strategy"] == "ddpm"
-    assert latest["network"]["in_channels"] == 3 and latest["data_fingerprint"] == trainer.data.fingerprint
+    assert latest["network"]["in_channels"] == 4 and latest["data_fingerprint"] == trainer.data.fingerprint  # + mask, brain
     assert load_checkpoint(ck / "best.pt")["best_val_loss"] == pytest.approx(trainer.best_val_loss)
     grid = Image.open(run / "samples" / "epoch_0002.png")
-    # rows = num_val_samples (2); columns: mask, 2 real, 2 generated; 16 px tiles, 2 px gaps, drawn at 2x,
-    # under a 14 px header naming the columns
-    assert grid.size == (2 * (5 * 18 + 2), 2 * (2 * 18 + 2) + 14)
+    # rows = num_val_samples (2); columns: mask, brain, 2 real, 2 generated; 16 px tiles, 2 px gaps, drawn at
+    # 2x, under a 14 px header naming the columns
+    assert grid.size == (2 * (6 * 18 + 2), 2 * (2 * 18 + 2) + 14)
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in l for l in lines) and any("images_per_sec" in l for l in lines)
 

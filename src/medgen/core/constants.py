@@ -5,7 +5,12 @@ from __future__ import annotations
 #: every modality a patient folder holds; file name is ``<key>.nii.gz``
 IMAGE_MODALITIES: tuple[str, ...] = ("bravo", "t1_pre", "t1_gd", "flair")
 MASK_KEY: str = "seg"
+#: the brain mask: a channel derived from an image when a slice cache is built (no file;
+#: see :mod:`medgen.data.brain`)
+BRAIN_KEY: str = "brain"
 MODALITIES: tuple[str, ...] = IMAGE_MODALITIES + (MASK_KEY,)
+#: every channel a mode may generate or be conditioned on
+CHANNEL_KEYS: tuple[str, ...] = MODALITIES + (BRAIN_KEY,)
 NIFTI_SUFFIX: str = ".nii.gz"
 
 #: dataset splits, in this order

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from medgen.core.schema import at_least, check
+from medgen.core.constants import IMAGE_MODALITIES
+from medgen.core.schema import at_least, check, choice
 
 __all__ = ["DataConfig", "check_data_values"]
 
@@ -21,6 +22,7 @@ class DataConfig:
     min_lesion_pixels: int = at_least(1, 0)
     min_brain_fraction: float = 0.05
     brain_intensity: float = 0.1
+    brain_from: str = choice("bravo", *IMAGE_MODALITIES)
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
     val_fraction: float = 0.15

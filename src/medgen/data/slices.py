@@ -32,8 +32,9 @@ from typing import Sequence
 
 import numpy as np
 
-from medgen.core.constants import MASK_KEY, PREPROCESSING_VERSION
+from medgen.core.constants import BRAIN_KEY, MASK_KEY, PREPROCESSING_VERSION
 from medgen.core.fs import remove_orphans, temporary_path
+from medgen.data.brain import brain_mask
 from medgen.data.nifti_dataset import DataError, modality_path
 from medgen.data.parallel import ordered_map
 from medgen.data.slice_cache import (CACHE_DTYPE, CHECKSUM_SCHEME, DATA_FILE, INDEX_FILE, META_FILE, CacheCorrupt,
@@ -50,7 +51,8 @@ log = logging.getLogger("medgen.data")
 
 @dataclass(frozen=True)
 class SliceSpec:
-    """What goes into one slice cache. ``keys``: stored channels, images first then ``seg``."""
+    """What goes into one slice cache. ``keys``: stored channels, images first then ``seg`` and
+    ``brain`` (derived from the image ``brain_from`` and the lesion mask, see :mod:`medgen.data.brain`)."""
 
     keys: tuple[str, ...]
     image_size: int
@@ -62,6 +64,8 @@ class SliceSpec:
     brain_intensity: float = 0.1
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
+    #: the image modality the ``brain`` channel is derived from (read only when ``brain`` is stored)
+    brain_from: str = "bravo"
 
     def __post_init__(self) -> None:
         if self.selection not in ("lesion", "brain", "all"):
@@ -71,13 +75,21 @@ class SliceSpec:
 
     @property
     def image_keys(self) -> tuple[str, ...]:
-        return tuple(k for k in self.keys if k != MASK_KEY)
+        return tuple(k for k in self.keys if k not in (MASK_KEY, BRAIN_KEY))
+
+    @property
+    def file_keys(self) -> tuple[str, ...]:
+        """The modalities read from each patient folder: the stored ones, and ``brain_from`` for
+        a derived ``brain`` channel."""
+        files = [k for k in self.keys if k != BRAIN_KEY]
+        return tuple(dict.fromkeys(files + [self.brain_from] if BRAIN_KEY in self.keys else files))
 
     @classmethod
     def for_mode(cls, mode_cfg, data_cfg, image_size: int, selection: str) -> "SliceSpec":
         """The slices of a mode's keys (``cfg.mode``) with the selection its class declares
         (``slice_selection``): ``"lesion"`` keeps tumour-positive slices (every slice when
-        ``data.seg_positive_only`` is false), ``"brain"`` slices where every image channel shows brain."""
+        ``data.seg_positive_only`` is false), ``"brain"`` slices where every image channel shows brain.
+        A ``brain`` key is derived from ``data.brain_from``."""
         keys = tuple(dict.fromkeys([*mode_cfg.image_keys, *mode_cfg.cond_keys]))
         if selection == "lesion" and not data_cfg.seg_positive_only:
             selection = "all"
@@ -90,6 +102,7 @@ class SliceSpec:
             brain_intensity=float(data_cfg.brain_intensity),
             lower_percentile=float(data_cfg.lower_percentile),
             upper_percentile=float(data_cfg.upper_percentile),
+            brain_from=str(data_cfg.brain_from),
         )
 
 
@@ -100,8 +113,11 @@ def source_files(patients: Sequence[Path], keys: Sequence[str]) -> list[Path]:
 def fingerprint(patients: Sequence[Path], spec: SliceSpec) -> str:
     """sha256 of the source files' (absolute path, size, mtime) plus the spec and preprocessing version."""
     h = hashlib.sha256()
-    h.update(json.dumps({"spec": asdict(spec), "version": PREPROCESSING_VERSION}, sort_keys=True).encode())
-    for f in source_files(patients, spec.keys):
+    described = asdict(spec)
+    if BRAIN_KEY not in spec.keys:  # caches without a brain channel keep their fingerprint
+        del described["brain_from"]
+    h.update(json.dumps({"spec": described, "version": PREPROCESSING_VERSION}, sort_keys=True).encode())
+    for f in source_files(patients, spec.file_keys):
         try:
             st = f.stat()
             h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -204,16 +220,16 @@ def _patient_slices(folder: Path, spec: SliceSpec, validate: bool = True, prepro
     (and ``preprocess``), preprocess the volumes and select the slices. A failure while
     preprocessing is returned as an error on the file it came from (the patient folder when no
     single file fails on its own), never raised from inside a library."""
-    read = read_patient(folder, spec.keys, validate=validate, keep=preprocess)
+    read = read_patient(folder, spec.file_keys, validate=validate, keep=preprocess)
     if not read.ok or not preprocess:
         return _PatientSlices(read.problems)
     try:
         block, z, lesion = preprocess_volumes(read.volumes, spec)
-        key = spec.keys[0]
+        key = spec.file_keys[0]
         spacing = model_spacing(read.affines[key], read.volumes[key].shape, spec.image_size)
     except Exception as exc:  # noqa: BLE001 - MONAI/torch/numpy raise many types; name the patient and file
         culprit = Path(folder)
-        for k in spec.keys:  # the first file that fails on its own
+        for k in spec.file_keys:  # the first file that fails on its own
             try:
                 if k == MASK_KEY:
                     preprocess_mask(read.volumes[k], spec.image_size)
@@ -242,14 +258,15 @@ def preprocess_volumes(volumes: dict[str, np.ndarray], spec: SliceSpec) -> tuple
     """One patient's RAS volumes (``key -> [H, W, D]`` as :func:`load_volume` returns them) ->
     (selected slices ``[k, C, S, S]`` float16, their z indices, lesion pixels per slice)."""
     s = spec.image_size
-    channels = np.stack(
-        [
-            preprocess_mask(volumes[k], s)
-            if k == MASK_KEY
-            else preprocess_image(volumes[k], s, spec.lower_percentile, spec.upper_percentile)
-            for k in spec.keys
-        ]
-    )  # [C, S, S, D]
+    planes = {k: preprocess_mask(volumes[k], s) if k == MASK_KEY
+              else preprocess_image(volumes[k], s, spec.lower_percentile, spec.upper_percentile)
+              for k in spec.file_keys}  # [S, S, D] each
+    if BRAIN_KEY in spec.keys:
+        brain = np.moveaxis(brain_mask(np.moveaxis(planes[spec.brain_from], -1, 0)), 0, -1)
+        if MASK_KEY in planes:  # a lesion is part of the brain
+            brain |= planes[MASK_KEY] > 0
+        planes[BRAIN_KEY] = brain.astype(np.float32)
+    channels = np.stack([planes[k] for k in spec.keys])  # [C, S, S, D]
     keep = select_slices(channels, spec)
     block = np.ascontiguousarray(np.moveaxis(channels[..., keep], -1, 0), dtype=CACHE_DTYPE)
     if MASK_KEY in spec.keys:

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from medgen.core.constants import MODALITIES
+from medgen.core.constants import CHANNEL_KEYS
 from medgen.core.schema import at_least, check, check_fields, choice, compose_config, merge_schema
 from medgen.data.config import DataConfig, check_data_values
 from medgen.diffusion.modes import MODES
@@ -140,17 +140,22 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
 
 
 def _check_mode(mo: DictConfig, mode_cls: type) -> None:
-    """Modality keys: known, not repeated, and within the mode class's rules
-    (``image_key_choices``/``num_image_keys``, ``cond_key_choices``/``num_cond_keys``)."""
-    for group, choices, count in (("image_keys", mode_cls.image_key_choices, mode_cls.num_image_keys),
-                                  ("cond_keys", mode_cls.cond_key_choices, mode_cls.num_cond_keys)):
+    """Modality keys: known, not repeated, and within the mode class's rules (``image_key_choices``/
+    ``num_image_keys``/``required_image_keys`` and the same for ``cond_keys``)."""
+    for group in ("image_keys", "cond_keys"):
+        prefix = group.split("_")[0]
+        choices = getattr(mode_cls, f"{prefix}_key_choices")
+        count = getattr(mode_cls, f"num_{group}")
+        counts = count if isinstance(count, tuple) else (count,)
         keys = list(mo[group])
         for i, k in enumerate(keys):
-            check(k in MODALITIES, f"mode.{group}[{i}]", f"unknown modality {k!r}; known: {list(MODALITIES)}")
+            check(k in CHANNEL_KEYS, f"mode.{group}[{i}]", f"unknown modality {k!r}; known: {list(CHANNEL_KEYS)}")
             check(k in choices, f"mode.{group}[{i}]",
                   f"mode {mo.name!r} takes {list(choices)} here, got {k!r}")
-        check(len(keys) == count, f"mode.{group}",
-              f"mode {mo.name!r} needs {count} key(s) here, got {keys}")
+        check(len(keys) in counts, f"mode.{group}",
+              f"mode {mo.name!r} needs {' or '.join(map(str, counts))} key(s) here, got {keys}")
+        for k in (k for k in getattr(mode_cls, f"required_{group}") if k in choices):
+            check(k in keys, f"mode.{group}", f"mode {mo.name!r} needs {k!r} here, got {keys}")
         check(len(set(keys)) == len(keys), f"mode.{group}", f"{keys} repeats a key")
     both = set(mo.image_keys) & set(mo.cond_keys)
     check(not both, "mode.cond_keys", f"{sorted(both)} cannot be generated and condition at once")

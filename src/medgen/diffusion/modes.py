@@ -1,17 +1,24 @@
 """Training modes: which channels the network sees and predicts (docs/architecture.md).
 
-=========  ===========================  ===============================  ===================
-mode       generates (``image_keys``)   network input                    in -> out channels
-=========  ===========================  ===============================  ===================
-seg        the tumour mask ``seg``      ``[x_t]``                        1 -> 1
-bravo      ``bravo`` given the mask     ``[x_t, mask]``                  2 -> 1
-dual       ``t1_pre`` + ``t1_gd``       ``[x_t(pre), x_t(post), mask]``  3 -> 2
-=========  ===========================  ===============================  ===================
+=========  ================================  ======================================  ===================
+mode       generates (``image_keys``)        network input                           in -> out channels
+=========  ================================  ======================================  ===================
+seg        the tumour mask and the brain     ``[x_t(seg), x_t(brain)]``              2 -> 2
+bravo      ``bravo`` given mask and brain    ``[x_t, mask, brain]``                  3 -> 1
+dual       ``t1_pre`` + ``t1_gd``            ``[x_t(pre), x_t(post), mask, brain]``  4 -> 2
+=========  ================================  ======================================  ===================
+
+The ``brain`` key (a mask derived from an image when the slice cache is built, see
+:mod:`medgen.data.brain`) is optional: ``mode.image_keys=[seg]`` / ``mode.cond_keys=[seg]`` give
+the anatomy-blind modes of medgen before 0.2 (1 -> 1, 2 -> 1, 3 -> 2 channels). With it, the mask
+model draws each lesion together with the brain it lies in, and the image model paints a head
+around that brain.
 
 Batches from the data loader are dicts of ``[B, 1, H, W]`` float tensors in [0, 1], one per
 modality key (``seg`` in {0, 1}). A mode maps them to model space [-1, 1] (``split``), builds
 the network input (``model_input``) and maps generated ``x0`` back to [0, 1] per key
-(``to_outputs``; masks binarised with the one shared :func:`binarize_mask`).
+(``to_outputs``; masks, the lesion mask and the brain, binarised with the one shared
+:func:`binarize_mask`).
 
 Unconditional (:class:`SegmentationMode`) and mask-conditioned modes are two implementations of
 one interface: the unconditional mode's condition is always ``None``.
@@ -30,7 +37,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import Tensor
 
-from medgen.core.constants import IMAGE_MODALITIES, MASK_KEY
+from medgen.core.constants import BRAIN_KEY, IMAGE_MODALITIES, MASK_KEY
 from medgen.data.masks import binarize_mask
 from medgen.data.transforms import from_model_space, to_model_space
 
@@ -45,20 +52,21 @@ __all__ = [
 ]
 
 #: post-processing of one generated channel in [0, 1], per key (identity if absent)
-_OUTPUT_TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {MASK_KEY: binarize_mask}
+_OUTPUT_TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {MASK_KEY: binarize_mask, BRAIN_KEY: binarize_mask}
 
 
 class TrainingMode(abc.ABC):
     """Channel layout of one mode, built from a validated ``cfg.mode`` (name, image_keys, cond_keys).
 
     The key rules are class attributes, checked by ``medgen.diffusion.config.validate_config`` (not
-    here): ``image_key_choices``/``num_image_keys`` and ``cond_key_choices``/``num_cond_keys``.
-    Channel counts are derived from the keys.
+    here): ``image_key_choices``/``num_image_keys``/``required_image_keys`` and the same three for
+    ``cond_keys`` (a count is a number or a tuple of the numbers allowed). Channel counts are
+    derived from the keys.
 
     Attributes:
         name: registry name (``mode.name``).
         image_keys: the generated modalities, in output-channel order.
-        cond_keys: the conditioning modalities (``()`` or ``("seg",)``).
+        cond_keys: the conditioning modalities (``()``, ``("seg",)`` or ``("seg", "brain")``).
         supports_perceptual: whether a perceptual loss may be applied to the outputs
             (never to masks).
         slice_selection: the training slices it learns from: ``"lesion"`` (slices with a lesion;
@@ -70,9 +78,11 @@ class TrainingMode(abc.ABC):
     supports_perceptual: ClassVar[bool]
     slice_selection: ClassVar[str]
     image_key_choices: ClassVar[tuple[str, ...]]
-    num_image_keys: ClassVar[int]
+    num_image_keys: ClassVar[int | tuple[int, ...]]
+    required_image_keys: ClassVar[tuple[str, ...]] = ()
     cond_key_choices: ClassVar[tuple[str, ...]] = ()
-    num_cond_keys: ClassVar[int] = 0
+    num_cond_keys: ClassVar[int | tuple[int, ...]] = 0
+    required_cond_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg_mode: Any):
         self.image_keys: tuple[str, ...] = tuple(cfg_mode["image_keys"])
@@ -97,6 +107,11 @@ class TrainingMode(abc.ABC):
         """Whether it generates the tumour mask (``seg`` in ``image_keys``): it can make a
         generation run's masks."""
         return MASK_KEY in self.image_keys
+
+    @property
+    def knows_brain(self) -> bool:
+        """Whether the brain mask is one of its channels (generated or a condition)."""
+        return BRAIN_KEY in self.image_keys or BRAIN_KEY in self.cond_keys
 
     @property
     def mask_conditioned(self) -> bool:
@@ -131,7 +146,8 @@ class TrainingMode(abc.ABC):
 
     @abc.abstractmethod
     def null_cond(self, cond: Tensor | None) -> Tensor | None:
-        """The condition "no lesion": an all-background mask (-1 in model space) shaped like ``cond``."""
+        """The condition "nothing given": every condition channel (mask, brain) all background
+        (-1 in model space), shaped like ``cond``."""
 
     @abc.abstractmethod
     def drop_cond(self, cond: Tensor | None, p: float, generator: torch.Generator) -> Tensor | None:
@@ -176,13 +192,15 @@ def register_mode(cls: type[TrainingMode]) -> type[TrainingMode]:
 # ============================================================================ seg
 @register_mode
 class SegmentationMode(TrainingMode):
-    """Unconditional mask generation: noise -> ``seg``. The condition is always ``None``."""
+    """Unconditional mask generation: noise -> ``seg`` (and ``brain``, the brain the lesions lie
+    in). The condition is always ``None``."""
 
     name = "seg"
     supports_perceptual = False  # perceptual features of a binary mask are meaningless
     slice_selection = "lesion"
-    image_key_choices = (MASK_KEY,)
-    num_image_keys = 1
+    image_key_choices = (MASK_KEY, BRAIN_KEY)
+    num_image_keys = (1, 2)
+    required_image_keys = (MASK_KEY,)
 
     def split(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, None]:
         return self._stack(batch, self.image_keys), None
@@ -204,13 +222,14 @@ class SegmentationMode(TrainingMode):
 
 # ============================================================================ mask-conditioned
 class _MaskConditionedMode(TrainingMode):
-    """Images generated given the tumour mask: input ``[x_t channels..., mask]``."""
+    """Images generated given the tumour mask (and the brain): input ``[x_t channels..., mask, brain]``."""
 
     supports_perceptual = True
     slice_selection = "brain"
     image_key_choices = IMAGE_MODALITIES
-    cond_key_choices = (MASK_KEY,)
-    num_cond_keys = 1
+    cond_key_choices = (MASK_KEY, BRAIN_KEY)
+    num_cond_keys = (1, 2)
+    required_cond_keys = (MASK_KEY,)
 
     def split(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         x0 = self._stack(batch, self.image_keys)
@@ -249,7 +268,7 @@ class _MaskConditionedMode(TrainingMode):
 
 @register_mode
 class ConditionalSingleMode(_MaskConditionedMode):
-    """``[x_t, mask] -> bravo`` (one image modality given the mask)."""
+    """``[x_t, mask, brain] -> bravo`` (one image modality given the mask and the brain)."""
 
     name = "bravo"
     num_image_keys = 1
@@ -257,7 +276,7 @@ class ConditionalSingleMode(_MaskConditionedMode):
 
 @register_mode
 class ConditionalDualMode(_MaskConditionedMode):
-    """``[x_t(t1_pre), x_t(t1_gd), mask] -> t1_pre + t1_gd`` (two co-registered contrasts)."""
+    """``[x_t(t1_pre), x_t(t1_gd), mask, brain] -> t1_pre + t1_gd`` (two co-registered contrasts)."""
 
     name = "dual"
     num_image_keys = 2

@@ -12,7 +12,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from medgen.core.schema import ConfigError, at_least, check, check_fields, merge_schema
+from medgen.core.constants import IMAGE_MODALITIES
+from medgen.core.schema import ConfigError, at_least, check, check_fields, choice, merge_schema
 from medgen.data.lesions import RANO_BM, SizeBins
 
 #: the binnings ``lesions.bins`` can name
@@ -78,6 +79,7 @@ class EvaluateConfig:
     max_images: int = at_least(1000, 2)
     diversity_pairs: int = at_least(200, 1)
     brain_intensity: float = 0.1
+    brain_from: str = choice("bravo", *IMAGE_MODALITIES)
     val_fraction: float = 0.15
     downstream: bool = True
     seg_net_checkpoint: Optional[str] = None

@@ -29,6 +29,7 @@ from medgen.core import jsonio
 from medgen.core.constants import MASK_KEY, SPLITS
 from medgen.core.fs import FolderLock, atomic_write
 from medgen.core.paths import resolve_path
+from medgen.data.brain import brain_mask, brain_source, inside_counts
 from medgen.data.masks import is_lesion
 from medgen.data.nifti_dataset import list_patients, modality_path, present_modalities
 from medgen.data.slices import SliceCache, SliceSpec, open_or_build_cache
@@ -41,6 +42,9 @@ from medgen.generation.records import SliceSource, parse_mask_source
 from medgen.generation.status import incomplete_message, read_status
 
 log = logging.getLogger("medgen.evaluate")
+
+#: below this fraction of synthetic lesion pixels inside the brain of their image, the report warns
+MIN_INSIDE_BRAIN = 0.99
 
 
 # ============================================================================ the sets
@@ -128,6 +132,11 @@ class Sets:
         self._cap, self._seed = cfg.max_images, cfg.seed
         self._samples: dict[str, SliceSet | None] = {}
 
+    def warn(self, text: str) -> None:
+        """A warning for the report, logged now."""
+        log.warning("%s", text)
+        self.warnings.append(text)
+
     def sample(self, name: str) -> SliceSet | None:
         """At most ``max_images`` slices of ``synthetic``, ``real`` (the reference split) or ``val``
         (None without a val reference): a seeded random subset, read once for every metric."""
@@ -163,6 +172,26 @@ def distribution_metrics(sets: Sets, cfg: DictConfig) -> dict:
             out["diversity"][key]["skipped"] = too_small
     if too_small:
         log.warning("skipped: %s", too_small)
+    return out
+
+
+def anatomy_metrics(sets: Sets, cfg: DictConfig) -> dict:
+    """Where the lesions lie: the fraction of lesion pixels inside the brain of their own image
+    (:mod:`medgen.data.brain`), synthetic and real; a warning below :data:`MIN_INSIDE_BRAIN`."""
+    source = brain_source(sets.image_keys, cfg.brain_from)
+    c = sets.image_keys.index(source)
+    out: dict[str, Any] = {"brain_from": source, "inside_brain": {}, "lesion_pixels": {}}
+    for name in ("synthetic", "real"):
+        s = sets.sample(name)
+        inside, total = inside_counts(s.masks, brain_mask(s.images[:, c]))
+        out["inside_brain"][name] = inside / total if total else None
+        out["lesion_pixels"][name] = total
+    syn = out["inside_brain"]["synthetic"]
+    if syn is not None and syn < MIN_INSIDE_BRAIN:
+        sets.warn(f"{100 * (1 - syn):.1f}% of the synthetic lesion pixels lie outside the brain of their "
+                             f"image (real {sets.reference_split}: {100 * (1 - (out['inside_brain']['real'] or 1)):.1f}%)"
+                             "; generate with a seg model that draws the brain (mode.image_keys=[seg,brain]) and "
+                             "gate.inside_brain=true")
     return out
 
 
@@ -321,6 +350,7 @@ def _evaluate(cfg: DictConfig, out_dir: Path, device: torch.device, progress: bo
         "image_size": sets.image_size,
         "modalities": sets.image_keys, "reference_split": sets.reference_split, "seed": cfg.seed}
     result["distribution"] = distribution_metrics(sets, cfg)
+    result["anatomy"] = anatomy_metrics(sets, cfg)
     result["paired"] = paired_metrics(sets)
     result["features"] = feature_metrics(sets, cfg, device)
     result.update(segmentation_metrics(sets, cfg, out_dir, device, progress))

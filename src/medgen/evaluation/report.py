@@ -185,8 +185,13 @@ def _tables(result: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
     rows = [[k.replace("_", " "), _fmt(m[k]["real_mean"], 4), _fmt(m[k]["synthetic_mean"], 4), _fmt(m[k]["wasserstein"], 4),
              _fmt(m[k]["ks"])] for k in ("lesions", "area", "component_size")]
     rows.append(["empty fraction", _fmt(m["empty_fraction"]["real"]), _fmt(m["empty_fraction"]["synthetic"]), "", ""])
+    inside = result.get("anatomy", {}).get("inside_brain")
+    if inside:
+        rows.append(["lesion pixels inside the brain", _fmt(inside["real"]), _fmt(inside["synthetic"]), "", ""])
     tables.append(("Masks", ["statistic", "real mean", "synthetic mean", "Wasserstein-1", "KS"], rows,
-                   "Lesions per slice, lesion area and size of each lesion (areas as fractions of the slice)."))
+                   "Lesions per slice, lesion area and size of each lesion (areas as fractions of the slice); "
+                   "the fraction of lesion pixels inside the brain of their own image (the brain derived from "
+                   f"{result.get('anatomy', {}).get('brain_from', 'the image')} as for training data)."))
     rows = [[k, _fmt(v["real_mean"]), _fmt(v["synthetic_mean"]), _fmt(v["wasserstein"], 4), _fmt(v["ks"]),
              _fmt(dist["diversity"][k]["real_ms_ssim"]), _fmt(dist["diversity"][k]["synthetic_ms_ssim"])]
             for k, v in dist["intensity"].items()]
@@ -255,6 +260,10 @@ def summary_lines(result: dict) -> list[str]:
             floor = v.get("fid_real_val_vs_test")
             lines.append(f"FID {key} ({result['features']['network']}): {v['fid']:.2f} synthetic vs real"
                          + (f", {floor:.2f} real val vs real test (floor)" if floor is not None else ""))
+    inside = result.get("anatomy", {}).get("inside_brain", {})
+    if inside.get("synthetic") is not None:
+        lines.append(f"lesion pixels inside the brain of their image: {100 * inside['synthetic']:.1f}% synthetic, "
+                     + (f"{100 * inside['real']:.1f}% real" if inside.get("real") is not None else "real: no lesion"))
     a = result.get("adherence", {})
     if a and "skipped" not in a:
         if a["synthetic_dice"] is not None:

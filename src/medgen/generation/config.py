@@ -28,6 +28,8 @@ class GateConfig:
     max_components: int = at_least(10, 1)
     #: a mask with a component smaller than this many pixels is rejected (specks)
     min_component_pixels: int = at_least(4, 1)
+    #: a lesion pixel outside the brain the mask model drew with it rejects the mask
+    inside_brain: bool = True
     #: candidates tried before giving up; null: 20 x num_images
     max_attempts: Optional[int] = None
 

@@ -2,8 +2,9 @@
 
 A mask passes when its lesion area (a fraction of the image) lies in ``[min_area, max_area]``,
 it has at most ``max_components`` lesions (8-connected components, as :mod:`medgen.data.masks`
-counts them), and none of them is a speck of fewer than ``min_component_pixels`` pixels.
-Nothing is corrected: a mask passes or is replaced by a new one.
+counts them), none of them is a speck of fewer than ``min_component_pixels`` pixels and, with
+``inside_brain`` and a mask model that generates the brain with the lesions, no lesion pixel lies
+outside that brain. Nothing is corrected: a mask passes or is replaced by a new one.
 """
 
 from __future__ import annotations
@@ -23,16 +24,21 @@ class MaskStats:
     area: np.ndarray | float  # float64, lesion pixels / image pixels
     components: np.ndarray | int  # int64, connected lesions
     smallest: np.ndarray | int  # int64, pixels of the smallest lesion (0 for an empty mask)
+    outside: np.ndarray | int  # int64, lesion pixels outside the brain (0 when no brain was generated)
 
     def __getitem__(self, i: int) -> "MaskStats":
         """Mask ``i``'s measurements."""
         return MaskStats(area=float(self.area[i]), components=int(self.components[i]),
-                         smallest=int(self.smallest[i]))
+                         smallest=int(self.smallest[i]), outside=int(self.outside[i]))
 
 
-def measure(masks: np.ndarray) -> MaskStats:
-    """Area fraction, lesion count and smallest lesion of each mask ``[N, H, W]`` in {0, 1}."""
+def measure(masks: np.ndarray, brains: np.ndarray | None = None) -> MaskStats:
+    """Area fraction, lesion count, smallest lesion and lesion pixels outside ``brains`` (if
+    given) of each mask ``[N, H, W]`` in {0, 1}."""
     masks = is_lesion(masks)
+    outside = np.zeros(masks.shape[0], dtype=np.int64)
+    if brains is not None:
+        outside = (masks & ~is_lesion(brains)).reshape(masks.shape[0], -1).sum(axis=1).astype(np.int64)
     n = masks.shape[0]
     components = np.zeros(n, dtype=np.int64)
     smallest = np.zeros(n, dtype=np.int64)
@@ -42,13 +48,14 @@ def measure(masks: np.ndarray) -> MaskStats:
         if len(sizes):
             smallest[i] = int(sizes.min())
     area = masks.reshape(n, -1).mean(axis=1)
-    return MaskStats(area=area, components=components, smallest=smallest)
+    return MaskStats(area=area, components=components, smallest=smallest, outside=outside)
 
 
 def passes(stats: MaskStats, gate) -> np.ndarray:
     """``[N]`` bool: which masks pass ``gate`` (the ``gate`` config: enabled, min_area, max_area,
-    max_components, min_component_pixels). A disabled gate passes every mask."""
+    max_components, min_component_pixels, inside_brain). A disabled gate passes every mask."""
     if not gate.enabled:
         return np.ones(stats.area.shape, dtype=bool)
-    return ((stats.area >= gate.min_area) & (stats.area <= gate.max_area) & (stats.components >= 1)
-            & (stats.components <= gate.max_components) & (stats.smallest >= gate.min_component_pixels))
+    ok = ((stats.area >= gate.min_area) & (stats.area <= gate.max_area) & (stats.components >= 1)
+          & (stats.components <= gate.max_components) & (stats.smallest >= gate.min_component_pixels))
+    return ok & (stats.outside == 0) if gate.inside_brain else ok

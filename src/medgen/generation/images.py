@@ -73,8 +73,10 @@ def paint(image: Stage, masks: Masks, ids: SampleIds, cfg: DictConfig, sampler: 
 def _paint_batch(image: Stage, masks: Masks, ids: SampleIds, batch: list[int], cfg: DictConfig, sampler: str,
                  out: Path, spacing: Sequence[float], writes: writer.BackgroundWrites) -> None:
     """Sample the images of the samples ``batch`` and hand their writes to ``writes``."""
-    mask = torch.from_numpy(masks.masks[[ids[q][1] for q in batch]]).float()[:, None]
-    x0 = image.sample(to_model_space(mask).to(image.device),
+    index = [ids[q][1] for q in batch]
+    mask = torch.from_numpy(masks.masks[index]).float()[:, None]
+    cond = torch.from_numpy(masks.conditions(image.mode.cond_keys, index))
+    x0 = image.sample(to_model_space(cond).to(image.device),
                       sample_generators(cfg.seed, batch, IMAGE_STREAM, image.device), steps=cfg.steps,
                       sampler=sampler, guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size)
     outputs = {k: v[:, 0].cpu().numpy() for k, v in image.mode.to_outputs(x0).items()}

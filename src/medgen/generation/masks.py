@@ -19,7 +19,7 @@ import torch.distributed as torch_dist
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from medgen.core.constants import MASK_KEY
+from medgen.core.constants import BRAIN_KEY, MASK_KEY
 from medgen.core.distributed import DistInfo, any_rank
 from medgen.core.fs import atomic_write
 from medgen.core.paths import resolve_path
@@ -57,6 +57,10 @@ def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: 
     n_wanted = int(cfg.num_images)
     max_attempts = cfg.gate.max_attempts or 20 * n_wanted
     folder.mkdir(parents=True, exist_ok=True)
+    if cfg.gate.enabled and cfg.gate.inside_brain and BRAIN_KEY not in seg.mode.image_keys and dist.is_main:
+        log.warning("%s does not draw the brain with the lesions (mode.image_keys=%s): the gate cannot check "
+                    "that they lie inside it; train the seg model with mode.image_keys=[seg,brain]", seg.path,
+                    list(seg.mode.image_keys))
     evaluated = read_blocks(folder)
     with progress_bar(n_wanted, min(n_wanted, _accepted_prefix(evaluated)[1]), "masks", dist, progress) as bar:
         while True:
@@ -83,8 +87,8 @@ def _gate_failure(cfg: DictConfig, accepted: int, tried: int, max_attempts: int)
         f"the quality gate accepted {accepted} of {tried} generated masks ({100 * accepted / tried:.1f}%), "
         f"short of num_images={cfg.num_images} within gate.max_attempts={max_attempts}; loosen gate.* "
         f"(min_area={cfg.gate.min_area}, max_area={cfg.gate.max_area}, max_components={cfg.gate.max_components}, "
-        f"min_component_pixels={cfg.gate.min_component_pixels}), raise gate.max_attempts, or train the seg "
-        "model longer")
+        f"min_component_pixels={cfg.gate.min_component_pixels}, inside_brain={cfg.gate.inside_brain}), raise "
+        "gate.max_attempts, or train the seg model longer")
 
 
 def _chosen(evaluated: dict[int, Candidate], n_wanted: int, seed: int, folder: Path, dist: DistInfo) -> Masks:
@@ -105,7 +109,8 @@ def _chosen(evaluated: dict[int, Candidate], n_wanted: int, seed: int, folder: P
     if dist.is_main:
         log.info("quality gate: %d of %d masks accepted (%.1f%%)", len(chosen), last + 1, 100 * rate)
     masks = np.stack([with_masks[j].mask for j in chosen])
-    return Masks(masks, records, rejected, rate)
+    brains = [with_masks[j].brain for j in chosen]
+    return Masks(masks, records, rejected, rate, None if any(b is None for b in brains) else np.stack(brains))
 
 
 def _evaluate(seg: Stage, candidates: list[int], cfg: DictConfig, sampler: str, folder: Path,
@@ -113,29 +118,37 @@ def _evaluate(seg: Stage, candidates: list[int], cfg: DictConfig, sampler: str, 
     """Generate and gate ``candidates``; save them as one block file; return their verdicts."""
     x0 = seg.sample(None, sample_generators(cfg.seed, candidates, MASK_STREAM, seg.device), steps=cfg.steps,
                     sampler=sampler, batch_size=cfg.batch_size)
-    masks = seg.mode.to_outputs(x0)[MASK_KEY][:, 0].cpu().numpy().astype(np.uint8)
-    stats = quality_gate.measure(masks)
+    outputs = {k: v[:, 0].cpu().numpy().astype(np.uint8) for k, v in seg.mode.to_outputs(x0).items()}
+    masks, brains = outputs[MASK_KEY], outputs.get(BRAIN_KEY)
+    stats = quality_gate.measure(masks, brains)
     ok = quality_gate.passes(stats, cfg.gate)
     path = folder / f"block_{candidates[0]:09d}_{len(candidates):05d}_r{dist.rank}.npz"
+    extra = {} if brains is None else {"brains": brains}
     with atomic_write(path, suffix=".npz") as tmp:
         np.savez_compressed(tmp, candidates=np.asarray(candidates, dtype=np.int64), masks=masks, area=stats.area,
-                            components=stats.components, smallest=stats.smallest, accepted=ok)
+                            components=stats.components, smallest=stats.smallest, outside=stats.outside,
+                            accepted=ok, **extra)
     return {j: Candidate(j, stats[i], bool(ok[i])) for i, j in enumerate(candidates)}
 
 
 def read_blocks(folder: Path, with_masks: set[int] | None = None) -> dict[int, Candidate]:
     """The stage-1 candidates on disk by index: every one without its mask or, with
-    ``with_masks``, those candidates with their masks."""
+    ``with_masks``, those candidates with their masks (and brains, where the mask model drew them;
+    blocks of a medgen before 0.2 hold no brain)."""
     out: dict[int, Candidate] = {}
     for path in sorted(folder.glob("block_*.npz")):
         with np.load(path) as block:
-            stats = quality_gate.MaskStats(block["area"], block["components"], block["smallest"])
+            n = block["candidates"].size
+            outside = block["outside"] if "outside" in block.files else np.zeros(n, dtype=np.int64)
+            stats = quality_gate.MaskStats(block["area"], block["components"], block["smallest"], outside)
             masks = block["masks"] if with_masks is not None else None
+            brains = block["brains"] if with_masks is not None and "brains" in block.files else None
             for i, j in enumerate(block["candidates"].tolist()):
                 if with_masks is None:
                     out[j] = Candidate(j, stats[i], bool(block["accepted"][i]))
                 elif j in with_masks:
-                    out[j] = Candidate(j, stats[i], bool(block["accepted"][i]), masks[i])
+                    out[j] = Candidate(j, stats[i], bool(block["accepted"][i]), masks[i],
+                                       None if brains is None else brains[i])
     return out
 
 
@@ -166,8 +179,9 @@ def _gather(results: dict[int, Candidate], dist: DistInfo) -> list[dict[int, Can
 
 
 # ============================================================================ masks_from
-def real_masks(cfg: DictConfig, image_size: int) -> Masks:
-    """The lesion slices of ``masks_split`` of a medgen dataset, at the image model's size."""
+def real_masks(cfg: DictConfig, image_size: int, brain_from: str | None = None) -> Masks:
+    """The lesion slices of ``masks_split`` of a medgen dataset, at the image model's size, with
+    their brains derived from the image ``brain_from`` (None: no brain)."""
     from medgen.data.slices import SliceSpec, open_or_build_cache
     from medgen.data.splits import split_patients
 
@@ -178,7 +192,8 @@ def real_masks(cfg: DictConfig, image_size: int) -> Masks:
     if not patients:
         raise DataError(f"masks_from={cfg.masks_from}: no patients in {root / cfg.masks_split} "
                         f"(choose another masks_split)")
-    spec = SliceSpec(keys=(MASK_KEY,), image_size=image_size, selection="lesion")
+    keys = (MASK_KEY,) if brain_from is None else (MASK_KEY, BRAIN_KEY)
+    spec = SliceSpec(keys=keys, image_size=image_size, selection="lesion", brain_from=brain_from or "bravo")
     cache = open_or_build_cache(patients, spec, resolve_path(cfg.cache_dir), desc=f"{cfg.masks_split} masks")
     n = len(cache) if cfg.num_images is None else min(int(cfg.num_images), len(cache))
     if n == 0:
@@ -192,4 +207,5 @@ def real_masks(cfg: DictConfig, image_size: int) -> Masks:
                                       int(cache.slice_index[i])),
                           float(stats.area[i]), int(stats.components[i]), True)
                for i in range(n)]
-    return Masks(masks, records, [], None)
+    brains = None if brain_from is None else is_lesion(cache.data[:n, 1]).astype(np.uint8)
+    return Masks(masks, records, [], None, brains)

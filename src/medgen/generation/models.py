@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from medgen.core.checkpoint import load_checkpoint
-from medgen.core.constants import MASK_KEY
+from medgen.core.constants import BRAIN_KEY, MASK_KEY
 from medgen.core.paths import resolve_path
 from medgen.core.precision import autocast
 from medgen.diffusion.modes import MODES, TrainingMode, build_mode
@@ -33,8 +33,10 @@ log = logging.getLogger("medgen.generate")
 STAGE_ROLES: dict[str, tuple[Callable[[TrainingMode], bool], str]] = {
     "seg": (lambda mode: mode.generates_mask and not mode.is_conditional,
             f"a model that generates the mask ({MASK_KEY!r} in mode.image_keys) from noise alone"),
-    "image": (lambda mode: mode.mask_conditioned and mode.cond_keys == (MASK_KEY,),
-              f"a model that generates images given the mask alone (mode.cond_keys = [{MASK_KEY!r}])"),
+    "image": (lambda mode: mode.mask_conditioned and set(mode.cond_keys) <= {MASK_KEY, BRAIN_KEY}
+              and not set(mode.image_keys) & {MASK_KEY, BRAIN_KEY},
+              f"a model that generates images given the mask (mode.cond_keys = [{MASK_KEY!r}] or "
+              f"[{MASK_KEY!r}, {BRAIN_KEY!r}])"),
 }
 
 
@@ -75,6 +77,8 @@ class Stage:
     mode: TrainingMode
     cond_dropout: float
     spacing: tuple[float, float, float] | None
+    #: the image its training data derived the brain mask from (``data.brain_from``)
+    brain_from: str
     device: torch.device
     precision: str
     forward: Callable[[Tensor, Tensor], Tensor]
@@ -88,7 +92,7 @@ class Stage:
 
     def sample(self, cond: Tensor | None, generators: Sequence[torch.Generator], *, steps: int, sampler: str,
                guidance_scale: float = 1.0, batch_size: int | None = None) -> Tensor:
-        """``x0 [B, C, S, S]`` in model space for the conditions ``cond [B, 1, S, S]`` (model space;
+        """``x0 [B, C, S, S]`` in model space for the conditions ``cond [B, len(cond_keys), S, S]`` (model space;
         None for seg), one generator per sample (on the sampling device). With ``batch_size``, the batch is padded to it
         with throw-away samples, so a compiled network always sees one shape."""
         n = len(generators)
@@ -128,7 +132,7 @@ def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, 
     spacing = (ckpt.get("geometry") or {}).get("spacing")
     return Stage(path=file, sha256=sha256(file), network=network, strategy=build_strategy(cfg), mode=mode,
                  cond_dropout=float(cfg.training.cond_dropout), spacing=tuple(spacing) if spacing else None,
-                 device=device, precision=precision, forward=sampling_forward(network, device, compile, log, compile_mode))
+                 brain_from=str(cfg.data.get("brain_from", "bravo")), device=device, precision=precision, forward=sampling_forward(network, device, compile, log, compile_mode))
 
 
 def _stage_mode(cfg, name: str, stage: str, key: str, file: Path) -> TrainingMode:
@@ -151,6 +155,12 @@ def check_pair(seg: Stage | None, image: Stage, guidance_scale: float) -> None:
     if seg is not None and seg.image_size != image.image_size:
         raise GenerationError(f"seg_checkpoint {seg.path} makes {seg.image_size} px masks but image_checkpoint "
                               f"{image.path} paints {image.image_size} px images; train both at one model.image_size")
+    if seg is not None and BRAIN_KEY in image.mode.cond_keys and BRAIN_KEY not in seg.mode.image_keys:
+        raise GenerationError(
+            f"image_checkpoint {image.path} paints images given the lesion mask and the brain "
+            f"(mode.cond_keys={list(image.mode.cond_keys)}), but seg_checkpoint {seg.path} generates "
+            f"{list(seg.mode.image_keys)} only; train the seg model with mode.image_keys=[seg,brain] (the default), "
+            "or pair it with an image model trained with mode.cond_keys=[seg]")
     if guidance_scale != 1 and image.cond_dropout == 0:
         raise GenerationError(
             f"guidance_scale={guidance_scale:g} needs a model trained with condition dropout, and {image.path} "

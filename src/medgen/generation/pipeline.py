@@ -30,12 +30,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
-from medgen.core.constants import MASK_KEY
+from medgen.core.constants import BRAIN_KEY, MASK_KEY
 from medgen.core.distributed import DistInfo, barrier
 from medgen.core.paths import resolve_path
 from medgen.core.precision import configure_backends
 from medgen.core.signals import stop_signals
+from medgen.data.brain import brain_mask, brain_source, inside_counts
 from medgen.data.lesions import RANO_BM, feret_diameters
 from medgen.data.nifti_dataset import load_volume, modality_path
 from medgen.data.pictures import contact_sheet, render_tile, save_png
@@ -137,7 +139,8 @@ def _run_stages(run: _Run, progress: bool, t_start: float) -> GenerationResult:
             if run.seg is not None:
                 masks = sample_masks(run.seg, cfg, run.samplers["seg"], run.state / "masks", dist, stop, progress)
             else:
-                masks = real_masks(cfg, run.image.image_size)
+                masks = real_masks(cfg, run.image.image_size,
+                                   run.image.brain_from if BRAIN_KEY in run.image.mode.cond_keys else None)
             seconds["masks"] = time.perf_counter() - t0
             if masks is not None:
                 t0 = time.perf_counter()
@@ -177,7 +180,7 @@ def _record_partial(run: _Run, masks: Masks | None, ids: SampleIds) -> None:
     try:
         if masks is not None:
             done = {sid for sid, _ in ids if writer.is_complete(run.split_dir / sid, run.keys)}
-            writer.write_manifest(out / "manifest.csv", _manifest_rows(run, masks, ids, done))
+            writer.write_manifest(out / "manifest.csv", _manifest_rows(run, masks, ids, done, _inside_brain(run, done)))
             write_status(out, GenerationStatus(complete=False, done=len(done), expected=len(ids), command=command))
         else:
             if not (out / "manifest.csv").exists():
@@ -213,11 +216,29 @@ def _finish(run: _Run, masks: Masks, ids: SampleIds) -> None:
     tiles = [writer.render_sample(read_sample(split_dir / sid, keys), keys, scale=scale)
              for sid, _ in ids[:CONTACT_SHEET_SAMPLES]]
     save_png(contact_sheet(tiles, columns=8 // len(keys)), out / "contact_sheet.png")
-    writer.write_manifest(out / "manifest.csv", _manifest_rows(run, masks, ids))
+    inside = _inside_brain(run, [sid for sid, _ in ids])
+    n_in, n_all = (sum(c[i] for c in inside.values()) for i in (0, 1))
+    if n_all:
+        log.info("lesion pixels inside the brain of their image: %.1f%% (%d of %d; the brain derived from %s as "
+                 "for training data)", 100 * n_in / n_all, n_in, n_all,
+                 brain_source(keys, run.image.brain_from))
+    writer.write_manifest(out / "manifest.csv", _manifest_rows(run, masks, ids, inside=inside))
     if cfg.format == "nnunet":
         root = writer.export_nnunet(out, [split_dir / sid for sid, _ in ids], keys, cfg.nnunet.dataset_id,
                                     cfg.nnunet.name)
         log.info("nnU-Net v2 raw dataset: %s", root)
+
+
+def _inside_brain(run: _Run, sids: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """Per finished sample: (its lesion pixels inside the brain of its image, its lesion pixels),
+    the brain derived from the image as for training data (:mod:`medgen.data.brain`)."""
+    keys = run.image.mode.image_keys
+    source = brain_source(keys, run.image.brain_from)
+    out = {}
+    for sid in tqdm(sids, desc="lesions inside the brain", unit="sample", dynamic_ncols=True, disable=len(sids) < 500):
+        arrays = read_sample(run.split_dir / sid, keys)
+        out[sid] = inside_counts(arrays[MASK_KEY], brain_mask(arrays[source]))
+    return out
 
 
 def _repair_previews(out: Path, names: Sequence[str], split_dir: Path, keys: Sequence[str]) -> None:
@@ -230,9 +251,12 @@ def _repair_previews(out: Path, names: Sequence[str], split_dir: Path, keys: Seq
         log.info("wrote %d missing previews", len(missing))
 
 
-def _manifest_rows(run: _Run, masks: Masks, ids: SampleIds, done: set[str] | None = None) -> list[dict[str, Any]]:
+def _manifest_rows(run: _Run, masks: Masks, ids: SampleIds, done: set[str] | None = None,
+                   inside: dict[str, tuple[int, int]] | None = None) -> list[dict[str, Any]]:
     """The manifest's rows: every sample (or those in ``done``), with the Feret diameter (mm) and
-    RANO-BM size class of each of its lesions (in raster order), then the masks the gate rejected."""
+    RANO-BM size class of each of its lesions (in raster order) and the fraction of its lesion
+    pixels inside the brain of its image (``inside``: the counts by sample), then the masks the
+    gate rejected."""
     cfg, settings = run.cfg, run.settings
     common = {"split": cfg.split, "seg_checkpoint": settings["seg_checkpoint"] or "",
               "seg_sha256": settings["seg_sha256"] or "", "image_checkpoint": settings["image_checkpoint"],
@@ -248,8 +272,10 @@ def _manifest_rows(run: _Run, masks: Masks, ids: SampleIds, done: set[str] | Non
             d = feret_diameters(masks.masks[i], spacing)
             sizes[i] = {"lesion_diameters_mm": ";".join(f"{x:.1f}" for x in d),
                         "lesion_bins": ";".join(RANO_BM.names[b] for b in RANO_BM.index(d))}
+        n_in, n_all = (inside or {}).get(sid, (0, 0))
         rows.append({**common, **masks.records[i].manifest_fields(), **sizes[i], "id": sid,
-                     "image_seed": sample_seed(cfg.seed, q, IMAGE_STREAM)})
+                     "image_seed": sample_seed(cfg.seed, q, IMAGE_STREAM),
+                     "inside_brain": f"{n_in / n_all:.4f}" if n_all else ""})
     return rows + [{**common, **record.manifest_fields(), "image_checkpoint": "", "image_sha256": "",
                     "image_sampler": ""} for record in masks.rejected]
 

@@ -16,6 +16,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from medgen.core.constants import BRAIN_KEY, MASK_KEY
 from medgen.generation.gate import MaskStats
 
 _CANDIDATE = re.compile(r"candidate (\d+)")
@@ -65,12 +66,14 @@ def parse_mask_source(text: str) -> MaskSource | None:
 @dataclass(frozen=True)
 class Candidate:
     """One evaluated stage-1 mask: its gate measurements (one mask's :class:`MaskStats`), the
-    verdict, and the mask ``[S, S]`` uint8 where it was read (None otherwise)."""
+    verdict, and the mask ``[S, S]`` uint8 and the brain drawn with it where they were read (None
+    otherwise, and the brain None for a mask model that does not draw it)."""
 
     index: int
     stats: MaskStats
     accepted: bool
     mask: np.ndarray | None = None
+    brain: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,19 @@ class MaskRecord:
 @dataclass
 class Masks:
     """The masks stage 2 paints: ``masks [N, S, S]`` uint8 with a record each, the masks the gate
-    rejected on the way (stage 1), and the gate's acceptance rate (None for real masks)."""
+    rejected on the way (stage 1), the gate's acceptance rate (None for real masks), and the brain
+    of each mask ``[N, S, S]`` uint8 (None when neither the mask model nor the real data gave one)."""
 
     masks: np.ndarray
     records: list[MaskRecord]
     rejected: list[MaskRecord]
     acceptance_rate: float | None
+    brains: np.ndarray | None = None
+
+    def conditions(self, keys: tuple[str, ...], index: list[int]) -> np.ndarray:
+        """The condition channels ``keys`` (``seg``, ``brain``) of masks ``index``: ``[B, len(keys), S, S]`` float32 {0, 1}."""
+        planes = {MASK_KEY: self.masks, BRAIN_KEY: self.brains}
+        missing = [k for k in keys if planes.get(k) is None]
+        if missing:
+            raise ValueError(f"the masks of this run have no {missing} to condition on")
+        return np.stack([planes[k][index] for k in keys], axis=1).astype(np.float32)

@@ -28,7 +28,7 @@ from medgen.data.pictures import render_tile, side_by_side
 #: the manifest's columns, in order
 MANIFEST_COLUMNS = ("id", "split", "mask_source", "mask_seed", "image_seed", "seg_checkpoint", "seg_sha256",
                     "image_checkpoint", "image_sha256", "seg_sampler", "image_sampler", "steps", "guidance_scale",
-                    "mask_area", "components", "accepted", "lesion_diameters_mm", "lesion_bins")
+                    "mask_area", "components", "accepted", "lesion_diameters_mm", "lesion_bins", "inside_brain")
 
 
 def slice_affine(spacing: Sequence[float]) -> np.ndarray:

@@ -229,7 +229,8 @@ def write_summary(out: Path, subjects: int, pairs: int, seconds: dict[str, float
         "",
         "- `synthetic/train/<id>/{seg,bravo}.nii.gz`: the synthetic dataset (medgen layout; "
         "`medgen-data check synthetic` passes, `medgen-train paths.data_dir=synthetic` trains on it)",
-        "- `synthetic/manifest.csv`: seeds, checkpoints (SHA-256), sampler, lesion area and components per sample",
+        "- `synthetic/manifest.csv`: seeds, checkpoints (SHA-256), sampler, lesion area, components, diameters and "
+        "the share of lesion pixels inside the brain per sample",
         "- `contact_sheet.png` (= `synthetic/contact_sheet.png`): bravo with the mask outlined in red, then the mask",
         "- `runs/<mode>/demo/samples/`: the training sample grids (condition | real | generated), "
         "`tensorboard --logdir runs` for the curves",
@@ -289,9 +290,10 @@ def _contrast_section(check: dict[str, float]) -> list[str]:
         "",
         "A 64 px model trained for minutes on a laptop learns the layout of a head: a dark background, a",
         "skull ring, gyri-like texture inside, and a bright spot where the mask has a lesion (the table",
-        "above). The seg model learns small blob-like lesions of plausible size (the quality gate",
-        "replaces specks and oversized masks), but it knows nothing of the head the image model will",
-        "paint: a generated lesion can fall near or outside the edge of the brain. Sharp anatomy,",
+        "above). The seg model draws small blob-like lesions together with the brain they lie in; the",
+        "quality gate replaces specks, oversized masks and masks with a lesion pixel outside that brain,",
+        "and the bravo model paints a head around the brain it is given (the evaluation above gives the",
+        "share of lesion pixels inside the brain of their own image, real and synthetic). Sharp anatomy,",
         "grey/white matter contrast and realistic lesion appearance need the specification's network",
         "(`model=default`, 128 px) trained for hours on a GPU (`training=default`). The demo shows that",
         "data, training, the two-stage generation and the output format work end to end; it is not",
