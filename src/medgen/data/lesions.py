@@ -113,6 +113,17 @@ def component_diameters(labels: np.ndarray, count: int, spacing: Sequence[float]
     return out
 
 
+def largest_lesions(masks: Sequence[np.ndarray], spacing: Sequence[float]) -> list[float]:
+    """The Feret diameter (mm) of the largest lesion of each mask ``[S, S]`` with a lesion, at the
+    pixel size ``spacing`` (x, y mm); masks without lesion are left out."""
+    out = []
+    for mask in masks:
+        d = feret_diameters(mask, spacing)
+        if len(d):
+            out.append(float(np.max(d)))
+    return out
+
+
 def lesion_census(patients: Sequence[Path], bins: SizeBins = RANO_BM) -> dict:
     """How many lesions of each size a dataset holds: over the ``seg`` volumes of ``patients``,
     the lesions of each axial slice binned by their 2D Feret diameter (``slices``: what a 2D

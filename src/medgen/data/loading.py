@@ -4,6 +4,7 @@ train loader and train/val caches (see docs/architecture.md, Data)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Iterator
@@ -12,6 +13,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from medgen.core.constants import MASK_KEY
+from medgen.data.lesions import largest_lesions
+from medgen.data.masks import is_lesion
 from medgen.data.nifti_dataset import DataError
 from medgen.data.parallel import worker_init_dying_with_parent
 from medgen.data.slices import SliceCache, SliceSpec, fingerprint, open_or_build_caches
@@ -91,6 +95,13 @@ class DataBundle:
     train_cache: SliceCache
     val_cache: SliceCache | None
     fingerprint: str
+
+    @functools.cached_property
+    def lesion_sizes(self) -> list[float]:
+        """The Feret diameter (mm) of the largest lesion of each training slice with a lesion."""
+        cache = self.train_cache
+        masks = is_lesion(cache.data[:, cache.keys.index(MASK_KEY)])
+        return largest_lesions(masks, (cache.spacing or (1.0, 1.0))[:2])
 
 
 def _selection_rule(spec: SliceSpec) -> str:

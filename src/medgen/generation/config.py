@@ -8,7 +8,7 @@ constraints between keys; a failure is a :class:`~medgen.core.schema.ConfigError
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig
 
@@ -16,7 +16,7 @@ from medgen.core.schema import at_least, check, check_fields, choice, merge_sche
 from medgen.diffusion.config import COMPILE_MODES
 from medgen.diffusion.samplers import SAMPLERS
 
-__all__ = ["GateConfig", "NnunetConfig", "GenerateConfig", "validate_generate_config"]
+__all__ = ["GateConfig", "LesionSizesConfig", "NnunetConfig", "GenerateConfig", "validate_generate_config"]
 
 
 @dataclass
@@ -38,6 +38,14 @@ class GateConfig:
 class NnunetConfig:
     dataset_id: int = 501
     name: str = "MedgenSynthetic"
+
+
+@dataclass
+class LesionSizesConfig:
+    #: model (as the seg model draws them), real (its training slices), uniform, or weights per bin name
+    target: Any = "real"
+    #: rano_bm, or diameter edges in mm
+    bins: Any = "rano_bm"
 
 
 @dataclass
@@ -66,6 +74,7 @@ class GenerateConfig:
     previews: bool = True
     cache_dir: str = "~/.cache/medgen"
     gate: GateConfig = field(default_factory=GateConfig)
+    lesion_sizes: LesionSizesConfig = field(default_factory=LesionSizesConfig)
     nnunet: NnunetConfig = field(default_factory=NnunetConfig)
 
 

@@ -1,7 +1,8 @@
 """Stage 1: the masks a run paints, sampled through the quality gate, or real ones (``masks_from``).
 
 Candidate ``j`` draws its noise from ``sample_seed(seed, j, MASK_STREAM)``; the accepted masks
-are the first ``num_images`` candidates, in candidate order, that pass the gate, whatever the
+are the first ``num_images`` candidates, in candidate order, that pass the gate (and, with a size
+target, fit a size class that still has room: :mod:`medgen.generation.sizes`), whatever the
 batch size or the number of processes. Each evaluated batch is kept as one block file in
 ``<out_dir>/.medgen/masks/`` (``block_<first>_<count>_r<rank>.npz``), so a restarted run
 evaluates only the candidates no earlier run did.
@@ -10,6 +11,7 @@ evaluates only the candidates no earlier run did.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,12 +26,14 @@ from medgen.core.distributed import DistInfo, any_rank
 from medgen.core.fs import atomic_write
 from medgen.core.paths import resolve_path
 from medgen.core.signals import StopRequest
+from medgen.data.lesions import feret_diameters
 from medgen.data.masks import is_lesion
 from medgen.data.nifti_dataset import DataError
 from medgen.diffusion.utils import sample_seed
 from medgen.generation import gate as quality_gate
 from medgen.generation.models import GenerationError, Stage
 from medgen.generation.records import Candidate, CandidateSource, MaskRecord, Masks, SliceSource
+from medgen.generation.sizes import NO_LESION, SizeTarget
 
 log = logging.getLogger("medgen.generate")
 
@@ -51,9 +55,11 @@ def progress_bar(total: int, initial: int, desc: str, dist: DistInfo, progress: 
 
 # ============================================================================ sampled masks
 def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: DistInfo, stop: StopRequest,
-                 progress: bool) -> Masks | None:
-    """Masks until ``num_images`` pass the gate (None if stopped by a signal); the evaluated
-    candidates are kept in ``folder``."""
+                 progress: bool, target: SizeTarget | None = None,
+                 spacing: tuple[float, float] = (1.0, 1.0)) -> Masks | None:
+    """Masks until ``num_images`` pass the gate (and fill ``target``'s size classes, their lesions
+    measured at ``spacing`` mm); None if stopped by a signal. The evaluated candidates are kept in
+    ``folder``."""
     n_wanted = int(cfg.num_images)
     max_attempts = cfg.gate.max_attempts or 20 * n_wanted
     folder.mkdir(parents=True, exist_ok=True)
@@ -62,59 +68,125 @@ def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: 
                     "that they lie inside it; train the seg model with mode.image_keys=[seg,brain]", seg.path,
                     list(seg.mode.image_keys))
     evaluated = read_blocks(folder)
-    with progress_bar(n_wanted, min(n_wanted, _accepted_prefix(evaluated)[1]), "masks", dist, progress) as bar:
+    with progress_bar(n_wanted, min(n_wanted, len(_walk(evaluated, target).chosen)), "masks", dist, progress) as bar:
         while True:
-            prefix, accepted = _accepted_prefix(evaluated)
-            bar.n = min(accepted, n_wanted)
-            bar.set_postfix(accepted=f"{accepted}/{prefix}")
+            walk = _walk(evaluated, target)
+            bar.n = min(len(walk.chosen), n_wanted)
+            bar.set_postfix(accepted=f"{len(walk.chosen)}/{walk.prefix}")
             bar.refresh()
-            if accepted >= n_wanted:
+            if len(walk.chosen) >= n_wanted:
                 break
-            if prefix >= max_attempts:
-                raise _gate_failure(cfg, accepted, prefix, max_attempts)
+            if walk.prefix >= max_attempts:
+                raise _gate_failure(cfg, walk, max_attempts, target)
             if any_rank(stop.requested, dist):
                 return None
             queue = _next_candidates(evaluated, dist.world_size * cfg.batch_size)
             mine = queue[dist.rank * cfg.batch_size:(dist.rank + 1) * cfg.batch_size]
-            results = _evaluate(seg, mine, cfg, sampler, folder, dist) if mine else {}
+            results = _evaluate(seg, mine, cfg, sampler, folder, dist, spacing) if mine else {}
             for part in _gather(results, dist):
                 evaluated.update(part)
-    return _chosen(evaluated, n_wanted, cfg.seed, folder, dist)
+    return _chosen(evaluated, walk, cfg.seed, folder, dist, target)
 
 
-def _gate_failure(cfg: DictConfig, accepted: int, tried: int, max_attempts: int) -> GenerationError:
+@dataclass
+class _Walk:
+    """The evaluated candidates 0, 1, 2, ... in order: how many (``prefix``), the accepted ones
+    (``chosen``, at most num_images), and per size class of ``target`` the candidates that pass
+    the other rules (``drawn``) and those accepted (``taken``)."""
+
+    prefix: int
+    chosen: list[int]
+    drawn: np.ndarray
+    taken: np.ndarray
+
+
+def _walk(evaluated: dict[int, Candidate], target: SizeTarget | None) -> _Walk:
+    """Accept candidates in order: those that pass the gate, and with a ``target`` only while their
+    size class has room (a candidate without lesion has none)."""
+    bins = len(target.bins) if target is not None else 0
+    walk = _Walk(0, [], np.zeros(bins, np.int64), np.zeros(bins, np.int64))
+    wanted = int(target.counts.sum()) if target is not None else None
+    while walk.prefix in evaluated:
+        c = evaluated[walk.prefix]
+        walk.prefix += 1
+        if not c.accepted:
+            continue
+        if target is None:
+            walk.chosen.append(c.index)
+            continue
+        b = int(target.bins.index(c.largest_mm)) if c.largest_mm > 0 else NO_LESION
+        if b == NO_LESION:
+            continue
+        walk.drawn[b] += 1
+        if walk.taken[b] < target.counts[b] and len(walk.chosen) < wanted:
+            walk.taken[b] += 1
+            walk.chosen.append(c.index)
+    return walk
+
+
+def _gate_failure(cfg: DictConfig, walk: _Walk, max_attempts: int, target: SizeTarget | None) -> GenerationError:
+    accepted, tried = len(walk.chosen), walk.prefix
+    message = (f"the quality gate accepted {accepted} of {tried} generated masks ({100 * accepted / tried:.1f}%), "
+               f"short of num_images={cfg.num_images} within gate.max_attempts={max_attempts}; ")
+    if target is not None:
+        per_bin = ", ".join(f"{name} {int(t)}/{int(q)} ({int(d)} drawn)" for name, t, q, d in
+                            zip(target.bins.names, walk.taken, target.counts, walk.drawn))
+        return GenerationError(message + f"by size class (lesion_sizes.target={cfg.lesion_sizes.target}), accepted/"
+                               f"wanted: {per_bin}; ask for fewer of the classes the model rarely draws, raise "
+                               "gate.max_attempts, or train the seg model longer")
     return GenerationError(
-        f"the quality gate accepted {accepted} of {tried} generated masks ({100 * accepted / tried:.1f}%), "
-        f"short of num_images={cfg.num_images} within gate.max_attempts={max_attempts}; loosen gate.* "
-        f"(min_area={cfg.gate.min_area}, max_area={cfg.gate.max_area}, max_components={cfg.gate.max_components}, "
-        f"min_component_pixels={cfg.gate.min_component_pixels}, inside_brain={cfg.gate.inside_brain}), raise "
-        "gate.max_attempts, or train the seg model longer")
+        message + f"loosen gate.* (min_area={cfg.gate.min_area}, max_area={cfg.gate.max_area}, max_components="
+        f"{cfg.gate.max_components}, min_component_pixels={cfg.gate.min_component_pixels}, inside_brain="
+        f"{cfg.gate.inside_brain}), raise gate.max_attempts, or train the seg model longer")
 
 
-def _chosen(evaluated: dict[int, Candidate], n_wanted: int, seed: int, folder: Path, dist: DistInfo) -> Masks:
-    """The first ``n_wanted`` accepted candidates, and the rejected ones before the last of them."""
-    order = sorted(evaluated)
-    chosen = [j for j in order if evaluated[j].accepted][:n_wanted]
-    last = chosen[-1]
-    with_masks = read_blocks(folder, with_masks=set(chosen))
+def _chosen(evaluated: dict[int, Candidate], walk: _Walk, seed: int, folder: Path, dist: DistInfo,
+            target: SizeTarget | None) -> Masks:
+    """The accepted candidates, and the rejected ones before the last of them."""
+    chosen = walk.chosen
+    last, keep = chosen[-1], set(chosen)
+    with_masks = read_blocks(folder, with_masks=keep)
     records, rejected = [], []
-    for j in order:
+    for j in sorted(evaluated):
         if j > last:
             break
         c = evaluated[j]
-        record = MaskRecord(CandidateSource(j), c.stats.area, c.stats.components, c.accepted,
+        record = MaskRecord(CandidateSource(j), c.stats.area, c.stats.components, j in keep,
                             seed=sample_seed(seed, j, MASK_STREAM))
-        (records if c.accepted else rejected).append(record)
+        (records if j in keep else rejected).append(record)
     rate = len(chosen) / (last + 1)
+    # what the model drew up to the last accepted candidate (later ones of the batch do not count)
+    sizes = None if target is None else size_report(target, _walk({j: evaluated[j] for j in range(last + 1)}, target),
+                                                    last + 1)
     if dist.is_main:
         log.info("quality gate: %d of %d masks accepted (%.1f%%)", len(chosen), last + 1, 100 * rate)
+        if sizes is not None:
+            log.info("size classes (largest lesion): requested %s; before the gate %s", target.describe(),
+                     ", ".join(f"{k} {100 * v:.0f}%" for k, v in sizes["before_gate_share"].items()))
     masks = np.stack([with_masks[j].mask for j in chosen])
     brains = [with_masks[j].brain for j in chosen]
-    return Masks(masks, records, rejected, rate, None if any(b is None for b in brains) else np.stack(brains))
+    return Masks(masks, records, rejected, rate, None if any(b is None for b in brains) else np.stack(brains),
+                 sizes)
+
+
+def size_report(target: SizeTarget, walk: _Walk, candidates: int) -> dict[str, Any]:
+    """What ``lesion_sizes.json`` says: the request, the classes among candidates that passed the
+    other rules (the model before the size gate), and the output's classes (= the request)."""
+    names = target.bins.names
+    drawn = walk.drawn.astype(np.float64)
+    total = float(drawn.sum()) or 1.0
+    want = target.counts / max(int(target.counts.sum()), 1)
+    return {"target": target.source, "bins": list(names), "edges_mm": list(target.bins.edges),
+            "requested": dict(zip(names, target.counts.tolist())),
+            "before_gate": dict(zip(names, walk.drawn.tolist())),
+            "before_gate_share": dict(zip(names, (drawn / total).tolist())),
+            "before_gate_match": float(np.minimum(drawn / total, want).sum()),
+            "output": dict(zip(names, walk.taken.tolist())),
+            "candidates": candidates, "acceptance_rate": len(walk.chosen) / candidates}
 
 
 def _evaluate(seg: Stage, candidates: list[int], cfg: DictConfig, sampler: str, folder: Path,
-              dist: DistInfo) -> dict[int, Candidate]:
+              dist: DistInfo, spacing: tuple[float, float]) -> dict[int, Candidate]:
     """Generate and gate ``candidates``; save them as one block file; return their verdicts."""
     x0 = seg.sample(None, sample_generators(cfg.seed, candidates, MASK_STREAM, seg.device), steps=cfg.steps,
                     sampler=sampler, batch_size=cfg.batch_size)
@@ -122,13 +194,14 @@ def _evaluate(seg: Stage, candidates: list[int], cfg: DictConfig, sampler: str, 
     masks, brains = outputs[MASK_KEY], outputs.get(BRAIN_KEY)
     stats = quality_gate.measure(masks, brains)
     ok = quality_gate.passes(stats, cfg.gate)
+    largest = np.asarray([max(feret_diameters(m, spacing), default=0.0) for m in masks], dtype=np.float64)
     path = folder / f"block_{candidates[0]:09d}_{len(candidates):05d}_r{dist.rank}.npz"
     extra = {} if brains is None else {"brains": brains}
     with atomic_write(path, suffix=".npz") as tmp:
         np.savez_compressed(tmp, candidates=np.asarray(candidates, dtype=np.int64), masks=masks, area=stats.area,
                             components=stats.components, smallest=stats.smallest, outside=stats.outside,
-                            accepted=ok, **extra)
-    return {j: Candidate(j, stats[i], bool(ok[i])) for i, j in enumerate(candidates)}
+                            largest_mm=largest, accepted=ok, **extra)
+    return {j: Candidate(j, stats[i], bool(ok[i]), largest_mm=float(largest[i])) for i, j in enumerate(candidates)}
 
 
 def read_blocks(folder: Path, with_masks: set[int] | None = None) -> dict[int, Candidate]:
@@ -143,22 +216,14 @@ def read_blocks(folder: Path, with_masks: set[int] | None = None) -> dict[int, C
             stats = quality_gate.MaskStats(block["area"], block["components"], block["smallest"], outside)
             masks = block["masks"] if with_masks is not None else None
             brains = block["brains"] if with_masks is not None and "brains" in block.files else None
+            largest = block["largest_mm"] if "largest_mm" in block.files else np.zeros(n)
             for i, j in enumerate(block["candidates"].tolist()):
                 if with_masks is None:
-                    out[j] = Candidate(j, stats[i], bool(block["accepted"][i]))
+                    out[j] = Candidate(j, stats[i], bool(block["accepted"][i]), largest_mm=float(largest[i]))
                 elif j in with_masks:
                     out[j] = Candidate(j, stats[i], bool(block["accepted"][i]), masks[i],
-                                       None if brains is None else brains[i])
+                                       None if brains is None else brains[i], float(largest[i]))
     return out
-
-
-def _accepted_prefix(evaluated: dict[int, Candidate]) -> tuple[int, int]:
-    """(length of the run of evaluated candidates 0, 1, 2, ..., accepted masks within it)."""
-    n = accepted = 0
-    while n in evaluated:
-        accepted += evaluated[n].accepted
-        n += 1
-    return n, accepted
 
 
 def _next_candidates(evaluated: dict[int, Candidate], count: int) -> list[int]:

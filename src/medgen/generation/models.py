@@ -82,6 +82,9 @@ class Stage:
     device: torch.device
     precision: str
     forward: Callable[[Tensor, Tensor], Tensor]
+    #: the Feret diameter (mm) of the largest lesion of each training slice of a mask model (None:
+    #: not recorded, a checkpoint of an older medgen or an image model)
+    training_sizes: tuple[float, ...] | None = None
 
     @property
     def image_size(self) -> int:
@@ -132,7 +135,8 @@ def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, 
     spacing = (ckpt.get("geometry") or {}).get("spacing")
     return Stage(path=file, sha256=sha256(file), network=network, strategy=build_strategy(cfg), mode=mode,
                  cond_dropout=float(cfg.training.cond_dropout), spacing=tuple(spacing) if spacing else None,
-                 brain_from=str(cfg.data.get("brain_from", "bravo")), device=device, precision=precision, forward=sampling_forward(network, device, compile, log, compile_mode))
+                 brain_from=str(cfg.data.get("brain_from", "bravo")), device=device, precision=precision, forward=sampling_forward(network, device, compile, log, compile_mode),
+                 training_sizes=tuple(ckpt["lesion_sizes"]) if ckpt.get("lesion_sizes") is not None else None)
 
 
 def _stage_mode(cfg, name: str, stage: str, key: str, file: Path) -> TrainingMode:

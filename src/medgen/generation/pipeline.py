@@ -21,6 +21,7 @@ and rank 0 writes the manifest, pictures and exports at the end.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 
 from medgen.core.constants import BRAIN_KEY, MASK_KEY
 from medgen.core.distributed import DistInfo, barrier
+from medgen.core.fs import atomic_write
 from medgen.core.paths import resolve_path
 from medgen.core.precision import configure_backends
 from medgen.core.signals import stop_signals
@@ -47,6 +49,7 @@ from medgen.generation.images import IMAGE_STREAM, SampleIds, paint, read_sample
 from medgen.generation.masks import real_masks, sample_masks
 from medgen.generation.models import GenerationError, Stage, check_pair, load_stage
 from medgen.generation.records import Masks
+from medgen.generation.sizes import SizeTarget, resolve_target
 from medgen.generation.run_folder import claim, count_complete, exclusive, remove_partial_writes, run_settings
 from medgen.generation.status import GenerationStatus, write_status
 
@@ -64,6 +67,8 @@ class GenerationResult:
     sample_ids: list[str]
     acceptance_rate: float | None
     seconds: dict[str, float] = field(default_factory=dict)
+    #: with a size target: what ``lesion_sizes.json`` says (:func:`medgen.generation.masks.size_report`)
+    sizes: dict[str, Any] | None = None
 
     @property
     def manifest(self) -> Path:
@@ -86,6 +91,7 @@ class _Run:
     out: Path
     dist: DistInfo
     command: str | None
+    target: SizeTarget | None = None
 
     @property
     def state(self) -> Path:
@@ -118,7 +124,8 @@ def run_generation(cfg: DictConfig, dist: DistInfo | None = None, progress: bool
                          precision=cfg.precision, compile=cfg.compile, compile_mode=cfg.compile_mode)
     check_pair(seg, image, cfg.guidance_scale)
     samplers = {"seg": _sampler(cfg, "seg_sampler", seg), "image": _sampler(cfg, "image_sampler", image)}
-    run = _Run(cfg, seg, image, samplers, run_settings(cfg, seg, image, samplers), out, dist, command)
+    run = _Run(cfg, seg, image, samplers, run_settings(cfg, seg, image, samplers), out, dist, command,
+               _size_target(cfg, seg, image, dist))
     with exclusive(run.state, dist):
         if dist.is_main:
             claim(run.state, run.settings)
@@ -137,7 +144,8 @@ def _run_stages(run: _Run, progress: bool, t_start: float) -> GenerationResult:
         with stop_signals(ctrl_c=True) as stop:
             t0 = time.perf_counter()
             if run.seg is not None:
-                masks = sample_masks(run.seg, cfg, run.samplers["seg"], run.state / "masks", dist, stop, progress)
+                masks = sample_masks(run.seg, cfg, run.samplers["seg"], run.state / "masks", dist, stop, progress,
+                                     run.target, _pixel_size(run.image))
             else:
                 masks = real_masks(cfg, run.image.image_size,
                                    run.image.brain_from if BRAIN_KEY in run.image.mode.cond_keys else None)
@@ -169,7 +177,8 @@ def _run_stages(run: _Run, progress: bool, t_start: float) -> GenerationResult:
         else:
             log.info("wrote %d samples to %s in %.0f s", len(ids), run.split_dir, seconds["total"])
     rate = masks.acceptance_rate if masks is not None else None
-    return GenerationResult(run.out, status, [i for i, _ in ids] if status == "done" else [], rate, seconds)
+    return GenerationResult(run.out, status, [i for i, _ in ids] if status == "done" else [], rate, seconds,
+                            masks.size_report if masks is not None else None)
 
 
 def _record_partial(run: _Run, masks: Masks | None, ids: SampleIds) -> None:
@@ -189,6 +198,28 @@ def _record_partial(run: _Run, masks: Masks | None, ids: SampleIds) -> None:
                                                command=command))
     except OSError as exc:
         log.warning("could not list the samples done so far: %s", exc)
+
+
+def _pixel_size(image: Stage) -> tuple[float, float]:
+    """The pixel size (mm) the samples are written with, at which lesion diameters are measured."""
+    return tuple((image.spacing or (1.0, 1.0, 1.0))[:2])
+
+
+def _size_target(cfg: DictConfig, seg: Stage | None, image: Stage, dist: DistInfo) -> SizeTarget | None:
+    """The size classes ``lesion_sizes`` asks for (None: no seg model, a disabled gate, ``model``, or
+    ``real`` with a seg checkpoint that does not record its training lesions, which is said once)."""
+    if seg is None or not cfg.gate.enabled:  # a disabled gate keeps every mask
+        return None
+    if cfg.lesion_sizes.target == "real" and seg.training_sizes is None:
+        if dist.is_main:
+            log.info("lesion_sizes.target=real: %s records no training lesion sizes (an older medgen): masks keep the "
+                     "sizes the model draws", seg.path)
+        return None
+    target = resolve_target(cfg, int(cfg.num_images), image.image_size, _pixel_size(image), seg.training_sizes)
+    if target is not None and dist.is_main:
+        log.info("size classes requested (lesion_sizes.target=%s, largest lesion per mask): %s",
+                 cfg.lesion_sizes.target if isinstance(cfg.lesion_sizes.target, str) else "weights", target.describe())
+    return target
 
 
 def _sampler(cfg: DictConfig, key: str, stage: Stage | None) -> str | None:
@@ -223,6 +254,9 @@ def _finish(run: _Run, masks: Masks, ids: SampleIds) -> None:
                  "for training data)", 100 * n_in / n_all, n_in, n_all,
                  brain_source(keys, run.image.brain_from))
     writer.write_manifest(out / "manifest.csv", _manifest_rows(run, masks, ids, inside=inside))
+    if masks.size_report is not None:
+        with atomic_write(out / "lesion_sizes.json") as tmp:
+            tmp.write_text(json.dumps(masks.size_report, indent=1))
     if cfg.format == "nnunet":
         root = writer.export_nnunet(out, [split_dir / sid for sid, _ in ids], keys, cfg.nnunet.dataset_id,
                                     cfg.nnunet.name)

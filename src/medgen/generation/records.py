@@ -74,6 +74,8 @@ class Candidate:
     accepted: bool
     mask: np.ndarray | None = None
     brain: np.ndarray | None = None
+    #: Feret diameter (mm) of its largest lesion, 0 without lesion
+    largest_mm: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ class Masks:
     rejected: list[MaskRecord]
     acceptance_rate: float | None
     brains: np.ndarray | None = None
+    #: with a size target: the request, the classes before the size gate and after (``lesion_sizes.json``)
+    size_report: dict[str, Any] | None = None
 
     def conditions(self, keys: tuple[str, ...], index: list[int]) -> np.ndarray:
         """The condition channels ``keys`` (``seg``, ``brain``) of masks ``index``: ``[B, len(keys), S, S]`` float32 {0, 1}."""

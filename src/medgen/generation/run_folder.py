@@ -40,6 +40,7 @@ def run_settings(cfg: DictConfig, seg: Stage | None, image: Stage, samplers: dic
         "seg_sampler": samplers["seg"], "image_sampler": samplers["image"], "steps": cfg.steps,
         "guidance_scale": cfg.guidance_scale, "use_ema": cfg.use_ema, "precision": cfg.precision,
         "gate": OmegaConf.to_container(cfg.gate) if seg else None,
+        "lesion_sizes": OmegaConf.to_container(cfg.lesion_sizes) if seg else None,
         "image_keys": list(image.mode.image_keys), "image_size": image.image_size,
         "spacing": list(image.spacing or (seg.spacing if seg and seg.spacing else (1.0, 1.0, 1.0))),
     }

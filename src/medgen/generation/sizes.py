@@ -1,0 +1,127 @@
+"""Size targets: how many generated masks of each lesion size class a run makes (``lesion_sizes.*``).
+
+A mask's **size class** is the bin (``lesion_sizes.bins``: RANO-BM by default, or edges in mm) of
+the Feret diameter of its largest lesion, measured with the seg model's voxel spacing. A target
+gives each class a weight; the run's ``num_images`` masks are shared out by the largest-remainder
+rule (:func:`quotas`), and the gate accepts a candidate only while its class still has room, in
+candidate order, so the output holds exactly the requested number of each class whatever the
+batch size, the number of processes or interruptions.
+
+Targets (``lesion_sizes.target``): ``model`` (none: as the seg model draws them), ``real`` (the
+classes of the seg model's training slices, recorded in its checkpoint), ``uniform``, or weights
+per bin name (``{tiny: 4, small: 2, medium: 1, large: 1}``; a bin left out gets none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from medgen.data.lesions import RANO_BM, SizeBins, feret_diameters
+from medgen.generation.models import GenerationError
+
+__all__ = ["SizeTarget", "quotas", "resolve_target", "size_classes", "parse_bins"]
+
+#: the size class of a mask without any lesion
+NO_LESION = -1
+
+
+def parse_bins(value: Any, key: str) -> SizeBins:
+    """``rano_bm`` or a list of edges in mm (a one-line :class:`GenerationError` naming ``key`` otherwise)."""
+    if isinstance(value, str):
+        if value == "rano_bm":
+            return RANO_BM
+        raise GenerationError(f"{key}={value}: use rano_bm or a list of diameter edges in mm, e.g. [3, 6, 10, 20]")
+    try:
+        return SizeBins.from_edges([float(v) for v in value])
+    except (TypeError, ValueError) as exc:
+        raise GenerationError(f"{key}={list(value) if not isinstance(value, (int, float)) else value}: {exc}") from None
+
+
+def quotas(weights: np.ndarray, n: int) -> np.ndarray:
+    """``n`` shared out in proportion to ``weights`` (>= 0, positive sum) by the largest-remainder
+    rule: the counts sum to ``n`` and each is within 1 of ``n * w / sum(w)`` (ties: the earlier bin)."""
+    share = n * np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    out = np.floor(share).astype(np.int64)
+    order = sorted(range(len(share)), key=lambda i: (-(share[i] - out[i]), i))
+    for i in order[: n - int(out.sum())]:
+        out[i] += 1
+    return out
+
+
+@dataclass(frozen=True)
+class SizeTarget:
+    """What a run asks for: ``counts[b]`` masks whose largest lesion is in bin ``b`` of ``bins``."""
+
+    source: str  #: real, uniform or weights
+    bins: SizeBins
+    weights: np.ndarray  #: as given, per bin
+    counts: np.ndarray  #: int64 per bin, summing to num_images
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {int(c)}" for name, c in zip(self.bins.names, self.counts))
+
+
+def size_classes(masks: np.ndarray, spacing: Sequence[float], bins: SizeBins) -> np.ndarray:
+    """The size class of each mask ``[N, S, S]``: the bin of its largest lesion's Feret diameter at
+    the pixel size ``spacing`` (x, y mm), :data:`NO_LESION` without a lesion (int64 ``[N]``)."""
+    out = np.full(len(masks), NO_LESION, dtype=np.int64)
+    for i, mask in enumerate(masks):
+        d = feret_diameters(mask, spacing)
+        if len(d):
+            out[i] = int(bins.index(float(np.max(d))))
+    return out
+
+
+def resolve_target(cfg: Any, n: int, image_size: int, spacing: Sequence[float],
+                   training_diameters: Sequence[float] | None) -> SizeTarget | None:
+    """The target ``cfg.lesion_sizes`` asks for, for ``n`` masks of ``image_size`` px at ``spacing``
+    mm (None for ``model``). ``training_diameters``: the largest lesion of each of the seg model's
+    training slices (mm), from its checkpoint (None for a checkpoint that does not record them).
+
+    Raises :class:`GenerationError` naming the key for an unknown preset or bin name, weights that do
+    not sum to a positive number, or a requested bin whose smallest diameter does not fit the image."""
+    sizes = cfg.lesion_sizes
+    bins = parse_bins(sizes.bins, "lesion_sizes.bins")
+    target = sizes.target
+    if target is None or target == "model":
+        return None
+    if isinstance(target, str):
+        if target == "uniform":
+            weights = np.ones(len(bins))
+        elif target == "real":
+            if not training_diameters:
+                raise GenerationError("lesion_sizes.target=real: the seg checkpoint records no training lesion sizes "
+                                      "(trained with an older medgen); give weights per bin, uniform, or model")
+            weights = bins.counts(training_diameters).astype(np.float64)
+        else:
+            raise GenerationError(f"lesion_sizes.target={target}: use model, real, uniform or weights per bin, e.g. "
+                                  f"{{{', '.join(f'{b}: 1' for b in bins.names)}}}")
+        source = target
+    else:
+        weights = _weights(target, bins)
+        source = "weights"
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
+        raise GenerationError(f"lesion_sizes.target: the weights {dict(zip(bins.names, weights.tolist()))} must be "
+                              ">= 0 and sum to a positive number")
+    diagonal = image_size * float(np.hypot(*spacing[:2]))
+    for b, name in enumerate(bins.names):
+        lower = bins.edges[b - 1] if b else 0.0
+        if weights[b] > 0 and lower >= diagonal:
+            raise GenerationError(f"lesion_sizes.target asks for {name} lesions (>= {lower:g} mm) but the images are "
+                                  f"{image_size} px of {spacing[0]:g} x {spacing[1]:g} mm: no lesion can be longer than "
+                                  f"their diagonal, {diagonal:.0f} mm")
+    return SizeTarget(source, bins, weights, quotas(weights, n))
+
+
+def _weights(target: Mapping[str, Any], bins: SizeBins) -> np.ndarray:
+    unknown = [k for k in target if k not in bins.names]
+    if unknown:
+        raise GenerationError(f"lesion_sizes.target: unknown bin {unknown[0]!r}; the bins of lesion_sizes.bins are "
+                              f"{list(bins.names)}")
+    try:
+        return np.asarray([float(target.get(name, 0.0)) for name in bins.names])
+    except (TypeError, ValueError):
+        raise GenerationError(f"lesion_sizes.target: weights must be numbers, got {dict(target)}") from None

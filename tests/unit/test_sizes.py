@@ -1,0 +1,132 @@
+"""Size targets of generation (medgen.generation.sizes): quotas by hand, bad requests in one line,
+and a run whose output holds exactly the size classes asked for."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from medgen.data.lesions import RANO_BM
+from medgen.generation import GenerationError, Stage, generate
+from medgen.generation.masks import _walk
+from medgen.generation.records import Candidate
+from medgen.generation.sizes import quotas, resolve_target
+from medgen.generation.status import read_status
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_quotas_share_out_by_the_largest_remainder():
+    assert quotas(np.array([1, 1, 1]), 10).tolist() == [4, 3, 3]  # 3.33 each: the earliest bin gets the extra one
+    assert quotas(np.array([3, 1]), 5).tolist() == [4, 1]  # 3.75, 1.25
+    assert quotas(np.array([0, 2, 1, 1]), 7).tolist() == [0, 3, 2, 2]  # 0, 3.5, 1.75, 1.75: .75 beats .5
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        w = rng.random(5) * (rng.random(5) > 0.3) + 1e-9
+        n = int(rng.integers(1, 500))
+        q = quotas(w, n)
+        assert q.sum() == n and np.all(np.abs(q - n * w / w.sum()) < 1)
+
+
+def _cfg(target, bins="rano_bm"):
+    return OmegaConf.create({"lesion_sizes": {"target": target, "bins": bins}})
+
+
+def test_presets_and_weights_resolve_to_counts():
+    sizes = [5.0, 5.0, 5.0, 12.0, 25.0, 40.0]  # tiny 3, small 1, medium 1, large 1
+    real = resolve_target(_cfg("real"), 12, 64, (3.4, 3.4), sizes)
+    assert real.counts.tolist() == [6, 2, 2, 2] and real.source == "real"
+    assert resolve_target(_cfg("uniform"), 10, 64, (3.4, 3.4), None).counts.tolist() == [3, 3, 2, 2]
+    weights = resolve_target(_cfg({"tiny": 4, "small": 2}), 9, 64, (3.4, 3.4), None)
+    assert weights.counts.tolist() == [6, 3, 0, 0] and weights.bins == RANO_BM
+    finer = resolve_target(_cfg({"<3mm": 1, "3-6mm": 1}, [3, 6, 10]), 4, 64, (1.0, 1.0), None)
+    assert finer.bins.names == ("<3mm", "3-6mm", "6-10mm", ">=10mm") and finer.counts.tolist() == [2, 2, 0, 0]
+    assert resolve_target(_cfg("model"), 10, 64, (1.0, 1.0), None) is None
+
+
+@pytest.mark.parametrize("target, bins, message", [
+    ("bigger", "rano_bm", r"lesion_sizes.target=bigger: use model, real, uniform or weights per bin"),
+    ({"huge": 1}, "rano_bm", r"lesion_sizes.target: unknown bin 'huge'; the bins of lesion_sizes.bins are \['tiny'"),
+    ({"tiny": 0, "small": 0}, "rano_bm", r"lesion_sizes.target: the weights .* must be >= 0 and sum to a positive"),
+    ({"tiny": -1, "small": 2}, "rano_bm", r"must be >= 0"),
+    ("uniform", "tiny", r"lesion_sizes.bins=tiny: use rano_bm or a list of diameter edges in mm"),
+    ("uniform", [10, 5], r"lesion_sizes.bins=\[10, 5\]: bin edges must be positive, finite and increasing"),
+    ({"large": 1}, "rano_bm", r"asks for large lesions \(>= 30 mm\) but the images are 8 px of 2 x 2 mm: no lesion "
+                              r"can be longer than their diagonal, 23 mm"),
+    ("real", "rano_bm", r"lesion_sizes.target=real: the seg checkpoint records no training lesion sizes"),
+])
+def test_an_impossible_request_is_one_line_naming_the_key(target, bins, message):
+    with pytest.raises(GenerationError, match=message):
+        resolve_target(_cfg(target, bins), 10, 8, (2.0, 2.0), None)
+
+
+def test_the_walk_accepts_in_order_while_a_class_has_room():
+    from medgen.generation.gate import MaskStats
+
+    stats = MaskStats(0.01, 1, 4, 0)
+    sizes = [5, 5, 12, 5, 0, 12, 25, 5]  # mm of the largest lesion; 0: no lesion
+    ok = [True, True, True, True, True, False, True, True]
+    evaluated = {j: Candidate(j, stats, ok[j], largest_mm=float(d)) for j, d in enumerate(sizes)}
+    target = resolve_target(_cfg({"tiny": 1, "small": 1, "medium": 1}), 3, 64, (1.0, 1.0), None)
+    walk = _walk(evaluated, target)
+    assert walk.chosen == [0, 2, 6] and walk.prefix == 8
+    assert walk.taken.tolist() == [1, 1, 1, 0] and walk.drawn.tolist() == [4, 1, 1, 0]  # 5 fails the gate
+    assert _walk(evaluated, None).chosen == [0, 1, 2, 3, 4, 6, 7]
+
+
+def _square_seg_model(monkeypatch, sides):
+    """A stand-in seg model: candidate j draws one square lesion of ``sides[j % len(sides)]`` px inside a brain."""
+    real_sample = Stage.sample
+    drawn = [0]
+
+    def sample(self, cond, generators, **kwargs):
+        if cond is not None:
+            return real_sample(self, cond, generators, **kwargs)
+        n, size = len(generators), self.image_size
+        x0 = -torch.ones(n, 2, size, size)
+        x0[:, 1, 1:size - 1, 1:size - 1] = 1  # the brain
+        for b in range(n):
+            k = sides[(drawn[0] + b) % len(sides)]
+            x0[b, 0, 2:2 + k, 2:2 + k] = 1
+        drawn[0] += n
+        return x0
+
+    monkeypatch.setattr(Stage, "sample", sample)
+
+
+def test_the_output_holds_exactly_the_size_classes_asked_for(tmp_path, tiny_checkpoints, monkeypatch):
+    # 2 mm pixels: a k x k square measures 2.83 k mm; 2 -> tiny (5.7), 5 -> small (14.1), 9 -> medium (25.5)
+    _square_seg_model(monkeypatch, [2, 2, 2, 5, 9, 2])
+    gate = {"enabled": True, "min_area": 0.0, "max_area": 1.0, "inside_brain": True}
+    settings = dict(seg_checkpoint=str(tiny_checkpoints["seg"]), image_checkpoint=str(tiny_checkpoints["bravo"]),
+                    num_images=6, batch_size=4, steps=2, precision="fp32", gate=gate, progress=False,
+                    cache_dir=str(tmp_path / "cache"))
+    result = generate(out_dir=str(tmp_path / "out"), lesion_sizes={"target": {"tiny": 1, "small": 1, "medium": 1}},
+                      **settings)
+    with open(result.out_dir / "manifest.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["id"]]
+    assert sorted(r["lesion_bins"] for r in rows) == ["medium", "medium", "small", "small", "tiny", "tiny"]
+    report = json.loads((result.out_dir / "lesion_sizes.json").read_text())
+    assert report["requested"] == report["output"] == {"tiny": 2, "small": 2, "medium": 2, "large": 0}
+    # candidates 0..10 were drawn to fill the medium quota (every 6th is one): 7 tiny, 2 small, 2 medium
+    assert report["candidates"] == 11 and report["before_gate"] == {"tiny": 7, "small": 2, "medium": 2, "large": 0}
+    assert report["acceptance_rate"] == pytest.approx(6 / 11) == result.acceptance_rate
+    assert report["before_gate_match"] == pytest.approx(2 / 11 + 2 / 11 + 1 / 3)
+    # the tiny model's training slices hold its "real" distribution; the checkpoint records it
+    from medgen.core.checkpoint import load_checkpoint
+
+    assert len(load_checkpoint(tiny_checkpoints["seg"])["lesion_sizes"]) > 0
+    # a class the model never draws: one line with the acceptance per class, and the folder says unfinished
+    with pytest.raises(GenerationError, match=r"accepted 3 of 12 generated masks .* gate.max_attempts=12; by size "
+                                              r"class .* tiny 2/2 \(10 drawn\), small 1/1 \(2 drawn\), medium 0/1 "
+                                              r"\(0 drawn\)"):
+        _square_seg_model(monkeypatch, [2, 2, 2, 5, 2, 2])
+        generate(out_dir=str(tmp_path / "never"), **{**settings, "num_images": 4,
+                 "gate": {**gate, "max_attempts": 12}}, lesion_sizes={"target": {"tiny": 2, "small": 1, "medium": 1}})
+    status = read_status(tmp_path / "never")
+    assert not status.complete and not (tmp_path / "never" / "train").exists()
