@@ -92,3 +92,19 @@ def test_the_brain_of_a_sample_comes_from_the_image_the_training_data_used():
     assert brain_source(("bravo",), "bravo") == "bravo"
     assert brain_source(("t1_pre", "t1_gd"), "t1_gd") == "t1_gd"
     assert brain_source(("t1_pre", "t1_gd"), "bravo") == "t1_pre"  # not generated: the first image
+
+
+def test_the_convex_hull_of_a_mask_by_hand():
+    from medgen.data.brain import convex_hull
+
+    ell = np.zeros((4, 4), np.uint8)
+    ell[0:3, 0] = 1
+    ell[2, 0:3] = 1  # an L of 5 pixels
+    hull = convex_hull(ell)
+    expected = np.zeros((4, 4), bool)
+    expected[0:3, 0:3] = True
+    expected[0, 2] = False  # its centre lies outside the hull of the L's squares; (0, 1) and (1, 2) lie on its edge
+    assert np.array_equal(hull, expected)
+    square = np.zeros((4, 4), bool)
+    square[1:3, 1:4] = True
+    assert not convex_hull(np.zeros((4, 4))).any() and np.array_equal(convex_hull(square), square)

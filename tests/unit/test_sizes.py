@@ -73,10 +73,10 @@ def test_the_walk_accepts_in_order_while_a_class_has_room():
     ok = [True, True, True, True, True, False, True, True]
     evaluated = {j: Candidate(j, stats, ok[j], largest_mm=float(d)) for j, d in enumerate(sizes)}
     target = resolve_target(_cfg({"tiny": 1, "small": 1, "medium": 1}), 3, 64, (1.0, 1.0), None)
-    walk = _walk(evaluated, target)
+    walk = _walk(evaluated, target, 3)
     assert walk.chosen == [0, 2, 6] and walk.prefix == 8
     assert walk.taken.tolist() == [1, 1, 1, 0] and walk.drawn.tolist() == [4, 1, 1, 0]  # 5 fails the gate
-    assert _walk(evaluated, None).chosen == [0, 1, 2, 3, 4, 6, 7]
+    assert _walk(evaluated, None, 10).chosen == [0, 1, 2, 3, 4, 6, 7] and _walk(evaluated, None, 2).chosen == [0, 1]
 
 
 def _square_seg_model(monkeypatch, sides):

@@ -29,8 +29,8 @@ import numpy as np
 
 from medgen.data.masks import is_lesion
 
-__all__ = ["HEAD_INTENSITY", "OTSU_FRACTION", "KEEP_FRACTION", "brain_mask", "brain_source", "inside_counts",
-           "inside_fraction", "otsu_threshold"]
+__all__ = ["HEAD_INTENSITY", "OTSU_FRACTION", "KEEP_FRACTION", "brain_mask", "brain_source", "convex_hull",
+           "inside_counts", "inside_fraction", "otsu_threshold"]
 
 #: a pixel brighter than this (after percentile scaling to [0, 1]) belongs to the head
 HEAD_INTENSITY: float = 0.1
@@ -105,3 +105,22 @@ def brain_source(image_keys: Sequence[str], brain_from: str) -> str:
     """The image of ``image_keys`` a generated sample's brain is derived from: ``brain_from`` (what
     the training data used) when it is one of them, else the first."""
     return brain_from if brain_from in image_keys else image_keys[0]
+
+
+def convex_hull(mask: np.ndarray) -> np.ndarray:
+    """The pixels of ``mask [H, W]`` and every pixel whose centre lies in the convex hull of its
+    pixels (taken as unit squares), as booleans; an empty mask stays empty."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    pts = np.argwhere(np.asarray(mask) > 0)
+    out = np.asarray(mask) > 0
+    if len(pts) == 0:
+        return out
+    corners = (pts[:, None, :] + np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])[None]).reshape(-1, 2)
+    try:
+        hull = ConvexHull(corners)
+    except QhullError:  # all corners on a line cannot happen for unit squares; keep the mask as it is
+        return out
+    grid = np.indices(out.shape).reshape(2, -1).T.astype(np.float64)  # pixel centres [H*W, 2]
+    inside = np.all(grid @ hull.equations[:, :2].T + hull.equations[:, 2] <= 1e-9, axis=1)
+    return out | inside.reshape(out.shape)

@@ -73,6 +73,8 @@ class GenerateConfig:
     format: str = choice("medgen", "medgen", "nnunet")
     previews: bool = True
     cache_dir: str = "~/.cache/medgen"
+    #: the brain each mask is painted in: its convex hull (convex) or as the seg model drew it (as_drawn)
+    brain_outline: str = choice("convex", "convex", "as_drawn")
     gate: GateConfig = field(default_factory=GateConfig)
     lesion_sizes: LesionSizesConfig = field(default_factory=LesionSizesConfig)
     nnunet: NnunetConfig = field(default_factory=NnunetConfig)

@@ -26,6 +26,7 @@ from medgen.core.distributed import DistInfo, any_rank
 from medgen.core.fs import atomic_write
 from medgen.core.paths import resolve_path
 from medgen.core.signals import StopRequest
+from medgen.data.brain import convex_hull
 from medgen.data.lesions import feret_diameters
 from medgen.data.masks import is_lesion
 from medgen.data.nifti_dataset import DataError
@@ -68,9 +69,10 @@ def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: 
                     "that they lie inside it; train the seg model with mode.image_keys=[seg,brain]", seg.path,
                     list(seg.mode.image_keys))
     evaluated = read_blocks(folder)
-    with progress_bar(n_wanted, min(n_wanted, len(_walk(evaluated, target).chosen)), "masks", dist, progress) as bar:
+    done = len(_walk(evaluated, target, n_wanted).chosen)
+    with progress_bar(n_wanted, done, "masks", dist, progress) as bar:
         while True:
-            walk = _walk(evaluated, target)
+            walk = _walk(evaluated, target, n_wanted)
             bar.n = min(len(walk.chosen), n_wanted)
             bar.set_postfix(accepted=f"{len(walk.chosen)}/{walk.prefix}")
             bar.refresh()
@@ -85,7 +87,7 @@ def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: 
             results = _evaluate(seg, mine, cfg, sampler, folder, dist, spacing) if mine else {}
             for part in _gather(results, dist):
                 evaluated.update(part)
-    return _chosen(evaluated, walk, cfg.seed, folder, dist, target)
+    return _chosen(evaluated, walk, cfg.seed, folder, dist, target, cfg.brain_outline)
 
 
 @dataclass
@@ -100,19 +102,19 @@ class _Walk:
     taken: np.ndarray
 
 
-def _walk(evaluated: dict[int, Candidate], target: SizeTarget | None) -> _Walk:
-    """Accept candidates in order: those that pass the gate, and with a ``target`` only while their
-    size class has room (a candidate without lesion has none)."""
+def _walk(evaluated: dict[int, Candidate], target: SizeTarget | None, wanted: int) -> _Walk:
+    """Accept candidates in order until ``wanted``: those that pass the gate, and with a ``target``
+    only while their size class has room (a candidate without lesion has none)."""
     bins = len(target.bins) if target is not None else 0
     walk = _Walk(0, [], np.zeros(bins, np.int64), np.zeros(bins, np.int64))
-    wanted = int(target.counts.sum()) if target is not None else None
     while walk.prefix in evaluated:
         c = evaluated[walk.prefix]
         walk.prefix += 1
         if not c.accepted:
             continue
         if target is None:
-            walk.chosen.append(c.index)
+            if len(walk.chosen) < wanted:
+                walk.chosen.append(c.index)
             continue
         b = int(target.bins.index(c.largest_mm)) if c.largest_mm > 0 else NO_LESION
         if b == NO_LESION:
@@ -141,8 +143,9 @@ def _gate_failure(cfg: DictConfig, walk: _Walk, max_attempts: int, target: SizeT
 
 
 def _chosen(evaluated: dict[int, Candidate], walk: _Walk, seed: int, folder: Path, dist: DistInfo,
-            target: SizeTarget | None) -> Masks:
-    """The accepted candidates, and the rejected ones before the last of them."""
+            target: SizeTarget | None, outline: str = "as_drawn") -> Masks:
+    """The accepted candidates, and the rejected ones before the last of them; their brains as
+    drawn, or (``outline="convex"``) each replaced by its convex hull, which holds it."""
     chosen = walk.chosen
     last, keep = chosen[-1], set(chosen)
     with_masks = read_blocks(folder, with_masks=keep)
@@ -156,8 +159,8 @@ def _chosen(evaluated: dict[int, Candidate], walk: _Walk, seed: int, folder: Pat
         (records if j in keep else rejected).append(record)
     rate = len(chosen) / (last + 1)
     # what the model drew up to the last accepted candidate (later ones of the batch do not count)
-    sizes = None if target is None else size_report(target, _walk({j: evaluated[j] for j in range(last + 1)}, target),
-                                                    last + 1)
+    sizes = None if target is None else \
+        size_report(target, _walk({j: evaluated[j] for j in range(last + 1)}, target, len(chosen)), last + 1)
     if dist.is_main:
         log.info("quality gate: %d of %d masks accepted (%.1f%%)", len(chosen), last + 1, 100 * rate)
         if sizes is not None:
@@ -165,8 +168,11 @@ def _chosen(evaluated: dict[int, Candidate], walk: _Walk, seed: int, folder: Pat
                      ", ".join(f"{k} {100 * v:.0f}%" for k, v in sizes["before_gate_share"].items()))
     masks = np.stack([with_masks[j].mask for j in chosen])
     brains = [with_masks[j].brain for j in chosen]
-    return Masks(masks, records, rejected, rate, None if any(b is None for b in brains) else np.stack(brains),
-                 sizes)
+    if any(b is None for b in brains):
+        return Masks(masks, records, rejected, rate, None, sizes)
+    if outline == "convex":
+        brains = [convex_hull(b).astype(np.uint8) for b in brains]
+    return Masks(masks, records, rejected, rate, np.stack(brains), sizes)
 
 
 def size_report(target: SizeTarget, walk: _Walk, candidates: int) -> dict[str, Any]:
