@@ -27,6 +27,9 @@ def test_demo_runs_the_whole_pipeline_and_its_lesions_sit_on_the_masks(tmp_path)
     control = float(re.search(r"\| synthetic \| another sample's \(control\) \| ([-\d.]+) \|", summary).group(1))
     assert own > 0.1 and own > control + 0.1, summary  # a bright lesion at its own mask, not at others'
     assert (out / "contact_sheet.png").is_file()
+    # every generated lesion lies in the brain of its own image (measured on the image, not the mask model's brain)
+    inside = float(re.search(r"lesion pixels inside the brain of their image: ([\d.]+)% synthetic", summary).group(1))
+    assert inside >= 99, summary
     report = check_dataset(out / "synthetic", progress=False)
     assert report.ok and report.patients_checked == 64
     metrics = (out / "evaluation" / "metrics.json").read_text()
