@@ -68,6 +68,8 @@ class SizeBins:
 
 #: RANO-BM's size classes of brain metastases.
 RANO_BM = SizeBins(edges=(10.0, 20.0, 30.0), names=("tiny", "small", "medium", "large"))
+#: the binnings a config may name instead of giving edges
+NAMED_BINS: dict[str, SizeBins] = {"rano_bm": RANO_BM}
 
 
 def _corners(points: np.ndarray) -> np.ndarray:
@@ -113,15 +115,15 @@ def component_diameters(labels: np.ndarray, count: int, spacing: Sequence[float]
     return out
 
 
+def largest_diameter(mask: np.ndarray, spacing: Sequence[float]) -> float:
+    """The Feret diameter (mm) of the largest lesion of ``mask`` at ``spacing``; 0 without lesion."""
+    return float(max(feret_diameters(mask, spacing), default=0.0))
+
+
 def largest_lesions(masks: Sequence[np.ndarray], spacing: Sequence[float]) -> list[float]:
     """The Feret diameter (mm) of the largest lesion of each mask ``[S, S]`` with a lesion, at the
     pixel size ``spacing`` (x, y mm); masks without lesion are left out."""
-    out = []
-    for mask in masks:
-        d = feret_diameters(mask, spacing)
-        if len(d):
-            out.append(float(np.max(d)))
-    return out
+    return [d for d in (largest_diameter(mask, spacing) for mask in masks) if d > 0]
 
 
 def lesion_census(patients: Sequence[Path], bins: SizeBins = RANO_BM) -> dict:

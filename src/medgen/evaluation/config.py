@@ -14,10 +14,9 @@ from omegaconf import DictConfig
 
 from medgen.core.constants import IMAGE_MODALITIES
 from medgen.core.schema import ConfigError, at_least, check, check_fields, choice, merge_schema
-from medgen.data.lesions import RANO_BM, SizeBins
+from medgen.data.lesions import NAMED_BINS, SizeBins
 
 #: the binnings ``lesions.bins`` can name
-NAMED_BINS = {"rano_bm": RANO_BM}
 
 __all__ = ["FeaturesConfig", "BudgetConfig", "LesionsConfig", "EvaluateConfig", "size_bins", "validate_evaluate_config"]
 

@@ -188,10 +188,10 @@ def anatomy_metrics(sets: Sets, cfg: DictConfig) -> dict:
         out["lesion_pixels"][name] = total
     syn = out["inside_brain"]["synthetic"]
     if syn is not None and syn < MIN_INSIDE_BRAIN:
-        sets.warn(f"{100 * (1 - syn):.1f}% of the synthetic lesion pixels lie outside the brain of their "
-                             f"image (real {sets.reference_split}: {100 * (1 - (out['inside_brain']['real'] or 1)):.1f}%)"
-                             "; generate with a seg model that draws the brain (mode.image_keys=[seg,brain]) and "
-                             "gate.inside_brain=true")
+        real = out["inside_brain"]["real"] or 1
+        sets.warn(f"{100 * (1 - syn):.1f}% of the synthetic lesion pixels lie outside the brain of their image "
+                  f"(real {sets.reference_split}: {100 * (1 - real):.1f}%); generate with a seg model that draws the "
+                  "brain (mode.image_keys=[seg,brain]) and gate.inside_brain=true")
     return out
 
 

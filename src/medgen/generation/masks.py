@@ -27,14 +27,14 @@ from medgen.core.fs import atomic_write
 from medgen.core.paths import resolve_path
 from medgen.core.signals import StopRequest
 from medgen.data.brain import convex_hull
-from medgen.data.lesions import feret_diameters
+from medgen.data.lesions import largest_diameter
 from medgen.data.masks import is_lesion
 from medgen.data.nifti_dataset import DataError
 from medgen.diffusion.utils import sample_seed
 from medgen.generation import gate as quality_gate
 from medgen.generation.models import GenerationError, Stage
 from medgen.generation.records import Candidate, CandidateSource, MaskRecord, Masks, SliceSource
-from medgen.generation.sizes import NO_LESION, SizeTarget
+from medgen.generation.sizes import SizeTarget
 
 log = logging.getLogger("medgen.generate")
 
@@ -69,10 +69,9 @@ def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: 
                     "that they lie inside it; train the seg model with mode.image_keys=[seg,brain]", seg.path,
                     list(seg.mode.image_keys))
     evaluated = read_blocks(folder)
-    done = len(_walk(evaluated, target, n_wanted).chosen)
-    with progress_bar(n_wanted, done, "masks", dist, progress) as bar:
+    walk = _walk(evaluated, target, n_wanted)
+    with progress_bar(n_wanted, len(walk.chosen), "masks", dist, progress) as bar:
         while True:
-            walk = _walk(evaluated, target, n_wanted)
             bar.n = min(len(walk.chosen), n_wanted)
             bar.set_postfix(accepted=f"{len(walk.chosen)}/{walk.prefix}")
             bar.refresh()
@@ -87,6 +86,7 @@ def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: 
             results = _evaluate(seg, mine, cfg, sampler, folder, dist, spacing) if mine else {}
             for part in _gather(results, dist):
                 evaluated.update(part)
+            walk = _walk(evaluated, target, n_wanted)
     return _chosen(evaluated, walk, cfg.seed, folder, dist, target, cfg.brain_outline)
 
 
@@ -116,9 +116,9 @@ def _walk(evaluated: dict[int, Candidate], target: SizeTarget | None, wanted: in
             if len(walk.chosen) < wanted:
                 walk.chosen.append(c.index)
             continue
-        b = int(target.bins.index(c.largest_mm)) if c.largest_mm > 0 else NO_LESION
-        if b == NO_LESION:
+        if c.largest_mm <= 0:  # no lesion: no size class
             continue
+        b = int(target.bins.index(c.largest_mm))
         walk.drawn[b] += 1
         if walk.taken[b] < target.counts[b] and len(walk.chosen) < wanted:
             walk.taken[b] += 1
@@ -200,7 +200,7 @@ def _evaluate(seg: Stage, candidates: list[int], cfg: DictConfig, sampler: str, 
     masks, brains = outputs[MASK_KEY], outputs.get(BRAIN_KEY)
     stats = quality_gate.measure(masks, brains)
     ok = quality_gate.passes(stats, cfg.gate)
-    largest = np.asarray([max(feret_diameters(m, spacing), default=0.0) for m in masks], dtype=np.float64)
+    largest = np.asarray([largest_diameter(m, spacing) for m in masks], dtype=np.float64)
     path = folder / f"block_{candidates[0]:09d}_{len(candidates):05d}_r{dist.rank}.npz"
     extra = {} if brains is None else {"brains": brains}
     with atomic_write(path, suffix=".npz") as tmp:

@@ -135,7 +135,8 @@ def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, 
     spacing = (ckpt.get("geometry") or {}).get("spacing")
     return Stage(path=file, sha256=sha256(file), network=network, strategy=build_strategy(cfg), mode=mode,
                  cond_dropout=float(cfg.training.cond_dropout), spacing=tuple(spacing) if spacing else None,
-                 brain_from=str(cfg.data.get("brain_from", "bravo")), device=device, precision=precision, forward=sampling_forward(network, device, compile, log, compile_mode),
+                 brain_from=str(cfg.data.get("brain_from", "bravo")), device=device, precision=precision,
+                 forward=sampling_forward(network, device, compile, log, compile_mode),
                  training_sizes=tuple(ckpt["lesion_sizes"]) if ckpt.get("lesion_sizes") is not None else None)
 
 

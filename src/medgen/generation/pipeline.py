@@ -296,7 +296,7 @@ def _manifest_rows(run: _Run, masks: Masks, ids: SampleIds, done: set[str] | Non
               "seg_sha256": settings["seg_sha256"] or "", "image_checkpoint": settings["image_checkpoint"],
               "image_sha256": settings["image_sha256"], "seg_sampler": settings["seg_sampler"] or "",
               "image_sampler": settings["image_sampler"], "steps": cfg.steps, "guidance_scale": cfg.guidance_scale}
-    spacing = tuple((run.image.spacing or (1.0, 1.0, 1.0))[:2])  # the pixel size the samples are written with
+    spacing = _pixel_size(run.image)
     sizes: dict[int, dict[str, str]] = {}  # mask index -> its lesions' fields (a mask may have several samples)
     rows = []
     for q, (sid, i) in enumerate(ids):

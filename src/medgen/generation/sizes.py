@@ -19,20 +19,17 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from medgen.data.lesions import RANO_BM, SizeBins, feret_diameters
+from medgen.data.lesions import NAMED_BINS, SizeBins
 from medgen.generation.models import GenerationError
 
-__all__ = ["SizeTarget", "quotas", "resolve_target", "size_classes", "parse_bins"]
-
-#: the size class of a mask without any lesion
-NO_LESION = -1
+__all__ = ["SizeTarget", "quotas", "resolve_target", "parse_bins"]
 
 
 def parse_bins(value: Any, key: str) -> SizeBins:
     """``rano_bm`` or a list of edges in mm (a one-line :class:`GenerationError` naming ``key`` otherwise)."""
     if isinstance(value, str):
-        if value == "rano_bm":
-            return RANO_BM
+        if value in NAMED_BINS:
+            return NAMED_BINS[value]
         raise GenerationError(f"{key}={value}: use rano_bm or a list of diameter edges in mm, e.g. [3, 6, 10, 20]")
     try:
         return SizeBins.from_edges([float(v) for v in value])
@@ -62,17 +59,6 @@ class SizeTarget:
 
     def describe(self) -> str:
         return ", ".join(f"{name} {int(c)}" for name, c in zip(self.bins.names, self.counts))
-
-
-def size_classes(masks: np.ndarray, spacing: Sequence[float], bins: SizeBins) -> np.ndarray:
-    """The size class of each mask ``[N, S, S]``: the bin of its largest lesion's Feret diameter at
-    the pixel size ``spacing`` (x, y mm), :data:`NO_LESION` without a lesion (int64 ``[N]``)."""
-    out = np.full(len(masks), NO_LESION, dtype=np.int64)
-    for i, mask in enumerate(masks):
-        d = feret_diameters(mask, spacing)
-        if len(d):
-            out[i] = int(bins.index(float(np.max(d))))
-    return out
 
 
 def resolve_target(cfg: Any, n: int, image_size: int, spacing: Sequence[float],
