@@ -54,8 +54,8 @@ def test_presets_and_weights_resolve_to_counts():
     ({"huge": 1}, "rano_bm", r"lesion_sizes.target: unknown bin 'huge'; the bins of lesion_sizes.bins are \['tiny'"),
     ({"tiny": 0, "small": 0}, "rano_bm", r"lesion_sizes.target: the weights .* must be >= 0 and sum to a positive"),
     ({"tiny": -1, "small": 2}, "rano_bm", r"must be >= 0"),
-    ("uniform", "tiny", r"lesion_sizes.bins=tiny: use rano_bm or a list of diameter edges in mm"),
-    ("uniform", [10, 5], r"lesion_sizes.bins=\[10, 5\]: bin edges must be positive, finite and increasing"),
+    ("uniform", "tiny", r"lesion_sizes.bins: unknown binning 'tiny'; use one of \['rano_bm'\] or a list"),
+    ("uniform", [10, 5], r"lesion_sizes.bins: bin edges must be positive, finite and increasing, got \[10.0, 5.0\]"),
     ({"large": 1}, "rano_bm", r"asks for large lesions \(>= 30 mm\) but the images are 8 px of 2 x 2 mm: no lesion "
                               r"can be longer than their diagonal, 23 mm"),
     ("real", "rano_bm", r"lesion_sizes.target=real: the seg checkpoint records no training lesion sizes"),
@@ -77,6 +77,17 @@ def test_the_walk_accepts_in_order_while_a_class_has_room():
     assert walk.chosen == [0, 2, 6] and walk.prefix == 8
     assert walk.taken.tolist() == [1, 1, 1, 0] and walk.drawn.tolist() == [4, 1, 1, 0]  # 5 fails the gate
     assert _walk(evaluated, None, 10).chosen == [0, 1, 2, 3, 4, 6, 7] and _walk(evaluated, None, 2).chosen == [0, 1]
+
+
+def test_each_candidate_is_asked_for_one_class_in_an_even_spread_of_the_quotas():
+    target = resolve_target(_cfg({"tiny": 2, "small": 1, "medium": 1}), 4, 64, (1.0, 1.0), None)
+    assert target.counts.tolist() == [2, 1, 1, 0]
+    # slots at (k + 1/2) / count: tiny 0.25 and 0.75, small 0.5, medium 0.5; ties by bin
+    assert target.requested(range(9)).tolist() == [0, 1, 2, 0, 0, 1, 2, 0, 0]
+    big = resolve_target(_cfg({"tiny": 5, "small": 3, "medium": 1, "large": 1}), 97, 64, (1.0, 1.0), None)
+    for start in (0, 13, 500):  # any num_images consecutive candidates ask for each class its quota
+        asked = big.requested(range(start, start + 97))
+        assert np.bincount(asked, minlength=4).tolist() == big.counts.tolist()
 
 
 def _square_seg_model(monkeypatch, sides):
@@ -117,6 +128,10 @@ def test_the_output_holds_exactly_the_size_classes_asked_for(tmp_path, tiny_chec
     assert report["candidates"] == 11 and report["before_gate"] == {"tiny": 7, "small": 2, "medium": 2, "large": 0}
     assert report["acceptance_rate"] == pytest.approx(6 / 11) == result.acceptance_rate
     assert report["before_gate_match"] == pytest.approx(2 / 11 + 2 / 11 + 1 / 3)
+    # candidate j is asked for [tiny, small, medium][j % 3]; the unconditional stand-in hits it by chance (j = 0, 6)
+    assert report["conditioned"] is False and report["exact_match"] == pytest.approx(2 / 11)
+    assert report["asked"] == {"tiny": 4, "small": 4, "medium": 3, "large": 0}
+    assert report["exact_match_per_bin"] == {"tiny": 0.5, "small": 0.0, "medium": 0.0, "large": None}
     # the tiny model's training slices hold its "real" distribution; the checkpoint records it
     from medgen.core.checkpoint import load_checkpoint
 
@@ -130,3 +145,89 @@ def test_the_output_holds_exactly_the_size_classes_asked_for(tmp_path, tiny_chec
                  "gate": {**gate, "max_attempts": 12}}, lesion_sizes={"target": {"tiny": 2, "small": 1, "medium": 1}})
     status = read_status(tmp_path / "never")
     assert not status.complete and not (tmp_path / "never" / "train").exists()
+
+
+def _class_square_model(monkeypatch, calls):
+    """A stand-in for a size-conditioned seg model: it draws one square lesion of the class its
+    condition planes ask for (none: 2 px), and records the guidance scale."""
+    sides = {1: 2, 2: 5, 3: 9, 4: 12}  # 2 mm pixels: tiny, small, medium, large
+    real_sample = Stage.sample
+
+    def sample(self, cond, generators, *, guidance_scale=1.0, **kwargs):
+        if not self.mode.generates_mask:  # the image model
+            return real_sample(self, cond, generators, guidance_scale=guidance_scale, **kwargs)
+        calls.append((cond, guidance_scale))
+        n, size = len(generators), self.image_size
+        x0 = -torch.ones(n, 2, size, size)
+        x0[:, 1, 1:size - 1, 1:size - 1] = 1
+        for b in range(n):
+            k = sides.get(int(cond[b, :, 0, 0].argmax()) if (cond[b] > 0).any() else 1, 2)
+            x0[b, 0, 2:2 + k, 2:2 + k] = 1
+        return x0
+
+    monkeypatch.setattr(Stage, "sample", sample)
+
+
+def test_a_size_conditioned_seg_model_trains_and_draws_the_class_asked_of_each_candidate(
+        tmp_path, tiny_data, tiny_checkpoints, monkeypatch):
+    from medgen.core.distributed import DistInfo
+    from medgen.diffusion.config import load_config
+    from medgen.diffusion.trainer import DiffusionTrainer
+    from medgen.generation.models import load_stage
+    from tests.conftest import tiny_overrides
+
+    cfg = load_config(tiny_overrides(tmp_path, tiny_data, "mode=seg", "strategy=ddpm", "mode.size_bins=rano_bm",
+                                     "training.cond_dropout=0.2", "training.max_steps=3"))
+    trainer = DiffusionTrainer(cfg, tmp_path / "seg", DistInfo(device=torch.device("cpu")), progress=False)
+    batch = next(iter(trainer.data.train))
+    assert batch["lesion_mm"].shape == (4, 1) and torch.all(batch["lesion_mm"] > 0)  # lesion slices
+    trainer.train()
+    ckpt = tmp_path / "seg" / "checkpoints" / "latest.pt"
+    stage = load_stage(ckpt, "seg", "seg_checkpoint", device=torch.device("cpu"), compile="false")
+    assert stage.mode.size_conditioned and stage.network.conv_in.conv.in_channels == 7  # 2 channels + 5 planes
+    # the real network samples with a condition (shapes only: 3 training steps)
+    cond = stage.mode.size_condition(torch.tensor([1, 2]), (stage.image_size,) * 2)
+    x0 = stage.sample(cond, [torch.Generator().manual_seed(i) for i in range(2)], steps=2, sampler="ddim",
+                      guidance_scale=2.0)
+    assert x0.shape == (2, 2, stage.image_size, stage.image_size) and torch.isfinite(x0).all()
+
+    calls = []
+    _class_square_model(monkeypatch, calls)
+    gate = {"enabled": True, "min_area": 0.0, "max_area": 1.0, "inside_brain": True}
+    settings = dict(seg_checkpoint=str(ckpt), image_checkpoint=str(tiny_checkpoints["bravo"]), num_images=6,
+                    batch_size=4, steps=2, precision="fp32", gate=gate, progress=False, cache_dir=str(tmp_path / "c"))
+    result = generate(out_dir=str(tmp_path / "out"), lesion_sizes={"target": "uniform", "guidance": 2.0}, **settings)
+    report = json.loads((result.out_dir / "lesion_sizes.json").read_text())
+    assert report["requested"] == report["output"] == {"tiny": 2, "small": 2, "medium": 1, "large": 1}
+    assert report["conditioned"] is True and report["guidance"] == 2.0
+    assert report["exact_match"] == 1.0 and report["candidates"] == 6 and report["acceptance_rate"] == 1.0
+    assert all(g == 2.0 for _, g in calls)
+    # the classes asked of candidates 0..7 (two batches of 4), as planes: tiny, small, medium, large, ...
+    asked = torch.cat([c[:, :, 0, 0].argmax(1) for c, _ in calls]).tolist()
+    assert asked == [1, 2, 3, 4, 1, 2, 1, 2]
+    # without a target the model draws with no class given (every plane -1), unguided
+    calls.clear()
+    generate(out_dir=str(tmp_path / "free"), lesion_sizes={"target": "model"}, **settings)
+    assert all(torch.all(c == -1) and g == 1.0 for c, g in calls)
+
+
+@pytest.mark.parametrize("size_bins, dropout, sizes, message", [
+    (None, 0.0, {"target": "uniform", "guidance": 3.0}, r"lesion_sizes.guidance=3: seg_checkpoint .* is not "
+                                                          r"conditioned on lesion sizes"),
+    ("rano_bm", 0.1, {"target": "uniform", "bins": [3, 6]}, r"lesion_sizes.bins gives \['<3mm', '3-6mm', '>=6mm'\] "
+                                                            r"but seg_checkpoint .* is conditioned on \['tiny'"),
+    ("rano_bm", 0.0, {"target": "uniform", "guidance": 2.0}, r"trained with training.cond_dropout=0, so its masks "
+                                                             r"cannot be guided"),
+    ("rano_bm", 0.0, {"target": "model"}, r"cannot be drawn without a class \(lesion_sizes.target=model"),
+])
+def test_a_request_the_conditioned_model_cannot_serve_is_one_line(size_bins, dropout, sizes, message):
+    from types import SimpleNamespace
+
+    from medgen.generation.sizes import check_conditioning
+
+    mode = SimpleNamespace(size_bins=None if size_bins is None else RANO_BM)
+    target = resolve_target(_cfg(sizes["target"], sizes.get("bins", "rano_bm")), 4, 64, (1.0, 1.0), None)
+    with pytest.raises(GenerationError, match=message):
+        check_conditioning(mode, "seg.pt", dropout, target, sizes.get("guidance", 1.0))
+    check_conditioning(mode, "seg.pt", 0.1, None if size_bins is None else
+                       resolve_target(_cfg("uniform"), 4, 64, (1.0, 1.0), None), 1.0)  # a fitting request passes

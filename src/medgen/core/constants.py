@@ -11,6 +11,9 @@ BRAIN_KEY: str = "brain"
 MODALITIES: tuple[str, ...] = IMAGE_MODALITIES + (MASK_KEY,)
 #: every channel a mode may generate or be conditioned on
 CHANNEL_KEYS: tuple[str, ...] = MODALITIES + (BRAIN_KEY,)
+#: a training batch's entry for the Feret diameter (mm) of each slice's largest lesion (0: none), ``[B, 1]``;
+#: present when the mode conditions on lesion sizes
+LESION_MM_KEY: str = "lesion_mm"
 NIFTI_SUFFIX: str = ".nii.gz"
 
 #: dataset splits, in this order

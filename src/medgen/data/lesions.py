@@ -72,6 +72,22 @@ RANO_BM = SizeBins(edges=(10.0, 20.0, 30.0), names=("tiny", "small", "medium", "
 NAMED_BINS: dict[str, SizeBins] = {"rano_bm": RANO_BM}
 
 
+def parse_bins(value: str | Sequence[float]) -> SizeBins:
+    """The bins a config names (a key of :data:`NAMED_BINS`) or gives (increasing diameters in mm);
+    a ``ValueError`` saying why otherwise (callers add the key)."""
+    if isinstance(value, str):
+        if value in NAMED_BINS:
+            return NAMED_BINS[value]
+        raise ValueError(f"unknown binning {value!r}; use one of {sorted(NAMED_BINS)} or a list of increasing "
+                         "diameters in mm, e.g. [3, 6, 10, 20, 30]")
+    try:
+        edges = [float(b) for b in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"must be a binning's name ({sorted(NAMED_BINS)}) or a list of diameters in mm, "
+                         f"got {value!r}") from None
+    return SizeBins.from_edges(edges)
+
+
 def _corners(points: np.ndarray) -> np.ndarray:
     """The ``2**D`` corners of the voxel boxes centred on ``points`` ``[N, D]`` (voxel units)."""
     offsets = np.array(list(itertools.product((-0.5, 0.5), repeat=points.shape[1])))

@@ -4,7 +4,6 @@ train loader and train/val caches (see docs/architecture.md, Data)."""
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Iterator
@@ -13,9 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from medgen.core.constants import MASK_KEY
-from medgen.data.lesions import largest_lesions
-from medgen.data.masks import is_lesion
+from medgen.core.constants import LESION_MM_KEY
 from medgen.data.nifti_dataset import DataError
 from medgen.data.parallel import worker_init_dying_with_parent
 from medgen.data.slices import SliceCache, SliceSpec, fingerprint, open_or_build_caches
@@ -25,17 +22,22 @@ log = logging.getLogger("medgen.data")
 
 
 class SliceDataset(Dataset):
-    """2D training items from a :class:`SliceCache`: ``{key: [1, S, S] float32 in [0, 1]}``."""
+    """2D training items from a :class:`SliceCache`: ``{key: [1, S, S] float32 in [0, 1]}``; with
+    ``sizes``, also ``lesion_mm``: ``[1]``, the Feret diameter (mm) of the slice's largest lesion."""
 
-    def __init__(self, cache: SliceCache):
+    def __init__(self, cache: SliceCache, sizes: bool = False):
         self.cache = cache
+        self.largest_mm = cache.largest_mm if sizes else None
 
     def __len__(self) -> int:
         return len(self.cache)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         arr = np.asarray(self.cache.data[index], dtype=np.float32)  # [C, S, S]
-        return {k: torch.from_numpy(arr[c : c + 1].copy()) for c, k in enumerate(self.cache.keys)}
+        item = {k: torch.from_numpy(arr[c : c + 1].copy()) for c, k in enumerate(self.cache.keys)}
+        if self.largest_mm is not None:
+            item[LESION_MM_KEY] = torch.tensor([self.largest_mm[index]], dtype=torch.float32)
+        return item
 
 
 class ResumableSampler(DistributedSampler):
@@ -96,12 +98,10 @@ class DataBundle:
     val_cache: SliceCache | None
     fingerprint: str
 
-    @functools.cached_property
+    @property
     def lesion_sizes(self) -> list[float]:
         """The Feret diameter (mm) of the largest lesion of each training slice with a lesion."""
-        cache = self.train_cache
-        masks = is_lesion(cache.data[:, cache.keys.index(MASK_KEY)])
-        return largest_lesions(masks, (cache.spacing or (1.0, 1.0))[:2])
+        return [float(d) for d in self.train_cache.largest_mm if d > 0]
 
 
 def _selection_rule(spec: SliceSpec) -> str:
@@ -117,9 +117,10 @@ def _selection_rule(spec: SliceSpec) -> str:
 
 
 def build_data(cfg, rank: int = 0, world_size: int = 1, progress: bool = True,
-               barrier=None, *, selection: str) -> DataBundle:
+               barrier=None, *, selection: str, sizes: bool = False) -> DataBundle:
     """Train/val loaders for the configured mode from ``paths.data_dir`` (cache under ``paths.cache_dir``),
-    with the slice ``selection`` the mode's class declares (``TrainingMode.slice_selection``).
+    with the slice ``selection`` the mode's class declares (``TrainingMode.slice_selection``); with
+    ``sizes``, batches carry each slice's largest lesion diameter (a size-conditioned mask model).
 
     In a multi-process run, rank 0 builds the caches and the others wait on ``barrier()``.
     """
@@ -169,7 +170,7 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, progress: bool = True,
                     "best.pt is not written; add validation patients whose slices pass the selection", why)
 
     per_rank = cfg.training.batch_size // world_size
-    train_ds = SliceDataset(train_cache)
+    train_ds = SliceDataset(train_cache, sizes)
     if len(train_ds) < per_rank * world_size:
         raise DataError(
             f"only {len(train_ds)} training slices selected from {root / 'train'}, fewer than one batch "

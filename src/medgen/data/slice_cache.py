@@ -12,13 +12,17 @@ import errno
 import hashlib
 import json
 import logging
+import functools
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from medgen.core.constants import MASK_KEY
 from medgen.core.fs import temporary_path
+from medgen.data.lesions import largest_diameter
+from medgen.data.masks import is_lesion
 from medgen.data.nifti_dataset import DataError
 
 log = logging.getLogger("medgen.data")
@@ -129,6 +133,19 @@ class SliceCache:
             else:
                 self._data = np.memmap(self.directory / DATA_FILE, dtype=CACHE_DTYPE, mode="r", shape=self.shape)
         return self._data
+
+    @functools.cached_property
+    def largest_mm(self) -> np.ndarray:
+        """``[N]`` float64: the Feret diameter (mm, at the cache's pixel size) of each slice's largest
+        lesion, 0 without lesion or mask channel (measured on first use: a pass over the lesion slices)."""
+        out = np.zeros(len(self), dtype=np.float64)
+        if MASK_KEY not in self.keys:
+            return out
+        spacing = (self.spacing or (1.0, 1.0))[:2]
+        channel = self.keys.index(MASK_KEY)
+        for i in np.flatnonzero(self.lesion_pixels > 0):
+            out[i] = largest_diameter(is_lesion(self.data[i, channel]), spacing)
+        return out
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

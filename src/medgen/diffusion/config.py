@@ -19,8 +19,9 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from medgen.core.constants import CHANNEL_KEYS
-from medgen.core.schema import at_least, check, check_fields, choice, compose_config, merge_schema
+from medgen.core.schema import ConfigError, at_least, check, check_fields, choice, compose_config, merge_schema
 from medgen.data.config import DataConfig, check_data_values
+from medgen.data.lesions import parse_bins
 from medgen.diffusion.modes import MODES
 from medgen.diffusion.strategies import STRATEGIES
 
@@ -52,6 +53,8 @@ class ModeConfig:
     name: str = "seg"
     image_keys: list[str] = field(default_factory=lambda: ["seg"])
     cond_keys: list[str] = field(default_factory=list)
+    #: a mask model conditioned on the size class of its largest lesion: rano_bm or edges in mm (null: not)
+    size_bins: Any = None
 
 
 @dataclass
@@ -159,6 +162,13 @@ def _check_mode(mo: DictConfig, mode_cls: type) -> None:
         check(len(set(keys)) == len(keys), f"mode.{group}", f"{keys} repeats a key")
     both = set(mo.image_keys) & set(mo.cond_keys)
     check(not both, "mode.cond_keys", f"{sorted(both)} cannot be generated and condition at once")
+    if mo.size_bins is not None:
+        check(mode_cls.size_conditionable, "mode.size_bins",
+              f"mode {mo.name!r} cannot be conditioned on lesion sizes (only the seg mode can)")
+        try:
+            parse_bins(mo.size_bins)
+        except ValueError as exc:
+            raise ConfigError("mode.size_bins", str(exc)) from None
 
 
 def _check_values(cfg: DictConfig, world_size: int) -> None:
@@ -202,8 +212,9 @@ def _check_values(cfg: DictConfig, world_size: int) -> None:
     check(0 < t.ema_decay < 1, "training.ema_decay", "must be in (0, 1)")
     check(t.min_snr_gamma > 0, "training.min_snr_gamma", "must be > 0")
     check(0 <= t.cond_dropout < 1, "training.cond_dropout", "must be in [0, 1)")
-    check(t.cond_dropout == 0 or len(cfg.mode.cond_keys) > 0, "training.cond_dropout",
-          f"classifier-free guidance needs a conditional mode; mode {cfg.mode.name!r} has no condition")
+    check(t.cond_dropout == 0 or len(cfg.mode.cond_keys) > 0 or cfg.mode.size_bins is not None,
+          "training.cond_dropout", f"classifier-free guidance needs a conditional mode; mode {cfg.mode.name!r} has no "
+          "condition (mode.cond_keys, or mode.size_bins for seg)")
     check(t.max_steps is None or t.max_steps >= 1, "training.max_steps", "must be >= 1 or null")
 
     # data

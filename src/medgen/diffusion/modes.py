@@ -1,12 +1,12 @@
 """Training modes: which channels the network sees and predicts (docs/architecture.md).
 
-=========  ================================  ======================================  ===================
+=========  ================================  ======================================  ========================
 mode       generates (``image_keys``)        network input                           in -> out channels
-=========  ================================  ======================================  ===================
-seg        the tumour mask and the brain     ``[x_t(seg), x_t(brain)]``              2 -> 2
+=========  ================================  ======================================  ========================
+seg        the tumour mask and the brain     ``[x_t(seg), x_t(brain)]``              2 -> 2 (+ size planes)
 bravo      ``bravo`` given mask and brain    ``[x_t, mask, brain]``                  3 -> 1
 dual       ``t1_pre`` + ``t1_gd``            ``[x_t(pre), x_t(post), mask, brain]``  4 -> 2
-=========  ================================  ======================================  ===================
+=========  ================================  ======================================  ========================
 
 The ``brain`` key (a mask derived from an image when the slice cache is built, see
 :mod:`medgen.data.brain`) is optional: ``mode.image_keys=[seg]`` / ``mode.cond_keys=[seg]`` give
@@ -21,7 +21,12 @@ the network input (``model_input``) and maps generated ``x0`` back to [0, 1] per
 :func:`binarize_mask`).
 
 Unconditional (:class:`SegmentationMode`) and mask-conditioned modes are two implementations of
-one interface: the unconditional mode's condition is always ``None``.
+one interface: the unconditional mode's condition is ``None``. The seg mode can instead be
+conditioned on the **size class of its largest lesion** (``mode.size_bins``: ``rano_bm`` or edges
+in mm): the condition is ``1 + len(bins)`` constant planes, a one-hot of the class (plane 0: no
+lesion) in model space (+1 on, -1 off), all -1 for "no class given" (classifier-free guidance
+trains with it, ``training.cond_dropout``). Training batches then carry ``lesion_mm`` (each
+slice's largest lesion, mm), from which :meth:`SegmentationMode.size_classes` takes the class.
 
 What a mode can do in a generation run follows from its keys: a mode that generates the mask
 (``seg`` in ``image_keys``) can make the masks, one conditioned on the mask (``seg`` in
@@ -37,7 +42,8 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import Tensor
 
-from medgen.core.constants import BRAIN_KEY, IMAGE_MODALITIES, MASK_KEY
+from medgen.core.constants import BRAIN_KEY, IMAGE_MODALITIES, LESION_MM_KEY, MASK_KEY
+from medgen.data.lesions import SizeBins, parse_bins
 from medgen.data.masks import binarize_mask
 from medgen.data.transforms import from_model_space, to_model_space
 
@@ -83,15 +89,22 @@ class TrainingMode(abc.ABC):
     cond_key_choices: ClassVar[tuple[str, ...]] = ()
     num_cond_keys: ClassVar[int | tuple[int, ...]] = 0
     required_cond_keys: ClassVar[tuple[str, ...]] = ()
+    #: whether ``mode.size_bins`` may condition it on the size class of its largest lesion
+    size_conditionable: ClassVar[bool] = False
 
     def __init__(self, cfg_mode: Any):
         self.image_keys: tuple[str, ...] = tuple(cfg_mode["image_keys"])
         self.cond_keys: tuple[str, ...] = tuple(cfg_mode["cond_keys"])
 
     @property
+    def cond_channels(self) -> int:
+        """Channels of the condition: ``len(cond_keys)`` (a size-conditioned seg mode: one per class)."""
+        return len(self.cond_keys)
+
+    @property
     def in_channels(self) -> int:
-        """Network input channels: ``len(image_keys) + len(cond_keys)``."""
-        return len(self.image_keys) + len(self.cond_keys)
+        """Network input channels: ``len(image_keys) + cond_channels``."""
+        return len(self.image_keys) + self.cond_channels
 
     @property
     def out_channels(self) -> int:
@@ -100,7 +113,12 @@ class TrainingMode(abc.ABC):
 
     @property
     def is_conditional(self) -> bool:
-        return bool(self.cond_keys)
+        return self.cond_channels > 0
+
+    @property
+    def size_conditioned(self) -> bool:
+        """Whether it is conditioned on the size class of the largest lesion (its batches need ``lesion_mm``)."""
+        return False
 
     @property
     def generates_mask(self) -> bool:
@@ -192,8 +210,8 @@ def register_mode(cls: type[TrainingMode]) -> type[TrainingMode]:
 # ============================================================================ seg
 @register_mode
 class SegmentationMode(TrainingMode):
-    """Unconditional mask generation: noise -> ``seg`` (and ``brain``, the brain the lesions lie
-    in). The condition is always ``None``."""
+    """Mask generation: noise -> ``seg`` (and ``brain``, the brain the lesions lie in); the
+    condition is ``None``, or with ``size_bins`` the size class of the largest lesion (planes)."""
 
     name = "seg"
     supports_perceptual = False  # perceptual features of a binary mask are meaningless
@@ -201,23 +219,75 @@ class SegmentationMode(TrainingMode):
     image_key_choices = (MASK_KEY, BRAIN_KEY)
     num_image_keys = (1, 2)
     required_image_keys = (MASK_KEY,)
+    size_conditionable = True
 
-    def split(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, None]:
-        return self._stack(batch, self.image_keys), None
+    def __init__(self, cfg_mode: Any):
+        super().__init__(cfg_mode)
+        bins = cfg_mode.get("size_bins")
+        #: the size classes it is conditioned on (None: unconditional)
+        self.size_bins: SizeBins | None = None if bins is None else parse_bins(bins)
+
+    @property
+    def size_conditioned(self) -> bool:
+        return self.size_bins is not None
+
+    @property
+    def cond_channels(self) -> int:
+        return 0 if self.size_bins is None else 1 + len(self.size_bins)
+
+    def size_classes(self, lesion_mm: Tensor) -> Tensor:
+        """``[B]`` int64 classes of largest-lesion diameters ``lesion_mm`` (mm): 0 no lesion, ``1 + bin``."""
+        mm = lesion_mm.detach().reshape(-1).double().cpu()
+        edges = torch.tensor(self.size_bins.edges, dtype=torch.float64)
+        return torch.where(mm > 0, 1 + torch.bucketize(mm, edges, right=True), 0).to(lesion_mm.device)
+
+    def size_condition(self, classes: Tensor, spatial: tuple[int, int]) -> Tensor:
+        """The condition planes ``[B, cond_channels, H, W]`` (model space) for ``classes`` ``[B]`` (from
+        :meth:`size_classes`; -1: no class given, every plane -1)."""
+        classes = classes.reshape(-1).long()
+        onehot = (classes[:, None] == torch.arange(self.cond_channels, device=classes.device)).float()
+        return (2 * onehot - 1)[:, :, None, None].expand(-1, -1, *spatial).contiguous()
+
+    def split(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        x0 = self._stack(batch, self.image_keys)
+        if self.size_bins is None:
+            return x0, None
+        if LESION_MM_KEY not in batch:
+            raise KeyError(f"a size-conditioned seg mode needs batch[{LESION_MM_KEY!r}] (the slices' largest lesion, "
+                           "mm: build the data with sizes=True); the batch has " + str(sorted(batch)))
+        return x0, self.size_condition(self.size_classes(batch[LESION_MM_KEY]), x0.shape[2:]).to(x0)
+
+    def _check_cond(self, cond: Tensor | None) -> Tensor | None:
+        if self.size_bins is None:
+            if cond is not None:
+                raise ValueError("seg mode is unconditional (mode.size_bins=null); cond must be None")
+            return None
+        if cond is None or cond.ndim != 4 or cond.shape[1] != self.cond_channels:
+            raise ValueError(f"seg mode with mode.size_bins takes the size-class planes [B, {self.cond_channels}, H, W] "
+                             f"as cond, got {None if cond is None else tuple(cond.shape)}")
+        return cond
 
     def model_input(self, x_t: Tensor, cond: Tensor | None) -> Tensor:
         self._check_x_t(x_t)
-        if cond is not None:
-            raise ValueError("seg mode is unconditional; cond must be None")
-        return x_t
+        cond = self._check_cond(cond)
+        return x_t if cond is None else torch.cat([x_t, cond.to(x_t.dtype)], dim=1)
 
-    def null_cond(self, cond: Tensor | None) -> None:
-        if cond is not None:
-            raise ValueError("seg mode is unconditional; cond must be None")
-        return None
+    def null_cond(self, cond: Tensor | None) -> Tensor | None:
+        cond = self._check_cond(cond)
+        return None if cond is None else torch.full_like(cond, -1.0)
 
-    def drop_cond(self, cond: Tensor | None, p: float, generator: torch.Generator) -> None:
-        return self.null_cond(cond)
+    def drop_cond(self, cond: Tensor | None, p: float, generator: torch.Generator) -> Tensor | None:
+        cond = self._check_cond(cond)
+        return None if cond is None else _drop(cond, self.null_cond(cond), p, generator)
+
+
+def _drop(cond: Tensor, null: Tensor, p: float, generator: torch.Generator) -> Tensor:
+    """Each sample's ``cond`` replaced by ``null`` with probability ``p``; exactly ``B`` uniforms drawn."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"condition dropout probability must be in [0, 1], got {p}")
+    u = torch.rand(cond.shape[0], generator=generator, device=generator.device).to(cond.device)
+    drop = (u < p).view(-1, *([1] * (cond.ndim - 1)))
+    return torch.where(drop, null, cond)
 
 
 # ============================================================================ mask-conditioned
@@ -259,11 +329,7 @@ class _MaskConditionedMode(TrainingMode):
 
     def drop_cond(self, cond: Tensor | None, p: float, generator: torch.Generator) -> Tensor:
         cond = self._check_cond(cond)
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"condition dropout probability must be in [0, 1], got {p}")
-        u = torch.rand(cond.shape[0], generator=generator, device=generator.device).to(cond.device)
-        drop = (u < p).view(-1, *([1] * (cond.ndim - 1)))
-        return torch.where(drop, self.null_cond(cond), cond)
+        return _drop(cond, self.null_cond(cond), p, generator)
 
 
 @register_mode

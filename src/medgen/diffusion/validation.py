@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+from medgen.core.constants import LESION_MM_KEY
 from medgen.core.distributed import DistInfo
 from medgen.data.slices import SliceCache
 from medgen.data.transforms import ras_to_display
@@ -28,10 +29,14 @@ VAL_LOSS_STREAM = 1
 SAMPLE_GRID_STREAM = 2
 
 
-def cache_batch(cache: SliceCache, indices: np.ndarray) -> dict[str, torch.Tensor]:
-    """Slices ``indices`` (ascending) of a cache as ``{key: [B, 1, H, W] float32 in [0, 1]}``."""
+def cache_batch(cache: SliceCache, indices: np.ndarray, sizes: bool = False) -> dict[str, torch.Tensor]:
+    """Slices ``indices`` (ascending) of a cache as ``{key: [B, 1, H, W] float32 in [0, 1]}`` (with
+    ``sizes``, also ``lesion_mm`` ``[B, 1]``, as the training batches of a size-conditioned mode)."""
     arr = torch.from_numpy(np.asarray(cache.data[indices], dtype=np.float32))
-    return {k: arr[:, c : c + 1] for c, k in enumerate(cache.keys)}
+    batch = {k: arr[:, c : c + 1] for c, k in enumerate(cache.keys)}
+    if sizes:
+        batch[LESION_MM_KEY] = torch.from_numpy(cache.largest_mm[indices].astype(np.float32))[:, None]
+    return batch
 
 
 @torch.no_grad()
@@ -45,7 +50,7 @@ def validation_loss(model: torch.nn.Module, strategy: DiffusionStrategy, mode: T
     model.eval()
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
-        x0, cond = mode.split({k: v.to(device) for k, v in cache_batch(cache, chunk).items()})
+        x0, cond = mode.split({k: v.to(device) for k, v in cache_batch(cache, chunk, mode.size_conditioned).items()})
         gens = [torch.Generator().manual_seed(sample_seed(seed, int(i), VAL_LOSS_STREAM)) for i in chunk]
         t = torch.cat([strategy.sample_timesteps(1, g, device) for g in gens])
         eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
@@ -61,7 +66,7 @@ def validation_loss(model: torch.nn.Module, strategy: DiffusionStrategy, mode: T
     return loss_sum / count if count else float("nan")
 
 
-def fixed_samples(cache: SliceCache, n: int) -> dict[str, torch.Tensor] | None:
+def fixed_samples(cache: SliceCache, n: int, sizes: bool = False) -> dict[str, torch.Tensor] | None:
     """``n`` slices with the most lesion, one per patient where possible (the rows of the sample grids)."""
     n = min(n, len(cache))
     if n == 0:
@@ -80,7 +85,7 @@ def fixed_samples(cache: SliceCache, n: int) -> dict[str, torch.Tensor] | None:
             break
         if int(i) not in chosen:
             chosen.append(int(i))
-    return cache_batch(cache, np.sort(np.asarray(chosen)))
+    return cache_batch(cache, np.sort(np.asarray(chosen)), sizes)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from medgen.core.constants import IMAGE_MODALITIES
 from medgen.core.schema import ConfigError, at_least, check, check_fields, choice, merge_schema
-from medgen.data.lesions import NAMED_BINS, SizeBins
+from medgen.data.lesions import SizeBins, parse_bins
 
 #: the binnings ``lesions.bins`` can name
 
@@ -51,17 +51,8 @@ class LesionsConfig:
 def size_bins(bins: Any) -> SizeBins:
     """The :class:`~medgen.data.lesions.SizeBins` of ``lesions.bins``; a
     :class:`~medgen.core.schema.ConfigError` naming the key when it makes none."""
-    if isinstance(bins, str):
-        check(bins in NAMED_BINS, "lesions.bins", f"unknown binning {bins!r}; use one of {sorted(NAMED_BINS)} "
-                                                  "or a list of increasing diameters in mm, e.g. [3, 6, 10, 20, 30]")
-        return NAMED_BINS[bins]
     try:
-        edges = [float(b) for b in bins]
-    except (TypeError, ValueError):
-        raise ConfigError("lesions.bins", f"must be a binning's name ({sorted(NAMED_BINS)}) or a list of diameters "
-                                          f"in mm, got {bins!r}") from None
-    try:
-        return SizeBins.from_edges(edges)
+        return parse_bins(bins)
     except ValueError as exc:
         raise ConfigError("lesions.bins", str(exc)) from None
 

@@ -46,6 +46,8 @@ class LesionSizesConfig:
     target: Any = "real"
     #: rano_bm, or diameter edges in mm
     bins: Any = "rano_bm"
+    #: classifier-free guidance scale of a size-conditioned seg model (1: conditional, no guidance)
+    guidance: float = 1.0
 
 
 @dataclass
@@ -98,6 +100,8 @@ def validate_generate_config(cfg: DictConfig) -> DictConfig:
         check(merged[key] is None or merged[key] in SAMPLERS, key,
               f"unknown sampler {merged[key]!r}; choose one of {sorted(SAMPLERS)}")
     check(merged.guidance_scale >= 0, "guidance_scale", f"must be >= 0 (1 is off), got {merged.guidance_scale}")
+    check(merged.lesion_sizes.guidance >= 0, "lesion_sizes.guidance",
+          f"must be >= 0 (1 is off), got {merged.lesion_sizes.guidance}")
     g = merged.gate
     check(g.min_area < g.max_area <= 1, "gate.max_area",
           f"need gate.min_area ({g.min_area}) < gate.max_area ({g.max_area}) <= 1")

@@ -83,33 +83,42 @@ def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: 
                 return None
             queue = _next_candidates(evaluated, dist.world_size * cfg.batch_size)
             mine = queue[dist.rank * cfg.batch_size:(dist.rank + 1) * cfg.batch_size]
-            results = _evaluate(seg, mine, cfg, sampler, folder, dist, spacing) if mine else {}
+            results = _evaluate(seg, mine, cfg, sampler, folder, dist, spacing, target) if mine else {}
             for part in _gather(results, dist):
                 evaluated.update(part)
             walk = _walk(evaluated, target, n_wanted)
-    return _chosen(evaluated, walk, cfg.seed, folder, dist, target, cfg.brain_outline)
+    guidance = float(cfg.lesion_sizes.guidance) if seg.mode.size_conditioned and target is not None else None
+    return _chosen(evaluated, walk, cfg.seed, folder, dist, target, cfg.brain_outline, guidance)
 
 
 @dataclass
 class _Walk:
     """The evaluated candidates 0, 1, 2, ... in order: how many (``prefix``), the accepted ones
     (``chosen``, at most num_images), and per size class of ``target`` the candidates that pass
-    the other rules (``drawn``) and those accepted (``taken``)."""
+    the other rules (``drawn``), those accepted (``taken``), and among all candidates those asked
+    for the class (``asked``, :meth:`SizeTarget.requested`) and those of them whose largest lesion
+    is in it (``matched``: the adherence before any gate)."""
 
     prefix: int
     chosen: list[int]
     drawn: np.ndarray
     taken: np.ndarray
+    asked: np.ndarray
+    matched: np.ndarray
 
 
 def _walk(evaluated: dict[int, Candidate], target: SizeTarget | None, wanted: int) -> _Walk:
     """Accept candidates in order until ``wanted``: those that pass the gate, and with a ``target``
     only while their size class has room (a candidate without lesion has none)."""
     bins = len(target.bins) if target is not None else 0
-    walk = _Walk(0, [], np.zeros(bins, np.int64), np.zeros(bins, np.int64))
+    walk = _Walk(0, [], *(np.zeros(bins, np.int64) for _ in range(4)))
     while walk.prefix in evaluated:
         c = evaluated[walk.prefix]
         walk.prefix += 1
+        if target is not None:
+            asked = int(target.requested([c.index])[0])
+            walk.asked[asked] += 1
+            walk.matched[asked] += c.largest_mm > 0 and int(target.bins.index(c.largest_mm)) == asked
         if not c.accepted:
             continue
         if target is None:
@@ -143,9 +152,10 @@ def _gate_failure(cfg: DictConfig, walk: _Walk, max_attempts: int, target: SizeT
 
 
 def _chosen(evaluated: dict[int, Candidate], walk: _Walk, seed: int, folder: Path, dist: DistInfo,
-            target: SizeTarget | None, outline: str = "as_drawn") -> Masks:
+            target: SizeTarget | None, outline: str = "as_drawn", guidance: float | None = None) -> Masks:
     """The accepted candidates, and the rejected ones before the last of them; their brains as
-    drawn, or (``outline="convex"``) each replaced by its convex hull, which holds it."""
+    drawn, or (``outline="convex"``) each replaced by its convex hull, which holds it. ``guidance``:
+    the scale a size-conditioned model drew them with (None: unconditional)."""
     chosen = walk.chosen
     last, keep = chosen[-1], set(chosen)
     with_masks = read_blocks(folder, with_masks=keep)
@@ -159,13 +169,16 @@ def _chosen(evaluated: dict[int, Candidate], walk: _Walk, seed: int, folder: Pat
         (records if j in keep else rejected).append(record)
     rate = len(chosen) / (last + 1)
     # what the model drew up to the last accepted candidate (later ones of the batch do not count)
-    sizes = None if target is None else \
-        size_report(target, _walk({j: evaluated[j] for j in range(last + 1)}, target, len(chosen)), last + 1)
+    sizes = None if target is None else size_report(
+        target, _walk({j: evaluated[j] for j in range(last + 1)}, target, len(chosen)), last + 1,
+        guidance is not None, guidance if guidance is not None else 1.0)
     if dist.is_main:
         log.info("quality gate: %d of %d masks accepted (%.1f%%)", len(chosen), last + 1, 100 * rate)
         if sizes is not None:
-            log.info("size classes (largest lesion): requested %s; before the gate %s", target.describe(),
-                     ", ".join(f"{k} {100 * v:.0f}%" for k, v in sizes["before_gate_share"].items()))
+            log.info("size classes (largest lesion): requested %s; before the gate %s; the class asked of each candidate "
+                     "drawn exactly: %.1f%% (%s)", target.describe(),
+                     ", ".join(f"{k} {100 * v:.0f}%" for k, v in sizes["before_gate_share"].items()),
+                     100 * sizes["exact_match"], "conditioned" if guidance is not None else "unconditional model: chance")
     masks = np.stack([with_masks[j].mask for j in chosen])
     brains = [with_masks[j].brain for j in chosen]
     if any(b is None for b in brains):
@@ -175,14 +188,23 @@ def _chosen(evaluated: dict[int, Candidate], walk: _Walk, seed: int, folder: Pat
     return Masks(masks, records, rejected, rate, np.stack(brains), sizes)
 
 
-def size_report(target: SizeTarget, walk: _Walk, candidates: int) -> dict[str, Any]:
-    """What ``lesion_sizes.json`` says: the request, the classes among candidates that passed the
-    other rules (the model before the size gate), and the output's classes (= the request)."""
+def size_report(target: SizeTarget, walk: _Walk, candidates: int, conditioned: bool = False,
+                guidance: float = 1.0) -> dict[str, Any]:
+    """What ``lesion_sizes.json`` says: the request; the exact class match before any gate (the
+    largest lesion of each candidate in the class asked of it: what conditioning alone achieves,
+    chance for an unconditional model), overall and per class; the classes among candidates that
+    passed the other rules (the model before the size gate); the output's classes (= the request)."""
     names = target.bins.names
     drawn = walk.drawn.astype(np.float64)
     total = float(drawn.sum()) or 1.0
     want = target.counts / max(int(target.counts.sum()), 1)
+    asked = {name: int(a) for name, a in zip(names, walk.asked)}
     return {"target": target.source, "bins": list(names), "edges_mm": list(target.bins.edges),
+            "conditioned": conditioned, "guidance": guidance if conditioned else None,
+            "exact_match": int(walk.matched.sum()) / max(int(walk.asked.sum()), 1),
+            "exact_match_per_bin": {name: (int(m) / asked[name] if asked[name] else None)
+                                    for name, m in zip(names, walk.matched)},
+            "asked": asked,
             "requested": dict(zip(names, target.counts.tolist())),
             "before_gate": dict(zip(names, walk.drawn.tolist())),
             "before_gate_share": dict(zip(names, (drawn / total).tolist())),
@@ -192,10 +214,16 @@ def size_report(target: SizeTarget, walk: _Walk, candidates: int) -> dict[str, A
 
 
 def _evaluate(seg: Stage, candidates: list[int], cfg: DictConfig, sampler: str, folder: Path,
-              dist: DistInfo, spacing: tuple[float, float]) -> dict[int, Candidate]:
-    """Generate and gate ``candidates``; save them as one block file; return their verdicts."""
-    x0 = seg.sample(None, sample_generators(cfg.seed, candidates, MASK_STREAM, seg.device), steps=cfg.steps,
-                    sampler=sampler, batch_size=cfg.batch_size)
+              dist: DistInfo, spacing: tuple[float, float], target: SizeTarget | None = None) -> dict[int, Candidate]:
+    """Generate and gate ``candidates`` (a size-conditioned model: each asked for the class
+    ``target`` gives it, or none without a target); save them as one block file; return their verdicts."""
+    cond, guidance = None, 1.0
+    if seg.mode.size_conditioned:
+        classes = 1 + target.requested(candidates) if target is not None else np.full(len(candidates), -1)
+        cond = seg.mode.size_condition(torch.from_numpy(classes), (seg.image_size,) * 2).to(seg.device)
+        guidance = float(cfg.lesion_sizes.guidance) if target is not None else 1.0
+    x0 = seg.sample(cond, sample_generators(cfg.seed, candidates, MASK_STREAM, seg.device), steps=cfg.steps,
+                    sampler=sampler, guidance_scale=guidance, batch_size=cfg.batch_size)
     outputs = {k: v[:, 0].cpu().numpy().astype(np.uint8) for k, v in seg.mode.to_outputs(x0).items()}
     masks, brains = outputs[MASK_KEY], outputs.get(BRAIN_KEY)
     stats = quality_gate.measure(masks, brains)

@@ -31,8 +31,8 @@ log = logging.getLogger("medgen.generate")
 
 #: per stage: whether a mode can serve it (from its keys), and what the stage needs, in an error's words
 STAGE_ROLES: dict[str, tuple[Callable[[TrainingMode], bool], str]] = {
-    "seg": (lambda mode: mode.generates_mask and not mode.is_conditional,
-            f"a model that generates the mask ({MASK_KEY!r} in mode.image_keys) from noise alone"),
+    "seg": (lambda mode: mode.generates_mask and not mode.cond_keys,
+            f"a model that generates the mask ({MASK_KEY!r} in mode.image_keys) from noise (and a lesion size class)"),
     "image": (lambda mode: mode.mask_conditioned and set(mode.cond_keys) <= {MASK_KEY, BRAIN_KEY}
               and not set(mode.image_keys) & {MASK_KEY, BRAIN_KEY},
               f"a model that generates images given the mask (mode.cond_keys = [{MASK_KEY!r}] or "

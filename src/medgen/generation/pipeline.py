@@ -49,7 +49,7 @@ from medgen.generation.images import IMAGE_STREAM, SampleIds, paint, read_sample
 from medgen.generation.masks import real_masks, sample_masks
 from medgen.generation.models import GenerationError, Stage, check_pair, load_stage
 from medgen.generation.records import Masks
-from medgen.generation.sizes import SizeTarget, resolve_target
+from medgen.generation.sizes import SizeTarget, check_conditioning, resolve_target
 from medgen.generation.run_folder import claim, count_complete, exclusive, remove_partial_writes, run_settings
 from medgen.generation.status import GenerationStatus, write_status
 
@@ -208,14 +208,18 @@ def _pixel_size(image: Stage) -> tuple[float, float]:
 def _size_target(cfg: DictConfig, seg: Stage | None, image: Stage, dist: DistInfo) -> SizeTarget | None:
     """The size classes ``lesion_sizes`` asks for (None: no seg model, a disabled gate, ``model``, or
     ``real`` with a seg checkpoint that does not record its training lesions, which is said once)."""
-    if seg is None or not cfg.gate.enabled:  # a disabled gate keeps every mask
+    if seg is None:
         return None
-    if cfg.lesion_sizes.target == "real" and seg.training_sizes is None:
+    if not cfg.gate.enabled:  # a disabled gate keeps every mask
+        target = None
+    elif cfg.lesion_sizes.target == "real" and seg.training_sizes is None:
         if dist.is_main:
             log.info("lesion_sizes.target=real: %s records no training lesion sizes (an older medgen): masks keep the "
                      "sizes the model draws", seg.path)
-        return None
-    target = resolve_target(cfg, int(cfg.num_images), image.image_size, _pixel_size(image), seg.training_sizes)
+        target = None
+    else:
+        target = resolve_target(cfg, int(cfg.num_images), image.image_size, _pixel_size(image), seg.training_sizes)
+    check_conditioning(seg.mode, seg.path, seg.cond_dropout, target, float(cfg.lesion_sizes.guidance))
     if target is not None and dist.is_main:
         log.info("size classes requested (lesion_sizes.target=%s, largest lesion per mask): %s",
                  cfg.lesion_sizes.target if isinstance(cfg.lesion_sizes.target, str) else "weights", target.describe())

@@ -19,7 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from medgen.data.lesions import NAMED_BINS, SizeBins
+from medgen.data import lesions
+from medgen.data.lesions import SizeBins
 from medgen.generation.models import GenerationError
 
 __all__ = ["SizeTarget", "quotas", "resolve_target", "parse_bins"]
@@ -27,14 +28,10 @@ __all__ = ["SizeTarget", "quotas", "resolve_target", "parse_bins"]
 
 def parse_bins(value: Any, key: str) -> SizeBins:
     """``rano_bm`` or a list of edges in mm (a one-line :class:`GenerationError` naming ``key`` otherwise)."""
-    if isinstance(value, str):
-        if value in NAMED_BINS:
-            return NAMED_BINS[value]
-        raise GenerationError(f"{key}={value}: use rano_bm or a list of diameter edges in mm, e.g. [3, 6, 10, 20]")
     try:
-        return SizeBins.from_edges([float(v) for v in value])
-    except (TypeError, ValueError) as exc:
-        raise GenerationError(f"{key}={list(value) if not isinstance(value, (int, float)) else value}: {exc}") from None
+        return lesions.parse_bins(value)
+    except ValueError as exc:
+        raise GenerationError(f"{key}: {exc}") from None
 
 
 def quotas(weights: np.ndarray, n: int) -> np.ndarray:
@@ -59,6 +56,36 @@ class SizeTarget:
 
     def describe(self) -> str:
         return ", ".join(f"{name} {int(c)}" for name, c in zip(self.bins.names, self.counts))
+
+    def requested(self, candidates: Sequence[int]) -> np.ndarray:
+        """The class asked of each stage-1 candidate (int64 bin indices): candidate ``j`` gets slot
+        ``j mod num_images`` of the quotas spread evenly (bin ``b``'s ``k``-th slot at
+        ``(k + 1/2) / counts[b]``), so any run of ``num_images`` consecutive candidates asks for each
+        class its quota; fixed per candidate, whatever the batches, ranks and restarts."""
+        slots = sorted(((k + 0.5) / c, b) for b, c in enumerate(self.counts.tolist()) for k in range(c))
+        order = np.asarray([b for _, b in slots], dtype=np.int64)
+        return order[np.asarray(candidates, dtype=np.int64) % len(order)]
+
+
+def check_conditioning(seg_mode: Any, seg_path: Any, cond_dropout: float, target: SizeTarget | None,
+                       guidance: float) -> None:
+    """A size-conditioned seg model and the request fit: the same bins, and guidance or drawing
+    without a class only from a model trained with condition dropout (:class:`GenerationError` naming the key)."""
+    bins = seg_mode.size_bins
+    if bins is None:
+        if guidance != 1:
+            raise GenerationError(f"lesion_sizes.guidance={guidance:g}: seg_checkpoint {seg_path} is not conditioned on "
+                                  "lesion sizes (trained with mode.size_bins=null); leave lesion_sizes.guidance=1")
+        return
+    if target is not None and target.bins != bins:
+        raise GenerationError(f"lesion_sizes.bins gives {list(target.bins.names)} but seg_checkpoint {seg_path} is "
+                              f"conditioned on {list(bins.names)} (mode.size_bins); ask for the bins it knows")
+    unseen = "guided" if guidance != 1 and target is not None else "drawn without a class" if target is None else ""
+    if unseen and cond_dropout == 0:
+        raise GenerationError(f"seg_checkpoint {seg_path} was trained with training.cond_dropout=0, so its masks cannot "
+                              f"be {unseen} (lesion_sizes.target={target.source if target else 'model'}, "
+                              f"lesion_sizes.guidance={guidance:g}); ask for size classes with lesion_sizes.guidance=1, "
+                              "or train with e.g. training.cond_dropout=0.1")
 
 
 def resolve_target(cfg: Any, n: int, image_size: int, spacing: Sequence[float],
