@@ -388,3 +388,23 @@ def test_the_brain_channel_is_read_from_brain_from_and_other_caches_keep_their_f
     (patients[0] / "t1_pre.nii.gz").unlink()
     with pytest.raises(DataError, match="t1_pre"):
         open_or_build_cache(patients, spec, tmp_path / "c", progress=False)
+
+
+def test_each_slice_records_its_largest_lesion_in_mm():
+    from medgen.data.slice_cache import SliceCache
+
+    class Cache:  # what SliceCache.largest_mm reads of an opened cache
+        def __init__(self, keys, data, lesion_pixels):
+            self.keys, self.data, self.lesion_pixels, self.spacing = keys, data, lesion_pixels, [2.0, 1.0, 3.0]
+
+        def __len__(self):
+            return len(self.data)
+
+    data = np.zeros((3, 2, 8, 8), dtype=np.float16)  # channels: bravo, seg
+    data[0, 1, 0:3, 0:2] = 1  # 3 x 2 pixels of 2 x 1 mm: opposite corners lie sqrt(6^2 + 2^2) mm apart
+    data[0, 1, 6, 6] = 1  # a smaller second lesion
+    data[2, 1, 4:6, 4:6] = 1
+    pixels = np.array([7, 0, 4])
+    largest = SliceCache.largest_mm.func(Cache(("bravo", "seg"), data, pixels))
+    assert largest.tolist() == pytest.approx([np.sqrt(40), 0.0, np.sqrt(4**2 + 2**2)])
+    assert SliceCache.largest_mm.func(Cache(("bravo", "t1_gd"), data, pixels)).tolist() == [0.0, 0.0, 0.0]

@@ -14,6 +14,7 @@ per bin name (``{tiny: 4, small: 2, medium: 1, large: 1}``; a bin left out gets 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -62,9 +63,12 @@ class SizeTarget:
         ``j mod num_images`` of the quotas spread evenly (bin ``b``'s ``k``-th slot at
         ``(k + 1/2) / counts[b]``), so any run of ``num_images`` consecutive candidates asks for each
         class its quota; fixed per candidate, whatever the batches, ranks and restarts."""
+        return self._slots[np.asarray(candidates, dtype=np.int64) % len(self._slots)]
+
+    @functools.cached_property
+    def _slots(self) -> np.ndarray:
         slots = sorted(((k + 0.5) / c, b) for b, c in enumerate(self.counts.tolist()) for k in range(c))
-        order = np.asarray([b for _, b in slots], dtype=np.int64)
-        return order[np.asarray(candidates, dtype=np.int64) % len(order)]
+        return np.asarray([b for _, b in slots], dtype=np.int64)
 
 
 def check_conditioning(seg_mode: Any, seg_path: Any, cond_dropout: float, target: SizeTarget | None,
