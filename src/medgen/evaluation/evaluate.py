@@ -55,7 +55,7 @@ def _slice_size(patient: Path, key: str) -> int:
     return int(max(shape[:2]))
 
 
-def _as_set(cache: SliceCache, indices: np.ndarray | None = None) -> SliceSet:
+def as_slice_set(cache: SliceCache, indices: np.ndarray | None = None) -> SliceSet:
     data = np.asarray(cache.data if indices is None else cache.data[np.sort(indices)], dtype=np.float32)
     seg = cache.keys.index(MASK_KEY)
     images = data[:, [i for i, k in enumerate(cache.keys) if k != MASK_KEY]]
@@ -143,7 +143,7 @@ class Sets:
         if name not in self._samples:
             cache, offset = {"synthetic": (self.synthetic, 0), "real": (self.test, 1), "val": (self.val, 2)}[name]
             self._samples[name] = None if cache is None else \
-                _as_set(cache, _subset(len(cache), self._cap, self._seed + offset))
+                as_slice_set(cache, _subset(len(cache), self._cap, self._seed + offset))
         return self._samples[name]
 
 
@@ -251,8 +251,8 @@ def feature_metrics(sets: Sets, cfg: DictConfig, device: torch.device) -> dict:
 def segmentation_metrics(sets: Sets, cfg: DictConfig, out_dir: Path, device: torch.device, progress: bool) -> dict:
     """Conditioning adherence and the downstream experiment."""
     b = cfg.budget
-    test, syn = _as_set(sets.test), _as_set(sets.synthetic)
-    train = _as_set(sets.train) if sets.train is not None and len(sets.train) else None
+    test, syn = as_slice_set(sets.test), as_slice_set(sets.synthetic)
+    train = as_slice_set(sets.train) if sets.train is not None and len(sets.train) else None
     out: dict[str, Any] = {}
     adherence_net = sets.segmenter.to(device) if sets.segmenter is not None else None
     if cfg.downstream:
@@ -265,7 +265,7 @@ def segmentation_metrics(sets: Sets, cfg: DictConfig, out_dir: Path, device: tor
                 kept["net"] = net
                 downstream.save_segmenter(net, out_dir / "seg_net.pt", sets.image_keys, sets.image_size)
 
-        lesion_test = _lesion_test(sets, test, cfg)
+        lesion_test = whole_test_split(sets, test, cfg)
         out["downstream"] = downstream.downstream(
             train, syn, test, seeds=list(cfg.seeds), steps=b.steps, batch_size=b.batch_size,
             learning_rate=b.learning_rate, device=device, progress=progress, on_network=keep_first_real,
@@ -283,9 +283,9 @@ def segmentation_metrics(sets: Sets, cfg: DictConfig, out_dir: Path, device: tor
     return out
 
 
-def _lesion_test(sets: Sets, lesion_slices: SliceSet, cfg: DictConfig) -> lesionwise.LesionTest:
+def whole_test_split(sets: Sets, lesion_slices: SliceSet, cfg: DictConfig) -> lesionwise.LesionTest:
     """The whole reference split: its lesion slices, then its lesion-free brain slices."""
-    brain = _as_set(sets.test_brain) if sets.test_brain is not None and len(sets.test_brain) else None
+    brain = as_slice_set(sets.test_brain) if sets.test_brain is not None and len(sets.test_brain) else None
     free = brain.masks.reshape(len(brain), -1).max(1) == 0 if brain is not None else None
     whole = SliceSet.concat(lesion_slices, SliceSet(brain.images[free], brain.masks[free])) \
         if brain is not None and free.any() else lesion_slices

@@ -28,6 +28,8 @@ from medgen.evaluation.lesionwise import bin_entry
 
 SHEET_TILES = 16
 _COLOURS = {"real": "#4c72b0", "synthetic": "#dd8452", "real+synthetic": "#55a868"}
+#: training sets of other names (the targeted-augmentation experiment's)
+_EXTRA_COLOURS = ("#55a868", "#c44e52", "#8172b3", "#937860")
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -127,20 +129,25 @@ def _test_lesions(les: dict) -> dict[str, int]:
     return {**les["test_lesions"], "all": sum(les["test_lesions"].values())}
 
 
-def lesion_figure(result: dict, out: Path) -> Path:
-    les = result["lesions"]
+def _colour(name: str, j: int) -> str:
+    return _COLOURS.get(name, _EXTRA_COLOURS[j % len(_EXTRA_COLOURS)])
+
+
+def lesion_figure(les: dict, path: Path) -> Path:
+    """Lesion-wise figures per size bin of every training set in ``les["sets"]`` (bars: mean ± std
+    over seeds; dots: seeds)."""
     counts = _test_lesions(les)
-    names = list(counts)
+    names, sets = list(counts), list(les["sets"])
     fig = Figure(figsize=(4.2 * len(_LESION_FIGURES), 3.8))
-    width = 0.8 / len(SETS)
+    width = 0.8 / len(sets)
     for k, (figure, label) in enumerate(_LESION_FIGURES):
         ax = fig.add_subplot(1, len(_LESION_FIGURES), k + 1)
-        for j, name in enumerate(SETS):
+        for j, name in enumerate(sets):
             s = les["sets"][name]
-            x = np.arange(len(names)) + (j - (len(SETS) - 1) / 2) * width
+            x = np.arange(len(names)) + (j - (len(sets) - 1) / 2) * width
             mean = [np.nan if s["mean"][b][figure] is None else s["mean"][b][figure] for b in names]
             std = [0.0 if s["std"][b][figure] is None else s["std"][b][figure] for b in names]
-            ax.bar(x, mean, width, yerr=std, color=_COLOURS[name], alpha=0.7, capsize=3, label=name)
+            ax.bar(x, mean, width, yerr=std, color=_colour(name, j), alpha=0.7, capsize=3, label=name)
             for seed in s["per_seed"]:
                 v = [bin_entry(seed, b)[figure]["value"] for b in names]
                 ax.scatter(x, [np.nan if a is None else a for a in v], color="black", s=6, zorder=3)
@@ -151,8 +158,8 @@ def lesion_figure(result: dict, out: Path) -> Path:
             ax.set_yticks(np.linspace(0, 1, 6))
         if k == 0:
             ax.set_ylabel("real test split (lesions per bin)")
-            ax.legend(fontsize=7, ncol=len(SETS), loc="upper center")
-    return _save(fig, out / "lesions.png")
+            ax.legend(fontsize=7, ncol=len(sets), loc="upper center")
+    return _save(fig, path)
 
 
 # ============================================================================ tables
@@ -164,9 +171,9 @@ def _mean_std(s: dict, b: str, figure: str, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" + (f" [{first[0]:.{digits}f}, {first[1]:.{digits}f}]" if first else "")
 
 
-def _lesion_table(les: dict) -> tuple[str, list[str], list[list[str]], str]:
+def lesion_table(les: dict) -> tuple[str, list[str], list[list[str]], str]:
     rows = [[name, b, str(n), *[_mean_std(les["sets"][name], b, figure) for figure, _ in _LESION_FIGURES]]
-            for name in SETS for b, n in _test_lesions(les).items()]
+            for name in les["sets"] for b, n in _test_lesions(les).items()]
     note = (f"The whole real test split: {les['lesion_slices']} lesion slices and {les['lesion_free_slices']} "
             f"lesion-free brain slices; lesions binned by Feret diameter (edges {les['edges_mm']} mm, pixels "
             f"{les['spacing_mm']} mm). A true lesion is found when the prediction overlaps it; its lesion Dice "
@@ -235,7 +242,7 @@ def _tables(result: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
                        ["trained on", "slices", "Dice mean ± std over seeds", *[f"{b} lesions" for b, _ in SIZE_BINS]],
                        rows, note))
     if result.get("lesions") and "skipped" not in result["lesions"]:
-        tables.append(_lesion_table(result["lesions"]))
+        tables.append(lesion_table(result["lesions"]))
     return tables
 
 
@@ -297,19 +304,27 @@ def write_report(out: Path, result: dict, sets) -> tuple[Path, Path]:
     if result.get("downstream") and "skipped" not in result["downstream"]:
         figures.append(("Downstream segmentation", downstream_figure(result, out)))
     if result.get("lesions") and "skipped" not in result["lesions"]:
-        figures.append(("Lesion-wise segmentation by lesion size", lesion_figure(result, out)))
+        figures.append(("Lesion-wise segmentation by lesion size", lesion_figure(result["lesions"], out / "lesions.png")))
     title = f"medgen evaluation: {Path(result['synthetic_dir']).name} vs {Path(result['real_dir']).name}"
     intro = (f"Synthetic set `{result['synthetic_dir']}` against the lesion slices of the real {result['reference_split']} "
              f"split of `{result['real_dir']}`, at {result['image_size']} px, modalities {', '.join(result['modalities'])}. "
              f"All numbers are in `metrics.json`.")
-    md = [f"# {title}", "", intro, ""]
-    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
     notes = [f"Warning: {w}" for w in result.get("warnings", [])] + \
         [f"Skipped ({where}): {reason}" for where, reason in skipped_metrics(result)]
+    return write_pages(out, "report", title, intro, notes, _tables(result), figures)
+
+
+def write_pages(out: Path, stem: str, title: str, intro: str, notes: list[str],
+                tables: list[tuple[str, list[str], list[list[str]], str]],
+                figures: list[tuple[str, Path]]) -> tuple[Path, Path]:
+    """``<stem>.md`` and ``<stem>.html`` in ``out``: title, intro, notes, tables (title, header, rows,
+    note) and figures (caption, PNG in ``out``)."""
+    md = [f"# {title}", "", intro, ""]
+    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
     if notes:
         md += [f"- {n}" for n in notes] + [""]
         body.append("<ul class=\"notes\">" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
-    for name, header, rows, note in _tables(result):
+    for name, header, rows, note in tables:
         md += [f"## {name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         md += ["| " + " | ".join(r) + " |" for r in rows]
         md += ["", note, ""] if note else [""]
@@ -321,9 +336,9 @@ def write_report(out: Path, result: dict, sets) -> tuple[Path, Path]:
         body.append(f"<h2>{html.escape(caption)}</h2><img src=\"{path.name}\" alt=\"{html.escape(caption)}\">")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}")
-    with atomic_write(out / "report.md") as tmp:
+    with atomic_write(out / f"{stem}.md") as tmp:
         tmp.write_text("\n".join(md))
-    with atomic_write(out / "report.html") as tmp:
+    with atomic_write(out / f"{stem}.html") as tmp:
         tmp.write_text(f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
                        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
-    return out / "report.md", out / "report.html"
+    return out / f"{stem}.md", out / f"{stem}.html"
