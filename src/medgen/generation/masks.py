@@ -170,8 +170,7 @@ def _chosen(evaluated: dict[int, Candidate], walk: _Walk, seed: int, folder: Pat
     rate = len(chosen) / (last + 1)
     # what the model drew up to the last accepted candidate (later ones of the batch do not count)
     sizes = None if target is None else size_report(
-        target, _walk({j: evaluated[j] for j in range(last + 1)}, target, len(chosen)), last + 1,
-        guidance is not None, guidance if guidance is not None else 1.0)
+        target, _walk({j: evaluated[j] for j in range(last + 1)}, target, len(chosen)), last + 1, guidance)
     if dist.is_main:
         log.info("quality gate: %d of %d masks accepted (%.1f%%)", len(chosen), last + 1, 100 * rate)
         if sizes is not None:
@@ -188,19 +187,19 @@ def _chosen(evaluated: dict[int, Candidate], walk: _Walk, seed: int, folder: Pat
     return Masks(masks, records, rejected, rate, np.stack(brains), sizes)
 
 
-def size_report(target: SizeTarget, walk: _Walk, candidates: int, conditioned: bool = False,
-                guidance: float = 1.0) -> dict[str, Any]:
+def size_report(target: SizeTarget, walk: _Walk, candidates: int, guidance: float | None = None) -> dict[str, Any]:
     """What ``lesion_sizes.json`` says: the request; the exact class match before any gate (the
     largest lesion of each candidate in the class asked of it: what conditioning alone achieves,
     chance for an unconditional model), overall and per class; the classes among candidates that
-    passed the other rules (the model before the size gate); the output's classes (= the request)."""
+    passed the other rules (the model before the size gate); the output's classes (= the request).
+    ``guidance``: the scale a size-conditioned model drew with (None: unconditional)."""
     names = target.bins.names
     drawn = walk.drawn.astype(np.float64)
     total = float(drawn.sum()) or 1.0
     want = target.counts / max(int(target.counts.sum()), 1)
     asked = {name: int(a) for name, a in zip(names, walk.asked)}
     return {"target": target.source, "bins": list(names), "edges_mm": list(target.bins.edges),
-            "conditioned": conditioned, "guidance": guidance if conditioned else None,
+            "conditioned": guidance is not None, "guidance": guidance,
             "exact_match": int(walk.matched.sum()) / max(int(walk.asked.sum()), 1),
             "exact_match_per_bin": {name: (int(m) / asked[name] if asked[name] else None)
                                     for name, m in zip(names, walk.matched)},
