@@ -7,7 +7,7 @@ seed and number of steps) on a phantom set with lesions of every size (``--lesio
 Then ``--candidates`` masks are drawn with ``medgen-generate``'s sampler defaults (25 Euler steps,
 bf16, EMA), candidate ``j`` asked for the class of slot ``j`` of a ``uniform`` target over the
 RANO-BM classes (``--target real``: the classes of the training slices;
-:meth:`medgen.generation.sizes.SizeTarget.requested`, exactly what generation asks); the
+:meth:`medgen.generation.sizes.ClassTarget.requested`, exactly what generation asks); the
 unconditional model is scored against the same requests (chance).
 
 * ``exact_match_conditioned`` / ``exact_match_unconditional``: share of candidates whose largest

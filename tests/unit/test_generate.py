@@ -107,7 +107,8 @@ def test_the_gate_refuses_lesions_outside_the_brain_and_the_images_are_given_tha
     seen_masks: list[int] = []
     monkeypatch.setattr(Stage, "sample", sample)
     gate = {"enabled": True, "min_area": 0.0, "max_area": 1.0, "inside_brain": True}
-    result = _generate(tmp_path, tiny_checkpoints, num_images=3, batch_size=2, gate=gate, lesion_sizes={"target": "model"})
+    result = _generate(tmp_path, tiny_checkpoints, num_images=3, batch_size=2, gate=gate, lesion_sizes={"target": "model"},
+                       lesion_counts={"target": "model"})
     rows = _manifest(result.out_dir)
     accepted = [int(r["mask_source"].split()[-1]) for r in rows if r["accepted"] == "True"]
     rejected = [int(r["mask_source"].split()[-1]) for r in rows if r["accepted"] == "False"]
@@ -194,7 +195,7 @@ def test_gate_keeps_the_first_passing_candidates_whatever_the_batch(tmp_path, ti
     else:
         gate["min_area"] = (others[-4] + area[0]) / 2
     results = [_generate(tmp_path / f"b{b}", tiny_checkpoints, num_images=4, batch_size=b, gate=gate,
-                         lesion_sizes=sizes) for b in (1, 3)]
+                         lesion_sizes=sizes, lesion_counts=sizes) for b in (1, 3)]
     rows = [_manifest(r.out_dir) for r in results]
     assert rows[0] == rows[1]
     accepted = [r for r in rows[0] if r["accepted"] == "True"]
@@ -211,7 +212,8 @@ def test_gate_keeps_the_first_passing_candidates_whatever_the_batch(tmp_path, ti
 def test_an_impossible_gate_stops_with_the_acceptance_rate(tmp_path, tiny_checkpoints):
     gate = {"enabled": True, "min_area": 0.9, "max_area": 1.0, "max_attempts": 8}
     with pytest.raises(GenerationError, match=r"accepted 0 of 8 generated masks \(0\.0%\).*gate\.max_attempts=8"):
-        _generate(tmp_path, tiny_checkpoints, num_images=3, gate=gate, lesion_sizes={"target": "model"})
+        _generate(tmp_path, tiny_checkpoints, num_images=3, gate=gate, lesion_sizes={"target": "model"},
+                  lesion_counts={"target": "model"})
 
 
 def test_masks_from_a_dataset_and_several_samples_per_mask(tmp_path, tiny_checkpoints, tiny_data):

@@ -15,7 +15,7 @@ from medgen.data.lesions import RANO_BM
 from medgen.generation import GenerationError, Stage, generate
 from medgen.generation.masks import _walk
 from medgen.generation.records import Candidate
-from medgen.generation.sizes import quotas, resolve_target
+from medgen.generation.sizes import Targets, count_classes, hard_to_draw, quotas, resolve_count_target, resolve_target
 from medgen.generation.status import read_status
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,11 +47,15 @@ def test_presets_and_weights_resolve_to_counts():
     finer = resolve_target(_cfg({"<3mm": 1, "3-6mm": 1}, [3, 6, 10]), 4, 64, (1.0, 1.0), None)
     assert finer.bins.names == ("<3mm", "3-6mm", "6-10mm", ">=10mm") and finer.counts.tolist() == [2, 2, 0, 0]
     assert resolve_target(_cfg("model"), 10, 64, (1.0, 1.0), None) is None
+    # at 64 px of 3.375 mm a tiny lesion (< 10 mm) spans under 3 pixels: warned about; at 128 px (1.69 mm) not
+    assert hard_to_draw(real, 3.375) == ["tiny (< 10 mm)"] and hard_to_draw(real, 1.6875) == []
+    assert hard_to_draw(weights, 3.375) == ["tiny (< 10 mm)"] and hard_to_draw(weights, 2.4) == []
 
 
 @pytest.mark.parametrize("target, bins, message", [
-    ("bigger", "rano_bm", r"lesion_sizes.target=bigger: use model, real, uniform or weights per bin"),
-    ({"huge": 1}, "rano_bm", r"lesion_sizes.target: unknown bin 'huge'; the bins of lesion_sizes.bins are \['tiny'"),
+    ("bigger", "rano_bm", r"lesion_sizes.target=bigger: use model, real, uniform or weights per class"),
+    ({"huge": 1}, "rano_bm", r"lesion_sizes.target: unknown class 'huge'; the classes of lesion_sizes.bins are "
+                             r"\['tiny'"),
     ({"tiny": 0, "small": 0}, "rano_bm", r"lesion_sizes.target: the weights .* must be >= 0 and sum to a positive"),
     ({"tiny": -1, "small": 2}, "rano_bm", r"must be >= 0"),
     ("uniform", "tiny", r"lesion_sizes.bins: unknown binning 'tiny'; use one of \['rano_bm'\] or a list"),
@@ -73,10 +77,84 @@ def test_the_walk_accepts_in_order_while_a_class_has_room():
     ok = [True, True, True, True, True, False, True, True]
     evaluated = {j: Candidate(j, stats, ok[j], largest_mm=float(d)) for j, d in enumerate(sizes)}
     target = resolve_target(_cfg({"tiny": 1, "small": 1, "medium": 1}), 3, 64, (1.0, 1.0), None)
-    walk = _walk(evaluated, target, 3)
+    walk = _walk(evaluated, Targets(target), 3)
     assert walk.chosen == [0, 2, 6] and walk.prefix == 8
-    assert walk.taken.tolist() == [1, 1, 1, 0] and walk.drawn.tolist() == [4, 1, 1, 0]  # 5 fails the gate
-    assert _walk(evaluated, None, 10).chosen == [0, 1, 2, 3, 4, 6, 7] and _walk(evaluated, None, 2).chosen == [0, 1]
+    assert walk.tallies["sizes"].taken.tolist() == [1, 1, 1, 0]
+    assert walk.tallies["sizes"].drawn.tolist() == [4, 1, 1, 0]  # 5 fails the gate
+    assert _walk(evaluated, Targets(), 10).chosen == [0, 1, 2, 3, 4, 6, 7]
+    assert _walk(evaluated, Targets(), 2).chosen == [0, 1]
+
+
+def test_count_classes_are_named_by_their_counts():
+    assert count_classes([1, 2, 3, 4]).names == ("1", "2", "3", "4+")
+    classes = count_classes([1, 2, 4])
+    assert classes.names == ("1", "2-3", "4+") and classes.index([1, 2, 3, 4, 9]).tolist() == [0, 1, 1, 2, 2]
+    assert count_classes([1]).names == ("1+",) and count_classes([1]).index([1, 7]).tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("classes, message", [
+    ([0, 1], r"lesion_counts.classes: must start at 1 and increase, e.g. \[1, 2, 3, 4\] .*got \[0, 1\]"),
+    ([1, 3, 2], r"must start at 1 and increase"),
+    ([1, 2.5], r"lesion_counts.classes: must be a list of lesion counts, e.g. \[1, 2, 3, 4\], got \[1, 2.5\]"),
+    ("1234", r"must be a list of lesion counts"),
+])
+def test_bad_count_classes_are_one_line(classes, message):
+    with pytest.raises(GenerationError, match=message):
+        count_classes(classes)
+
+
+def _counts_cfg(target, classes=(1, 2, 3, 4), most=10):
+    return OmegaConf.create({"lesion_counts": {"target": target, "classes": list(classes)},
+                             "gate": {"max_components": most}})
+
+
+def test_count_presets_and_weights_resolve_to_quotas():
+    # training slices: 1 lesion x3, 2, 3, 5 -> weights 3:1:1:1; 8 masks: 4, 1.33 x3 -> the earliest gets the extra
+    real = resolve_count_target(_counts_cfg("real"), 8, [1, 1, 1, 2, 5, 3])
+    assert real.counts.tolist() == [4, 2, 1, 1] and (real.key, real.source) == ("lesion_counts", "real")
+    weights = resolve_count_target(_counts_cfg({1: 2, "4+": 1}), 6, None)  # a YAML key 1 is an int
+    assert weights.counts.tolist() == [4, 0, 0, 2] and weights.describe() == "1 4, 2 0, 3 0, 4+ 2"
+    assert resolve_count_target(_counts_cfg("uniform", [1, 2, 4]), 7, None).counts.tolist() == [3, 2, 2]
+    assert resolve_count_target(_counts_cfg("model"), 7, None) is None
+
+
+def test_count_weights_as_written_on_the_command_line():
+    from medgen.core.schema import compose_config
+    from medgen.generation.config import validate_generate_config
+
+    cfg = validate_generate_config(compose_config(["image_checkpoint=i", "seg_checkpoint=s", "lesion_counts.classes=[1,2,3]",
+                                                   "lesion_counts.target={1:2,2:1,3+:1}"], config_name="generate"))
+    assert resolve_count_target(cfg, 8, None).counts.tolist() == [4, 2, 2]
+
+
+@pytest.mark.parametrize("target, most, message", [
+    ("many", 10, r"lesion_counts.target=many: use model, real, uniform or weights per class, e.g. "
+                 r"\{1: 1, 2: 1, 3: 1, 4\+: 1\}"),
+    ({5: 1}, 10, r"lesion_counts.target: unknown class '5'; the classes of lesion_counts.classes are "
+                 r"\['1', '2', '3', '4\+'\]"),
+    ({"1": 0}, 10, r"lesion_counts.target: the weights .* must be >= 0 and sum to a positive number"),
+    ({"1": 1, "4+": 1}, 3, r"lesion_counts.target asks for masks of 4\+ lesions but the gate rejects masks of more "
+                           r"than gate.max_components=3"),
+    ("real", 10, r"lesion_counts.target=real: the seg checkpoint records no training lesion counts"),
+])
+def test_an_impossible_count_request_is_one_line_naming_the_key(target, most, message):
+    with pytest.raises(GenerationError, match=message):
+        resolve_count_target(_counts_cfg(target, most=most), 10, None)
+
+
+def test_the_walk_accepts_a_candidate_only_while_its_size_and_its_count_class_have_room():
+    from medgen.generation.gate import MaskStats
+
+    # (largest lesion mm, lesions): tiny/1 taken; small/1 (count 1 full); tiny/2 (tiny full); small/2 taken
+    drawn = [(5.0, 1), (12.0, 1), (5.0, 2), (12.0, 2), (12.0, 1)]
+    evaluated = {j: Candidate(j, MaskStats(0.01, n, 4, 0), True, largest_mm=d) for j, (d, n) in enumerate(drawn)}
+    sizes = resolve_target(_cfg({"tiny": 1, "small": 1}), 2, 64, (1.0, 1.0), None)
+    counts = resolve_count_target(_counts_cfg({1: 1, 2: 1}), 2, None)
+    walk = _walk(evaluated, Targets(sizes, counts), 2)
+    assert walk.chosen == [0, 3]
+    assert walk.tallies["sizes"].drawn.tolist() == [2, 3, 0, 0] and walk.tallies["sizes"].taken.tolist() == [1, 1, 0, 0]
+    assert walk.tallies["counts"].drawn.tolist() == [3, 2, 0, 0] and walk.tallies["counts"].taken.tolist() == [1, 1, 0, 0]
+    assert _walk(evaluated, Targets(counts=counts), 2).chosen == [0, 2]  # counts alone: the first 1 and the first 2
 
 
 def test_each_candidate_is_asked_for_one_class_in_an_even_spread_of_the_quotas():
@@ -116,7 +194,7 @@ def test_the_output_holds_exactly_the_size_classes_asked_for(tmp_path, tiny_chec
     gate = {"enabled": True, "min_area": 0.0, "max_area": 1.0, "inside_brain": True}
     settings = dict(seg_checkpoint=str(tiny_checkpoints["seg"]), image_checkpoint=str(tiny_checkpoints["bravo"]),
                     num_images=6, batch_size=4, steps=2, precision="fp32", gate=gate, progress=False,
-                    cache_dir=str(tmp_path / "cache"))
+                    cache_dir=str(tmp_path / "cache"), lesion_counts={"target": "model"})
     result = generate(out_dir=str(tmp_path / "out"), lesion_sizes={"target": {"tiny": 1, "small": 1, "medium": 1}},
                       **settings)
     with open(result.out_dir / "manifest.csv") as f:
@@ -145,6 +223,51 @@ def test_the_output_holds_exactly_the_size_classes_asked_for(tmp_path, tiny_chec
                  "gate": {**gate, "max_attempts": 12}}, lesion_sizes={"target": {"tiny": 2, "small": 1, "medium": 1}})
     status = read_status(tmp_path / "never")
     assert not status.complete and not (tmp_path / "never" / "train").exists()
+
+
+def test_the_output_holds_exactly_the_lesion_counts_asked_for(tmp_path, tiny_checkpoints, monkeypatch):
+    from medgen.core.checkpoint import load_checkpoint
+
+    real_sample = Stage.sample
+    lesions, drawn = [1, 1, 1, 2, 3], [0]  # candidate j draws lesions[j % 5] separate 2 x 2 squares
+
+    def sample(self, cond, generators, **kwargs):
+        if not self.mode.generates_mask:
+            return real_sample(self, cond, generators, **kwargs)
+        x0 = -torch.ones(len(generators), 2, self.image_size, self.image_size)
+        x0[:, 1, 1:-1, 1:-1] = 1
+        for b in range(len(generators)):
+            for k in range(lesions[(drawn[0] + b) % len(lesions)]):
+                x0[b, 0, 2:4, 2 + 4 * k:4 + 4 * k] = 1
+        drawn[0] += len(generators)
+        return x0
+
+    monkeypatch.setattr(Stage, "sample", sample)
+    gate = {"enabled": True, "min_area": 0.0, "max_area": 1.0, "inside_brain": True, "max_attempts": 20}
+    settings = dict(seg_checkpoint=str(tiny_checkpoints["seg"]), image_checkpoint=str(tiny_checkpoints["bravo"]),
+                    num_images=3, batch_size=2, steps=2, precision="fp32", gate=gate, progress=False,
+                    cache_dir=str(tmp_path / "cache"), lesion_sizes={"target": "model"})
+    result = generate(out_dir=str(tmp_path / "out"), lesion_counts={"target": {1: 1, 2: 1, "3+": 1},
+                                                                      "classes": [1, 2, 3]}, **settings)
+    with open(result.out_dir / "manifest.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["id"]]
+    assert sorted(int(r["components"]) for r in rows) == [1, 2, 3]
+    report = json.loads((result.out_dir / "lesion_sizes.json").read_text())
+    counts = report["counts"]
+    assert counts["requested"] == counts["output"] == {"1": 1, "2": 1, "3+": 1} and counts["target"] == "weights"
+    # candidates 0..4: the first single lesion is taken, the next two are not, then the 2 and the 3
+    assert report["candidates"] == 5 and counts["before_gate"] == {"1": 3, "2": 1, "3+": 1}
+    assert report["acceptance_rate"] == pytest.approx(3 / 5) and "exact_match" not in report  # sizes not targeted
+    # the mask model records the lesion count of each training slice with a lesion, beside its largest lesion
+    ckpt = load_checkpoint(tiny_checkpoints["seg"])
+    assert len(ckpt["lesion_counts"]) == len(ckpt["lesion_sizes"]) > 0 and min(ckpt["lesion_counts"]) >= 1
+    # a class the model never draws: one line with the acceptance per count class
+    lesions[:] = [1, 2]
+    with pytest.raises(GenerationError, match=r"accepted 2 of 20 generated masks .* by count class \(lesion_counts"
+                                              r".target=uniform\), accepted/wanted: 1 1/1 \(10 drawn\), 2 1/1 "
+                                              r"\(10 drawn\), 3\+ 0/1 \(0 drawn\)"):
+        generate(out_dir=str(tmp_path / "never"), lesion_counts={"target": "uniform", "classes": [1, 2, 3]},
+                 **settings)
 
 
 def _class_square_model(monkeypatch, calls):
@@ -195,7 +318,8 @@ def test_a_size_conditioned_seg_model_trains_and_draws_the_class_asked_of_each_c
     _class_square_model(monkeypatch, calls)
     gate = {"enabled": True, "min_area": 0.0, "max_area": 1.0, "inside_brain": True}
     settings = dict(seg_checkpoint=str(ckpt), image_checkpoint=str(tiny_checkpoints["bravo"]), num_images=6,
-                    batch_size=4, steps=2, precision="fp32", gate=gate, progress=False, cache_dir=str(tmp_path / "c"))
+                    batch_size=4, steps=2, precision="fp32", gate=gate, progress=False, cache_dir=str(tmp_path / "c"),
+                    lesion_counts={"target": "model"})
     result = generate(out_dir=str(tmp_path / "out"), lesion_sizes={"target": "uniform", "guidance": 2.0}, **settings)
     report = json.loads((result.out_dir / "lesion_sizes.json").read_text())
     assert report["requested"] == report["output"] == {"tiny": 2, "small": 2, "medium": 1, "large": 1}

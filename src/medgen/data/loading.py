@@ -103,6 +103,11 @@ class DataBundle:
         """The Feret diameter (mm) of the largest lesion of each training slice with a lesion."""
         return [float(d) for d in self.train_cache.largest_mm if d > 0]
 
+    @property
+    def lesion_counts(self) -> list[int]:
+        """The lesions of each training slice with a lesion (in the order of :attr:`lesion_sizes`)."""
+        return [int(n) for n in self.train_cache.lesion_count if n > 0]
+
 
 def _selection_rule(spec: SliceSpec) -> str:
     """What a slice needs to be selected, in the words of the config keys that set it."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from medgen.core.constants import MASK_KEY
 from medgen.core.fs import temporary_path
-from medgen.data.lesions import largest_diameter
+from medgen.data.lesions import feret_diameters
 from medgen.data.masks import is_lesion
 from medgen.data.nifti_dataset import DataError
 
@@ -134,18 +134,29 @@ class SliceCache:
                 self._data = np.memmap(self.directory / DATA_FILE, dtype=CACHE_DTYPE, mode="r", shape=self.shape)
         return self._data
 
-    @functools.cached_property
+    @property
     def largest_mm(self) -> np.ndarray:
         """``[N]`` float64: the Feret diameter (mm, at the cache's pixel size) of each slice's largest
         lesion, 0 without lesion or mask channel (measured on first use: a pass over the lesion slices)."""
-        out = np.zeros(len(self), dtype=np.float64)
+        return self._lesion_measures[0]
+
+    @property
+    def lesion_count(self) -> np.ndarray:
+        """``[N]`` int64: the lesions (connected components, as the generation gate counts them) of
+        each slice, 0 without lesion or mask channel (measured with :attr:`largest_mm`)."""
+        return self._lesion_measures[1]
+
+    @functools.cached_property
+    def _lesion_measures(self) -> tuple[np.ndarray, np.ndarray]:
+        largest, count = np.zeros(len(self), dtype=np.float64), np.zeros(len(self), dtype=np.int64)
         if MASK_KEY not in self.keys:
-            return out
+            return largest, count
         spacing = (self.spacing or (1.0, 1.0))[:2]
         channel = self.keys.index(MASK_KEY)
         for i in np.flatnonzero(self.lesion_pixels > 0):
-            out[i] = largest_diameter(is_lesion(self.data[i, channel]), spacing)
-        return out
+            diameters = feret_diameters(is_lesion(self.data[i, channel]), spacing)
+            largest[i], count[i] = max(diameters, default=0.0), len(diameters)
+        return largest, count
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

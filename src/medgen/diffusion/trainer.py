@@ -417,8 +417,9 @@ class DiffusionTrainer:
             # what generated data needs to look like the training data: voxel size (mm) of a model
             # slice, in RAS (x, y, slice thickness)
             "geometry": {"spacing": self.data.train_cache.spacing, "orientation": "RAS"},
-            # a mask model's largest training lesion per slice (mm): generation's lesion_sizes.target=real
+            # a mask model's training slices with a lesion, their largest lesion (mm) and lesion count: target=real
             "lesion_sizes": self.data.lesion_sizes if self.mode.generates_mask else None,
+            "lesion_counts": self.data.lesion_counts if self.mode.generates_mask else None,
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:

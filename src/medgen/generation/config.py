@@ -51,6 +51,14 @@ class LesionSizesConfig:
 
 
 @dataclass
+class LesionCountsConfig:
+    #: model (as the seg model draws them), real (its training slices), uniform, or weights per class name
+    target: Any = "real"
+    #: the smallest lesion count of each class, the last open-ended: [1, 2, 3, 4] = 1, 2, 3, 4+
+    classes: Any = field(default_factory=lambda: [1, 2, 3, 4])
+
+
+@dataclass
 class GenerateConfig:
     seg_checkpoint: Optional[str] = None
     image_checkpoint: Optional[str] = None
@@ -79,6 +87,7 @@ class GenerateConfig:
     brain_outline: str = choice("convex", "convex", "as_drawn")
     gate: GateConfig = field(default_factory=GateConfig)
     lesion_sizes: LesionSizesConfig = field(default_factory=LesionSizesConfig)
+    lesion_counts: LesionCountsConfig = field(default_factory=LesionCountsConfig)
     nnunet: NnunetConfig = field(default_factory=NnunetConfig)
 
 

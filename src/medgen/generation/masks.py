@@ -1,8 +1,8 @@
 """Stage 1: the masks a run paints, sampled through the quality gate, or real ones (``masks_from``).
 
 Candidate ``j`` draws its noise from ``sample_seed(seed, j, MASK_STREAM)``; the accepted masks
-are the first ``num_images`` candidates, in candidate order, that pass the gate (and, with a size
-target, fit a size class that still has room: :mod:`medgen.generation.sizes`), whatever the
+are the first ``num_images`` candidates, in candidate order, that pass the gate (and, with size or
+count targets, fit classes that still have room: :mod:`medgen.generation.sizes`), whatever the
 batch size or the number of processes. Each evaluated batch is kept as one block file in
 ``<out_dir>/.medgen/masks/`` (``block_<first>_<count>_r<rank>.npz``), so a restarted run
 evaluates only the candidates no earlier run did.
@@ -34,7 +34,7 @@ from medgen.diffusion.utils import sample_seed
 from medgen.generation import gate as quality_gate
 from medgen.generation.models import GenerationError, Stage
 from medgen.generation.records import Candidate, CandidateSource, MaskRecord, Masks, SliceSource
-from medgen.generation.sizes import SizeTarget
+from medgen.generation.sizes import ClassTarget, Targets
 
 log = logging.getLogger("medgen.generate")
 
@@ -56,9 +56,9 @@ def progress_bar(total: int, initial: int, desc: str, dist: DistInfo, progress: 
 
 # ============================================================================ sampled masks
 def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: DistInfo, stop: StopRequest,
-                 progress: bool, target: SizeTarget | None = None,
+                 progress: bool, targets: Targets = Targets(),
                  spacing: tuple[float, float] = (1.0, 1.0)) -> Masks | None:
-    """Masks until ``num_images`` pass the gate (and fill ``target``'s size classes, their lesions
+    """Masks until ``num_images`` pass the gate (and fill the classes of ``targets``, lesions
     measured at ``spacing`` mm); None if stopped by a signal. The evaluated candidates are kept in
     ``folder``."""
     n_wanted = int(cfg.num_images)
@@ -69,7 +69,7 @@ def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: 
                     "that they lie inside it; train the seg model with mode.image_keys=[seg,brain]", seg.path,
                     list(seg.mode.image_keys))
     evaluated = read_blocks(folder)
-    walk = _walk(evaluated, target, n_wanted)
+    walk = _walk(evaluated, targets, n_wanted)
     with progress_bar(n_wanted, len(walk.chosen), "masks", dist, progress) as bar:
         while True:
             bar.n = min(len(walk.chosen), n_wanted)
@@ -78,72 +78,80 @@ def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: 
             if len(walk.chosen) >= n_wanted:
                 break
             if walk.prefix >= max_attempts:
-                raise _gate_failure(cfg, walk, max_attempts, target)
+                raise _gate_failure(cfg, walk, max_attempts, targets)
             if any_rank(stop.requested, dist):
                 return None
             queue = _next_candidates(evaluated, dist.world_size * cfg.batch_size)
             mine = queue[dist.rank * cfg.batch_size:(dist.rank + 1) * cfg.batch_size]
-            results = _evaluate(seg, mine, cfg, sampler, folder, dist, spacing, target) if mine else {}
+            results = _evaluate(seg, mine, cfg, sampler, folder, dist, spacing, targets) if mine else {}
             for part in _gather(results, dist):
                 evaluated.update(part)
-            walk = _walk(evaluated, target, n_wanted)
-    guidance = float(cfg.lesion_sizes.guidance) if seg.mode.size_conditioned and target is not None else None
-    return _chosen(evaluated, walk, cfg.seed, folder, dist, target, cfg.brain_outline, guidance)
+            walk = _walk(evaluated, targets, n_wanted)
+    guidance = float(cfg.lesion_sizes.guidance) if seg.mode.size_conditioned and targets.sizes is not None else None
+    return _chosen(evaluated, walk, cfg.seed, folder, dist, targets, cfg.brain_outline, guidance)
+
+
+@dataclass
+class _Tally:
+    """Per class of one target: the candidates that pass the gate's other rules (``drawn``) and
+    those accepted (``taken``)."""
+
+    drawn: np.ndarray
+    taken: np.ndarray
 
 
 @dataclass
 class _Walk:
     """The evaluated candidates 0, 1, 2, ... in order: how many (``prefix``), the accepted ones
-    (``chosen``, at most num_images), and per size class of ``target`` the candidates that pass
-    the other rules (``drawn``), those accepted (``taken``), and among all candidates those asked
-    for the class (``asked``, :meth:`SizeTarget.requested`) and those of them whose largest lesion
-    is in it (``matched``: the adherence before any gate)."""
+    (``chosen``, at most num_images), a :class:`_Tally` per target (by name: ``sizes``,
+    ``counts``), and per size class among all candidates those asked for it (``asked``,
+    :meth:`ClassTarget.requested`) and those of them whose largest lesion is in it (``matched``:
+    the adherence before any gate)."""
 
     prefix: int
     chosen: list[int]
-    drawn: np.ndarray
-    taken: np.ndarray
+    tallies: dict[str, _Tally]
     asked: np.ndarray
     matched: np.ndarray
 
 
-def _walk(evaluated: dict[int, Candidate], target: SizeTarget | None, wanted: int) -> _Walk:
-    """Accept candidates in order until ``wanted``: those that pass the gate, and with a ``target``
-    only while their size class has room (a candidate without lesion has none)."""
-    bins = len(target.bins) if target is not None else 0
-    walk = _Walk(0, [], *(np.zeros(bins, np.int64) for _ in range(4)))
+def _walk(evaluated: dict[int, Candidate], targets: Targets, wanted: int) -> _Walk:
+    """Accept candidates in order until ``wanted``: those that pass the gate, and with targets only
+    while their class under each has room (a candidate without lesion has none)."""
+    sizes = targets.sizes
+    tallies = {name: _Tally(*(np.zeros(len(t.bins), np.int64) for _ in range(2))) for name, t in targets.items()}
+    walk = _Walk(0, [], tallies, *(np.zeros(len(sizes.bins) if sizes else 0, np.int64) for _ in range(2)))
     while walk.prefix in evaluated:
         c = evaluated[walk.prefix]
         walk.prefix += 1
-        if target is not None:
-            asked = int(target.requested([c.index])[0])
+        if sizes is not None:
+            asked = int(sizes.requested([c.index])[0])
             walk.asked[asked] += 1
-            walk.matched[asked] += c.largest_mm > 0 and int(target.bins.index(c.largest_mm)) == asked
-        if not c.accepted:
+            walk.matched[asked] += c.largest_mm > 0 and int(sizes.bins.index(c.largest_mm)) == asked
+        if not c.accepted or targets and c.largest_mm <= 0:  # no lesion: no class
             continue
-        if target is None:
-            if len(walk.chosen) < wanted:
-                walk.chosen.append(c.index)
-            continue
-        if c.largest_mm <= 0:  # no lesion: no size class
-            continue
-        b = int(target.bins.index(c.largest_mm))
-        walk.drawn[b] += 1
-        if walk.taken[b] < target.counts[b] and len(walk.chosen) < wanted:
-            walk.taken[b] += 1
+        classes = targets.classes(c.largest_mm, int(c.stats.components))
+        for name, k in classes.items():
+            tallies[name].drawn[k] += 1
+        room = all(tallies[name].taken[k] < t.counts[k] for (name, t), k in zip(targets.items(), classes.values()))
+        if room and len(walk.chosen) < wanted:
+            for name, k in classes.items():
+                tallies[name].taken[k] += 1
             walk.chosen.append(c.index)
     return walk
 
 
-def _gate_failure(cfg: DictConfig, walk: _Walk, max_attempts: int, target: SizeTarget | None) -> GenerationError:
+def _gate_failure(cfg: DictConfig, walk: _Walk, max_attempts: int, targets: Targets) -> GenerationError:
     accepted, tried = len(walk.chosen), walk.prefix
     message = (f"the quality gate accepted {accepted} of {tried} generated masks ({100 * accepted / tried:.1f}%), "
                f"short of num_images={cfg.num_images} within gate.max_attempts={max_attempts}; ")
-    if target is not None:
-        per_bin = ", ".join(f"{name} {int(t)}/{int(q)} ({int(d)} drawn)" for name, t, q, d in
-                            zip(target.bins.names, walk.taken, target.counts, walk.drawn))
-        return GenerationError(message + f"by size class (lesion_sizes.target={cfg.lesion_sizes.target}), accepted/"
-                               f"wanted: {per_bin}; ask for fewer of the classes the model rarely draws, raise "
+    if targets:
+        per_class = "; ".join(
+            f"by {key[:-1]} class ({t.key}.target={cfg[t.key].target}), accepted/wanted: " + ", ".join(
+                f"{name} {int(k)}/{int(q)} ({int(d)} drawn)" for name, k, q, d in
+                zip(t.bins.names, walk.tallies[key].taken, t.counts, walk.tallies[key].drawn))
+            for key, t in targets.items())
+        return GenerationError(message + f"{per_class}; ask for fewer of the classes the model rarely draws, raise "
                                "gate.max_attempts, or train the seg model longer")
     return GenerationError(
         message + f"loosen gate.* (min_area={cfg.gate.min_area}, max_area={cfg.gate.max_area}, max_components="
@@ -152,7 +160,7 @@ def _gate_failure(cfg: DictConfig, walk: _Walk, max_attempts: int, target: SizeT
 
 
 def _chosen(evaluated: dict[int, Candidate], walk: _Walk, seed: int, folder: Path, dist: DistInfo,
-            target: SizeTarget | None, outline: str = "as_drawn", guidance: float | None = None) -> Masks:
+            targets: Targets, outline: str = "as_drawn", guidance: float | None = None) -> Masks:
     """The accepted candidates, and the rejected ones before the last of them; their brains as
     drawn, or (``outline="convex"``) each replaced by its convex hull, which holds it. ``guidance``:
     the scale a size-conditioned model drew them with (None: unconditional)."""
@@ -169,58 +177,71 @@ def _chosen(evaluated: dict[int, Candidate], walk: _Walk, seed: int, folder: Pat
         (records if j in keep else rejected).append(record)
     rate = len(chosen) / (last + 1)
     # what the model drew up to the last accepted candidate (later ones of the batch do not count)
-    sizes = None if target is None else size_report(
-        target, _walk({j: evaluated[j] for j in range(last + 1)}, target, len(chosen)), last + 1, guidance)
+    report = size_report(targets, _walk({j: evaluated[j] for j in range(last + 1)}, targets, len(chosen)), last + 1,
+                         guidance) if targets else None
     if dist.is_main:
         log.info("quality gate: %d of %d masks accepted (%.1f%%)", len(chosen), last + 1, 100 * rate)
-        if sizes is not None:
+        if targets.sizes is not None:
             log.info("size classes (largest lesion): requested %s; before the gate %s; the class asked of each candidate "
-                     "drawn exactly: %.1f%% (%s)", target.describe(),
-                     ", ".join(f"{k} {100 * v:.0f}%" for k, v in sizes["before_gate_share"].items()),
-                     100 * sizes["exact_match"], "conditioned" if guidance is not None else "unconditional model: chance")
+                     "drawn exactly: %.1f%% (%s)", targets.sizes.describe(),
+                     ", ".join(f"{k} {100 * v:.0f}%" for k, v in report["before_gate_share"].items()),
+                     100 * report["exact_match"], "conditioned" if guidance is not None else "unconditional model: chance")
+        if targets.counts is not None:
+            log.info("lesions per mask: requested %s; before the gate %s", targets.counts.describe(),
+                     ", ".join(f"{k} {100 * v:.0f}%" for k, v in report["counts"]["before_gate_share"].items()))
     masks = np.stack([with_masks[j].mask for j in chosen])
     brains = [with_masks[j].brain for j in chosen]
     if any(b is None for b in brains):
-        return Masks(masks, records, rejected, rate, None, sizes)
+        return Masks(masks, records, rejected, rate, None, report)
     if outline == "convex":
         brains = [convex_hull(b).astype(np.uint8) for b in brains]
-    return Masks(masks, records, rejected, rate, np.stack(brains), sizes)
+    return Masks(masks, records, rejected, rate, np.stack(brains), report)
 
 
-def size_report(target: SizeTarget, walk: _Walk, candidates: int, guidance: float | None = None) -> dict[str, Any]:
-    """What ``lesion_sizes.json`` says: the request; the exact class match before any gate (the
-    largest lesion of each candidate in the class asked of it: what conditioning alone achieves,
-    chance for an unconditional model), overall and per class; the classes among candidates that
-    passed the other rules (the model before the size gate); the output's classes (= the request).
-    ``guidance``: the scale a size-conditioned model drew with (None: unconditional)."""
+def size_report(targets: Targets, walk: _Walk, candidates: int, guidance: float | None = None) -> dict[str, Any]:
+    """What ``lesion_sizes.json`` says. Per target (the size classes at the top level, the count
+    classes under ``counts``): the request; the classes among candidates that passed the gate's
+    other rules (the model before the size and count gate); the output's classes (= the request).
+    For sizes also the exact class match before any gate (the largest lesion of each candidate in
+    the class asked of it: what conditioning alone achieves, chance for an unconditional model),
+    overall and per class. ``guidance``: the scale a size-conditioned model drew with (None:
+    unconditional)."""
+    out: dict[str, Any] = {}
+    for name, target in targets.items():
+        part = _class_report(target, walk.tallies[name])
+        if name == "counts":
+            out["counts"] = part
+            continue
+        asked = {b: int(a) for b, a in zip(target.bins.names, walk.asked)}
+        out.update(part, edges_mm=list(target.bins.edges), conditioned=guidance is not None, guidance=guidance,
+                   exact_match=int(walk.matched.sum()) / max(int(walk.asked.sum()), 1),
+                   exact_match_per_bin={b: (int(m) / asked[b] if asked[b] else None)
+                                        for b, m in zip(target.bins.names, walk.matched)}, asked=asked)
+    return {**out, "candidates": candidates, "acceptance_rate": len(walk.chosen) / candidates}
+
+
+def _class_report(target: ClassTarget, tally: _Tally) -> dict[str, Any]:
     names = target.bins.names
-    drawn = walk.drawn.astype(np.float64)
-    total = float(drawn.sum()) or 1.0
+    drawn = tally.drawn.astype(np.float64)
     want = target.counts / max(int(target.counts.sum()), 1)
-    asked = {name: int(a) for name, a in zip(names, walk.asked)}
-    return {"target": target.source, "bins": list(names), "edges_mm": list(target.bins.edges),
-            "conditioned": guidance is not None, "guidance": guidance,
-            "exact_match": int(walk.matched.sum()) / max(int(walk.asked.sum()), 1),
-            "exact_match_per_bin": {name: (int(m) / asked[name] if asked[name] else None)
-                                    for name, m in zip(names, walk.matched)},
-            "asked": asked,
+    share = drawn / (float(drawn.sum()) or 1.0)
+    return {"target": target.source, "bins": list(names),
             "requested": dict(zip(names, target.counts.tolist())),
-            "before_gate": dict(zip(names, walk.drawn.tolist())),
-            "before_gate_share": dict(zip(names, (drawn / total).tolist())),
-            "before_gate_match": float(np.minimum(drawn / total, want).sum()),
-            "output": dict(zip(names, walk.taken.tolist())),
-            "candidates": candidates, "acceptance_rate": len(walk.chosen) / candidates}
+            "before_gate": dict(zip(names, tally.drawn.tolist())),
+            "before_gate_share": dict(zip(names, share.tolist())),
+            "before_gate_match": float(np.minimum(share, want).sum()),
+            "output": dict(zip(names, tally.taken.tolist()))}
 
 
 def _evaluate(seg: Stage, candidates: list[int], cfg: DictConfig, sampler: str, folder: Path,
-              dist: DistInfo, spacing: tuple[float, float], target: SizeTarget | None = None) -> dict[int, Candidate]:
-    """Generate and gate ``candidates`` (a size-conditioned model: each asked for the class
-    ``target`` gives it, or none without a target); save them as one block file; return their verdicts."""
-    cond, guidance = None, 1.0
+              dist: DistInfo, spacing: tuple[float, float], targets: Targets = Targets()) -> dict[int, Candidate]:
+    """Generate and gate ``candidates`` (a size-conditioned model: each asked for the class the size
+    target gives it, or none without one); save them as one block file; return their verdicts."""
+    cond, guidance, sizes = None, 1.0, targets.sizes
     if seg.mode.size_conditioned:
-        classes = 1 + target.requested(candidates) if target is not None else np.full(len(candidates), -1)
+        classes = 1 + sizes.requested(candidates) if sizes is not None else np.full(len(candidates), -1)
         cond = seg.mode.size_condition(torch.from_numpy(classes), (seg.image_size,) * 2).to(seg.device)
-        guidance = float(cfg.lesion_sizes.guidance) if target is not None else 1.0
+        guidance = float(cfg.lesion_sizes.guidance) if sizes is not None else 1.0
     x0 = seg.sample(cond, sample_generators(cfg.seed, candidates, MASK_STREAM, seg.device), steps=cfg.steps,
                     sampler=sampler, guidance_scale=guidance, batch_size=cfg.batch_size)
     outputs = {k: v[:, 0].cpu().numpy().astype(np.uint8) for k, v in seg.mode.to_outputs(x0).items()}

@@ -85,6 +85,8 @@ class Stage:
     #: the Feret diameter (mm) of the largest lesion of each training slice of a mask model (None:
     #: not recorded, a checkpoint of an older medgen or an image model)
     training_sizes: tuple[float, ...] | None = None
+    #: the lesion count of each of those slices (None: not recorded)
+    training_counts: tuple[int, ...] | None = None
 
     @property
     def image_size(self) -> int:
@@ -137,7 +139,12 @@ def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, 
                  cond_dropout=float(cfg.training.cond_dropout), spacing=tuple(spacing) if spacing else None,
                  brain_from=str(cfg.data.get("brain_from", "bravo")), device=device, precision=precision,
                  forward=sampling_forward(network, device, compile, log, compile_mode),
-                 training_sizes=tuple(ckpt["lesion_sizes"]) if ckpt.get("lesion_sizes") is not None else None)
+                 training_sizes=_recorded(ckpt, "lesion_sizes"), training_counts=_recorded(ckpt, "lesion_counts"))
+
+
+def _recorded(ckpt: dict, key: str) -> tuple | None:
+    """A per-training-slice record of a mask model's checkpoint (None: a checkpoint without it)."""
+    return tuple(ckpt[key]) if ckpt.get(key) is not None else None
 
 
 def _stage_mode(cfg, name: str, stage: str, key: str, file: Path) -> TrainingMode:

@@ -49,7 +49,8 @@ from medgen.generation.images import IMAGE_STREAM, SampleIds, paint, read_sample
 from medgen.generation.masks import real_masks, sample_masks
 from medgen.generation.models import GenerationError, Stage, check_pair, load_stage
 from medgen.generation.records import Masks
-from medgen.generation.sizes import SizeTarget, check_conditioning, resolve_target
+from medgen.generation.sizes import (Targets, check_conditioning, hard_to_draw, resolve_count_target,
+                                    resolve_target)
 from medgen.generation.run_folder import claim, count_complete, exclusive, remove_partial_writes, run_settings
 from medgen.generation.status import GenerationStatus, write_status
 
@@ -67,7 +68,7 @@ class GenerationResult:
     sample_ids: list[str]
     acceptance_rate: float | None
     seconds: dict[str, float] = field(default_factory=dict)
-    #: with a size target: what ``lesion_sizes.json`` says (:func:`medgen.generation.masks.size_report`)
+    #: with a size or count target: what ``lesion_sizes.json`` says (:func:`medgen.generation.masks.size_report`)
     sizes: dict[str, Any] | None = None
 
     @property
@@ -91,7 +92,7 @@ class _Run:
     out: Path
     dist: DistInfo
     command: str | None
-    target: SizeTarget | None = None
+    targets: Targets = Targets()
 
     @property
     def state(self) -> Path:
@@ -125,7 +126,7 @@ def run_generation(cfg: DictConfig, dist: DistInfo | None = None, progress: bool
     check_pair(seg, image, cfg.guidance_scale)
     samplers = {"seg": _sampler(cfg, "seg_sampler", seg), "image": _sampler(cfg, "image_sampler", image)}
     run = _Run(cfg, seg, image, samplers, run_settings(cfg, seg, image, samplers), out, dist, command,
-               _size_target(cfg, seg, image, dist))
+               _targets(cfg, seg, image, dist))
     with exclusive(run.state, dist):
         if dist.is_main:
             claim(run.state, run.settings)
@@ -145,7 +146,7 @@ def _run_stages(run: _Run, progress: bool, t_start: float) -> GenerationResult:
             t0 = time.perf_counter()
             if run.seg is not None:
                 masks = sample_masks(run.seg, cfg, run.samplers["seg"], run.state / "masks", dist, stop, progress,
-                                     run.target, _pixel_size(run.image))
+                                     run.targets, _pixel_size(run.image))
             else:
                 masks = real_masks(cfg, run.image.image_size,
                                    run.image.brain_from if BRAIN_KEY in run.image.mode.cond_keys else None)
@@ -205,25 +206,43 @@ def _pixel_size(image: Stage) -> tuple[float, float]:
     return tuple((image.spacing or (1.0, 1.0, 1.0))[:2])
 
 
-def _size_target(cfg: DictConfig, seg: Stage | None, image: Stage, dist: DistInfo) -> SizeTarget | None:
-    """The size classes ``lesion_sizes`` asks for (None: no seg model, a disabled gate, ``model``, or
-    ``real`` with a seg checkpoint that does not record its training lesions, which is said once)."""
+def _targets(cfg: DictConfig, seg: Stage | None, image: Stage, dist: DistInfo) -> Targets:
+    """The size and count classes ``lesion_sizes`` and ``lesion_counts`` ask for (none: no seg model,
+    a disabled gate, ``model``, or ``real`` with a seg checkpoint that does not record its training
+    lesions, which is said once)."""
     if seg is None:
-        return None
-    if not cfg.gate.enabled:  # a disabled gate keeps every mask
-        target = None
-    elif cfg.lesion_sizes.target == "real" and seg.training_sizes is None:
-        if dist.is_main:
-            log.info("lesion_sizes.target=real: %s records no training lesion sizes (an older medgen): masks keep the "
-                     "sizes the model draws", seg.path)
-        target = None
-    else:
-        target = resolve_target(cfg, int(cfg.num_images), image.image_size, _pixel_size(image), seg.training_sizes)
-    check_conditioning(seg.mode, seg.path, seg.cond_dropout, target, float(cfg.lesion_sizes.guidance))
-    if target is not None and dist.is_main:
+        return Targets()
+    n, main = int(cfg.num_images), dist.is_main
+    sizes = counts = None
+    if cfg.gate.enabled:  # a disabled gate keeps every mask
+        if _recorded(cfg.lesion_sizes.target, seg.training_sizes, "lesion_sizes", seg.path, main):
+            sizes = resolve_target(cfg, n, image.image_size, _pixel_size(image), seg.training_sizes)
+        if _recorded(cfg.lesion_counts.target, seg.training_counts, "lesion_counts", seg.path, main):
+            counts = resolve_count_target(cfg, n, seg.training_counts)
+    check_conditioning(seg.mode, seg.path, seg.cond_dropout, sizes, float(cfg.lesion_sizes.guidance))
+    if sizes is not None and main:
         log.info("size classes requested (lesion_sizes.target=%s, largest lesion per mask): %s",
-                 cfg.lesion_sizes.target if isinstance(cfg.lesion_sizes.target, str) else "weights", target.describe())
-    return target
+                 sizes.source, sizes.describe())
+        small, pixel = hard_to_draw(sizes, _pixel_size(image)[0]), _pixel_size(image)[0]
+        if small:
+            log.warning("lesion_sizes.target asks for %s lesions, under 4 pixels of %.4g mm: a seg model at %d px "
+                        "rarely draws them, so the run may stop at gate.max_attempts; ask for none of them (weights "
+                        "per class) or train at a larger model.image_size", " and ".join(small), pixel,
+                        image.image_size)
+    if counts is not None and main:
+        log.info("lesions per mask requested (lesion_counts.target=%s): %s", counts.source, counts.describe())
+    return Targets(sizes, counts)
+
+
+def _recorded(target, recorded, key: str, path, main: bool) -> bool:
+    """Whether ``key.target`` can be resolved: anything but ``real`` with a checkpoint that records
+    no training lesions (said once, and the masks keep what the model draws)."""
+    if target == "real" and recorded is None:
+        if main:
+            log.info("%s.target=real: %s records no training lesion %s (an older medgen): masks keep the ones the "
+                     "model draws", key, path, key[7:])
+        return False
+    return True
 
 
 def _sampler(cfg: DictConfig, key: str, stage: Stage | None) -> str | None:

@@ -27,7 +27,7 @@ log = logging.getLogger("medgen.generate")
 #: settings that change the samples: a restart in the same out_dir must keep them
 DETERMINING = ("seg_sha256", "image_sha256", "masks_from", "masks_split", "samples_per_mask", "split", "seed",
                "seg_sampler", "image_sampler", "steps", "guidance_scale", "use_ema", "precision", "gate",
-               "lesion_sizes", "brain_outline")
+               "lesion_sizes", "lesion_counts", "brain_outline")
 
 
 def run_settings(cfg: DictConfig, seg: Stage | None, image: Stage, samplers: dict[str, str | None]) -> dict[str, Any]:
@@ -42,6 +42,7 @@ def run_settings(cfg: DictConfig, seg: Stage | None, image: Stage, samplers: dic
         "guidance_scale": cfg.guidance_scale, "use_ema": cfg.use_ema, "precision": cfg.precision,
         "gate": OmegaConf.to_container(cfg.gate) if seg else None,
         "lesion_sizes": OmegaConf.to_container(cfg.lesion_sizes) if seg else None,
+        "lesion_counts": OmegaConf.to_container(cfg.lesion_counts) if seg else None,
         "brain_outline": cfg.brain_outline if seg else None,
         "image_keys": list(image.mode.image_keys), "image_size": image.image_size,
         "spacing": list(image.spacing or (seg.spacing if seg and seg.spacing else (1.0, 1.0, 1.0))),

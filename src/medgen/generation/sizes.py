@@ -1,15 +1,20 @@
-"""Size targets: how many generated masks of each lesion size class a run makes (``lesion_sizes.*``).
+"""Size and count targets: how many generated masks of each lesion class a run makes
+(``lesion_sizes.*``, ``lesion_counts.*``).
 
 A mask's **size class** is the bin (``lesion_sizes.bins``: RANO-BM by default, or edges in mm) of
-the Feret diameter of its largest lesion, measured with the seg model's voxel spacing. A target
-gives each class a weight; the run's ``num_images`` masks are shared out by the largest-remainder
-rule (:func:`quotas`), and the gate accepts a candidate only while its class still has room, in
-candidate order, so the output holds exactly the requested number of each class whatever the
-batch size, the number of processes or interruptions.
+the Feret diameter of its largest lesion, measured with the seg model's voxel spacing; its **count
+class** is the class (``lesion_counts.classes``: 1, 2, 3, 4+ by default) of its number of lesions
+(connected components, as the gate counts them). A target gives each class a weight; the run's
+``num_images`` masks are shared out by the largest-remainder rule (:func:`quotas`), and the gate
+accepts a candidate only while its size class *and* its count class still have room, in candidate
+order, so the output holds exactly the requested number of each class of both whatever the batch
+size, the number of processes or interruptions. The two are shared out independently: the output
+matches each distribution asked for, and how sizes and counts go together is the model's.
 
-Targets (``lesion_sizes.target``): ``model`` (none: as the seg model draws them), ``real`` (the
-classes of the seg model's training slices, recorded in its checkpoint), ``uniform``, or weights
-per bin name (``{tiny: 4, small: 2, medium: 1, large: 1}``; a bin left out gets none).
+Targets (``lesion_sizes.target``, ``lesion_counts.target``): ``model`` (none: as the seg model
+draws them), ``real`` (the classes of the seg model's training slices with a lesion, recorded in
+its checkpoint), ``uniform``, or weights per class name (``{tiny: 4, small: 2, medium: 1, large:
+1}``, ``{1: 3, 2: 1, 3+: 1}``; a class left out gets none).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from medgen.data import lesions
 from medgen.data.lesions import SizeBins
 from medgen.generation.models import GenerationError
 
-__all__ = ["SizeTarget", "quotas", "resolve_target", "parse_bins"]
+__all__ = ["ClassTarget", "Targets", "count_classes", "hard_to_draw", "parse_bins", "quotas", "resolve_count_target",
+           "resolve_target"]
 
 
 def parse_bins(value: Any, key: str) -> SizeBins:
@@ -47,20 +53,22 @@ def quotas(weights: np.ndarray, n: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class SizeTarget:
-    """What a run asks for: ``counts[b]`` masks whose largest lesion is in bin ``b`` of ``bins``."""
+class ClassTarget:
+    """What a run asks of one kind of class (``key``: ``lesion_sizes`` or ``lesion_counts``):
+    ``counts[b]`` masks in class ``b`` of ``bins``."""
 
+    key: str
     source: str  #: real, uniform or weights
     bins: SizeBins
-    weights: np.ndarray  #: as given, per bin
-    counts: np.ndarray  #: int64 per bin, summing to num_images
+    weights: np.ndarray  #: as given, per class
+    counts: np.ndarray  #: int64 per class, summing to num_images
 
     def describe(self) -> str:
         return ", ".join(f"{name} {int(c)}" for name, c in zip(self.bins.names, self.counts))
 
     def requested(self, candidates: Sequence[int]) -> np.ndarray:
-        """The class asked of each stage-1 candidate (int64 bin indices): candidate ``j`` gets slot
-        ``j mod num_images`` of the quotas spread evenly (bin ``b``'s ``k``-th slot at
+        """The class asked of each stage-1 candidate (int64 class indices): candidate ``j`` gets slot
+        ``j mod num_images`` of the quotas spread evenly (class ``b``'s ``k``-th slot at
         ``(k + 1/2) / counts[b]``), so any run of ``num_images`` consecutive candidates asks for each
         class its quota; fixed per candidate, whatever the batches, ranks and restarts."""
         return self._slots[np.asarray(candidates, dtype=np.int64) % len(self._slots)]
@@ -71,7 +79,44 @@ class SizeTarget:
         return np.asarray([b for _, b in slots], dtype=np.int64)
 
 
-def check_conditioning(seg_mode: Any, seg_path: Any, cond_dropout: float, target: SizeTarget | None,
+@dataclass(frozen=True)
+class Targets:
+    """The size and the count target of a run (either None: not targeted)."""
+
+    sizes: ClassTarget | None = None
+    counts: ClassTarget | None = None
+
+    def __bool__(self) -> bool:
+        return self.sizes is not None or self.counts is not None
+
+    def items(self) -> list[tuple[str, ClassTarget]]:
+        return [(name, t) for name, t in (("sizes", self.sizes), ("counts", self.counts)) if t is not None]
+
+    def classes(self, largest_mm: float, lesions: int) -> dict[str, int]:
+        """The class of a mask with a lesion under each target, by target name."""
+        value = {"sizes": largest_mm, "counts": lesions}
+        return {name: int(t.bins.index(value[name])) for name, t in self.items()}
+
+
+def count_classes(value: Any) -> SizeBins:
+    """Lesion-count classes from the smallest count of each, the last open-ended: ``[1, 2, 3, 4]`` →
+    ``1, 2, 3, 4+``; ``[1, 2, 4]`` → ``1, 2-3, 4+`` (a one-line :class:`GenerationError` naming
+    ``lesion_counts.classes`` otherwise)."""
+    key = "lesion_counts.classes"
+    try:
+        lowers = [int(v) for v in value]
+        if any(float(v) != int(v) for v in value) or isinstance(value, str):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise GenerationError(f"{key}: must be a list of lesion counts, e.g. [1, 2, 3, 4], got {value!r}") from None
+    if not lowers or lowers[0] != 1 or any(b <= a for a, b in zip(lowers, lowers[1:])):
+        raise GenerationError(f"{key}: must start at 1 and increase, e.g. [1, 2, 3, 4] for the classes 1, 2, 3, 4+, "
+                              f"got {lowers}")
+    names = [str(a) if b == a + 1 else f"{a}-{b - 1}" for a, b in zip(lowers, lowers[1:])] + [f"{lowers[-1]}+"]
+    return SizeBins(tuple(float(v) for v in lowers[1:]), tuple(names))
+
+
+def check_conditioning(seg_mode: Any, seg_path: Any, cond_dropout: float, target: ClassTarget | None,
                        guidance: float) -> None:
     """A size-conditioned seg model and the request fit: the same bins, and guidance or drawing
     without a class only from a model trained with condition dropout (:class:`GenerationError` naming the key)."""
@@ -93,52 +138,84 @@ def check_conditioning(seg_mode: Any, seg_path: Any, cond_dropout: float, target
 
 
 def resolve_target(cfg: Any, n: int, image_size: int, spacing: Sequence[float],
-                   training_diameters: Sequence[float] | None) -> SizeTarget | None:
-    """The target ``cfg.lesion_sizes`` asks for, for ``n`` masks of ``image_size`` px at ``spacing``
-    mm (None for ``model``). ``training_diameters``: the largest lesion of each of the seg model's
-    training slices (mm), from its checkpoint (None for a checkpoint that does not record them).
+                   training_diameters: Sequence[float] | None) -> ClassTarget | None:
+    """The size target ``cfg.lesion_sizes`` asks for, for ``n`` masks of ``image_size`` px at
+    ``spacing`` mm (None for ``model``). ``training_diameters``: the largest lesion of each of the seg
+    model's training slices with a lesion (mm), from its checkpoint (None for one that does not record them).
 
     Raises :class:`GenerationError` naming the key for an unknown preset or bin name, weights that do
     not sum to a positive number, or a requested bin whose smallest diameter does not fit the image."""
-    sizes = cfg.lesion_sizes
-    bins = parse_bins(sizes.bins, "lesion_sizes.bins")
-    target = sizes.target
+    bins = parse_bins(cfg.lesion_sizes.bins, "lesion_sizes.bins")
+    target = _resolve("lesion_sizes", cfg.lesion_sizes.target, bins, n, training_diameters, "sizes")
+    diagonal = image_size * float(np.hypot(*spacing[:2]))
+    for b, name in enumerate(bins.names):
+        lower = bins.edges[b - 1] if b else 0.0
+        if target is not None and target.weights[b] > 0 and lower >= diagonal:
+            raise GenerationError(f"lesion_sizes.target asks for {name} lesions (>= {lower:g} mm) but the images are "
+                                  f"{image_size} px of {spacing[0]:g} x {spacing[1]:g} mm: no lesion can be longer than "
+                                  f"their diagonal, {diagonal:.0f} mm")
+    return target
+
+
+def resolve_count_target(cfg: Any, n: int, training_counts: Sequence[int] | None) -> ClassTarget | None:
+    """The count target ``cfg.lesion_counts`` asks for, for ``n`` masks (None for ``model``).
+    ``training_counts``: the lesions of each of the seg model's training slices with a lesion.
+
+    Raises :class:`GenerationError` naming the key for an unknown preset or class, weights that do
+    not sum to a positive number, or a class of more lesions than ``gate.max_components`` allows."""
+    classes = count_classes(cfg.lesion_counts.classes)
+    target = _resolve("lesion_counts", cfg.lesion_counts.target, classes, n, training_counts, "counts")
+    most = int(cfg.gate.max_components)
+    for b, name in enumerate(classes.names):
+        lower = int(classes.edges[b - 1]) if b else 1
+        if target is not None and target.weights[b] > 0 and lower > most:
+            raise GenerationError(f"lesion_counts.target asks for masks of {name} lesions but the gate rejects masks of "
+                                  f"more than gate.max_components={most}; raise it or ask for fewer lesions")
+    return target
+
+
+def hard_to_draw(target: ClassTarget, pixel_mm: float, pixels: float = 4.0) -> list[str]:
+    """The size classes ``target`` asks for whose lesions all measure under ``pixels`` pixels of
+    ``pixel_mm`` mm (a seg model at that resolution rarely draws them), as ``"name (< edge mm)"``."""
+    return [f"{name} (< {edge:g} mm)" for b, (name, edge) in enumerate(zip(target.bins.names, target.bins.edges))
+            if target.counts[b] > 0 and edge < pixels * pixel_mm]
+
+
+def _resolve(key: str, target: Any, bins: SizeBins, n: int, recorded: Sequence[float] | None,
+             what: str) -> ClassTarget | None:
+    """``key.target`` (model, real, uniform or weights per class of ``bins``) as quotas of ``n``
+    masks; ``recorded``: the value of each training slice with a lesion (``what`` it records)."""
     if target is None or target == "model":
         return None
     if isinstance(target, str):
         if target == "uniform":
             weights = np.ones(len(bins))
         elif target == "real":
-            if not training_diameters:
-                raise GenerationError("lesion_sizes.target=real: the seg checkpoint records no training lesion sizes "
-                                      "(trained with an older medgen); give weights per bin, uniform, or model")
-            weights = bins.counts(training_diameters).astype(np.float64)
+            if not recorded:
+                raise GenerationError(f"{key}.target=real: the seg checkpoint records no training lesion {what} "
+                                      "(trained with an older medgen); give weights per class, uniform, or model")
+            weights = bins.counts(recorded).astype(np.float64)
         else:
-            raise GenerationError(f"lesion_sizes.target={target}: use model, real, uniform or weights per bin, e.g. "
+            raise GenerationError(f"{key}.target={target}: use model, real, uniform or weights per class, e.g. "
                                   f"{{{', '.join(f'{b}: 1' for b in bins.names)}}}")
         source = target
     else:
-        weights = _weights(target, bins)
+        weights = _weights(key, target, bins)
         source = "weights"
     if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
-        raise GenerationError(f"lesion_sizes.target: the weights {dict(zip(bins.names, weights.tolist()))} must be "
+        raise GenerationError(f"{key}.target: the weights {dict(zip(bins.names, weights.tolist()))} must be "
                               ">= 0 and sum to a positive number")
-    diagonal = image_size * float(np.hypot(*spacing[:2]))
-    for b, name in enumerate(bins.names):
-        lower = bins.edges[b - 1] if b else 0.0
-        if weights[b] > 0 and lower >= diagonal:
-            raise GenerationError(f"lesion_sizes.target asks for {name} lesions (>= {lower:g} mm) but the images are "
-                                  f"{image_size} px of {spacing[0]:g} x {spacing[1]:g} mm: no lesion can be longer than "
-                                  f"their diagonal, {diagonal:.0f} mm")
-    return SizeTarget(source, bins, weights, quotas(weights, n))
+    return ClassTarget(key, source, bins, weights, quotas(weights, n))
 
 
-def _weights(target: Mapping[str, Any], bins: SizeBins) -> np.ndarray:
-    unknown = [k for k in target if k not in bins.names]
+def _weights(key: str, target: Mapping[Any, Any], bins: SizeBins) -> np.ndarray:
+    given = {str(k): v for k, v in target.items()}  # a YAML key 1 is an int; class names are strings
+    unknown = [k for k in given if k not in bins.names]
     if unknown:
-        raise GenerationError(f"lesion_sizes.target: unknown bin {unknown[0]!r}; the bins of lesion_sizes.bins are "
+        which = "lesion_sizes.bins" if key == "lesion_sizes" else "lesion_counts.classes"
+        raise GenerationError(f"{key}.target: unknown class {unknown[0]!r}; the classes of {which} are "
                               f"{list(bins.names)}")
     try:
-        return np.asarray([float(target.get(name, 0.0)) for name in bins.names])
+        return np.asarray([float(given.get(name, 0.0)) for name in bins.names])
     except (TypeError, ValueError):
-        raise GenerationError(f"lesion_sizes.target: weights must be numbers, got {dict(target)}") from None
+        raise GenerationError(f"{key}.target: weights must be numbers, got {given}") from None

@@ -101,8 +101,8 @@ def _generate(args: argparse.Namespace, name: str, target: object, out: Path) ->
     from medgen.generation import generate
 
     folder = out / f"synthetic_{name}"
-    settings = OmegaConf.to_container(OmegaConf.from_dotlist(args.generate))
-    settings = OmegaConf.merge(settings, {
+    # lesion counts as the model draws them: the experiment varies sizes (--generate lesion_counts.target=real targets both)
+    settings = OmegaConf.merge({"lesion_counts": {"target": "model"}}, OmegaConf.from_dotlist(args.generate), {
         "seg_checkpoint": args.seg, "image_checkpoint": args.image, "num_images": args.num_images,
         "out_dir": str(folder), "cache_dir": args.cache_dir, "seed": args.seed,
         "lesion_sizes": {"target": target, "guidance": args.guidance}})

@@ -160,12 +160,12 @@ def run_demo(out: Path, minutes: float, subjects: int, pairs: int, seed: int) ->
 
     log.info("== 4/5 generate %d pairs", pairs)
     t0 = time.perf_counter()
-    # sizes as the model draws them: at 64 px a tiny lesion (< 10 mm) spans under 3 pixels, which a seg model
-    # of minutes rarely draws, so the default (lesion_sizes.target=real: exactly the training classes)
-    # would need thousands of candidates
+    # sizes and counts as the model draws them: at 64 px a tiny lesion (< 10 mm) spans under 3 pixels, which a
+    # seg model of minutes rarely draws, so the default (lesion_sizes.target=real: exactly the training
+    # classes) would need thousands of candidates
     result = generate(seg_checkpoint=str(runs["seg"]), image_checkpoint=str(runs["bravo"]), num_images=pairs,
                       out_dir=str(out / "synthetic"), cache_dir=str(out / "cache"), seed=seed,
-                      lesion_sizes={"target": "model"})
+                      lesion_sizes={"target": "model"}, lesion_counts={"target": "model"})
     seconds["generate"] = time.perf_counter() - t0
     if result.status == "stopped":
         _stopped("generation")
