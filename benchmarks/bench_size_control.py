@@ -16,8 +16,12 @@ unconditional model is scored against the same requests (chance).
   model: >= 0.5 (the anchor, a model conditioned on per-bin counts, reached 0.015).
 * ``per_bin_conditioned`` / ``per_bin_unconditional``: the same per class asked.
 * ``by_guidance``: the conditioned model's exact match at each ``--guidance`` scale.
+* ``--counts``: the conditioned model is conditioned on the lesion-count class too
+  (``mode.count_classes=[1,2,3,4]``), every candidate is also asked for a count class (of the same
+  ``--target``), and ``count_exact_match_*``, ``count_per_class_*``, ``count_by_guidance`` score the
+  number of lesions (connected components) drawn against it.
 
-    python benchmarks/bench_size_control.py --out /tmp/sizes [--steps 535] [--candidates 96] [--guidance 1,2,3] [--target uniform|real]
+    python benchmarks/bench_size_control.py --out /tmp/sizes [--steps 535] [--candidates 96] [--guidance 1,2,3] [--target uniform|real] [--counts]
 Prints one JSON line (the folder keeps the phantoms and both runs; a second call reuses them).
 """
 
@@ -32,7 +36,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-RECIPES = {"unconditional": [], "conditioned": ["mode.size_bins=rano_bm", "training.cond_dropout=0.1"]}
+from medgen.generation.sizes import Targets, resolve_count_target, resolve_target
+
+RECIPES = {"unconditional": [], "conditioned": ["mode.size_bins=rano_bm", "training.cond_dropout=0.1"],
+           "conditioned_counts": ["mode.size_bins=rano_bm", "mode.count_classes=[1,2,3,4]", "training.cond_dropout=0.1"]}
 
 
 def train(out: Path, name: str, steps: int, seed: int) -> Path:
@@ -56,36 +63,51 @@ def train(out: Path, name: str, steps: int, seed: int) -> Path:
     return latest
 
 
-def exact_match(checkpoint: Path, candidates: int, guidance: float, seed: int, batch: int,
-                target_name: str = "uniform") -> dict:
-    """Draw ``candidates`` masks, each asked for its class of a RANO-BM target (``uniform``, or
-    ``real``: the classes of the model's training slices); score them."""
+def requests(checkpoint: Path, candidates: int, target_name: str, counts: bool) -> Targets:
+    """The classes asked of candidates ``0 .. candidates-1``: RANO-BM size classes (and with
+    ``counts`` the lesion-count classes 1, 2, 3, 4+) of a ``uniform`` or ``real`` target, ``real``
+    from the training slices that ``checkpoint`` records."""
+    from medgen.generation.models import load_stage
+
+    stage = load_stage(checkpoint, "seg", "seg_checkpoint", device=torch.device("cpu"), compile="false")
+    cfg = OmegaConf.create({"lesion_sizes": {"target": target_name, "bins": "rano_bm"}, "gate": {"max_components": 10},
+                            "lesion_counts": {"target": target_name, "classes": [1, 2, 3, 4]}})
+    spacing = tuple((stage.spacing or (1.0, 1.0))[:2])
+    return Targets(resolve_target(cfg, candidates, stage.image_size, spacing, stage.training_sizes),
+                   resolve_count_target(cfg, candidates, stage.training_counts) if counts else None)
+
+
+def exact_match(checkpoint: Path, targets: Targets, candidates: int, guidance: float, seed: int, batch: int) -> dict:
+    """Draw ``candidates`` masks, candidate ``j`` asked for its classes of ``targets`` (a model
+    conditioned on them is given them; any other is scored against the same requests: chance)."""
     from medgen.core.constants import MASK_KEY
-    from medgen.data.lesions import largest_diameter
+    from medgen.data.lesions import feret_diameters
     from medgen.generation.masks import MASK_STREAM, sample_generators
     from medgen.generation.models import load_stage
-    from medgen.generation.sizes import resolve_target
 
     stage = load_stage(checkpoint, "seg", "seg_checkpoint", device=torch.device("cpu"), compile="false")
     spacing = tuple((stage.spacing or (1.0, 1.0))[:2])
-    target = resolve_target(OmegaConf.create({"lesion_sizes": {"target": target_name, "bins": "rano_bm"}}),
-                            candidates, stage.image_size, spacing, stage.training_sizes)
-    asked = target.requested(range(candidates))
-    drawn = []
+    asked = {name: t.requested(range(candidates)) for name, t in targets.items()}
+    largest, lesions = [], []
     for start in range(0, candidates, batch):
         idx = list(range(start, min(candidates, start + batch)))
         cond = None
-        if stage.mode.size_conditioned:
-            cond = stage.mode.size_condition(torch.from_numpy(1 + asked[idx]), (stage.image_size,) * 2)
+        if stage.mode.lesion_conditioned:
+            classes = {name: torch.from_numpy(1 + a[idx]) for name, a in asked.items()}
+            cond = stage.mode.lesion_condition((stage.image_size,) * 2, classes.get("sizes"), classes.get("counts"))
         x0 = stage.sample(cond, sample_generators(seed, idx, MASK_STREAM, stage.device), steps=25, sampler="euler",
                           guidance_scale=guidance if cond is not None else 1.0)
-        masks = stage.mode.to_outputs(x0)[MASK_KEY][:, 0].numpy().astype(np.uint8)
-        drawn += [largest_diameter(m, spacing) for m in masks]
-    drawn = np.asarray(drawn)
-    hit = (drawn > 0) & (target.bins.index(drawn) == asked)
-    return {"exact": float(hit.mean()), "empty": float((drawn == 0).mean()),
-            "per_bin": {name: float(hit[asked == b].mean()) for b, name in enumerate(target.bins.names)
-                        if (asked == b).any()}}
+        for m in stage.mode.to_outputs(x0)[MASK_KEY][:, 0].numpy().astype(np.uint8):
+            d = feret_diameters(m, spacing)
+            largest.append(max(d, default=0.0))
+            lesions.append(len(d))
+    drawn = {"sizes": np.asarray(largest), "counts": np.asarray(lesions, dtype=np.float64)}
+    out = {"empty": float((drawn["counts"] == 0).mean())}
+    for name, t in targets.items():
+        hit = (drawn[name] > 0) & (t.bins.index(drawn[name]) == asked[name])
+        out[name] = {"exact": float(hit.mean()), "per_bin": {c: float(hit[asked[name] == b].mean())
+                                                             for b, c in enumerate(t.bins.names) if (asked[name] == b).any()}}
+    return out
 
 
 def main() -> None:
@@ -100,6 +122,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--target", default="uniform", choices=("uniform", "real"),
                     help="the classes asked: uniform over RANO-BM, or real (the training slices' classes)")
+    ap.add_argument("--counts", action="store_true",
+                    help="condition on the lesion-count class (1, 2, 3, 4+) too, and score the count match")
     args = ap.parse_args()
 
     from medgen.core.checkpoint import load_checkpoint
@@ -110,21 +134,30 @@ def main() -> None:
     if not (args.out / "data" / "train").is_dir():
         generate_dataset(args.out / "data", subjects=args.subjects, size=128, slices=64, seed=args.seed, workers=2,
                          lesion_sizes="cover")
-    ckpts = {name: train(args.out, name, args.steps, args.seed) for name in RECIPES}
+    names = ["unconditional", "conditioned_counts" if args.counts else "conditioned"]
+    ckpts = {name: train(args.out, name, args.steps, args.seed) for name in names}
     scales = [float(g) for g in args.guidance.split(",")]
-    unconditional = exact_match(ckpts["unconditional"], args.candidates, 1.0, args.seed, args.batch, args.target)
-    by_guidance = {g: exact_match(ckpts["conditioned"], args.candidates, g, args.seed, args.batch, args.target)
-                   for g in scales}
-    best = max(scales, key=lambda g: by_guidance[g]["exact"])
+    targets = requests(ckpts[names[1]], args.candidates, args.target, args.counts)
+    unconditional = exact_match(ckpts["unconditional"], targets, args.candidates, 1.0, args.seed, args.batch)
+    by_guidance = {g: exact_match(ckpts[names[1]], targets, args.candidates, g, args.seed, args.batch) for g in scales}
+    best = max(scales, key=lambda g: by_guidance[g]["sizes"]["exact"])
     conditioned = by_guidance[scales[0]]
-    print(json.dumps({
-        "exact_match_conditioned": conditioned["exact"], "exact_match_unconditional": unconditional["exact"],
-        "ratio": conditioned["exact"] / max(unconditional["exact"], 1e-9), "guidance": scales[0],
-        "per_bin_conditioned": conditioned["per_bin"], "per_bin_unconditional": unconditional["per_bin"],
+    result = {
+        "exact_match_conditioned": conditioned["sizes"]["exact"],
+        "exact_match_unconditional": unconditional["sizes"]["exact"],
+        "ratio": conditioned["sizes"]["exact"] / max(unconditional["sizes"]["exact"], 1e-9), "guidance": scales[0],
+        "per_bin_conditioned": conditioned["sizes"]["per_bin"], "per_bin_unconditional": unconditional["sizes"]["per_bin"],
         "empty_conditioned": conditioned["empty"], "empty_unconditional": unconditional["empty"],
-        "by_guidance": {f"{g:g}": r["exact"] for g, r in by_guidance.items()}, "best_guidance": best,
-        "steps": {name: int(load_checkpoint(c)["step"]) for name, c in ckpts.items()},
-        "candidates": args.candidates, "target": args.target}))
+        "by_guidance": {f"{g:g}": r["sizes"]["exact"] for g, r in by_guidance.items()}, "best_guidance": best}
+    if args.counts:
+        result.update({
+            "count_exact_match_conditioned": conditioned["counts"]["exact"],
+            "count_exact_match_unconditional": unconditional["counts"]["exact"],
+            "count_per_class_conditioned": conditioned["counts"]["per_bin"],
+            "count_per_class_unconditional": unconditional["counts"]["per_bin"],
+            "count_by_guidance": {f"{g:g}": r["counts"]["exact"] for g, r in by_guidance.items()}})
+    print(json.dumps({**result, "steps": {name: int(load_checkpoint(c)["step"]) for name, c in ckpts.items()},
+                      "candidates": args.candidates, "target": args.target, "model": names[1]}))
 
 
 if __name__ == "__main__":

@@ -205,32 +205,56 @@ def test_keys_come_from_config():
     torch.testing.assert_close(x0, torch.full_like(x0, 2 * LEVELS["flair"] - 1))
 
 
-def test_size_conditioned_seg_takes_one_hot_planes_of_the_largest_lesion_class():
+def test_lesion_conditioned_seg_takes_one_hot_planes_of_the_largest_lesion_class():
     mode = SegmentationMode(_mode_cfg("seg", size_bins="rano_bm"))
-    assert mode.size_conditioned and mode.is_conditional and not mode.cond_keys
+    assert mode.lesion_conditioned and mode.is_conditional and not mode.cond_keys
     assert (mode.cond_channels, mode.in_channels, mode.out_channels) == (5, 7, 2)  # none, tiny, small, medium, large
     mm = torch.tensor([0.0, 5.0, 10.0, 19.9, 20.0, 35.0])  # edges 10/20/30 mm, half-open [lower, upper)
     assert mode.size_classes(mm).tolist() == [0, 1, 2, 2, 3, 4]
-    batch = {"seg": torch.zeros(6, 1, 8, 8), "brain": torch.ones(6, 1, 8, 8), "lesion_mm": mm[:, None]}
+    batch = {"seg": torch.zeros(6, 1, 8, 8), "brain": torch.ones(6, 1, 8, 8), "lesion_mm": mm[:, None],
+             "lesion_count": torch.ones(6, 1)}
     x0, cond = mode.split(batch)
     assert x0.shape == (6, 2, 8, 8) and cond.shape == (6, 5, 8, 8)
     assert torch.equal(cond[:, :, 3, 5], 2 * torch.eye(5)[[0, 1, 2, 2, 3, 4]] - 1)  # +1 on the class, -1 elsewhere
     assert torch.equal(cond, cond[:, :, :1, :1].expand_as(cond))  # constant planes
     assert torch.all(mode.null_cond(cond) == -1)
-    assert torch.all(mode.size_condition(torch.tensor([-1, -1]), (4, 4)) == -1)  # no class given: the null condition
+    assert torch.all(mode.lesion_condition((4, 4), torch.tensor([-1, -1])) == -1)  # no class given: the null condition
     torch.testing.assert_close(mode.model_input(torch.zeros(6, 2, 8, 8), cond)[:, 2:], cond)
     dropped = mode.drop_cond(cond, 0.5, torch.Generator().manual_seed(0))
     kept = (dropped == cond).flatten(1).all(1)
     assert torch.all(kept | (dropped == -1).flatten(1).all(1)) and 0 < kept.sum() < 6
-    with pytest.raises(KeyError, match="needs batch\\['lesion_mm'\\]"):
+    with pytest.raises(KeyError, match="needs batch\\['lesion_mm', 'lesion_count'\\]"):
         mode.split({"seg": batch["seg"], "brain": batch["brain"]})
-    with pytest.raises(ValueError, match=r"takes the size-class planes \[B, 5, H, W\]"):
+    with pytest.raises(ValueError, match=r"takes the class planes \[B, 5, H, W\]"):
         mode.model_input(torch.zeros(6, 2, 8, 8), None)
     finer = SegmentationMode(_mode_cfg("seg", size_bins=[3, 6]))
     assert finer.cond_channels == 4 and finer.size_classes(torch.tensor([2.9, 3.0, 7.0])).tolist() == [1, 2, 3]
 
 
+def test_count_conditioned_seg_takes_planes_of_the_lesion_count_class_after_the_size_planes():
+    mode = SegmentationMode(_mode_cfg("seg", size_bins="rano_bm", count_classes=[1, 2, 4]))
+    assert mode.cond_channels == 5 + 4  # none, tiny, small, medium, large; then none, 1, 2-3, 4+
+    counts = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 9.0])
+    assert mode.count_class_index(counts).tolist() == [0, 1, 2, 2, 3, 3]
+    mm = torch.tensor([0.0, 5.0, 12.0, 12.0, 25.0, 40.0])
+    batch = {"seg": torch.zeros(6, 1, 4, 4), "brain": torch.ones(6, 1, 4, 4), "lesion_mm": mm[:, None],
+             "lesion_count": counts[:, None]}
+    _, cond = mode.split(batch)
+    expected = torch.cat([2 * torch.eye(5)[[0, 1, 2, 2, 3, 4]] - 1, 2 * torch.eye(4)[[0, 1, 2, 2, 3, 3]] - 1], 1)
+    assert cond.shape == (6, 9, 4, 4) and torch.equal(cond[:, :, 2, 1], expected)
+    # one group given no class: its planes all -1, the other's one-hot
+    part = mode.lesion_condition((2, 2), torch.tensor([2]), torch.tensor([-1]))
+    assert part[0, :5, 0, 0].tolist() == [-1, -1, 1, -1, -1] and torch.all(part[0, 5:] == -1)
+    only = SegmentationMode(_mode_cfg("seg", count_classes=[1, 2, 3, 4]))
+    assert only.cond_channels == 5 and only.lesion_conditioned and only.size_bins is None
+    _, cond = only.split(batch)
+    assert torch.equal(cond[:, :, 0, 0], 2 * torch.eye(5)[[0, 1, 2, 3, 4, 4]] - 1)
+
+
 @pytest.mark.parametrize("overrides, message", [
+    (["mode=bravo", "+mode.count_classes=[1,2]"], "'mode.count_classes': mode 'bravo' cannot be conditioned on lesion "
+                                                  "counts"),
+    (["mode=seg", "mode.count_classes=[0,1]"], "'mode.count_classes': must start at 1 and increase"),
     (["mode=bravo", "+mode.size_bins=rano_bm"], "'mode.size_bins': mode 'bravo' cannot be conditioned on lesion sizes"),
     (["mode=seg", "mode.size_bins=rano"], "'mode.size_bins': unknown binning 'rano'"),
     (["mode=seg", "mode.size_bins=[20,10]"], "'mode.size_bins': bin edges must be positive, finite and increasing"),
@@ -242,3 +266,4 @@ def test_size_bins_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides)
     assert load_config(["mode=seg", "mode.size_bins=rano_bm", "training.cond_dropout=0.1"]).mode.size_bins == "rano_bm"
+    assert load_config(["mode=seg", "mode.count_classes=[1,2,3]", "training.cond_dropout=0.1"]).mode.count_classes == [1, 2, 3]

@@ -291,25 +291,32 @@ def _class_square_model(monkeypatch, calls):
     monkeypatch.setattr(Stage, "sample", sample)
 
 
-def test_a_size_conditioned_seg_model_trains_and_draws_the_class_asked_of_each_candidate(
-        tmp_path, tiny_data, tiny_checkpoints, monkeypatch):
+def _train_seg(tmp_path, tiny_data, *overrides):
+    """A seg model trained for a few steps with ``overrides``; returns the trainer and its first batch."""
     from medgen.core.distributed import DistInfo
     from medgen.diffusion.config import load_config
     from medgen.diffusion.trainer import DiffusionTrainer
-    from medgen.generation.models import load_stage
     from tests.conftest import tiny_overrides
 
-    cfg = load_config(tiny_overrides(tmp_path, tiny_data, "mode=seg", "strategy=ddpm", "mode.size_bins=rano_bm",
-                                     "training.cond_dropout=0.2", "training.max_steps=3"))
+    cfg = load_config(tiny_overrides(tmp_path, tiny_data, "mode=seg", *overrides))
     trainer = DiffusionTrainer(cfg, tmp_path / "seg", DistInfo(device=torch.device("cpu")), progress=False)
     batch = next(iter(trainer.data.train))
-    assert batch["lesion_mm"].shape == (4, 1) and torch.all(batch["lesion_mm"] > 0)  # lesion slices
     trainer.train()
+    return trainer, batch
+
+
+def test_a_size_conditioned_seg_model_trains_and_draws_the_class_asked_of_each_candidate(
+        tmp_path, tiny_data, tiny_checkpoints, monkeypatch):
+    from medgen.generation.models import load_stage
+
+    _, batch = _train_seg(tmp_path, tiny_data, "strategy=ddpm", "mode.size_bins=rano_bm", "training.cond_dropout=0.2",
+                          "training.max_steps=3")
+    assert batch["lesion_mm"].shape == (4, 1) and torch.all(batch["lesion_mm"] > 0)  # lesion slices
     ckpt = tmp_path / "seg" / "checkpoints" / "latest.pt"
     stage = load_stage(ckpt, "seg", "seg_checkpoint", device=torch.device("cpu"), compile="false")
-    assert stage.mode.size_conditioned and stage.network.conv_in.conv.in_channels == 7  # 2 channels + 5 planes
+    assert stage.mode.lesion_conditioned and stage.network.conv_in.conv.in_channels == 7  # 2 channels + 5 planes
     # the real network samples with a condition (shapes only: 3 training steps)
-    cond = stage.mode.size_condition(torch.tensor([1, 2]), (stage.image_size,) * 2)
+    cond = stage.mode.lesion_condition((stage.image_size,) * 2, torch.tensor([1, 2]))
     x0 = stage.sample(cond, [torch.Generator().manual_seed(i) for i in range(2)], steps=2, sampler="ddim",
                       guidance_scale=2.0)
     assert x0.shape == (2, 2, stage.image_size, stage.image_size) and torch.isfinite(x0).all()
@@ -335,23 +342,70 @@ def test_a_size_conditioned_seg_model_trains_and_draws_the_class_asked_of_each_c
     assert all(torch.all(c == -1) and g == 1.0 for c, g in calls)
 
 
-@pytest.mark.parametrize("size_bins, dropout, sizes, message", [
-    (None, 0.0, {"target": "uniform", "guidance": 3.0}, r"lesion_sizes.guidance=3: seg_checkpoint .* is not "
-                                                          r"conditioned on lesion sizes"),
-    ("rano_bm", 0.1, {"target": "uniform", "bins": [3, 6]}, r"lesion_sizes.bins gives \['<3mm', '3-6mm', '>=6mm'\] "
-                                                            r"but seg_checkpoint .* is conditioned on \['tiny'"),
-    ("rano_bm", 0.0, {"target": "uniform", "guidance": 2.0}, r"trained with training.cond_dropout=0, so its masks "
-                                                             r"cannot be guided"),
-    ("rano_bm", 0.0, {"target": "model"}, r"cannot be drawn without a class \(lesion_sizes.target=model"),
+def test_a_count_conditioned_seg_model_trains_and_draws_the_number_of_lesions_asked(
+        tmp_path, tiny_data, tiny_checkpoints, monkeypatch):
+    trainer, batch = _train_seg(tmp_path, tiny_data, "strategy=rflow", "mode.count_classes=[1,2,3]",
+                                "training.cond_dropout=0.1", "training.max_steps=2")
+    assert batch["lesion_count"].shape == (4, 1) and torch.all(batch["lesion_count"] >= 1)
+    assert trainer.model.conv_in.conv.in_channels == 2 + 4  # [seg, brain] + none, 1, 2, 3+
+
+    real_sample, calls = Stage.sample, []
+
+    def sample(self, cond, generators, *, guidance_scale=1.0, **kwargs):  # as many 2 x 2 lesions as asked
+        if not self.mode.generates_mask:
+            return real_sample(self, cond, generators, guidance_scale=guidance_scale, **kwargs)
+        calls.append(guidance_scale)
+        x0 = -torch.ones(len(generators), 2, self.image_size, self.image_size)
+        x0[:, 1, 1:-1, 1:-1] = 1
+        for b in range(len(generators)):
+            for k in range(int(cond[b, :, 0, 0].argmax())):
+                x0[b, 0, 2:4, 2 + 4 * k:4 + 4 * k] = 1
+        return x0
+
+    monkeypatch.setattr(Stage, "sample", sample)
+    gate = {"enabled": True, "min_area": 0.0, "max_area": 1.0, "inside_brain": True}
+    result = generate(seg_checkpoint=str(tmp_path / "seg"), image_checkpoint=str(tiny_checkpoints["bravo"]),
+                      out_dir=str(tmp_path / "out"), num_images=6, batch_size=4, steps=2, precision="fp32", gate=gate,
+                      progress=False, cache_dir=str(tmp_path / "c"), lesion_sizes={"target": "model", "guidance": 1.5},
+                      lesion_counts={"target": "uniform", "classes": [1, 2, 3]})
+    report = json.loads((result.out_dir / "lesion_sizes.json").read_text())
+    counts = report["counts"]
+    assert counts["requested"] == counts["output"] == {"1": 2, "2": 2, "3+": 2}
+    assert counts["conditioned"] is True and counts["exact_match"] == 1.0 and report["guidance"] == 1.5
+    assert report["candidates"] == 6 and calls == [1.5, 1.5]
+    with open(result.out_dir / "manifest.csv") as f:
+        assert sorted(int(r["components"]) for r in csv.DictReader(f) if r["id"]) == [1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize("size_bins, count_classes, dropout, sizes, counts, message", [
+    (None, None, 0.0, {"target": "uniform", "guidance": 3.0}, None,
+     r"lesion_sizes.guidance=3: seg_checkpoint .* is not conditioned on lesion sizes or counts"),
+    ("rano_bm", None, 0.1, {"target": "uniform", "bins": [3, 6]}, None,
+     r"lesion_sizes.bins gives \['<3mm', '3-6mm', '>=6mm'\] but seg_checkpoint .* is conditioned on \['tiny'"),
+    ("rano_bm", None, 0.0, {"target": "uniform", "guidance": 2.0}, None,
+     r"trained with training.cond_dropout=0, so its masks cannot be guided"),
+    ("rano_bm", None, 0.0, {"target": "model"}, None, r"cannot be drawn without a class \(lesion_sizes.target=model"),
+    (None, [1, 2, 3, 4], 0.1, {"target": "model"}, {"target": "uniform", "classes": [1, 2]},
+     r"lesion_counts.classes gives \['1', '2\+'\] but seg_checkpoint .* is conditioned on \['1', '2', '3', '4\+'\] "
+     r"\(mode.count_classes\)"),
+    ("rano_bm", [1, 2, 3, 4], 0.1, {"target": "uniform"}, {"target": "model"},
+     r"conditioned on lesion sizes and counts \(mode.size_bins, mode.count_classes\): set lesion_sizes.target and "
+     r"lesion_counts.target both to a target \(not model\), or both to model"),
 ])
-def test_a_request_the_conditioned_model_cannot_serve_is_one_line(size_bins, dropout, sizes, message):
+def test_a_request_the_conditioned_model_cannot_serve_is_one_line(size_bins, count_classes, dropout, sizes, counts,
+                                                                  message):
     from types import SimpleNamespace
 
+    from medgen.data.lesions import parse_count_classes
     from medgen.generation.sizes import check_conditioning
 
-    mode = SimpleNamespace(size_bins=None if size_bins is None else RANO_BM)
-    target = resolve_target(_cfg(sizes["target"], sizes.get("bins", "rano_bm")), 4, 64, (1.0, 1.0), None)
+    mode = SimpleNamespace(size_bins=None if size_bins is None else RANO_BM,
+                           count_classes=None if count_classes is None else parse_count_classes(count_classes))
+    counts = counts or {"target": "model"}
+    targets = Targets(resolve_target(_cfg(sizes["target"], sizes.get("bins", "rano_bm")), 4, 64, (1.0, 1.0), None),
+                      resolve_count_target(_counts_cfg(counts["target"], counts.get("classes", [1, 2, 3, 4])), 4, None))
     with pytest.raises(GenerationError, match=message):
-        check_conditioning(mode, "seg.pt", dropout, target, sizes.get("guidance", 1.0))
-    check_conditioning(mode, "seg.pt", 0.1, None if size_bins is None else
-                       resolve_target(_cfg("uniform"), 4, 64, (1.0, 1.0), None), 1.0)  # a fitting request passes
+        check_conditioning(mode, "seg.pt", dropout, targets, sizes.get("guidance", 1.0))
+    fitting = Targets(resolve_target(_cfg("uniform"), 4, 64, (1.0, 1.0), None) if size_bins else None,
+                      resolve_count_target(_counts_cfg("uniform"), 4, None) if count_classes else None)
+    check_conditioning(mode, "seg.pt", 0.1, fitting, 1.0)  # a fitting request passes

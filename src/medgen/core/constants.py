@@ -12,8 +12,10 @@ MODALITIES: tuple[str, ...] = IMAGE_MODALITIES + (MASK_KEY,)
 #: every channel a mode may generate or be conditioned on
 CHANNEL_KEYS: tuple[str, ...] = MODALITIES + (BRAIN_KEY,)
 #: a training batch's entry for the Feret diameter (mm) of each slice's largest lesion (0: none), ``[B, 1]``;
-#: present when the mode conditions on lesion sizes
+#: present when the mode conditions on lesion sizes or counts
 LESION_MM_KEY: str = "lesion_mm"
+#: a training batch's entry for the number of lesions of each slice, ``[B, 1]``; present with ``lesion_mm``
+LESION_COUNT_KEY: str = "lesion_count"
 NIFTI_SUFFIX: str = ".nii.gz"
 
 #: dataset splits, in this order

@@ -88,6 +88,22 @@ def parse_bins(value: str | Sequence[float]) -> SizeBins:
     return SizeBins.from_edges(edges)
 
 
+def parse_count_classes(value: Sequence[int]) -> SizeBins:
+    """Lesion-count classes from the smallest count of each, the last open-ended: ``[1, 2, 3, 4]`` →
+    ``1, 2, 3, 4+``; ``[1, 2, 4]`` → ``1, 2-3, 4+`` (bins over the count, ``index(n)`` its class); a
+    ``ValueError`` saying why otherwise (callers add the key)."""
+    try:
+        if isinstance(value, str) or any(float(v) != int(v) for v in value):
+            raise ValueError
+        lowers = [int(v) for v in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"must be a list of lesion counts, e.g. [1, 2, 3, 4], got {value!r}") from None
+    if not lowers or lowers[0] != 1 or any(b <= a for a, b in zip(lowers, lowers[1:])):
+        raise ValueError(f"must start at 1 and increase, e.g. [1, 2, 3, 4] for the classes 1, 2, 3, 4+, got {lowers}")
+    names = [str(a) if b == a + 1 else f"{a}-{b - 1}" for a, b in zip(lowers, lowers[1:])] + [f"{lowers[-1]}+"]
+    return SizeBins(tuple(float(v) for v in lowers[1:]), tuple(names))
+
+
 def _corners(points: np.ndarray) -> np.ndarray:
     """The ``2**D`` corners of the voxel boxes centred on ``points`` ``[N, D]`` (voxel units)."""
     offsets = np.array(list(itertools.product((-0.5, 0.5), repeat=points.shape[1])))

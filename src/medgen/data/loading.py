@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from medgen.core.constants import LESION_MM_KEY
+from medgen.core.constants import LESION_COUNT_KEY, LESION_MM_KEY
 from medgen.data.nifti_dataset import DataError
 from medgen.data.parallel import worker_init_dying_with_parent
 from medgen.data.slices import SliceCache, SliceSpec, fingerprint, open_or_build_caches
@@ -23,11 +23,12 @@ log = logging.getLogger("medgen.data")
 
 class SliceDataset(Dataset):
     """2D training items from a :class:`SliceCache`: ``{key: [1, S, S] float32 in [0, 1]}``; with
-    ``sizes``, also ``lesion_mm``: ``[1]``, the Feret diameter (mm) of the slice's largest lesion."""
+    ``sizes``, also ``lesion_mm`` (the Feret diameter, mm, of the slice's largest lesion) and
+    ``lesion_count`` (its number of lesions), ``[1]`` each."""
 
     def __init__(self, cache: SliceCache, sizes: bool = False):
         self.cache = cache
-        self.largest_mm = cache.largest_mm if sizes else None
+        self.measures = (cache.largest_mm, cache.lesion_count) if sizes else None
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -35,8 +36,9 @@ class SliceDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         arr = np.asarray(self.cache.data[index], dtype=np.float32)  # [C, S, S]
         item = {k: torch.from_numpy(arr[c : c + 1].copy()) for c, k in enumerate(self.cache.keys)}
-        if self.largest_mm is not None:
-            item[LESION_MM_KEY] = torch.tensor([self.largest_mm[index]], dtype=torch.float32)
+        if self.measures is not None:
+            item[LESION_MM_KEY] = torch.tensor([self.measures[0][index]], dtype=torch.float32)
+            item[LESION_COUNT_KEY] = torch.tensor([self.measures[1][index]], dtype=torch.float32)
         return item
 
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from medgen.core.constants import CHANNEL_KEYS
 from medgen.core.schema import ConfigError, at_least, check, check_fields, choice, compose_config, merge_schema
 from medgen.data.config import DataConfig, check_data_values
-from medgen.data.lesions import parse_bins
+from medgen.data.lesions import parse_bins, parse_count_classes
 from medgen.diffusion.modes import MODES
 from medgen.diffusion.strategies import STRATEGIES
 
@@ -55,6 +55,8 @@ class ModeConfig:
     cond_keys: list[str] = field(default_factory=list)
     #: a mask model conditioned on the size class of its largest lesion: rano_bm or edges in mm (null: not)
     size_bins: Any = None
+    #: a mask model conditioned on the class of its number of lesions: e.g. [1, 2, 3, 4] (null: not)
+    count_classes: Any = None
 
 
 @dataclass
@@ -162,13 +164,15 @@ def _check_mode(mo: DictConfig, mode_cls: type) -> None:
         check(len(set(keys)) == len(keys), f"mode.{group}", f"{keys} repeats a key")
     both = set(mo.image_keys) & set(mo.cond_keys)
     check(not both, "mode.cond_keys", f"{sorted(both)} cannot be generated and condition at once")
-    if mo.size_bins is not None:
-        check(mode_cls.size_conditionable, "mode.size_bins",
-              f"mode {mo.name!r} cannot be conditioned on lesion sizes (only the seg mode can)")
+    for key, what, parse in (("size_bins", "sizes", parse_bins), ("count_classes", "counts", parse_count_classes)):
+        if mo.get(key) is None:
+            continue
+        check(mode_cls.lesion_conditionable, f"mode.{key}",
+              f"mode {mo.name!r} cannot be conditioned on lesion {what} (only the seg mode can)")
         try:
-            parse_bins(mo.size_bins)
+            parse(mo[key])
         except ValueError as exc:
-            raise ConfigError("mode.size_bins", str(exc)) from None
+            raise ConfigError(f"mode.{key}", str(exc)) from None
 
 
 def _check_values(cfg: DictConfig, world_size: int) -> None:
@@ -212,9 +216,10 @@ def _check_values(cfg: DictConfig, world_size: int) -> None:
     check(0 < t.ema_decay < 1, "training.ema_decay", "must be in (0, 1)")
     check(t.min_snr_gamma > 0, "training.min_snr_gamma", "must be > 0")
     check(0 <= t.cond_dropout < 1, "training.cond_dropout", "must be in [0, 1)")
-    check(t.cond_dropout == 0 or len(cfg.mode.cond_keys) > 0 or cfg.mode.size_bins is not None,
-          "training.cond_dropout", f"classifier-free guidance needs a conditional mode; mode {cfg.mode.name!r} has no "
-          "condition (mode.cond_keys, or mode.size_bins for seg)")
+    check(t.cond_dropout == 0 or len(cfg.mode.cond_keys) > 0 or cfg.mode.size_bins is not None
+          or cfg.mode.get("count_classes") is not None, "training.cond_dropout",
+          f"classifier-free guidance needs a conditional mode; mode {cfg.mode.name!r} has no condition "
+          "(mode.cond_keys, or mode.size_bins / mode.count_classes for seg)")
     check(t.max_steps is None or t.max_steps >= 1, "training.max_steps", "must be >= 1 or null")
 
     # data

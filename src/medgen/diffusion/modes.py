@@ -3,7 +3,7 @@
 =========  ================================  ======================================  ========================
 mode       generates (``image_keys``)        network input                           in -> out channels
 =========  ================================  ======================================  ========================
-seg        the tumour mask and the brain     ``[x_t(seg), x_t(brain)]``              2 -> 2 (+ size planes)
+seg        the tumour mask and the brain     ``[x_t(seg), x_t(brain)]``              2 -> 2 (+ class planes)
 bravo      ``bravo`` given mask and brain    ``[x_t, mask, brain]``                  3 -> 1
 dual       ``t1_pre`` + ``t1_gd``            ``[x_t(pre), x_t(post), mask, brain]``  4 -> 2
 =========  ================================  ======================================  ========================
@@ -23,10 +23,12 @@ the network input (``model_input``) and maps generated ``x0`` back to [0, 1] per
 Unconditional (:class:`SegmentationMode`) and mask-conditioned modes are two implementations of
 one interface: the unconditional mode's condition is ``None``. The seg mode can instead be
 conditioned on the **size class of its largest lesion** (``mode.size_bins``: ``rano_bm`` or edges
-in mm): the condition is ``1 + len(bins)`` constant planes, a one-hot of the class (plane 0: no
+in mm) and / or the **class of its number of lesions** (``mode.count_classes``, e.g. ``[1, 2, 3, 4]``):
+the condition is ``1 + len(classes)`` constant planes per group, a one-hot of the class (plane 0: no
 lesion) in model space (+1 on, -1 off), all -1 for "no class given" (classifier-free guidance
 trains with it, ``training.cond_dropout``). Training batches then carry ``lesion_mm`` (each
-slice's largest lesion, mm), from which :meth:`SegmentationMode.size_classes` takes the class.
+slice's largest lesion, mm) and ``lesion_count``, from which :meth:`SegmentationMode.size_classes`
+and :meth:`SegmentationMode.count_class_index` take the classes.
 
 What a mode can do in a generation run follows from its keys: a mode that generates the mask
 (``seg`` in ``image_keys``) can make the masks, one conditioned on the mask (``seg`` in
@@ -42,8 +44,8 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import Tensor
 
-from medgen.core.constants import BRAIN_KEY, IMAGE_MODALITIES, LESION_MM_KEY, MASK_KEY
-from medgen.data.lesions import SizeBins, parse_bins
+from medgen.core.constants import BRAIN_KEY, IMAGE_MODALITIES, LESION_COUNT_KEY, LESION_MM_KEY, MASK_KEY
+from medgen.data.lesions import SizeBins, parse_bins, parse_count_classes
 from medgen.data.masks import binarize_mask
 from medgen.data.transforms import from_model_space, to_model_space
 
@@ -89,8 +91,8 @@ class TrainingMode(abc.ABC):
     cond_key_choices: ClassVar[tuple[str, ...]] = ()
     num_cond_keys: ClassVar[int | tuple[int, ...]] = 0
     required_cond_keys: ClassVar[tuple[str, ...]] = ()
-    #: whether ``mode.size_bins`` may condition it on the size class of its largest lesion
-    size_conditionable: ClassVar[bool] = False
+    #: whether ``mode.size_bins`` / ``mode.count_classes`` may condition it on its lesions' size / count class
+    lesion_conditionable: ClassVar[bool] = False
 
     def __init__(self, cfg_mode: Any):
         self.image_keys: tuple[str, ...] = tuple(cfg_mode["image_keys"])
@@ -116,8 +118,9 @@ class TrainingMode(abc.ABC):
         return self.cond_channels > 0
 
     @property
-    def size_conditioned(self) -> bool:
-        """Whether it is conditioned on the size class of the largest lesion (its batches need ``lesion_mm``)."""
+    def lesion_conditioned(self) -> bool:
+        """Whether it is conditioned on its lesions' size or count class (its batches need ``lesion_mm``
+        and ``lesion_count``)."""
         return False
 
     @property
@@ -211,7 +214,8 @@ def register_mode(cls: type[TrainingMode]) -> type[TrainingMode]:
 @register_mode
 class SegmentationMode(TrainingMode):
     """Mask generation: noise -> ``seg`` (and ``brain``, the brain the lesions lie in); the
-    condition is ``None``, or with ``size_bins`` the size class of the largest lesion (planes)."""
+    condition is ``None``, or with ``size_bins`` / ``count_classes`` the size class of the largest
+    lesion and / or the class of the number of lesions (planes)."""
 
     name = "seg"
     supports_perceptual = False  # perceptual features of a binary mask are meaningless
@@ -219,52 +223,70 @@ class SegmentationMode(TrainingMode):
     image_key_choices = (MASK_KEY, BRAIN_KEY)
     num_image_keys = (1, 2)
     required_image_keys = (MASK_KEY,)
-    size_conditionable = True
+    lesion_conditionable = True
 
     def __init__(self, cfg_mode: Any):
         super().__init__(cfg_mode)
-        bins = cfg_mode.get("size_bins")
-        #: the size classes it is conditioned on (None: unconditional)
+        bins, counts = cfg_mode.get("size_bins"), cfg_mode.get("count_classes")
+        #: the size classes of the largest lesion it is conditioned on (None: not)
         self.size_bins: SizeBins | None = None if bins is None else parse_bins(bins)
+        #: the lesion-count classes it is conditioned on (None: not)
+        self.count_classes: SizeBins | None = None if counts is None else parse_count_classes(counts)
 
     @property
-    def size_conditioned(self) -> bool:
-        return self.size_bins is not None
+    def lesion_conditioned(self) -> bool:
+        return self.size_bins is not None or self.count_classes is not None
 
     @property
     def cond_channels(self) -> int:
-        return 0 if self.size_bins is None else 1 + len(self.size_bins)
+        return sum(1 + len(b) for b in (self.size_bins, self.count_classes) if b is not None)
 
     def size_classes(self, lesion_mm: Tensor) -> Tensor:
         """``[B]`` int64 classes of largest-lesion diameters ``lesion_mm`` (mm): 0 no lesion, ``1 + bin``."""
-        mm = lesion_mm.detach().reshape(-1).double().cpu()
-        edges = torch.tensor(self.size_bins.edges, dtype=torch.float64)
-        return torch.where(mm > 0, 1 + torch.bucketize(mm, edges, right=True), 0).to(lesion_mm.device)
+        return _classes(lesion_mm, self.size_bins)
 
-    def size_condition(self, classes: Tensor, spatial: tuple[int, int]) -> Tensor:
-        """The condition planes ``[B, cond_channels, H, W]`` (model space) for ``classes`` ``[B]`` (from
-        :meth:`size_classes`; -1: no class given, every plane -1)."""
-        classes = classes.reshape(-1).long()
-        onehot = (classes[:, None] == torch.arange(self.cond_channels, device=classes.device)).float()
-        return (2 * onehot - 1)[:, :, None, None].expand(-1, -1, *spatial).contiguous()
+    def count_class_index(self, lesion_count: Tensor) -> Tensor:
+        """``[B]`` int64 classes of lesion counts ``lesion_count``: 0 no lesion, ``1 + class``."""
+        return _classes(lesion_count, self.count_classes)
+
+    def lesion_condition(self, spatial: tuple[int, ...], sizes: Tensor | None = None,
+                         counts: Tensor | None = None) -> Tensor:
+        """The condition planes ``[B, cond_channels, H, W]`` (model space): the one-hot of the size
+        classes ``sizes``, then of the count classes ``counts`` (``[B]`` each, from :meth:`size_classes`
+        / :meth:`count_class_index`; -1: no class given, every plane of the group -1), for the
+        groups the mode is conditioned on."""
+        parts = []
+        for name, bins, classes in (("sizes", self.size_bins, sizes), ("counts", self.count_classes, counts)):
+            if bins is None:
+                continue
+            if classes is None:
+                raise ValueError(f"seg mode conditioned on lesion {name} needs their classes")
+            classes = classes.reshape(-1).long()
+            parts.append(2 * (classes[:, None] == torch.arange(1 + len(bins), device=classes.device)).float() - 1)
+        return torch.cat(parts, 1)[:, :, None, None].expand(-1, -1, *spatial).contiguous()
 
     def split(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         x0 = self._stack(batch, self.image_keys)
-        if self.size_bins is None:
+        if not self.lesion_conditioned:
             return x0, None
-        if LESION_MM_KEY not in batch:
-            raise KeyError(f"a size-conditioned seg mode needs batch[{LESION_MM_KEY!r}] (the slices' largest lesion, "
-                           "mm: build the data with sizes=True); the batch has " + str(sorted(batch)))
-        return x0, self.size_condition(self.size_classes(batch[LESION_MM_KEY]), x0.shape[2:]).to(x0)
+        missing = [k for k in (LESION_MM_KEY, LESION_COUNT_KEY) if k not in batch]
+        if missing:
+            raise KeyError(f"a seg mode conditioned on lesion sizes or counts needs batch{missing} (each slice's "
+                           "largest lesion, mm, and lesion count: build the data with sizes=True); the batch has "
+                           + str(sorted(batch)))
+        sizes = self.size_classes(batch[LESION_MM_KEY]) if self.size_bins is not None else None
+        counts = self.count_class_index(batch[LESION_COUNT_KEY]) if self.count_classes is not None else None
+        return x0, self.lesion_condition(tuple(x0.shape[2:]), sizes, counts).to(x0)
 
     def _check_cond(self, cond: Tensor | None) -> Tensor | None:
-        if self.size_bins is None:
+        if not self.lesion_conditioned:
             if cond is not None:
-                raise ValueError("seg mode is unconditional (mode.size_bins=null); cond must be None")
+                raise ValueError("seg mode is unconditional (mode.size_bins and mode.count_classes null); cond must "
+                                 "be None")
             return None
         if cond is None or cond.ndim != 4 or cond.shape[1] != self.cond_channels:
-            raise ValueError(f"seg mode with mode.size_bins takes the size-class planes [B, {self.cond_channels}, H, W] "
-                             f"as cond, got {None if cond is None else tuple(cond.shape)}")
+            raise ValueError(f"seg mode with mode.size_bins or mode.count_classes takes the class planes "
+                             f"[B, {self.cond_channels}, H, W] as cond, got {None if cond is None else tuple(cond.shape)}")
         return cond
 
     def model_input(self, x_t: Tensor, cond: Tensor | None) -> Tensor:
@@ -279,6 +301,13 @@ class SegmentationMode(TrainingMode):
     def drop_cond(self, cond: Tensor | None, p: float, generator: torch.Generator) -> Tensor | None:
         cond = self._check_cond(cond)
         return None if cond is None else _drop(cond, self.null_cond(cond), p, generator)
+
+
+def _classes(values: Tensor, bins: SizeBins) -> Tensor:
+    """``[B]`` int64: 0 where ``values`` is 0 (no lesion), else ``1 +`` the class of ``bins`` it falls in."""
+    v = values.detach().reshape(-1).double().cpu()
+    edges = torch.tensor(bins.edges, dtype=torch.float64)
+    return torch.where(v > 0, 1 + torch.bucketize(v, edges, right=True), 0).to(values.device)
 
 
 def _drop(cond: Tensor, null: Tensor, p: float, generator: torch.Generator) -> Tensor:

@@ -113,7 +113,7 @@ class DiffusionTrainer:
 
         self.data = data or build_data(cfg, self.dist.rank, self.dist.world_size, progress=self.progress,
                                        barrier=lambda: barrier(self.dist), selection=self.mode.slice_selection,
-                                       sizes=self.mode.size_conditioned)
+                                       sizes=self.mode.lesion_conditioned)
         self.steps_per_epoch = len(self.data.train)
         self.total_steps = tc.epochs * self.steps_per_epoch
         self.warmup_steps = capped_warmup(tc.warmup_steps, self.total_steps, MAX_WARMUP_FRACTION)
@@ -376,7 +376,7 @@ class DiffusionTrainer:
         """EMA samples for fixed validation conditions (rows); columns = condition, real, generated."""
         cache = self.data.val_cache if self.data.val_cache is not None and len(self.data.val_cache) else \
             self.data.train_cache
-        batch = validation.fixed_samples(cache, self.train_cfg.num_val_samples, self.mode.size_conditioned)
+        batch = validation.fixed_samples(cache, self.train_cfg.num_val_samples, self.mode.lesion_conditioned)
         if batch is None:
             return None
         return validation.sample_grid(self._eval_model(), self.strategy, self.mode, batch,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from medgen.core.constants import LESION_MM_KEY
+from medgen.core.constants import LESION_COUNT_KEY, LESION_MM_KEY
 from medgen.core.distributed import DistInfo
 from medgen.data.slices import SliceCache
 from medgen.data.transforms import ras_to_display
@@ -31,11 +31,13 @@ SAMPLE_GRID_STREAM = 2
 
 def cache_batch(cache: SliceCache, indices: np.ndarray, sizes: bool = False) -> dict[str, torch.Tensor]:
     """Slices ``indices`` (ascending) of a cache as ``{key: [B, 1, H, W] float32 in [0, 1]}`` (with
-    ``sizes``, also ``lesion_mm`` ``[B, 1]``, as the training batches of a size-conditioned mode)."""
+    ``sizes``, also ``lesion_mm`` and ``lesion_count`` ``[B, 1]``, as the training batches of a
+    lesion-conditioned mode)."""
     arr = torch.from_numpy(np.asarray(cache.data[indices], dtype=np.float32))
     batch = {k: arr[:, c : c + 1] for c, k in enumerate(cache.keys)}
     if sizes:
         batch[LESION_MM_KEY] = torch.from_numpy(cache.largest_mm[indices].astype(np.float32))[:, None]
+        batch[LESION_COUNT_KEY] = torch.from_numpy(cache.lesion_count[indices].astype(np.float32))[:, None]
     return batch
 
 
@@ -50,7 +52,7 @@ def validation_loss(model: torch.nn.Module, strategy: DiffusionStrategy, mode: T
     model.eval()
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
-        x0, cond = mode.split({k: v.to(device) for k, v in cache_batch(cache, chunk, mode.size_conditioned).items()})
+        x0, cond = mode.split({k: v.to(device) for k, v in cache_batch(cache, chunk, mode.lesion_conditioned).items()})
         gens = [torch.Generator().manual_seed(sample_seed(seed, int(i), VAL_LOSS_STREAM)) for i in chunk]
         t = torch.cat([strategy.sample_timesteps(1, g, device) for g in gens])
         eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)

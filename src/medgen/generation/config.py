@@ -46,7 +46,7 @@ class LesionSizesConfig:
     target: Any = "real"
     #: rano_bm, or diameter edges in mm
     bins: Any = "rano_bm"
-    #: classifier-free guidance scale of a size-conditioned seg model (1: conditional, no guidance)
+    #: classifier-free guidance scale of a size- or count-conditioned seg model (1: conditional, no guidance)
     guidance: float = 1.0
 
 

@@ -87,15 +87,22 @@ def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: 
             for part in _gather(results, dist):
                 evaluated.update(part)
             walk = _walk(evaluated, targets, n_wanted)
-    guidance = float(cfg.lesion_sizes.guidance) if seg.mode.size_conditioned and targets.sizes is not None else None
-    return _chosen(evaluated, walk, cfg.seed, folder, dist, targets, cfg.brain_outline, guidance)
+    conditioned = tuple(name for name, bins in (("sizes", getattr(seg.mode, "size_bins", None)),
+                                                  ("counts", getattr(seg.mode, "count_classes", None)))
+                        if bins is not None and getattr(targets, name) is not None)
+    guidance = float(cfg.lesion_sizes.guidance) if conditioned else None
+    return _chosen(evaluated, walk, cfg.seed, folder, dist, targets, cfg.brain_outline, guidance, conditioned)
 
 
 @dataclass
 class _Tally:
-    """Per class of one target: the candidates that pass the gate's other rules (``drawn``) and
-    those accepted (``taken``)."""
+    """Per class of one target: among all candidates, those asked for it (``asked``,
+    :meth:`ClassTarget.requested`) and those of them that drew it (``matched``: the adherence before
+    any gate); among candidates that pass the gate's other rules, those in it (``drawn``) and those
+    accepted (``taken``)."""
 
+    asked: np.ndarray
+    matched: np.ndarray
     drawn: np.ndarray
     taken: np.ndarray
 
@@ -103,34 +110,28 @@ class _Tally:
 @dataclass
 class _Walk:
     """The evaluated candidates 0, 1, 2, ... in order: how many (``prefix``), the accepted ones
-    (``chosen``, at most num_images), a :class:`_Tally` per target (by name: ``sizes``,
-    ``counts``), and per size class among all candidates those asked for it (``asked``,
-    :meth:`ClassTarget.requested`) and those of them whose largest lesion is in it (``matched``:
-    the adherence before any gate)."""
+    (``chosen``, at most num_images), and a :class:`_Tally` per target (by name: ``sizes``, ``counts``)."""
 
     prefix: int
     chosen: list[int]
     tallies: dict[str, _Tally]
-    asked: np.ndarray
-    matched: np.ndarray
 
 
 def _walk(evaluated: dict[int, Candidate], targets: Targets, wanted: int) -> _Walk:
     """Accept candidates in order until ``wanted``: those that pass the gate, and with targets only
     while their class under each has room (a candidate without lesion has none)."""
-    sizes = targets.sizes
-    tallies = {name: _Tally(*(np.zeros(len(t.bins), np.int64) for _ in range(2))) for name, t in targets.items()}
-    walk = _Walk(0, [], tallies, *(np.zeros(len(sizes.bins) if sizes else 0, np.int64) for _ in range(2)))
+    tallies = {name: _Tally(*(np.zeros(len(t.bins), np.int64) for _ in range(4))) for name, t in targets.items()}
+    walk = _Walk(0, [], tallies)
     while walk.prefix in evaluated:
         c = evaluated[walk.prefix]
         walk.prefix += 1
-        if sizes is not None:
-            asked = int(sizes.requested([c.index])[0])
-            walk.asked[asked] += 1
-            walk.matched[asked] += c.largest_mm > 0 and int(sizes.bins.index(c.largest_mm)) == asked
-        if not c.accepted or targets and c.largest_mm <= 0:  # no lesion: no class
+        classes = targets.classes(c.largest_mm, int(c.stats.components)) if c.largest_mm > 0 else {}
+        for name, t in targets.items():
+            asked = int(t.requested([c.index])[0])
+            tallies[name].asked[asked] += 1
+            tallies[name].matched[asked] += classes.get(name) == asked
+        if not c.accepted or targets and not classes:  # no lesion: no class
             continue
-        classes = targets.classes(c.largest_mm, int(c.stats.components))
         for name, k in classes.items():
             tallies[name].drawn[k] += 1
         room = all(tallies[name].taken[k] < t.counts[k] for (name, t), k in zip(targets.items(), classes.values()))
@@ -160,10 +161,12 @@ def _gate_failure(cfg: DictConfig, walk: _Walk, max_attempts: int, targets: Targ
 
 
 def _chosen(evaluated: dict[int, Candidate], walk: _Walk, seed: int, folder: Path, dist: DistInfo,
-            targets: Targets, outline: str = "as_drawn", guidance: float | None = None) -> Masks:
+            targets: Targets, outline: str = "as_drawn", guidance: float | None = None,
+            conditioned: tuple[str, ...] = ()) -> Masks:
     """The accepted candidates, and the rejected ones before the last of them; their brains as
     drawn, or (``outline="convex"``) each replaced by its convex hull, which holds it. ``guidance``:
-    the scale a size-conditioned model drew them with (None: unconditional)."""
+    the scale a lesion-conditioned model drew them with (None: unconditional), ``conditioned`` the
+    targets (``sizes``, ``counts``) it was conditioned on."""
     chosen = walk.chosen
     last, keep = chosen[-1], set(chosen)
     with_masks = read_blocks(folder, with_masks=keep)
@@ -178,17 +181,15 @@ def _chosen(evaluated: dict[int, Candidate], walk: _Walk, seed: int, folder: Pat
     rate = len(chosen) / (last + 1)
     # what the model drew up to the last accepted candidate (later ones of the batch do not count)
     report = size_report(targets, _walk({j: evaluated[j] for j in range(last + 1)}, targets, len(chosen)), last + 1,
-                         guidance) if targets else None
+                         guidance, conditioned) if targets else None
     if dist.is_main:
         log.info("quality gate: %d of %d masks accepted (%.1f%%)", len(chosen), last + 1, 100 * rate)
-        if targets.sizes is not None:
-            log.info("size classes (largest lesion): requested %s; before the gate %s; the class asked of each candidate "
-                     "drawn exactly: %.1f%% (%s)", targets.sizes.describe(),
-                     ", ".join(f"{k} {100 * v:.0f}%" for k, v in report["before_gate_share"].items()),
-                     100 * report["exact_match"], "conditioned" if guidance is not None else "unconditional model: chance")
-        if targets.counts is not None:
-            log.info("lesions per mask: requested %s; before the gate %s", targets.counts.describe(),
-                     ", ".join(f"{k} {100 * v:.0f}%" for k, v in report["counts"]["before_gate_share"].items()))
+        for name, target in targets.items():
+            part = report["counts"] if name == "counts" else report
+            log.info("%s: requested %s; before the gate %s; the class asked of each candidate drawn exactly: %.1f%% (%s)",
+                     "size classes (largest lesion)" if name == "sizes" else "lesions per mask", target.describe(),
+                     ", ".join(f"{k} {100 * v:.0f}%" for k, v in part["before_gate_share"].items()),
+                     100 * part["exact_match"], "conditioned" if part["conditioned"] else "not conditioned: chance")
     masks = np.stack([with_masks[j].mask for j in chosen])
     brains = [with_masks[j].brain for j in chosen]
     if any(b is None for b in brains):
@@ -198,25 +199,22 @@ def _chosen(evaluated: dict[int, Candidate], walk: _Walk, seed: int, folder: Pat
     return Masks(masks, records, rejected, rate, np.stack(brains), report)
 
 
-def size_report(targets: Targets, walk: _Walk, candidates: int, guidance: float | None = None) -> dict[str, Any]:
+def size_report(targets: Targets, walk: _Walk, candidates: int, guidance: float | None = None,
+                conditioned: tuple[str, ...] = ()) -> dict[str, Any]:
     """What ``lesion_sizes.json`` says. Per target (the size classes at the top level, the count
-    classes under ``counts``): the request; the classes among candidates that passed the gate's
-    other rules (the model before the size and count gate); the output's classes (= the request).
-    For sizes also the exact class match before any gate (the largest lesion of each candidate in
-    the class asked of it: what conditioning alone achieves, chance for an unconditional model),
-    overall and per class. ``guidance``: the scale a size-conditioned model drew with (None:
-    unconditional)."""
-    out: dict[str, Any] = {}
+    classes under ``counts``): the request; the exact class match before any gate (each candidate's
+    class the one asked of it: what conditioning alone achieves, chance for a model not conditioned
+    on it), overall and per class; the classes among candidates that passed the gate's other rules
+    (the model before the size and count gate); the output's classes (= the request).
+    ``guidance``: the scale a lesion-conditioned model drew with (None: unconditional); each part
+    says whether the model was ``conditioned`` on it (``conditioned`` names them)."""
+    out: dict[str, Any] = {"guidance": guidance}
     for name, target in targets.items():
-        part = _class_report(target, walk.tallies[name])
+        part = {**_class_report(target, walk.tallies[name]), "conditioned": name in conditioned}
         if name == "counts":
             out["counts"] = part
-            continue
-        asked = {b: int(a) for b, a in zip(target.bins.names, walk.asked)}
-        out.update(part, edges_mm=list(target.bins.edges), conditioned=guidance is not None, guidance=guidance,
-                   exact_match=int(walk.matched.sum()) / max(int(walk.asked.sum()), 1),
-                   exact_match_per_bin={b: (int(m) / asked[b] if asked[b] else None)
-                                        for b, m in zip(target.bins.names, walk.matched)}, asked=asked)
+        else:
+            out.update(part, edges_mm=list(target.bins.edges))
     return {**out, "candidates": candidates, "acceptance_rate": len(walk.chosen) / candidates}
 
 
@@ -225,7 +223,11 @@ def _class_report(target: ClassTarget, tally: _Tally) -> dict[str, Any]:
     drawn = tally.drawn.astype(np.float64)
     want = target.counts / max(int(target.counts.sum()), 1)
     share = drawn / (float(drawn.sum()) or 1.0)
+    asked = dict(zip(names, tally.asked.tolist()))
     return {"target": target.source, "bins": list(names),
+            "exact_match": int(tally.matched.sum()) / max(int(tally.asked.sum()), 1),
+            "exact_match_per_bin": {b: (int(m) / asked[b] if asked[b] else None) for b, m in zip(names, tally.matched)},
+            "asked": asked,
             "requested": dict(zip(names, target.counts.tolist())),
             "before_gate": dict(zip(names, tally.drawn.tolist())),
             "before_gate_share": dict(zip(names, share.tolist())),
@@ -235,13 +237,15 @@ def _class_report(target: ClassTarget, tally: _Tally) -> dict[str, Any]:
 
 def _evaluate(seg: Stage, candidates: list[int], cfg: DictConfig, sampler: str, folder: Path,
               dist: DistInfo, spacing: tuple[float, float], targets: Targets = Targets()) -> dict[int, Candidate]:
-    """Generate and gate ``candidates`` (a size-conditioned model: each asked for the class the size
-    target gives it, or none without one); save them as one block file; return their verdicts."""
-    cond, guidance, sizes = None, 1.0, targets.sizes
-    if seg.mode.size_conditioned:
-        classes = 1 + sizes.requested(candidates) if sizes is not None else np.full(len(candidates), -1)
-        cond = seg.mode.size_condition(torch.from_numpy(classes), (seg.image_size,) * 2).to(seg.device)
-        guidance = float(cfg.lesion_sizes.guidance) if sizes is not None else 1.0
+    """Generate and gate ``candidates`` (a lesion-conditioned model: each asked for the classes the
+    targets give it, or none without targets); save them as one block file; return their verdicts."""
+    cond, guidance = None, 1.0
+    if seg.mode.lesion_conditioned:  # check_conditioning: a class asked of every group it knows, or of none
+        asked = {name: 1 + torch.from_numpy(t.requested(candidates)) for name, t in targets.items()}
+        none = torch.full((len(candidates),), -1)
+        cond = seg.mode.lesion_condition((seg.image_size,) * 2, asked.get("sizes", none), asked.get("counts", none))
+        cond = cond.to(seg.device)
+        guidance = float(cfg.lesion_sizes.guidance) if targets else 1.0
     x0 = seg.sample(cond, sample_generators(cfg.seed, candidates, MASK_STREAM, seg.device), steps=cfg.steps,
                     sampler=sampler, guidance_scale=guidance, batch_size=cfg.batch_size)
     outputs = {k: v[:, 0].cpu().numpy().astype(np.uint8) for k, v in seg.mode.to_outputs(x0).items()}

@@ -219,7 +219,7 @@ def _targets(cfg: DictConfig, seg: Stage | None, image: Stage, dist: DistInfo) -
             sizes = resolve_target(cfg, n, image.image_size, _pixel_size(image), seg.training_sizes)
         if _recorded(cfg.lesion_counts.target, seg.training_counts, "lesion_counts", seg.path, main):
             counts = resolve_count_target(cfg, n, seg.training_counts)
-    check_conditioning(seg.mode, seg.path, seg.cond_dropout, sizes, float(cfg.lesion_sizes.guidance))
+    check_conditioning(seg.mode, seg.path, seg.cond_dropout, Targets(sizes, counts), float(cfg.lesion_sizes.guidance))
     if sizes is not None and main:
         log.info("size classes requested (lesion_sizes.target=%s, largest lesion per mask): %s",
                  sizes.source, sizes.describe())

@@ -99,42 +99,45 @@ class Targets:
 
 
 def count_classes(value: Any) -> SizeBins:
-    """Lesion-count classes from the smallest count of each, the last open-ended: ``[1, 2, 3, 4]`` →
-    ``1, 2, 3, 4+``; ``[1, 2, 4]`` → ``1, 2-3, 4+`` (a one-line :class:`GenerationError` naming
+    """:func:`medgen.data.lesions.parse_count_classes` (a one-line :class:`GenerationError` naming
     ``lesion_counts.classes`` otherwise)."""
-    key = "lesion_counts.classes"
     try:
-        lowers = [int(v) for v in value]
-        if any(float(v) != int(v) for v in value) or isinstance(value, str):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise GenerationError(f"{key}: must be a list of lesion counts, e.g. [1, 2, 3, 4], got {value!r}") from None
-    if not lowers or lowers[0] != 1 or any(b <= a for a, b in zip(lowers, lowers[1:])):
-        raise GenerationError(f"{key}: must start at 1 and increase, e.g. [1, 2, 3, 4] for the classes 1, 2, 3, 4+, "
-                              f"got {lowers}")
-    names = [str(a) if b == a + 1 else f"{a}-{b - 1}" for a, b in zip(lowers, lowers[1:])] + [f"{lowers[-1]}+"]
-    return SizeBins(tuple(float(v) for v in lowers[1:]), tuple(names))
+        return lesions.parse_count_classes(value)
+    except ValueError as exc:
+        raise GenerationError(f"lesion_counts.classes: {exc}") from None
 
 
-def check_conditioning(seg_mode: Any, seg_path: Any, cond_dropout: float, target: ClassTarget | None,
-                       guidance: float) -> None:
-    """A size-conditioned seg model and the request fit: the same bins, and guidance or drawing
-    without a class only from a model trained with condition dropout (:class:`GenerationError` naming the key)."""
-    bins = seg_mode.size_bins
-    if bins is None:
+def check_conditioning(seg_mode: Any, seg_path: Any, cond_dropout: float, targets: Targets, guidance: float) -> None:
+    """A lesion-conditioned seg model and the request fit: the same classes, a class asked of every
+    group it is conditioned on (or of none), and guidance or drawing without a class only from a
+    model trained with condition dropout (:class:`GenerationError` naming the key)."""
+    groups = {"sizes": ("lesion_sizes", "bins", "mode.size_bins", seg_mode.size_bins),
+              "counts": ("lesion_counts", "classes", "mode.count_classes", getattr(seg_mode, "count_classes", None))}
+    conditioned = [name for name, (*_, bins) in groups.items() if bins is not None]
+    if not conditioned:
         if guidance != 1:
             raise GenerationError(f"lesion_sizes.guidance={guidance:g}: seg_checkpoint {seg_path} is not conditioned on "
-                                  "lesion sizes (trained with mode.size_bins=null); leave lesion_sizes.guidance=1")
+                                  "lesion sizes or counts (trained with mode.size_bins=null, mode.count_classes=null); "
+                                  "leave lesion_sizes.guidance=1")
         return
-    if target is not None and target.bins != bins:
-        raise GenerationError(f"lesion_sizes.bins gives {list(target.bins.names)} but seg_checkpoint {seg_path} is "
-                              f"conditioned on {list(bins.names)} (mode.size_bins); ask for the bins it knows")
-    unseen = "guided" if guidance != 1 and target is not None else "drawn without a class" if target is None else ""
+    asked = dict(targets.items())
+    for name in conditioned:
+        key, field, mode_key, bins = groups[name]
+        if name in asked and asked[name].bins != bins:
+            raise GenerationError(f"{key}.{field} gives {list(asked[name].bins.names)} but seg_checkpoint {seg_path} is "
+                                  f"conditioned on {list(bins.names)} ({mode_key}); ask for the classes it knows")
+    given = [name for name in conditioned if name in asked]
+    if given and len(given) < len(conditioned):
+        keys = " and ".join(groups[n][0] + ".target" for n in conditioned)
+        raise GenerationError(f"seg_checkpoint {seg_path} is conditioned on lesion {' and '.join(conditioned)} "
+                              f"({', '.join(groups[n][2] for n in conditioned)}): set {keys} both to a target "
+                              "(not model), or both to model")
+    unseen = "guided" if guidance != 1 and given else "drawn without a class" if not given else ""
     if unseen and cond_dropout == 0:
+        sources = ", ".join(f"{groups[n][0]}.target={asked[n].source if n in asked else 'model'}" for n in conditioned)
         raise GenerationError(f"seg_checkpoint {seg_path} was trained with training.cond_dropout=0, so its masks cannot "
-                              f"be {unseen} (lesion_sizes.target={target.source if target else 'model'}, "
-                              f"lesion_sizes.guidance={guidance:g}); ask for size classes with lesion_sizes.guidance=1, "
-                              "or train with e.g. training.cond_dropout=0.1")
+                              f"be {unseen} ({sources}, lesion_sizes.guidance={guidance:g}); ask for its classes with "
+                              "lesion_sizes.guidance=1, or train with e.g. training.cond_dropout=0.1")
 
 
 def resolve_target(cfg: Any, n: int, image_size: int, spacing: Sequence[float],
