@@ -261,9 +261,16 @@ def test_ctrl_c_saves_latest_and_exits_75(tmp_path, tiny_data):
 
 def test_a_second_ctrl_c_aborts_at_once(tmp_path, tiny_data):
     proc, run = _start_long_run(tmp_path, tiny_data)
-    os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
+    # Ctrl-C pressed until the run ends: two presses that arrive before the busy main thread runs
+    # Python again count as one (CPython keeps one flag per signal), so a fixed pair of presses is a
+    # race under load; the second press the run sees must abort it
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < 60:
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+        except ProcessLookupError:
+            break
+        time.sleep(0.02)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert err.rstrip().endswith("medgen-train: interrupted")

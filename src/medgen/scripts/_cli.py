@@ -4,7 +4,9 @@ user can fix into one clear line (no stack trace) and an exit code."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,9 +41,10 @@ def exit_on_user_error(prog: str) -> Iterator[None]:
     from medgen.core.schema import ConfigError
 
     debug = logging.getLogger("medgen").debug
+    errors = user_errors()  # imported now: an except clause evaluated during a Ctrl-C could be interrupted again
     try:
         yield
-    except user_errors() as exc:
+    except errors as exc:
         debug("user error", exc_info=True)
         print(f"{prog}: {exc}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
@@ -50,9 +53,21 @@ def exit_on_user_error(prog: str) -> Iterator[None]:
         print(f"{prog}: {os_error_line(exc)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, _exit_at_once(prog))  # one more Ctrl-C while exiting: no traceback
         debug("interrupted", exc_info=True)
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _exit_at_once(prog: str):
+    """A SIGINT handler for a process already exiting on Ctrl-C: say so and leave at once (exit 130),
+    skipping the exit handlers a further Ctrl-C would otherwise break with a traceback."""
+    def handler(signum, frame):  # noqa: ARG001
+        sys.stderr.write(f"{prog}: interrupted\n")
+        sys.stderr.flush()
+        os._exit(130)
+
+    return handler
 
 
 def remove_if_only_hydra(run_dir: Path) -> None:
