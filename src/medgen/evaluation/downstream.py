@@ -131,6 +131,9 @@ def downstream(real_train: SliceSet, synthetic: SliceSet, real_test: SliceSet, *
     """
     sets = {"real": real_train, "real+synthetic": SliceSet.concat(real_train, synthetic), "synthetic": synthetic}
     bins = size_bin(real_test.masks)
+    n = len(real_test)
+    # the whole test split begins with real_test's slices (whole_test_split): one prediction serves both
+    shared = lesions is not None and len(lesions.images) >= n and np.array_equal(lesions.images[:n], real_test.images)
     results: dict = {}
     for name, data in sets.items():
         per_seed, per_seed_lesions = [], []
@@ -139,10 +142,11 @@ def downstream(real_train: SliceSet, synthetic: SliceSet, real_test: SliceSet, *
                                   device=device, desc=f"{name} seed {seed}", progress=progress)
             if on_network is not None:
                 on_network(name, seed, net)
-            dice = dice_per_slice(predict(net, real_test.images, device), real_test.masks)
+            whole = predict(net, lesions.images, device) if lesions is not None else None
+            dice = dice_per_slice(whole[:n] if shared else predict(net, real_test.images, device), real_test.masks)
             per_seed.append({"seed": seed, **summarise_dice(dice, bins)})
             if lesions is not None:
-                per_seed_lesions.append({"seed": seed, **lesions.score(predict(net, lesions.images, device), seed)})
+                per_seed_lesions.append({"seed": seed, **lesions.score(whole, seed)})
         overall = np.asarray([r["overall"] for r in per_seed])
         results[name] = {"train_slices": len(data), "per_seed": per_seed, "mean": float(overall.mean()),
                          "std": float(overall.std(ddof=1)) if len(overall) > 1 else 0.0,
