@@ -396,6 +396,7 @@ def test_each_slice_records_its_largest_lesion_in_mm_and_its_lesion_count():
     class Cache:  # what SliceCache's lesion measures read of an opened cache
         def __init__(self, keys, data, lesion_pixels):
             self.keys, self.data, self.lesion_pixels, self.spacing = keys, data, lesion_pixels, [2.0, 1.0, 3.0]
+            self.shape = data.shape
 
         def __len__(self):
             return len(self.data)

@@ -1,8 +1,9 @@
 """A slice cache folder on disk (see :mod:`medgen.data.slices`, which builds it): its files,
 opening it with the checks that catch a damaged one, and replacing a bad one.
 
-A complete folder holds ``slices.bin`` (the ``float16`` slices ``[N, C, S, S]``), ``index.npz``
-(patient, axial position and lesion pixels of each slice) and ``meta.json`` (written last, with the
+A complete folder holds ``slices.bin`` (the ``float16`` items: slices ``[N, C, S, S]``, or the whole
+volumes ``[N, C, X, Y, Z]`` of a volume cache), ``index.npz`` (patient, axial position and lesion
+pixels of each item; 0 and lesion voxels for a volume) and ``meta.json`` (written last, with the
 checksum of the rest: :func:`cache_checksum`).
 """
 
@@ -50,7 +51,8 @@ class CacheCorrupt(DataError):
 
 
 class SliceCache:
-    """A built slice cache: ``data`` ``[N, C, S, S]`` float16 memmap plus per-slice index arrays.
+    """A built slice cache: ``data`` ``[N, C, S, S]`` float16 memmap plus per-slice index arrays
+    (a volume cache: ``[N, C, X, Y, Z]``, one item per patient).
 
     Opening checks the folder: readable metadata and index that agree, a slices file of the
     expected size, and the checksum recorded when the cache was completed.
@@ -69,7 +71,7 @@ class SliceCache:
             self.patient_ids: list[str] = [str(p) for p in meta["patient_ids"]]
             #: median voxel size (mm) of a model slice, (x, y, z); None for caches built before it was recorded
             self.spacing: list[float] | None = meta.get("spacing")
-            shape_ok = len(self.shape) == 4 and min(self.shape) >= 0 and self.shape[1] == len(self.keys)
+            shape_ok = len(self.shape) in (4, 5) and min(self.shape) >= 0 and self.shape[1] == len(self.keys)
             if not shape_ok or meta["dtype"] != np.dtype(CACHE_DTYPE).name:
                 raise ValueError
         except (KeyError, TypeError, ValueError):
@@ -151,7 +153,7 @@ class SliceCache:
         largest, count = np.zeros(len(self), dtype=np.float64), np.zeros(len(self), dtype=np.int64)
         if MASK_KEY not in self.keys:
             return largest, count
-        spacing = (self.spacing or (1.0, 1.0))[:2]
+        spacing = (self.spacing or (1.0, 1.0, 1.0))[:len(self.shape) - 2]  # a slice's 2 axes, a volume's 3
         channel = self.keys.index(MASK_KEY)
         for i in np.flatnonzero(self.lesion_pixels > 0):
             diameters = feret_diameters(is_lesion(self.data[i, channel]), spacing)

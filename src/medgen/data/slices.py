@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Protocol, Sequence
 
 import numpy as np
 
@@ -42,11 +42,32 @@ from medgen.data.slice_cache import (CACHE_DTYPE, CHECKSUM_SCHEME, DATA_FILE, IN
 from medgen.data.transforms import preprocess_image, preprocess_mask
 from medgen.data.validate import Problem, Report, read_patient
 
-__all__ = ["CACHE_DTYPE", "CacheCorrupt", "SliceCache", "SliceSpec", "cache_checksum", "cache_directory",
+__all__ = ["CACHE_DTYPE", "CacheCorrupt", "CacheSpec", "SliceCache", "SliceSpec", "cache_checksum", "cache_directory",
            "fingerprint", "model_spacing", "open_or_build_cache", "open_or_build_caches", "preprocess_volumes",
            "select_slices", "source_files"]
 
 log = logging.getLogger("medgen.data")
+
+
+class CacheSpec(Protocol):
+    """What a cache is built from and holds: :class:`SliceSpec` (axial slices ``[N, C, S, S]``) or
+    :class:`medgen.data.volumes.VolumeSpec` (whole volumes ``[N, C, X, Y, Z]``). A dataclass whose
+    fields (with :data:`PREPROCESSING_VERSION` and the source files) make the fingerprint."""
+
+    keys: tuple[str, ...]
+    brain_from: str
+    folder: ClassVar[str]
+
+    @property
+    def file_keys(self) -> tuple[str, ...]: ...
+
+    @property
+    def item_shape(self) -> tuple[int, ...]: ...
+
+    def patient_items(self, volumes: dict[str, np.ndarray],
+                      affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float, float]]: ...
+
+    def preprocess_file(self, key: str, volume: np.ndarray) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -73,16 +94,37 @@ class SliceSpec:
         if self.selection == "brain" and not any(k != MASK_KEY for k in self.keys):
             raise ValueError("brain selection needs at least one image channel")
 
+    #: the folder under ``cache_dir`` its caches live in
+    folder: ClassVar[str] = "slices"
+
     @property
     def image_keys(self) -> tuple[str, ...]:
-        return tuple(k for k in self.keys if k not in (MASK_KEY, BRAIN_KEY))
+        return image_keys(self.keys)
 
     @property
     def file_keys(self) -> tuple[str, ...]:
         """The modalities read from each patient folder: the stored ones, and ``brain_from`` for
         a derived ``brain`` channel."""
-        files = [k for k in self.keys if k != BRAIN_KEY]
-        return tuple(dict.fromkeys(files + [self.brain_from] if BRAIN_KEY in self.keys else files))
+        return file_keys(self.keys, self.brain_from)
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        """The spatial shape of one cached item: an ``S x S`` slice."""
+        return (self.image_size, self.image_size)
+
+    def patient_items(self, volumes: dict[str, np.ndarray],
+                      affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float, float]]:
+        """One patient's RAS volumes -> (its selected slices ``[k, C, S, S]``, their z indices,
+        lesion pixels per slice, the voxel size of a model slice in mm)."""
+        block, z, lesion = preprocess_volumes(volumes, self)
+        return block, z, lesion, model_spacing(affine, volumes[self.file_keys[0]].shape, self.image_size)
+
+    def preprocess_file(self, key: str, volume: np.ndarray) -> None:
+        """Preprocess one file alone (to find the file a failing patient fails on)."""
+        if key == MASK_KEY:
+            preprocess_mask(volume, self.image_size)
+        else:
+            preprocess_image(volume, self.image_size, self.lower_percentile, self.upper_percentile)
 
     @classmethod
     def for_mode(cls, mode_cfg, data_cfg, image_size: int, selection: str) -> "SliceSpec":
@@ -106,11 +148,23 @@ class SliceSpec:
         )
 
 
+def image_keys(keys: Sequence[str]) -> tuple[str, ...]:
+    """The image modalities among stored channel ``keys`` (not ``seg``, not the derived ``brain``)."""
+    return tuple(k for k in keys if k not in (MASK_KEY, BRAIN_KEY))
+
+
+def file_keys(keys: Sequence[str], brain_from: str) -> tuple[str, ...]:
+    """The modalities to read for stored channel ``keys``: the stored ones, and ``brain_from`` for
+    a derived ``brain`` channel."""
+    files = [k for k in keys if k != BRAIN_KEY]
+    return tuple(dict.fromkeys(files + [brain_from] if BRAIN_KEY in keys else files))
+
+
 def source_files(patients: Sequence[Path], keys: Sequence[str]) -> list[Path]:
     return [modality_path(p, k) for p in patients for k in keys]
 
 
-def fingerprint(patients: Sequence[Path], spec: SliceSpec) -> str:
+def fingerprint(patients: Sequence[Path], spec: CacheSpec) -> str:
     """sha256 of the source files' (absolute path, size, mtime) plus the spec and preprocessing version."""
     h = hashlib.sha256()
     described = asdict(spec)
@@ -141,13 +195,13 @@ def select_slices(channels: np.ndarray, spec: SliceSpec) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def cache_directory(cache_dir: Path, patients: Sequence[Path], spec: SliceSpec) -> Path:
-    return Path(cache_dir) / "slices" / fingerprint(patients, spec)[:24]
+def cache_directory(cache_dir: Path, patients: Sequence[Path], spec: CacheSpec) -> Path:
+    return Path(cache_dir) / spec.folder / fingerprint(patients, spec)[:24]
 
 
 def open_or_build_cache(
     patients: Sequence[Path],
-    spec: SliceSpec,
+    spec: CacheSpec,
     cache_dir: str | Path,
     validate: bool = True,
     progress: bool = True,
@@ -164,7 +218,7 @@ def open_or_build_cache(
     return open_or_build_caches([(patients, desc)], spec, Path(cache_dir), validate, progress, workers)[0]
 
 
-def open_or_build_caches(groups: Sequence[tuple[Sequence[Path], str]], spec: SliceSpec, cache_dir: Path,
+def open_or_build_caches(groups: Sequence[tuple[Sequence[Path], str]], spec: CacheSpec, cache_dir: Path,
                          validate: bool, progress: bool, workers: int) -> list[SliceCache]:
     """One cache per ``(patients, desc)`` group. Existing caches are opened (and checked: one that
     fails is moved aside and rebuilt, with a warning). Missing caches are built into temporary
@@ -173,7 +227,7 @@ def open_or_build_caches(groups: Sequence[tuple[Sequence[Path], str]], spec: Sli
     a killed run left behind are removed first."""
     groups = [([Path(p) for p in patients], desc) for patients, desc in groups]
     directories = [cache_directory(cache_dir, patients, spec) for patients, _ in groups]
-    slices_dir = Path(cache_dir) / "slices"
+    slices_dir = Path(cache_dir) / spec.folder
     if slices_dir.is_dir():
         remove_orphans(sorted(slices_dir.glob(".*.tmp-*")))
     caches = [open_checked(directory) for directory in directories]
@@ -209,32 +263,27 @@ class _PatientSlices:
     """What one patient contributes: its problems and, when it has no error, its selected slices."""
 
     problems: list[Problem]
-    block: np.ndarray | None = None  # [k, C, S, S] float16
+    block: np.ndarray | None = None  # [k, C, *item_shape] float16
     z: np.ndarray | None = None  # [k] int32 axial positions
     lesion: np.ndarray | None = None  # [k] int32 lesion pixels per slice
     spacing: tuple[float, float, float] | None = None  # mm per model pixel (x, y) and slice thickness (z)
 
 
-def _patient_slices(folder: Path, spec: SliceSpec, validate: bool = True, preprocess: bool = True) -> _PatientSlices:
+def _patient_slices(folder: Path, spec: CacheSpec, validate: bool = True, preprocess: bool = True) -> _PatientSlices:
     """Read each modality of one patient once; check it (``validate``); when it has no error
-    (and ``preprocess``), preprocess the volumes and select the slices. A failure while
-    preprocessing is returned as an error on the file it came from (the patient folder when no
-    single file fails on its own), never raised from inside a library."""
+    (and ``preprocess``), preprocess the volumes into the items of ``spec`` (slices or a volume).
+    A failure while preprocessing is returned as an error on the file it came from (the patient
+    folder when no single file fails on its own), never raised from inside a library."""
     read = read_patient(folder, spec.file_keys, validate=validate, keep=preprocess)
     if not read.ok or not preprocess:
         return _PatientSlices(read.problems)
     try:
-        block, z, lesion = preprocess_volumes(read.volumes, spec)
-        key = spec.file_keys[0]
-        spacing = model_spacing(read.affines[key], read.volumes[key].shape, spec.image_size)
+        block, z, lesion, spacing = spec.patient_items(read.volumes, read.affines[spec.file_keys[0]])
     except Exception as exc:  # noqa: BLE001 - MONAI/torch/numpy raise many types; name the patient and file
         culprit = Path(folder)
         for k in spec.file_keys:  # the first file that fails on its own
             try:
-                if k == MASK_KEY:
-                    preprocess_mask(read.volumes[k], spec.image_size)
-                else:
-                    preprocess_image(read.volumes[k], spec.image_size, spec.lower_percentile, spec.upper_percentile)
+                spec.preprocess_file(k, read.volumes[k])
             except Exception:  # noqa: BLE001
                 culprit = modality_path(folder, k)
                 break
@@ -276,7 +325,7 @@ def preprocess_volumes(volumes: dict[str, np.ndarray], spec: SliceSpec) -> tuple
     return block, keep.astype(np.int32), lesion
 
 
-def _build(tmp: Path, patients: Sequence[Path], spec: SliceSpec, report: Report, *, validate: bool,
+def _build(tmp: Path, patients: Sequence[Path], spec: CacheSpec, report: Report, *, validate: bool,
            preprocess: bool, progress: bool, desc: str, workers: int = 0) -> None:
     """Read every patient once (in ``workers`` processes), add its problems to ``report`` and,
     while the report has no error, append its slices to ``tmp``; complete ``tmp`` (index and
@@ -292,7 +341,7 @@ def _build(tmp: Path, patients: Sequence[Path], spec: SliceSpec, report: Report,
             report.problems.extend(result.problems)
             if not report.ok or result.block is None:
                 continue  # the build will fail; keep reading to report every problem
-            f.write(result.block.tobytes())  # appended in patient order: [k, C, S, S]
+            f.write(result.block.tobytes())  # appended in patient order: [k, C, *item_shape]
             n += result.z.size
             patient_idx.append(np.full(result.z.size, i, dtype=np.int32))
             z_idx.append(result.z)
@@ -309,7 +358,7 @@ def _build(tmp: Path, patients: Sequence[Path], spec: SliceSpec, report: Report,
     )
     meta = {
         "keys": list(spec.keys),
-        "shape": [n, len(spec.keys), spec.image_size, spec.image_size],
+        "shape": [n, len(spec.keys), *spec.item_shape],
         "dtype": np.dtype(CACHE_DTYPE).name,
         "patient_ids": [p.name for p in patients],
         "sources": [str(p) for p in patients],
