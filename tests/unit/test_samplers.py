@@ -135,6 +135,10 @@ def test_rflow_grid_levels():
     grid = rflow_grid(T, 4)
     assert grid.t.tolist() == [1000, 750, 500, 250, 0]
     assert grid.alpha.tolist() == [0, 0.25, 0.5, 0.75, 1] and grid.sigma.tolist() == [1, 0.75, 0.5, 0.25, 0]
+    # a volume's shift (e.g. 16 x 16 x 8 voxels against base 64: (2048 / 64^3)^(1/3)) may round r s / (1 + (r - 1) s)
+    # above 1 at s = 1; the grid still starts at pure noise
+    shifted = rflow_grid(T, 3, shift=(2048 / 64**3) ** (1 / 3))
+    assert shifted.t[0] == T and shifted.alpha[0] == 0 and shifted.sigma[0] == 1
 
 
 @pytest.mark.parametrize("make", [lambda n: ddpm_grid(ALPHA_BAR, n, "linspace"), lambda n: rflow_grid(T, n)])

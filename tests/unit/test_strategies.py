@@ -216,6 +216,22 @@ def test_rflow_sample_timesteps_equal_monai_for_same_draws(sample_method, use_di
     assert torch.equal(ours, expected.float())
 
 
+@pytest.mark.parametrize("shape", [(64, 64, 32), (32, 32, 16), (128, 128, 64)])
+def test_rflow_timesteps_of_a_volume_equal_monai_3d(shape):
+    # MONAI's own 3D setting: spatial_dim=3, the base as a voxel count, the input's voxel count
+    strategy = RFlowStrategy(RFlowConfig(), 64, spatial_shape=shape)
+    monai = RFlowScheduler(num_train_timesteps=T, use_discrete_timesteps=True, sample_method="logit-normal",
+                           use_timestep_transform=True, base_img_size_numel=64**3, spatial_dim=3)
+    torch.manual_seed(11)
+    expected = monai.sample_timesteps(torch.zeros(256, 1, *shape))
+    assert torch.equal(strategy.sample_timesteps(256, _gen(11), "cpu"), expected.float())
+    assert strategy.shift == pytest.approx((shape[0] * shape[1] * shape[2] / 64**3) ** (1 / 3))
+    # a volume model's state records its shape; a slice model's state is as before
+    assert strategy.state_dict()["spatial_shape"] == list(shape) and "spatial_shape" not in _rflow(64).state_dict()
+    with pytest.raises(ValueError, match=r"differing: \['spatial_shape \(None != \["):
+        strategy.load_state_dict(_rflow(64).state_dict())
+
+
 @pytest.mark.parametrize("sample_method", ["uniform", "logit-normal"])
 def test_rflow_timestep_distribution_matches_monai(sample_method):
     strategy = _rflow(sample_method=sample_method)

@@ -14,7 +14,8 @@ the anatomy-blind modes of medgen before 0.2 (1 -> 1, 2 -> 1, 3 -> 2 channels). 
 model draws each lesion together with the brain it lies in, and the image model paints a head
 around that brain.
 
-Batches from the data loader are dicts of ``[B, 1, H, W]`` float tensors in [0, 1], one per
+Batches from the data loader are dicts of ``[B, 1, H, W]`` float tensors in [0, 1] (volumes:
+``[B, 1, X, Y, Z]``; every shape below has 2 or 3 spatial dimensions alike), one per
 modality key (``seg`` in {0, 1}). A mode maps them to model space [-1, 1] (``split``), builds
 the network input (``model_input``) and maps generated ``x0`` back to [0, 1] per key
 (``to_outputs``; masks, the lesion mask and the brain, binarised with the one shared
@@ -59,6 +60,8 @@ __all__ = [
     "build_mode",
 ]
 
+#: the dimensions of a batch tensor: ``[B, C, H, W]`` (slices) or ``[B, C, X, Y, Z]`` (volumes)
+_NDIMS = (4, 5)
 #: post-processing of one generated channel in [0, 1], per key (identity if absent)
 _OUTPUT_TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {MASK_KEY: binarize_mask, BRAIN_KEY: binarize_mask}
 
@@ -148,8 +151,8 @@ class TrainingMode(abc.ABC):
             if key not in batch:
                 raise KeyError(f"mode {self.name!r} needs batch[{key!r}]; the batch has {sorted(batch)}")
             x = batch[key]
-            if x.ndim != 4 or x.shape[1] != 1:
-                raise ValueError(f"batch[{key!r}] must be [B, 1, H, W], got {tuple(x.shape)}")
+            if x.ndim not in _NDIMS or x.shape[1] != 1:
+                raise ValueError(f"batch[{key!r}] must be [B, 1, H, W] or [B, 1, X, Y, Z], got {tuple(x.shape)}")
             if channels and x.shape != channels[0].shape:
                 raise ValueError(
                     f"batch[{key!r}] has shape {tuple(x.shape)} but batch[{keys[0]!r}] has {tuple(channels[0].shape)}"
@@ -183,7 +186,7 @@ class TrainingMode(abc.ABC):
 
         Images are clamped to [0, 1]; the mask is binarised to {0, 1} with :func:`binarize_mask`.
         """
-        if x0_model.ndim != 4 or x0_model.shape[1] != self.out_channels:
+        if x0_model.ndim not in _NDIMS or x0_model.shape[1] != self.out_channels:
             raise ValueError(f"mode {self.name!r} outputs [B, {self.out_channels}, H, W], got {tuple(x0_model.shape)}")
         out = {}
         for i, key in enumerate(self.image_keys):
@@ -195,7 +198,7 @@ class TrainingMode(abc.ABC):
         return f"{type(self).__name__}(image_keys={list(self.image_keys)}, cond_keys={list(self.cond_keys)})"
 
     def _check_x_t(self, x_t: Tensor) -> None:
-        if x_t.ndim != 4 or x_t.shape[1] != self.out_channels:
+        if x_t.ndim not in _NDIMS or x_t.shape[1] != self.out_channels:
             raise ValueError(f"mode {self.name!r}: x_t must be [B, {self.out_channels}, H, W], got {tuple(x_t.shape)}")
 
 
@@ -263,7 +266,8 @@ class SegmentationMode(TrainingMode):
                 raise ValueError(f"seg mode conditioned on lesion {name} needs their classes")
             classes = classes.reshape(-1).long()
             parts.append(2 * (classes[:, None] == torch.arange(1 + len(bins), device=classes.device)).float() - 1)
-        return torch.cat(parts, 1)[:, :, None, None].expand(-1, -1, *spatial).contiguous()
+        planes = torch.cat(parts, 1)
+        return planes.view(*planes.shape, *([1] * len(spatial))).expand(-1, -1, *spatial).contiguous()
 
     def split(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         x0 = self._stack(batch, self.image_keys)
@@ -284,7 +288,7 @@ class SegmentationMode(TrainingMode):
                 raise ValueError("seg mode is unconditional (mode.size_bins and mode.count_classes null); cond must "
                                  "be None")
             return None
-        if cond is None or cond.ndim != 4 or cond.shape[1] != self.cond_channels:
+        if cond is None or cond.ndim not in _NDIMS or cond.shape[1] != self.cond_channels:
             raise ValueError(f"seg mode with mode.size_bins or mode.count_classes takes the class planes "
                              f"[B, {self.cond_channels}, H, W] as cond, got {None if cond is None else tuple(cond.shape)}")
         return cond
@@ -342,7 +346,7 @@ class _MaskConditionedMode(TrainingMode):
     def _check_cond(self, cond: Tensor | None) -> Tensor:
         if cond is None:
             raise ValueError(f"{self.name} mode is conditional; pass the mask (or null_cond(...) for unconditional)")
-        if cond.ndim != 4 or cond.shape[1] != len(self.cond_keys):
+        if cond.ndim not in _NDIMS or cond.shape[1] != len(self.cond_keys):
             raise ValueError(f"cond must be [B, {len(self.cond_keys)}, H, W], got {tuple(cond.shape)}")
         return cond
 

@@ -167,7 +167,7 @@ def rflow_grid(num_train_timesteps: int, num_steps: int, shift: float = 1.0, dis
         t = t.round()
     if shift != 1.0:
         s = t / T
-        t = T * (shift * s / (1 + (shift - 1) * s))
+        t = (T * (shift * s / (1 + (shift - 1) * s))).clamp_(max=T)  # r s / (1 + (r - 1) s) at s = 1 may round above 1
     t = torch.cat([t, t.new_zeros(1)])
     return Grid(t=t, alpha=1 - t / T, sigma=t / T)
 

@@ -20,9 +20,10 @@ every random draw here goes through an explicit ``torch.Generator``.
 Facts about MONAI 1.6 this module relies on / works around (each is checked in
 ``tests/unit/test_strategies.py``):
 
-* ``RFlowScheduler`` defaults to 3D (``spatial_dim=3``, ``base_img_size_numel=32**3``); for 2D
-  slices both are passed explicitly (``spatial_dim=2``, ``base_image_size**2``), so the shift is
-  ``image_size / base_image_size``.
+* ``RFlowScheduler`` defaults to 3D (``spatial_dim=3``, ``base_img_size_numel=32**3``); both are
+  passed explicitly from the sample shape (2D slices: ``spatial_dim=2``, ``base_image_size**2``, so
+  the shift is ``image_size / base_image_size``; volumes: ``3``, ``base_image_size**3`` and the
+  voxel count).
 * Its velocity is ``v = x0 - eps`` (the *negative* of ``dx_t/ds``); its Euler step is
   ``x_{t'} = x_t + (t - t') / T * v`` and ``x0_hat = x_t + t / T * v``.
 * ``RFlowScheduler.set_timesteps`` casts the grid to float16 (and to int64 when discrete
@@ -44,8 +45,9 @@ Facts about MONAI 1.6 this module relies on / works around (each is checked in
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
@@ -100,10 +102,14 @@ class DiffusionStrategy(abc.ABC):
     #: clip ``x0_hat`` to [-1, 1] in the sampling denoiser (model space is exactly [-1, 1])
     CLIP_X0: ClassVar[bool] = False
 
-    def __init__(self, cfg_strategy: Any, image_size: int):
-        """``cfg_strategy``: a validated ``strategy`` config (or a ``Config`` instance)."""
+    def __init__(self, cfg_strategy: Any, image_size: int, spatial_shape: Sequence[int] | None = None):
+        """``cfg_strategy``: a validated ``strategy`` config (or a ``Config`` instance);
+        ``spatial_shape``: the shape of one sample, ``(image_size, image_size)`` by default (a slice),
+        ``(X, Y, Z)`` for volumes."""
         self.config: dict[str, Any] = OmegaConf.to_container(OmegaConf.create(cfg_strategy), resolve=True)
         self.image_size = int(image_size)
+        self.spatial_shape: tuple[int, ...] = tuple(int(n) for n in spatial_shape) if spatial_shape is not None \
+            else (self.image_size, self.image_size)
         self.num_train_timesteps = int(self.config["num_train_timesteps"])
         self.prediction_type = str(self.config["prediction_type"])
 
@@ -169,7 +175,10 @@ class DiffusionStrategy(abc.ABC):
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         """No learnable state: the config, so a checkpoint records which strategy made it."""
-        return {"strategy": dict(self.config), "image_size": self.image_size}
+        state: dict[str, Any] = {"strategy": dict(self.config), "image_size": self.image_size}
+        if self.spatial_shape != (self.image_size, self.image_size):  # volumes (a slice model's state is as before)
+            state["spatial_shape"] = list(self.spatial_shape)
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Check that ``state`` (from :meth:`state_dict`) describes this very strategy."""
@@ -179,6 +188,8 @@ class DiffusionStrategy(abc.ABC):
             diff = sorted(k for k in set(theirs_cfg) | set(self.config) if theirs_cfg.get(k) != self.config.get(k))
             if state.get("image_size") != self.image_size:
                 diff.append(f"image_size ({state.get('image_size')} != {self.image_size})")
+            if state.get("spatial_shape") != mine.get("spatial_shape"):
+                diff.append(f"spatial_shape ({state.get('spatial_shape')} != {mine.get('spatial_shape')})")
             raise ValueError(f"checkpoint strategy does not match this {self.name!r} strategy; differing: {diff}")
 
     def __repr__(self) -> str:
@@ -221,8 +232,8 @@ class DDPMStrategy(DiffusionStrategy):
     #: impossible values early in few-step sampling. :meth:`predict_x0` itself never clips.
     CLIP_X0 = True
 
-    def __init__(self, cfg_strategy: Any, image_size: int):
-        super().__init__(cfg_strategy, image_size)
+    def __init__(self, cfg_strategy: Any, image_size: int, spatial_shape: Sequence[int] | None = None):
+        super().__init__(cfg_strategy, image_size, spatial_shape)
         self.scheduler = DDPMScheduler(num_train_timesteps=self.num_train_timesteps, schedule=self.config["schedule"],
                                        prediction_type="epsilon", clip_sample=self.CLIP_X0)
         # own float32 copy: MONAI's add_noise re-casts scheduler.alphas_cumprod in place
@@ -313,10 +324,8 @@ class RFlowStrategy(DiffusionStrategy):
     #: logit-normal parameters: MONAI's ``RFlowScheduler`` defaults, Esser et al.'s lognorm(0, 1)
     LOGIT_NORMAL_LOC: ClassVar[float] = 0.0
     LOGIT_NORMAL_SCALE: ClassVar[float] = 1.0
-    SPATIAL_DIM: ClassVar[int] = 2
-
-    def __init__(self, cfg_strategy: Any, image_size: int):
-        super().__init__(cfg_strategy, image_size)
+    def __init__(self, cfg_strategy: Any, image_size: int, spatial_shape: Sequence[int] | None = None):
+        super().__init__(cfg_strategy, image_size, spatial_shape)
         c = self.config
         draws: dict[str, Callable[[int, torch.Generator], Tensor]] = {
             "uniform": self._draw_uniform,
@@ -330,8 +339,8 @@ class RFlowStrategy(DiffusionStrategy):
             loc=self.LOGIT_NORMAL_LOC,
             scale=self.LOGIT_NORMAL_SCALE,
             use_timestep_transform=bool(c["use_timestep_transform"]),
-            base_img_size_numel=int(c["base_image_size"]) ** self.SPATIAL_DIM,
-            spatial_dim=self.SPATIAL_DIM,
+            base_img_size_numel=int(c["base_image_size"]) ** len(self.spatial_shape),
+            spatial_dim=len(self.spatial_shape),
         )
 
     # ---------------------------------------------------------------- timesteps
@@ -344,16 +353,17 @@ class RFlowStrategy(DiffusionStrategy):
         return _clipped_unit(torch.sigmoid(self.LOGIT_NORMAL_LOC + self.LOGIT_NORMAL_SCALE * n))
 
     def transform_timesteps(self, t: Tensor) -> Tensor:
-        """MONAI's resolution shift (Esser et al. 2024, eq. 23) for this image size, 2D.
+        """MONAI's resolution shift (Esser et al. 2024, eq. 23) for this sample shape.
 
-        ``s' = r s / (1 + (r - 1) s)`` with ``s = t / T`` and
-        ``r = (H W / base_image_size^2)^(1/2) = image_size / base_image_size``: the identity at
-        ``image_size == base_image_size``, towards noise (``t' > t``) for bigger images.
-        Same arguments as ``RFlowScheduler.sample_timesteps`` passes for a 2D input.
+        ``s' = r s / (1 + (r - 1) s)`` with ``s = t / T`` and ``r = (N / base_image_size^d)^(1/d)``
+        for ``N`` pixels (voxels) in ``d`` spatial dimensions; for a square slice
+        ``r = image_size / base_image_size``: the identity at ``image_size == base_image_size``,
+        towards noise (``t' > t``) for bigger images. Same arguments as
+        ``RFlowScheduler.sample_timesteps`` passes for an input of this shape.
         """
         return timestep_transform(
             t,
-            input_img_size_numel=torch.tensor(self.image_size**self.SPATIAL_DIM),
+            input_img_size_numel=torch.tensor(math.prod(self.spatial_shape)),
             base_img_size_numel=self.scheduler.base_img_size_numel,
             num_train_timesteps=self.num_train_timesteps,
             spatial_dim=self.scheduler.spatial_dim,
@@ -370,10 +380,15 @@ class RFlowStrategy(DiffusionStrategy):
 
     @property
     def shift(self) -> float:
-        """The resolution shift ``image_size / base_image_size`` (1 without the timestep transform)."""
+        """The resolution shift: ``image_size / base_image_size`` for a square slice, the ratio of
+        voxel counts to the power ``1/3`` for a volume (1 without the timestep transform)."""
         if not self.scheduler.use_timestep_transform:
             return 1.0
-        return self.image_size / int(self.config["base_image_size"])
+        base = int(self.config["base_image_size"])
+        if self.spatial_shape == (self.image_size, self.image_size):
+            return self.image_size / base
+        dim = len(self.spatial_shape)
+        return (math.prod(self.spatial_shape) / base**dim) ** (1.0 / dim)
 
     def grid(self, num_steps: int) -> Grid:
         """MONAI's ``RFlowScheduler.set_timesteps`` grid with the shift the model was trained with,
@@ -411,6 +426,7 @@ class RFlowStrategy(DiffusionStrategy):
         return x_t.to(dtype) + self._s(t.to(x_t.device), dtype, x_t.ndim) * model_out.to(dtype)
 
 
-def build_strategy(cfg: Any) -> DiffusionStrategy:
-    """The strategy of a validated config: ``cfg.strategy`` at ``cfg.model.image_size``."""
-    return STRATEGIES[cfg.strategy.name](cfg.strategy, cfg.model.image_size)
+def build_strategy(cfg: Any, spatial_shape: Sequence[int] | None = None) -> DiffusionStrategy:
+    """The strategy of a validated config: ``cfg.strategy`` at ``cfg.model.image_size`` (samples of
+    ``spatial_shape``: a square slice by default)."""
+    return STRATEGIES[cfg.strategy.name](cfg.strategy, cfg.model.image_size, spatial_shape)

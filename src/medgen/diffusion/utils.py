@@ -15,11 +15,12 @@ from PIL import Image
 from medgen.core.checkpoint import CheckpointError, load_checkpoint
 
 
-def network_kwargs(model_cfg, mode) -> dict[str, Any]:
-    """MONAI ``DiffusionModelUNet`` kwargs for ``cfg.model`` and a ``TrainingMode`` (stored in checkpoints)."""
+def network_kwargs(model_cfg, mode, spatial_dims: int = 2) -> dict[str, Any]:
+    """MONAI ``DiffusionModelUNet`` kwargs for ``cfg.model`` and a ``TrainingMode`` (stored in
+    checkpoints); ``spatial_dims``: 2 for slices, 3 for volumes."""
     m = model_cfg
     return {
-        "spatial_dims": 2,
+        "spatial_dims": int(spatial_dims),
         "in_channels": mode.in_channels,
         "out_channels": mode.out_channels,
         "channels": [int(c) for c in m.channels],
