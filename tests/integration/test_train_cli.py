@@ -187,3 +187,18 @@ def test_torchrun_ranks_agree_on_one_run_folder(tmp_path, tiny_data, one_thread)
     (run,) = list((tmp_path / "runs" / "bravo").iterdir())  # one folder for both ranks
     assert load_checkpoint(run / "checkpoints" / "latest.pt")["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "runs"]  # nothing else in the launch folder
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy, mode", [(s, m) for s in ("ddpm", "rflow") for m in ("seg", "bravo", "dual")])
+def test_every_strategy_and_mode_trains_on_volumes_from_the_command(tmp_path, tiny_data, strategy, mode):
+    over = tiny_overrides(tmp_path, tiny_data, f"mode={mode}", f"strategy={strategy}", "model.spatial_dims=3",
+                          "data.volume_shape=[16,16,8]", "training.batch_size=2", "training.max_steps=2")
+    run = tmp_path / "run"
+    out = subprocess.run(_train_cmd(run, over), capture_output=True, text=True, env=ENV, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"{strategy} x {mode} at 16 x 16 x 8 px" in out.stdout + out.stderr
+    ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert ckpt["step"] == 2 and ckpt["network"]["spatial_dims"] == 3
+    assert ckpt["model"]["conv_in.conv.weight"].ndim == 5  # a 3D convolution: [out, in, 3, 3, 3]
+    assert sorted((run / "samples").glob("*.png"))  # the middle axial slice of each generated volume

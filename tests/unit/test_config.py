@@ -86,6 +86,9 @@ BAD = [
     (["+training.learning_rat=1e-3"], "training.learning_rat"),  # unknown key (typo)
     (["training.epochs=many"], "training.epochs"),  # wrong type
     (["data.lower_percentile=99", "data.upper_percentile=1"], "data.upper_percentile"),
+    (["model.spatial_dims=4"], "model.spatial_dims"),
+    (["model.spatial_dims=3", "data.volume_shape=[64,64,30]"], "data.volume_shape"),  # 30 is not divisible by 4
+    (["model.spatial_dims=3", "data.volume_shape=[64,64]"], "data.volume_shape"),
 ]
 
 
@@ -132,6 +135,9 @@ def test_run_folder_pattern(tmp_path, monkeypatch):
     plan = plan_run(load_config(["mode=dual", "strategy=rflow", f"paths.model_dir={tmp_path}"]))
     assert plan.run_dir.parent == tmp_path / "dual" and plan.run_dir.is_dir() and plan.checkpoint is None
     assert re.fullmatch(r"rflow_128_\d{8}-\d{6}", plan.run_dir.name)
+    volumes = plan_run(load_config(["mode=seg", "model.spatial_dims=3", "data.volume_shape=[32,32,16]",
+                                    f"paths.model_dir={tmp_path}"]))
+    assert re.fullmatch(r"ddpm_32x32x16_\d{8}-\d{6}", volumes.run_dir.name)
 
 
 def test_sigmoid_schedule_is_accepted_by_the_one_validator_and_the_strategy():

@@ -278,6 +278,12 @@ def test_wrong_stage_missing_and_newer_checkpoints_name_the_file(tmp_path, tiny_
     torch.save(data, tmp_path / "future.pt")
     with pytest.raises(CheckpointError, match=r"future.pt has checkpoint format 99, newer than this medgen"):
         _generate(tmp_path, tiny_checkpoints, seg_checkpoint=str(tmp_path / "future.pt"))
+    data = torch.load(tiny_checkpoints["seg"], weights_only=False)
+    data["config"]["model"]["spatial_dims"], data["config"]["data"]["volume_shape"] = 3, [16, 16, 8]
+    torch.save(data, tmp_path / "volumes.pt")
+    with pytest.raises(GenerationError, match=r"seg_checkpoint=.*volumes.pt is a 3D model \(model.spatial_dims=3, "
+                                              r"volumes of \[16, 16, 8\]\); medgen-generate makes 2D slices only"):
+        _generate(tmp_path, tiny_checkpoints, seg_checkpoint=str(tmp_path / "volumes.pt"))
 
 
 def test_a_generated_set_trains_with_medgen_train(tmp_path, tiny_checkpoints):

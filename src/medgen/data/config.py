@@ -6,7 +6,7 @@ layer reads these keys and trusts a config that passed there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
@@ -26,6 +26,8 @@ class DataConfig:
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
     val_fraction: float = 0.15
+    #: the shape [X, Y, Z] every volume is resampled to for a 3D model (model.spatial_dims=3)
+    volume_shape: list[int] = field(default_factory=lambda: [64, 64, 32])
     num_workers: int = at_least(2, 0)
     validate: bool = True
 

@@ -145,7 +145,12 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, progress: bool = True,
             f"phantom dataset: medgen-data phantom --out {root} --subjects 20"
         )
     cache_dir = resolve_path(cfg.paths.cache_dir)
-    spec = SliceSpec.for_mode(cfg.mode, cfg.data, cfg.model.image_size, selection)
+    if cfg.model.spatial_dims == 3:  # whole volumes: one item per patient, no selection
+        from medgen.data.volumes import VolumeSpec
+
+        spec, kind = VolumeSpec.for_mode(cfg.mode, cfg.data), "volume"
+    else:
+        spec, kind = SliceSpec.for_mode(cfg.mode, cfg.data, cfg.model.image_size, selection), "slice"
     d = cfg.data
     train_patients = split_patients(root, "train", d.val_fraction)
     val_patients = split_patients(root, "val", d.val_fraction)
@@ -157,7 +162,7 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, progress: bool = True,
         barrier()
     # every missing cache is built (reading each file once, checked unless data.validate=false) before
     # any is kept: a problem in any file of train or val refuses the run with the full report
-    groups = [(train_patients, "train slice cache")] + ([(val_patients, "val slice cache")] if val_patients else [])
+    groups = [(train_patients, f"train {kind} cache")] + ([(val_patients, f"val {kind} cache")] if val_patients else [])
     caches = open_or_build_caches(groups, spec, cache_dir, bool(d.validate), show, int(d.num_workers))
     train_cache, val_cache = caches[0], (caches[1] if val_patients else None)
     if barrier is not None and world_size > 1 and rank == 0:
@@ -171,7 +176,7 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, progress: bool = True,
     if rank == 0 and (val_cache is None or len(val_cache) == 0):
         source = f"{root / 'val'}" if (root / "val").is_dir() else f"the validation share of {root / 'train'}"
         why = (f"0 selected from {len(val_patients)} patient(s) of {source} for mode {cfg.mode.name!r} "
-               f"({spec.selection} selection)" if val_patients else
+               f"({getattr(spec, 'selection', 'all')} selection)" if val_patients else
                f"{source} is empty (train/ holds {len(train_patients)} patient(s))")
         log.warning("no validation slices: %s; the validation loss cannot be computed (it is logged as nan) and "
                     "best.pt is not written; add validation patients whose slices pass the selection", why)

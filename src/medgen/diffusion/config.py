@@ -41,6 +41,8 @@ MAX_WARMUP_FRACTION = 0.1
 @dataclass
 class ModelConfig:
     image_size: int = 128
+    #: 2: axial slices of model.image_size; 3: whole volumes of data.volume_shape
+    spatial_dims: int = choice(2, 2, 3)
     channels: list[int] = field(default_factory=lambda: [128, 256, 256])
     attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
     num_res_blocks: int = at_least(1, 1)
@@ -175,6 +177,24 @@ def _check_mode(mo: DictConfig, mode_cls: type) -> None:
             raise ConfigError(f"mode.{key}", str(exc)) from None
 
 
+def sample_shape(cfg: DictConfig) -> tuple[int, ...]:
+    """The spatial shape of one training sample: ``(image_size, image_size)`` for slices,
+    ``data.volume_shape`` for volumes (``model.spatial_dims=3``)."""
+    if cfg.model.spatial_dims == 3:
+        return tuple(int(n) for n in cfg.data.volume_shape)
+    return (int(cfg.model.image_size),) * 2
+
+
+def _check_volume(cfg: DictConfig, factor: int, n_levels: int) -> None:
+    """A 3D model: a volume shape the U-Net can downsample."""
+    shape = list(cfg.data.volume_shape)
+    check(len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape), "data.volume_shape",
+          f"must be three positive sizes [X, Y, Z], got {shape}")
+    bad = [n for n in shape if n % factor]
+    check(not bad, "data.volume_shape", f"{shape} is not divisible by 2^{n_levels - 1}={factor} in every axis (the "
+                                        f"U-Net downsamples {n_levels - 1} times)")
+
+
 def _check_values(cfg: DictConfig, world_size: int) -> None:
     """Constraints between keys, and value ranges that field metadata cannot express."""
     m, t = cfg.model, cfg.training
@@ -194,6 +214,8 @@ def _check_values(cfg: DictConfig, world_size: int) -> None:
         "model.image_size",
         f"{m.image_size} is not divisible by 2^{n_levels - 1}={factor} (the U-Net downsamples {n_levels - 1} times)",
     )
+    if m.spatial_dims == 3:
+        _check_volume(cfg, factor, n_levels)
     for i, ch in enumerate(m.channels):
         check(ch > 0, f"model.channels[{i}]", "must be positive")
         check(

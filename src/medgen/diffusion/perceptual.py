@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import monai.losses.perceptual as monai_perceptual
 import torch
@@ -217,3 +218,20 @@ def build_perceptual_loss(
     if device is not None:
         module = module.to(device)
     return module.eval()
+
+
+def perceptual_loss_for(train_cfg: Any, mode: Any, spatial_dims: int, device: torch.device | str,
+                        say: bool = True) -> nn.Module | None:
+    """The perceptual loss a run trains with (``training.perceptual_*``), built before any step so
+    that missing weights stop the run at once: None for a mode that generates masks, a zero weight,
+    or a 3D model (the loss works on slices; with ``say``, a warning that the weight is not used)."""
+    weight = float(train_cfg.perceptual_weight)
+    if weight > 0 and spatial_dims == 3:
+        if say:
+            logger.warning("training.perceptual_weight=%g is not used: the perceptual loss works on slices, and a 3D "
+                        "model trains without it for now", weight)
+        return None
+    if not mode.supports_perceptual or weight == 0:
+        return None
+    return build_perceptual_loss(weight, train_cfg.perceptual_weights_path, train_cfg.perceptual_allow_download,
+                                 device=device)

@@ -39,11 +39,11 @@ from medgen.data.loading import DataBundle, build_data
 from medgen.data.pictures import save_png
 from medgen.data.transforms import from_model_space
 from medgen.diffusion import validation
-from medgen.diffusion.config import MAX_WARMUP_FRACTION
+from medgen.diffusion.config import MAX_WARMUP_FRACTION, sample_shape
 from medgen.diffusion.losses import diffusion_loss
 from medgen.diffusion.lr_schedule import LRSchedule, capped_warmup, warmup_cosine
 from medgen.diffusion.modes import build_mode
-from medgen.diffusion.perceptual import build_perceptual_loss
+from medgen.diffusion.perceptual import perceptual_loss_for
 from medgen.diffusion.run.checkpointer import Checkpointer, check_resumable, match_state_layout
 from medgen.diffusion.run.logger import RunLogger, SkipTracker, TrainingStopped
 from medgen.diffusion.strategies import build_strategy
@@ -91,25 +91,23 @@ class DiffusionTrainer:
         self._log_lines, self._last_line = self.progress and not sys.stderr.isatty(), time.monotonic()
 
         self.mode = build_mode(cfg)
-        self.strategy = build_strategy(cfg)
-        self.network_kwargs = network_kwargs(cfg.model, self.mode)
+        self.strategy = build_strategy(cfg, sample_shape(cfg))
+        self.network_kwargs = network_kwargs(cfg.model, self.mode, cfg.model.spatial_dims)
+        self.memory_format = torch.channels_last if cfg.model.spatial_dims == 2 else torch.channels_last_3d
         # initial weights from the seed alone (the same on every rank, whatever the process drew
         # before), on a forked CPU RNG: the process's global RNG is left as it was
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(int(cfg.seed))
             self.model = build_network(self.network_kwargs).to(self.device)
         if tc.channels_last:  # once, before the EMA copy and the optimizer state take its layout
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=self.memory_format)
         self.ema = self._build_ema()
         # fused (CUDA and CPU): it takes a device-side found_inf flag and skips its update for it, so a
         # non-finite step is skipped without the host waiting for the GPU
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.learning_rate,
                                            weight_decay=tc.weight_decay, fused=True)
         # before any step: a missing-weights error must reach the user now, not after hours
-        self.perceptual = None
-        if self.mode.supports_perceptual and tc.perceptual_weight > 0:
-            self.perceptual = build_perceptual_loss(tc.perceptual_weight, tc.perceptual_weights_path,
-                                                    tc.perceptual_allow_download, device=self.device)
+        self.perceptual = perceptual_loss_for(tc, self.mode, cfg.model.spatial_dims, self.device, self.dist.is_main)
 
         self.data = data or build_data(cfg, self.dist.rank, self.dist.world_size, progress=self.progress,
                                        barrier=lambda: barrier(self.dist), selection=self.mode.slice_selection,
@@ -190,7 +188,7 @@ class DiffusionTrainer:
         x_t = self.strategy.add_noise(x0, eps, t)
         x_in = self.mode.model_input(x_t, cond)
         if self.train_cfg.channels_last:
-            x_in = x_in.contiguous(memory_format=torch.channels_last)
+            x_in = x_in.contiguous(memory_format=self.memory_format)
         if self._cuda_graphs and self.forward_model is not self._eager_forward:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are free again
         with self.autocast():
@@ -280,11 +278,12 @@ class DiffusionTrainer:
             compiled = self.forward_model is not self._eager_forward
             how = (f"compiled ({self.train_cfg.compile_mode} mode)" if compiled else "eager") + \
                 (", channels_last" if self.train_cfg.channels_last else "")
-            log.info("%s x %s at %d px: %.1fM parameters on %s (%s x %d process(es)), %s", self.strategy.name,
-                     self.mode.name, self.cfg.model.image_size, n_params / 1e6, self.device,
+            log.info("%s x %s at %s px: %.1fM parameters on %s (%s x %d process(es)), %s", self.strategy.name,
+                     self.mode.name, " x ".join(map(str, self.strategy.spatial_shape)), n_params / 1e6, self.device,
                      effective_precision(self.device, self.train_cfg.precision),
                      self.dist.world_size, how)
-            log.info("%d training slices, %d steps/epoch, %d epochs (%d steps)", len(self.data.train_cache),
+            log.info("%d training %s, %d steps/epoch, %d epochs (%d steps)", len(self.data.train_cache),
+                     "volumes" if self.cfg.model.spatial_dims == 3 else "slices",
                      self.steps_per_epoch, self.train_cfg.epochs, self.total_steps)
         try:
             while self.epoch < self.train_cfg.epochs:

@@ -95,7 +95,8 @@ def sample_grid(model: torch.nn.Module, strategy: DiffusionStrategy, mode: Train
                 batch: dict[str, torch.Tensor], *, num_steps: int, seed: int, device: torch.device,
                 autocast: Callable[[], AbstractContextManager],
                 forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
-    """Samples for the conditions of ``batch``: one row per slice; columns = condition, real, generated.
+    """Samples for the conditions of ``batch``: one row per slice (a volume: its middle axial slice);
+    columns = condition, real, generated.
     ``forward``: what evaluates ``model`` (default: ``model`` itself), e.g. its compiled forward
     (:func:`medgen.diffusion.utils.sampling_forward`); the batch, and so every shape, is fixed."""
     forward = model if forward is None else forward
@@ -119,6 +120,6 @@ def sample_grid(model: torch.nn.Module, strategy: DiffusionStrategy, mode: Train
         row = [batch[k][i, 0].numpy() for k in mode.cond_keys]
         row += [real[k][i, 0].float().cpu().numpy() for k in mode.image_keys]
         row += [gen[k][i, 0].float().cpu().numpy() for k in mode.image_keys]
-        rows.append([ras_to_display(tile) for tile in row])
+        rows.append([ras_to_display(tile if tile.ndim == 2 else tile[..., tile.shape[-1] // 2]) for tile in row])
     labels = [*mode.cond_keys, *(f"{k} real" for k in mode.image_keys), *(f"{k} gen" for k in mode.image_keys)]
     return make_grid(rows, labels=labels, scale=2)

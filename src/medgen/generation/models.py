@@ -130,6 +130,10 @@ def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, 
     file = checkpoint_file(path, key)
     ckpt = load_checkpoint(file, map_location="cpu")
     cfg = OmegaConf.create(ckpt["config"])
+    if cfg.model.get("spatial_dims", 2) == 3:
+        raise GenerationError(f"{key}={file} is a 3D model (model.spatial_dims=3, volumes of "
+                              f"{list(cfg.data.volume_shape)}); medgen-generate makes 2D slices only so far: "
+                              "give a checkpoint trained with model.spatial_dims=2")
     mode = _stage_mode(cfg, ckpt["mode"], stage, key, file)
     if use_ema and ckpt.get("ema") is None:
         log.warning("%s has no EMA weights (trained with training.use_ema=false): using the raw weights", file)

@@ -50,9 +50,16 @@ def job_tag(env: dict[str, str] | None = None) -> str:
     return ""
 
 
+def size_tag(cfg: DictConfig) -> str:
+    """The size in a run folder's name: ``128`` (slices of model.image_size), ``64x64x32`` (volumes)."""
+    if cfg.model.spatial_dims == 3:
+        return "x".join(str(int(n)) for n in cfg.data.volume_shape)
+    return str(cfg.model.image_size)
+
+
 def run_stem(cfg: DictConfig, now: float | None = None, env: dict[str, str] | None = None) -> str:
-    """``<strategy>_<size>_<YYYYmmdd-HHMMSS>[_<job tag>]``."""
-    stem = f"{cfg.strategy.name}_{cfg.model.image_size}_{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
+    """``<strategy>_<size>_<YYYYmmdd-HHMMSS>[_<job tag>]`` (size: :func:`size_tag`)."""
+    stem = f"{cfg.strategy.name}_{size_tag(cfg)}_{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
     tag = job_tag(env)
     return f"{stem}_{tag}" if tag else stem
 
@@ -146,7 +153,7 @@ def find_auto_checkpoint(cfg: DictConfig) -> Path | None:
     another job's run, finished or waiting for its requeue. The log names the newest run of another
     job that would fit, for ``training.resume=<folder>``."""
     root = runs_root(cfg)
-    pattern = f"{cfg.strategy.name}_{cfg.model.image_size}_*/checkpoints/latest.pt"
+    pattern = f"{cfg.strategy.name}_{size_tag(cfg)}_*/checkpoints/latest.pt"
     found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
     tag = job_tag()
     if not tag:
