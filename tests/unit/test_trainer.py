@@ -437,3 +437,22 @@ def test_a_3d_model_trains_on_whole_volumes_and_resumes_exactly(tiny_cfg, tmp_pa
     resumed.train()
     assert resumed.step == 4
     _assert_same(_weights(straight.model), _weights(resumed.model))
+
+
+def test_gradient_checkpointing_recomputes_the_blocks_and_trains_the_same_weights(tiny_cfg, tmp_path):
+    extra = ("mode=bravo", "strategy=rflow", "model.spatial_dims=3", "data.volume_shape=[16,16,8]",
+             "training.batch_size=2", "training.max_steps=3", "training.val_interval=100")
+    plain = DiffusionTrainer(tiny_cfg(*extra), tmp_path / "a", CPU, progress=False)
+    saving = DiffusionTrainer(tiny_cfg(*extra, "training.gradient_checkpointing=true"), tmp_path / "b", CPU,
+                              progress=False)
+    assert type(saving.model.down_blocks[0]).__name__.startswith("Checkpointed")
+    assert type(saving.ema.ema_model.up_blocks[0]).__name__.startswith("Checkpointed")  # the EMA copy is one too
+    assert saving.model.state_dict().keys() == plain.model.state_dict().keys()
+    calls = {"plain": 0, "saving": 0}
+    for name, trainer in (("plain", plain), ("saving", saving)):
+        def count(*_, name=name):
+            calls[name] += 1
+        trainer.model.down_blocks[0].resnets[0].register_forward_hook(count)
+        trainer.train()
+    assert calls["saving"] == 2 * calls["plain"] > 0  # each step's forward, then its recomputation in backward
+    _assert_same(_weights(plain.model), _weights(saving.model))

@@ -86,6 +86,8 @@ class TrainingConfig:
     compile: str = choice("auto", "auto", "true", "false")
     compile_mode: str = choice("default", *COMPILE_MODES)
     channels_last: bool = False
+    #: recompute the U-Net blocks' activations in the backward pass instead of keeping them (less memory)
+    gradient_checkpointing: bool = False
     cond_dropout: float = 0.0
     max_steps: Optional[int] = None
     resume: Optional[str] = None

@@ -98,7 +98,7 @@ class DiffusionTrainer:
         # before), on a forked CPU RNG: the process's global RNG is left as it was
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(int(cfg.seed))
-            self.model = build_network(self.network_kwargs).to(self.device)
+            self.model = build_network(self.network_kwargs, tc.gradient_checkpointing).to(self.device)
         if tc.channels_last:  # once, before the EMA copy and the optimizer state take its layout
             self.model = self.model.to(memory_format=self.memory_format)
         self.ema = self._build_ema()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from monai.networks.nets import DiffusionModelUNet
 from PIL import Image
 
@@ -33,11 +35,37 @@ def network_kwargs(model_cfg, mode, spatial_dims: int = 2) -> dict[str, Any]:
     }
 
 
-def build_network(kwargs: Mapping[str, Any]) -> DiffusionModelUNet:
+def build_network(kwargs: Mapping[str, Any], checkpointing: bool = False) -> DiffusionModelUNet:
+    """The U-Net of ``kwargs`` (:func:`network_kwargs`); with ``checkpointing``, its down, middle and
+    up blocks keep no activations for the backward pass and recompute them instead
+    (:func:`checkpoint_blocks`)."""
     kw = dict(kwargs)
     kw["channels"] = tuple(kw["channels"])
     kw["attention_levels"] = tuple(kw["attention_levels"])
-    return DiffusionModelUNet(**kw)
+    net = DiffusionModelUNet(**kw)
+    return checkpoint_blocks(net) if checkpointing else net
+
+
+def checkpoint_blocks(net: DiffusionModelUNet) -> DiffusionModelUNet:
+    """Activation checkpointing (``training.gradient_checkpointing``): each down, middle and up block
+    of ``net`` becomes a subclass of its own class whose forward, when gradients are on, runs under
+    ``torch.utils.checkpoint`` (non-reentrant): the block's activations are recomputed in the
+    backward pass instead of kept, the same numbers for less memory and about a third more compute.
+    The module tree and the state dict are unchanged (a checkpoint loads either way), and a copy
+    (the EMA model) stays a checkpointed copy of itself."""
+    for block in [*net.down_blocks, net.middle_block, *net.up_blocks]:
+        block.__class__ = _checkpointed(type(block))
+    return net
+
+
+@functools.cache
+def _checkpointed(cls: type) -> type:
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return cls.forward(self, *args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(cls.forward, self, *args, use_reentrant=False, **kwargs)
+
+    return type(f"Checkpointed{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
 
 
 def compile_enabled(setting: str, device: torch.device) -> bool:
