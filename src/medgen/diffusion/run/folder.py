@@ -52,7 +52,7 @@ def job_tag(env: dict[str, str] | None = None) -> str:
 
 def size_tag(cfg: DictConfig) -> str:
     """The size in a run folder's name: ``128`` (slices of model.image_size), ``64x64x32`` (volumes)."""
-    if cfg.model.spatial_dims == 3:
+    if cfg.model.get("spatial_dims", 2) == 3:
         return "x".join(str(int(n)) for n in cfg.data.volume_shape)
     return str(cfg.model.image_size)
 
