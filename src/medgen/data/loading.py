@@ -176,7 +176,7 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, progress: bool = True,
     if rank == 0 and (val_cache is None or len(val_cache) == 0):
         source = f"{root / 'val'}" if (root / "val").is_dir() else f"the validation share of {root / 'train'}"
         why = (f"0 selected from {len(val_patients)} patient(s) of {source} for mode {cfg.mode.name!r} "
-               f"({getattr(spec, 'selection', 'all')} selection)" if val_patients else
+               f"({spec.selection} selection)" if val_patients else
                f"{source} is empty (train/ holds {len(train_patients)} patient(s))")
         log.warning("no validation slices: %s; the validation loss cannot be computed (it is logged as nan) and "
                     "best.pt is not written; add validation patients whose slices pass the selection", why)

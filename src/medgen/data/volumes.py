@@ -59,6 +59,8 @@ class VolumeSpec:
     brain_from: str = "bravo"
     #: the folder under ``cache_dir`` its caches live in
     folder: ClassVar[str] = "volumes"
+    #: every patient's volume is kept (no slice selection)
+    selection: ClassVar[str] = "all"
 
     def __post_init__(self) -> None:
         shape = tuple(int(n) for n in self.volume_shape)
@@ -139,7 +141,7 @@ def preprocess_patient_volume(volumes: dict[str, np.ndarray], affine: np.ndarray
     mode = "area" if all(n <= c for n, c in zip(shape, (side, side, crop[2]))) else "trilinear"
     planes = {k: _resample(_square(v[box]), shape, mode).clamp_(0.0, 1.0) for k, v in scaled.items()}
     if MASK_KEY in spec.keys:
-        mask = torch.from_numpy(binarize_mask(np.asarray(volumes[MASK_KEY], np.float32)[box]))
+        mask = torch.from_numpy(binarize_mask(np.asarray(volumes[MASK_KEY])[box]))
         planes[MASK_KEY] = binarize_mask(_resample(_square(mask), shape, "nearest"))
     if BRAIN_KEY in spec.keys:
         reference = planes[spec.brain_from].numpy()
@@ -154,13 +156,12 @@ def preprocess_patient_volume(volumes: dict[str, np.ndarray], affine: np.ndarray
 
 
 def _square(volume: torch.Tensor) -> torch.Tensor:
-    """``[h, w, d]`` -> ``[s, s, d]``, ``s = max(h, w)``: centred zero padding in-plane."""
-    h, w, _ = volume.shape
-    s = max(h, w)
-    top, left = (s - h) // 2, (s - w) // 2
-    out = volume.new_zeros((s, s, volume.shape[2]))
-    out[top:top + h, left:left + w] = volume
-    return out
+    """``[h, w, d]`` -> ``[s, s, d]``, ``s = max(h, w)``: centred zero padding in-plane, MONAI's
+    ``SpatialPad`` as the slice path pads (:func:`medgen.data.transforms.spatial_pipeline`)."""
+    from monai.transforms import SpatialPad
+
+    side = max(volume.shape[:2])
+    return torch.as_tensor(SpatialPad(spatial_size=(side, side, -1), mode="constant")(volume[None])[0])
 
 
 def _resample(volume: torch.Tensor, shape: tuple[int, int, int], mode: str) -> torch.Tensor:

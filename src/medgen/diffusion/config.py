@@ -182,7 +182,7 @@ def _check_mode(mo: DictConfig, mode_cls: type) -> None:
 def sample_shape(cfg: DictConfig) -> tuple[int, ...]:
     """The spatial shape of one training sample: ``(image_size, image_size)`` for slices,
     ``data.volume_shape`` for volumes (``model.spatial_dims=3``)."""
-    if cfg.model.spatial_dims == 3:
+    if cfg.model.get("spatial_dims", 2) == 3:
         return tuple(int(n) for n in cfg.data.volume_shape)
     return (int(cfg.model.image_size),) * 2
 

@@ -228,8 +228,8 @@ def perceptual_loss_for(train_cfg: Any, mode: Any, spatial_dims: int, device: to
     weight = float(train_cfg.perceptual_weight)
     if weight > 0 and spatial_dims == 3:
         if say:
-            logger.warning("training.perceptual_weight=%g is not used: the perceptual loss works on slices, and a 3D "
-                        "model trains without it for now", weight)
+            logger.warning("training.perceptual_weight=%g is not used: the perceptual loss works on slices, and a "
+                           "3D model trains without it for now", weight)
         return None
     if not mode.supports_perceptual or weight == 0:
         return None

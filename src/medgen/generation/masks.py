@@ -34,7 +34,7 @@ from medgen.diffusion.utils import sample_seed
 from medgen.generation import gate as quality_gate
 from medgen.generation.models import GenerationError, Stage
 from medgen.generation.records import Candidate, CandidateSource, MaskRecord, Masks, SliceSource
-from medgen.generation.sizes import ClassTarget, Targets
+from medgen.generation.sizes import ClassTarget, Targets, conditioned_groups
 
 log = logging.getLogger("medgen.generate")
 
@@ -87,9 +87,7 @@ def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: 
             for part in _gather(results, dist):
                 evaluated.update(part)
             walk = _walk(evaluated, targets, n_wanted)
-    conditioned = tuple(name for name, bins in (("sizes", getattr(seg.mode, "size_bins", None)),
-                                                  ("counts", getattr(seg.mode, "count_classes", None)))
-                        if bins is not None and getattr(targets, name) is not None)
+    conditioned = tuple(name for name, _ in targets.items() if name in conditioned_groups(seg.mode))
     guidance = float(cfg.lesion_sizes.guidance) if conditioned else None
     return _chosen(evaluated, walk, cfg.seed, folder, dist, targets, cfg.brain_outline, guidance, conditioned)
 
@@ -120,13 +118,14 @@ class _Walk:
 def _walk(evaluated: dict[int, Candidate], targets: Targets, wanted: int) -> _Walk:
     """Accept candidates in order until ``wanted``: those that pass the gate, and with targets only
     while their class under each has room (a candidate without lesion has none)."""
-    tallies = {name: _Tally(*(np.zeros(len(t.bins), np.int64) for _ in range(4))) for name, t in targets.items()}
+    by_name = dict(targets.items())
+    tallies = {name: _Tally(*(np.zeros(len(t.bins), np.int64) for _ in range(4))) for name, t in by_name.items()}
     walk = _Walk(0, [], tallies)
     while walk.prefix in evaluated:
         c = evaluated[walk.prefix]
         walk.prefix += 1
         classes = targets.classes(c.largest_mm, int(c.stats.components)) if c.largest_mm > 0 else {}
-        for name, t in targets.items():
+        for name, t in by_name.items():
             asked = int(t.requested([c.index])[0])
             tallies[name].asked[asked] += 1
             tallies[name].matched[asked] += classes.get(name) == asked
@@ -134,7 +133,7 @@ def _walk(evaluated: dict[int, Candidate], targets: Targets, wanted: int) -> _Wa
             continue
         for name, k in classes.items():
             tallies[name].drawn[k] += 1
-        room = all(tallies[name].taken[k] < t.counts[k] for (name, t), k in zip(targets.items(), classes.values()))
+        room = all(tallies[name].taken[k] < by_name[name].counts[k] for name, k in classes.items())
         if room and len(walk.chosen) < wanted:
             for name, k in classes.items():
                 tallies[name].taken[k] += 1

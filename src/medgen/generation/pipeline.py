@@ -215,9 +215,9 @@ def _targets(cfg: DictConfig, seg: Stage | None, image: Stage, dist: DistInfo) -
     n, main = int(cfg.num_images), dist.is_main
     sizes = counts = None
     if cfg.gate.enabled:  # a disabled gate keeps every mask
-        if _recorded(cfg.lesion_sizes.target, seg.training_sizes, "lesion_sizes", seg.path, main):
+        if _resolvable(cfg.lesion_sizes.target, seg.training_sizes, "lesion_sizes", seg.path, main):
             sizes = resolve_target(cfg, n, image.image_size, _pixel_size(image), seg.training_sizes)
-        if _recorded(cfg.lesion_counts.target, seg.training_counts, "lesion_counts", seg.path, main):
+        if _resolvable(cfg.lesion_counts.target, seg.training_counts, "lesion_counts", seg.path, main):
             counts = resolve_count_target(cfg, n, seg.training_counts)
     check_conditioning(seg.mode, seg.path, seg.cond_dropout, Targets(sizes, counts), float(cfg.lesion_sizes.guidance))
     if sizes is not None and main:
@@ -234,7 +234,7 @@ def _targets(cfg: DictConfig, seg: Stage | None, image: Stage, dist: DistInfo) -
     return Targets(sizes, counts)
 
 
-def _recorded(target, recorded, key: str, path, main: bool) -> bool:
+def _resolvable(target, recorded, key: str, path, main: bool) -> bool:
     """Whether ``key.target`` can be resolved: anything but ``real`` with a checkpoint that records
     no training lesions (said once, and the masks keep what the model draws)."""
     if target == "real" and recorded is None:

@@ -29,7 +29,7 @@ from medgen.data import lesions
 from medgen.data.lesions import SizeBins
 from medgen.generation.models import GenerationError
 
-__all__ = ["ClassTarget", "Targets", "count_classes", "hard_to_draw", "parse_bins", "quotas", "resolve_count_target",
+__all__ = ["ClassTarget", "Targets", "conditioned_groups", "count_classes", "hard_to_draw", "parse_bins", "quotas", "resolve_count_target",
            "resolve_target"]
 
 
@@ -107,13 +107,20 @@ def count_classes(value: Any) -> SizeBins:
         raise GenerationError(f"lesion_counts.classes: {exc}") from None
 
 
+def conditioned_groups(seg_mode: Any) -> dict[str, SizeBins]:
+    """The targets a seg model is conditioned on, by name, with its classes: ``sizes``
+    (``mode.size_bins``) and ``counts`` (``mode.count_classes``); empty for an unconditional one."""
+    groups = {"sizes": getattr(seg_mode, "size_bins", None), "counts": getattr(seg_mode, "count_classes", None)}
+    return {name: bins for name, bins in groups.items() if bins is not None}
+
+
 def check_conditioning(seg_mode: Any, seg_path: Any, cond_dropout: float, targets: Targets, guidance: float) -> None:
     """A lesion-conditioned seg model and the request fit: the same classes, a class asked of every
     group it is conditioned on (or of none), and guidance or drawing without a class only from a
     model trained with condition dropout (:class:`GenerationError` naming the key)."""
-    groups = {"sizes": ("lesion_sizes", "bins", "mode.size_bins", seg_mode.size_bins),
-              "counts": ("lesion_counts", "classes", "mode.count_classes", getattr(seg_mode, "count_classes", None))}
-    conditioned = [name for name, (*_, bins) in groups.items() if bins is not None]
+    groups = {"sizes": ("lesion_sizes", "bins", "mode.size_bins"),
+              "counts": ("lesion_counts", "classes", "mode.count_classes")}
+    conditioned = conditioned_groups(seg_mode)
     if not conditioned:
         if guidance != 1:
             raise GenerationError(f"lesion_sizes.guidance={guidance:g}: seg_checkpoint {seg_path} is not conditioned on "
@@ -121,8 +128,8 @@ def check_conditioning(seg_mode: Any, seg_path: Any, cond_dropout: float, target
                                   "leave lesion_sizes.guidance=1")
         return
     asked = dict(targets.items())
-    for name in conditioned:
-        key, field, mode_key, bins = groups[name]
+    for name, bins in conditioned.items():
+        key, field, mode_key = groups[name]
         if name in asked and asked[name].bins != bins:
             raise GenerationError(f"{key}.{field} gives {list(asked[name].bins.names)} but seg_checkpoint {seg_path} is "
                                   f"conditioned on {list(bins.names)} ({mode_key}); ask for the classes it knows")

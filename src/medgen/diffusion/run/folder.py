@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from medgen.core.checkpoint import CheckpointError
 from medgen.core.fs import FileSystemError, FolderBusy, FolderLock, remove_orphans
 from medgen.core.paths import resolve_path
+from medgen.diffusion.config import sample_shape
 from medgen.diffusion.run.checkpointer import check_resumable
 
 log = logging.getLogger("medgen.train")
@@ -52,9 +53,8 @@ def job_tag(env: dict[str, str] | None = None) -> str:
 
 def size_tag(cfg: DictConfig) -> str:
     """The size in a run folder's name: ``128`` (slices of model.image_size), ``64x64x32`` (volumes)."""
-    if cfg.model.get("spatial_dims", 2) == 3:
-        return "x".join(str(int(n)) for n in cfg.data.volume_shape)
-    return str(cfg.model.image_size)
+    shape = sample_shape(cfg)
+    return "x".join(map(str, shape)) if len(shape) == 3 else str(shape[0])
 
 
 def run_stem(cfg: DictConfig, now: float | None = None, env: dict[str, str] | None = None) -> str:
