@@ -54,3 +54,22 @@ def test_save_png_round_trips_and_writes_pillow_bytes(tmp_path: Path):
         Image.fromarray(array).save(expected, format="PNG")
         assert path.read_bytes() == expected.getvalue()
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["picture.png"]  # no temporary left
+
+
+def test_three_planes_cross_the_largest_lesion_with_voxels_in_proportion():
+    from medgen.data.pictures import plane_centre, render_planes
+
+    volume = np.zeros((16, 12, 8), np.float32)
+    mask = np.zeros_like(volume)
+    mask[3:6, 4:6, 2:4] = 1  # the largest lesion: 12 voxels, centre (4, 4.5, 2.5)
+    mask[12, 10, 7] = 1  # a one-voxel lesion elsewhere
+    assert plane_centre(mask, volume.shape) == (4, 4, 2)
+    assert plane_centre(None, volume.shape) == (8, 6, 4)
+    picture = render_planes(volume, mask, spacing=(1.0, 1.0, 2.0), scale=2)
+    # axial [X, Y] -> 24 x 32; coronal [X, Z] -> 8*4 x 32; sagittal [Y, Z] -> 32 x 24; gaps of 2
+    assert picture.shape == (32, 32 + 2 + 32 + 2 + 24, 3)
+    red = np.all(picture == (255, 42, 42), axis=-1)
+    assert red[:, :32].any() and red[:, 34:66].any() and red[:, 68:].any()  # the lesion outlined in every plane
+    # the axial tile is the plane z=2: the one-voxel lesion at z=7 is not in it
+    # (display column of x=12 is 15-12=3, pixels 6-7; the large lesion's x=3..5 are pixels 20-25)
+    assert not red[:24, :2 * (16 - 12)].any() and red[:24, 20:26].any()

@@ -33,15 +33,43 @@ def outline(mask: np.ndarray) -> np.ndarray:
     return m & ~ndimage.binary_erosion(m)
 
 
-def render_tile(image: np.ndarray, mask: np.ndarray | None, scale: int = 2) -> np.ndarray:
+def render_tile(image: np.ndarray, mask: np.ndarray | None, scale: int | tuple[int, int] = 2) -> np.ndarray:
     """One picture ``[H', W', 3]`` uint8: a RAS plane ``[X, Y]`` in [0, 1] in radiological display
     (as ``medgen-data preview`` and the training sample grids), the mask outlined in red, each
-    pixel enlarged to ``scale`` x ``scale``."""
+    pixel enlarged to ``scale`` x ``scale`` (or ``(rows, columns)`` for non-square voxels)."""
     gray = (np.clip(ras_to_display(image), 0, 1) * 255).round().astype(np.uint8)
     rgb = np.repeat(gray[..., None], 3, axis=2)
     if mask is not None:
         rgb[outline(ras_to_display(mask))] = OUTLINE_RGB
-    return np.kron(rgb, np.ones((scale, scale, 1), dtype=np.uint8)) if scale > 1 else rgb
+    rows, cols = (scale, scale) if isinstance(scale, int) else scale
+    return np.repeat(np.repeat(rgb, rows, axis=0), cols, axis=1) if rows * cols > 1 else rgb
+
+
+def plane_centre(mask: np.ndarray | None, shape: Sequence[int]) -> tuple[int, ...]:
+    """The voxel the three planes of :func:`render_planes` cross: the centre of mass of the
+    largest lesion of ``mask`` (26-connected), or the volume's centre without lesion."""
+    if mask is not None and is_lesion(mask).any():
+        from medgen.data.masks import lesion_labels
+
+        labels, _ = lesion_labels(mask)
+        largest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+        return tuple(int(round(float(c))) for c in np.argwhere(labels == largest).mean(axis=0))
+    return tuple(int(n) // 2 for n in shape)
+
+
+def render_planes(volume: np.ndarray, mask: np.ndarray | None, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                  scale: int = 2, centre: Sequence[int] | None = None) -> np.ndarray:
+    """A RAS volume ``[X, Y, Z]`` in [0, 1] as three tiles side by side: the axial, coronal and
+    sagittal planes through ``centre`` (default :func:`plane_centre`: the largest lesion), each in
+    radiological display (superior at the top of the coronal and sagittal planes), the mask
+    outlined, voxels drawn in proportion to ``spacing`` (mm; the finest axis ``scale`` pixels)."""
+    x, y, z = plane_centre(mask, volume.shape) if centre is None else centre
+    finest = min(float(s) for s in spacing)
+    factor = [max(1, round(scale * float(s) / finest)) for s in spacing]
+    planes = ((np.s_[:, :, z], (1, 0)), (np.s_[:, y, :], (2, 0)), (np.s_[x, :, :], (2, 1)))
+    tiles = [render_tile(volume[index], None if mask is None else mask[index], (factor[r], factor[c]))
+             for index, (r, c) in planes]
+    return side_by_side(tiles, gap=2)
 
 
 def side_by_side(pictures: Sequence[np.ndarray], gap: int) -> np.ndarray:
