@@ -281,8 +281,9 @@ def test_wrong_stage_missing_and_newer_checkpoints_name_the_file(tmp_path, tiny_
     data = torch.load(tiny_checkpoints["seg"], weights_only=False)
     data["config"]["model"]["spatial_dims"], data["config"]["data"]["volume_shape"] = 3, [16, 16, 8]
     torch.save(data, tmp_path / "volumes.pt")
-    with pytest.raises(GenerationError, match=r"seg_checkpoint=.*volumes.pt is a 3D model \(model.spatial_dims=3, "
-                                              r"volumes of \[16, 16, 8\]\); medgen-generate makes 2D slices only"):
+    with pytest.raises(GenerationError, match=r"seg_checkpoint .*volumes.pt makes masks as 16x16x8 volumes but "
+                                              r"image_checkpoint .*latest.pt paints 16 px slices; train both with one "
+                                              r"model.spatial_dims and data.volume_shape"):
         _generate(tmp_path, tiny_checkpoints, seg_checkpoint=str(tmp_path / "volumes.pt"))
 
 

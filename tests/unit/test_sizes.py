@@ -39,14 +39,14 @@ def _cfg(target, bins="rano_bm"):
 
 def test_presets_and_weights_resolve_to_counts():
     sizes = [5.0, 5.0, 5.0, 12.0, 25.0, 40.0]  # tiny 3, small 1, medium 1, large 1
-    real = resolve_target(_cfg("real"), 12, 64, (3.4, 3.4), sizes)
+    real = resolve_target(_cfg("real"), 12, (64, 64), (3.4, 3.4), sizes)
     assert real.counts.tolist() == [6, 2, 2, 2] and real.source == "real"
-    assert resolve_target(_cfg("uniform"), 10, 64, (3.4, 3.4), None).counts.tolist() == [3, 3, 2, 2]
-    weights = resolve_target(_cfg({"tiny": 4, "small": 2}), 9, 64, (3.4, 3.4), None)
+    assert resolve_target(_cfg("uniform"), 10, (64, 64), (3.4, 3.4), None).counts.tolist() == [3, 3, 2, 2]
+    weights = resolve_target(_cfg({"tiny": 4, "small": 2}), 9, (64, 64), (3.4, 3.4), None)
     assert weights.counts.tolist() == [6, 3, 0, 0] and weights.bins == RANO_BM
-    finer = resolve_target(_cfg({"<3mm": 1, "3-6mm": 1}, [3, 6, 10]), 4, 64, (1.0, 1.0), None)
+    finer = resolve_target(_cfg({"<3mm": 1, "3-6mm": 1}, [3, 6, 10]), 4, (64, 64), (1.0, 1.0), None)
     assert finer.bins.names == ("<3mm", "3-6mm", "6-10mm", ">=10mm") and finer.counts.tolist() == [2, 2, 0, 0]
-    assert resolve_target(_cfg("model"), 10, 64, (1.0, 1.0), None) is None
+    assert resolve_target(_cfg("model"), 10, (64, 64), (1.0, 1.0), None) is None
     # at 64 px of 3.375 mm a tiny lesion (< 10 mm) spans under 3 pixels: warned about; at 128 px (1.69 mm) not
     assert hard_to_draw(real, 3.375) == ["tiny (< 10 mm)"] and hard_to_draw(real, 1.6875) == []
     assert hard_to_draw(weights, 3.375) == ["tiny (< 10 mm)"] and hard_to_draw(weights, 2.4) == []
@@ -60,13 +60,13 @@ def test_presets_and_weights_resolve_to_counts():
     ({"tiny": -1, "small": 2}, "rano_bm", r"must be >= 0"),
     ("uniform", "tiny", r"lesion_sizes.bins: unknown binning 'tiny'; use one of \['rano_bm'\] or a list"),
     ("uniform", [10, 5], r"lesion_sizes.bins: bin edges must be positive, finite and increasing, got \[10.0, 5.0\]"),
-    ({"large": 1}, "rano_bm", r"asks for large lesions \(>= 30 mm\) but the images are 8 px of 2 x 2 mm: no lesion "
+    ({"large": 1}, "rano_bm", r"asks for large lesions \(>= 30 mm\) but the masks are 8 px of 2 x 2 mm: no lesion "
                               r"can be longer than their diagonal, 23 mm"),
     ("real", "rano_bm", r"lesion_sizes.target=real: the seg checkpoint records no training lesion sizes"),
 ])
 def test_an_impossible_request_is_one_line_naming_the_key(target, bins, message):
     with pytest.raises(GenerationError, match=message):
-        resolve_target(_cfg(target, bins), 10, 8, (2.0, 2.0), None)
+        resolve_target(_cfg(target, bins), 10, (8, 8), (2.0, 2.0), None)
 
 
 def test_the_walk_accepts_in_order_while_a_class_has_room():
@@ -76,7 +76,7 @@ def test_the_walk_accepts_in_order_while_a_class_has_room():
     sizes = [5, 5, 12, 5, 0, 12, 25, 5]  # mm of the largest lesion; 0: no lesion
     ok = [True, True, True, True, True, False, True, True]
     evaluated = {j: Candidate(j, stats, ok[j], largest_mm=float(d)) for j, d in enumerate(sizes)}
-    target = resolve_target(_cfg({"tiny": 1, "small": 1, "medium": 1}), 3, 64, (1.0, 1.0), None)
+    target = resolve_target(_cfg({"tiny": 1, "small": 1, "medium": 1}), 3, (64, 64), (1.0, 1.0), None)
     walk = _walk(evaluated, Targets(target), 3)
     assert walk.chosen == [0, 2, 6] and walk.prefix == 8
     assert walk.tallies["sizes"].taken.tolist() == [1, 1, 1, 0]
@@ -148,7 +148,7 @@ def test_the_walk_accepts_a_candidate_only_while_its_size_and_its_count_class_ha
     # (largest lesion mm, lesions): tiny/1 taken; small/1 (count 1 full); tiny/2 (tiny full); small/2 taken
     drawn = [(5.0, 1), (12.0, 1), (5.0, 2), (12.0, 2), (12.0, 1)]
     evaluated = {j: Candidate(j, MaskStats(0.01, n, 4, 0), True, largest_mm=d) for j, (d, n) in enumerate(drawn)}
-    sizes = resolve_target(_cfg({"tiny": 1, "small": 1}), 2, 64, (1.0, 1.0), None)
+    sizes = resolve_target(_cfg({"tiny": 1, "small": 1}), 2, (64, 64), (1.0, 1.0), None)
     counts = resolve_count_target(_counts_cfg({1: 1, 2: 1}), 2, None)
     walk = _walk(evaluated, Targets(sizes, counts), 2)
     assert walk.chosen == [0, 3]
@@ -158,11 +158,11 @@ def test_the_walk_accepts_a_candidate_only_while_its_size_and_its_count_class_ha
 
 
 def test_each_candidate_is_asked_for_one_class_in_an_even_spread_of_the_quotas():
-    target = resolve_target(_cfg({"tiny": 2, "small": 1, "medium": 1}), 4, 64, (1.0, 1.0), None)
+    target = resolve_target(_cfg({"tiny": 2, "small": 1, "medium": 1}), 4, (64, 64), (1.0, 1.0), None)
     assert target.counts.tolist() == [2, 1, 1, 0]
     # slots at (k + 1/2) / count: tiny 0.25 and 0.75, small 0.5, medium 0.5; ties by bin
     assert target.requested(range(9)).tolist() == [0, 1, 2, 0, 0, 1, 2, 0, 0]
-    big = resolve_target(_cfg({"tiny": 5, "small": 3, "medium": 1, "large": 1}), 97, 64, (1.0, 1.0), None)
+    big = resolve_target(_cfg({"tiny": 5, "small": 3, "medium": 1, "large": 1}), 97, (64, 64), (1.0, 1.0), None)
     for start in (0, 13, 500):  # any num_images consecutive candidates ask for each class its quota
         asked = big.requested(range(start, start + 97))
         assert np.bincount(asked, minlength=4).tolist() == big.counts.tolist()
@@ -402,10 +402,10 @@ def test_a_request_the_conditioned_model_cannot_serve_is_one_line(size_bins, cou
     mode = SimpleNamespace(size_bins=None if size_bins is None else RANO_BM,
                            count_classes=None if count_classes is None else parse_count_classes(count_classes))
     counts = counts or {"target": "model"}
-    targets = Targets(resolve_target(_cfg(sizes["target"], sizes.get("bins", "rano_bm")), 4, 64, (1.0, 1.0), None),
+    targets = Targets(resolve_target(_cfg(sizes["target"], sizes.get("bins", "rano_bm")), 4, (64, 64), (1.0, 1.0), None),
                       resolve_count_target(_counts_cfg(counts["target"], counts.get("classes", [1, 2, 3, 4])), 4, None))
     with pytest.raises(GenerationError, match=message):
         check_conditioning(mode, "seg.pt", dropout, targets, sizes.get("guidance", 1.0))
-    fitting = Targets(resolve_target(_cfg("uniform"), 4, 64, (1.0, 1.0), None) if size_bins else None,
+    fitting = Targets(resolve_target(_cfg("uniform"), 4, (64, 64), (1.0, 1.0), None) if size_bins else None,
                       resolve_count_target(_counts_cfg("uniform"), 4, None) if count_classes else None)
     check_conditioning(mode, "seg.pt", 0.1, fitting, 1.0)  # a fitting request passes

@@ -29,7 +29,7 @@ import numpy as np
 
 from medgen.data.masks import is_lesion
 
-__all__ = ["HEAD_INTENSITY", "OTSU_FRACTION", "KEEP_FRACTION", "brain_mask", "brain_source", "convex_hull",
+__all__ = ["HEAD_INTENSITY", "OTSU_FRACTION", "KEEP_FRACTION", "brain_mask", "brain_of", "brain_source", "convex_hull",
            "inside_counts", "inside_fraction", "otsu_threshold"]
 
 #: a pixel brighter than this (after percentile scaling to [0, 1]) belongs to the head
@@ -88,6 +88,15 @@ def brain_mask(images: np.ndarray) -> np.ndarray:
     return np.stack([_slice_brain(s) for s in flat]).reshape(images.shape)
 
 
+def brain_of(image: np.ndarray) -> np.ndarray:
+    """The brain of one RAS slice ``[X, Y]`` or volume ``[X, Y, Z]`` (axial slice by axial slice, as
+    for training data), as booleans of its shape."""
+    image = np.asarray(image)
+    if image.ndim == 3:
+        return np.moveaxis(brain_mask(np.moveaxis(image, -1, 0)), 0, -1)
+    return brain_mask(image)
+
+
 def inside_counts(masks: np.ndarray, brains: np.ndarray) -> tuple[int, int]:
     """``(lesion pixels of masks inside brains, lesion pixels)`` (same shapes)."""
     lesion = is_lesion(masks)
@@ -109,9 +118,12 @@ def brain_source(image_keys: Sequence[str], brain_from: str) -> str:
 
 def convex_hull(mask: np.ndarray) -> np.ndarray:
     """The pixels of ``mask [H, W]`` and every pixel whose centre lies in the convex hull of its
-    pixels (taken as unit squares), as booleans; an empty mask stays empty."""
+    pixels (taken as unit squares), as booleans; an empty mask stays empty. A volume ``[X, Y, Z]``:
+    the hull of each axial slice (the brain is drawn slice by slice, as it is derived)."""
     from scipy.spatial import ConvexHull, QhullError
 
+    if np.ndim(mask) == 3:
+        return np.stack([convex_hull(mask[..., z]) for z in range(mask.shape[-1])], axis=-1)
     pts = np.argwhere(np.asarray(mask) > 0)
     out = np.asarray(mask) > 0
     if len(pts) == 0:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from medgen.core.constants import BRAIN_KEY, MASK_KEY
-from medgen.data.brain import brain_mask
+from medgen.data.brain import brain_of
 from medgen.data.masks import binarize_mask, is_lesion
 from medgen.data.slice_cache import CACHE_DTYPE
 from medgen.data.slices import file_keys, image_keys
@@ -145,7 +145,7 @@ def preprocess_patient_volume(volumes: dict[str, np.ndarray], affine: np.ndarray
         planes[MASK_KEY] = binarize_mask(_resample(_square(mask), shape, "nearest"))
     if BRAIN_KEY in spec.keys:
         reference = planes[spec.brain_from].numpy()
-        brain = np.moveaxis(brain_mask(np.moveaxis(reference, -1, 0)), 0, -1)
+        brain = brain_of(reference)
         if MASK_KEY in planes:  # a lesion is part of the brain
             brain |= is_lesion(planes[MASK_KEY].numpy())
         planes[BRAIN_KEY] = torch.from_numpy(brain.astype(np.float32))

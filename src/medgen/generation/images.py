@@ -92,13 +92,18 @@ def _write(folder: Path, arrays: dict[str, np.ndarray], spacing: Sequence[float]
     """One sample's preview, then its folder (a folder on disk is a finished sample, preview
     included): runs in a writer thread."""
     if preview is not None:
-        save_png(writer.render_sample(arrays, image_keys), preview)
+        save_png(writer.render_sample(arrays, image_keys, spacing=spacing), preview)
     writer.write_sample(folder, arrays, spacing)
 
 
 def read_sample(folder: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    """A written sample's planes ``{key: [S, S]}``, image keys and the mask."""
-    return {k: load_volume(modality_path(folder, k))[0][..., 0] for k in (*keys, MASK_KEY)}
+    """A written sample's arrays, image keys and the mask: ``{key: [S, S]}`` (a slice, written
+    ``[S, S, 1]``) or ``{key: [X, Y, Z]}`` (a volume)."""
+    out = {}
+    for k in (*keys, MASK_KEY):
+        volume = load_volume(modality_path(folder, k))[0]
+        out[k] = volume[..., 0] if volume.shape[-1] == 1 else volume
+    return out
 
 
 def sample_spacing(image: Stage) -> tuple[float, float, float]:

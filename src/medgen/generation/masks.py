@@ -33,7 +33,7 @@ from medgen.data.nifti_dataset import DataError
 from medgen.diffusion.utils import sample_seed
 from medgen.generation import gate as quality_gate
 from medgen.generation.models import GenerationError, Stage
-from medgen.generation.records import Candidate, CandidateSource, MaskRecord, Masks, SliceSource
+from medgen.generation.records import Candidate, CandidateSource, MaskRecord, Masks, SliceSource, VolumeSource
 from medgen.generation.sizes import ClassTarget, Targets, conditioned_groups
 
 log = logging.getLogger("medgen.generate")
@@ -57,10 +57,10 @@ def progress_bar(total: int, initial: int, desc: str, dist: DistInfo, progress: 
 # ============================================================================ sampled masks
 def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: DistInfo, stop: StopRequest,
                  progress: bool, targets: Targets = Targets(),
-                 spacing: tuple[float, float] = (1.0, 1.0)) -> Masks | None:
+                 spacing: Sequence[float] = (1.0, 1.0)) -> Masks | None:
     """Masks until ``num_images`` pass the gate (and fill the classes of ``targets``, lesions
-    measured at ``spacing`` mm); None if stopped by a signal. The evaluated candidates are kept in
-    ``folder``."""
+    measured at ``spacing``: mm per axis of a mask, two for slices, three for volumes); None if
+    stopped by a signal. The evaluated candidates are kept in ``folder``."""
     n_wanted = int(cfg.num_images)
     max_attempts = cfg.gate.max_attempts or 20 * n_wanted
     folder.mkdir(parents=True, exist_ok=True)
@@ -235,14 +235,14 @@ def _class_report(target: ClassTarget, tally: _Tally) -> dict[str, Any]:
 
 
 def _evaluate(seg: Stage, candidates: list[int], cfg: DictConfig, sampler: str, folder: Path,
-              dist: DistInfo, spacing: tuple[float, float], targets: Targets = Targets()) -> dict[int, Candidate]:
+              dist: DistInfo, spacing: Sequence[float], targets: Targets = Targets()) -> dict[int, Candidate]:
     """Generate and gate ``candidates`` (a lesion-conditioned model: each asked for the classes the
     targets give it, or none without targets); save them as one block file; return their verdicts."""
     cond, guidance = None, 1.0
     if seg.mode.lesion_conditioned:  # check_conditioning: a class asked of every group it knows, or of none
         asked = {name: 1 + torch.from_numpy(t.requested(candidates)) for name, t in targets.items()}
         none = torch.full((len(candidates),), -1)
-        cond = seg.mode.lesion_condition((seg.image_size,) * 2, asked.get("sizes", none), asked.get("counts", none))
+        cond = seg.mode.lesion_condition(seg.spatial_shape, asked.get("sizes", none), asked.get("counts", none))
         cond = cond.to(seg.device)
         guidance = float(cfg.lesion_sizes.guidance) if targets else 1.0
     x0 = seg.sample(cond, sample_generators(cfg.seed, candidates, MASK_STREAM, seg.device), steps=cfg.steps,
@@ -301,11 +301,13 @@ def _gather(results: dict[int, Candidate], dist: DistInfo) -> list[dict[int, Can
 
 
 # ============================================================================ masks_from
-def real_masks(cfg: DictConfig, image_size: int, brain_from: str | None = None) -> Masks:
-    """The lesion slices of ``masks_split`` of a medgen dataset, at the image model's size, with
-    their brains derived from the image ``brain_from`` (None: no brain)."""
+def real_masks(cfg: DictConfig, shape: Sequence[int], brain_from: str | None = None) -> Masks:
+    """The lesion slices (``shape`` ``(S, S)``) or lesion volumes (``(X, Y, Z)``, each patient's head
+    resampled as for training) of ``masks_split`` of a medgen dataset, at the image model's shape,
+    with their brains derived from the image ``brain_from`` (None: no brain)."""
     from medgen.data.slices import SliceSpec, open_or_build_cache
     from medgen.data.splits import split_patients
+    from medgen.data.volumes import VolumeSpec
 
     root = resolve_path(cfg.masks_from)
     if not root.is_dir():
@@ -315,19 +317,25 @@ def real_masks(cfg: DictConfig, image_size: int, brain_from: str | None = None) 
         raise DataError(f"masks_from={cfg.masks_from}: no patients in {root / cfg.masks_split} "
                         f"(choose another masks_split)")
     keys = (MASK_KEY,) if brain_from is None else (MASK_KEY, BRAIN_KEY)
-    spec = SliceSpec(keys=keys, image_size=image_size, selection="lesion", brain_from=brain_from or "bravo")
+    volumes = len(shape) == 3
+    spec = VolumeSpec(keys=keys, volume_shape=tuple(shape), brain_from=brain_from or "bravo") if volumes else \
+        SliceSpec(keys=keys, image_size=int(shape[0]), selection="lesion", brain_from=brain_from or "bravo")
     cache = open_or_build_cache(patients, spec, resolve_path(cfg.cache_dir), desc=f"{cfg.masks_split} masks")
-    n = len(cache) if cfg.num_images is None else min(int(cfg.num_images), len(cache))
+    items = np.flatnonzero(cache.lesion_pixels > 0) if volumes else np.arange(len(cache))
+    what = "lesion volumes" if volumes else "lesion slices"
+    n = len(items) if cfg.num_images is None else min(int(cfg.num_images), len(items))
     if n == 0:
-        raise DataError(f"masks_from={cfg.masks_from}: no slice with a lesion in {root / cfg.masks_split}")
+        raise DataError(f"masks_from={cfg.masks_from}: no {what[:-1]} in {root / cfg.masks_split}")
     if cfg.num_images is not None and n < cfg.num_images:
-        log.warning("masks_from has %d lesion slices in %s/; generating for all of them (num_images=%d)", n,
+        log.warning("masks_from has %d %s in %s/; generating for all of them (num_images=%d)", n, what,
                     cfg.masks_split, cfg.num_images)
-    masks = is_lesion(cache.data[:n, 0]).astype(np.uint8)
+    items = items[:n]
+    masks = is_lesion(cache.data[items, 0]).astype(np.uint8)
     stats = quality_gate.measure(masks)
-    records = [MaskRecord(SliceSource(cfg.masks_split, cache.patient_ids[cache.patient_index[i]],
-                                      int(cache.slice_index[i])),
-                          float(stats.area[i]), int(stats.components[i]), True)
-               for i in range(n)]
-    brains = None if brain_from is None else is_lesion(cache.data[:n, 1]).astype(np.uint8)
+    patient = [cache.patient_ids[cache.patient_index[i]] for i in items]
+    sources = [VolumeSource(cfg.masks_split, p) if volumes else SliceSource(cfg.masks_split, p, int(cache.slice_index[i]))
+               for p, i in zip(patient, items)]
+    records = [MaskRecord(source, float(stats.area[k]), int(stats.components[k]), True)
+               for k, source in enumerate(sources)]
+    brains = None if brain_from is None else is_lesion(cache.data[items, 1]).astype(np.uint8)
     return Masks(masks, records, [], None, brains)

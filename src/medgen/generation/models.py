@@ -25,6 +25,7 @@ from medgen.core.precision import autocast
 from medgen.diffusion.modes import MODES, TrainingMode, build_mode
 from medgen.diffusion.samplers import guided, randn_like
 from medgen.diffusion.strategies import DiffusionStrategy, build_strategy
+from medgen.diffusion.config import sample_shape
 from medgen.diffusion.utils import network_from_checkpoint, sampling_forward
 
 log = logging.getLogger("medgen.generate")
@@ -92,16 +93,30 @@ class Stage:
     def image_size(self) -> int:
         return self.strategy.image_size
 
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """The shape of one sample: ``(S, S)`` for a slice model, ``(X, Y, Z)`` for a volume model."""
+        return self.strategy.spatial_shape
+
+    @property
+    def volumes(self) -> bool:
+        """Whether it draws volumes (trained with ``model.spatial_dims=3``)."""
+        return len(self.spatial_shape) == 3
+
+    def describe_shape(self) -> str:
+        """``"64 px slices"`` or ``"64x64x32 volumes"``, for messages."""
+        return "x".join(map(str, self.spatial_shape)) + " volumes" if self.volumes else f"{self.image_size} px slices"
+
     def autocast(self):
         return autocast(self.device, self.precision)
 
     def sample(self, cond: Tensor | None, generators: Sequence[torch.Generator], *, steps: int, sampler: str,
                guidance_scale: float = 1.0, batch_size: int | None = None) -> Tensor:
-        """``x0 [B, C, S, S]`` in model space for the conditions ``cond [B, len(cond_keys), S, S]`` (model space;
-        None for seg), one generator per sample (on the sampling device). With ``batch_size``, the batch is padded to it
-        with throw-away samples, so a compiled network always sees one shape."""
+        """``x0 [B, C, *spatial_shape]`` in model space for the conditions ``cond [B, len(cond_keys), *spatial_shape]``
+        (model space; None for seg), one generator per sample (on the sampling device). With ``batch_size``, the batch
+        is padded to it with throw-away samples, so a compiled network always sees one shape."""
         n = len(generators)
-        shape = (n, self.mode.out_channels, self.image_size, self.image_size)
+        shape = (n, self.mode.out_channels, *self.spatial_shape)
         x_T = randn_like(torch.empty(shape, device=self.device), list(generators))
         if batch_size is not None and n < batch_size:
             pad = batch_size - n
@@ -130,16 +145,13 @@ def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, 
     file = checkpoint_file(path, key)
     ckpt = load_checkpoint(file, map_location="cpu")
     cfg = OmegaConf.create(ckpt["config"])
-    if cfg.model.get("spatial_dims", 2) == 3:
-        raise GenerationError(f"{key}={file} is a 3D model (model.spatial_dims=3, volumes of "
-                              f"{list(cfg.data.volume_shape)}); medgen-generate makes 2D slices only so far: "
-                              "give a checkpoint trained with model.spatial_dims=2")
     mode = _stage_mode(cfg, ckpt["mode"], stage, key, file)
     if use_ema and ckpt.get("ema") is None:
         log.warning("%s has no EMA weights (trained with training.use_ema=false): using the raw weights", file)
     network = network_from_checkpoint(ckpt, file, use_ema).to(device).eval().requires_grad_(False)
     spacing = (ckpt.get("geometry") or {}).get("spacing")
-    return Stage(path=file, sha256=sha256(file), network=network, strategy=build_strategy(cfg), mode=mode,
+    return Stage(path=file, sha256=sha256(file), network=network, strategy=build_strategy(cfg, sample_shape(cfg)),
+                 mode=mode,
                  cond_dropout=float(cfg.training.cond_dropout), spacing=tuple(spacing) if spacing else None,
                  brain_from=str(cfg.data.get("brain_from", "bravo")), device=device, precision=precision,
                  forward=sampling_forward(network, device, compile, log, compile_mode),
@@ -168,9 +180,10 @@ def _stage_mode(cfg, name: str, stage: str, key: str, file: Path) -> TrainingMod
 
 def check_pair(seg: Stage | None, image: Stage, guidance_scale: float) -> None:
     """The two stages fit together, and guidance is possible for the image model."""
-    if seg is not None and seg.image_size != image.image_size:
-        raise GenerationError(f"seg_checkpoint {seg.path} makes {seg.image_size} px masks but image_checkpoint "
-                              f"{image.path} paints {image.image_size} px images; train both at one model.image_size")
+    if seg is not None and seg.spatial_shape != image.spatial_shape:
+        how = ("one model.spatial_dims and data.volume_shape" if seg.volumes or image.volumes else "one model.image_size")
+        raise GenerationError(f"seg_checkpoint {seg.path} makes masks as {seg.describe_shape()} but image_checkpoint "
+                              f"{image.path} paints {image.describe_shape()}; train both with {how}")
     if seg is not None and BRAIN_KEY in image.mode.cond_keys and BRAIN_KEY not in seg.mode.image_keys:
         raise GenerationError(
             f"image_checkpoint {image.path} paints images given the lesion mask and the brain "

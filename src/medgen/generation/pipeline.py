@@ -39,10 +39,9 @@ from medgen.core.fs import atomic_write
 from medgen.core.paths import resolve_path
 from medgen.core.precision import configure_backends
 from medgen.core.signals import stop_signals
-from medgen.data.brain import brain_mask, brain_source, inside_counts
+from medgen.data.brain import brain_of, brain_source, inside_counts
 from medgen.data.lesions import RANO_BM, feret_diameters
-from medgen.data.nifti_dataset import load_volume, modality_path
-from medgen.data.pictures import contact_sheet, render_tile, save_png
+from medgen.data.pictures import contact_sheet, render_planes, render_tile, save_png
 from medgen.diffusion.utils import sample_seed
 from medgen.generation import writer
 from medgen.generation.images import IMAGE_STREAM, SampleIds, paint, read_sample, sample_ids, sample_spacing
@@ -146,9 +145,9 @@ def _run_stages(run: _Run, progress: bool, t_start: float) -> GenerationResult:
             t0 = time.perf_counter()
             if run.seg is not None:
                 masks = sample_masks(run.seg, cfg, run.samplers["seg"], run.state / "masks", dist, stop, progress,
-                                     run.targets, _pixel_size(run.image))
+                                     run.targets, _voxel_size(run.image))
             else:
-                masks = real_masks(cfg, run.image.image_size,
+                masks = real_masks(cfg, run.image.spatial_shape,
                                    run.image.brain_from if BRAIN_KEY in run.image.mode.cond_keys else None)
             seconds["masks"] = time.perf_counter() - t0
             if masks is not None:
@@ -201,9 +200,10 @@ def _record_partial(run: _Run, masks: Masks | None, ids: SampleIds) -> None:
         log.warning("could not list the samples done so far: %s", exc)
 
 
-def _pixel_size(image: Stage) -> tuple[float, float]:
-    """The pixel size (mm) the samples are written with, at which lesion diameters are measured."""
-    return tuple((image.spacing or (1.0, 1.0, 1.0))[:2])
+def _voxel_size(image: Stage) -> tuple[float, ...]:
+    """The size (mm) of a sample's pixels (x, y) or voxels (x, y, z), as the samples are written
+    and lesion diameters measured."""
+    return tuple((image.spacing or (1.0, 1.0, 1.0))[:len(image.spatial_shape)])
 
 
 def _targets(cfg: DictConfig, seg: Stage | None, image: Stage, dist: DistInfo) -> Targets:
@@ -216,19 +216,19 @@ def _targets(cfg: DictConfig, seg: Stage | None, image: Stage, dist: DistInfo) -
     sizes = counts = None
     if cfg.gate.enabled:  # a disabled gate keeps every mask
         if _resolvable(cfg.lesion_sizes.target, seg.training_sizes, "lesion_sizes", seg.path, main):
-            sizes = resolve_target(cfg, n, image.image_size, _pixel_size(image), seg.training_sizes)
+            sizes = resolve_target(cfg, n, image.spatial_shape, _voxel_size(image), seg.training_sizes)
         if _resolvable(cfg.lesion_counts.target, seg.training_counts, "lesion_counts", seg.path, main):
             counts = resolve_count_target(cfg, n, seg.training_counts)
     check_conditioning(seg.mode, seg.path, seg.cond_dropout, Targets(sizes, counts), float(cfg.lesion_sizes.guidance))
     if sizes is not None and main:
         log.info("size classes requested (lesion_sizes.target=%s, largest lesion per mask): %s",
                  sizes.source, sizes.describe())
-        small, pixel = hard_to_draw(sizes, _pixel_size(image)[0]), _pixel_size(image)[0]
+        small, pixel = hard_to_draw(sizes, _voxel_size(image)[0]), _voxel_size(image)[0]
         if small:
-            log.warning("lesion_sizes.target asks for %s lesions, under 4 pixels of %.4g mm: a seg model at %d px "
+            log.warning("lesion_sizes.target asks for %s lesions, under 4 pixels of %.4g mm: a seg model of %s "
                         "rarely draws them, so the run may stop at gate.max_attempts; ask for none of them (weights "
-                        "per class) or train at a larger model.image_size", " and ".join(small), pixel,
-                        image.image_size)
+                        "per class) or train at a larger %s", " and ".join(small), pixel, image.describe_shape(),
+                        "data.volume_shape" if image.volumes else "model.image_size")
     if counts is not None and main:
         log.info("lesions per mask requested (lesion_counts.target=%s): %s", counts.source, counts.describe())
     return Targets(sizes, counts)
@@ -263,13 +263,11 @@ def _finish(run: _Run, masks: Masks, ids: SampleIds) -> None:
     cfg, out, split_dir = run.cfg, run.out, run.split_dir
     keys = run.image.mode.image_keys
     if cfg.previews:
-        _repair_previews(out, [sid for sid, _ in ids], split_dir, keys)
+        _repair_previews(out, [sid for sid, _ in ids], split_dir, keys, sample_spacing(run.image))
+    spacing = sample_spacing(run.image)
     if cfg.samples_per_mask > 1:
-        _uncertainty(out, split_dir, masks, ids, keys, sample_spacing(run.image))
-    scale = max(1, 128 // run.image.image_size)
-    tiles = [writer.render_sample(read_sample(split_dir / sid, keys), keys, scale=scale)
-             for sid, _ in ids[:CONTACT_SHEET_SAMPLES]]
-    save_png(contact_sheet(tiles, columns=8 // len(keys)), out / "contact_sheet.png")
+        _uncertainty(out, split_dir, masks, ids, keys, spacing)
+    _contact_sheet(run, ids, spacing)
     inside = _inside_brain(run, [sid for sid, _ in ids])
     n_in, n_all = (sum(c[i] for c in inside.values()) for i in (0, 1))
     if n_all:
@@ -282,8 +280,24 @@ def _finish(run: _Run, masks: Masks, ids: SampleIds) -> None:
             tmp.write_text(json.dumps(masks.size_report, indent=1))
     if cfg.format == "nnunet":
         root = writer.export_nnunet(out, [split_dir / sid for sid, _ in ids], keys, cfg.nnunet.dataset_id,
-                                    cfg.nnunet.name)
+                                    cfg.nnunet.name, volumes=run.image.volumes)
         log.info("nnU-Net v2 raw dataset: %s", root)
+
+
+def _contact_sheet(run: _Run, ids: SampleIds, spacing: Sequence[float]) -> None:
+    """``contact_sheet.png``: the first :data:`CONTACT_SHEET_SAMPLES` samples, slices at least 128
+    pixels wide, 8 pictures a row; volumes as their three planes with the mask outlined, 2 a row."""
+    keys, split_dir = run.image.mode.image_keys, run.split_dir
+    if run.image.volumes:
+        tiles = [writer.render_sample(read_sample(split_dir / sid, keys), keys, spacing=spacing, outlined_only=True)
+                 for sid, _ in ids[:CONTACT_SHEET_SAMPLES // 4]]
+        columns = 2
+    else:
+        scale = max(1, 128 // run.image.image_size)
+        tiles = [writer.render_sample(read_sample(split_dir / sid, keys), keys, scale=scale)
+                 for sid, _ in ids[:CONTACT_SHEET_SAMPLES]]
+        columns = 8 // len(keys)
+    save_png(contact_sheet(tiles, columns=columns), run.out / "contact_sheet.png")
 
 
 def _inside_brain(run: _Run, sids: Sequence[str]) -> dict[str, tuple[int, int]]:
@@ -294,16 +308,17 @@ def _inside_brain(run: _Run, sids: Sequence[str]) -> dict[str, tuple[int, int]]:
     out = {}
     for sid in tqdm(sids, desc="lesions inside the brain", unit="sample", dynamic_ncols=True, disable=len(sids) < 500):
         arrays = read_sample(run.split_dir / sid, keys)
-        out[sid] = inside_counts(arrays[MASK_KEY], brain_mask(arrays[source]))
+        out[sid] = inside_counts(arrays[MASK_KEY], brain_of(arrays[source]))
     return out
 
 
-def _repair_previews(out: Path, names: Sequence[str], split_dir: Path, keys: Sequence[str]) -> None:
+def _repair_previews(out: Path, names: Sequence[str], split_dir: Path, keys: Sequence[str],
+                     spacing: Sequence[float]) -> None:
     """Previews of finished samples that an older medgen left without one (it wrote the folder first)."""
     missing = [sid for sid in names if not (out / "previews" / f"{sid}.png").is_file()]
     for sid in missing:
-        save_png(writer.render_sample(read_sample(split_dir / sid, keys), keys),
-                        out / "previews" / f"{sid}.png")
+        save_png(writer.render_sample(read_sample(split_dir / sid, keys), keys, spacing=spacing),
+                 out / "previews" / f"{sid}.png")
     if missing:
         log.info("wrote %d missing previews", len(missing))
 
@@ -319,7 +334,7 @@ def _manifest_rows(run: _Run, masks: Masks, ids: SampleIds, done: set[str] | Non
               "seg_sha256": settings["seg_sha256"] or "", "image_checkpoint": settings["image_checkpoint"],
               "image_sha256": settings["image_sha256"], "seg_sampler": settings["seg_sampler"] or "",
               "image_sampler": settings["image_sampler"], "steps": cfg.steps, "guidance_scale": cfg.guidance_scale}
-    spacing = _pixel_size(run.image)
+    spacing = _voxel_size(run.image)
     sizes: dict[int, dict[str, str]] = {}  # mask index -> its lesions' fields (a mask may have several samples)
     rows = []
     for q, (sid, i) in enumerate(ids):
@@ -339,8 +354,9 @@ def _manifest_rows(run: _Run, masks: Masks, ids: SampleIds, done: set[str] | Non
 
 def _uncertainty(out: Path, split_dir: Path, masks: Masks, ids: SampleIds, keys: Sequence[str],
                  spacing: Sequence[float]) -> None:
-    """Per mask and image key: the per-pixel mean and standard deviation of its samples, as
-    ``uncertainty/<mask id>/<key>_mean.nii.gz`` and ``<key>_std.nii.gz``, and a picture."""
+    """Per mask and image key: the per-pixel (per-voxel) mean and standard deviation of its samples,
+    as ``uncertainty/<mask id>/<key>_mean.nii.gz`` and ``<key>_std.nii.gz``, and a picture (a volume:
+    its three planes through the largest lesion, mean and std a row per key)."""
     from medgen.data.nifti_dataset import save_volume
 
     by_mask: dict[int, list[str]] = {}
@@ -351,12 +367,12 @@ def _uncertainty(out: Path, split_dir: Path, masks: Masks, ids: SampleIds, keys:
         folder = out / "uncertainty" / sids[0].rsplit("_s", 1)[0]
         if (folder / "uncertainty.png").is_file():
             continue
-        tiles = []
+        tiles, mask = [], masks.masks[i]
+        draw = (lambda a: render_planes(a, mask, spacing)) if mask.ndim == 3 else (lambda a: render_tile(a, mask))
         for key in keys:
-            stack = np.stack([load_volume(modality_path(split_dir / sid, key))[0][..., 0] for sid in sids])
+            stack = np.stack([read_sample(split_dir / sid, (key,))[key] for sid in sids])
             mean, std = stack.mean(axis=0), stack.std(axis=0)
-            save_volume(folder / f"{key}_mean.nii.gz", mean[..., None], affine)
-            save_volume(folder / f"{key}_std.nii.gz", std[..., None], affine)
-            tiles += [render_tile(mean, masks.masks[i]),
-                      render_tile(std / max(float(std.max()), 1e-6), masks.masks[i])]
-        save_png(contact_sheet(tiles, columns=len(tiles)), folder / "uncertainty.png")
+            save_volume(folder / f"{key}_mean.nii.gz", writer.as_volume(mean), affine)
+            save_volume(folder / f"{key}_std.nii.gz", writer.as_volume(std), affine)
+            tiles += [draw(mean), draw(std / max(float(std.max()), 1e-6))]
+        save_png(contact_sheet(tiles, columns=len(tiles) if mask.ndim == 2 else 2), folder / "uncertainty.png")

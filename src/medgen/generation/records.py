@@ -1,8 +1,8 @@
 """The records a generation run passes between its stages and writes to ``manifest.csv``.
 
 A mask comes from a stage-1 candidate (:class:`CandidateSource`, ``"candidate 7"`` in the
-manifest's ``mask_source``) or from a slice of a real dataset (:class:`SliceSource`,
-``"test/patient_003/z41"``); :func:`parse_mask_source` reads the column back. A
+manifest's ``mask_source``), from a slice of a real dataset (:class:`SliceSource`,
+``"test/patient_003/z41"``) or from a real volume (:class:`VolumeSource`, ``"test/patient_003"``); :func:`parse_mask_source` reads the column back. A
 :class:`Candidate` is one evaluated stage-1 mask with its gate measurements, a
 :class:`MaskRecord` what the manifest says about a mask, and :class:`Masks` everything stage 2
 paints from.
@@ -49,7 +49,23 @@ class SliceSource:
         return f"{self.patient}_z{self.z:03d}"
 
 
-MaskSource = Union[CandidateSource, SliceSource]
+@dataclass(frozen=True)
+class VolumeSource:
+    """The whole volume of ``patient`` in ``split`` of a real dataset (``masks_from`` for a volume model)."""
+
+    split: str
+    patient: str
+
+    def format(self) -> str:
+        return f"{self.split}/{self.patient}"
+
+    @property
+    def sample_name(self) -> str:
+        """The name of the samples painted on this mask: the patient's."""
+        return self.patient
+
+
+MaskSource = Union[CandidateSource, SliceSource, VolumeSource]
 
 
 def parse_mask_source(text: str) -> MaskSource | None:
@@ -60,6 +76,8 @@ def parse_mask_source(text: str) -> MaskSource | None:
     parts = text.split("/")
     if len(parts) == 3 and parts[2].startswith("z") and parts[2][1:].isdigit():
         return SliceSource(parts[0], parts[1], int(parts[2][1:]))
+    if len(parts) == 2 and all(parts):
+        return VolumeSource(parts[0], parts[1])
     return None
 
 
@@ -91,7 +109,7 @@ class MaskRecord:
 
     def sample_name(self, i: int) -> str:
         """The name of the samples painted on this mask, mask ``i`` of the run."""
-        return self.source.sample_name if isinstance(self.source, SliceSource) else f"syn_{i:06d}"
+        return f"syn_{i:06d}" if isinstance(self.source, CandidateSource) else self.source.sample_name
 
     def manifest_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"mask_source": self.source.format()}
@@ -103,7 +121,7 @@ class MaskRecord:
 
 @dataclass
 class Masks:
-    """The masks stage 2 paints: ``masks [N, S, S]`` uint8 with a record each, the masks the gate
+    """The masks stage 2 paints: ``masks [N, S, S]`` (volumes: ``[N, X, Y, Z]``) uint8 with a record each, the masks the gate
     rejected on the way (stage 1), the gate's acceptance rate (None for real masks), and the brain
     of each mask ``[N, S, S]`` uint8 (None when neither the mask model nor the real data gave one)."""
 

@@ -147,23 +147,25 @@ def check_conditioning(seg_mode: Any, seg_path: Any, cond_dropout: float, target
                               "lesion_sizes.guidance=1, or train with e.g. training.cond_dropout=0.1")
 
 
-def resolve_target(cfg: Any, n: int, image_size: int, spacing: Sequence[float],
+def resolve_target(cfg: Any, n: int, shape: Sequence[int], spacing: Sequence[float],
                    training_diameters: Sequence[float] | None) -> ClassTarget | None:
-    """The size target ``cfg.lesion_sizes`` asks for, for ``n`` masks of ``image_size`` px at
-    ``spacing`` mm (None for ``model``). ``training_diameters``: the largest lesion of each of the seg
-    model's training slices with a lesion (mm), from its checkpoint (None for one that does not record them).
+    """The size target ``cfg.lesion_sizes`` asks for, for ``n`` masks of ``shape`` (``(S, S)`` pixels
+    or ``(X, Y, Z)`` voxels) at ``spacing`` mm per axis (None for ``model``). ``training_diameters``:
+    the largest lesion of each of the seg model's training slices or volumes with a lesion (mm), from
+    its checkpoint (None for one that does not record them).
 
     Raises :class:`GenerationError` naming the key for an unknown preset or bin name, weights that do
-    not sum to a positive number, or a requested bin whose smallest diameter does not fit the image."""
+    not sum to a positive number, or a requested bin whose smallest diameter does not fit the masks."""
     bins = parse_bins(cfg.lesion_sizes.bins, "lesion_sizes.bins")
     target = _resolve("lesion_sizes", cfg.lesion_sizes.target, bins, n, training_diameters, "sizes")
-    diagonal = image_size * float(np.hypot(*spacing[:2]))
+    diagonal = float(np.sqrt(sum((int(k) * float(s)) ** 2 for k, s in zip(shape, spacing))))
     for b, name in enumerate(bins.names):
         lower = bins.edges[b - 1] if b else 0.0
         if target is not None and target.weights[b] > 0 and lower >= diagonal:
-            raise GenerationError(f"lesion_sizes.target asks for {name} lesions (>= {lower:g} mm) but the images are "
-                                  f"{image_size} px of {spacing[0]:g} x {spacing[1]:g} mm: no lesion can be longer than "
-                                  f"their diagonal, {diagonal:.0f} mm")
+            what = (f"{'x'.join(map(str, shape))} voxels of {' x '.join(f'{float(s):g}' for s in spacing)} mm"
+                    if len(shape) == 3 else f"{shape[0]} px of {spacing[0]:g} x {spacing[1]:g} mm")
+            raise GenerationError(f"lesion_sizes.target asks for {name} lesions (>= {lower:g} mm) but the masks are "
+                                  f"{what}: no lesion can be longer than their diagonal, {diagonal:.0f} mm")
     return target
 
 

@@ -2,7 +2,8 @@
 manifest and the nnU-Net v2 export.
 
 Each sample folder holds one axial slice per modality as a NIfTI volume of shape ``[S, S, 1]``
-(RAS, the voxel size of the training data's model slices), so the set passes
+(RAS, the voxel size of the training data's model slices) or, from a volume model, one volume
+``[X, Y, Z]`` per modality (RAS, the voxel size of its training volumes), so the set passes
 ``medgen-data check``, trains with ``medgen-train`` and loads with MONAI ``LoadImage``. A
 folder is written under a temporary name and renamed when complete, so an interrupted run
 never leaves a half-written sample.
@@ -23,7 +24,7 @@ import numpy as np
 from medgen.core.constants import MASK_KEY, NIFTI_SUFFIX
 from medgen.core.fs import atomic_write
 from medgen.data.nifti_dataset import modality_path, save_volume
-from medgen.data.pictures import render_tile, side_by_side
+from medgen.data.pictures import plane_centre, render_planes, render_tile, side_by_side
 
 #: the manifest's columns, in order
 MANIFEST_COLUMNS = ("id", "split", "mask_source", "mask_seed", "image_seed", "seg_checkpoint", "seg_sha256",
@@ -32,19 +33,25 @@ MANIFEST_COLUMNS = ("id", "split", "mask_source", "mask_seed", "image_seed", "se
 
 
 def slice_affine(spacing: Sequence[float]) -> np.ndarray:
-    """RAS affine of a generated ``[S, S, 1]`` slice with voxel size ``spacing`` (mm)."""
+    """RAS affine of a generated ``[S, S, 1]`` slice or ``[X, Y, Z]`` volume with voxel size
+    ``spacing`` (mm, x y z), its first voxel at the origin."""
     return np.diag([*map(float, spacing), 1.0])
 
 
+def as_volume(array: np.ndarray) -> np.ndarray:
+    """What a sample's array is written as: a slice ``[S, S]`` as ``[S, S, 1]``, a volume as it is."""
+    array = np.asarray(array, dtype=np.float32)
+    return array[..., None] if array.ndim == 2 else array
+
+
 def write_sample(folder: Path, arrays: Mapping[str, np.ndarray], spacing: Sequence[float]) -> Path:
-    """Write ``{key: [S, S]}`` (images in [0, 1], ``seg`` in {0, 1}) as ``folder/<key>.nii.gz``,
-    atomically: into a temporary sibling folder, then renamed."""
+    """Write ``{key: [S, S] or [X, Y, Z]}`` (images in [0, 1], ``seg`` in {0, 1}) as
+    ``folder/<key>.nii.gz``, atomically: into a temporary sibling folder, then renamed."""
     folder = Path(folder)
     affine = slice_affine(spacing)
     with atomic_write(folder) as tmp:
-        for key, plane in arrays.items():
-            save_volume(modality_path(tmp, key), np.asarray(plane, dtype=np.float32)[..., None], affine,
-                        is_mask=key == MASK_KEY)
+        for key, array in arrays.items():
+            save_volume(modality_path(tmp, key), as_volume(array), affine, is_mask=key == MASK_KEY)
     return folder
 
 
@@ -84,12 +91,21 @@ def is_complete(folder: Path, keys: Sequence[str]) -> bool:
     return all((Path(folder) / f"{k}{NIFTI_SUFFIX}").is_file() for k in keys)
 
 
-def render_sample(arrays: Mapping[str, np.ndarray], image_keys: Sequence[str], scale: int = 2) -> np.ndarray:
+def render_sample(arrays: Mapping[str, np.ndarray], image_keys: Sequence[str], scale: int = 2,
+                  spacing: Sequence[float] = (1.0, 1.0, 1.0), outlined_only: bool = False) -> np.ndarray:
     """A sample's pictures side by side: per image key the image as generated, then the same image
-    with the mask outlined in red (so the lesion itself is not hidden by its outline)."""
+    with the mask outlined in red (so the lesion itself is not hidden by its outline). A volume
+    ``[X, Y, Z]`` shows its axial, coronal and sagittal planes through its largest lesion
+    (:func:`~medgen.data.pictures.render_planes`, voxels in proportion to ``spacing``) for each.
+    ``outlined_only``: the outlined pictures alone (a contact sheet's tile)."""
     mask = arrays[MASK_KEY]
-    tiles = [t for k in image_keys for t in (render_tile(arrays[k], None, scale), render_tile(arrays[k], mask, scale))]
-    return side_by_side(tiles, gap=2)
+    if np.ndim(mask) == 3:
+        centre = plane_centre(mask, mask.shape)
+        draw = lambda image, m: render_planes(image, m, spacing, scale, centre)  # noqa: E731
+    else:
+        draw = lambda image, m: render_tile(image, m, scale)  # noqa: E731
+    tiles = [t for k in image_keys for t in (() if outlined_only else (draw(arrays[k], None),)) + (draw(arrays[k], mask),)]
+    return side_by_side(tiles, gap=4 if np.ndim(mask) == 3 else 2)
 
 
 def write_manifest(path: Path, rows: Sequence[Mapping[str, object]]) -> Path:
@@ -104,10 +120,11 @@ def write_manifest(path: Path, rows: Sequence[Mapping[str, object]]) -> Path:
 
 
 def export_nnunet(out_dir: Path, samples: Sequence[Path], image_keys: Sequence[str], dataset_id: int,
-                  name: str) -> Path:
+                  name: str, volumes: bool = False) -> Path:
     """nnU-Net v2 raw format under ``out_dir/nnUNet_raw/Dataset<id>_<name>/``: ``imagesTr/<case>_<c>.nii.gz``
     (channel ``c`` = ``image_keys[c]``), ``labelsTr/<case>.nii.gz`` and ``dataset.json``. Files are
-    hard links to the sample folders where the file system allows, else copies."""
+    hard links to the sample folders where the file system allows, else copies. Slices are
+    ``[S, S, 1]`` volumes (nnU-Net's ``2d`` configuration), ``volumes`` whole ones (``3d_fullres``)."""
     root = Path(out_dir) / "nnUNet_raw" / f"Dataset{dataset_id:03d}_{name}"
     root.parent.mkdir(parents=True, exist_ok=True)
     dataset = {
@@ -116,7 +133,8 @@ def export_nnunet(out_dir: Path, samples: Sequence[Path], image_keys: Sequence[s
         "numTraining": len(samples),
         "file_ending": NIFTI_SUFFIX,
         "name": name,
-        "description": "synthetic brain-metastasis slices generated by medgen (mask + matching MRI)",
+        "description": f"synthetic brain-metastasis {'volumes' if volumes else 'slices'} generated by medgen "
+                       "(mask + matching MRI)",
     }
     if root.exists():
         shutil.rmtree(root)
