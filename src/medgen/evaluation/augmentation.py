@@ -29,8 +29,9 @@ from medgen.core.fs import atomic_write
 from medgen.data.lesions import feret_diameters
 from medgen.evaluation import EvaluationError, downstream, lesionwise
 from medgen.evaluation.downstream import SliceSet
-from medgen.evaluation.evaluate import Sets, as_slice_set, whole_test_split
+from medgen.evaluation.evaluate import whole_test_split
 from medgen.evaluation.report import lesion_figure, lesion_table, write_pages
+from medgen.evaluation.sets import Sets, as_slice_set
 
 log = logging.getLogger("medgen.evaluate")
 

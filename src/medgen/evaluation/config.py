@@ -29,6 +29,9 @@ class FeaturesConfig:
     batch_size: int = at_least(32, 1)
     kid_subsets: int = at_least(100, 1)
     kid_subset_size: int = at_least(1000, 2)
+    #: 3D sets (2.5D FID/KID): slices per plane and volume, spread over this middle fraction of the axis
+    slices_per_plane: int = at_least(8, 1)
+    plane_fraction: float = 0.5
 
 
 @dataclass
@@ -63,6 +66,8 @@ class EvaluateConfig:
     synthetic_dir: Optional[str] = None
     out_dir: str = "./evaluation"
     image_size: Optional[int] = None
+    #: null: 3D when the synthetic samples are volumes (more than one axial slice), else 2D
+    spatial_dims: Optional[int] = None
     seed: int = at_least(0, 0)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     device: Optional[str] = None
@@ -92,6 +97,8 @@ def validate_evaluate_config(cfg: DictConfig) -> DictConfig:
         check(merged[key] is not None, key, f"missing: the {key.split('_')[0]} dataset, e.g. {key}={example}")
     check(len(merged.seeds) >= 1, "seeds", "needs at least one seed")
     check(merged.image_size is None or merged.image_size > 0, "image_size", "must be positive or null")
+    check(merged.spatial_dims in (None, 2, 3), "spatial_dims", "must be 2, 3 or null (by the synthetic set)")
+    check(0 < merged.features.plane_fraction <= 1, "features.plane_fraction", "must be in (0, 1]")
     check(merged.budget.learning_rate > 0, "budget.learning_rate", "must be > 0")
     check(0 <= merged.brain_intensity < 1, "brain_intensity", "must be in [0, 1)")
     size_bins(merged.lesions.bins)

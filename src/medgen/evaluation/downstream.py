@@ -1,9 +1,12 @@
 """What a synthetic set does for a segmentation model: downstream training and conditioning adherence.
 
-The segmentation network is MONAI's 2D ``DynUNet`` (4 levels, 16-128 filters, instance norm,
+The segmentation network is MONAI's ``DynUNet`` (4 levels, 16-128 filters, instance norm,
 residual blocks), one sigmoid output, trained with MONAI's ``DiceCELoss`` and AdamW for a fixed
 budget of steps on batches drawn with replacement, with random flips. Dice is MONAI's
-``DiceMetric`` per slice on the prediction thresholded at 0.5.
+``DiceMetric`` per slice on the prediction thresholded at 0.5. The same code serves a 3D set
+(``SliceSet`` of volumes ``[N, C, X, Y, Z]``): the network is then the 3D ``DynUNet`` (its three
+downsamplings need every axis a multiple of 8), a batch holds whole volumes, flips are along all
+three axes, Dice is per volume and lesion sizes are binned by volume fraction (:data:`SIZE_BINS_3D`).
 
 * Downstream: the same network and budget trained on (a) real, (b) real + synthetic and (c)
   synthetic only, once per seed; Dice on the real test lesion slices, overall and by lesion-area
@@ -22,7 +25,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,12 +41,18 @@ log = logging.getLogger("medgen.evaluate")
 
 #: lesion-size bins by lesion area (fraction of the image): upper edges; the last bin is open
 SIZE_BINS: tuple[tuple[str, float], ...] = (("small", 0.002), ("medium", 0.01), ("large", math.inf))
+#: the same bins for volumes, by lesion volume (fraction of the head's bounding box): in a box of
+#: about 7 l, 1e-4 is one sphere of about 11 mm diameter and 1e-3 one of about 24 mm
+SIZE_BINS_3D: tuple[tuple[str, float], ...] = (("small", 1e-4), ("medium", 1e-3), ("large", math.inf))
+#: the strides of the segmenter's levels: every axis of its input must be a multiple of their product
+STRIDES = (1, 2, 2, 2)
 SETS = ("real", "real+synthetic", "synthetic")
 
 
 @dataclass
 class SliceSet:
-    """Slices in memory: ``images [N, C, S, S]`` float32 in [0, 1], ``masks [N, S, S]`` in {0, 1}."""
+    """Slices in memory: ``images [N, C, S, S]`` float32 in [0, 1], ``masks [N, S, S]`` in {0, 1};
+    or volumes: ``images [N, C, X, Y, Z]``, ``masks [N, X, Y, Z]``."""
 
     images: np.ndarray
     masks: np.ndarray
@@ -56,9 +65,10 @@ class SliceSet:
         return SliceSet(np.concatenate([a.images, b.images]), np.concatenate([a.masks, b.masks]))
 
 
-def build_segmenter(in_channels: int) -> DynUNet:
-    return DynUNet(spatial_dims=2, in_channels=in_channels, out_channels=1, kernel_size=[3, 3, 3, 3],
-                   strides=[1, 2, 2, 2], upsample_kernel_size=[2, 2, 2], filters=[16, 32, 64, 128],
+def build_segmenter(in_channels: int, spatial_dims: int = 2) -> DynUNet:
+    """The segmentation network for slices (``spatial_dims=2``) or volumes (3)."""
+    return DynUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1, kernel_size=[3, 3, 3, 3],
+                   strides=list(STRIDES), upsample_kernel_size=[2, 2, 2], filters=[16, 32, 64, 128],
                    norm_name="instance", res_block=True)
 
 
@@ -66,7 +76,7 @@ def train_segmenter(data: SliceSet, *, steps: int, batch_size: int, learning_rat
                     device: torch.device, desc: str = "segmenter", progress: bool = True) -> DynUNet:
     """Train a fresh network on ``data`` for ``steps`` steps; returns it in eval mode."""
     torch.manual_seed(seed)
-    net = build_segmenter(data.images.shape[1]).to(device)
+    net = build_segmenter(data.images.shape[1], data.images.ndim - 2).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
     loss_fn = DiceCELoss(sigmoid=True)
     rng = np.random.default_rng(seed)
@@ -75,7 +85,7 @@ def train_segmenter(data: SliceSet, *, steps: int, batch_size: int, learning_rat
     for _ in tqdm(range(steps), desc=desc, unit="step", leave=False, disable=not progress):
         idx = rng.integers(0, len(data), batch_size)
         x, y = images[idx].to(device), masks[idx].to(device)
-        for dim in (2, 3):  # random flips, one decision per batch and axis
+        for dim in range(2, x.ndim):  # random flips, one decision per batch and axis
             if rng.random() < 0.5:
                 x, y = x.flip(dim), y.flip(dim)
         loss = loss_fn(net(x), y)
@@ -86,24 +96,28 @@ def train_segmenter(data: SliceSet, *, steps: int, batch_size: int, learning_rat
 
 
 @torch.no_grad()
-def predict(net: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 32) -> np.ndarray:
-    """Binary predictions ``[N, S, S]`` for ``images [N, C, S, S]``."""
+def predict(net: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int | None = None) -> np.ndarray:
+    """Binary predictions ``[N, S, S]`` for ``images [N, C, S, S]`` (``[N, X, Y, Z]`` for volumes
+    ``[N, C, X, Y, Z]``); ``batch_size`` defaults to 32 slices or 2 volumes."""
+    batch_size = batch_size or (32 if images.ndim == 4 else 2)
     out = [is_lesion(torch.sigmoid(net(torch.from_numpy(images[i:i + batch_size]).to(device))))[:, 0].cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy().astype(np.uint8)
 
 
 def dice_per_slice(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """MONAI ``DiceMetric`` of each slice ``[N, S, S]`` (an empty prediction of a lesion scores 0)."""
+    """MONAI ``DiceMetric`` of each slice ``[N, S, S]`` or volume ``[N, X, Y, Z]`` (an empty
+    prediction of a lesion scores 0)."""
     metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
     p, t = (torch.from_numpy(np.asarray(a, np.float32))[:, None] for a in (pred, target))
     return metric(p, t)[:, 0].numpy().astype(np.float64)
 
 
 def size_bin(masks: np.ndarray) -> np.ndarray:
-    """The :data:`SIZE_BINS` name of each mask ``[N, S, S]`` by its lesion area."""
+    """The :data:`SIZE_BINS` name of each mask ``[N, S, S]`` by its lesion area (of each volume
+    ``[N, X, Y, Z]`` by its lesion volume, :data:`SIZE_BINS_3D`)."""
     area = is_lesion(masks).reshape(len(masks), -1).mean(1)
-    upper = np.asarray([edge for _, edge in SIZE_BINS[:-1]])
+    upper = np.asarray([edge for _, edge in (SIZE_BINS if masks.ndim == 3 else SIZE_BINS_3D)[:-1]])
     return np.asarray([name for name, _ in SIZE_BINS])[np.searchsorted(upper, area, side="right")]
 
 
@@ -189,14 +203,28 @@ def adherence(net: torch.nn.Module, synthetic: SliceSet, real_test: SliceSet, de
     return out
 
 
-def save_segmenter(net: DynUNet, path: Path, image_keys: list[str], image_size: int) -> Path:
-    torch.save({"medgen_segmenter": 1, "image_keys": list(image_keys), "image_size": int(image_size),
-                "state_dict": net.state_dict()}, path)
+def _size_record(size: int | Sequence[int]) -> int | list[int]:
+    """What a checkpoint records as its input size: the slice size, or the volume shape ``[X, Y, Z]``."""
+    return int(size) if isinstance(size, (int, np.integer)) else [int(n) for n in size]
+
+
+def _size_text(size: int | Sequence[int]) -> str:
+    size = _size_record(size)
+    return f"{size} px" if isinstance(size, int) else "x".join(map(str, size)) + " voxels"
+
+
+def save_segmenter(net: DynUNet, path: Path, image_keys: list[str], image_size: int | Sequence[int]) -> Path:
+    """``net`` with what it segments: ``image_keys`` at ``image_size`` (px, or a volume shape)."""
+    size = _size_record(image_size)
+    torch.save({"medgen_segmenter": 1, "image_keys": list(image_keys), "image_size": size,
+                "spatial_dims": 2 if isinstance(size, int) else 3, "state_dict": net.state_dict()}, path)
     return path
 
 
-def load_segmenter(path: str | Path, image_keys: list[str], image_size: int, device: torch.device) -> DynUNet:
-    """A network saved by :func:`save_segmenter` (``seg_net_checkpoint=``), checked against the sets."""
+def load_segmenter(path: str | Path, image_keys: list[str], image_size: int | Sequence[int],
+                   device: torch.device) -> DynUNet:
+    """A network saved by :func:`save_segmenter` (``seg_net_checkpoint=``), checked against the sets
+    (``image_size``: the slice size, or the volume shape of a 3D set)."""
     from medgen.core.paths import resolve_path
     from medgen.evaluation import EvaluationError
 
@@ -206,11 +234,12 @@ def load_segmenter(path: str | Path, image_keys: list[str], image_size: int, dev
     ckpt = torch.load(p, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or "medgen_segmenter" not in ckpt:
         raise EvaluationError(f"seg_net_checkpoint={path}: not a network saved by medgen-evaluate (seg_net.pt)")
-    if list(ckpt["image_keys"]) != list(image_keys) or ckpt["image_size"] != image_size:
-        raise EvaluationError(f"seg_net_checkpoint={path} segments {list(ckpt['image_keys'])} at {ckpt['image_size']} "
-                              f"px, but the synthetic set holds {list(image_keys)} at {image_size} px: give the "
+    if list(ckpt["image_keys"]) != list(image_keys) or ckpt["image_size"] != _size_record(image_size):
+        raise EvaluationError(f"seg_net_checkpoint={path} segments {list(ckpt['image_keys'])} at "
+                              f"{_size_text(ckpt['image_size'])}, but the synthetic set holds {list(image_keys)} at "
+                              f"{_size_text(image_size)}: give the "
                               "seg_net.pt of an evaluation of such a set, or leave seg_net_checkpoint unset to train "
                               "one on the real train split")
-    net = build_segmenter(len(image_keys))
+    net = build_segmenter(len(image_keys), int(ckpt.get("spatial_dims", 2)))
     net.load_state_dict(ckpt["state_dict"])
     return net.to(device).eval()

@@ -14,6 +14,10 @@ masks (:func:`medgen.data.masks.lesion_labels`), each sized by its Feret diamete
 
 Intervals are percentile bootstrap intervals over slices (each resample draws whole slices, so
 lesions of one slice stay together: they are not independent).
+
+Everything here takes volumes as well (a 3D set): masks ``[X, Y, Z]`` with a spacing of three
+axes, 26-connected lesions, and the volume as the unit where this text says slice (false
+positives per volume, bootstrap resamples of whole volumes); the keys keep their names.
 """
 
 from __future__ import annotations
@@ -133,11 +137,12 @@ def summarize(matches: Sequence[LesionMatch], bins: SizeBins, resamples: int = 1
 class LesionTest:
     """The whole real test split a segmenter is scored on lesion by lesion: ``images [N, C, S, S]``,
     ``masks [N, S, S]`` (its lesion slices and its lesion-free brain slices), the in-plane pixel
-    spacing in mm of the masks' two axes, and the bins."""
+    spacing in mm of the masks' two axes, and the bins. Or volumes: ``images [N, C, X, Y, Z]``,
+    ``masks [N, X, Y, Z]`` (lesion volumes, then lesion-free ones), the spacing of three axes."""
 
     images: np.ndarray
     masks: np.ndarray
-    spacing: tuple[float, float]
+    spacing: tuple[float, ...]
     bins: SizeBins
     resamples: int = 1000
 
@@ -150,7 +155,8 @@ class LesionTest:
         return self.bins.counts(np.concatenate([t.diameters for t in self.truth]))
 
     def score(self, prediction: np.ndarray, seed: int) -> dict:
-        """:func:`summarize` of ``prediction [N, S, S]`` against the masks (intervals seeded by ``seed``)."""
+        """:func:`summarize` of ``prediction [N, S, S]`` (``[N, X, Y, Z]``) against the masks (intervals
+        seeded by ``seed``)."""
         matches = [match_lesions(t, p, self.spacing) for t, p in zip(self.truth, prediction)]
         return summarize(matches, self.bins, self.resamples, seed)
 

@@ -2,7 +2,8 @@
 diversity, paired fidelity.
 
 Inputs are slice sets as arrays: masks ``[N, S, S]`` in {0, 1}, images ``[N, S, S]`` in [0, 1]
-(one modality). Distances between a real and a synthetic distribution are the Wasserstein-1
+(one modality), or volume sets: ``[N, X, Y, Z]`` each (a 3D synthetic set), where the mask
+statistics are those of :func:`volume_mask_statistics` and MS-SSIM is 3D. Distances between a real and a synthetic distribution are the Wasserstein-1
 distance (earth mover's, in the quantity's own units) and the two-sample Kolmogorov-Smirnov
 statistic (0 = same distribution, 1 = disjoint).
 """
@@ -10,13 +11,15 @@ statistic (0 = same distribution, 1 = disjoint).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 from scipy import ndimage, stats
 
-from medgen.data.masks import is_lesion, lesion_sizes
+from medgen.data.lesions import component_diameters
+from medgen.data.masks import is_lesion, lesion_labels, lesion_sizes
 
 #: intensity histograms: bins over [0, 1]
 HISTOGRAM_BINS = 50
@@ -32,9 +35,12 @@ def distribution_distance(real: np.ndarray, synthetic: np.ndarray) -> dict[str, 
 
 
 # ============================================================================ masks
-def mask_statistics(masks: np.ndarray) -> dict[str, np.ndarray]:
+def mask_statistics(masks: np.ndarray, spacing: Sequence[float] | None = None) -> dict[str, np.ndarray]:
     """Per slice: ``lesions`` (8-connected components), ``area`` (lesion fraction of the image);
-    over all lesions: ``component_size`` (fraction of the image)."""
+    over all lesions: ``component_size`` (fraction of the image). Volumes ``[N, X, Y, Z]``: the
+    :func:`volume_mask_statistics` at ``spacing`` (mm, x y z)."""
+    if np.ndim(masks) == 4:
+        return volume_mask_statistics(masks, (1.0, 1.0, 1.0) if spacing is None else spacing)
     masks = is_lesion(masks)
     pixels = masks.shape[1] * masks.shape[2]
     lesions, sizes = [], []
@@ -46,11 +52,31 @@ def mask_statistics(masks: np.ndarray) -> dict[str, np.ndarray]:
             "component_size": np.asarray(sizes, np.float64)}
 
 
-def compare_masks(real: np.ndarray, synthetic: np.ndarray) -> dict:
-    """Mask statistics of both sets (means, empty fraction) and the distances between them."""
-    r, s = mask_statistics(real), mask_statistics(synthetic)
+def volume_mask_statistics(masks: np.ndarray, spacing: Sequence[float]) -> dict[str, np.ndarray]:
+    """Per volume ``[X, Y, Z]`` of ``masks [N, X, Y, Z]``: ``lesions`` (26-connected components) and
+    ``volume_fraction`` (lesion voxels over all voxels); per volume with a lesion:
+    ``largest_diameter_mm`` (the Feret diameter of its largest lesion, voxels of ``spacing`` mm);
+    over all lesions: ``lesion_volume_mm3`` (voxels times the voxel volume)."""
+    masks = is_lesion(masks)
+    voxel = float(np.prod(np.asarray(spacing, np.float64)))
+    lesions, largest, volumes = [], [], []
+    for m in masks:
+        labels, count = lesion_labels(m)
+        lesions.append(count)
+        if count:
+            largest.append(float(component_diameters(labels, count, spacing).max()))
+            volumes.extend((np.bincount(labels.ravel())[1:] * voxel).tolist())
+    return {"lesions": np.asarray(lesions, np.int64), "volume_fraction": masks.reshape(len(masks), -1).mean(1),
+            "largest_diameter_mm": np.asarray(largest, np.float64), "lesion_volume_mm3": np.asarray(volumes, np.float64)}
+
+
+def compare_masks(real: np.ndarray, synthetic: np.ndarray, real_spacing: Sequence[float] | None = None,
+                  synthetic_spacing: Sequence[float] | None = None) -> dict:
+    """Mask statistics of both sets (means, empty fraction) and the distances between them (each
+    statistic of :func:`mask_statistics`; volumes measured at their set's spacing)."""
+    r, s = mask_statistics(real, real_spacing), mask_statistics(synthetic, synthetic_spacing)
     out: dict = {}
-    for key in ("lesions", "area", "component_size"):
+    for key in r:
         out[key] = {"real_mean": float(np.mean(r[key])) if r[key].size else math.nan,
                     "synthetic_mean": float(np.mean(s[key])) if s[key].size else math.nan,
                     **distribution_distance(r[key], s[key])}
@@ -85,26 +111,32 @@ def compare_intensities(real: np.ndarray, synthetic: np.ndarray, threshold: floa
 
 
 # ============================================================================ diversity
-def _ms_ssim(size: int) -> MultiScaleSSIMMetric:
+def _ms_ssim(size: int, spatial_dims: int = 2) -> MultiScaleSSIMMetric:
     """MONAI's MS-SSIM with as many of the 5 standard scales as ``size`` allows at kernel 7."""
     weights = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
     levels = max(1, min(5, int(math.log2(size / 7)) + 1))
     w = weights[:levels]
-    return MultiScaleSSIMMetric(spatial_dims=2, data_range=1.0, kernel_size=7,
+    return MultiScaleSSIMMetric(spatial_dims=spatial_dims, data_range=1.0, kernel_size=7,
                                 weights=tuple(x / sum(w) for x in w))
 
 
 def pairwise_ms_ssim(images: np.ndarray, pairs: int, seed: int) -> float:
     """Mean MS-SSIM between ``pairs`` random pairs of distinct images ``[N, S, S]`` (lower = more
-    diverse; NaN for fewer than 2 images)."""
+    diverse; NaN for fewer than 2 images); volumes ``[N, X, Y, Z]``: 3D MS-SSIM, its scales set by
+    the shortest axis, 8 pairs at a time."""
     images = np.asarray(images, np.float32)
     if len(images) < 2:
         return math.nan
     rng = np.random.default_rng(seed)
     a = rng.integers(0, len(images), pairs)
     b = (a + rng.integers(1, len(images), pairs)) % len(images)
-    x, y = (torch.from_numpy(images[i])[:, None] for i in (a, b))
-    return float(_ms_ssim(images.shape[-1])(x, y).mean())
+    if images.ndim == 3:
+        x, y = (torch.from_numpy(images[i])[:, None] for i in (a, b))
+        return float(_ms_ssim(images.shape[-1])(x, y).mean())
+    metric = _ms_ssim(min(images.shape[1:]), spatial_dims=3)
+    values = [metric(torch.from_numpy(images[a[i:i + 8]])[:, None], torch.from_numpy(images[b[i:i + 8]])[:, None])
+              for i in range(0, pairs, 8)]
+    return float(torch.cat(values).mean())
 
 
 # ============================================================================ paired

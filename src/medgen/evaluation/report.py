@@ -1,6 +1,7 @@
 """The evaluation report: ``report.md`` and ``report.html`` with PNG figures, from ``metrics.json``.
 
-Figures (matplotlib's Agg canvas, no pyplot): ``contact_sheets.png`` (real | synthetic),
+Figures (matplotlib's Agg canvas, no pyplot): ``contact_sheets.png`` (real | synthetic; for a 3D
+set ``planes_real.png`` and ``planes_synthetic.png`` instead: volumes as their three planes),
 ``intensity_histograms.png``, ``mask_statistics.png`` and, when the downstream experiment ran,
 ``downstream.png`` (Dice per training set, one dot per seed) and ``lesions.png`` (lesion-wise
 sensitivity, lesion Dice and false positives per size bin and training set). Both report files reference
@@ -23,10 +24,12 @@ from medgen.core.constants import MASK_KEY
 from medgen.core.fs import atomic_write
 from medgen.data import pictures
 from medgen.evaluation import metrics
-from medgen.evaluation.downstream import SETS, SIZE_BINS
+from medgen.evaluation.downstream import SETS, SIZE_BINS, SIZE_BINS_3D
 from medgen.evaluation.lesionwise import bin_entry
 
 SHEET_TILES = 16
+#: volumes per set in the three-plane sheets of a 3D set
+SHEET_VOLUMES = 8
 _COLOURS = {"real": "#4c72b0", "synthetic": "#dd8452", "real+synthetic": "#55a868"}
 #: training sets of other names (the targeted-augmentation experiment's)
 _EXTRA_COLOURS = ("#55a868", "#c44e52", "#8172b3", "#937860")
@@ -61,6 +64,25 @@ def contact_sheets(sets, out: Path) -> Path:
     return pictures.save_png(pictures.side_by_side(sheets, gap=16), out / "contact_sheets.png")
 
 
+def plane_sheets(sets, out: Path) -> list[tuple[str, Path]]:
+    """3D sets: ``planes_real.png`` and ``planes_synthetic.png``, up to :data:`SHEET_VOLUMES` volumes
+    of each set (seeded choice), each drawn as its axial, coronal and sagittal planes through its
+    largest lesion (:func:`~medgen.data.pictures.render_planes`, the first image modality, the mask
+    outlined, voxels in proportion to the set's spacing), two volumes per row."""
+    figures = []
+    for name, cache, seed, caption in (
+            ("real", sets.test, 0, f"Real {sets.reference_split} volumes"), ("synthetic", sets.synthetic, 1, "Synthetic volumes")):
+        idx = np.sort(np.random.default_rng(seed).choice(len(cache), min(SHEET_VOLUMES, len(cache)), replace=False))
+        data = np.asarray(cache.data[idx], np.float32)
+        seg = cache.keys.index(MASK_KEY)
+        image = next(i for i, k in enumerate(cache.keys) if k != MASK_KEY)
+        scale = max(1, 128 // max(data.shape[2:]))
+        tiles = [pictures.render_planes(d[image], d[seg], sets.spacing(name), scale) for d in data]
+        path = pictures.save_png(pictures.contact_sheet(tiles, columns=2), out / f"planes_{name}.png")
+        figures.append((f"{caption}: axial, coronal and sagittal planes through the largest lesion, mask outlined", path))
+    return figures
+
+
 def intensity_figure(result: dict, out: Path) -> Path:
     keys = list(result["distribution"]["intensity"])
     fig = Figure(figsize=(5 * len(keys), 3.5))
@@ -78,14 +100,22 @@ def intensity_figure(result: dict, out: Path) -> Path:
     return _save(fig, out / "intensity_histograms.png")
 
 
+_MASK_PANELS = {2: (("lesions", "lesions per slice", None), ("area", "lesion area (fraction of slice)", None),
+                     ("component_size", "lesion size (fraction of slice)", "log")),
+                 3: (("lesions", "lesions per volume", None), ("volume_fraction", "lesion volume (fraction of volume)", None),
+                     ("largest_diameter_mm", "largest lesion Feret diameter (mm)", None),
+                     ("lesion_volume_mm3", "lesion volume (mm³)", "log"))}
+
+
 def mask_figure(sets, out: Path) -> Path:
-    real = metrics.mask_statistics(sets.test.data[:, sets.test.keys.index(MASK_KEY)])  # binarised there
-    syn = metrics.mask_statistics(sets.synthetic.data[:, sets.synthetic.keys.index(MASK_KEY)])
-    fig = Figure(figsize=(14, 3.5))
-    panels = (("lesions", "lesions per slice", None), ("area", "lesion area (fraction of slice)", None),
-              ("component_size", "lesion size (fraction of slice)", "log"))
+    """Histograms of the mask statistics of both sets (:func:`~medgen.evaluation.metrics.mask_statistics`:
+    per slice, or per volume and lesion in 3D)."""
+    real = metrics.mask_statistics(sets.test.data[:, sets.test.keys.index(MASK_KEY)], sets.spacing("real"))  # binarised there
+    syn = metrics.mask_statistics(sets.synthetic.data[:, sets.synthetic.keys.index(MASK_KEY)], sets.spacing("synthetic"))
+    panels = _MASK_PANELS[sets.spatial_dims]
+    fig = Figure(figsize=(4.7 * len(panels), 3.5))
     for i, (key, label, scale) in enumerate(panels):
-        ax = fig.add_subplot(1, 3, i + 1)
+        ax = fig.add_subplot(1, len(panels), i + 1)
         both = np.concatenate([real[key], syn[key]]).astype(np.float64)
         if key == "lesions":
             bins = np.arange(0, both.max() + 2) - 0.5
@@ -113,8 +143,9 @@ def downstream_figure(result: dict, out: Path) -> Path:
         dice = [r["overall"] for r in d[name]["per_seed"]]
         ax.bar(i, d[name]["mean"], yerr=d[name]["std"], color=_COLOURS[name], alpha=0.6, capsize=6)
         ax.scatter([i] * len(dice), dice, color="black", s=14, zorder=3)
-    ax.set_xticks(range(len(SETS)), [f"{n}\n({d[n]['train_slices']} slices)" for n in SETS])
-    ax.set_ylabel("Dice on real test slices")
+    unit = result.get("unit", "slice")
+    ax.set_xticks(range(len(SETS)), [f"{n}\n({d[n]['train_slices']} {unit}s)" for n in SETS])
+    ax.set_ylabel(f"Dice on real test {unit}s")
     ax.set_ylim(0, 1)
     ax.set_title(f"downstream segmentation ({len(d['real']['per_seed'])} seeds, {d['budget']['steps']} steps)")
     return _save(fig, out / "downstream.png")
@@ -152,7 +183,7 @@ def lesion_figure(les: dict, path: Path) -> Path:
                 v = [bin_entry(seed, b)[figure]["value"] for b in names]
                 ax.scatter(x, [np.nan if a is None else a for a in v], color="black", s=6, zorder=3)
         ax.set_xticks(range(len(names)), [f"{b}\n({n})" for b, n in counts.items()])
-        ax.set_title(label)
+        ax.set_title(label.replace("slice", les.get("unit", "slice")))
         if figure != "false_positives_per_slice":
             ax.set_ylim(0, 1.2)  # room above 1 for the legend
             ax.set_yticks(np.linspace(0, 1, 6))
@@ -174,56 +205,73 @@ def _mean_std(s: dict, b: str, figure: str, digits: int = 3) -> str:
 def lesion_table(les: dict) -> tuple[str, list[str], list[list[str]], str]:
     rows = [[name, b, str(n), *[_mean_std(les["sets"][name], b, figure) for figure, _ in _LESION_FIGURES]]
             for name in les["sets"] for b, n in _test_lesions(les).items()]
-    note = (f"The whole real test split: {les['lesion_slices']} lesion slices and {les['lesion_free_slices']} "
-            f"lesion-free brain slices; lesions binned by Feret diameter (edges {les['edges_mm']} mm, pixels "
+    unit = les.get("unit", "slice")
+    voxels, brain = ("voxels", "") if unit == "volume" else ("pixels", "brain ")
+    note = (f"The whole real test split: {les['lesion_slices']} lesion {unit}s and {les['lesion_free_slices']} "
+            f"lesion-free {brain}{unit}s; lesions binned by Feret diameter (edges {les['edges_mm']} mm, {voxels} "
             f"{les['spacing_mm']} mm). A true lesion is found when the prediction overlaps it; its lesion Dice "
             "counts the predicted lesions that touch it; a predicted lesion touching none is a false positive, "
-            "binned by its own diameter. Mean ± std over seeds, [bootstrap 95% interval over slices, first seed]. "
+            f"binned by its own diameter. Mean ± std over seeds, [bootstrap 95% interval over {unit}s, first seed]. "
             f"Yardstick rule: {les['yardstick']['rule']}.")
-    return ("Lesion-wise segmentation (real test split, by lesion size)",
-            ["trained on", "size", "test lesions", "sensitivity", "lesion Dice", "false positives / slice"], rows, note)
+    if unit == "volume":
+        note = "Lesions are 3D (26-connected components, diameters over the three axes). " + note
+    return ("Lesion-wise segmentation (real test split, by lesion size" + (", 3D lesions)" if unit == "volume" else ")"),
+            ["trained on", "size", "test lesions", "sensitivity", "lesion Dice", f"false positives / {unit}"], rows, note)
 
 
-
-def _tables(result: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
-    """(title, header, rows, note) of every table in the report."""
-    dist, tables = result["distribution"], []
-    m = dist["masks"]
+def _mask_table(result: dict) -> tuple[str, list[str], list[list[str]], str]:
+    m, anatomy = result["distribution"]["masks"], result.get("anatomy", {})
     rows = [[k.replace("_", " "), _fmt(m[k]["real_mean"], 4), _fmt(m[k]["synthetic_mean"], 4), _fmt(m[k]["wasserstein"], 4),
-             _fmt(m[k]["ks"])] for k in ("lesions", "area", "component_size")]
+             _fmt(m[k]["ks"])] for k in m if k != "empty_fraction"]
     rows.append(["empty fraction", _fmt(m["empty_fraction"]["real"]), _fmt(m["empty_fraction"]["synthetic"]), "", ""])
-    inside = result.get("anatomy", {}).get("inside_brain")
-    if inside:
-        rows.append(["lesion pixels inside the brain", _fmt(inside["real"]), _fmt(inside["synthetic"]), "", ""])
-    tables.append(("Masks", ["statistic", "real mean", "synthetic mean", "Wasserstein-1", "KS"], rows,
-                   "Lesions per slice, lesion area and size of each lesion (areas as fractions of the slice); "
-                   "the fraction of lesion pixels inside the brain of their own image (the brain derived from "
-                   f"{result.get('anatomy', {}).get('brain_from', 'the image')} as for training data)."))
-    rows = [[k, _fmt(v["real_mean"]), _fmt(v["synthetic_mean"]), _fmt(v["wasserstein"], 4), _fmt(v["ks"]),
-             _fmt(dist["diversity"][k]["real_ms_ssim"]), _fmt(dist["diversity"][k]["synthetic_ms_ssim"])]
-            for k, v in dist["intensity"].items()]
-    tables.append(("Intensities and diversity", ["modality", "real mean", "synthetic mean", "Wasserstein-1", "KS",
-                                                  "MS-SSIM real pairs", "MS-SSIM synthetic pairs"], rows,
-                   "Intensities of brain pixels; MS-SSIM between random pairs within a set (lower = more diverse)."))
+    element = "voxels" if result.get("spatial_dims") == 3 else "pixels"
+    if anatomy.get("inside_brain"):
+        rows.append([f"lesion {element} inside the brain", _fmt(anatomy["inside_brain"]["real"]),
+                     _fmt(anatomy["inside_brain"]["synthetic"]), "", ""])
+    brain = (f"the fraction of lesion {element} inside the brain of their own image (the brain derived from "
+             f"{anatomy.get('brain_from', 'the image')} as for training data"
+             + (", axial slice by axial slice)." if element == "voxels" else ")."))
+    if result.get("spatial_dims") != 3:
+        return ("Masks", ["statistic", "real mean", "synthetic mean", "Wasserstein-1", "KS"], rows,
+                "Lesions per slice, lesion area and size of each lesion (areas as fractions of the slice); " + brain)
+    spacing = result.get("spacing_mm", {})
+    return ("Masks (3D, per volume)", ["statistic", "real mean", "synthetic mean", "Wasserstein-1", "KS"], rows,
+            "Lesions per volume (26-connected components), lesion volume fraction, Feret diameter of each volume's "
+            "largest lesion over the three axes and volume of each lesion (voxels of "
+            + ", ".join(f"{n} {' x '.join(f'{v:.2f}' for v in sp)} mm" for n, sp in spacing.items()) + "); " + brain)
+
+
+def _feature_table(result: dict) -> tuple[str, list[str], list[list[str]], str]:
     f = result["features"]
     if "skipped" in f:
-        tables.append(("FID and KID", ["note"], [[f["skipped"]]], ""))
-    else:
-        rows = [[k, _fmt(v["fid"], 2), f"{_fmt(v['kid_mean'], 4)} ± {_fmt(v['kid_std'], 4)}",
-                 _fmt(v.get("fid_real_val_vs_test"), 2), _fmt(v.get("kid_real_val_vs_test"), 4)]
-                for k, v in f.items() if k != "network"]
-        tables.append((f"FID and KID ({f['network']} features)", ["modality", "FID synthetic vs real",
-                       "KID synthetic vs real", "FID real val vs real test (floor)", "KID floor"], rows,
-                       "The floor is what two real samples of this size score against each other."))
-    p = result["paired"]
-    if "skipped" not in p:
-        rows = [[k, _fmt(v["psnr"], 2), _fmt(v["ssim"]), str(v["pairs"])] for k, v in p.items()]
-        tables.append(("Paired fidelity (same masks)", ["modality", "PSNR (dB)", "SSIM", "pairs"], rows,
-                       "Synthetic images against the real images whose masks they were generated for."))
+        return ("FID and KID", ["note"], [[f["skipped"]]], "")
+    header = ["modality", "FID synthetic vs real", "KID synthetic vs real", "FID real val vs real test (floor)",
+              "KID floor"]
+    entries = {k: v for k, v in f.items() if isinstance(v, dict)}
+    if result.get("spatial_dims") != 3:
+        rows = [_feature_row(k, v, "") for k, v in entries.items()]
+        return (f"FID and KID ({f['network']} features)", header, rows,
+                "The floor is what two real samples of this size score against each other.")
+    rows = [row for k, v in entries.items() for row in
+            [_feature_row(f"{k} (2.5D: mean of planes)", v, "_2.5d")]
+            + [_feature_row(f"{k} {plane}", e, "") for plane, e in v["planes"].items()]]
+    return (f"FID and KID, 2.5D ({f['network']} features)", header, rows,
+            f"2.5D: {f['slices_per_plane']} slices per volume in each plane (axial, coronal, sagittal), evenly spaced "
+            f"through the middle {f['plane_fraction']:.0%} of the axis across it; FID and KID per plane and their "
+            "mean. The floor is what two real samples of this size score against each other.")
+
+
+def _feature_row(name: str, v: dict, suffix: str) -> list[str]:
+    return [name, _fmt(v[f"fid{suffix}"], 2), f"{_fmt(v[f'kid_mean{suffix}'], 4)} ± {_fmt(v[f'kid_std{suffix}'], 4)}",
+            _fmt(v.get(f"fid_real_val_vs_test{suffix}"), 2), _fmt(v.get(f"kid_real_val_vs_test{suffix}"), 4)]
+
+
+def _segmentation_tables(result: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
+    unit, tables = result.get("unit", "slice"), []
     a = result.get("adherence", {})
     if "skipped" not in a and a:
-        tables.append(("Conditioning adherence", ["images", "slices", "Dice against their masks",
-                                                  "slices with a false lesion", "false lesion area"],
+        tables.append(("Conditioning adherence", ["images", f"{unit}s", "Dice against their masks",
+                                                  f"{unit}s with a false lesion", "false lesion area"],
                        [["synthetic, mask with a lesion", str(a["lesion_slices"]), _fmt(a["synthetic_dice"]), "", ""],
                         ["synthetic, lesion-free mask", str(a["empty_slices"]), "",
                          _fmt(a["false_positive_fraction"]), _fmt(a["false_positive_area"], 4)],
@@ -238,12 +286,36 @@ def _tables(result: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
         g = d["gain"]
         note = (f"Gain of real+synthetic over real: {g['value']:+.3f} Dice; seed-to-seed spread (largest standard "
                 f"deviation) {g['spread']:.3f}: {g['verdict']}.")
-        tables.append(("Downstream segmentation (Dice on real test slices)",
-                       ["trained on", "slices", "Dice mean ± std over seeds", *[f"{b} lesions" for b, _ in SIZE_BINS]],
+        if unit == "volume":
+            note = ("A 3D DynUNet trained on whole volumes; Dice per test volume, lesion sizes binned by lesion volume "
+                    "fraction (" + ", ".join(f"{b} < {e:g}" for b, e in SIZE_BINS_3D[:-1]) + "). " + note)
+        tables.append((f"Downstream segmentation (Dice on real test {unit}s)",
+                       ["trained on", f"{unit}s", "Dice mean ± std over seeds", *[f"{b} lesions" for b, _ in SIZE_BINS]],
                        rows, note))
     if result.get("lesions") and "skipped" not in result["lesions"]:
         tables.append(lesion_table(result["lesions"]))
     return tables
+
+
+def _tables(result: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
+    """(title, header, rows, note) of every table in the report."""
+    dist = result["distribution"]
+    element = "voxels" if result.get("spatial_dims") == 3 else "pixels"
+    rows = [[k, _fmt(v["real_mean"]), _fmt(v["synthetic_mean"]), _fmt(v["wasserstein"], 4), _fmt(v["ks"]),
+             _fmt(dist["diversity"][k]["real_ms_ssim"]), _fmt(dist["diversity"][k]["synthetic_ms_ssim"])]
+            for k, v in dist["intensity"].items()]
+    tables = [_mask_table(result),
+              ("Intensities and diversity", ["modality", "real mean", "synthetic mean", "Wasserstein-1", "KS",
+                                             "MS-SSIM real pairs", "MS-SSIM synthetic pairs"], rows,
+               f"Intensities of brain {element}; MS-SSIM between random pairs within a set (lower = more diverse"
+               + ("; 3D MS-SSIM of whole volumes)." if element == "voxels" else ").")),
+              _feature_table(result)]
+    p = result["paired"]
+    if "skipped" not in p:
+        rows = [[k, _fmt(v["psnr"], 2), _fmt(v["ssim"]), str(v["pairs"])] for k, v in p.items()]
+        tables.append(("Paired fidelity (same masks)", ["modality", "PSNR (dB)", "SSIM", "pairs"], rows,
+                       "Synthetic images against the real images whose masks they were generated for."))
+    return tables + _segmentation_tables(result)
 
 
 def skipped_metrics(result: dict, where: str = "") -> list[tuple[str, str]]:
@@ -262,10 +334,12 @@ def summary_lines(result: dict) -> list[str]:
     """The headline numbers, for the console and the demo's summary."""
     lines = [f"warning: {w}" for w in result.get("warnings", [])]
     lines += [f"skipped: {where}: {reason}" for where, reason in skipped_metrics(result)]
+    suffix = "_2.5d" if result.get("spatial_dims") == 3 else ""
     for key, v in result["features"].items():
-        if key not in ("network", "skipped"):
-            floor = v.get("fid_real_val_vs_test")
-            lines.append(f"FID {key} ({result['features']['network']}): {v['fid']:.2f} synthetic vs real"
+        if isinstance(v, dict):
+            floor = v.get(f"fid_real_val_vs_test{suffix}")
+            lines.append(f"FID{' 2.5D' if suffix else ''} {key} ({result['features']['network']}): "
+                         f"{v['fid' + suffix]:.2f} synthetic vs real"
                          + (f", {floor:.2f} real val vs real test (floor)" if floor is not None else ""))
     inside = result.get("anatomy", {}).get("inside_brain", {})
     if inside.get("synthetic") is not None:
@@ -297,18 +371,32 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
+def _intro(result: dict) -> str:
+    if result.get("spatial_dims") != 3:
+        return (f"Synthetic set `{result['synthetic_dir']}` against the lesion slices of the real "
+                f"{result['reference_split']} split of `{result['real_dir']}`, at {result['image_size']} px, modalities "
+                f"{', '.join(result['modalities'])}. All numbers are in `metrics.json`.")
+    return (f"A 3D synthetic set: `{result['synthetic_dir']}`, volumes of {'x'.join(map(str, result['volume_shape']))} "
+            f"voxels, against the real volumes with a lesion of the {result['reference_split']} split of "
+            f"`{result['real_dir']}` at that shape, modalities {', '.join(result['modalities'])}. Mask statistics, "
+            "intensities, diversity (3D MS-SSIM), anatomy and lesion-wise figures are 3D (lesions are 26-connected "
+            "components, diameters in mm over the three axes); FID and KID are 2.5D (slices of the axial, coronal and "
+            "sagittal planes); the downstream segmenter is a 3D DynUNet scored per volume. All numbers are in "
+            "`metrics.json`.")
+
+
 def write_report(out: Path, result: dict, sets) -> tuple[Path, Path]:
-    figures = [("Real (left) and synthetic (right) slices, mask outlined", contact_sheets(sets, out)),
-               ("Brain intensities", intensity_figure(result, out)),
-               ("Mask statistics", mask_figure(sets, out))]
+    """``report.md`` and ``report.html`` with their figures, for ``result`` (``metrics.json``) of ``sets``."""
+    sheets = plane_sheets(sets, out) if sets.spatial_dims == 3 else \
+        [("Real (left) and synthetic (right) slices, mask outlined", contact_sheets(sets, out))]
+    figures = sheets + [("Brain intensities", intensity_figure(result, out)),
+                           ("Mask statistics", mask_figure(sets, out))]
     if result.get("downstream") and "skipped" not in result["downstream"]:
         figures.append(("Downstream segmentation", downstream_figure(result, out)))
     if result.get("lesions") and "skipped" not in result["lesions"]:
         figures.append(("Lesion-wise segmentation by lesion size", lesion_figure(result["lesions"], out / "lesions.png")))
     title = f"medgen evaluation: {Path(result['synthetic_dir']).name} vs {Path(result['real_dir']).name}"
-    intro = (f"Synthetic set `{result['synthetic_dir']}` against the lesion slices of the real {result['reference_split']} "
-             f"split of `{result['real_dir']}`, at {result['image_size']} px, modalities {', '.join(result['modalities'])}. "
-             f"All numbers are in `metrics.json`.")
+    intro = _intro(result)
     notes = [f"Warning: {w}" for w in result.get("warnings", [])] + \
         [f"Skipped ({where}): {reason}" for where, reason in skipped_metrics(result)]
     return write_pages(out, "report", title, intro, notes, _tables(result), figures)
