@@ -3,11 +3,14 @@
 It reuses PyTorch's ``DataLoader`` workers as the process pool: they start with one intra-op
 thread each, are fork-safe with torch already imported, and hand results back in order. Every
 worker dies with the process that started it (:func:`worker_init_dying_with_parent`), so a killed
-run leaves no worker behind.
+run leaves no worker behind, and a process that ends with workers still running (a script that
+keeps a trainer to the end) kills them first: they ignore SIGTERM, with which ``multiprocessing``
+would otherwise end them and then wait for them forever.
 """
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 from functools import partial
@@ -41,12 +44,28 @@ def _die_with_parent(parent_pid: int | None, worker_id: int) -> None:
     die_with_parent(os.getppid() if parent_pid is None else parent_pid)
 
 
+def _kill_workers_at_exit() -> None:
+    """At interpreter exit, before ``multiprocessing``'s own exit hook (atexit runs hooks last in,
+    first out): SIGKILL the daemonic children still alive (DataLoader workers read data only)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+_exit_hook: list[bool] = []
+
+
 def worker_init_dying_with_parent() -> Callable[[int], None]:
     """A ``worker_init_fn`` for a ``DataLoader`` created in this process: each worker gets SIGKILL
     when this process dies, and exits at once if it is already gone. Without it, a worker blocked
-    on a full result pipe outlives a killed run for good. Picklable (a module function bound with
-    ``partial``). Under the forkserver start method a worker's parent is the fork server, which
-    exits with this process: the worker follows that one."""
+    on a full result pipe outlives a killed run for good. The workers ignore Ctrl-C, SIGTERM and
+    SIGUSR1 (:func:`~medgen.core.fs.die_with_parent`), so this process also kills any left at its
+    exit (:func:`_kill_workers_at_exit`). Picklable (a module function bound with ``partial``). Under
+    the forkserver start method a worker's parent is the fork server, which exits with this process:
+    the worker follows that one."""
+    if not _exit_hook:
+        atexit.register(_kill_workers_at_exit)
+        _exit_hook.append(True)
     direct = multiprocessing.get_start_method() != "forkserver"
     return partial(_die_with_parent, os.getpid() if direct else None)
 
