@@ -40,7 +40,7 @@ from medgen.evaluation.config import size_bins
 from medgen.evaluation.downstream import SliceSet
 from medgen.evaluation.features import FeatureWeightsError, fid, kid, load_feature_network
 from medgen.evaluation.sets import Sets, as_slice_set
-from medgen.generation.records import SliceSource, parse_mask_source
+from medgen.generation.records import SliceSource, VolumeSource, parse_mask_source
 
 log = logging.getLogger("medgen.evaluate")
 
@@ -102,10 +102,8 @@ def anatomy_metrics(sets: Sets, cfg: DictConfig) -> dict:
 
 
 def paired_metrics(sets: Sets) -> dict:
-    """For sets made with ``masks_from``: synthetic vs the real images of the same masks (slices)."""
-    if sets.spatial_dims == 3:
-        return _skip("paired PSNR/SSIM: measured for 2D sets only (a 3D set's samples are not matched to real "
-                     "volumes)", logging.INFO)
+    """For sets made with ``masks_from``: synthetic vs the real images of the same masks (slices, or
+    the volumes of the same patients)."""
     manifest = sets.synthetic_root / "manifest.csv"
     if not manifest.is_file():
         return _skip(f"paired PSNR/SSIM: no manifest.csv in {sets.synthetic_root} (a medgen-generate set has one)",
@@ -117,8 +115,8 @@ def paired_metrics(sets: Sets) -> dict:
     syn_idx, real_idx = [], []
     for i, sid in enumerate(sets.synthetic_ids):
         source = parse_mask_source(rows.get(sid, {}).get("mask_source", ""))
-        if isinstance(source, SliceSource) and source.split == sets.reference_split:
-            j = by_slice.get((source.patient, source.z))
+        if isinstance(source, (SliceSource, VolumeSource)) and source.split == sets.reference_split:
+            j = by_slice.get((source.patient, source.z if isinstance(source, SliceSource) else 0))
             if j is not None:
                 syn_idx.append(i)
                 real_idx.append(j)

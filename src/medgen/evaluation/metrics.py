@@ -142,7 +142,11 @@ def pairwise_ms_ssim(images: np.ndarray, pairs: int, seed: int) -> float:
 # ============================================================================ paired
 def paired_fidelity(real: np.ndarray, synthetic: np.ndarray) -> dict[str, float]:
     """PSNR and SSIM (MONAI, data range 1) of synthetic images against the real images of the same
-    masks, ``[N, S, S]`` each, in the same order."""
+    masks, ``[N, S, S]`` each (volumes ``[N, X, Y, Z]``: 3D SSIM), in the same order. The SSIM window
+    is MONAI's 11 pixels, or the largest odd size that fits the shortest axis."""
     x, y = (torch.from_numpy(np.asarray(a, np.float32))[:, None] for a in (synthetic, real))
+    shortest = min(x.shape[2:])
+    kernel = min(11, shortest if shortest % 2 else shortest - 1)
     return {"psnr": float(PSNRMetric(max_val=1.0)(x, y).mean()),
-            "ssim": float(SSIMMetric(spatial_dims=2, data_range=1.0)(x, y).mean()), "pairs": int(len(real))}
+            "ssim": float(SSIMMetric(spatial_dims=x.ndim - 2, data_range=1.0, win_size=kernel)(x, y).mean()),
+            "pairs": int(len(real))}
