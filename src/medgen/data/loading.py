@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from medgen.core.constants import LESION_COUNT_KEY, LESION_MM_KEY
 from medgen.data.nifti_dataset import DataError
-from medgen.data.parallel import worker_init_dying_with_parent
+from medgen.data.parallel import stopping_at_exit, worker_init_dying_with_parent
 from medgen.data.slices import SliceCache, SliceSpec, fingerprint, open_or_build_caches
 from medgen.data.splits import split_patients
 
@@ -75,10 +75,10 @@ def build_dataloader(
     drop_last: bool = True,
 ) -> DataLoader:
     """A loader with a :class:`ResumableSampler` (also for one process); ``batch_size`` is per rank.
-    Its (persistent) workers die with this process."""
+    Its (persistent) workers die with this process and are stopped when it exits."""
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                                drop_last=drop_last and world_size > 1)
-    return DataLoader(
+    return stopping_at_exit(DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -87,7 +87,7 @@ def build_dataloader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         worker_init_fn=worker_init_dying_with_parent() if num_workers > 0 else None,
-    )
+    ))
 
 
 @dataclass
