@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-slow cluster-deps test-cluster bench-data lock clean
+.PHONY: install demo demo-3d test test-slow cluster-deps test-cluster bench-data lock clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ install: $(VENV)/.installed
 # the whole pipeline on phantoms (about 20 minutes on a 2-core CPU): see demo/summary.md
 demo: install
 	$(VENV)/bin/medgen-demo --out demo
+
+# the volume pipeline on phantoms (3D models of 32 x 32 x 16 voxels): see demo3d/summary.md
+demo-3d: install
+	$(VENV)/bin/medgen-demo --out demo3d --3d
 
 test: install
 	$(PY) -m pytest -q tests

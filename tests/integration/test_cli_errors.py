@@ -47,3 +47,17 @@ def test_evaluate_errors_are_one_line_and_leave_no_folder(tmp_path):
     assert out.returncode == 2 and "config error at 'synthetic_dir': missing" in out.stderr
     assert not (tmp_path / "evaluation").exists()  # the default out_dir: a bad command line leaves no folder
     assert not (tmp_path / "cli").exists()
+
+
+def test_a_volume_demo_into_a_slice_demo_folder_is_one_line(tmp_path, tiny_checkpoints):
+    """`medgen-demo --3d` would otherwise reuse (or delete) the slice demo's models in that folder."""
+    import shutil
+
+    demo = tmp_path / "demo"
+    (demo / "runs" / "seg" / "demo" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tiny_checkpoints["seg"], demo / "runs" / "seg" / "demo" / "checkpoints" / "latest.pt")
+    out = _run("demo", "--out", str(demo), "--3d")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (f"medgen-demo: {demo} holds a slice demo; give medgen-demo another "
+                                                   "--out for the volume demo (with --3d)")
+    assert not (demo / "data").exists()  # nothing written

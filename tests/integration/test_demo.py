@@ -35,3 +35,39 @@ def test_demo_runs_the_whole_pipeline_and_its_lesions_sit_on_the_masks(tmp_path)
     metrics = (out / "evaluation" / "metrics.json").read_text()
     assert '"downstream"' in metrics and (out / "evaluation" / "report.html").is_file()
     assert "downstream Dice, trained on real" in summary
+
+
+@pytest.mark.timeout(2400)
+def test_the_volume_demo_runs_the_3d_pipeline_within_20_minutes(tmp_path):
+    """`make demo-3d`: volume models, volumes generated through the gate, evaluated in 3D, a
+    three-plane contact sheet; lesions inside the brain of their own volumes."""
+    import json
+
+    import numpy as np
+
+    from medgen.data.nifti_dataset import load_volume
+
+    out = tmp_path / "demo3d"
+    run = subprocess.run([sys.executable, "-m", "medgen.scripts.demo", "--out", str(out), "--3d"],
+                         capture_output=True, text=True, timeout=2300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = (out / "summary.md").read_text()
+    total = float(re.search(r"\| total \| ([\d.]+) \|", summary).group(1))
+    assert total < 20, summary  # minutes on 2 cores
+    # painted on the lesion volumes of the phantoms' train split (at most --pairs, 16)
+    report = check_dataset(out / "synthetic", progress=False)
+    assert report.ok and 8 <= report.patients_checked <= 16
+    assert f"→ {report.patients_checked} synthetic pairs (volumes)" in summary
+    volume = load_volume(out / "synthetic" / "train" / "syn_000000" / "bravo.nii.gz")[0]
+    assert volume.shape == (32, 32, 16)
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert metrics["spatial_dims"] == 3 and metrics["volume_shape"] == [32, 32, 16]
+    assert metrics["anatomy"]["inside_brain"]["synthetic"] >= 0.99
+    assert (out / "evaluation" / "planes_synthetic.png").is_file()
+    from PIL import Image
+
+    sheet = np.asarray(Image.open(out / "contact_sheet.png").convert("RGB"))
+    assert (np.all(sheet == (255, 42, 42), axis=-1)).any()  # lesions outlined in the three planes
+    own = float(re.search(r"\| synthetic \| their own \| ([-\d.]+) \|", summary).group(1))
+    control = float(re.search(r"\| synthetic \| another sample's \(control\) \| ([-\d.]+) \|", summary).group(1))
+    assert own > control, summary  # a brighter lesion at its own mask than at another volume's

@@ -278,8 +278,9 @@ class DiffusionTrainer:
             compiled = self.forward_model is not self._eager_forward
             how = (f"compiled ({self.train_cfg.compile_mode} mode)" if compiled else "eager") + \
                 (", channels_last" if self.train_cfg.channels_last else "")
-            log.info("%s x %s at %s px: %.1fM parameters on %s (%s x %d process(es)), %s", self.strategy.name,
-                     self.mode.name, " x ".join(map(str, self.strategy.spatial_shape)), n_params / 1e6, self.device,
+            log.info("%s x %s at %s %s: %.1fM parameters on %s (%s x %d process(es)), %s", self.strategy.name,
+                     self.mode.name, " x ".join(map(str, self.strategy.spatial_shape)),
+                     "voxels" if len(self.strategy.spatial_shape) == 3 else "px", n_params / 1e6, self.device,
                      effective_precision(self.device, self.train_cfg.precision),
                      self.dist.world_size, how)
             log.info("%d training %s, %d steps/epoch, %d epochs (%d steps)", len(self.data.train_cache),
@@ -349,8 +350,8 @@ class DiffusionTrainer:
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_sec']:.1f}")
                 if self._log_lines and time.monotonic() - self._last_line >= PROGRESS_LINE_SECONDS:
                     self._last_line = time.monotonic()
-                    log.info("epoch %s, step %d/%d: loss %.4f, %.1f images/s", self.epoch_label(), self.step,
-                             self.total_steps, stats["loss"], stats["images_per_sec"])
+                    log.info("epoch %s, step %d/%d: loss %.4f, %.1f %s/s", self.epoch_label(), self.step, self.total_steps,
+                             stats["loss"], stats["images_per_sec"], "volumes" if self.cfg.model.spatial_dims == 3 else "images")
 
     def check_skips(self) -> None:
         """Report the steps skipped since the last check; :class:`TrainingStopped` after

@@ -366,7 +366,8 @@ def summary_lines(result: dict) -> list[str]:
             m = les["sets"][name]["mean"]
             per_bin = ", ".join(f"{b} {_fmt(m[b]['sensitivity'], 2)}" for b in les["bins"])
             lines.append(f"lesion-wise sensitivity, trained on {name:<15} {_fmt(m['all']['sensitivity'])} "
-                         f"({per_bin}); false positives per slice {_fmt(m['all']['false_positives_per_slice'])}")
+                         f"({per_bin}); false positives per {result.get('unit', 'slice')} "
+                         f"{_fmt(m['all']['false_positives_per_slice'])}")
     lines.append(f"report: {Path(result['out_dir']) / 'report.html'}")
     return lines
 
