@@ -58,7 +58,8 @@ def test_the_volume_demo_runs_the_3d_pipeline_within_20_minutes(tmp_path):
     report = check_dataset(out / "synthetic", progress=False)
     assert report.ok and 8 <= report.patients_checked <= 16
     assert f"→ {report.patients_checked} synthetic pairs (volumes)" in summary
-    volume = load_volume(out / "synthetic" / "train" / "syn_000000" / "bravo.nii.gz")[0]
+    first = sorted((out / "synthetic" / "train").iterdir())[0]  # named after the patient whose mask it is painted on
+    volume = load_volume(first / "bravo.nii.gz")[0]
     assert volume.shape == (32, 32, 16)
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     assert metrics["spatial_dims"] == 3 and metrics["volume_shape"] == [32, 32, 16]

@@ -197,7 +197,7 @@ def test_every_strategy_and_mode_trains_on_volumes_from_the_command(tmp_path, ti
     run = tmp_path / "run"
     out = subprocess.run(_train_cmd(run, over), capture_output=True, text=True, env=ENV, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert f"{strategy} x {mode} at 16 x 16 x 8 px" in out.stdout + out.stderr
+    assert f"{strategy} x {mode} at 16 x 16 x 8 voxels" in out.stdout + out.stderr
     ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
     assert ckpt["step"] == 2 and ckpt["network"]["spatial_dims"] == 3
     assert ckpt["model"]["conv_in.conv.weight"].ndim == 5  # a 3D convolution: [out, in, 3, 3, 3]
