@@ -223,6 +223,7 @@ def test_volumes_painted_on_real_masks_are_evaluated_in_3d_against_their_own_pat
     cfg = validate_evaluate_config(OmegaConf.create({
         "real_dir": str(real), "synthetic_dir": str(result.out_dir), "out_dir": str(tmp_path / "eval"),
         "cache_dir": str(tmp_path / "cache"), "seeds": [0], "num_workers": 0, "diversity_pairs": 4, "downstream": False,
+        "budget": {"steps": 5, "batch_size": 2},  # the real-trained network of the adherence check
         "features": {"network": str(feature_net), "kid_subsets": 2, "kid_subset_size": 4, "slices_per_plane": 2}}))
     r = evaluate(cfg, torch.device("cpu"), progress=False)
     assert (r["spatial_dims"], r["volume_shape"]) == (3, list(SHAPE))
