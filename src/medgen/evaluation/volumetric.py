@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from medgen.core.constants import MASK_KEY
-from medgen.data.brain import brain_mask
+from medgen.data.brain import brain_mask, brain_of
 from medgen.data.nifti_dataset import modality_path
 from medgen.data.slices import SliceCache, open_or_build_cache
 from medgen.data.volumes import VolumeSpec
@@ -123,9 +123,9 @@ def volume_caches(patients: dict[str, list[Path]], keys: Sequence[str], shape: S
 
 def item_brains(images: np.ndarray) -> np.ndarray:
     """The brain (booleans, same shape) of each slice ``[N, S, S]`` or volume ``[N, X, Y, Z]``, a
-    volume's axial slice by axial slice (:func:`medgen.data.brain.brain_mask`)."""
+    volume's axial slice by axial slice (:func:`medgen.data.brain.brain_of`, as for training data)."""
     if np.ndim(images) == 4:
-        return np.moveaxis(brain_mask(np.moveaxis(images, -1, 1)), 1, -1)
+        return np.stack([brain_of(volume) for volume in images]) if len(images) else np.zeros(np.shape(images), bool)
     return brain_mask(images)
 
 

@@ -369,8 +369,9 @@ def _uncertainty(out: Path, split_dir: Path, masks: Masks, ids: SampleIds, keys:
             continue
         tiles, mask = [], masks.masks[i]
         draw = (lambda a: render_planes(a, mask, spacing)) if mask.ndim == 3 else (lambda a: render_tile(a, mask))
+        draws = [read_sample(split_dir / sid, keys) for sid in sids]  # each file read once
         for key in keys:
-            stack = np.stack([read_sample(split_dir / sid, (key,))[key] for sid in sids])
+            stack = np.stack([d[key] for d in draws])
             mean, std = stack.mean(axis=0), stack.std(axis=0)
             save_volume(folder / f"{key}_mean.nii.gz", writer.as_volume(mean), affine)
             save_volume(folder / f"{key}_std.nii.gz", writer.as_volume(std), affine)
