@@ -301,3 +301,44 @@ def test_monai_similarity_name_is_restored_after_build(weights_file: Path) -> No
     original = perceptual.monai_perceptual.RadImageNetPerceptualSimilarity
     build_perceptual_loss(1.0, weights_path=weights_file)
     assert perceptual.monai_perceptual.RadImageNetPerceptualSimilarity is original
+
+
+# --------------------------------------------------------------------------------------
+# Volumes: the 2.5D loss
+# --------------------------------------------------------------------------------------
+
+
+def test_a_volume_is_scored_on_random_slices_of_its_three_planes(weights_file: Path) -> None:
+    """PlanesPerceptualLoss == the mean over axial, coronal and sagittal of the slice loss on the
+    slices a generator with the same seed draws (cut out by hand here), without touching torch's
+    global RNG; an axis shorter than ``slices`` gives all its slices."""
+    slice_loss = build_perceptual_loss(0.001, weights_path=str(weights_file), device="cpu")
+    planes = perceptual.PlanesPerceptualLoss(slice_loss, slices=2)
+    pred, target = _images(3, (2, 1, 8, 6, 4)).requires_grad_(True), _images(4, (2, 1, 8, 6, 4))
+
+    state = torch.random.get_rng_state()
+    value = planes(pred, target, torch.Generator().manual_seed(7))
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+    g = torch.Generator().manual_seed(7)
+    z, y, x = (torch.randperm(n, generator=g)[:2].tolist() for n in (4, 6, 8))
+    expected = (slice_loss(torch.cat([pred[..., k] for k in z]), torch.cat([target[..., k] for k in z]))
+                + slice_loss(torch.cat([pred[:, :, :, k] for k in y]), torch.cat([target[:, :, :, k] for k in y]))
+                + slice_loss(torch.cat([pred[:, :, k] for k in x]), torch.cat([target[:, :, k] for k in x]))) / 3
+    torch.testing.assert_close(value, expected)
+    assert value.item() > 0 and planes(target, target.clone(), torch.Generator().manual_seed(7)).item() == 0.0
+    value.backward()
+    assert pred.grad is not None and pred.grad.abs().sum() > 0
+
+    other = planes(pred, target, torch.Generator().manual_seed(8))
+    assert other.item() != pytest.approx(value.item(), rel=1e-6)  # other slices, another value
+    every = perceptual.PlanesPerceptualLoss(slice_loss, slices=50)  # more than any axis holds: all of them
+    whole = (slice_loss(pred.movedim(4, 1).reshape(-1, 1, 8, 6), target.movedim(4, 1).reshape(-1, 1, 8, 6))
+             + slice_loss(pred.movedim(3, 1).reshape(-1, 1, 8, 4), target.movedim(3, 1).reshape(-1, 1, 8, 4))
+             + slice_loss(pred.movedim(2, 1).reshape(-1, 1, 6, 4), target.movedim(2, 1).reshape(-1, 1, 6, 4))) / 3
+    torch.testing.assert_close(every(pred, target, torch.Generator().manual_seed(0)), whole)
+
+    with pytest.raises(ValueError, match="step's generator"):
+        planes(pred, target)
+    with pytest.raises(ValueError, match=r"\[B, C, X, Y, Z\]"):
+        planes(pred[..., 0], target[..., 0], g)

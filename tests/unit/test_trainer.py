@@ -456,3 +456,29 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_trains_the_same_weight
         trainer.train()
     assert calls["saving"] == 2 * calls["plain"] > 0  # each step's forward, then its recomputation in backward
     _assert_same(_weights(plain.model), _weights(saving.model))
+
+
+def test_a_3d_image_model_trains_with_the_2_5d_perceptual_loss_and_resumes_exactly(tiny_cfg, tmp_path,
+                                                                                    reference_state):
+    """training.perceptual_weight > 0 on volumes: the loss scores slices of the three planes (it is
+    logged and not zero) and, its slices drawn from the step's generator, a stopped and resumed run
+    ends with the weights of a straight one."""
+    torch.save(reference_state, tmp_path / "radimagenet.pth")
+    extra = ("mode=bravo", "strategy=rflow", "model.spatial_dims=3", "data.volume_shape=[16,16,8]",
+             "training.batch_size=2", "training.epochs=4", "training.warmup_steps=1", "training.val_interval=100",
+             "training.perceptual_weight=0.5", f"training.perceptual_weights_path={tmp_path / 'radimagenet.pth'}",
+             "training.perceptual_slices=3")
+    straight = DiffusionTrainer(tiny_cfg(*extra, "training.max_steps=4"), tmp_path / "a", CPU, progress=False)
+    assert type(straight.perceptual).__name__ == "PlanesPerceptualLoss" and straight.perceptual.slices == 3
+    results = []
+    straight.fit(4, results.append)
+    assert all(r.perceptual.item() > 0 for r in results)
+    assert all(r.loss.item() == pytest.approx(r.mse.item() + 0.5 * r.perceptual.item(), rel=1e-5) for r in results)
+
+    half = DiffusionTrainer(tiny_cfg(*extra, "training.max_steps=2"), tmp_path / "b", CPU, progress=False)
+    half.train()
+    resumed = DiffusionTrainer(tiny_cfg(*extra, "training.max_steps=4"), tmp_path / "b", CPU, progress=False)
+    resumed.resume_from(tmp_path / "b" / "checkpoints" / "latest.pt")
+    resumed.train()
+    assert resumed.step == 4
+    _assert_same(_weights(straight.model), _weights(resumed.model))

@@ -81,6 +81,8 @@ class TrainingConfig:
     perceptual_weight: float = at_least(0.001, 0)
     perceptual_weights_path: Optional[str] = None
     perceptual_allow_download: bool = False
+    #: volumes: slices of each plane (axial, coronal, sagittal) the 2.5D perceptual loss scores each step
+    perceptual_slices: int = at_least(4, 1)
     use_multi_gpu: bool = False
     precision: str = choice("bf16", "bf16", "fp32")
     compile: str = choice("auto", "auto", "true", "false")

@@ -16,6 +16,11 @@ with ``allow_download=True`` and no configured path does MONAI's own path run in
 Face. With ``allow_download=False`` no code path here reaches ``torch.hub.load`` or any other
 network call; a missing file costs only a few ``stat`` calls before
 :class:`PerceptualWeightsError` explains what to do.
+
+Volumes (``model.spatial_dims=3``) are scored in 2.5D by :class:`PlanesPerceptualLoss`: each step
+``training.perceptual_slices`` slices of each plane (axial, coronal, sagittal) are drawn from the
+step's own generator, never from torch's global one, so a resumed run draws the same slices.
+MONAI's ``is_fake_3d`` does the same with the global RNG, which would break exact resume.
 """
 
 from __future__ import annotations
@@ -155,8 +160,9 @@ class RadImageNetPerceptualLoss(nn.Module):
         self.loss.eval()
         return self
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean perceptual distance between ``pred`` and ``target`` over batch and channels."""
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean perceptual distance between ``pred`` and ``target`` over batch and channels
+        (``generator`` is unused: an image is scored whole)."""
         if pred.shape != target.shape:
             raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
         if pred.ndim != 4:
@@ -167,6 +173,49 @@ class RadImageNetPerceptualLoss(nn.Module):
         # Equal-sized channels: the mean over B*C single-channel images is the mean of the
         # per-channel means.
         return self.loss(pred_1ch, target_1ch).float()
+
+
+#: the planes of a ``[B, C, X, Y, Z]`` volume in RAS order, as (name, axis across which they are cut)
+PLANES = (("axial", 4), ("coronal", 3), ("sagittal", 2))
+
+
+class PlanesPerceptualLoss(nn.Module):
+    """2.5D perceptual loss for volumes ``[B, C, X, Y, Z]`` in ``[0, 1]``: the mean over the three
+    planes of the slice loss (``slice_loss``, a :class:`RadImageNetPerceptualLoss`) on ``slices``
+    slices of that plane, the same positions for every volume of the batch, drawn without
+    replacement from ``generator`` (all of them when an axis is shorter). The slices are scored
+    at the volume's voxel grid, as stored (no resampling to square pixels)."""
+
+    def __init__(self, slice_loss: RadImageNetPerceptualLoss, slices: int) -> None:
+        super().__init__()
+        if slices < 1:
+            raise ValueError(f"training.perceptual_slices must be >= 1, got {slices}")
+        self.slice_loss = slice_loss
+        self.slices = int(slices)
+        self.source = slice_loss.source
+
+    def positions(self, shape: torch.Size, generator: torch.Generator) -> list[torch.Tensor]:
+        """The slice indices of each plane in :data:`PLANES` order, drawn from ``generator``."""
+        return [torch.randperm(shape[axis], generator=generator, device=generator.device)[:self.slices]
+                for _, axis in PLANES]
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if pred.shape != target.shape or pred.ndim != 5:
+            raise ValueError(f"expected two [B, C, X, Y, Z] volumes of one shape, got {tuple(pred.shape)} "
+                             f"and {tuple(target.shape)}")
+        if generator is None:
+            raise ValueError("the 2.5D perceptual loss draws its slices from the step's generator; none was given")
+        total = torch.zeros((), device=pred.device)
+        for (_, axis), index in zip(PLANES, self.positions(pred.shape, generator)):
+            index = index.to(pred.device)
+            total = total + self.slice_loss(_slices(pred, axis, index), _slices(target, axis, index))
+        return total / len(PLANES)
+
+
+def _slices(volume: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
+    """The slices ``index`` across ``axis`` of ``[B, C, X, Y, Z]`` as a batch of images ``[B * k, C, a, b]``."""
+    picked = volume.index_select(axis, index).movedim(axis, 1)  # [B, k, C, a, b]
+    return picked.reshape(-1, *picked.shape[2:])
 
 
 def _download_with_monai() -> PerceptualLoss:
@@ -220,18 +269,14 @@ def build_perceptual_loss(
     return module.eval()
 
 
-def perceptual_loss_for(train_cfg: Any, mode: Any, spatial_dims: int, device: torch.device | str,
-                        say: bool = True) -> nn.Module | None:
+def perceptual_loss_for(train_cfg: Any, mode: Any, spatial_dims: int, device: torch.device | str) -> nn.Module | None:
     """The perceptual loss a run trains with (``training.perceptual_*``), built before any step so
-    that missing weights stop the run at once: None for a mode that generates masks, a zero weight,
-    or a 3D model (the loss works on slices; with ``say``, a warning that the weight is not used)."""
+    that missing weights stop the run at once: None for a mode that generates masks or a zero weight;
+    for a 3D model the 2.5D :class:`PlanesPerceptualLoss` around the slice loss. The module is called
+    as ``loss(pred, target, generator)``."""
     weight = float(train_cfg.perceptual_weight)
-    if weight > 0 and spatial_dims == 3:
-        if say:
-            logger.warning("training.perceptual_weight=%g is not used: the perceptual loss works on slices, and a "
-                           "3D model trains without it for now", weight)
-        return None
     if not mode.supports_perceptual or weight == 0:
         return None
-    return build_perceptual_loss(weight, train_cfg.perceptual_weights_path, train_cfg.perceptual_allow_download,
+    loss = build_perceptual_loss(weight, train_cfg.perceptual_weights_path, train_cfg.perceptual_allow_download,
                                  device=device)
+    return PlanesPerceptualLoss(loss, train_cfg.perceptual_slices) if spatial_dims == 3 else loss

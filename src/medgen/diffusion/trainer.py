@@ -107,7 +107,7 @@ class DiffusionTrainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.learning_rate,
                                            weight_decay=tc.weight_decay, fused=True)
         # before any step: a missing-weights error must reach the user now, not after hours
-        self.perceptual = perceptual_loss_for(tc, self.mode, cfg.model.spatial_dims, self.device, self.dist.is_main)
+        self.perceptual = perceptual_loss_for(tc, self.mode, cfg.model.spatial_dims, self.device)
 
         self.data = data or build_data(cfg, self.dist.rank, self.dist.world_size, progress=self.progress,
                                        barrier=lambda: barrier(self.dist), selection=self.mode.slice_selection,
@@ -195,7 +195,7 @@ class DiffusionTrainer:
             out = self.forward_model(x_in, t)
         weight = self.strategy.loss_weight(t, self.train_cfg.min_snr_gamma) if self.train_cfg.use_min_snr else None
         mse, per_sample = diffusion_loss(out, self.strategy.target(x0, eps, t), weight)
-        perceptual = self._perceptual(out, x_t, t, x0)
+        perceptual = self._perceptual(out, x_t, t, x0, g)
         loss = mse + self.train_cfg.perceptual_weight * perceptual
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -238,12 +238,12 @@ class DiffusionTrainer:
         self.step += 1
         return result
 
-    def _perceptual(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    def _perceptual(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, g) -> torch.Tensor:
         if self.perceptual is None:
             return torch.zeros((), device=self.device)
         x0_hat = self.strategy.predict_x0(out.float(), x_t, t)
-        with self.autocast():
-            return self.perceptual(from_model_space(x0_hat), from_model_space(x0)).float()
+        with self.autocast():  # volumes: slices drawn from the step's generator g
+            return self.perceptual(from_model_space(x0_hat), from_model_space(x0), g).float()
 
     # ------------------------------------------------------------------ loop
     def fit(self, max_steps: int, on_step: Callable[[StepResult], bool | None] | None = None) -> int:
