@@ -15,7 +15,10 @@ before the first step; each setting in a fresh process) without and with ``train
 On CUDA (or anywhere with ``--table``): a table for the specification's network (bravo,
 ``model=default``: 128 px, channels [128, 256, 256]; ``training=default`` with
 ``training.perceptual_weight=0``), one row per configuration, each built, measured and freed in
-turn (a configuration that runs out of memory is a row saying so):
+turn (a configuration that runs out of memory is a row saying so). With ``--3d`` the same table on
+volumes of the GPU profile (``model.spatial_dims=3``, ``data.volume_shape=[128,128,64]``; the
+batches default to 1, 2 and 4 volumes, and ``--variants checkpointing`` adds
+``training.gradient_checkpointing``); an "image" in its columns is then one volume:
 
 * ``train_step`` eager and compiled (``training.compile=false`` / ``true``) at ``--batches``;
 * the MONAI-tutorial loop at ``--reference-batches``: fp32 with TF32 on, and bf16 autocast;
@@ -36,6 +39,7 @@ about 5 minutes on an H100 (three compilations of ~45 s each); ``--batches``,
 
     python benchmarks/bench_train.py [--steps 20] [--blocks 3] [config overrides ...]          # CPU
     python benchmarks/bench_train.py --3d [--steps 20] [--blocks 3]                              # CPU, volumes
+    python benchmarks/bench_train.py --3d [--batches 1,2,4] [--variants checkpointing] [...]    # CUDA, volumes
     python benchmarks/bench_train.py [--batches 16,64,128] [--reference-batches 64] [--compile both]
                                      [--steps 20] [--warmup 5] [--peak-tflops N] [--variants a,b]
                                      [--variant-batch 64] [overrides ...]                       # CUDA
@@ -55,25 +59,13 @@ from pathlib import Path
 import torch
 
 from timing import sync
+from train_table import VARIANTS, best_default_mfu, is_default, mfu, parse_batches, peak_tflops, plan
 
 #: the specification's network and training profile, perceptual loss off (the table's medgen rows)
 SPEC = ["mode=bravo", "model=default", "training=default", "training.perceptual_weight=0"]
-
-#: candidate settings (issue: "measure and keep only what pays"), each the default configuration plus
-#: these overrides, measured as rows with ``--variants`` (compiled, at ``--variant-batch``)
-VARIANTS = {
-    "base": [],  # the default configuration itself, for comparison in the same process
-    "channels_last": ["training.channels_last=true"],
-    "cudagraphs": ["training.compile_mode=reduce-overhead"],
-    "channels_last+cudagraphs": ["training.channels_last=true", "training.compile_mode=reduce-overhead"],
-    "autotune": ["training.compile_mode=max-autotune-no-cudagraphs"],
-    "heads64": ["model.num_head_channels=64"],  # 4 heads of 64 at 256 channels instead of 1 of 256
-}
-
-#: peak dense bf16 TFLOP/s by card name: the first entry whose key is in the name (case-insensitive)
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0),
-                    ("H200", 989.0), ("A100", 312.0))
-
+#: the table's trainers load one slice or volume at a time: their loader only supplies the data, and each
+#: row assembles its own batches from it (``_fixed_batches``), also when the data hold fewer than a batch
+LOADER = "training.batch_size=1"
 
 def _phantom_data(root: Path, subjects: int = 3) -> Path:
     from medgen.data.phantom import generate_dataset
@@ -157,67 +149,7 @@ def compare(trainer, steps: int, blocks: int, warmup: int = 3) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- the table
-# Pure helpers first (unit-tested on the CPU: tests/unit/test_bench_helpers.py), then the runners.
-
-def peak_tflops(gpu_name: str, override: float | None = None) -> float | None:
-    """Peak dense bf16 TFLOP/s: ``override`` when given, else from the card's name; None if unknown."""
-    if override is not None:
-        return float(override)
-    name = gpu_name.lower()
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key.lower() in name), None)
-
-
-def mfu(flops_per_image: float, images_per_s: float | None, peak: float | None) -> float | None:
-    """Model FLOP utilisation: achieved FLOP/s over the peak (None when either is unknown)."""
-    if peak is None or images_per_s is None:
-        return None
-    return round(flops_per_image * images_per_s / (peak * 1e12), 4)
-
-
-def plan(batches: list[int], compile_modes: list[bool], reference_batches: list[int],
-         reference_precisions: list[str], default: tuple[int | None, bool], variants: list[str] = (),
-         variant_batch: int = 64) -> list[dict]:
-    """The table's configurations, smallest batch first (so a run out of memory comes late): medgen
-    at each batch x compile mode, the reference at each reference batch x precision. The
-    configuration ``training=default`` trains with (``default`` = (batch size, compiled)) is always
-    in it, unless ``batches`` is empty (a table of variants only). Then the ``variants`` (names in :data:`VARIANTS`), compiled, at ``variant_batch``."""
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"bench_train: unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
-    rows = [{"step": "medgen", "batch": b, "compile": c} for b in batches for c in compile_modes]
-    rows += [{"step": "reference", "batch": b, "precision": p} for b in reference_batches for p in reference_precisions]
-    d_batch, d_compile = default
-    if d_batch is not None and batches and not any(r["step"] == "medgen" and r["batch"] == d_batch and r["compile"] == d_compile
-                                       for r in rows):
-        rows.append({"step": "medgen", "batch": d_batch, "compile": d_compile})
-    order = {"medgen": 0, "reference": 1}
-    rows = sorted(rows, key=lambda r: (r["batch"], order[r["step"]], r.get("compile", False), r.get("precision", "")))
-    return rows + [{"step": "medgen", "batch": variant_batch, "compile": True, "variant": v} for v in variants]
-
-
-def is_default(row: dict, default: tuple[int | None, bool]) -> bool:
-    """Whether ``row`` trains as ``training=default`` does (a compiled row whose compile failed and
-    fell back to eager is not the compiled configuration)."""
-    d_batch, d_compile = default
-    return (row["step"] == "medgen" and row["compile"] == d_compile and (d_batch is None or row["batch"] == d_batch)
-            and not row.get("compile_failed", False) and "variant" not in row)
-
-
-def best_default_mfu(rows: list[dict], default: tuple[int | None, bool]) -> tuple[float | None, dict | None]:
-    """(``"mfu"``, its row): the best MFU among the measured rows that train with the defaults."""
-    candidates = [r for r in rows if is_default(r, default) and r.get("mfu") is not None and "error" not in r]
-    if not candidates:
-        return None, None
-    best = max(candidates, key=lambda r: r["mfu"])
-    return best["mfu"], best
-
-
-def parse_batches(text: str) -> list[int]:
-    """``"16,64,128"`` -> ``[16, 64, 128]``; ``"none"`` or ``""`` -> ``[]``."""
-    if text.strip().lower() in ("", "none"):
-        return []
-    return [int(b) for b in text.split(",") if b.strip()]
-
+# The pure helpers are in train_table.py (unit-tested on the CPU: tests/unit/test_bench_helpers.py).
 
 def default_training(device: torch.device, overrides: list[str] = ()) -> tuple[int | None, bool]:
     """(batch size, compiled) of ``training=default`` (with ``overrides``) on ``device``: what a
@@ -247,11 +179,10 @@ def _fixed_batches(loader, batch: int, n: int = 2) -> list[dict[str, torch.Tenso
 
 
 def flops_per_image(trainer) -> int:
-    """FLOPs of one image through the network, forward + backward, under the run's autocast."""
+    """FLOPs of one image (or volume) through the network, forward + backward, under the run's autocast."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    size = trainer.cfg.model.image_size
-    x = torch.randn(1, trainer.mode.in_channels, size, size, device=trainer.device)
+    x = torch.randn(1, trainer.mode.in_channels, *trainer.strategy.spatial_shape, device=trainer.device)
     t = torch.zeros(1, dtype=torch.long, device=trainer.device)
     with FlopCounterMode(display=False) as counter:
         with trainer.autocast():
@@ -261,7 +192,7 @@ def flops_per_image(trainer) -> int:
 
 
 def _medgen_row(tmp: Path, overrides: list[str], cfg: dict, steps: int, warmup: int) -> dict:
-    trainer = _trainer([*SPEC, f"training.compile={'true' if cfg['compile'] else 'false'}", *overrides,
+    trainer = _trainer([*SPEC, LOADER, f"training.compile={'true' if cfg['compile'] else 'false'}", *overrides,
                         *VARIANTS.get(cfg.get("variant"), [])], tmp)
     device = trainer.device
     batches = _fixed_batches(trainer.data.train, cfg["batch"])
@@ -284,7 +215,7 @@ def _medgen_row(tmp: Path, overrides: list[str], cfg: dict, steps: int, warmup: 
 
 
 def _reference_row(tmp: Path, overrides: list[str], cfg: dict, steps: int, warmup: int) -> dict:
-    trainer = _trainer([*SPEC, "training.compile=false", *overrides], tmp)  # for its data and network kwargs
+    trainer = _trainer([*SPEC, LOADER, "training.compile=false", *overrides], tmp)  # for its data and network kwargs
     batches = _fixed_batches(trainer.data.train, cfg["batch"])
     kwargs, lr, device = trainer.network_kwargs, trainer.train_cfg.learning_rate, trainer.device
     del trainer
@@ -326,13 +257,13 @@ def free_memory(device: torch.device) -> None:
 
 def table(tmp: Path, args, overrides: list[str]) -> dict:
     """The table (see the module docstring) as one JSON-able dict."""
-    trainer = _trainer([*SPEC, "training.compile=false", *overrides], tmp)
+    trainer = _trainer([*SPEC, LOADER, "training.compile=false", *overrides], tmp)
     device = trainer.device
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (CPU)"
     peak = peak_tflops(gpu, args.peak_tflops)
     flops = flops_per_image(trainer)
-    result = {"benchmark": "train_step", "mode": "bravo", "image_size": trainer.cfg.model.image_size,
-              "network": trainer.network_kwargs["channels"], "device": str(device), "gpu": gpu,
+    result = {"benchmark": "train_step_3d" if args.three_d else "train_step", "mode": "bravo",
+              "shape": list(trainer.strategy.spatial_shape), "network": trainer.network_kwargs["channels"], "device": str(device), "gpu": gpu,
               "peak_tflops": peak, "flops_per_image": flops, "gflops_per_image": round(flops / 1e9, 1),
               "steps": args.steps}
     del trainer
@@ -346,8 +277,9 @@ def table(tmp: Path, args, overrides: list[str]) -> dict:
     compile_modes = {"both": [False, True], "true": [True], "false": [False]}[args.compile]
     precisions = [p for p in args.reference_precision.split(",") if p]
     variants = [v.strip() for v in args.variants.split(",") if v.strip() and v.strip() != "none"]
-    configs = plan(parse_batches(args.batches), compile_modes,
-                   parse_batches(args.reference_batches if args.reference_batches is not None else args.batches),
+    batches = args.batches or ("1,2,4" if args.three_d else "16,64,128")
+    configs = plan(parse_batches(batches), compile_modes,
+                   parse_batches(args.reference_batches if args.reference_batches is not None else batches),
                    precisions, default, variants, args.variant_batch)
     warmup = 5 if args.warmup is None else args.warmup
     t_start = time.perf_counter()
@@ -373,7 +305,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps (per block on the CPU, per row in the table)")
     ap.add_argument("--blocks", type=int, default=3, help="CPU comparison: alternating blocks of --steps steps")
     ap.add_argument("--table", action="store_true", help="the table even without CUDA (a check of the script)")
-    ap.add_argument("--batches", default="16,64,128", help="table: batch sizes of the medgen rows")
+    ap.add_argument("--batches", default=None, help="table: batch sizes of the medgen rows (16,64,128; 1,2,4 with --3d)")
     ap.add_argument("--compile", choices=("both", "true", "false"), default="both",
                     help="table: medgen rows compiled, eager or both")
     ap.add_argument("--reference-batches", default=None,
@@ -387,7 +319,8 @@ def main() -> None:
                     help="the card's peak dense bf16 TFLOP/s (default: from its name: H100/H200 989, A100 312)")
     ap.add_argument("--3d", dest="three_d", action="store_true",
                     help="CPU: volumes (model.spatial_dims=3 at data.volume_shape=[64,64,32], batch 2), target 1.5x; "
-                         "also the peak memory of a step with and without training.gradient_checkpointing")
+                         "also the peak memory of a step with and without training.gradient_checkpointing. "
+                         "CUDA / --table: the table at 128 x 128 x 64 volumes")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="extra config overrides for the medgen run, e.g. model.channels=[64,128,128]")
     args = ap.parse_args()
@@ -400,8 +333,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         _phantom_data(tmp / "data")
-        if args.table or torch.cuda.is_available():
-            print(json.dumps(table(tmp, args, args.overrides)))
+        if args.table or torch.cuda.is_available():  # --3d: the table at the GPU profile's volumes
+            print(json.dumps(table(tmp, args, [*(VOLUMES_GPU if args.three_d else []), *args.overrides])))
             return
         overrides = [*(VOLUMES if args.three_d else []), *args.overrides]
         trainer = _trainer(["mode=bravo", "training=cpu", *overrides], tmp)
@@ -420,6 +353,8 @@ def main() -> None:
 
 #: the CPU profile of the 3D benchmark: volumes of 64 x 64 x 32, two per batch
 VOLUMES = ["model.spatial_dims=3", "data.volume_shape=[64,64,32]", "training.batch_size=2"]
+#: the table's volumes with --3d: the GPU profile's 128 x 128 x 64 (batch sizes from --batches)
+VOLUMES_GPU = ["model.spatial_dims=3", "data.volume_shape=[128,128,64]"]
 
 
 def memory(tmp: Path, overrides: list[str], steps: int = 3) -> dict:

@@ -13,12 +13,19 @@
 # plain PyTorch image lacks: MONAI, Hydra (+ omegaconf, antlr4), nibabel, ema-pytorch, nilearn, and
 # for the tests diffusers (+ importlib-metadata). Carry .whl/ to the GPU machine with the tree.
 #
-# Sections (default: tests train sample attention variants), each under its own time limit (seconds, overridable):
+# Sections (default: tests train train3d sample attention variants), each under its own time limit (seconds, overridable):
 #   tests   MEDGEN_TEST_CUDA=1 pytest -m cuda: the tests that run on the GPU (compiled training
 #           step and sample grid, the step never waiting on the GPU)          T_TESTS=150
 #   train   bench_train.py's CUDA table: medgen's step eager/compiled at batch 16, 64, 128, the
 #           MONAI-tutorial loop (fp32+TF32, bf16) at 64, MFU; TRAIN_ARGS replaces those
 #           options                                                           T_TRAIN=300
+#   train3d bench_train.py --3d: the same table on volumes of the GPU profile (128 x 128 x 64, the
+#           specification's network): medgen's step compiled at 2 volumes, with
+#           training.gradient_checkpointing at 2, the MONAI-tutorial loop (bf16) at 2, and the
+#           configuration training=default trains with (16 volumes; out of memory is a row
+#           saying so): volumes/s, MFU and peak GiB per row (TRAIN3D_ARGS). Three compilations:
+#           after a full train section it may be cut by DEADLINE; `gpu_check.sh train3d` runs it alone
+#                                                                             T_TRAIN3D=300
 #   sample  bench_sample.py --cuda-only --cuda-pairs 0: compiled vs eager generation forward, and
 #           compiled with CUDA graphs (SAMPLE_ARGS replaces those options; --cuda-pairs 1024 adds
 #           the generation pipeline's pairs/s, a few minutes more)           T_SAMPLE=120
@@ -38,10 +45,10 @@
 # No section runs past DEADLINE=580 seconds from the start (under a 10-minute command limit).
 #
 # Output, in $OUT (default /tmp/medgen-gpu-check): gpu_check.log (everything), tests.log, suite.log,
-# bench_train.json, bench_sample.json, bench_attention.json, bench_variants.json (one JSON line
+# bench_train.json, bench_train_3d.json, bench_sample.json, bench_attention.json, bench_variants.json (one JSON line
 # each); a summary is printed at the end.
 # Environment: PYTHON (the interpreter; default python3, or .venv/bin/python where it exists),
-# SITE, OUT, T_*, TRAIN_ARGS, SAMPLE_ARGS.
+# SITE, OUT, T_*, TRAIN_ARGS, TRAIN3D_ARGS, SAMPLE_ARGS.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -52,9 +59,10 @@ fi
 SITE=${SITE:-/tmp/medgen-site}
 OUT=${OUT:-/tmp/medgen-gpu-check}
 T_TESTS=${T_TESTS:-150} T_TRAIN=${T_TRAIN:-300} T_SAMPLE=${T_SAMPLE:-120} T_SUITE=${T_SUITE:-540}
-T_VARIANTS=${T_VARIANTS:-300} T_ATTENTION=${T_ATTENTION:-90}
+T_VARIANTS=${T_VARIANTS:-300} T_ATTENTION=${T_ATTENTION:-90} T_TRAIN3D=${T_TRAIN3D:-300}
 DEADLINE=${DEADLINE:-580}
 TRAIN_ARGS=${TRAIN_ARGS:---batches 16,64,128 --reference-batches 64 --steps 10}
+TRAIN3D_ARGS=${TRAIN3D_ARGS:---3d --batches 2 --compile true --reference-batches 2 --reference-precision bf16 --variants checkpointing --variant-batch 2 --steps 5 --warmup 2}
 SAMPLE_ARGS=${SAMPLE_ARGS:---cuda-only --cuda-batch 64 --cuda-pairs 0}
 ATTENTION_ARGS=${ATTENTION_ARGS:---batch 64}
 VARIANT_ARGS=${VARIANT_ARGS:---batches none --reference-batches none --variants base,cudagraphs,channels_last,heads64 --steps 10}
@@ -85,11 +93,11 @@ for arg in "$@"; do
     --wheels) fetch_wheels; exit 0 ;;
     --dry-run) DRY=1 ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    tests|train|sample|attention|variants|suite) SECTIONS+=("$arg") ;;
-    *) die "unknown argument '$arg' (sections: tests train sample attention variants suite; options: --dry-run --wheels)" ;;
+    tests|train|train3d|sample|attention|variants|suite) SECTIONS+=("$arg") ;;
+    *) die "unknown argument '$arg' (sections: tests train train3d sample attention variants suite; options: --dry-run --wheels)" ;;
   esac
 done
-[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(tests train sample attention variants)
+[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(tests train train3d sample attention variants)
 
 mkdir -p "$OUT" || die "cannot create $OUT"
 LOG=$OUT/gpu_check.log
@@ -158,6 +166,8 @@ for s in "${SECTIONS[@]}"; do
     # shellcheck disable=SC2086  # the *_ARGS are lists of options
     train) section train "$T_TRAIN" "$OUT/bench_train.json" "$PYTHON" benchmarks/bench_train.py $TRAIN_ARGS ;;
     # shellcheck disable=SC2086
+    train3d) section train3d "$T_TRAIN3D" "$OUT/bench_train_3d.json" "$PYTHON" benchmarks/bench_train.py $TRAIN3D_ARGS ;;
+    # shellcheck disable=SC2086
     sample) section sample "$T_SAMPLE" "$OUT/bench_sample.json" "$PYTHON" benchmarks/bench_sample.py $SAMPLE_ARGS ;;
     # shellcheck disable=SC2086
     attention) section attention "$T_ATTENTION" "$OUT/bench_attention.json" "$PYTHON" benchmarks/bench_attention.py $ATTENTION_ARGS ;;
@@ -170,7 +180,7 @@ done
 
 echo "== summary"
 printf '%s\n' "${RESULTS[@]}"
-for f in bench_train.json bench_sample.json bench_attention.json bench_variants.json; do
+for f in bench_train.json bench_train_3d.json bench_sample.json bench_attention.json bench_variants.json; do
   [ -s "$OUT/$f" ] && { echo "-- $f"; tail -n 1 "$OUT/$f"; }
 done
 for f in tests.log suite.log; do

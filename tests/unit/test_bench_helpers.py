@@ -4,6 +4,7 @@ configurations, the choice of ``"mfu"``, a configuration that runs out of memory
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -129,3 +130,23 @@ def test_an_attention_kernel_that_refuses_the_shapes_is_a_cell_saying_so():
     refused = bench_attention.time_attention(1, 16, 32, 16, cpu, "cudnn", repeats=1)  # a CUDA-only kernel
     assert refused["error"].startswith("refused")
 
+
+
+def test_the_3d_table_measures_volumes_at_the_shape_it_is_given(tmp_path):
+    """``bench_train.py --3d --table`` (the GPU section's table, here on the CPU at a tiny shape): one
+    JSON line whose rows are volumes of that shape, FLOPs counted on a volume (not a slice), and the
+    row training=default trains with (16 volumes) measured although the data hold fewer."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "bench_train.py"), "--3d", "--table", "--batches", "1",
+                          "--compile", "false", "--reference-batches", "none", "--steps", "1", "--warmup", "0",
+                          "data.volume_shape=[16,16,8]", "model.channels=[32,32,32]", "model.num_head_channels=32"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "train_step_3d" and result["shape"] == [16, 16, 8]
+    assert [(r["batch"], r["default"]) for r in result["rows"]] == [(1, False), (16, True)]
+    assert all(r["images_per_s"] > 0 and "error" not in r for r in result["rows"])
+    # a 3x3x3 convolution 32 -> 32 channels over the 16x16x8 grid alone is 2 * 27 * 32 * 32 * 2048 FLOPs forward
+    assert result["flops_per_image"] > 3 * 2 * 27 * 32 * 32 * 16 * 16 * 8
