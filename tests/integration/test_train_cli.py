@@ -117,9 +117,12 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_data, on
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("nan_on_rank", [None, 1], ids=["clean", "NaN-on-rank-1"])
-def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, tiny_data, nan_on_rank, one_thread):
-    over = tiny_overrides(tmp_path, tiny_data, "mode=bravo", "training.use_multi_gpu=true", "training.max_steps=4")
+@pytest.mark.parametrize("nan_on_rank, extra", [(None, ()), (1, ()), (None, ("model.spatial_dims=3", "data.volume_shape=[16,16,8]",
+                                                                             "training.batch_size=2"))],
+                         ids=["clean", "NaN-on-rank-1", "volumes"])
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, tiny_data, nan_on_rank, extra, one_thread):
+    over = tiny_overrides(tmp_path, tiny_data, "mode=bravo", "training.use_multi_gpu=true", "training.max_steps=4",
+                          *extra)
     env = {**ENV, **({"MEDGEN_TEST_NAN_RANK": str(nan_on_rank)} if nan_on_rank is not None else {})}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(Path(__file__).parent / "ddp_worker.py"), str(tmp_path), *over],
@@ -127,6 +130,7 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, tiny_data, n
     assert out.returncode == 0, out.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["step"] == r1["step"] == 4
+    assert r0["model"]["conv_in.conv.weight"].ndim == (5 if extra else 4)  # a 3D network on volumes
     assert r0["skipped"] == r1["skipped"] == ([1] if nan_on_rank is not None else [])  # same decision on both
     for k in r0["model"]:
         assert torch.equal(r0["model"][k], r1["model"][k]), k
