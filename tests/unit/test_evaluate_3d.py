@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from medgen.data.lesions import SizeBins
-from medgen.data.nifti_dataset import modality_path, save_volume
+from medgen.data.nifti_dataset import load_volume, modality_path, save_volume
 from medgen.data.pictures import contact_sheet, render_planes
 from medgen.data.slices import open_or_build_cache
 from medgen.data.splits import split_patients
@@ -215,3 +215,26 @@ def test_a_3d_segmenter_checkpoint_is_checked_against_the_volume_shape(tmp_path)
     with pytest.raises(EvaluationError, match=r"segments \['bravo'\] at 32x32x16 voxels, but the synthetic set holds "
                                               r"\['bravo'\] at 64x64x32 voxels"):
         load_segmenter(path, ["bravo"], (64, 64, 32), torch.device("cpu"))
+
+
+def test_the_augmentation_experiment_takes_a_3d_set_whole(tmp_path, real3d, capsys):
+    """medgen-augment with a set of volumes: the 3D segmenter on real and real + synthetic volumes,
+    the set's lesions counted as 26-connected 3D components, and a report that speaks of volumes."""
+    from scipy import ndimage
+
+    from medgen.scripts.augment import main
+
+    synthetic = _synthetic3d(real3d, tmp_path / "syn", tmp_path / "cache")
+    out = tmp_path / "augment"
+    assert main(["--real", str(real3d), "--synthetic", f"copy={synthetic}", "--out", str(out), "--seeds", "0",
+                 "--steps", "2", "--cache-dir", str(tmp_path / "cache")]) == 0
+    result = json.loads((out / "augmentation.json").read_text())
+    assert result["unit"] == "volume" and result["volume_shape"] == list(SHAPE) and result["spatial_dims"] == 3
+    masks = [load_volume(p)[0] > 0 for p in sorted(synthetic.glob("train/*/seg.nii.gz"))]
+    lesions = sum(ndimage.label(m, structure=np.ones((3, 3, 3)))[1] for m in masks)
+    assert result["synthetic"]["copy"]["slices"] == len(masks) == 4
+    assert sum(result["synthetic"]["copy"]["lesions"].values()) == lesions > 0
+    assert result["sets"]["real+copy"]["train_slices"] == result["sets"]["real"]["train_slices"] + 4
+    page = (out / "augmentation.md").read_text()
+    assert "| set | volumes |" in page and "false positives / volume" in page and "train lesion volumes" in page
+    assert "slice" not in page

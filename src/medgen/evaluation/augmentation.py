@@ -5,7 +5,8 @@ The experiment (``medgen-augment``) takes one synthetic set per size target, all
 two checkpoints (e.g. ``real``: the classes of the seg model's training slices; ``small``: tiny
 and small lesions oversampled), and trains the downstream segmenter of ``medgen-evaluate`` (same
 network, budget and seeds, :mod:`medgen.evaluation.downstream`) on the real train lesion slices
-alone and on real + each synthetic set. Every network is scored lesion by lesion on the whole real
+alone and on real + each synthetic set. Sets of volumes are used whole, as ``medgen-evaluate`` uses
+them: the 3D segmenter, 3D lesions, figures per volume. Every network is scored lesion by lesion on the whole real
 reference split (its lesion slices and lesion-free brain slices, :mod:`medgen.evaluation.lesionwise`):
 sensitivity, lesion Dice and false positives per size bin, mean ± std over seeds.
 
@@ -46,7 +47,7 @@ def run_experiment(cfg: DictConfig, synthetic_dirs: dict[str, Path], out_dir: Pa
             for name, folder in synthetic_dirs.items()}
     first = next(iter(sets.values()))
     if first.train is None or len(first.train) == 0:
-        raise EvaluationError(f"real_dir={first.real_root}: no train lesion slices to train the segmenter on")
+        raise EvaluationError(f"real_dir={first.real_root}: no train lesion {first.unit}s to train the segmenter on")
     train, test = as_slice_set(first.train), as_slice_set(first.test)
     lesion_test = whole_test_split(first, test, cfg)
     synthetic = {name: as_slice_set(s.synthetic) for name, s in sets.items()}
@@ -66,6 +67,8 @@ def run_experiment(cfg: DictConfig, synthetic_dirs: dict[str, Path], out_dir: Pa
             f"{k} {v['sensitivity']:.2f}" if v["sensitivity"] is not None else f"{k} -" for k, v in mean.items()))
     result = {
         "real_dir": str(first.real_root), "reference_split": first.reference_split, "image_size": first.image_size,
+        "spatial_dims": first.spatial_dims, "unit": first.unit,
+        **({"volume_shape": list(first.volume_shape)} if first.volume_shape is not None else {}),
         "seeds": list(cfg.seeds), "budget": OmegaConf.to_container(b),
         "bins": list(lesion_test.bins.names), "edges_mm": list(lesion_test.bins.edges),
         "spacing_mm": list(lesion_test.spacing), "test_slices": len(lesion_test.masks), "lesion_slices": len(test),
@@ -89,14 +92,15 @@ def _lesions_per_bin(data: SliceSet, test: lesionwise.LesionTest) -> dict[str, i
 
 def write_augmentation_report(out_dir: Path, result: dict) -> tuple[Path, Path]:
     """``augmentation.md``/``.html`` and ``augmentation.png`` from :func:`run_experiment`'s result."""
-    names = result["bins"]
+    names, unit = result["bins"], result.get("unit", "slice")
+    voxel = "voxel" if unit == "volume" else "pixel"
     synthetic = [[name, str(s["slices"]), *(str(s["lesions"][b]) for b in names)] for name, s in result["synthetic"].items()]
-    tables = [("Synthetic sets", ["set", "slices", *(f"{b} lesions" for b in names)], synthetic,
-               "Lesions of every synthetic mask per size bin (Feret diameter at the real test split's pixel size)."),
+    tables = [("Synthetic sets", ["set", f"{unit}s", *(f"{b} lesions" for b in names)], synthetic,
+               f"Lesions of every synthetic mask per size bin (Feret diameter at the real test split's {voxel} size)."),
               lesion_table(result)]
     notes = [] if "warning" not in result["yardstick"] else [f"Warning: {result['yardstick']['warning']}"]
     intro = (f"The downstream segmenter ({len(result['seeds'])} seeds, {result['budget']['steps']} steps) trained on the real "
-             f"train lesion slices of `{result['real_dir']}` alone and with each synthetic set added, scored lesion by "
+             f"train lesion {unit}s of `{result['real_dir']}` alone and with each synthetic set added, scored lesion by "
              f"lesion on its whole {result['reference_split']} split. All numbers are in `augmentation.json`.")
     figure = lesion_figure(result, out_dir / "augmentation.png")
     return write_pages(out_dir, "augmentation", "medgen targeted augmentation", intro, notes, tables,
