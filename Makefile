@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo demo-3d test test-slow cluster-deps test-cluster bench-data lock clean
+.PHONY: install demo demo-3d test test-slow nnunet-venv cluster-deps test-cluster bench-data lock clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,18 @@ demo-3d: install
 test: install
 	$(PY) -m pytest -q tests
 
-test-slow: install
+test-slow: install nnunet-venv
 	$(PY) -m pytest -q -m slow tests
+
+# nnU-Net v2 in a side environment of its own (about a minute): the slow tier checks the format=nnunet
+# export with nnU-Net's own verify_dataset_integrity, without nnU-Net's dependencies touching .venv
+NNUNET_VENV ?= .nnunet-venv
+nnunet-venv: $(NNUNET_VENV)/.installed
+$(NNUNET_VENV)/.installed: tests/nnunet-requirements.txt
+	$(PYTHON) -m venv $(NNUNET_VENV)
+	$(NNUNET_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(NNUNET_VENV)/bin/pip install -q --no-deps -r tests/nnunet-requirements.txt
+	touch $@
 
 # the cluster path on a real one-node SLURM (Debian's slurm-wlm 22.05 and munge, installed here if
 # missing; root needed): the IDUN templates under time limits, scancel, requeue and DDP
@@ -56,4 +66,4 @@ lock:
 	mv requirements.txt.new requirements.txt && rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(NNUNET_VENV) .pytest_cache
