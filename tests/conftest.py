@@ -108,6 +108,27 @@ def tiny_checkpoints(tmp_path_factory, tiny_data) -> dict[str, Path]:
     return out
 
 
+#: the overrides of the 3D models of the tests: volumes of 16 x 16 x 8 in batches of 2
+VOLUMES = ("model.spatial_dims=3", "data.volume_shape=[16,16,8]", "training.batch_size=2")
+
+
+@pytest.fixture(scope="session")
+def volume_checkpoints(tmp_path_factory, tiny_data) -> dict[str, Path]:
+    """A few training steps of a 3D seg model (rectified flow, seg + brain) and a 3D bravo model
+    (DDPM) on volumes of 16 x 16 x 8: what the generation tests of volumes sample from."""
+    from medgen.core.distributed import DistInfo
+    from medgen.diffusion.trainer import DiffusionTrainer
+
+    tmp = tmp_path_factory.mktemp("volume_checkpoints")
+    out = {}
+    for mode, strategy in (("seg", "rflow"), ("bravo", "ddpm")):
+        cfg = load_config(tiny_overrides(tmp, tiny_data, f"mode={mode}", f"strategy={strategy}", *VOLUMES,
+                                         "training.max_steps=3", "training.val_interval=100"))
+        DiffusionTrainer(cfg, tmp / mode, DistInfo(device=torch.device("cpu")), progress=False).train()
+        out[mode] = tmp / mode / "checkpoints" / "latest.pt"
+    return out
+
+
 @pytest.fixture(scope="session")
 def feature_net(tmp_path_factory) -> Path:
     """A tiny TorchScript feature network (any TorchScript file is a valid features.network)."""

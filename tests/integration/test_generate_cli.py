@@ -86,22 +86,9 @@ def test_two_processes_write_the_one_process_files(tmp_path, tiny_checkpoints):
 
 
 @pytest.mark.timeout(600)
-def test_two_processes_write_the_one_process_volumes(tmp_path, tiny_data, one_thread):
+def test_two_processes_write_the_one_process_volumes(tmp_path, volume_checkpoints, one_thread):
     """Sharded generation of volumes: two ranks under torchrun write the files one process writes."""
-    import torch
-    from conftest import tiny_overrides
-
-    from medgen.core.distributed import DistInfo
-    from medgen.diffusion.config import load_config
-    from medgen.diffusion.trainer import DiffusionTrainer
-
-    ckpts = {}
-    for mode, strategy in (("seg", "rflow"), ("bravo", "ddpm")):
-        cfg = load_config(tiny_overrides(tmp_path, tiny_data, f"mode={mode}", f"strategy={strategy}",
-                                         "model.spatial_dims=3", "data.volume_shape=[16,16,8]", "training.batch_size=2",
-                                         "training.max_steps=3", "training.val_interval=100"))
-        DiffusionTrainer(cfg, tmp_path / mode, DistInfo(device=torch.device("cpu")), progress=False).train()
-        ckpts[mode] = tmp_path / mode / "checkpoints" / "latest.pt"
+    ckpts = volume_checkpoints
     n = 5
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -16,13 +16,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from conftest import tiny_overrides
-
-from medgen.core.distributed import DistInfo
-from medgen.diffusion.config import load_config
-from medgen.diffusion.trainer import DiffusionTrainer
-
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 ROOT = Path(__file__).resolve().parents[2]
 VERIFY = "import sys; from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity; " \
@@ -44,15 +37,9 @@ def _verify(python: str, folder: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.timeout(900)
-def test_the_nnunet_export_of_volumes_passes_nnunets_dataset_check(tmp_path, tiny_data):
+def test_the_nnunet_export_of_volumes_passes_nnunets_dataset_check(tmp_path, volume_checkpoints):
     python = _nnunet_python()
-    ckpts = {}
-    for mode, strategy in (("seg", "rflow"), ("bravo", "ddpm")):
-        cfg = load_config(tiny_overrides(tmp_path, tiny_data, f"mode={mode}", f"strategy={strategy}",
-                                         "model.spatial_dims=3", "data.volume_shape=[16,16,8]", "training.batch_size=2",
-                                         "training.max_steps=3", "training.val_interval=100"))
-        DiffusionTrainer(cfg, tmp_path / mode, DistInfo(device=torch.device("cpu")), progress=False).train()
-        ckpts[mode] = tmp_path / mode / "checkpoints" / "latest.pt"
+    ckpts = volume_checkpoints
     out = tmp_path / "synthetic"
     run = subprocess.run([sys.executable, "-m", "medgen.scripts.generate", f"seg_checkpoint={ckpts['seg']}",
                           f"image_checkpoint={ckpts['bravo']}", f"out_dir={out}", "num_images=3", "steps=3",

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import VOLUMES, tiny_overrides
 from monai.transforms import LoadImage
 
 from medgen.core.checkpoint import load_checkpoint
@@ -30,22 +30,6 @@ from medgen.generation.writer import render_sample
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = (16, 16, 8)
 OPEN_GATE = {"enabled": False}
-VOLUMES = ("model.spatial_dims=3", f"data.volume_shape=[{','.join(map(str, SHAPE))}]", "training.batch_size=2")
-
-
-@pytest.fixture(scope="module")
-def volume_checkpoints(tmp_path_factory, tiny_data) -> dict[str, Path]:
-    """A few training steps of a 3D seg model (rectified flow, seg + brain) and a 3D bravo model (DDPM)."""
-    from medgen.diffusion.trainer import DiffusionTrainer
-
-    tmp = tmp_path_factory.mktemp("volume_checkpoints")
-    out = {}
-    for mode, strategy in (("seg", "rflow"), ("bravo", "ddpm")):
-        cfg = load_config(tiny_overrides(tmp, tiny_data, f"mode={mode}", f"strategy={strategy}", *VOLUMES,
-                                         "training.max_steps=3", "training.val_interval=100"))
-        DiffusionTrainer(cfg, tmp / mode, DistInfo(device=torch.device("cpu")), progress=False).train()
-        out[mode] = tmp / mode / "checkpoints" / "latest.pt"
-    return out
 
 
 def _generate(tmp: Path, ckpts: dict[str, Path], **settings):

@@ -413,6 +413,16 @@ def test_a_nan_step_is_skipped_in_a_compiled_run_too(tiny_cfg, tmp_path, monkeyp
     assert "1 step(s) skipped since the last report: non-finite loss or gradient (the last at step 2)" in caplog.text
 
 
+def _stopped_at_2_and_resumed_to_4(tiny_cfg, extra: tuple[str, ...], folder) -> DiffusionTrainer:
+    """A run of ``extra`` that stops after 2 steps, then is resumed from its checkpoint to step 4."""
+    DiffusionTrainer(tiny_cfg(*extra, "training.max_steps=2"), folder, CPU, progress=False).train()
+    resumed = DiffusionTrainer(tiny_cfg(*extra, "training.max_steps=4"), folder, CPU, progress=False)
+    resumed.resume_from(folder / "checkpoints" / "latest.pt")
+    resumed.train()
+    assert resumed.step == 4
+    return resumed
+
+
 def test_a_3d_model_trains_on_whole_volumes_and_resumes_exactly(tiny_cfg, tmp_path):
     """model.spatial_dims=3: the volume cache feeds [B, C, X, Y, Z] batches to a 3D U-Net; the
     checkpoint records the shape; N steps straight == N/2, stop, resume to N, bit for bit."""
@@ -430,13 +440,7 @@ def test_a_3d_model_trains_on_whole_volumes_and_resumes_exactly(tiny_cfg, tmp_pa
     grids = sorted((tmp_path / "a" / "samples").glob("*.png"))
     assert grids and Image.open(grids[-1]).size[0] > 0  # the middle axial slice of each volume
 
-    half = DiffusionTrainer(tiny_cfg(*extra, "training.max_steps=2"), tmp_path / "b", CPU, progress=False)
-    half.train()
-    resumed = DiffusionTrainer(tiny_cfg(*extra, "training.max_steps=4"), tmp_path / "b", CPU, progress=False)
-    resumed.resume_from(tmp_path / "b" / "checkpoints" / "latest.pt")
-    resumed.train()
-    assert resumed.step == 4
-    _assert_same(_weights(straight.model), _weights(resumed.model))
+    _assert_same(_weights(straight.model), _weights(_stopped_at_2_and_resumed_to_4(tiny_cfg, extra, tmp_path / "b").model))
 
 
 def test_gradient_checkpointing_recomputes_the_blocks_and_trains_the_same_weights(tiny_cfg, tmp_path):
@@ -475,10 +479,4 @@ def test_a_3d_image_model_trains_with_the_2_5d_perceptual_loss_and_resumes_exact
     assert all(r.perceptual.item() > 0 for r in results)
     assert all(r.loss.item() == pytest.approx(r.mse.item() + 0.5 * r.perceptual.item(), rel=1e-5) for r in results)
 
-    half = DiffusionTrainer(tiny_cfg(*extra, "training.max_steps=2"), tmp_path / "b", CPU, progress=False)
-    half.train()
-    resumed = DiffusionTrainer(tiny_cfg(*extra, "training.max_steps=4"), tmp_path / "b", CPU, progress=False)
-    resumed.resume_from(tmp_path / "b" / "checkpoints" / "latest.pt")
-    resumed.train()
-    assert resumed.step == 4
-    _assert_same(_weights(straight.model), _weights(resumed.model))
+    _assert_same(_weights(straight.model), _weights(_stopped_at_2_and_resumed_to_4(tiny_cfg, extra, tmp_path / "b").model))
