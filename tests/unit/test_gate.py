@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from omegaconf import OmegaConf
 
-from medgen.generation.gate import measure, passes
+from medgen.generation.gate import failures, measure, passes
 
 GATE = OmegaConf.create({"enabled": True, "min_area": 0.01, "max_area": 0.2, "max_components": 2,
                          "min_component_pixels": 3, "inside_brain": True})
@@ -43,6 +43,11 @@ def test_passes_rejects_what_it_should():
     assert passes(measure(masks), GATE).tolist() == [True, False, False, False, False, False]
     off = OmegaConf.merge(GATE, {"enabled": False})
     assert passes(measure(masks), off).all()
+    # and the rule each one breaks, by the name the gate's failure message gives it
+    broken = {name: rows.nonzero()[0].tolist() for name, rows in failures(measure(masks), GATE).items()}
+    assert broken == {"no lesion": [5], "lesion area < gate.min_area=0.01": [2], "lesion area > gate.max_area=0.2": [1],
+                      "lesions > gate.max_components=2": [3], "a lesion < gate.min_component_pixels=3": [2, 4],
+                      "lesion outside the brain (gate.inside_brain)": []}
 
 
 def test_a_lesion_pixel_outside_the_brain_drawn_with_it_rejects_the_mask():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -211,9 +212,12 @@ def test_gate_keeps_the_first_passing_candidates_whatever_the_batch(tmp_path, ti
 
 def test_an_impossible_gate_stops_with_the_acceptance_rate(tmp_path, tiny_checkpoints):
     gate = {"enabled": True, "min_area": 0.9, "max_area": 1.0, "max_attempts": 8}
-    with pytest.raises(GenerationError, match=r"accepted 0 of 8 generated masks \(0\.0%\).*gate\.max_attempts=8"):
+    with pytest.raises(GenerationError, match=r"accepted 0 of 8 generated masks \(0\.0%\).*gate\.max_attempts=8") as info:
         _generate(tmp_path, tiny_checkpoints, num_images=3, gate=gate, lesion_sizes={"target": "model"},
                   lesion_counts={"target": "model"})
+    # why: each of the 8 broke exactly one of two rules (a lesion can never cover 90% of a slice)
+    broken = dict((k, int(n)) for k, n in re.findall(r"(no lesion|lesion area < gate\.min_area=0\.9) (\d+)", str(info.value)))
+    assert "masks breaking each rule: " in str(info.value) and sum(broken.values()) == 8, str(info.value)
 
 
 def test_masks_from_a_dataset_and_several_samples_per_mask(tmp_path, tiny_checkpoints, tiny_data):

@@ -51,11 +51,25 @@ def measure(masks: np.ndarray, brains: np.ndarray | None = None) -> MaskStats:
     return MaskStats(area=area, components=components, smallest=smallest, outside=outside)
 
 
+def failures(stats: MaskStats, gate) -> dict[str, np.ndarray]:
+    """The rules of ``gate`` (the ``gate`` config: min_area, max_area, max_components,
+    min_component_pixels, inside_brain), each as ``[N]`` bool: which masks break it, under a name a
+    user reads. A mask without lesion breaks only ``no lesion``; others may break several."""
+    lesion = stats.components >= 1
+    rules = {"no lesion": ~lesion,
+             f"lesion area < gate.min_area={gate.min_area}": lesion & (stats.area < gate.min_area),
+             f"lesion area > gate.max_area={gate.max_area}": stats.area > gate.max_area,
+             f"lesions > gate.max_components={gate.max_components}": stats.components > gate.max_components,
+             f"a lesion < gate.min_component_pixels={gate.min_component_pixels}":
+                 lesion & (stats.smallest < gate.min_component_pixels)}
+    if gate.inside_brain:
+        rules["lesion outside the brain (gate.inside_brain)"] = stats.outside > 0
+    return rules
+
+
 def passes(stats: MaskStats, gate) -> np.ndarray:
-    """``[N]`` bool: which masks pass ``gate`` (the ``gate`` config: enabled, min_area, max_area,
-    max_components, min_component_pixels, inside_brain). A disabled gate passes every mask."""
+    """``[N]`` bool: which masks pass ``gate``: those that break none of its :func:`failures`.
+    A disabled gate passes every mask."""
     if not gate.enabled:
         return np.ones(stats.area.shape, dtype=bool)
-    ok = ((stats.area >= gate.min_area) & (stats.area <= gate.max_area) & (stats.components >= 1)
-          & (stats.components <= gate.max_components) & (stats.smallest >= gate.min_component_pixels))
-    return ok & (stats.outside == 0) if gate.inside_brain else ok
+    return ~np.any(list(failures(stats, gate).values()), axis=0)

@@ -78,7 +78,7 @@ def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: 
             if len(walk.chosen) >= n_wanted:
                 break
             if walk.prefix >= max_attempts:
-                raise _gate_failure(cfg, walk, max_attempts, targets)
+                raise _gate_failure(cfg, walk, max_attempts, targets, evaluated)
             if any_rank(stop.requested, dist):
                 return None
             queue = _next_candidates(evaluated, dist.world_size * cfg.batch_size)
@@ -141,10 +141,23 @@ def _walk(evaluated: dict[int, Candidate], targets: Targets, wanted: int) -> _Wa
     return walk
 
 
-def _gate_failure(cfg: DictConfig, walk: _Walk, max_attempts: int, targets: Targets) -> GenerationError:
+def _rejections(gate_cfg: DictConfig, stats: list) -> str:
+    """What the gate's rules rejected among the candidates ``stats`` (one mask's MaskStats each), most first."""
+    if not gate_cfg.enabled:
+        return "the gate is off"
+    as_arrays = quality_gate.MaskStats(*(np.array([getattr(m, f) for m in stats]) for f in
+                                         ("area", "components", "smallest", "outside")))
+    broken = sorted(((int(v.sum()), k) for k, v in quality_gate.failures(as_arrays, gate_cfg).items() if v.any()),
+                    reverse=True)
+    return "masks breaking each rule: " + (", ".join(f"{k} {n}" for n, k in broken) if broken else "none")
+
+
+def _gate_failure(cfg: DictConfig, walk: _Walk, max_attempts: int, targets: Targets,
+                  evaluated: dict[int, Candidate]) -> GenerationError:
     accepted, tried = len(walk.chosen), walk.prefix
     message = (f"the quality gate accepted {accepted} of {tried} generated masks ({100 * accepted / tried:.1f}%), "
-               f"short of num_images={cfg.num_images} within gate.max_attempts={max_attempts}; ")
+               f"short of num_images={cfg.num_images} within gate.max_attempts={max_attempts}; "
+               f"{_rejections(cfg.gate, [evaluated[i].stats for i in range(tried)])}; ")
     if targets:
         per_class = "; ".join(
             f"by {key[:-1]} class ({t.key}.target={cfg[t.key].target}), accepted/wanted: " + ", ".join(
