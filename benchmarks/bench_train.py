@@ -67,6 +67,7 @@ SPEC = ["mode=bravo", "model=default", "training=default", "training.perceptual_
 #: row assembles its own batches from it (``_fixed_batches``), also when the data hold fewer than a batch
 LOADER = "training.batch_size=1"
 
+
 def _phantom_data(root: Path, subjects: int = 3) -> Path:
     from medgen.data.phantom import generate_dataset
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import VOLUMES, tiny_overrides
 
 from medgen.core.checkpoint import load_checkpoint
 from medgen.core.distributed import DistInfo
@@ -117,8 +117,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_data, on
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("nan_on_rank, extra", [(None, ()), (1, ()), (None, ("model.spatial_dims=3", "data.volume_shape=[16,16,8]",
-                                                                             "training.batch_size=2"))],
+@pytest.mark.parametrize("nan_on_rank, extra", [(None, ()), (1, ()), (None, VOLUMES)],
                          ids=["clean", "NaN-on-rank-1", "volumes"])
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, tiny_data, nan_on_rank, extra, one_thread):
     over = tiny_overrides(tmp_path, tiny_data, "mode=bravo", "training.use_multi_gpu=true", "training.max_steps=4",

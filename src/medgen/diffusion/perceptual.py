@@ -192,7 +192,6 @@ class PlanesPerceptualLoss(nn.Module):
             raise ValueError(f"training.perceptual_slices must be >= 1, got {slices}")
         self.slice_loss = slice_loss
         self.slices = int(slices)
-        self.source = slice_loss.source
 
     def positions(self, shape: torch.Size, generator: torch.Generator) -> list[torch.Tensor]:
         """The slice indices of each plane in :data:`PLANES` order, drawn from ``generator``."""

@@ -11,7 +11,7 @@ evaluates only the candidates no earlier run did.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -145,8 +145,8 @@ def _rejections(gate_cfg: DictConfig, stats: list) -> str:
     """What the gate's rules rejected among the candidates ``stats`` (one mask's MaskStats each), most first."""
     if not gate_cfg.enabled:
         return "the gate is off"
-    as_arrays = quality_gate.MaskStats(*(np.array([getattr(m, f) for m in stats]) for f in
-                                         ("area", "components", "smallest", "outside")))
+    as_arrays = quality_gate.MaskStats(**{f.name: np.array([getattr(m, f.name) for m in stats])
+                                          for f in fields(quality_gate.MaskStats)})
     broken = sorted(((int(v.sum()), k) for k, v in quality_gate.failures(as_arrays, gate_cfg).items() if v.any()),
                     reverse=True)
     return "masks breaking each rule: " + (", ".join(f"{k} {n}" for n, k in broken) if broken else "none")
