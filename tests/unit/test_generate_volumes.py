@@ -118,6 +118,26 @@ def test_the_gate_measures_3d_lesions(tmp_path, volume_checkpoints):
         assert np.array_equal(block["components"], [lesion_labels(m)[1] for m in block["masks"]])
 
 
+def test_a_volume_speck_is_by_default_what_a_4_mm_ball_fills_and_no_area_minimum(tmp_path, volume_checkpoints, caplog):
+    spacing = load_checkpoint(volume_checkpoints["bravo"])["geometry"]["spacing"]
+    voxels = max(1, int(np.ceil(4 / 3 * np.pi * 2 ** 3 / np.prod(spacing) - 1e-9)))  # a ball 4 mm across
+    assert voxels == 5  # 1.875 x 1.875 x 2 mm voxels: not the 4 pixels of a slice
+    gate = {"enabled": True, "max_area": 1.0, "max_components": 10000, "inside_brain": False, "max_attempts": 8}
+    with caplog.at_level("INFO", logger="medgen.generate"):
+        try:
+            _generate(tmp_path, volume_checkpoints, num_images=2, gate=gate, lesion_sizes={"target": "model"},
+                      lesion_counts={"target": "model"})
+        except GenerationError as exc:  # what a 3-step model draws may not pass: the message names the value
+            assert f"min_component_pixels={voxels}" in str(exc)
+    settings = json.loads((tmp_path / "out" / ".medgen" / "settings.json").read_text())
+    assert settings["gate"]["min_component_pixels"] == voxels and settings["gate"]["min_area"] == 0.0
+    assert f"fewer than {voxels} voxel(s)" in caplog.text
+    for path in (tmp_path / "out" / ".medgen" / "masks").glob("block_*.npz"):
+        with np.load(path) as block:
+            has_lesion = block["components"] > 0
+            assert np.array_equal(block["accepted"], has_lesion & (block["smallest"] >= voxels))
+
+
 def test_an_interrupted_volume_run_continues_to_the_same_files(tmp_path, volume_checkpoints, monkeypatch):
     straight = _generate(tmp_path / "straight", volume_checkpoints, num_images=3, batch_size=1)
     real_sample = Stage.sample

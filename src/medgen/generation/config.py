@@ -22,12 +22,13 @@ __all__ = ["GateConfig", "LesionSizesConfig", "NnunetConfig", "GenerateConfig", 
 @dataclass
 class GateConfig:
     enabled: bool = True
-    #: lesion area as a fraction of the image
-    min_area: float = at_least(0.0005, 0)
+    #: lesion area as a fraction of the image; null: 0.0005 for slices, 0 for volumes (gate.with_defaults)
+    min_area: Optional[float] = at_least(None, 0)
     max_area: float = 0.1
     max_components: int = at_least(10, 1)
-    #: a mask with a component smaller than this many pixels is rejected (specks)
-    min_component_pixels: int = at_least(4, 1)
+    #: a mask with a component smaller than this many pixels (voxels) is rejected (specks); null: 4
+    #: pixels for slices, for volumes the voxels a ball 4 mm across fills (gate.speck_pixels)
+    min_component_pixels: Optional[int] = at_least(None, 1)
     #: a lesion pixel outside the brain the mask model drew with it rejects the mask
     inside_brain: bool = True
     #: candidates tried before giving up; null: 20 x num_images
@@ -112,7 +113,7 @@ def validate_generate_config(cfg: DictConfig) -> DictConfig:
     check(merged.lesion_sizes.guidance >= 0, "lesion_sizes.guidance",
           f"must be >= 0 (1 is off), got {merged.lesion_sizes.guidance}")
     g = merged.gate
-    check(g.min_area < g.max_area <= 1, "gate.max_area",
+    check((g.min_area or 0) < g.max_area <= 1, "gate.max_area",
           f"need gate.min_area ({g.min_area}) < gate.max_area ({g.max_area}) <= 1")
     check(g.max_attempts is None or g.max_attempts >= 1, "gate.max_attempts", "must be >= 1 or null")
     return merged

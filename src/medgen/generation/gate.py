@@ -2,18 +2,58 @@
 
 A mask passes when its lesion area (a fraction of the image) lies in ``[min_area, max_area]``,
 it has at most ``max_components`` lesions (8-connected components, as :mod:`medgen.data.masks`
-counts them), none of them is a speck of fewer than ``min_component_pixels`` pixels and, with
+counts them; 26-connected in volumes), none of them is a speck of fewer than
+``min_component_pixels`` pixels (:func:`speck_pixels`) and, with
 ``inside_brain`` and a mask model that generates the brain with the lesions, no lesion pixel lies
 outside that brain. Nothing is corrected: a mask passes or is replaced by a new one.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 from medgen.data.masks import is_lesion, lesion_sizes
+
+
+#: ``gate.min_component_pixels=null``: a slice's speck is under 4 pixels (a disc about 4 mm across at the
+#: 1.9 mm pixels of 128 px slices); a volume's is under the voxels a ball this many mm across fills
+SLICE_SPECK_PIXELS = 4
+SPECK_BALL_MM = 4.0
+#: ``gate.min_area=null``: a slice's lesion pixels must be at least this fraction of it (8 pixels of 128 px,
+#: which drops the slices that only graze a lesion); a volume holds its lesions whole, so the speck rule
+#: alone bounds them from below (0.0005 of a volume is a ball 19-21 mm across at 32 x 32 x 16 and at
+#: 128 x 128 x 64 alike)
+SLICE_MIN_AREA = 0.0005
+
+
+def with_defaults(gate, spacing: Sequence[float]):
+    """A copy of the ``gate`` config with its null rules set for masks of ``spacing`` (mm per axis: two
+    for slices, three for volumes): ``min_area`` (:data:`SLICE_MIN_AREA`, 0 for volumes) and
+    ``min_component_pixels`` (:func:`speck_pixels`)."""
+    gate = copy.deepcopy(gate)
+    if gate.min_area is None:
+        gate.min_area = SLICE_MIN_AREA if len(spacing) == 2 else 0.0
+    gate.min_component_pixels = speck_pixels(gate, spacing)
+    return gate
+
+
+def speck_pixels(gate, spacing: Sequence[float]) -> int:
+    """``gate.min_component_pixels``, or for null the default for masks of ``spacing`` (mm per axis: two
+    for slices, three for volumes): :data:`SLICE_SPECK_PIXELS`, or the voxels a ball
+    :data:`SPECK_BALL_MM` across fills, at least 1. A fixed voxel count would be a different lesion at
+    every voxel size: 4 voxels of 6.75 x 6.75 x 10 mm make a lesion 15 mm across, and most real
+    masks at that size would be rejected as specks."""
+    if gate.min_component_pixels is not None:
+        return int(gate.min_component_pixels)
+    if len(spacing) == 2:
+        return SLICE_SPECK_PIXELS
+    ball = math.pi / 6 * SPECK_BALL_MM ** 3
+    return max(1, math.ceil(ball / math.prod(float(s) for s in spacing) - 1e-9))
 
 
 @dataclass(frozen=True)

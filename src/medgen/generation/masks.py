@@ -149,7 +149,8 @@ def _rejections(gate_cfg: DictConfig, stats: list) -> str:
                                           for f in fields(quality_gate.MaskStats)})
     broken = sorted(((int(v.sum()), k) for k, v in quality_gate.failures(as_arrays, gate_cfg).items() if v.any()),
                     reverse=True)
-    return "masks breaking each rule: " + (", ".join(f"{k} {n}" for n, k in broken) if broken else "none")
+    listed = ", ".join(f"{k} {n}" for n, k in broken) if broken else "none"
+    return f"masks breaking each rule (one mask may break several): {listed}"
 
 
 def _gate_failure(cfg: DictConfig, walk: _Walk, max_attempts: int, targets: Targets,

@@ -21,6 +21,7 @@ and rank 0 writes the manifest, pictures and exports at the end.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -43,6 +44,7 @@ from medgen.data.brain import brain_of, brain_source, inside_counts
 from medgen.data.lesions import RANO_BM, feret_diameters
 from medgen.data.pictures import contact_sheet, render_planes, render_tile, save_png
 from medgen.diffusion.utils import sample_seed
+from medgen.generation import gate as quality_gate
 from medgen.generation import writer
 from medgen.generation.images import IMAGE_STREAM, SampleIds, paint, read_sample, sample_ids, sample_spacing
 from medgen.generation.masks import real_masks, sample_masks
@@ -123,6 +125,8 @@ def run_generation(cfg: DictConfig, dist: DistInfo | None = None, progress: bool
         seg = load_stage(cfg.seg_checkpoint, "seg", "seg_checkpoint", device=dist.device, use_ema=cfg.use_ema,
                          precision=cfg.precision, compile=cfg.compile, compile_mode=cfg.compile_mode)
     check_pair(seg, image, cfg.guidance_scale)
+    if seg is not None:
+        cfg = _with_gate_defaults(cfg, _voxel_size(image), dist)
     samplers = {"seg": _sampler(cfg, "seg_sampler", seg), "image": _sampler(cfg, "image_sampler", image)}
     run = _Run(cfg, seg, image, samplers, run_settings(cfg, seg, image, samplers), out, dist, command,
                _targets(cfg, seg, image, dist))
@@ -204,6 +208,19 @@ def _voxel_size(image: Stage) -> tuple[float, ...]:
     """The size (mm) of a sample's pixels (x, y) or voxels (x, y, z), as the samples are written
     and lesion diameters measured."""
     return tuple((image.spacing or (1.0, 1.0, 1.0))[:len(image.spatial_shape)])
+
+
+def _with_gate_defaults(cfg: DictConfig, spacing: Sequence[float], dist: DistInfo) -> DictConfig:
+    """``cfg`` with the gate's null rules set for masks of ``spacing``
+    (:func:`medgen.generation.gate.with_defaults`), as settings.json records them."""
+    gate = quality_gate.with_defaults(cfg.gate, spacing)
+    if len(spacing) == 3 and dist.is_main and gate.enabled and cfg.gate.min_component_pixels is None:
+        log.info("gate.min_component_pixels=null: a lesion of fewer than %d voxel(s) of %s mm (a ball %g mm "
+                 "across) is a speck", gate.min_component_pixels, " x ".join(f"{float(s):g}" for s in spacing),
+                 quality_gate.SPECK_BALL_MM)
+    cfg = copy.deepcopy(cfg)
+    cfg.gate = gate
+    return cfg
 
 
 def _targets(cfg: DictConfig, seg: Stage | None, image: Stage, dist: DistInfo) -> Targets:
