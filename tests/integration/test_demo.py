@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import re
 import subprocess
 import sys
@@ -39,8 +40,8 @@ def test_demo_runs_the_whole_pipeline_and_its_lesions_sit_on_the_masks(tmp_path)
 
 @pytest.mark.timeout(2400)
 def test_the_volume_demo_runs_the_3d_pipeline_within_20_minutes(tmp_path):
-    """`make demo-3d`: volume models, volumes generated through the gate, evaluated in 3D, a
-    three-plane contact sheet; lesions inside the brain of their own volumes."""
+    """`make demo-3d`: a 3D seg and a 3D bravo model, volumes generated through the gate, evaluated in
+    3D, a three-plane contact sheet; lesions inside the brain of their own volumes."""
     import json
 
     import numpy as np
@@ -54,16 +55,22 @@ def test_the_volume_demo_runs_the_3d_pipeline_within_20_minutes(tmp_path):
     summary = (out / "summary.md").read_text()
     total = float(re.search(r"\| total \| ([\d.]+) \|", summary).group(1))
     assert total < 20, summary  # minutes on 2 cores
-    # painted on the lesion volumes of the phantoms' train split (at most --pairs, 16)
+    assert "| train seg |" in summary and "seg and bravo models" in summary
     report = check_dataset(out / "synthetic", progress=False)
-    assert report.ok and 8 <= report.patients_checked <= 16
-    assert f"→ {report.patients_checked} synthetic pairs (volumes)" in summary
-    first = sorted((out / "synthetic" / "train").iterdir())[0]  # named after the patient whose mask it is painted on
-    volume = load_volume(first / "bravo.nii.gz")[0]
-    assert volume.shape == (32, 32, 16)
+    assert report.ok and report.patients_checked == 16  # --pairs: the seg model's masks through the gate
+    assert "→ 16 synthetic pairs (volumes)" in summary
+    rate = float(re.search(r"quality gate acceptance (\d+)%", summary).group(1))
+    assert rate >= 10, summary  # about a third on 2 cores; far fewer would mean masks of specks or empty ones
+    rows = list(csv.DictReader(open(out / "synthetic" / "manifest.csv")))
+    accepted = [r for r in rows if r["accepted"] == "True"]
+    assert len(accepted) == 16 and all(int(r["components"]) >= 1 for r in accepted)
+    first = out / "synthetic" / "train" / "syn_000000"
+    volume, mask = load_volume(first / "bravo.nii.gz")[0], load_volume(first / "seg.nii.gz")[0]
+    assert volume.shape == mask.shape == (32, 32, 16) and mask.max() == 1
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     assert metrics["spatial_dims"] == 3 and metrics["volume_shape"] == [32, 32, 16]
-    assert metrics["anatomy"]["inside_brain"]["synthetic"] >= 0.99
+    # measured on each image's own brain: 99.6% on 2 cores (real test volumes: 94.7%, large lesions at its edge)
+    assert metrics["anatomy"]["inside_brain"]["synthetic"] >= 0.95
     assert (out / "evaluation" / "planes_synthetic.png").is_file()
     from PIL import Image
 

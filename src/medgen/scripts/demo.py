@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medgen.data.phantom_lesions import MAX_LESIONS
+
 log = logging.getLogger("medgen.demo")
 
 #: share of the training budget that goes to the seg model (the rest trains bravo): it draws the brain
@@ -57,17 +59,22 @@ class Profile:
     #: "64 px" or "32 x 32 x 16", and what one sample is
     size: str
     item: str
-    #: whether a seg model draws the masks (else the real lesion masks of the train split are painted)
-    seg: bool = True
+    #: share of the training budget that goes to the seg model (the rest trains bravo)
+    seg_share: float = SEG_SHARE
+    #: the phantoms' lesions (:func:`medgen.data.phantom.generate_dataset`'s lesion_sizes, max_lesions)
+    lesion_sizes: str = "clinical"
+    max_lesions: int = MAX_LESIONS
 
 
 SLICES = Profile(training=(), min_steps=MIN_STEPS, minutes=12.0, pairs=64, eval_batch=16, size="64 px", item="slice")
-#: 32 x 32 x 16 volumes (about 4 mm voxels) in batches of 2, about 4 volumes/s of training on 2 cores (64 x 64
-#: x 32 trains at 0.5 volumes/s, too slow for minutes). No seg model: one of 600 such steps (5 minutes) drew
-#: empty masks (3 of 4) and brains of blobs; the volumes are painted on the real lesion masks instead
+#: 32 x 32 x 16 volumes (voxels of about 7 x 7 x 10 mm) in batches of 2, about 4 volumes/s of training on 2
+#: cores (64 x 64 x 32 trains at 0.5 volumes/s, too slow for minutes). The phantoms' lesions are of every size,
+#: up to 6 per head (``cover``): the clinical mix (median 7 mm) is mostly under one voxel at this shape, and
+#: a seg model of 600 steps on it drew empty masks. On ``cover`` phantoms one of 540 steps drew masks the gate
+#: kept 32% of (16 of 50), with bravo at 590 steps the demo took 19.3 minutes; seg gets the larger share
 VOLUMES = Profile(training=("model.spatial_dims=3", "data.volume_shape=[32,32,16]", "training.batch_size=2"),
-                  min_steps={"bravo": 400}, minutes=10.0, pairs=16, eval_batch=4, size="32 x 32 x 16 voxels",
-                  item="volume", seg=False)
+                  min_steps={"seg": 400, "bravo": 400}, minutes=9.0, pairs=16, eval_batch=4,
+                  size="32 x 32 x 16 voxels", item="volume", seg_share=0.55, lesion_sizes="cover", max_lesions=6)
 
 
 def _overrides(out: Path, mode: str, seed: int, profile: Profile = SLICES) -> list[str]:
@@ -184,8 +191,9 @@ def run_demo(out: Path, minutes: float, subjects: int, pairs: int, seed: int, pr
 
     t0 = time.perf_counter()
     if not (out / "data" / "train").is_dir():
-        log.info("== 1/5 phantoms: %d subjects at 128 x 128 x 64", subjects)
-        generate_dataset(out / "data", subjects=subjects, size=128, slices=64, seed=seed, workers=2)
+        log.info("== 1/5 phantoms: %d subjects at 128 x 128 x 64 (lesions: %s)", subjects, profile.lesion_sizes)
+        generate_dataset(out / "data", subjects=subjects, size=128, slices=64, seed=seed, workers=2,
+                         lesion_sizes=profile.lesion_sizes, max_lesions=profile.max_lesions)
     seconds["phantoms"] = time.perf_counter() - t0
 
     runs = _train_models(out, minutes, seed, profile, seconds, facts)
@@ -194,11 +202,9 @@ def run_demo(out: Path, minutes: float, subjects: int, pairs: int, seed: int, pr
     # sizes and counts as the model draws them: at 64 px a tiny lesion (< 10 mm) spans under 3 pixels, which a
     # seg model of minutes rarely draws, so the default (lesion_sizes.target=real: exactly the training
     # classes) would need thousands of candidates
-    masks = {"seg_checkpoint": str(runs["seg"]), "lesion_sizes": {"target": "model"},
-             "lesion_counts": {"target": "model"}} if "seg" in runs else \
-        {"masks_from": str(out / "data"), "masks_split": "train"}
-    result = generate(image_checkpoint=str(runs["bravo"]), num_images=pairs, out_dir=str(out / "synthetic"),
-                      cache_dir=str(out / "cache"), seed=seed, **masks)
+    result = generate(seg_checkpoint=str(runs["seg"]), image_checkpoint=str(runs["bravo"]), num_images=pairs,
+                      out_dir=str(out / "synthetic"), cache_dir=str(out / "cache"), seed=seed,
+                      lesion_sizes={"target": "model"}, lesion_counts={"target": "model"})
     seconds["generate"] = time.perf_counter() - t0
     if result.status == "stopped":
         _stopped("generation")
@@ -215,12 +221,9 @@ def run_demo(out: Path, minutes: float, subjects: int, pairs: int, seed: int, pr
 
 def _train_models(out: Path, minutes: float, seed: int, profile: Profile, seconds: dict[str, float],
                   facts: dict[str, dict]) -> dict[str, Path]:
-    """Steps 2 and 3: the seg model (slices only) and the bravo model within ``minutes``; their run folders."""
+    """Steps 2 and 3: the seg model and the bravo model within ``minutes``; their run folders."""
     runs = {}
-    budget = {"seg": minutes * SEG_SHARE, "bravo": minutes * (1 - SEG_SHARE)} if profile.seg else {"bravo": minutes}
-    if not profile.seg:
-        log.info("== 2/5 no seg model: the volumes are painted on the lesion masks of the phantoms' train split "
-                 "(a 3D seg model needs more than minutes: see summary.md)")
+    budget = {"seg": minutes * profile.seg_share, "bravo": minutes * (1 - profile.seg_share)}
     for mode in budget:
         log.info("== %d/5 train %s (rectified flow, training=cpu, %s, about %.1f min)", 2 if mode == "seg" else 3,
                  mode, profile.size, budget[mode])
@@ -295,10 +298,10 @@ def write_summary(out: Path, subjects: int, pairs: int, seconds: dict[str, float
     lines = [
         "# medgen demo",
         "",
-        f"Phantoms → {'seg and bravo models' if profile.seg else 'a bravo model'} (rectified flow, `training=cpu`, "
+        f"Phantoms → seg and bravo models (rectified flow, `training=cpu`, "
         f"{profile.size}) → {len(result.sample_ids)} synthetic pairs ({profile.item}s).",
         "",
-        *_stage_table(out, subjects, seconds, facts, runs, result),
+        *_stage_table(out, subjects, seconds, facts, runs, result, profile),
         "",
         "## Where the files are",
         "",
@@ -328,16 +331,16 @@ def write_summary(out: Path, subjects: int, pairs: int, seconds: dict[str, float
 
 
 def _stage_table(out: Path, subjects: int, seconds: dict[str, float], facts: dict[str, dict],
-                 runs: dict[str, Path], result) -> list[str]:
+                 runs: dict[str, Path], result, profile: Profile = SLICES) -> list[str]:
     """The summary's table of stages: minutes and what each one wrote."""
     rel = lambda p: Path(p).relative_to(out)  # noqa: E731
+    lesions = "lesions" if profile.lesion_sizes == "clinical" else \
+        f"lesions of every size, 1 to {profile.max_lesions} per head (`{profile.lesion_sizes}`)"
     lines = [
         "| stage | minutes | what |",
         "|---|---|---|",
-        f"| phantoms | {seconds['phantoms'] / 60:.1f} | {subjects} subjects, 128 × 128 × 64, four contrasts and lesions: `data/` |",
+        f"| phantoms | {seconds['phantoms'] / 60:.1f} | {subjects} subjects, 128 × 128 × 64, four contrasts and {lesions}: `data/` |",
     ]
-    if "seg" not in facts:
-        lines.append("| train seg | 0.0 | none: masks are the phantoms' real lesion volumes (`masks_from`) |")
     for mode in facts:
         f = facts[mode]
         what = f"{f['epochs']} epochs, {f['steps']} steps" + (" (reused)" if f.get("reused") else
@@ -386,13 +389,16 @@ _SLICE_TEXT = [
         "",
 ]
 _VOLUME_TEXT = [
-    "The volume demo trains the bravo model only, on 32 x 32 x 16 volumes (voxels of about 4 mm), and",
-    "paints it on the phantoms' own lesion volumes (`masks_from`, the train split): a 3D mask model of",
-    "minutes (600 steps on these phantoms) draws empty masks, so the quality gate would refuse nearly",
-    "all of them. The contact sheet shows each volume in three planes through its largest lesion. A",
-    "3D seg model for `medgen-generate` needs a GPU and hours (`model.spatial_dims=3`, `mode=seg`,",
-    "`training=default`). The demo shows that the volume path (volume cache, 3D training, generation",
-    "of volumes, 3D evaluation with 2.5D FID and a 3D downstream network) works end to end.",
+    "The volume demo trains both models on 32 x 32 x 16 volumes (voxels of about 7 x 7 x 10 mm) of",
+    "phantoms with lesions of every size (`lesion_sizes=cover`, 1 to 6 per head): the clinical mix",
+    "(median 7 mm) is mostly smaller than one voxel at this shape. The seg model of a few minutes draws",
+    "lesions of one to a dozen voxels with a rough brain around them; the quality gate (for volumes: no",
+    "lesion under the voxels a 4 mm ball fills, none outside the drawn brain) keeps the share of its",
+    "masks the table above gives, and the bravo model paints a head around each. The contact sheet",
+    "shows each volume in three planes through its largest lesion. Lesions of realistic shape need the",
+    "GPU profile (`data.volume_shape=[128,128,64]`, `training=default`) and hours. The demo shows that",
+    "the volume path (volume cache, 3D training of both models, both stages of generation, 3D",
+    "evaluation with 2.5D FID and a 3D downstream network) works end to end.",
     "",
 ]
 
