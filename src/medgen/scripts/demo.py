@@ -70,8 +70,9 @@ SLICES = Profile(training=(), min_steps=MIN_STEPS, minutes=12.0, pairs=64, eval_
 #: 32 x 32 x 16 volumes (voxels of about 7 x 7 x 10 mm) in batches of 2, about 4 volumes/s of training on 2
 #: cores (64 x 64 x 32 trains at 0.5 volumes/s, too slow for minutes). The phantoms' lesions are of every size,
 #: up to 6 per head (``cover``): the clinical mix (median 7 mm) is mostly under one voxel at this shape, and
-#: a seg model of 600 steps on it drew empty masks. On ``cover`` phantoms one of 540 steps drew masks the gate
-#: kept 32% of (16 of 50), with bravo at 590 steps the demo took 19.3 minutes; seg gets the larger share
+#: a seg model of 600 steps on it drew empty masks. On ``cover`` phantoms, 10 minutes split evenly (seg 540
+#: steps, gate acceptance 32%) made a demo of 19.3 minutes; 9 minutes with 55% for seg (550 and 460 steps,
+#: acceptance 41%) one of 17.5
 VOLUMES = Profile(training=("model.spatial_dims=3", "data.volume_shape=[32,32,16]", "training.batch_size=2"),
                   min_steps={"seg": 400, "bravo": 400}, minutes=9.0, pairs=16, eval_batch=4,
                   size="32 x 32 x 16 voxels", item="volume", seg_share=0.55, lesion_sizes="cover", max_lesions=6)
