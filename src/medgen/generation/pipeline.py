@@ -21,7 +21,6 @@ and rank 0 writes the manifest, pictures and exports at the end.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -31,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from medgen.core.constants import BRAIN_KEY, MASK_KEY
@@ -218,9 +217,7 @@ def _with_gate_defaults(cfg: DictConfig, spacing: Sequence[float], dist: DistInf
         log.info("gate.min_component_pixels=null: a lesion of fewer than %d voxel(s) of %s mm (a ball %g mm "
                  "across) is a speck", gate.min_component_pixels, " x ".join(f"{float(s):g}" for s in spacing),
                  quality_gate.SPECK_BALL_MM)
-    cfg = copy.deepcopy(cfg)
-    cfg.gate = gate
-    return cfg
+    return OmegaConf.merge(cfg, {"gate": gate})
 
 
 def _targets(cfg: DictConfig, seg: Stage | None, image: Stage, dist: DistInfo) -> Targets:
