@@ -159,3 +159,56 @@ def test_every_skipped_metric_is_listed_with_where_it_was():
               "adherence": {"synthetic_dice": 0.5}}
     assert skipped_metrics(result) == [("features", "FID/KID needs at least 2 slices per set (synthetic 1)"),
                                        ("distribution.diversity.bravo", "too few")]
+
+
+def _discs(n: int, s: int, rng: np.random.Generator):
+    """``n`` noisy slices with one bright disc each (radius 3 to 6) and the disc as the mask."""
+    yy, xx = np.mgrid[:s, :s]
+    images, masks = rng.normal(0.2, 0.05, (n, 1, s, s)).astype(np.float32), np.zeros((n, s, s), np.uint8)
+    for i in range(n):
+        r, (cy, cx) = rng.integers(3, 7), rng.integers(7, s - 7, 2)
+        masks[i] = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        images[i, 0][masks[i] == 1] += 0.6
+    return images, masks
+
+
+def test_budget_precision_bf16_trains_the_segmenter_in_bf16_to_the_same_skill(monkeypatch):
+    from medgen.core import precision
+    from medgen.evaluation import downstream
+    from medgen.evaluation.downstream import SliceSet, predict, train_segmenter
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # the choice, not this CPU's
+    dtypes: dict[str, set] = {}
+    build = downstream.build_segmenter
+
+    def watched(in_channels, spatial_dims=2):
+        net = build(in_channels, spatial_dims)
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.register_forward_hook(lambda _m, _i, out: dtypes[current].add(out.dtype) if net.training else None)
+        return net
+
+    monkeypatch.setattr(downstream, "build_segmenter", watched)
+    rng = np.random.default_rng(0)
+    train, test = SliceSet(*_discs(48, 32, rng)), SliceSet(*_discs(16, 32, rng))
+    dice = {}
+    for current in ("fp32", "bf16"):
+        dtypes[current] = set()
+        net = train_segmenter(train, steps=80, batch_size=8, learning_rate=3e-3, seed=0, device=torch.device("cpu"),
+                              progress=False, precision=current)
+        assert all(p.dtype == torch.float32 for p in net.parameters())  # autocast: the weights stay fp32
+        dice[current] = dice_per_slice(predict(net, test.images, torch.device("cpu")), test.masks).mean()
+    assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
+    assert dice["fp32"] > 0.7 and dice["bf16"] > 0.7 and abs(dice["fp32"] - dice["bf16"]) < 0.15, dice
+
+
+def test_budget_precision_is_fp32_or_bf16():
+    from omegaconf import OmegaConf
+
+    from medgen.core.schema import ConfigError
+    from medgen.evaluation.config import validate_evaluate_config
+
+    base = {"real_dir": "r", "synthetic_dir": "s"}
+    assert validate_evaluate_config(OmegaConf.create(base)).budget.precision == "fp32"
+    with pytest.raises(ConfigError, match="budget.precision"):
+        validate_evaluate_config(OmegaConf.create({**base, "budget": {"precision": "fp16"}}))

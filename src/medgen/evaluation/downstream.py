@@ -34,6 +34,7 @@ from monai.metrics import DiceMetric
 from monai.networks.nets import DynUNet
 from tqdm.auto import tqdm
 
+from medgen.core.precision import autocast
 from medgen.data.masks import is_lesion
 from medgen.evaluation.lesionwise import LesionTest, over_seeds
 
@@ -73,8 +74,10 @@ def build_segmenter(in_channels: int, spatial_dims: int = 2) -> DynUNet:
 
 
 def train_segmenter(data: SliceSet, *, steps: int, batch_size: int, learning_rate: float, seed: int,
-                    device: torch.device, desc: str = "segmenter", progress: bool = True) -> DynUNet:
-    """Train a fresh network on ``data`` for ``steps`` steps; returns it in eval mode."""
+                    device: torch.device, desc: str = "segmenter", progress: bool = True,
+                    precision: str = "fp32") -> DynUNet:
+    """Train a fresh network on ``data`` for ``steps`` steps (forward passes in bf16 autocast with
+    ``precision="bf16"`` where the device computes bf16 natively); returns it in eval mode."""
     torch.manual_seed(seed)
     net = build_segmenter(data.images.shape[1], data.images.ndim - 2).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
@@ -88,7 +91,9 @@ def train_segmenter(data: SliceSet, *, steps: int, batch_size: int, learning_rat
         for dim in range(2, x.ndim):  # random flips, one decision per batch and axis
             if rng.random() < 0.5:
                 x, y = x.flip(dim), y.flip(dim)
-        loss = loss_fn(net(x), y)
+        with autocast(device, precision):
+            logits = net(x)
+        loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -133,7 +138,7 @@ def summarise_dice(dice: np.ndarray, bins: np.ndarray) -> dict[str, float]:
 
 def downstream(real_train: SliceSet, synthetic: SliceSet, real_test: SliceSet, *, seeds: list[int], steps: int,
                batch_size: int, learning_rate: float, device: torch.device, progress: bool = True,
-               on_network: Callable[[str, int, DynUNet], None] | None = None,
+               precision: str = "fp32", on_network: Callable[[str, int, DynUNet], None] | None = None,
                lesions: LesionTest | None = None) -> dict:
     """Train on (a) real, (b) real + synthetic, (c) synthetic per seed; Dice on ``real_test``.
 
@@ -153,7 +158,7 @@ def downstream(real_train: SliceSet, synthetic: SliceSet, real_test: SliceSet, *
         per_seed, per_seed_lesions = [], []
         for seed in seeds:
             net = train_segmenter(data, steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                                  device=device, desc=f"{name} seed {seed}", progress=progress)
+                                  device=device, desc=f"{name} seed {seed}", progress=progress, precision=precision)
             if on_network is not None:
                 on_network(name, seed, net)
             whole = predict(net, lesions.images, device) if lesions is not None else None
