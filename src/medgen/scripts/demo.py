@@ -4,8 +4,9 @@
     medgen-demo --out demo3d --3d      # volumes: 32 x 32 x 16 models, 16 volumes, three-plane pictures
 
 1. writes a phantom dataset (``<out>/data``);
-2. trains a seg model and a bravo model with the ``training=cpu`` profile (rectified flow), the
-   number of epochs chosen from a timing probe so that the two runs take ``--minutes`` together;
+2. trains a seg model and a bravo model with the ``training=cpu`` profile (rectified flow) for
+   ``--minutes`` together: seg's epochs from a timing probe, bravo's from the rate the seg run
+   measured, for what seg left of the budget;
 3. generates ``--pairs`` mask/image pairs (``<out>/synthetic``, a medgen dataset);
 4. evaluates them against the phantoms' test split (``<out>/evaluation``: FID, conditioning
    adherence, downstream segmentation over 3 seeds with a short budget, the report);
@@ -64,6 +65,8 @@ class Profile:
     #: the phantoms' lesions (:func:`medgen.data.phantom.generate_dataset`'s lesion_sizes, max_lesions)
     lesion_sizes: str = "clinical"
     max_lesions: int = MAX_LESIONS
+    #: the downstream segmenters' budget.precision
+    eval_precision: str = "fp32"
 
 
 SLICES = Profile(training=(), min_steps=MIN_STEPS, minutes=12.0, pairs=64, eval_batch=16, size="64 px", item="slice")
@@ -72,10 +75,13 @@ SLICES = Profile(training=(), min_steps=MIN_STEPS, minutes=12.0, pairs=64, eval_
 #: up to 6 per head (``cover``): the clinical mix (median 7 mm) is mostly under one voxel at this shape, and
 #: a seg model of 600 steps on it drew empty masks. On ``cover`` phantoms, 10 minutes split evenly (seg 540
 #: steps, gate acceptance 32%) made a demo of 19.3 minutes; 9 minutes with 55% for seg (550 and 460 steps,
-#: acceptance 41%) one of 17.5
+#: acceptance 41%) one of 17.5, and of 20.1 in CI and at a slow hour here (a probe of 6 steps said 4.0 minutes
+#: for bravo's 728 steps, which took 6.3). Now 8 minutes (seg 553 and bravo 343 steps, acceptance 34%): 13.4, and
+#: the downstream segmenters train in bf16 (evaluation 3.9 minutes instead of 6.1)
 VOLUMES = Profile(training=("model.spatial_dims=3", "data.volume_shape=[32,32,16]", "training.batch_size=2"),
-                  min_steps={"seg": 400, "bravo": 400}, minutes=9.0, pairs=16, eval_batch=4,
-                  size="32 x 32 x 16 voxels", item="volume", seg_share=0.55, lesion_sizes="cover", max_lesions=6)
+                  min_steps={"seg": 400, "bravo": 300}, minutes=8.0, pairs=16, eval_batch=4,
+                  size="32 x 32 x 16 voxels", item="volume", seg_share=0.55, lesion_sizes="cover", max_lesions=6,
+                  eval_precision="bf16")
 
 
 def _overrides(out: Path, mode: str, seed: int, profile: Profile = SLICES) -> list[str]:
@@ -104,8 +110,10 @@ def _seconds_per_epoch(overrides: list[str], out: Path) -> tuple[float, int]:
     return 1.1 * per_step * trainer.steps_per_epoch, trainer.steps_per_epoch
 
 
-def train(out: Path, mode: str, minutes: float, seed: int, profile: Profile = SLICES) -> tuple[Path, dict]:
-    """Train ``mode`` for about ``minutes``; returns (run folder, facts for the summary)."""
+def train(out: Path, mode: str, minutes: float, seed: int, profile: Profile = SLICES,
+          seconds_per_step: float | None = None) -> tuple[Path, dict]:
+    """Train ``mode`` for about ``minutes``: as many epochs as the timing probe says fit, or as
+    ``seconds_per_step`` (measured on a whole run) says; returns (run folder, facts for the summary)."""
     from omegaconf import OmegaConf
 
     from medgen.core.checkpoint import load_checkpoint
@@ -123,6 +131,10 @@ def train(out: Path, mode: str, minutes: float, seed: int, profile: Profile = SL
         shutil.rmtree(run_dir)
     overrides = _overrides(out, mode, seed, profile)
     per_epoch, steps_per_epoch = _seconds_per_epoch(overrides, out)
+    if seconds_per_step is not None:
+        log.info("%s: %.2f s/step as the seg run measured (the probe said %.2f)", mode, seconds_per_step,
+                 per_epoch / steps_per_epoch)
+        per_epoch = seconds_per_step * steps_per_epoch
     epochs = max(1, math.floor(minutes * 60 / per_epoch))
     fewest = math.ceil(profile.min_steps[mode] / steps_per_epoch)
     if epochs < fewest:
@@ -225,15 +237,19 @@ def _train_models(out: Path, minutes: float, seed: int, profile: Profile, second
     """Steps 2 and 3: the seg model and the bravo model within ``minutes``; their run folders."""
     runs = {}
     budget = {"seg": minutes * profile.seg_share, "bravo": minutes * (1 - profile.seg_share)}
+    per_step = None
     for mode in budget:
         log.info("== %d/5 train %s (rectified flow, training=cpu, %s, about %.1f min)", 2 if mode == "seg" else 3,
                  mode, profile.size, budget[mode])
         t0 = time.perf_counter()
-        runs[mode], facts[mode] = train(out, mode, budget[mode], seed, profile)
+        runs[mode], facts[mode] = train(out, mode, budget[mode], seed, profile, per_step)
         seconds[f"train {mode}"] = time.perf_counter() - t0
-        if mode == "seg":  # a slow CPU that needed seg's fewest steps takes the overrun from bravo's minutes
-            budget["bravo"] = max(budget["bravo"] / 2, minutes - seconds["train seg"] / 60) \
-                if seconds["train seg"] / 60 > budget["seg"] * 1.25 else budget["bravo"]
+        if mode == "seg" and not facts["seg"].get("reused"):
+            # bravo's network is seg's with one more input channel: seg's whole run (probe, validation, checkpoints
+            # included) times a step better than a probe of a few steps (4.0 min predicted, 6.3 taken on 2 cores),
+            # and bravo gets what seg left of the budget (at least half its share)
+            per_step = seconds["train seg"] / facts["seg"]["steps"]
+            budget["bravo"] = max(budget["bravo"] / 2, minutes - seconds["train seg"] / 60)
     return runs
 
 
@@ -284,7 +300,7 @@ def evaluate(out: Path, seed: int, profile: Profile = SLICES) -> dict:
     cfg = validate_evaluate_config(OmegaConf.create({
         "real_dir": str(out / "data"), "synthetic_dir": str(out / "synthetic"), "out_dir": str(out / "evaluation"),
         "cache_dir": str(out / "cache"), "seed": seed, "seeds": [seed, seed + 1, seed + 2],
-        "budget": {"steps": 200, "batch_size": profile.eval_batch}}))
+        "budget": {"steps": 200, "batch_size": profile.eval_batch, "precision": profile.eval_precision}}))
     return run_evaluation(cfg)
 
 
