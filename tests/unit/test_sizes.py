@@ -48,8 +48,13 @@ def test_presets_and_weights_resolve_to_counts():
     assert finer.bins.names == ("<3mm", "3-6mm", "6-10mm", ">=10mm") and finer.counts.tolist() == [2, 2, 0, 0]
     assert resolve_target(_cfg("model"), 10, (64, 64), (1.0, 1.0), None) is None
     # at 64 px of 3.375 mm a tiny lesion (< 10 mm) spans under 3 pixels: warned about; at 128 px (1.69 mm) not
-    assert hard_to_draw(real, 3.375) == ["tiny (< 10 mm)"] and hard_to_draw(real, 1.6875) == []
-    assert hard_to_draw(weights, 3.375) == ["tiny (< 10 mm)"] and hard_to_draw(weights, 2.4) == []
+    assert hard_to_draw(real, (3.375, 3.375)) == ["tiny (< 10 mm)"] and hard_to_draw(real, (1.6875, 1.6875)) == []
+    assert hard_to_draw(weights, (3.375, 3.375)) == ["tiny (< 10 mm)"] and hard_to_draw(weights, (2.4, 2.4)) == []
+    # voxels: the cube edge of the voxel's volume, so the through-plane spacing counts. 2 x 2 x 2 mm: 8 mm across
+    # (tiny is < 10 mm: drawable); 2 x 2 x 4: (16)^(1/3) = 2.52 mm, 10.08 mm across: tiny is hard; the x spacing
+    # alone (2 mm) would have said drawable
+    assert hard_to_draw(real, (2.0, 2.0, 2.0)) == [] and hard_to_draw(real, (2.0, 2.0, 4.0)) == ["tiny (< 10 mm)"]
+    assert hard_to_draw(real, (2.0, 2.0)) == []
 
 
 @pytest.mark.parametrize("target, bins, message", [

@@ -49,7 +49,7 @@ from medgen.generation.images import IMAGE_STREAM, SampleIds, paint, read_sample
 from medgen.generation.masks import real_masks, sample_masks
 from medgen.generation.models import GenerationError, Stage, check_pair, load_stage
 from medgen.generation.records import Masks
-from medgen.generation.sizes import (Targets, check_conditioning, hard_to_draw, resolve_count_target,
+from medgen.generation.sizes import (Targets, check_conditioning, hard_to_draw, pixel_edge, resolve_count_target,
                                     resolve_target)
 from medgen.generation.run_folder import claim, count_complete, exclusive, remove_partial_writes, run_settings
 from medgen.generation.status import GenerationStatus, write_status
@@ -237,11 +237,12 @@ def _targets(cfg: DictConfig, seg: Stage | None, image: Stage, dist: DistInfo) -
     if sizes is not None and main:
         log.info("size classes requested (lesion_sizes.target=%s, largest lesion per mask): %s",
                  sizes.source, sizes.describe())
-        small, pixel = hard_to_draw(sizes, _voxel_size(image)[0]), _voxel_size(image)[0]
+        small, edge = hard_to_draw(sizes, _voxel_size(image)), pixel_edge(_voxel_size(image))
         if small:
-            log.warning("lesion_sizes.target asks for %s lesions, under 4 pixels of %.4g mm: a seg model of %s "
+            log.warning("lesion_sizes.target asks for %s lesions, under 4 %s of %.4g mm across: a seg model of %s "
                         "rarely draws them, so the run may stop at gate.max_attempts; ask for none of them (weights "
-                        "per class) or train at a larger %s", " and ".join(small), pixel, image.describe_shape(),
+                        "per class) or train at a larger %s", " and ".join(small),
+                        "voxels (cube edge)" if image.volumes else "pixels", edge, image.describe_shape(),
                         "data.volume_shape" if image.volumes else "model.image_size")
     if counts is not None and main:
         log.info("lesions per mask requested (lesion_counts.target=%s): %s", counts.source, counts.describe())

@@ -29,8 +29,8 @@ from medgen.data import lesions
 from medgen.data.lesions import SizeBins
 from medgen.generation.models import GenerationError
 
-__all__ = ["ClassTarget", "Targets", "conditioned_groups", "count_classes", "hard_to_draw", "parse_bins", "quotas", "resolve_count_target",
-           "resolve_target"]
+__all__ = ["ClassTarget", "Targets", "conditioned_groups", "count_classes", "hard_to_draw", "parse_bins", "pixel_edge",
+           "quotas", "resolve_count_target", "resolve_target"]
 
 
 def parse_bins(value: Any, key: str) -> SizeBins:
@@ -186,11 +186,19 @@ def resolve_count_target(cfg: Any, n: int, training_counts: Sequence[int] | None
     return target
 
 
-def hard_to_draw(target: ClassTarget, pixel_mm: float, pixels: float = 4.0) -> list[str]:
-    """The size classes ``target`` asks for whose lesions all measure under ``pixels`` pixels of
-    ``pixel_mm`` mm (a seg model at that resolution rarely draws them), as ``"name (< edge mm)"``."""
+def hard_to_draw(target: ClassTarget, spacing: Sequence[float], pixels: float = 4.0) -> list[str]:
+    """The size classes ``target`` asks for whose lesions all measure under ``pixels`` pixels (or
+    voxels) across, at pixels or voxels of ``spacing`` mm (a seg model at that resolution rarely draws
+    them), as ``"name (< edge mm)"``. See :func:`pixel_edge`."""
+    across = pixels * pixel_edge(spacing)
     return [f"{name} (< {edge:g} mm)" for b, (name, edge) in enumerate(zip(target.bins.names, target.bins.edges))
-            if target.counts[b] > 0 and edge < pixels * pixel_mm]
+            if target.counts[b] > 0 and edge < across]
+
+
+def pixel_edge(spacing: Sequence[float]) -> float:
+    """The mm one step of the grid spans: a slice's pixel width (x), or for a voxel of ``(x, y, z)``
+    mm the edge of the cube of its volume, so that a coarse through-plane spacing counts too."""
+    return float(spacing[0]) if len(spacing) < 3 else float(np.prod(spacing[:3])) ** (1 / 3)
 
 
 def _resolve(key: str, target: Any, bins: SizeBins, n: int, recorded: Sequence[float] | None,
