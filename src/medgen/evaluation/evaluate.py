@@ -194,8 +194,7 @@ def segmentation_metrics(sets: Sets, cfg: DictConfig, out_dir: Path, device: tor
         out["downstream"] = downstream.downstream(
             train, syn, test, seeds=list(cfg.seeds), steps=b.steps, batch_size=b.batch_size,
             learning_rate=b.learning_rate, device=device, progress=progress, precision=b.precision,
-            on_network=keep_first_real,
-            lesions=lesion_test)
+            on_network=keep_first_real, lesions=lesion_test)
         out["downstream"]["budget"] = OmegaConf.to_container(b)
         out["lesions"] = _lesion_figures(out["downstream"], lesion_test, len(test), cfg, sets.warnings)
         adherence_net = adherence_net or kept.get("net")

@@ -237,7 +237,8 @@ def _targets(cfg: DictConfig, seg: Stage | None, image: Stage, dist: DistInfo) -
     if sizes is not None and main:
         log.info("size classes requested (lesion_sizes.target=%s, largest lesion per mask): %s",
                  sizes.source, sizes.describe())
-        small, edge = hard_to_draw(sizes, _voxel_size(image)), pixel_edge(_voxel_size(image))
+        spacing = _voxel_size(image)
+        small, edge = hard_to_draw(sizes, spacing), pixel_edge(spacing)
         if small:
             log.warning("lesion_sizes.target asks for %s lesions, under 4 %s of %.4g mm across: a seg model of %s "
                         "rarely draws them, so the run may stop at gate.max_attempts; ask for none of them (weights "
