@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from medgen.core.schema import at_least, check, check_fields, choice, merge_schema
 from medgen.diffusion.config import COMPILE_MODES
 from medgen.diffusion.samplers import SAMPLERS
 
-__all__ = ["GateConfig", "LesionSizesConfig", "NnunetConfig", "GenerateConfig", "validate_generate_config"]
+__all__ = ["GateConfig", "LesionSizesConfig", "NnunetConfig", "GenerateConfig", "ignored_keys",
+           "validate_generate_config"]
 
 
 @dataclass
@@ -116,4 +117,59 @@ def validate_generate_config(cfg: DictConfig) -> DictConfig:
     check((g.min_area or 0) < g.max_area <= 1, "gate.max_area",
           f"need gate.min_area ({g.min_area}) < gate.max_area ({g.max_area}) <= 1")
     check(g.max_attempts is None or g.max_attempts >= 1, "gate.max_attempts", "must be >= 1 or null")
+    _check_targets(merged)
     return merged
+
+
+def _check_targets(cfg: DictConfig) -> None:
+    """The size and count requests parse (bins, classes, the form of each target), before any model
+    is loaded; quotas (``uniform``, weights) need the gate, which meets them; with ``masks_from``, a
+    request that picks real masks needs ``num_images`` and guidance needs a seg model. A :class:`~medgen.generation.models.GenerationError` naming the key."""
+    from medgen.generation.models import GenerationError
+    from medgen.generation.sizes import count_classes, parse_bins, parse_target
+
+    sources = {key: parse_target(key, cfg[key].target, bins)[0] for key, bins in (
+        ("lesion_sizes", parse_bins(cfg.lesion_sizes.bins, "lesion_sizes.bins")),
+        ("lesion_counts", count_classes(cfg.lesion_counts.classes)))}
+    picking = [key for key, source in sources.items() if source in ("uniform", "weights")]
+    if cfg.masks_from is None:
+        if picking and not cfg.gate.enabled:
+            raise GenerationError(f"{picking[0]}.target={cfg[picking[0]].target}: the gate meets the quotas, and "
+                                  "gate.enabled=false keeps every mask drawn; turn the gate on (loosen its rules, e.g. "
+                                  f"gate.min_area=0 gate.max_area=1, if they are in the way) or set {picking[0]}.target=model")
+        return
+    if picking and cfg.num_images is None:
+        raise GenerationError(f"{picking[0]}.target={cfg[picking[0]].target}: with masks_from, the real masks are "
+                              "picked to meet the quotas of num_images masks; set num_images (null takes every mask "
+                              "as it is)")
+    if cfg.lesion_sizes.guidance != 1:
+        raise GenerationError(f"lesion_sizes.guidance={cfg.lesion_sizes.guidance:g} guides a seg model toward the "
+                              "classes asked, and masks_from uses real masks: leave lesion_sizes.guidance=1")
+
+
+#: keys that do nothing in a combination: (the key, when it does nothing, why); :func:`ignored_keys`
+_NO_EFFECT = (
+    ("gate", "masks_from", "real masks are used as they are, not gated"),
+    ("seg_sampler", "masks_from", "there is no seg model to sample"),
+    ("brain_outline", "masks_from", "the brains come from the real images"),
+    ("masks_split", "seg_checkpoint", "the seg model draws the masks"),
+)
+
+
+def ignored_keys(cfg: DictConfig) -> list[str]:
+    """The keys of a validated generate config that are set away from their defaults in a combination
+    where they have no effect, each as ``"key=value (why)"``: the run says so instead of dropping them
+    silently (``gate.*``, ``seg_sampler`` and ``brain_outline`` with ``masks_from``, ``masks_split``
+    with ``seg_checkpoint``)."""
+    defaults = OmegaConf.structured(GenerateConfig)
+    out = []
+    for key, when, why in _NO_EFFECT:
+        if cfg[when] is None:
+            continue
+        node, default = cfg[key], defaults[key]
+        if isinstance(node, DictConfig):
+            changed = [f"{key}.{k}={node[k]}" for k in node if node[k] != default[k]]
+        else:
+            changed = [f"{key}={node}"] if node != default else []
+        out += [f"{c} ({why} with {when})" for c in changed]
+    return out

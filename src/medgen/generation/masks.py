@@ -69,7 +69,7 @@ def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: 
                     "that they lie inside it; train the seg model with mode.image_keys=[seg,brain]", seg.path,
                     list(seg.mode.image_keys))
     evaluated = read_blocks(folder)
-    walk = _walk(evaluated, targets, n_wanted)
+    walk = _walk(evaluated, targets, n_wanted, max_attempts)
     with progress_bar(n_wanted, len(walk.chosen), "masks", dist, progress) as bar:
         while True:
             bar.n = min(len(walk.chosen), n_wanted)
@@ -81,12 +81,12 @@ def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: 
                 raise _gate_failure(cfg, walk, max_attempts, targets, evaluated)
             if any_rank(stop.requested, dist):
                 return None
-            queue = _next_candidates(evaluated, dist.world_size * cfg.batch_size)
+            queue = _next_candidates(evaluated, dist.world_size * cfg.batch_size, max_attempts)
             mine = queue[dist.rank * cfg.batch_size:(dist.rank + 1) * cfg.batch_size]
             results = _evaluate(seg, mine, cfg, sampler, folder, dist, spacing, targets) if mine else {}
             for part in _gather(results, dist):
                 evaluated.update(part)
-            walk = _walk(evaluated, targets, n_wanted)
+            walk = _walk(evaluated, targets, n_wanted, max_attempts)
     conditioned = tuple(name for name, _ in targets.items() if name in conditioned_groups(seg.mode))
     guidance = float(cfg.lesion_sizes.guidance) if conditioned else None
     return _chosen(evaluated, walk, cfg.seed, folder, dist, targets, cfg.brain_outline, guidance, conditioned)
@@ -115,13 +115,14 @@ class _Walk:
     tallies: dict[str, _Tally]
 
 
-def _walk(evaluated: dict[int, Candidate], targets: Targets, wanted: int) -> _Walk:
+def _walk(evaluated: dict[int, Candidate], targets: Targets, wanted: int, limit: int | None = None) -> _Walk:
     """Accept candidates in order until ``wanted``: those that pass the gate, and with targets only
-    while their class under each has room (a candidate without lesion has none)."""
+    while their class under each has room (a candidate without lesion has none); the first ``limit``
+    candidates at most (``gate.max_attempts``, also when a folder holds more from an earlier run)."""
     by_name = dict(targets.items())
     tallies = {name: _Tally(*(np.zeros(len(t.bins), np.int64) for _ in range(4))) for name, t in by_name.items()}
     walk = _Walk(0, [], tallies)
-    while walk.prefix in evaluated:
+    while walk.prefix in evaluated and (limit is None or walk.prefix < limit):
         c = evaluated[walk.prefix]
         walk.prefix += 1
         classes = targets.classes(c.largest_mm, int(c.stats.components)) if c.largest_mm > 0 else {}
@@ -297,9 +298,10 @@ def read_blocks(folder: Path, with_masks: set[int] | None = None) -> dict[int, C
     return out
 
 
-def _next_candidates(evaluated: dict[int, Candidate], count: int) -> list[int]:
+def _next_candidates(evaluated: dict[int, Candidate], count: int, limit: int) -> list[int]:
+    """The next ``count`` candidates no run evaluated, among the first ``limit``."""
     out, j = [], 0
-    while len(out) < count:
+    while len(out) < count and j < limit:
         if j not in evaluated:
             out.append(j)
         j += 1
@@ -315,10 +317,14 @@ def _gather(results: dict[int, Candidate], dist: DistInfo) -> list[dict[int, Can
 
 
 # ============================================================================ masks_from
-def real_masks(cfg: DictConfig, shape: Sequence[int], brain_from: str | None = None) -> Masks:
+def real_masks(cfg: DictConfig, shape: Sequence[int], brain_from: str | None = None, targets: Targets = Targets(),
+               spacing: Sequence[float] = (1.0, 1.0)) -> Masks:
     """The lesion slices (``shape`` ``(S, S)``) or lesion volumes (``(X, Y, Z)``, each patient's head
     resampled as for training) of ``masks_split`` of a medgen dataset, at the image model's shape,
-    with their brains derived from the image ``brain_from`` (None: no brain)."""
+    with their brains derived from the image ``brain_from`` (None: no brain). With ``targets``
+    (lesions measured at ``spacing`` mm per axis), the masks are picked to meet their quotas:
+    walked in an order shuffled by ``seed``, each taken while its classes have room, as the gate
+    takes generated ones."""
     from medgen.data.slices import SliceSpec, open_or_build_cache
     from medgen.data.splits import split_patients
     from medgen.data.volumes import VolumeSpec
@@ -337,9 +343,13 @@ def real_masks(cfg: DictConfig, shape: Sequence[int], brain_from: str | None = N
     cache = open_or_build_cache(patients, spec, resolve_path(cfg.cache_dir), desc=f"{cfg.masks_split} masks")
     items = np.flatnonzero(cache.lesion_pixels > 0) if volumes else np.arange(len(cache))
     what = "lesion volumes" if volumes else "lesion slices"
-    n = len(items) if cfg.num_images is None else min(int(cfg.num_images), len(items))
-    if n == 0:
+    if len(items) == 0:
         raise DataError(f"masks_from={cfg.masks_from}: no {what[:-1]} in {root / cfg.masks_split}")
+    report = None
+    if targets:
+        items, report = _pick(cache, items, targets, int(cfg.num_images), cfg.seed, spacing,
+                              f"masks_from={cfg.masks_from}: the {len(items)} {what} of {cfg.masks_split}/")
+    n = len(items) if cfg.num_images is None else min(int(cfg.num_images), len(items))
     if cfg.num_images is not None and n < cfg.num_images:
         log.warning("masks_from has %d %s in %s/; generating for all of them (num_images=%d)", n, what,
                     cfg.masks_split, cfg.num_images)
@@ -352,4 +362,28 @@ def real_masks(cfg: DictConfig, shape: Sequence[int], brain_from: str | None = N
     records = [MaskRecord(source, float(stats.area[k]), int(stats.components[k]), True)
                for k, source in enumerate(sources)]
     brains = None if brain_from is None else is_lesion(cache.data[items, 1]).astype(np.uint8)
-    return Masks(masks, records, [], None, brains)
+    return Masks(masks, records, [], None, brains, report)
+
+
+def _pick(cache: Any, items: np.ndarray, targets: Targets, n: int, seed: int, spacing: Sequence[float],
+          what: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The ``n`` items of ``cache`` (in dataset order) that meet the quotas of ``targets``, taken in an
+    order shuffled by ``seed``, and the size report (:func:`size_report`); a :class:`GenerationError`
+    naming the classes that hold too few masks (``what``: the masks, for that message)."""
+    order = items[np.random.default_rng(seed).permutation(len(items))]
+    evaluated = {}
+    for j, i in enumerate(order):
+        mask = is_lesion(cache.data[i, 0])
+        stats = quality_gate.measure(mask[None])
+        evaluated[j] = Candidate(j, stats[0], True, largest_mm=largest_diameter(mask, spacing))
+    walk = _walk(evaluated, targets, n)
+    if len(walk.chosen) < n:
+        short = "; ".join(f"{t.key}: " + ", ".join(f"{name} {int(k)}/{int(q)}" for name, k, q in
+                                                    zip(t.bins.names, walk.tallies[key].taken, t.counts))
+                          for key, t in targets.items())
+        raise GenerationError(f"{what} hold too few masks of some classes for "
+                              f"num_images={n} (picked/wanted: {short}); ask for fewer of the rare classes, a smaller "
+                              "num_images, or more real masks")
+    report = size_report(targets, _walk({j: evaluated[j] for j in range(walk.chosen[-1] + 1)}, targets, n),
+                         walk.chosen[-1] + 1)
+    return np.sort(order[walk.chosen]), report

@@ -45,12 +45,13 @@ from medgen.data.pictures import contact_sheet, render_planes, render_tile, save
 from medgen.diffusion.utils import sample_seed
 from medgen.generation import gate as quality_gate
 from medgen.generation import writer
+from medgen.generation.config import ignored_keys
 from medgen.generation.images import IMAGE_STREAM, SampleIds, paint, read_sample, sample_ids, sample_spacing
 from medgen.generation.masks import real_masks, sample_masks
 from medgen.generation.models import GenerationError, Stage, check_pair, load_stage
 from medgen.generation.records import Masks
-from medgen.generation.sizes import (Targets, check_conditioning, hard_to_draw, pixel_edge, resolve_count_target,
-                                    resolve_target)
+from medgen.generation.sizes import (Targets, check_conditioning, count_classes, hard_to_draw, parse_bins,
+                                    parse_target, pixel_edge, resolve_count_target, resolve_target)
 from medgen.generation.run_folder import claim, count_complete, exclusive, remove_partial_writes, run_settings
 from medgen.generation.status import GenerationStatus, write_status
 
@@ -124,6 +125,9 @@ def run_generation(cfg: DictConfig, dist: DistInfo | None = None, progress: bool
         seg = load_stage(cfg.seg_checkpoint, "seg", "seg_checkpoint", device=dist.device, use_ema=cfg.use_ema,
                          precision=cfg.precision, compile=cfg.compile, compile_mode=cfg.compile_mode)
     check_pair(seg, image, cfg.guidance_scale)
+    if dist.is_main:
+        for what in ignored_keys(cfg):
+            log.warning("%s: it has no effect in this run", what)
     if seg is not None:
         cfg = _with_gate_defaults(cfg, _voxel_size(image), dist)
     samplers = {"seg": _sampler(cfg, "seg_sampler", seg), "image": _sampler(cfg, "image_sampler", image)}
@@ -151,7 +155,8 @@ def _run_stages(run: _Run, progress: bool, t_start: float) -> GenerationResult:
                                      run.targets, _voxel_size(run.image))
             else:
                 masks = real_masks(cfg, run.image.spatial_shape,
-                                   run.image.brain_from if BRAIN_KEY in run.image.mode.cond_keys else None)
+                                   run.image.brain_from if BRAIN_KEY in run.image.mode.cond_keys else None,
+                                   run.targets, _voxel_size(run.image))
             seconds["masks"] = time.perf_counter() - t0
             if masks is not None:
                 t0 = time.perf_counter()
@@ -221,23 +226,39 @@ def _with_gate_defaults(cfg: DictConfig, spacing: Sequence[float], dist: DistInf
 
 
 def _targets(cfg: DictConfig, seg: Stage | None, image: Stage, dist: DistInfo) -> Targets:
-    """The size and count classes ``lesion_sizes`` and ``lesion_counts`` ask for (none: no seg model,
-    a disabled gate, ``model``, or ``real`` with a seg checkpoint that does not record its training
-    lesions, which is said once)."""
+    """The size and count classes ``lesion_sizes`` and ``lesion_counts`` ask for. With a seg model:
+    none for ``model``, or ``real`` with a checkpoint that records no training lesions or with the
+    gate off, which keeps every mask (each said once; other targets with the gate off are refused
+    by :func:`medgen.generation.config.validate_generate_config`). With
+    ``masks_from``: ``uniform`` or weights pick the real masks (:func:`medgen.generation.masks.real_masks`),
+    ``real`` and ``model`` take them as they are."""
+    n, main, spacing = cfg.num_images, dist.is_main, _voxel_size(image)
     if seg is None:
-        return Targets()
-    n, main = int(cfg.num_images), dist.is_main
+        picks = {key: parse_target(key, cfg[key].target, bins)[0] in ("uniform", "weights") for key, bins in (
+            ("lesion_sizes", parse_bins(cfg.lesion_sizes.bins, "lesion_sizes.bins")),
+            ("lesion_counts", count_classes(cfg.lesion_counts.classes)))}
+        targets = Targets(resolve_target(cfg, int(n), image.spatial_shape, spacing, None) if picks["lesion_sizes"] else None,
+                          resolve_count_target(cfg, int(n), None) if picks["lesion_counts"] else None)
+        if targets and main:
+            log.info("masks_from: the real masks of %s/ are picked to meet %s", cfg.masks_split, "; ".join(
+                f"{t.key}.target={cfg[t.key].target} ({t.describe()})" for _, t in targets.items()))
+        return targets
+    n = int(n)
     sizes = counts = None
-    if cfg.gate.enabled:  # a disabled gate keeps every mask
+    if not cfg.gate.enabled:  # uniform and weights were refused (generation.config); real is said, not dropped
+        real = [key for key in ("lesion_sizes", "lesion_counts") if cfg[key].target == "real"]
+        if real and main:
+            log.info("gate.enabled=false keeps every mask drawn: %s (the gate meets the quotas)",
+                     " and ".join(f"{key}.target=real is not applied" for key in real))
+    else:
         if _resolvable(cfg.lesion_sizes.target, seg.training_sizes, "lesion_sizes", seg.path, main):
-            sizes = resolve_target(cfg, n, image.spatial_shape, _voxel_size(image), seg.training_sizes)
+            sizes = resolve_target(cfg, n, image.spatial_shape, spacing, seg.training_sizes)
         if _resolvable(cfg.lesion_counts.target, seg.training_counts, "lesion_counts", seg.path, main):
             counts = resolve_count_target(cfg, n, seg.training_counts)
     check_conditioning(seg.mode, seg.path, seg.cond_dropout, Targets(sizes, counts), float(cfg.lesion_sizes.guidance))
     if sizes is not None and main:
         log.info("size classes requested (lesion_sizes.target=%s, largest lesion per mask): %s",
                  sizes.source, sizes.describe())
-        spacing = _voxel_size(image)
         small, edge = hard_to_draw(sizes, spacing), pixel_edge(spacing)
         if small:
             log.warning("lesion_sizes.target asks for %s lesions, under 4 %s of %.4g mm across: a seg model of %s "

@@ -19,7 +19,6 @@ its checkpoint), ``uniform``, or weights per class name (``{tiny: 4, small: 2, m
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -30,7 +29,8 @@ from medgen.data.lesions import SizeBins
 from medgen.generation.models import GenerationError
 
 __all__ = ["ClassTarget", "Targets", "conditioned_groups", "count_classes", "hard_to_draw", "parse_bins", "pixel_edge",
-           "quotas", "resolve_count_target", "resolve_target"]
+           "parse_target", "quotas", "resolve_count_target", "resolve_target",
+           "slot_class"]
 
 
 def parse_bins(value: Any, key: str) -> SizeBins:
@@ -69,14 +69,42 @@ class ClassTarget:
     def requested(self, candidates: Sequence[int]) -> np.ndarray:
         """The class asked of each stage-1 candidate (int64 class indices): candidate ``j`` gets slot
         ``j mod num_images`` of the quotas spread evenly (class ``b``'s ``k``-th slot at
-        ``(k + 1/2) / counts[b]``), so any run of ``num_images`` consecutive candidates asks for each
-        class its quota; fixed per candidate, whatever the batches, ranks and restarts."""
-        return self._slots[np.asarray(candidates, dtype=np.int64) % len(self._slots)]
+        ``(k + 1/2) / counts[b]``, ties to the earlier class), so any run of ``num_images``
+        consecutive candidates asks for each class its quota; fixed per candidate, whatever the
+        batches, ranks and restarts. Each slot's class is computed on its own (:func:`slot_class`),
+        so the memory does not grow with ``num_images``."""
+        n = int(self.counts.sum())
+        counts = tuple(int(c) for c in self.counts)
+        return np.asarray([slot_class(counts, int(j) % n) for j in candidates], dtype=np.int64)
 
-    @functools.cached_property
-    def _slots(self) -> np.ndarray:
-        slots = sorted(((k + 0.5) / c, b) for b, c in enumerate(self.counts.tolist()) for k in range(c))
-        return np.asarray([b for _, b in slots], dtype=np.int64)
+
+def slot_class(counts: Sequence[int], slot: int) -> int:
+    """The class of slot ``slot`` (0-based) when class ``b``'s ``k``-th slot sits at ``(k + 1/2) /
+    counts[b]`` and the ``sum(counts)`` slots are sorted by position, ties to the earlier class.
+
+    The slot of class ``b``'s ``k``-th position is its rank: ``k`` plus, per other class ``c``, its
+    positions before it, ``#{i < counts[c] : (2i + 1) counts[b] < (2k + 1) counts[c]}`` (``<=`` for
+    an earlier class), exact in integers. The rank grows with ``k``, so a bisection over ``k`` per
+    class finds the one position at ``slot``: O(classes² log n), no list of n slots."""
+    def rank(b: int, k: int) -> int:
+        out = k
+        for c, nc in enumerate(counts):
+            if c == b or nc == 0:
+                continue
+            m = (2 * k + 1) * nc  # position of (b, k) scaled by 2 counts[b] counts[c], against (2i + 1) counts[b]
+            odd = m // counts[b] if c < b else (m - 1) // counts[b]  # the largest odd 2i + 1 allowed, or one more
+            out += min(nc, max(0, (odd + 1) // 2))
+        return out
+
+    for b, nb in enumerate(counts):
+        lo, hi = 0, nb - 1
+        while lo <= hi:
+            k = (lo + hi) // 2
+            r = rank(b, k)
+            if r == slot:
+                return b
+            lo, hi = (k + 1, hi) if r < slot else (lo, k - 1)
+    raise ValueError(f"slot {slot} is outside the {sum(counts)} slots of {list(counts)}")
 
 
 @dataclass(frozen=True)
@@ -130,10 +158,14 @@ def check_conditioning(seg_mode: Any, seg_path: Any, cond_dropout: float, target
     asked = dict(targets.items())
     for name, bins in conditioned.items():
         key, field, mode_key = groups[name]
-        if name in asked and asked[name].bins != bins:
+        if name in asked and asked[name].bins.edges != bins.edges:  # the same edges under other names are the same classes
             raise GenerationError(f"{key}.{field} gives {list(asked[name].bins.names)} but seg_checkpoint {seg_path} is "
                                   f"conditioned on {list(bins.names)} ({mode_key}); ask for the classes it knows")
     given = [name for name in conditioned if name in asked]
+    if not given and guidance != 1:
+        raise GenerationError(f"lesion_sizes.guidance={guidance:g} guides seg_checkpoint {seg_path} toward the classes "
+                              "asked, and lesion_sizes.target and lesion_counts.target ask for none (model): ask for "
+                              "classes, or leave lesion_sizes.guidance=1")
     if given and len(given) < len(conditioned):
         keys = " and ".join(groups[n][0] + ".target" for n in conditioned)
         raise GenerationError(f"seg_checkpoint {seg_path} is conditioned on lesion {' and '.join(conditioned)} "
@@ -205,27 +237,45 @@ def _resolve(key: str, target: Any, bins: SizeBins, n: int, recorded: Sequence[f
              what: str) -> ClassTarget | None:
     """``key.target`` (model, real, uniform or weights per class of ``bins``) as quotas of ``n``
     masks; ``recorded``: the value of each training slice with a lesion (``what`` it records)."""
-    if target is None or target == "model":
+    source, weights = parse_target(key, target, bins)
+    if source == "model":
         return None
-    if isinstance(target, str):
+    if source == "real":
+        if not recorded:
+            raise GenerationError(f"{key}.target=real: the seg checkpoint records no training lesion {what}; give "
+                                  "weights per class, uniform, or model")
+        weights = bins.counts(recorded).astype(np.float64)
+    return ClassTarget(key, source, bins, weights, quotas(weights, n))
+
+
+def parse_target(key: str, target: Any, bins: SizeBins) -> tuple[str, np.ndarray | None]:
+    """``key.target`` as (source, weights): ``("model", None)``, ``("real", None)`` (weights from the
+    training lesions, resolved later), ``("uniform", ones)`` or ``("weights", per class)`` from a
+    mapping of class names (``{tiny: 4, small: 1}``, a class left out gets 0) or a list in class
+    order (``[4, 1, 0, 0]``: the form for class names the command line cannot spell, such as
+    ``<10mm``). A one-line :class:`GenerationError` naming ``key`` for anything else."""
+    example = "{" + ", ".join(f"{b}: 1" for b in bins.names) + "}"
+    if target is None or isinstance(target, str):
+        if target in (None, "model", "real"):
+            return target or "model", None
         if target == "uniform":
-            weights = np.ones(len(bins))
-        elif target == "real":
-            if not recorded:
-                raise GenerationError(f"{key}.target=real: the seg checkpoint records no training lesion {what} "
-                                      "(trained with an older medgen); give weights per class, uniform, or model")
-            weights = bins.counts(recorded).astype(np.float64)
-        else:
-            raise GenerationError(f"{key}.target={target}: use model, real, uniform or weights per class, e.g. "
-                                  f"{{{', '.join(f'{b}: 1' for b in bins.names)}}}")
-        source = target
-    else:
+            return "uniform", np.ones(len(bins))
+        raise GenerationError(f"{key}.target={target}: use model, real, uniform or weights per class, e.g. {example} "
+                              f"or in class order [{', '.join('1' for _ in bins.names)}]")
+    if isinstance(target, Mapping):
         weights = _weights(key, target, bins)
-        source = "weights"
+    elif isinstance(target, Sequence) and not isinstance(target, (bytes, str)):
+        if len(target) != len(bins):
+            raise GenerationError(f"{key}.target: a list gives one weight per class in order, {len(bins)} for "
+                                  f"{list(bins.names)}; got {len(target)}: {list(target)}")
+        weights = _numbers(key, list(target), bins)
+    else:
+        raise GenerationError(f"{key}.target={target!r}: use model, real, uniform, weights per class, e.g. {example}, "
+                              f"or a list of {len(bins)} weights in class order")
     if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
         raise GenerationError(f"{key}.target: the weights {dict(zip(bins.names, weights.tolist()))} must be "
                               ">= 0 and sum to a positive number")
-    return ClassTarget(key, source, bins, weights, quotas(weights, n))
+    return "weights", weights
 
 
 def _weights(key: str, target: Mapping[Any, Any], bins: SizeBins) -> np.ndarray:
@@ -234,8 +284,15 @@ def _weights(key: str, target: Mapping[Any, Any], bins: SizeBins) -> np.ndarray:
     if unknown:
         which = "lesion_sizes.bins" if key == "lesion_sizes" else "lesion_counts.classes"
         raise GenerationError(f"{key}.target: unknown class {unknown[0]!r}; the classes of {which} are "
-                              f"{list(bins.names)}")
+                              f"{list(bins.names)} (or give a list of {len(bins)} weights in class order)")
+    return _numbers(key, [given.get(name, 0.0) for name in bins.names], bins)
+
+
+def _numbers(key: str, values: list[Any], bins: SizeBins) -> np.ndarray:
     try:
-        return np.asarray([float(given.get(name, 0.0)) for name in bins.names])
+        if any(isinstance(v, bool) or v is None for v in values):
+            raise TypeError
+        return np.asarray([float(v) for v in values])
     except (TypeError, ValueError):
-        raise GenerationError(f"{key}.target: weights must be numbers, got {given}") from None
+        raise GenerationError(f"{key}.target: weights must be numbers, got "
+                              f"{dict(zip(bins.names, values))}") from None
