@@ -245,3 +245,39 @@ def test_keys_with_no_effect_in_a_run_are_named():
     assert ignored_keys(_validate("masks_split=train")) == [
         "masks_split=train (the seg model draws the masks with seg_checkpoint)"]
     assert ignored_keys(_validate("gate.max_area=0.2")) == []
+
+
+# ---------------------------------------------------------------------------- 9. the FID floor says why it is missing
+@pytest.mark.parametrize("val_slices, reason", [
+    (None, "no val reference"),
+    (1, "1 val slice(s)"),
+])
+def test_a_missing_fid_floor_is_listed_as_skipped_with_its_reason(feature_net, val_slices, reason):
+    from types import SimpleNamespace
+
+    from medgen.evaluation.downstream import SliceSet
+    from medgen.evaluation.evaluate import feature_metrics
+    from medgen.evaluation.report import skipped_metrics, summary_lines
+
+    rng = np.random.default_rng(0)
+
+    def images(n):
+        return SliceSet(rng.random((n, 1, 16, 16), dtype=np.float32), np.zeros((n, 16, 16), np.float32))
+
+    samples = {"real": images(6), "synthetic": images(6), "val": None if val_slices is None else images(val_slices)}
+    sets = SimpleNamespace(sample=samples.get, image_keys=("bravo",), spatial_dims=2, unit="slice",
+                           real_root=Path("/data/real"))
+    from medgen.evaluation.config import validate_evaluate_config
+
+    cfg = validate_evaluate_config(compose_config(["real_dir=r", "synthetic_dir=s", f"features.network={feature_net}",
+                                                   "features.kid_subsets=2", "features.kid_subset_size=3"],
+                                                  config_name="evaluate"))
+    out = feature_metrics(sets, cfg, torch.device("cpu"))
+    assert "fid_real_val_vs_test" not in out["bravo"] and out["bravo"]["fid"] >= 0
+    result = {"features": out, "out_dir": "/tmp/evaluation"}
+    assert skipped_metrics(result) == [("features.bravo.floor", f"the floor (FID/KID of real val vs real test): "
+                                        f"{reason} in /data/real, and it needs at least 2")]
+    assert any(line.startswith("skipped: features.bravo.floor: the floor") for line in summary_lines(result))
+    # with two val slices the floor is there and nothing is skipped
+    samples["val"] = images(2)
+    assert "fid_real_val_vs_test" in feature_metrics(sets, cfg, torch.device("cpu"))["bravo"]

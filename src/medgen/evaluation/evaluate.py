@@ -158,6 +158,9 @@ def feature_metrics(sets: Sets, cfg: DictConfig, device: torch.device) -> dict:
         out["slices_per_plane"], out["plane_fraction"] = f.slices_per_plane, f.plane_fraction
     val = sets.sample("val")
     names = ("real", "synthetic") + (("val",) if val is not None and len(val) >= 2 else ())
+    held = "no val reference" if val is None else f"{len(val)} val {sets.unit}(s)"
+    no_floor = None if "val" in names else \
+        f"the floor (FID/KID of real val vs real test): {held} in {sets.real_root}, and it needs at least 2"
 
     def features(name: str, c: int) -> dict[str, np.ndarray]:
         images = sets.sample(name).images[:, c]
@@ -170,6 +173,10 @@ def feature_metrics(sets: Sets, cfg: DictConfig, device: torch.device) -> dict:
         fr, fs, fv = (features(name, c) if name in names else None for name in ("real", "synthetic", "val"))
         per_plane = {p: _distances(fs[p], fr[p], None if fv is None else fv[p], f, cfg.seed) for p in fr}
         out[key] = per_plane[""] if sets.spatial_dims == 2 else volumetric.mean_over_planes(per_plane)
+        if no_floor:
+            out[key]["floor"] = {"skipped": no_floor}
+    if no_floor:
+        log.warning("skipped: %s", no_floor)
     return out
 
 
