@@ -26,9 +26,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from medgen.core import jsonio
+from medgen.core.constants import MASK_KEY, SPLITS
 from medgen.core.fs import atomic_write
+from medgen.core.paths import resolve_path
 from medgen.data.lesions import feret_diameters
-from medgen.evaluation import EvaluationError, downstream, lesionwise
+from medgen.data.nifti_dataset import list_patients, present_modalities
+from medgen.evaluation import EvaluationError, downstream, lesionwise, volumetric
 from medgen.evaluation.downstream import SliceSet
 from medgen.evaluation.evaluate import whole_test_split
 from medgen.evaluation.report import lesion_figure, lesion_table, write_pages
@@ -41,10 +44,14 @@ def run_experiment(cfg: DictConfig, synthetic_dirs: dict[str, Path], out_dir: Pa
                    progress: bool = True) -> dict:
     """The experiment for the synthetic sets ``synthetic_dirs`` (name -> folder) against
     ``cfg.real_dir`` (a validated evaluate config: ``seeds``, ``budget``, ``lesions``, caches).
-    Returns what ``augmentation.json`` holds."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Every network trains with ``cfg.budget`` passed whole (steps, batch size, learning rate,
+    precision). Returns what ``augmentation.json`` holds; ``out_dir`` gets nothing before the
+    results are in (sets of different kinds are refused before any cache is built).
+    """
+    check_same_kind(cfg, synthetic_dirs)
     sets = {name: Sets(OmegaConf.merge(cfg, {"synthetic_dir": str(folder)}), progress)
             for name, folder in synthetic_dirs.items()}
+    _refuse_mixed({name: _kind(s.spatial_dims, s.item_size, s.image_keys) for name, s in sets.items()})
     first = next(iter(sets.values()))
     if first.train is None or len(first.train) == 0:
         raise EvaluationError(f"real_dir={first.real_root}: no train lesion {first.unit}s to train the segmenter on")
@@ -52,13 +59,12 @@ def run_experiment(cfg: DictConfig, synthetic_dirs: dict[str, Path], out_dir: Pa
     lesion_test = whole_test_split(first, test, cfg)
     synthetic = {name: as_slice_set(s.synthetic) for name, s in sets.items()}
     groups = {"real": train, **{f"real+{name}": SliceSet.concat(train, syn) for name, syn in synthetic.items()}}
-    b = cfg.budget
     results: dict[str, Any] = {}
     for name, data in groups.items():
         per_seed = []
         for seed in cfg.seeds:
-            net = downstream.train_segmenter(data, steps=b.steps, batch_size=b.batch_size, learning_rate=b.learning_rate,
-                                             seed=seed, device=device, desc=f"{name} seed {seed}", progress=progress)
+            net = downstream.train_segmenter(data, cfg.budget, seed=seed, device=device, desc=f"{name} seed {seed}",
+                                             progress=progress)
             prediction = downstream.predict(net, lesion_test.images, device)
             per_seed.append({"seed": seed, **lesion_test.score(prediction, seed)})
         results[name] = {"train_slices": len(data), "per_seed": per_seed, **lesionwise.over_seeds(per_seed)}
@@ -69,7 +75,7 @@ def run_experiment(cfg: DictConfig, synthetic_dirs: dict[str, Path], out_dir: Pa
         "real_dir": str(first.real_root), "reference_split": first.reference_split, "image_size": first.image_size,
         "spatial_dims": first.spatial_dims, "unit": first.unit,
         **({"volume_shape": list(first.volume_shape)} if first.volume_shape is not None else {}),
-        "seeds": list(cfg.seeds), "budget": OmegaConf.to_container(b),
+        "seeds": list(cfg.seeds), "budget": OmegaConf.to_container(cfg.budget),
         "bins": list(lesion_test.bins.names), "edges_mm": list(lesion_test.bins.edges),
         "spacing_mm": list(lesion_test.spacing), "test_slices": len(lesion_test.masks), "lesion_slices": len(test),
         "lesion_free_slices": len(lesion_test.masks) - len(test),
@@ -78,10 +84,53 @@ def run_experiment(cfg: DictConfig, synthetic_dirs: dict[str, Path], out_dir: Pa
                              "lesions": _lesions_per_bin(syn, lesion_test)} for name, syn in synthetic.items()},
         "sets": results,
         "yardstick": lesionwise.yardstick(results["real"], cfg.lesions.min_sensitivity, cfg.lesions.min_dice)}
+    out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(out_dir / "augmentation.json") as tmp:
         tmp.write_text(jsonio.dumps(result, indent=1))
     write_augmentation_report(out_dir, result)
     return result
+
+
+def check_same_kind(cfg: DictConfig, synthetic_dirs: dict[str, Path]) -> None:
+    """Refuse, from the sample headers and before any cache is built, synthetic sets that hold
+    different kinds of data (2D slices and 3D volumes, other sizes, other modalities): the
+    segmenter trains on real + each set, the real set read as each set is, so they cannot be
+    stacked. Also refused: a missing folder, and a set with modalities the real set lacks.
+    An :class:`~medgen.evaluation.EvaluationError` in one line naming the sets."""
+    real_root = resolve_path(cfg.real_dir)
+    real_keys = present_modalities([p for s in SPLITS for p in list_patients(real_root / s)])
+    kinds = {}
+    for name, folder in synthetic_dirs.items():
+        root = resolve_path(folder)
+        if not root.is_dir():
+            raise EvaluationError(f"synthetic set {name}={folder}: no such folder")
+        samples = [p for s in SPLITS for p in list_patients(root / s)]
+        if not samples:
+            continue  # Sets says why (an unfinished generation, or an empty set)
+        keys = [k for k in present_modalities(samples) if k != MASK_KEY]
+        missing = [k for k in keys if k not in real_keys]
+        if real_keys and missing:
+            raise EvaluationError(f"synthetic set {name}={folder} holds {'+'.join(keys)} but the real set "
+                                  f"({real_root}) lacks {'+'.join(missing)}")
+        shape = volumetric.sample_shape(samples[0])
+        # as medgen.evaluation.volumetric.spatial_dims_of decides: volumes when more than one axial slice
+        dims = cfg.spatial_dims or (3 if len(shape) >= 3 and shape[2] > 1 else 2)
+        kinds[name] = _kind(dims, list(shape[:3]) if dims == 3 else int(max(shape[:2])), keys)
+    _refuse_mixed(kinds)
+
+
+def _kind(spatial_dims: int, size: int | list[int], image_keys: list[str]) -> str:
+    """What a set holds, in words: ``2D slices of 32 px, bravo`` or ``3D volumes of 32x32x16 voxels, bravo``."""
+    if spatial_dims == 3:
+        return f"3D volumes of {'x'.join(map(str, size))} voxels, {'+'.join(image_keys)}"
+    return f"2D slices of {size} px, {'+'.join(image_keys)}"
+
+
+def _refuse_mixed(kinds: dict[str, str]) -> None:
+    if len(set(kinds.values())) > 1:
+        raise EvaluationError("the synthetic sets hold different kinds of data (" + "; ".join(
+            f"{name}: {kind}" for name, kind in kinds.items()) + "): each is stacked onto the real train set read "
+            "the same way, so give sets of one kind (one medgen-augment run per kind)")
 
 
 def _lesions_per_bin(data: SliceSet, test: lesionwise.LesionTest) -> dict[str, int]:

@@ -21,11 +21,12 @@ three axes, Dice is per volume and lesion sizes are binned by volume fraction (:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from medgen.core.precision import autocast
 from medgen.data.masks import is_lesion
+from medgen.evaluation.config import BudgetConfig
 from medgen.evaluation.lesionwise import LesionTest, over_seeds
 
 log = logging.getLogger("medgen.evaluate")
@@ -73,31 +75,49 @@ def build_segmenter(in_channels: int, spatial_dims: int = 2) -> DynUNet:
                    norm_name="instance", res_block=True)
 
 
-def train_segmenter(data: SliceSet, *, steps: int, batch_size: int, learning_rate: float, seed: int,
-                    device: torch.device, desc: str = "segmenter", progress: bool = True,
-                    precision: str = "fp32") -> DynUNet:
-    """Train a fresh network on ``data`` for ``steps`` steps (forward passes in bf16 autocast with
-    ``precision="bf16"`` where the device computes bf16 natively); returns it in eval mode."""
+def train_segmenter(data: SliceSet, budget: BudgetConfig | None = None, *, seed: int, device: torch.device,
+                    desc: str = "segmenter", progress: bool = True, **fields: Any) -> DynUNet:
+    """Train a fresh network on ``data`` with ``budget``, passed whole: a validated config's
+    ``budget`` node or a :class:`~medgen.evaluation.config.BudgetConfig` (``steps`` steps of
+    ``batch_size``, ``learning_rate``; forward passes in bf16 autocast with ``precision="bf16"``
+    where the device computes bf16 natively). Returns the network in eval mode.
+
+    The older call with the budget's fields as keywords (``steps=..., batch_size=...,
+    learning_rate=..., precision=...``) still works, with every field given: none falls back to a
+    default."""
+    budget = _whole_budget(budget, fields)
     torch.manual_seed(seed)
     net = build_segmenter(data.images.shape[1], data.images.ndim - 2).to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=budget.learning_rate, weight_decay=1e-4)
     loss_fn = DiceCELoss(sigmoid=True)
     rng = np.random.default_rng(seed)
     images, masks = torch.from_numpy(data.images), torch.from_numpy(data.masks.astype(np.float32))[:, None]
     net.train()
-    for _ in tqdm(range(steps), desc=desc, unit="step", leave=False, disable=not progress):
-        idx = rng.integers(0, len(data), batch_size)
+    for _ in tqdm(range(budget.steps), desc=desc, unit="step", leave=False, disable=not progress):
+        idx = rng.integers(0, len(data), budget.batch_size)
         x, y = images[idx].to(device), masks[idx].to(device)
         for dim in range(2, x.ndim):  # random flips, one decision per batch and axis
             if rng.random() < 0.5:
                 x, y = x.flip(dim), y.flip(dim)
-        with autocast(device, precision):
+        with autocast(device, budget.precision):
             logits = net(x)
         loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     return net.eval()
+
+
+def _whole_budget(budget: BudgetConfig | None, fields: dict[str, Any]) -> BudgetConfig:
+    """``budget``, or the :class:`BudgetConfig` of ``fields`` when they are every field of it (a
+    ``TypeError`` for a missing or unknown one, or for both forms at once)."""
+    names = sorted(f.name for f in dataclasses.fields(BudgetConfig))
+    if budget is not None and not fields:
+        return budget
+    if budget is None and sorted(fields) == names:
+        return BudgetConfig(**fields)
+    raise TypeError(f"train_segmenter takes the budget whole (budget=cfg.budget), or all of its fields {names} as "
+                    f"keywords; got budget={'given' if budget is not None else None} and keywords {sorted(fields)}")
 
 
 @torch.no_grad()
@@ -136,11 +156,12 @@ def summarise_dice(dice: np.ndarray, bins: np.ndarray) -> dict[str, float]:
     return out
 
 
-def downstream(real_train: SliceSet, synthetic: SliceSet, real_test: SliceSet, *, seeds: list[int], steps: int,
-               batch_size: int, learning_rate: float, device: torch.device, progress: bool = True,
-               precision: str = "fp32", on_network: Callable[[str, int, DynUNet], None] | None = None,
+def downstream(real_train: SliceSet, synthetic: SliceSet, real_test: SliceSet, *, seeds: list[int],
+               budget: BudgetConfig, device: torch.device, progress: bool = True,
+               on_network: Callable[[str, int, DynUNet], None] | None = None,
                lesions: LesionTest | None = None) -> dict:
-    """Train on (a) real, (b) real + synthetic, (c) synthetic per seed; Dice on ``real_test``.
+    """Train on (a) real, (b) real + synthetic, (c) synthetic per seed, each network with
+    ``budget`` (passed whole to :func:`train_segmenter`); Dice on ``real_test``.
 
     Returns per set: ``per_seed`` results, ``mean``/``std`` of the overall Dice over seeds and the
     per-bin means; and ``gain`` = mean(b) - mean(a) with ``spread`` = the larger of their seed
@@ -157,8 +178,7 @@ def downstream(real_train: SliceSet, synthetic: SliceSet, real_test: SliceSet, *
     for name, data in sets.items():
         per_seed, per_seed_lesions = [], []
         for seed in seeds:
-            net = train_segmenter(data, steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                                  device=device, desc=f"{name} seed {seed}", progress=progress, precision=precision)
+            net = train_segmenter(data, budget, seed=seed, device=device, desc=f"{name} seed {seed}", progress=progress)
             if on_network is not None:
                 on_network(name, seed, net)
             whole = predict(net, lesions.images, device) if lesions is not None else None

@@ -198,17 +198,14 @@ def segmentation_metrics(sets: Sets, cfg: DictConfig, out_dir: Path, device: tor
                 downstream.save_segmenter(net, out_dir / "seg_net.pt", sets.image_keys, sets.item_size)
 
         lesion_test = whole_test_split(sets, test, cfg)
-        out["downstream"] = downstream.downstream(
-            train, syn, test, seeds=list(cfg.seeds), steps=b.steps, batch_size=b.batch_size,
-            learning_rate=b.learning_rate, device=device, progress=progress, precision=b.precision,
-            on_network=keep_first_real, lesions=lesion_test)
+        out["downstream"] = downstream.downstream(train, syn, test, seeds=list(cfg.seeds), budget=b, device=device,
+                                                  progress=progress, on_network=keep_first_real, lesions=lesion_test)
         out["downstream"]["budget"] = OmegaConf.to_container(b)
         out["lesions"] = _lesion_figures(out["downstream"], lesion_test, len(test), cfg, sets.warnings)
         adherence_net = adherence_net or kept.get("net")
     elif adherence_net is None and train is not None:
-        adherence_net = downstream.train_segmenter(train, steps=b.steps, batch_size=b.batch_size,
-                                                   learning_rate=b.learning_rate, seed=cfg.seeds[0], device=device,
-                                                   desc="real seed", progress=progress, precision=b.precision)
+        adherence_net = downstream.train_segmenter(train, b, seed=cfg.seeds[0], device=device, desc="real seed",
+                                                   progress=progress)
         downstream.save_segmenter(adherence_net, out_dir / "seg_net.pt", sets.image_keys, sets.item_size)
     out["adherence"] = downstream.adherence(adherence_net, syn, test, device) if adherence_net is not None else \
         _skip("no real train slices to train the segmentation network on, and no seg_net_checkpoint")
