@@ -1,6 +1,7 @@
 """The targeted-augmentation experiment (medgen-augment) end to end on tiny data: one synthetic set
 per size target, the downstream segmenter on real and on real + each set over seeds, per-bin
-lesion-wise figures in augmentation.json and the report."""
+lesion-wise figures in augmentation.json and the report. (The command line's refusals, fast:
+test_augment_cli.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from medgen.generation import Stage
-from medgen.scripts.augment import main, parse_target
+from medgen.scripts.augment import main
 
 pytestmark = pytest.mark.slow
 
@@ -67,16 +68,3 @@ def test_each_target_makes_its_set_and_every_set_is_scored_per_size_bin(tmp_path
     assert main(args) == 0
     assert json.loads((out / "augmentation.json").read_text())["sets"] == result["sets"]
 
-
-@pytest.mark.parametrize("text, expected", [("real=real", ("real", "real")),
-                                             ("s=tiny:4,small:2", ("s", {"tiny": 4.0, "small": 2.0}))])
-def test_targets_parse(text, expected):
-    assert parse_target(text) == expected
-
-
-def test_a_bad_target_is_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--real", str(tmp_path), "--out", str(tmp_path / "o"), "--seg", "s", "--image", "i", "--target", "tiny:4"])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == ("medgen-augment: config error at '--target': --target 'tiny:4': use "
-                                               "NAME=real|uniform or NAME=tiny:4,small:2,...")

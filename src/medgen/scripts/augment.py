@@ -6,19 +6,38 @@ on real + each set, over seeds, scored lesion by lesion per size bin on the real
 
     medgen-augment --real data/phantoms --seg runs/seg/<run> --image runs/bravo/<run> --out augment
     medgen-augment ... --target real=real --target small=tiny:4,small:2,medium:1,large:1 --num-images 200
-    medgen-augment ... --generate lesion_sizes.bins=[3,6,10,20] --generate steps=50
+    medgen-augment ... --generate steps=50 --generate 'lesion_sizes.bins=[3,6,10,20]' --target real=real \
+        --target 'small=<3mm:4,3-6mm:2,6-10mm:1'    # other bins: targets by their names, scored by them
     medgen-augment --real data/phantoms --synthetic real=synth_a --synthetic small=synth_b --out augment
+
+--synthetic takes ready-made sets instead of generating them: the generation flags (--seg, --image,
+--target, --num-images, --guidance, --seed, --generate) are refused beside it. Every setting is
+checked before anything is generated or trained; a bad one is one line naming its flag.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
+import shlex
 import sys
 from pathlib import Path
 
 #: the default targets: the training classes, and tiny and small lesions oversampled
 DEFAULT_TARGETS = ("real=real", "small=tiny:4,small:2,medium:1,large:1")
+#: the generation flags and their defaults (None in the parsed arguments: not given)
+GENERATION_DEFAULTS = {"num_images": 200, "guidance": 1.0, "seed": 0}
+#: medgen-generate keys that a flag of medgen-augment sets (``--generate KEY=...`` is refused for them)
+FLAG_OF_GENERATE_KEY = {"seg_checkpoint": "--seg", "image_checkpoint": "--image", "num_images": "--num-images",
+                        "seed": "--seed", "lesion_sizes.target": "--target", "lesion_sizes.guidance": "--guidance",
+                        "out_dir": "--out", "cache_dir": "--cache-dir"}
+#: medgen-evaluate keys that a flag of medgen-augment sets
+FLAG_OF_EVALUATE_KEY = {"real_dir": "--real", "seeds": "--seeds", "budget.steps": "--steps", "budget.precision": "--precision",
+                        "cache_dir": "--cache-dir", "lesions.bins": "--generate lesion_sizes.bins"}
+#: a set's name: a label and part of a folder name
+NAME = re.compile(r"[\w.+-]+")
 
 
 def parse_target(text: str) -> tuple[str, object]:
@@ -34,6 +53,11 @@ def parse_target(text: str) -> tuple[str, object]:
         raise ValueError(f"--target {text!r}: weights are BIN:NUMBER pairs separated by commas") from None
 
 
+def default_cache_dir() -> str:
+    """``$MEDGEN_CACHE_DIR`` when set (as the shipped configs' ``${oc.env:MEDGEN_CACHE_DIR,...}``), else ``~/.cache/medgen``."""
+    return os.environ.get("MEDGEN_CACHE_DIR") or "~/.cache/medgen"
+
+
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="medgen-augment", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,16 +67,24 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--image", help="image (bravo/dual) checkpoint or run folder (to generate the sets)")
     ap.add_argument("--target", action="append", metavar="NAME=SPEC",
                     help=f"a synthetic set: NAME=real|uniform or NAME=BIN:WEIGHT,... (default: {' '.join(DEFAULT_TARGETS)})")
-    ap.add_argument("--synthetic", action="append", metavar="NAME=DIR", help="use an existing synthetic set instead")
-    ap.add_argument("--num-images", type=int, default=200, help="masks per generated set (default 200)")
-    ap.add_argument("--guidance", type=float, default=1.0, help="lesion_sizes.guidance of a size-conditioned seg model")
+    ap.add_argument("--synthetic", action="append", metavar="NAME=DIR",
+                    help="use an existing synthetic set instead of generating (all of one kind: 2D or 3D, one size)")
+    ap.add_argument("--num-images", type=int, help=f"masks per generated set (default {GENERATION_DEFAULTS['num_images']})")
+    ap.add_argument("--guidance", type=float, help="lesion_sizes.guidance of a size-conditioned seg model (default 1: off)")
+    ap.add_argument("--seed", type=int, help=f"generation seed (default {GENERATION_DEFAULTS['seed']})")
+    ap.add_argument("--generate", action="append", metavar="KEY=VALUE",
+                    help="a medgen-generate setting for every set, e.g. --generate steps=50 --generate gate.max_area=0.2")
     ap.add_argument("--seeds", default="0,1,2", help="downstream seeds (default 0,1,2)")
     ap.add_argument("--steps", type=int, default=1000, help="downstream training steps per network (default 1000)")
-    ap.add_argument("--generate", action="append", default=[], metavar="KEY=VALUE",
-                    help="a medgen-generate setting for every set, e.g. --generate steps=50 --generate gate.max_area=0.2")
-    ap.add_argument("--cache-dir", default="~/.cache/medgen")
-    ap.add_argument("--seed", type=int, default=0, help="generation seed")
-    return ap.parse_args(argv)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="the downstream segmenters' training: fp32 (default) or bf16 autocast (about twice as fast "
+                         "on a CPU with AMX or a GPU), as medgen-evaluate's budget.precision; generation's own "
+                         "precision is --generate precision=...")
+    ap.add_argument("--cache-dir", default=default_cache_dir(),
+                    help="slice caches (default: $MEDGEN_CACHE_DIR when set, else ~/.cache/medgen)")
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,28 +98,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from omegaconf import OmegaConf
-
     from medgen.core.distributed import default_device
     from medgen.core.schema import ConfigError
     from medgen.evaluation.augmentation import run_experiment
-    from medgen.evaluation.config import validate_evaluate_config
 
     out = args.out.resolve()
-    try:
-        sets = dict(s.split("=", 1) for s in args.synthetic) if args.synthetic else None
-        targets = dict(parse_target(t) for t in (args.target or DEFAULT_TARGETS)) if not sets else {}
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError as exc:
-        raise ConfigError("--synthetic" if args.synthetic else "--target", str(exc)) from None
-    if sets is None:
-        if not (args.seg and args.image):
-            raise ConfigError("--seg", "give --seg and --image to generate the synthetic sets, or --synthetic NAME=DIR")
-        sets = {name: _generate(args, name, target, out) for name, target in targets.items()}
-    cfg = validate_evaluate_config(OmegaConf.create({
-        "real_dir": str(args.real), "synthetic_dir": str(next(iter(sets.values()))), "out_dir": str(out),
-        "seeds": seeds, "budget": {"steps": args.steps}, "cache_dir": args.cache_dir}))
-    result = run_experiment(cfg, {k: Path(v) for k, v in sets.items()}, out, default_device(), progress=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", f"{args.out}: a file, and the results need a folder")
+    seeds = _seeds(args.seeds)
+    if args.synthetic:
+        _refuse_generation_flags(args)
+        sets = _synthetic_sets(args.synthetic)
+        cfg = _evaluate_config(args, seeds, out, next(iter(sets.values())), bins=None)
+    else:
+        settings = _generate_settings(args, out)  # every set's, checked before the first is generated
+        bins = next(iter(settings.values())).lesion_sizes.bins
+        cfg = _evaluate_config(args, seeds, out, out / f"synthetic_{next(iter(settings))}", bins=bins)
+        sets = {name: _generate(s, args) for name, s in settings.items()}
+    result = run_experiment(cfg, sets, out, default_device(), progress=True)
     print(f"\nmedgen-augment: {out / 'augmentation.md'}")
     for name, s in result["sets"].items():
         print(f"  trained on {name:<16} sensitivity " + ", ".join(
@@ -95,21 +123,152 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def _generate(args: argparse.Namespace, name: str, target: object, out: Path) -> Path:
+def _seeds(text: str) -> list[int]:
+    from medgen.core.schema import ConfigError
+
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        raise ConfigError("--seeds", f"{text!r}: use integers >= 0 separated by commas, e.g. 0,1,2")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise ConfigError("--seeds", f"{text!r}: seed {twice[0]} is given twice (it would train the same network again)")
+    return seeds
+
+
+def _named(flag: str, items: list[tuple[str, object]]) -> dict[str, object]:
+    """``items`` as a dict, every name a valid one and given once."""
+    from medgen.core.schema import ConfigError
+
+    out: dict[str, object] = {}
+    for name, value in items:
+        if not NAME.fullmatch(name):
+            raise ConfigError(flag, f"{name!r}: a set's name is letters, digits and _ . + - (it names a folder)")
+        if name in out:
+            raise ConfigError(flag, f"the name {name!r} is given twice")
+        out[name] = value
+    return out
+
+
+def _synthetic_sets(texts: list[str]) -> dict[str, Path]:
+    from medgen.core.paths import resolve_path
+    from medgen.core.schema import ConfigError
+
+    items = []
+    for text in texts:
+        name, eq, folder = text.partition("=")
+        if not eq or not name or not folder:
+            raise ConfigError("--synthetic", f"{text!r}: use NAME=DIR, e.g. --synthetic small=synthetic_small")
+        items.append((name, folder))
+    sets = _named("--synthetic", items)
+    for name, folder in sets.items():
+        if not resolve_path(folder).is_dir():
+            raise ConfigError("--synthetic", f"{name}={folder}: no such folder")
+    return {name: resolve_path(folder) for name, folder in sets.items()}
+
+
+def _refuse_generation_flags(args: argparse.Namespace) -> None:
+    """With ``--synthetic`` nothing is generated: a generation flag beside it would be dropped."""
+    from medgen.core.schema import ConfigError
+
+    given = [flag for flag, value in (("--target", args.target), ("--seg", args.seg), ("--image", args.image),
+                                      ("--num-images", args.num_images), ("--guidance", args.guidance),
+                                      ("--seed", args.seed), ("--generate", args.generate)) if value is not None]
+    if given:
+        raise ConfigError(", ".join(given), f"{'these generate' if len(given) > 1 else 'it generates'} the synthetic "
+                          "sets, and --synthetic gives them ready-made: give one or the other")
+
+
+def _evaluate_config(args: argparse.Namespace, seeds: list[int], out: Path, first: Path, bins):
+    """The validated medgen-evaluate config of the experiment; a bad value names its flag."""
     from omegaconf import OmegaConf
 
-    from medgen.generation import generate
+    from medgen.core.paths import resolve_path
+    from medgen.core.schema import ConfigError
+    from medgen.evaluation.config import validate_evaluate_config
 
-    folder = out / f"synthetic_{name}"
-    # lesion counts as the model draws them: the experiment varies sizes (--generate lesion_counts.target=real targets both)
-    settings = OmegaConf.merge({"lesion_counts": {"target": "model"}}, OmegaConf.from_dotlist(args.generate), {
-        "seg_checkpoint": args.seg, "image_checkpoint": args.image, "num_images": args.num_images,
-        "out_dir": str(folder), "cache_dir": args.cache_dir, "seed": args.seed,
-        "lesion_sizes": {"target": target, "guidance": args.guidance}})
-    result = generate(**OmegaConf.to_container(settings))
+    if not resolve_path(args.real).is_dir():
+        raise ConfigError("--real", f"{args.real}: no such folder")
+    settings = {"real_dir": str(args.real), "synthetic_dir": str(first), "out_dir": str(out), "seeds": seeds,
+                "budget": {"steps": args.steps, "precision": args.precision}, "cache_dir": args.cache_dir}
+    if bins is not None:  # the sets are generated by these bins: score them by the same
+        settings["lesions"] = {"bins": bins}
+    try:
+        return validate_evaluate_config(OmegaConf.create(settings))
+    except ConfigError as exc:
+        raise ConfigError(FLAG_OF_EVALUATE_KEY.get(exc.key, exc.key), exc.reason) from None
+
+
+def _generate_settings(args: argparse.Namespace, out: Path) -> dict:
+    """Each target's validated medgen-generate config (``configs/generate.yaml``, ``--generate``,
+    then the flags), all checked before anything is generated: a bad key or value is one line
+    naming its flag (``--generate KEY`` for a key of ``--generate``)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from medgen.core.schema import ConfigError, compose_config
+    from medgen.generation import GenerationError
+    from medgen.generation.config import validate_generate_config
+    from medgen.generation.models import checkpoint_file
+
+    if not (args.seg and args.image):
+        raise ConfigError("--seg" if not args.seg else "--image",
+                          "give --seg and --image to generate the synthetic sets, or --synthetic NAME=DIR")
+    try:
+        parsed = [parse_target(t) for t in (args.target or DEFAULT_TARGETS)]
+    except ValueError as exc:
+        raise ConfigError("--target", str(exc)) from None
+    targets = _named("--target", parsed)
+    extra = OmegaConf.create()
+    for item in args.generate or []:
+        key, eq, _ = item.partition("=")
+        if not eq or not key:
+            raise ConfigError("--generate", f"{item!r}: use KEY=VALUE, e.g. --generate steps=50")
+        try:
+            extra = OmegaConf.merge(extra, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"--generate {key}", str(exc).splitlines()[0]) from None
+    for key, flag in FLAG_OF_GENERATE_KEY.items():  # also when given as part of a parent, lesion_sizes={...}
+        if OmegaConf.select(extra, key, default=extra, throw_on_missing=False) is not extra:
+            raise ConfigError(f"--generate {key}", f"set by {flag}: use that flag")
+    checkpoint_file(args.seg, "--seg")  # a missing file or run folder, before the models are loaded
+    checkpoint_file(args.image, "--image")
+    base = compose_config([], config_name="generate")
+    OmegaConf.set_struct(base, False)  # an unknown key fails in the schema, naming it
+    flags = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in GENERATION_DEFAULTS.items()}
+    settings = {}
+    for name, target in targets.items():
+        given = OmegaConf.merge(
+            base, {"lesion_counts": {"target": "model"}}, extra,  # counts as the model draws them: the experiment varies sizes
+            {"seg_checkpoint": args.seg, "image_checkpoint": args.image, "num_images": flags["num_images"],
+             "out_dir": str(out / f"synthetic_{name}"), "cache_dir": args.cache_dir, "seed": flags["seed"],
+             "lesion_sizes": {"target": target, "guidance": flags["guidance"]}})
+        try:
+            settings[name] = validate_generate_config(given)
+        except ConfigError as exc:
+            raise ConfigError(FLAG_OF_GENERATE_KEY.get(exc.key, f"--generate {exc.key}"), exc.reason) from None
+        except GenerationError as exc:  # "KEY: why" or "KEY=VALUE: why" (sizes and counts)
+            key = re.match(r"[\w.]*", str(exc)).group()
+            if key == "lesion_sizes.target":
+                raise ConfigError(f"--target {name}" + ("" if args.target else " (a default target)"), str(exc)) from None
+            raise ConfigError(f"--generate {key}".strip(), str(exc)) from None
+        if settings[name].format != "medgen":
+            raise ConfigError("--generate format", f"{settings[name].format}: medgen-augment reads its sets in "
+                              "medgen's layout (leave format=medgen)")
+    return settings
+
+
+def _generate(cfg, args: argparse.Namespace) -> Path:
+    from medgen.core.paths import resolve_path
+    from medgen.generation.pipeline import run_generation
+
+    command = " ".join(["medgen-augment", *map(shlex.quote, args.argv)])
+    result = run_generation(cfg, progress=True, command=command)
     if result.status != "done":
         raise KeyboardInterrupt
-    return folder
+    return resolve_path(cfg.out_dir)
 
 
 if __name__ == "__main__":
