@@ -1,0 +1,521 @@
+"""Every flag of ``medgen-data`` (all its subcommands) and ``medgen-demo`` does something.
+
+The flag rule, as ``tests/unit/test_every_key.py`` has it for the Hydra configs: a flag a command
+accepts must have an effect, or be refused. For each command a ``COVERAGE`` table maps every
+argument of every subcommand, read from the argparse parser the command builds (options by their
+long name, positionals by their name: ``"phantom --max-lesions"``, ``"import src"``), to the node
+id of a test that passes a non-default value and asserts something that depends on it, or to
+``"exempt: <reason>"``. The first tests below keep the tables honest: a flag added to a parser
+without an entry fails, naming the flag, and every node id must exist.
+
+Where no other test showed a flag's effect, the test is here, below the tables (cheap: the
+commands' ``main`` on folders of a few tiny patients; the demo with its stages replaced by
+recorders, so that what each stage is asked to do is what is checked).
+
+A flag that acts in one combination but is accepted and ignored without a word in another is in
+``SILENTLY_IGNORED``, with the file and line that drop it and a strict ``xfail`` test asserting
+the rule (a warning naming the flag, or a refusal): it fails until the command warns or refuses,
+and then the entry and the mark are to be removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+from datagen import make_patient, write_dataset
+from PIL import Image
+from scipy import ndimage
+
+from medgen.data.nifti_dataset import modality_path, save_volume
+from medgen.scripts.data import main as data_main
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = "tests/unit/test_every_flag.py"
+
+
+# ============================================================================ the parsers' arguments
+def _arguments(parser: argparse.ArgumentParser) -> list[str]:
+    """The arguments of one parser: an option by its longest option string, a positional by its
+    name (help and the subcommand choice left out)."""
+    names = []
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        names.append(max(action.option_strings, key=len) if action.option_strings else action.dest)
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def data_arguments() -> frozenset[str]:
+    """``"<subcommand> <argument>"`` for every subcommand of ``medgen-data`` (from its build_parser)."""
+    from medgen.scripts.data import build_parser
+
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return frozenset([*_arguments(parser), *(f"{name} {arg}" for name, sub in subcommands.choices.items()
+                                             for arg in _arguments(sub))])
+
+
+class _Parser(Exception):
+    """Carries the parser ``main`` built out of ``main``, before it parses anything."""
+
+
+@functools.lru_cache(maxsize=None)
+def demo_arguments() -> frozenset[str]:
+    """The arguments of ``medgen-demo``: its parser is built inside ``main``, so ``main`` is run
+    up to the moment it parses, and the parser taken from there."""
+    from medgen.scripts import demo
+
+    def caught(self, *args, **kwargs):
+        raise _Parser(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        for method in ("parse_args", "parse_known_args"):
+            mp.setattr(argparse.ArgumentParser, method, caught)
+        with pytest.raises(_Parser) as info:
+            demo.main(["--out", "unused"])
+    return frozenset(_arguments(info.value.args[0]))
+
+
+# ============================================================================ the tables
+def _t(path: str, name: str) -> str:
+    return f"tests/{path}::{name}"
+
+
+def _here(name: str) -> str:
+    return f"{HERE}::{name}"
+
+
+PHANTOM = "unit/test_phantom.py"
+IMPORTERS = "unit/test_importers.py"
+VALIDATE = "unit/test_validate.py"
+PREVIEW = "unit/test_preview.py"
+
+COVERAGE_DATA: dict[str, str] = {
+    # ---- phantom
+    "phantom --out": _t(PHANTOM, "test_cli_phantom"),
+    "phantom --subjects": _t(PHANTOM, "test_cli_phantom"),  # 3 subjects: 3 x 5 files
+    "phantom --size": _here("test_the_phantom_flags_shape_the_phantoms"),
+    "phantom --slices": _here("test_the_phantom_flags_shape_the_phantoms"),
+    "phantom --seed": _here("test_the_phantom_flags_shape_the_phantoms"),
+    "phantom --split": _here("test_the_phantom_flags_shape_the_phantoms"),
+    "phantom --workers": "exempt: parallelism only: the same files for any value (tests/unit/test_phantom.py::"
+                         "test_generate_dataset_empty_splits_and_workers); below 1 refused",
+    "phantom --lesion-sizes": _here("test_the_phantom_flags_shape_the_phantoms"),
+    "phantom --max-lesions": _here("test_the_phantom_flags_shape_the_phantoms"),
+    # ---- import
+    "import --format": _t(IMPORTERS, "test_cli_nnunet"),  # and test_cli_png: the two formats
+    "import src": _t(IMPORTERS, "test_cli_png"),
+    "import dst": _t(IMPORTERS, "test_cli_png"),
+    "import --map": _here("test_import_map_picks_the_channels_and_names_them"),
+    "import --spacing": _t(IMPORTERS, "test_cli_png"),  # the affine is diag(0.9, 0.9, 1.5)
+    "import --split": _t(IMPORTERS, "test_cli_nnunet"),  # 0.5,0.5,0: one patient in train/, one in val/
+    "import --seed": _here("test_import_seed_picks_the_split_of_each_patient"),
+    # ---- check
+    "check dir": _t(VALIDATE, "test_valid_dataset_is_ok"),
+    "check --json": _t(VALIDATE, "test_json_output_parses"),
+    "check --workers": "exempt: parallelism only: the same report for any value "
+                       "(tests/unit/test_slices.py::test_parallel_build_and_check_equal_serial)",
+    "check --keys": _here("test_check_keys_names_the_modalities_every_patient_must_have"),
+    # ---- preview
+    "preview dir": _t(PREVIEW, "test_cli_preview"),
+    "preview --out": _t(PREVIEW, "test_cli_preview"),
+    "preview --patients": _t(PREVIEW, "test_cli_preview"),  # 1 patient: a montage of one row
+}
+
+COVERAGE_DEMO: dict[str, str] = {
+    "--out": _here("test_the_demo_flags_reach_their_stages"),
+    "--3d": _here("test_the_demo_flags_reach_their_stages"),
+    "--minutes": _here("test_the_demo_flags_reach_their_stages"),
+    "--subjects": _here("test_the_demo_flags_reach_their_stages"),
+    "--pairs": _here("test_the_demo_flags_reach_their_stages"),
+    "--seed": _here("test_the_demo_flags_reach_their_stages"),
+}
+
+#: command -> (its arguments as its parser has them, its table)
+COMMANDS: dict[str, tuple] = {
+    "medgen-data": (data_arguments, COVERAGE_DATA),
+    "medgen-demo": (demo_arguments, COVERAGE_DEMO),
+}
+
+#: (command, flag) -> the combination in which the flag is accepted and dropped without a word, where
+#: in the code, and the strict-xfail test that asserts the rule there (reported)
+SILENTLY_IGNORED: dict[tuple[str, str], str] = {
+    ("medgen-data", "import --spacing"): (
+        "with --format nnunet: only the brainmetshare-png branch reads it (src/medgen/scripts/data.py:164-170), "
+        "so any value, even one that is not numbers, is accepted and dropped -> "
+        + _here("test_import_spacing_with_nnunet_is_not_dropped_silently")),
+    ("medgen-data", "import --seed"): (
+        "without --split: every patient goes to train/ and the seed is never read (src/medgen/data/importers/"
+        "common.py:101) -> " + _here("test_import_seed_without_split_is_not_dropped_silently")),
+    ("medgen-demo", "--subjects"): (
+        "on a rerun into an --out whose data/train exists: the phantoms are reused without a word "
+        "(src/medgen/scripts/demo.py:206), and summary.md says the new number of subjects "
+        "(src/medgen/scripts/demo.py:359) -> " + _here("test_a_demo_rerun_with_other_phantom_flags_is_not_silent")),
+    ("medgen-demo", "--seed"): (
+        "on a rerun into an --out whose data/train exists: the phantoms drawn with the old seed are reused without a "
+        "word (src/medgen/scripts/demo.py:206) -> " + _here("test_a_demo_rerun_with_other_phantom_flags_is_not_silent")),
+}
+
+
+# ============================================================================ the tables are honest
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_the_table_covers_exactly_the_parsers_arguments(command):
+    arguments, table = COMMANDS[command]
+    names = arguments()
+    missing, stale = sorted(names - table.keys()), sorted(table.keys() - names)
+    assert not missing, (f"{command}: no COVERAGE entry for {missing} ({HERE}): name a test that passes each a "
+                         "non-default value and asserts its effect, or exempt it with the reason")
+    assert not stale, f"{command}: COVERAGE entries for arguments its parser does not have: {stale}"
+
+
+def test_the_argument_lists_come_from_the_parsers():
+    """Every subcommand, options and positionals alike; the demo's parser, built inside main, too."""
+    data = data_arguments()
+    assert {"phantom --max-lesions", "import src", "import --format", "check --keys", "preview --patients"} <= data
+    assert {name.split()[0] for name in data} == {"phantom", "import", "check", "preview"}
+    assert {"--3d", "--minutes", "--out"} <= demo_arguments()
+    assert not any("help" in name for name in data | demo_arguments())
+
+
+def _node_ids() -> list:
+    ids = [pytest.param(command, flag, target, id=f"{command}:{flag}") for command, (_, table) in COMMANDS.items()
+           for flag, target in sorted(table.items()) if not target.startswith("exempt")]
+    ids += [pytest.param(command, flag, where.rsplit(" -> ", 1)[1], id=f"{command}:{flag}:ignored")
+            for (command, flag), where in SILENTLY_IGNORED.items()]
+    return ids
+
+
+@pytest.mark.parametrize("command, flag, node_id", _node_ids())
+def test_every_node_id_exists(command, flag, node_id):
+    path, _, name = node_id.partition("::")
+    assert name, f"{command} {flag}: {node_id!r} is not a node id (path::test_name)"
+    source = REPO / path
+    assert source.is_file(), f"{command} {flag}: {path} does not exist"
+    function = name.split("[")[0]
+    assert re.search(rf"^\s*def {re.escape(function)}\(", source.read_text(), re.MULTILINE), \
+        f"{command} {flag}: {path} has no test {function}"
+
+
+def test_every_exemption_has_a_reason():
+    for command, (_, table) in COMMANDS.items():
+        for flag, target in table.items():
+            if target.startswith("exempt"):
+                assert re.fullmatch(r"exempt: \S.*", target, re.DOTALL), f"{command} {flag}: {target!r} gives no reason"
+
+
+def test_every_silently_ignored_flag_is_a_flag_with_its_evidence():
+    for (command, flag), where in SILENTLY_IGNORED.items():
+        assert flag in COMMANDS[command][0](), f"{command} {flag}: not an argument of its parser"
+        assert re.search(r"src/medgen/\S+\.py:\d+", where), f"{command} {flag}: no file:line evidence"
+
+
+# ============================================================================ medgen-data phantom
+def _volume(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+def _coarse_template():
+    """A stand-in for the MNI152 template the phantoms warp (deriving the real one takes 10-20 s on
+    2 cores): an ellipsoidal brain, white matter inside grey matter, on a 4 mm grid over the MNI box.
+    The flags tested here act on the grid, the seeds, the splits and the lesions, not the anatomy."""
+    from medgen.data import phantom_anatomy
+
+    step, origin, shape = 4.0, np.array([-98.0, -134.0, -72.0]), (50, 59, 48)
+    mm = np.meshgrid(*[origin[a] + step * np.arange(shape[a]) for a in range(3)], indexing="ij")
+    radii = (68.0, 85.0, 62.0)
+    r = np.sqrt(sum(((m - c) / s) ** 2 for m, c, s in zip(mm, phantom_anatomy.HEAD_CENTRE_MNI, radii)))
+    brain, wm = np.clip((1.0 - r) * 10, 0, 1), np.clip((0.75 - r) * 10, 0, 1)
+    gm = 0.9 * np.clip(brain - wm, 0, 1)
+    vox_from_mni = np.eye(4)
+    vox_from_mni[:3, :3] /= step
+    vox_from_mni[:3, 3] = -origin / step
+    return phantom_anatomy._Template(gm=gm.astype(np.float32), wm=wm.astype(np.float32),
+                                     csf=np.clip(brain - gm - wm, 0, 1).astype(np.float32),
+                                     dist=((r - 1.0) * min(radii)).astype(np.float32), vox_from_mni=vox_from_mni)
+
+
+PHANTOM_BASE = ("--subjects", "4", "--size", "24", "--slices", "12")
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    """``medgen-data phantom`` with ``PHANTOM_BASE`` + flags: ``{subject: (split, bravo, seg)}``."""
+    from medgen.data import phantom, phantom_anatomy
+
+    root = tmp_path_factory.mktemp("phantoms")
+    template = _coarse_template()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(phantom_anatomy, "load_template", lambda: template)
+        mp.setattr(phantom, "load_template", lambda: template)
+
+        @functools.lru_cache(maxsize=None)
+        def run(*flags: str) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
+            out = root / f"p{len(list(root.iterdir()))}"
+            assert data_main(["phantom", "--out", str(out), *PHANTOM_BASE, *flags]) == 0
+            return {p.name: (p.parent.name, _volume(p / "bravo.nii.gz"), _volume(p / "seg.nii.gz"))
+                    for p in sorted(out.glob("*/phantom_*"))}
+
+        yield run
+
+
+def _lesions(seg: np.ndarray) -> int:
+    return int(ndimage.label(seg > 0)[1])
+
+
+@pytest.mark.parametrize("flag, value", [("--size", "32"), ("--slices", "16"), ("--seed", "1"),
+                                         ("--split", "0.5,0,0.5"), ("--lesion-sizes", "cover"), ("--max-lesions", "1")])
+def test_the_phantom_flags_shape_the_phantoms(phantoms, flag, value):
+    base = phantoms()
+    assert len(base) == 4 and {bravo.shape for _, bravo, _ in base.values()} == {(24, 24, 12)}
+    if flag == "--max-lesions":  # cover draws 1 to --max-lesions lesions per head (default 15)
+        base = phantoms("--lesion-sizes", "cover")
+        changed = phantoms("--lesion-sizes", "cover", flag, value)
+    else:
+        changed = phantoms(flag, value)
+    assert changed.keys() == base.keys()
+    if flag in ("--size", "--slices"):
+        want = (32, 32, 12) if flag == "--size" else (24, 24, 16)
+        assert {bravo.shape for _, bravo, _ in changed.values()} == {want}
+        assert {seg.shape for _, _, seg in changed.values()} == {want}
+    elif flag == "--seed":
+        assert all(not np.array_equal(changed[s][1], base[s][1]) for s in base)
+    elif flag == "--split":
+        assert Counter(split for split, _, _ in base.values()) == {"train": 3, "val": 1}  # 0.7,0.15,0.15
+        assert Counter(split for split, _, _ in changed.values()) == {"train": 2, "test": 2}
+    elif flag == "--lesion-sizes":  # lesions of every size class, up to 40 mm, in every head
+        voxels = [sum(int(seg.sum()) for _, _, seg in run.values()) for run in (base, changed)]
+        assert voxels[1] > 5 * voxels[0]
+        assert all(_lesions(seg) >= 1 for _, _, seg in changed.values())
+    else:
+        assert max(_lesions(seg) for _, _, seg in base.values()) > 1
+        assert all(_lesions(seg) == 1 for _, _, seg in changed.values())
+
+
+# ============================================================================ medgen-data import
+def _png_source(root: Path, n: int) -> Path:
+    """BrainMetShare-like PNG patients ``Mets_<i>``: channel folders 0-3 and seg, 3 slices of 8 x 6."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        for folder in ("0", "1", "2", "3", "seg"):
+            (root / f"Mets_{i}" / folder).mkdir(parents=True)
+            for k in range(3):
+                plane = rng.integers(0, 256, (8, 6), dtype=np.uint8)
+                if folder == "seg":
+                    plane = np.zeros((8, 6), np.uint8)
+                    plane[3:5, 2:4] = 255
+                Image.fromarray(plane, mode="L").save(root / f"Mets_{i}" / folder / f"{k}.png")
+    return root
+
+
+def _nnunet_source(root: Path, n: int) -> Path:
+    """nnU-Net raw cases ``case_<i>`` of one channel (imagesTr, labelsTr), 6 x 5 x 4 voxels."""
+    rng = np.random.default_rng(0)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for i in range(n):
+        nib.save(nib.Nifti1Image(rng.normal(100, 20, (6, 5, 4)).astype(np.float32), np.eye(4)),
+                 str(root / "imagesTr" / f"case_{i}_0000.nii.gz"))
+        label = np.zeros((6, 5, 4), np.uint8)
+        label[2:4, 2:4, 1:3] = 1
+        nib.save(nib.Nifti1Image(label, np.eye(4)), str(root / "labelsTr" / f"case_{i}.nii.gz"))
+    return root
+
+
+def test_import_map_picks_the_channels_and_names_them(tmp_path):
+    src = _png_source(tmp_path / "src", 2)
+    assert data_main(["import", "--format", "brainmetshare-png", str(src), str(tmp_path / "a")]) == 0
+    assert data_main(["import", "--format", "brainmetshare-png", str(src), str(tmp_path / "b"),
+                      "--map", "0=t1_gd,2=bravo"]) == 0
+    default, mapped = tmp_path / "a" / "train" / "Mets_0", tmp_path / "b" / "train" / "Mets_0"
+    assert sorted(p.name for p in default.iterdir()) == ["bravo.nii.gz", "flair.nii.gz", "seg.nii.gz",
+                                                         "t1_gd.nii.gz", "t1_pre.nii.gz"]
+    assert sorted(p.name for p in mapped.iterdir()) == ["bravo.nii.gz", "seg.nii.gz", "t1_gd.nii.gz"]
+    # folder 0 is bravo by default and t1_gd with the map; folder 2 the reverse
+    np.testing.assert_array_equal(_volume(mapped / "t1_gd.nii.gz"), _volume(default / "bravo.nii.gz"))
+    np.testing.assert_array_equal(_volume(mapped / "bravo.nii.gz"), _volume(default / "t1_gd.nii.gz"))
+
+
+def test_import_seed_picks_the_split_of_each_patient(tmp_path):
+    src = _nnunet_source(tmp_path / "src", 4)
+
+    def splits(seed: str) -> dict[str, str]:
+        dst = tmp_path / f"seed{seed}"
+        assert data_main(["import", "--format", "nnunet", str(src), str(dst), "--map", "0=bravo",
+                          "--split", "0.5,0.5,0", "--seed", seed]) == 0
+        return {p.name: p.parent.name for p in dst.glob("*/case_*")}
+
+    base, changed = splits("0"), splits("1")
+    assert Counter(base.values()) == Counter(changed.values()) == {"train": 2, "val": 2}
+    assert changed != base
+
+
+def _said(code: int, capsys, caplog) -> str:
+    """What a command told its user: its exit code, stderr and its warnings."""
+    warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    return f"exit {code}: {capsys.readouterr().err} {warnings}"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="--spacing is dropped without a word by an nnU-Net import (reported)")
+def test_import_spacing_with_nnunet_is_not_dropped_silently(tmp_path, capsys, caplog):
+    src = _nnunet_source(tmp_path / "src", 1)
+    with caplog.at_level(logging.WARNING):
+        code = data_main(["import", "--format", "nnunet", str(src), str(tmp_path / "dst"), "--map", "0=bravo",
+                          "--spacing", "0.5,0.5,0.5"])
+    said = _said(code, capsys, caplog)
+    assert code != 0 or "--spacing" in said, said
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="--seed is dropped without a word by an import without --split (reported)")
+def test_import_seed_without_split_is_not_dropped_silently(tmp_path, capsys, caplog):
+    src = _nnunet_source(tmp_path / "src", 2)
+    with caplog.at_level(logging.WARNING):
+        code = data_main(["import", "--format", "nnunet", str(src), str(tmp_path / "dst"), "--map", "0=bravo",
+                          "--seed", "3"])
+    said = _said(code, capsys, caplog)
+    assert code != 0 or "--seed" in said, said
+
+
+# ============================================================================ medgen-data check
+def test_check_keys_names_the_modalities_every_patient_must_have(tmp_path, capsys):
+    """By default every modality any patient has is required: patient_001 lacks patient_000's t1_gd."""
+    patients = write_dataset(tmp_path / "d", n_patients=2, shape=(16, 16, 6), keys=("bravo", "seg"))
+    save_volume(modality_path(patients[0], "t1_gd"), make_patient((16, 16, 6), keys=("t1_gd",))["t1_gd"],
+                np.diag([1.0, 1.0, 2.0, 1.0]))
+
+    def check(*flags: str) -> tuple[int, str]:
+        code = data_main(["check", str(tmp_path / "d"), "--workers", "0", *flags])
+        return code, capsys.readouterr().out
+
+    code, out = check()
+    assert code == 1 and "missing modality 't1_gd'" in out and "patient_001" in out
+    code, out = check("--keys", "bravo,seg")
+    assert code == 0 and "OK: checked 2 patient(s)" in out
+    code, out = check("--keys", "bravo,seg,flair")
+    assert code == 1 and "missing modality 'flair'" in out and "t1_gd" not in out
+
+
+# ============================================================================ medgen-demo
+@pytest.fixture
+def demo_stages(tmp_path, monkeypatch):
+    """``medgen-demo``'s main with its stages replaced by recorders: ``run(*flags)`` gives what
+    each stage was asked to do. The phantoms stage writes data/train; training runs the demo's own
+    budget arithmetic (train, _train_models) with a probe that says 1 s per epoch of 10 steps, and
+    hands medgen-train's run the composed config it would train."""
+    import medgen.generation
+    from medgen.core import checkpoint, precision
+    from medgen.data import phantom
+    from medgen.scripts import demo
+    from medgen.scripts import train as train_script
+
+    seen: dict[str, list] = {}
+
+    def phantoms(out, **kwargs):
+        seen["phantoms"].append({"out": Path(out), **kwargs})
+        (Path(out) / "train").mkdir(parents=True)
+        return []
+
+    def train_run(cfg, run_dir):
+        seen["train"].append((Path(run_dir), cfg))
+        return "done"
+
+    def generate(**kwargs):
+        seen["generate"].append(kwargs)
+        sheet = Path(kwargs["out_dir"]) / "contact_sheet.png"
+        sheet.parent.mkdir(parents=True, exist_ok=True)
+        sheet.write_bytes(b"png")
+        return SimpleNamespace(status="done", contact_sheet=sheet)
+
+    def evaluate(out, seed, profile):
+        seen["evaluate"].append({"out": out, "seed": seed, "profile": profile})
+        return {}
+
+    def write_summary(out, subjects, pairs, *args, **kwargs):
+        seen["summary"].append({"subjects": subjects, "pairs": pairs})
+        return out / "summary.md"
+
+    monkeypatch.setattr(precision, "configure_backends", lambda: None)
+    monkeypatch.setattr(phantom, "generate_dataset", phantoms)
+    monkeypatch.setattr(demo, "_seconds_per_epoch", lambda overrides, out: (1.0, 10))
+    monkeypatch.setattr(train_script, "run", train_run)
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda path: {"best_val_loss": 0.5})
+    monkeypatch.setattr(medgen.generation, "generate", generate)
+    monkeypatch.setattr(demo, "evaluate", evaluate)
+    monkeypatch.setattr(demo, "write_summary", write_summary)
+
+    def run(*flags: str, out: str = "demo") -> dict[str, list]:
+        seen.clear()
+        seen.update({stage: [] for stage in ("phantoms", "train", "generate", "evaluate", "summary")})
+        code = demo.main(["--out", str(tmp_path / out), *flags])
+        return {"code": code, **{stage: list(calls) for stage, calls in seen.items()}}
+
+    return run
+
+
+def _seg_run(stages: dict) -> tuple[Path, object]:
+    (run_dir, cfg), = [(d, c) for d, c in stages["train"] if c.mode.name == "seg"]
+    return run_dir, cfg
+
+
+@pytest.mark.parametrize("flag, value", [("--out", "elsewhere"), ("--3d", None), ("--minutes", "6"),
+                                         ("--subjects", "8"), ("--pairs", "5"), ("--seed", "3")])
+def test_the_demo_flags_reach_their_stages(demo_stages, tmp_path, flag, value):
+    from medgen.scripts import demo
+
+    base = demo_stages(out="base")
+    assert base["code"] == 0
+    (phantoms,), (generate,), (evaluate,) = base["phantoms"], base["generate"], base["evaluate"]
+    assert (phantoms["subjects"], phantoms["seed"], phantoms["lesion_sizes"]) == (20, 0, "clinical")
+    assert (generate["num_images"], generate["seed"], evaluate["seed"], evaluate["profile"]) == (64, 0, 0, demo.SLICES)
+    _, seg = _seg_run(base)
+    assert (seg.training.epochs, seg.seed, seg.model.spatial_dims) == (12 * 0.5 * 60, 0, 2)  # 1 s per epoch
+
+    if flag == "--out":
+        changed = demo_stages(out=value)
+        out = tmp_path / value
+        assert changed["phantoms"][0]["out"] == out / "data" and (out / "contact_sheet.png").is_file()
+        run_dir, seg = _seg_run(changed)
+        assert run_dir == out / "runs" / "seg" / "demo" and seg.paths.data_dir == str(out / "data")
+        assert Path(changed["generate"][0]["out_dir"]) == out / "synthetic"
+        assert changed["evaluate"][0]["out"] == out
+        return
+    changed = demo_stages(*([flag] if value is None else [flag, value]))
+    assert changed["code"] == 0
+    (phantoms,), (generate,), (evaluate,) = changed["phantoms"], changed["generate"], changed["evaluate"]
+    _, seg = _seg_run(changed)
+    if flag == "--3d":  # the volume profile: its phantoms, 3D models, 8 minutes (55% for seg), 16 volumes
+        assert (phantoms["lesion_sizes"], phantoms["max_lesions"]) == ("cover", 6)
+        assert (seg.model.spatial_dims, list(seg.data.volume_shape)) == (3, [32, 32, 16])
+        assert seg.training.epochs == int(8 * 0.55 * 60)
+        assert generate["num_images"] == 16 and evaluate["profile"] is demo.VOLUMES
+    elif flag == "--minutes":
+        assert seg.training.epochs == 6 * 0.5 * 60
+    elif flag == "--subjects":
+        assert phantoms["subjects"] == 8 and changed["summary"][0]["subjects"] == 8
+    elif flag == "--pairs":
+        assert generate["num_images"] == 5 and changed["summary"][0]["pairs"] == 5
+    else:
+        assert (phantoms["seed"], seg.seed, generate["seed"], evaluate["seed"]) == (3, 3, 3, 3)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="a demo rerun reuses data/ and drops --subjects and --seed without a word (reported)")
+@pytest.mark.parametrize("flag, value", [("--subjects", "8"), ("--seed", "3")])
+def test_a_demo_rerun_with_other_phantom_flags_is_not_silent(demo_stages, caplog, flag, value):
+    assert demo_stages()["code"] == 0  # 20 phantoms drawn with seed 0
+    with caplog.at_level(logging.INFO):
+        rerun = demo_stages(flag, value)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    # the rule: the phantoms are drawn again as asked, or the rerun is refused, or it says the flag is not applied
+    assert rerun["phantoms"] or rerun["code"] != 0 or flag in said, said
