@@ -48,8 +48,10 @@ def child(kind: str, data_dir: str, cache_dir: str, image_size: int, batch: int,
     t0 = time.perf_counter()
     if kind == "medgen":
         from medgen.data.loading import build_data
+        from medgen.diffusion.modes import build_mode
 
-        bundle = build_data(cfg, progress=False)
+        # the slices the trainer takes for this mode (bravo: every slice with enough brain, as the reference)
+        bundle = build_data(cfg, progress=False, selection=build_mode(cfg).slice_selection)
         first = next(iter(bundle.train))
     else:
         patients = split_patients(data_dir, "train", cfg.data.val_fraction)

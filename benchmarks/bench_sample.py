@@ -76,9 +76,10 @@ def step_overhead(tmp: Path, model: list[str], batch: int, steps: int, device: t
     for strategy in ("ddpm", "rflow"):
         stage = load_stage(make_checkpoint(tmp / f"{strategy}.pt", "bravo", strategy, model), "image", "bench",
                            device=device, compile="false")
-        size = stage.image_size
-        cond = torch.zeros(batch, 1, size, size, device=device) - 1
-        x = torch.randn(batch, 2, size, size, device=device)
+        size, mode = stage.image_size, stage.mode
+        # the mode's conditions (bravo: the mask and the brain), all -1 (model space), and the network's whole input
+        cond = torch.zeros(batch, mode.in_channels - mode.out_channels, size, size, device=device) - 1
+        x = torch.randn(batch, mode.in_channels, size, size, device=device)
         t_net = stage.strategy.network_timesteps(torch.full((batch,), 500.0, dtype=torch.float64, device=device))
         gens = [torch.Generator().manual_seed(i) for i in range(batch)]
         for name in stage.strategy.samplers:
@@ -110,9 +111,9 @@ def spec_generation_seconds_per_pair(seg, image, batch: int, spec_steps: int, de
     scheduler.set_timesteps(1000)
     size = seg.image_size
     per_pair = 0.0
-    for stage, channels in ((seg, 1), (image, image.mode.in_channels)):
+    for stage in (seg, image):  # each stage's conditions: none for the mask model, the mask (and brain) for bravo
         x = torch.randn(batch, stage.mode.out_channels, size, size, device=device)
-        cond = torch.zeros(batch, channels - stage.mode.out_channels, size, size, device=device)
+        cond = torch.zeros(batch, stage.mode.in_channels - stage.mode.out_channels, size, size, device=device)
 
         def steps():
             nonlocal x

@@ -72,8 +72,9 @@ def requests(checkpoint: Path, candidates: int, target_name: str, counts: bool) 
     stage = load_stage(checkpoint, "seg", "seg_checkpoint", device=torch.device("cpu"), compile="false")
     cfg = OmegaConf.create({"lesion_sizes": {"target": target_name, "bins": "rano_bm"}, "gate": {"max_components": 10},
                             "lesion_counts": {"target": target_name, "classes": [1, 2, 3, 4]}})
-    spacing = tuple((stage.spacing or (1.0, 1.0))[:2])
-    return Targets(resolve_target(cfg, candidates, stage.image_size, spacing, stage.training_sizes),
+    shape = stage.spatial_shape  # (S, S) for the slice models trained here
+    spacing = tuple((stage.spacing or (1.0,) * len(shape))[:len(shape)])
+    return Targets(resolve_target(cfg, candidates, shape, spacing, stage.training_sizes),
                    resolve_count_target(cfg, candidates, stage.training_counts) if counts else None)
 
 
@@ -94,7 +95,7 @@ def exact_match(checkpoint: Path, targets: Targets, candidates: int, guidance: f
         cond = None
         if stage.mode.lesion_conditioned:
             classes = {name: torch.from_numpy(1 + a[idx]) for name, a in asked.items()}
-            cond = stage.mode.lesion_condition((stage.image_size,) * 2, classes.get("sizes"), classes.get("counts"))
+            cond = stage.mode.lesion_condition(stage.spatial_shape, classes.get("sizes"), classes.get("counts"))
         x0 = stage.sample(cond, sample_generators(seed, idx, MASK_STREAM, stage.device), steps=25, sampler="euler",
                           guidance_scale=guidance if cond is not None else 1.0)
         for m in stage.mode.to_outputs(x0)[MASK_KEY][:, 0].numpy().astype(np.uint8):
