@@ -64,7 +64,7 @@ def composed_keys(config_name: str) -> frozenset[str]:
     config group (each option composed once with the other groups' defaults: a group's keys do
     not depend on the options of the others, so this is the union over all combinations)."""
     keys = leaf_keys(compose_config([], config_name))
-    if config_name != "evaluate":
+    if config_name not in ("evaluate", "generate"):
         for group in GROUPS:
             for option in sorted(p.stem for p in (configs_dir() / group).glob("*.yaml")):
                 keys |= leaf_keys(compose_config([f"{group}={option}"], config_name))
@@ -239,11 +239,56 @@ COVERAGE_EVALUATE: dict[str, str] = {
     "lesions.min_dice": _here("test_the_lesion_keys_shape_the_lesion_figures"),
 }
 
+GENERATE, REQUESTS, SIZES = "unit/test_generate.py", "unit/test_requests.py", "unit/test_sizes.py"
+GATE = "unit/test_gate.py"
+COVERAGE_GENERATE: dict[str, str] = {
+    "seg_checkpoint": _t(GENERATE, "test_output_is_a_medgen_dataset_with_the_training_geometry"),
+    "image_checkpoint": _t(GENERATE, "test_nnunet_export_and_dual_images"),  # a dual model paints t1_pre + t1_gd
+    "masks_from": _t(GENERATE, "test_masks_from_a_dataset_and_several_samples_per_mask"),
+    "masks_split": _t(GENERATE, "test_masks_from_a_dataset_and_several_samples_per_mask"),  # train/patient_*
+    "out_dir": _t(GENERATE, "test_output_is_a_medgen_dataset_with_the_training_geometry"),
+    "num_images": _here("test_a_generate_key_changes_the_output"),
+    "samples_per_mask": _here("test_a_generate_key_changes_the_output"),
+    "batch_size": "exempt: memory and speed only; the output does not depend on it by design "
+                  "(tests/unit/test_generate.py::test_samples_do_not_depend_on_the_batch_size)",
+    "split": _here("test_a_generate_key_changes_the_output"),
+    "seed": _here("test_a_generate_key_changes_the_output"),
+    "sampler": _here("test_a_generate_key_changes_the_output"),
+    "seg_sampler": _here("test_the_seg_sampler_key_reaches_the_mask_stage"),
+    "image_sampler": _here("test_a_generate_key_changes_the_output"),
+    "steps": _here("test_a_generate_key_changes_the_output"),
+    "guidance_scale": _here("test_a_generate_key_changes_the_output"),
+    "use_ema": _here("test_a_generate_key_changes_the_output"),
+    "precision": _here("test_a_generate_key_changes_the_output"),
+    "device": _here("test_the_generate_device_and_compile_keys_reach_the_network"),
+    "compile": _here("test_the_generate_device_and_compile_keys_reach_the_network"),
+    "compile_mode": _here("test_the_generate_device_and_compile_keys_reach_the_network"),
+    "format": _t(GENERATE, "test_nnunet_export_and_dual_images"),
+    "previews": _here("test_a_generate_key_changes_the_output"),
+    "cache_dir": _here("test_a_generate_key_changes_the_output"),
+    "brain_outline": _here("test_a_generate_key_changes_the_output"),
+    "gate.enabled": _t(GATE, "test_passes_rejects_what_it_should"),
+    "gate.min_area": _t(GATE, "test_passes_rejects_what_it_should"),
+    "gate.max_area": _t(GATE, "test_passes_rejects_what_it_should"),
+    "gate.max_components": _t(GATE, "test_passes_rejects_what_it_should"),
+    "gate.min_component_pixels": _t(GATE, "test_passes_rejects_what_it_should"),
+    "gate.inside_brain": _t(GATE, "test_a_lesion_pixel_outside_the_brain_drawn_with_it_rejects_the_mask"),
+    "gate.max_attempts": _t(REQUESTS, "test_gate_max_attempts_bounds_the_candidates_inside_a_batch"),
+    "lesion_sizes.target": _t(SIZES, "test_the_output_holds_exactly_the_size_classes_asked_for"),
+    "lesion_sizes.bins": _t(REQUESTS, "test_masks_from_picks_real_masks_to_meet_the_quotas"),
+    "lesion_sizes.guidance": _t(SIZES, "test_a_size_conditioned_seg_model_trains_and_draws_the_class_asked_of_each_candidate"),
+    "lesion_counts.target": _t(SIZES, "test_the_output_holds_exactly_the_lesion_counts_asked_for"),
+    "lesion_counts.classes": _t(SIZES, "test_the_output_holds_exactly_the_lesion_counts_asked_for"),
+    "nnunet.dataset_id": _here("test_a_generate_key_changes_the_output"),
+    "nnunet.name": _here("test_a_generate_key_changes_the_output"),
+}
+
 #: command -> (its Hydra config, its table)
 COMMANDS: dict[str, tuple[str, dict[str, str]]] = {
     "medgen-train": ("config", COVERAGE_TRAIN),
     "medgen-lr-find": ("lr_find", COVERAGE_LR_FIND),
     "medgen-evaluate": ("evaluate", COVERAGE_EVALUATE),
+    "medgen-generate": ("generate", COVERAGE_GENERATE),
 }
 
 
@@ -769,3 +814,113 @@ def test_the_set_keys_shape_the_sets(eval_sets, tmp_path):
         assert "unfinished generation" in sets("allow_partial=true").warnings[0]
     finally:
         shutil.rmtree(eval_sets / "synthetic" / ".medgen")
+
+
+# ============================================================================ medgen-generate: new effect tests
+def _generated(out: Path) -> dict[str, bytes]:
+    """Every file a run wrote under ``out`` (its own state folder left out), by relative path, as bytes;
+    the NIfTI files decompressed (their gzip header holds a time)."""
+    import gzip
+
+    files = {}
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out).as_posix()
+        if path.is_file() and not rel.startswith(".medgen"):
+            data = path.read_bytes()
+            files[rel] = gzip.decompress(data) if rel.endswith(".gz") else data
+    return files
+
+
+@pytest.fixture(scope="module")
+def generate_runs(tmp_path_factory, tiny_checkpoints, tiny_data):
+    """``run(**settings)``: the files of a tiny generation with the base settings and ``settings``
+    (the base: seg (DDPM) + bravo (rectified flow) checkpoints, the gate off, 2 masks, fp32)."""
+    from medgen.generation import generate
+
+    root = tmp_path_factory.mktemp("every_generate_key")
+    base = dict(seg_checkpoint=str(tiny_checkpoints["seg"]), image_checkpoint=str(tiny_checkpoints["bravo"]),
+                num_images=2, batch_size=2, steps=2, precision="fp32", gate={"enabled": False}, progress=False,
+                cache_dir=str(root / "cache"))
+    runs = [0]
+
+    def run(**settings) -> dict[str, bytes]:
+        runs[0] += 1
+        merged = {**base, **settings}
+        merged = {k: v for k, v in merged.items() if v is not None or k in ("seg_checkpoint", "num_images")}
+        return _generated(generate(out_dir=str(root / f"run{runs[0]}"), **merged).out_dir)
+
+    torch.set_num_threads(1)
+    return run, run(), tiny_data
+
+
+@pytest.mark.parametrize("settings, shows", [
+    ({"num_images": 3}, "train/syn_000002/bravo.nii.gz"),
+    ({"samples_per_mask": 2}, "uncertainty/syn_000000/bravo_std.nii.gz"),
+    ({"split": "val"}, "val/syn_000000/bravo.nii.gz"),
+    ({"seed": 1}, "train/syn_000000/seg.nii.gz"),
+    ({"image_sampler": "heun"}, "train/syn_000000/bravo.nii.gz"),
+    ({"sampler": "heun", "seg_sampler": "ddpm"}, "train/syn_000000/bravo.nii.gz"),  # sampler: where none is named
+    ({"steps": 3}, "train/syn_000000/bravo.nii.gz"),
+    ({"guidance_scale": 3.0}, "train/syn_000000/bravo.nii.gz"),
+    ({"use_ema": False}, "train/syn_000000/bravo.nii.gz"),
+    ({"precision": "bf16"}, "train/syn_000000/bravo.nii.gz"),
+    ({"previews": False}, "previews/syn_000000.png"),
+    ({"brain_outline": "as_drawn"}, "train/syn_000000/bravo.nii.gz"),
+    ({"format": "nnunet", "nnunet": {"dataset_id": 777}}, "nnUNet_raw/Dataset777_MedgenSynthetic/dataset.json"),
+    ({"format": "nnunet", "nnunet": {"name": "Mets"}}, "nnUNet_raw/Dataset501_Mets/dataset.json"),
+    ({"seg_checkpoint": None, "cache_dir": "other"}, "cache"),  # the slice cache of masks_from
+], ids=lambda v: ",".join(v) if isinstance(v, dict) else None)
+def test_a_generate_key_changes_the_output(generate_runs, settings, shows, tmp_path):
+    """Each key set away from its default changes the files a run writes (``shows``: one that differs,
+    appears or disappears); ``cache_dir`` acts with ``masks_from``."""
+    run, base, data = generate_runs
+    if "cache_dir" in settings:  # masks_from builds its slice cache there
+        run(seg_checkpoint=None, masks_from=str(data), masks_split="train", cache_dir=str(tmp_path / "other"))
+        assert any((tmp_path / "other").iterdir()), "masks_from built no cache in cache_dir"
+        return
+    changed = run(**settings)
+    assert changed.get(shows) != base.get(shows), f"{settings} left {shows} as it was"
+
+
+def test_the_generate_device_and_compile_keys_reach_the_network(tiny_checkpoints, monkeypatch):
+    """device, compile and compile_mode: what load_stage builds (their effect is where the network runs
+    and how it is compiled; the pixels are the same function)."""
+    from medgen.generation.models import load_stage
+
+    compiled = []
+    real_compile = torch.compile
+
+    def spy(model, **kwargs):
+        compiled.append(kwargs.get("mode"))
+        return real_compile(model, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    eager = load_stage(tiny_checkpoints["bravo"], "image", "image_checkpoint", device=torch.device("cpu"), compile="false")
+    assert compiled == [] and eager.device.type == "cpu"
+    load_stage(tiny_checkpoints["bravo"], "image", "image_checkpoint", device=torch.device("cpu"), compile="true",
+               compile_mode="max-autotune-no-cudagraphs")
+    assert compiled == ["max-autotune-no-cudagraphs"]
+    with pytest.raises(Exception, match="cuda|CUDA|device"):  # a device this machine lacks is refused
+        from medgen.core.distributed import setup_distributed
+
+        setup_distributed(use_multi_gpu=True, device="cuda:7" if not torch.cuda.is_available() else "cuda:99")
+
+
+def test_the_seg_sampler_key_reaches_the_mask_stage(tiny_checkpoints, tmp_path, monkeypatch, one_thread):
+    """seg_sampler: the tiny seg model's masks saturate at +-1 after 2 steps whatever the sampler, so
+    the files cannot show it; the mask stage is asked to sample with it (each sampler's numbers:
+    tests/unit/test_samplers.py), and the manifest records it."""
+    from medgen.generation import Stage, generate
+
+    asked, real_sample = [], Stage.sample
+
+    def spy(self, cond, generators, **kwargs):
+        asked.append((self.mode.generates_mask, kwargs["sampler"]))
+        return real_sample(self, cond, generators, **kwargs)
+
+    monkeypatch.setattr(Stage, "sample", spy)
+    result = generate(seg_checkpoint=str(tiny_checkpoints["seg"]), image_checkpoint=str(tiny_checkpoints["bravo"]),
+                      out_dir=str(tmp_path / "out"), num_images=2, batch_size=2, steps=2, precision="fp32",
+                      gate={"enabled": False}, progress=False, seg_sampler="ddpm")
+    assert sorted(set(asked)) == [(False, "euler"), (True, "ddpm")]
+    assert "ddpm" in (result.out_dir / "manifest.csv").read_text()
