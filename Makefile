@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo demo-3d test test-slow nnunet-venv cluster-deps test-cluster bench-data lock clean
+.PHONY: install demo demo-3d test test-slow test-demo nnunet-venv cluster-deps test-cluster bench-data lock clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: install
 
 test-slow: install nnunet-venv
 	$(PY) -m pytest -q -m slow tests
+
+# make demo and make demo-3d end to end with their defaults and their time limits (about 35 minutes; not in CI)
+test-demo: install
+	$(PY) -m pytest -q -m demo tests
 
 # nnU-Net v2 in a side environment of its own (about a minute): the slow tier checks the format=nnunet
 # export with nnU-Net's own verify_dataset_integrity, without nnU-Net's dependencies touching .venv

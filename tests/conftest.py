@@ -42,7 +42,7 @@ LONG_TIMEOUT = 900
 
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
-        long = item.get_closest_marker("slow") or item.get_closest_marker("cluster")
+        long = any(item.get_closest_marker(m) for m in ("slow", "cluster", "demo"))
         if long and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(LONG_TIMEOUT))
         if "integration" in item.path.parts and not long:

@@ -1,5 +1,5 @@
-"""`make demo`, the README's first command, end to end with its defaults (slow: about 15 minutes on
-2 cores; `make test-slow`)."""
+"""`make demo` and `make demo-3d`, the README's first commands, end to end with their defaults (about 19
+and 14 minutes on 2 cores; `make test-demo`, which CI does not run: it would take CI past 50 minutes)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from medgen.data.validate import check_dataset
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.demo
 
 
 @pytest.mark.timeout(2400)
