@@ -82,7 +82,9 @@ def _here(name: str) -> str:
 
 TRAINER = "unit/test_trainer.py"
 SLICES = "unit/test_slices.py"
-READ_BY_NOTHING = "exempt: read by nothing (reported)"
+#: the name of a group's option, as its YAML file sets it: no code reads it, the run's config.yaml records it
+LABEL = ("exempt: a label: the name of the chosen option of its group, recorded in the run's config.yaml so a run says "
+         "which preset it used (tests/integration/test_spec_commands.py::test_spec_command_runs reads paths.name)")
 
 COVERAGE_TRAIN: dict[str, str] = {
     "seed": _t(TRAINER, "test_building_a_trainer_leaves_process_wide_state_alone"),
@@ -126,12 +128,12 @@ COVERAGE_TRAIN: dict[str, str] = {
     "mode.count_classes": _t("unit/test_sizes.py",
                              "test_a_count_conditioned_seg_model_trains_and_draws_the_number_of_lesions_asked"),
     # ---- paths (local, cluster)
-    "paths.name": READ_BY_NOTHING,
+    "paths.name": LABEL,
     "paths.data_dir": _t(SLICES, "test_missing_data_folder_says_how_to_make_one"),
     "paths.model_dir": _t("unit/test_config.py", "test_run_folder_pattern"),
     "paths.cache_dir": _t(SLICES, "test_a_bad_file_in_val_refuses_with_the_check_report_and_leaves_nothing"),
     # ---- training (default, cpu, fast_debug)
-    "training.name": READ_BY_NOTHING,
+    "training.name": LABEL,
     "training.epochs": _t(TRAINER, "test_lr_schedule_warmup_then_cosine_independent_of_max_steps"),
     "training.batch_size": _t(SLICES, "test_seg_mode_keeps_tumour_positive_slices_and_bravo_keeps_brain"),
     "training.learning_rate": _t(TRAINER, "test_lr_schedule_warmup_then_cosine_independent_of_max_steps"),
