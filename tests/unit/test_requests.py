@@ -281,3 +281,49 @@ def test_a_missing_fid_floor_is_listed_as_skipped_with_its_reason(feature_net, v
     # with two val slices the floor is there and nothing is skipped
     samples["val"] = images(2)
     assert "fid_real_val_vs_test" in feature_metrics(sets, cfg, torch.device("cpu"))["bravo"]
+
+
+# ---------------------------------------------------------------------------- keys a training or an evaluation does not use
+def test_training_keys_a_run_does_not_use_are_named():
+    from medgen.diffusion.config import load_config, unused_keys
+
+    volumes = load_config(["model.spatial_dims=3", "data.volume_shape=[16,16,8]", "model.image_size=256",
+                           "training.use_ema=false", "training.ema_decay=0.9"])
+    given = ["model.spatial_dims", "data.volume_shape", "model.image_size", "training.use_ema", "training.ema_decay"]
+    assert unused_keys(volumes, given) == [
+        "model.image_size=256 (volumes take their shape from data.volume_shape)",
+        "training.ema_decay=0.9 (training.use_ema=false)"]
+    seg = load_config(["mode=seg", "training.perceptual_weight=0.1", "data.volume_shape=[8,8,8]"])
+    assert unused_keys(seg, ["training.perceptual_weight", "data.volume_shape", "mode"]) == [
+        "data.volume_shape=[8, 8, 8] (slices: model.spatial_dims=2)",
+        "training.perceptual_weight=0.1 (the perceptual loss is never applied to masks (mode=seg))"]
+    bravo = load_config(["mode=bravo", "training.perceptual_weight=0.1", "training.learning_rate=0.01"])
+    assert unused_keys(bravo, ["training.perceptual_weight", "training.learning_rate"]) == []
+    assert unused_keys(bravo, ["training.learning_rate"], sweep=True) == [
+        "training.learning_rate=0.01 (medgen-lr-find runs lr_find.num_steps steps at its own learning rates, with no "
+        "validation, EMA, checkpoints or resume)"]
+
+
+def test_evaluation_keys_a_run_does_not_use_are_named():
+    from medgen.evaluation.config import unused_keys, validate_evaluate_config
+
+    cfg = validate_evaluate_config(compose_config(["real_dir=r", "synthetic_dir=s", "downstream=false",
+                                                   "seg_net_checkpoint=n.pt", "lesions.resamples=10", "budget.steps=5",
+                                                   "features.weights_path=w.pth", "spatial_dims=2",
+                                                   "features.plane_fraction=0.3"], config_name="evaluate"))
+    given = ["budget.steps", "features.plane_fraction", "features.weights_path", "lesions.resamples", "seed"]
+    assert [k.split(" ")[0] for k in unused_keys(cfg, given)] == [
+        "features.weights_path=w.pth", "features.plane_fraction=0.3", "lesions.resamples=10", "budget.steps=5"]
+
+
+def test_the_command_line_says_which_keys_it_does_not_use(tmp_path):
+    """medgen-evaluate names an unused key before it starts (here it then stops on the empty real_dir)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "real").mkdir()
+    run = subprocess.run([sys.executable, "-m", "medgen.scripts.evaluate", f"real_dir={tmp_path / 'real'}",
+                          f"synthetic_dir={tmp_path / 'real'}", f"out_dir={tmp_path / 'out'}",
+                          "features.weights_path=w.pth"], capture_output=True, text=True, timeout=120)
+    assert ("medgen-evaluate: features.weights_path=w.pth (only features.network=radimagenet reads a weights file) "
+            "has no effect in this run") in run.stdout + run.stderr, run.stdout + run.stderr

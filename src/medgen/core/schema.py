@@ -11,12 +11,12 @@ Every failure is a :class:`ConfigError` naming the dotted key and the reason.
 from __future__ import annotations
 
 from dataclasses import field, fields
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["ConfigError", "choice", "at_least", "check", "check_fields", "merge_schema", "compose_config"]
+__all__ = ["ConfigError", "choice", "at_least", "check", "check_fields", "merge_schema", "compose_config", "no_effect"]
 
 
 class ConfigError(ValueError):
@@ -78,6 +78,23 @@ def merge_schema(schema: type | Callable[[], DictConfig], cfg: DictConfig) -> Di
     except OmegaConfBaseException as exc:
         raise ConfigError(str(getattr(exc, "full_key", None) or "<root>"), str(exc).splitlines()[0]) from None
     return merged
+
+
+# --------------------------------------------------------------------------- keys a run does not use
+#: a rule of :func:`no_effect`: (keys, or groups of keys, that do nothing ... when this holds of the config, why)
+NoEffect = tuple[tuple[str, ...], Callable[[DictConfig], bool], str]
+
+
+def no_effect(cfg: DictConfig, given: Iterable[str], rules: Sequence[NoEffect]) -> list[str]:
+    """The keys among ``given`` (dotted keys a user set: command-line overrides, or values away from
+    the defaults) that do nothing in ``cfg``'s combination by ``rules``, each as ``"key=value (why)"``,
+    for a warning: a key a run cannot use is named, never dropped without a word."""
+    out = []
+    for keys, applies, why in rules:
+        if applies(cfg):
+            out += [f"{key}={OmegaConf.select(cfg, key)} ({why})" for key in sorted(given)
+                    if any(key == k or key.startswith(k + ".") for k in keys)]
+    return out
 
 
 # --------------------------------------------------------------------------- compose

@@ -19,14 +19,15 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from medgen.core.constants import CHANNEL_KEYS
-from medgen.core.schema import ConfigError, at_least, check, check_fields, choice, compose_config, merge_schema
+from medgen.core.schema import (ConfigError, NoEffect, at_least, check, check_fields, choice, compose_config,
+                                merge_schema, no_effect)
 from medgen.data.config import DataConfig, check_data_values
 from medgen.data.lesions import parse_bins, parse_count_classes
 from medgen.diffusion.modes import MODES
 from medgen.diffusion.strategies import STRATEGIES
 
 __all__ = ["COMPILE_MODES", "MAX_WARMUP_FRACTION", "ModelConfig", "ModeConfig", "TrainingConfig", "PathsConfig",
-           "validate_config", "load_config"]
+           "validate_config", "load_config", "unused_keys"]
 
 #: ``torch.compile`` modes (``training.compile_mode``, ``compile_mode`` of generation): ``default``;
 #: ``reduce-overhead`` (CUDA graphs); ``max-autotune`` (kernel search + CUDA graphs, slow to compile);
@@ -255,3 +256,40 @@ def _check_values(cfg: DictConfig, world_size: int) -> None:
 def load_config(overrides: list[str] | None = None, world_size: int = 1) -> DictConfig:
     """Compose and validate: the typed config a run uses."""
     return validate_config(compose_config(overrides), world_size=world_size)
+
+
+# --------------------------------------------------------------------------- keys a run does not use
+def _volumes(c: DictConfig) -> bool:
+    return c.model.spatial_dims == 3
+
+
+#: keys that do nothing in a combination (:func:`unused_keys`)
+TRAIN_NO_EFFECT: tuple[NoEffect, ...] = (
+    (("model.image_size",), _volumes, "volumes take their shape from data.volume_shape"),
+    (("data.seg_positive_only", "data.min_lesion_pixels", "data.min_brain_fraction"), _volumes,
+     "volumes are used whole, no slice is selected"),
+    (("data.volume_shape", "training.perceptual_slices"), lambda c: not _volumes(c), "slices: model.spatial_dims=2"),
+    (("training.perceptual_weight", "training.perceptual_weights_path", "training.perceptual_allow_download",
+      "training.perceptual_slices"), lambda c: not MODES[c.mode.name].supports_perceptual,
+     "the perceptual loss is never applied to masks (mode=seg)"),
+    (("training.ema_decay", "training.ema_update_after_step", "training.ema_update_every"),
+     lambda c: not c.training.use_ema, "training.use_ema=false"),
+    (("training.min_snr_gamma",), lambda c: not c.training.use_min_snr, "training.use_min_snr=false"),
+    (("strategy.base_image_size",), lambda c: not c.strategy.get("use_timestep_transform", True),
+     "strategy.use_timestep_transform=false"),
+)
+#: what the learning-rate sweep does not use: its own schedule, no validation, EMA, checkpoints or resume
+SWEEP_NO_EFFECT: tuple[NoEffect, ...] = TRAIN_NO_EFFECT + (
+    (tuple(f"training.{k}" for k in ("epochs", "learning_rate", "warmup_steps", "max_steps", "val_interval",
+                                      "num_val_samples", "num_sample_steps", "use_ema", "ema_decay",
+                                      "ema_update_after_step", "ema_update_every", "resume", "checkpoint_keep",
+                                      "max_nonfinite_steps", "log_every")),
+     lambda c: True, "medgen-lr-find runs lr_find.num_steps steps at its own learning rates, with no validation, "
+                     "EMA, checkpoints or resume"),
+)
+
+
+def unused_keys(cfg: DictConfig, given: list[str] | set[str], sweep: bool = False) -> list[str]:
+    """The keys among ``given`` (set on the command line) that a training run of the validated ``cfg``
+    does not use (``sweep``: medgen-lr-find's), each ``"key=value (why)"``, for a warning."""
+    return no_effect(cfg, given, SWEEP_NO_EFFECT if sweep else TRAIN_NO_EFFECT)

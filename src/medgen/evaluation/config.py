@@ -13,12 +13,13 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from medgen.core.constants import IMAGE_MODALITIES
-from medgen.core.schema import ConfigError, at_least, check, check_fields, choice, merge_schema
+from medgen.core.schema import ConfigError, NoEffect, at_least, check, check_fields, choice, merge_schema, no_effect
 from medgen.data.lesions import SizeBins, parse_bins
 
 #: the binnings ``lesions.bins`` can name
 
-__all__ = ["FeaturesConfig", "BudgetConfig", "LesionsConfig", "EvaluateConfig", "size_bins", "validate_evaluate_config"]
+__all__ = ["FeaturesConfig", "BudgetConfig", "LesionsConfig", "EvaluateConfig", "size_bins", "unused_keys",
+           "validate_evaluate_config"]
 
 
 @dataclass
@@ -107,3 +108,21 @@ def validate_evaluate_config(cfg: DictConfig) -> DictConfig:
     for key in ("min_sensitivity", "min_dice"):
         check(0 <= merged.lesions[key] <= 1, f"lesions.{key}", "must be in [0, 1]")
     return merged
+
+
+#: keys that do nothing in a combination (:func:`unused_keys`)
+EVALUATE_NO_EFFECT: tuple[NoEffect, ...] = (
+    (("features.weights_path",), lambda c: c.features.network != "radimagenet",
+     "only features.network=radimagenet reads a weights file"),
+    (("features.slices_per_plane", "features.plane_fraction"), lambda c: c.spatial_dims == 2,
+     "2.5D planes of volumes; spatial_dims=2 evaluates slices"),
+    (("lesions",), lambda c: not c.downstream, "lesion-wise figures score the downstream networks; downstream=false"),
+    (("budget",), lambda c: not c.downstream and c.seg_net_checkpoint is not None,
+     "no segmenter is trained: downstream=false and seg_net_checkpoint is given"),
+)
+
+
+def unused_keys(cfg: DictConfig, given: list[str] | set[str]) -> list[str]:
+    """The keys among ``given`` (set on the command line) that an evaluation of the validated ``cfg``
+    does not use, each ``"key=value (why)"``, for a warning."""
+    return no_effect(cfg, given, EVALUATE_NO_EFFECT)

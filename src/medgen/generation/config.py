@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from medgen.core.schema import at_least, check, check_fields, choice, merge_schema
+from medgen.core.schema import NoEffect, at_least, check, check_fields, choice, merge_schema, no_effect
 from medgen.diffusion.config import COMPILE_MODES
 from medgen.diffusion.samplers import SAMPLERS
 
@@ -147,29 +147,27 @@ def _check_targets(cfg: DictConfig) -> None:
                               "classes asked, and masks_from uses real masks: leave lesion_sizes.guidance=1")
 
 
-#: keys that do nothing in a combination: (the key, when it does nothing, why); :func:`ignored_keys`
-_NO_EFFECT = (
-    ("gate", "masks_from", "real masks are used as they are, not gated"),
-    ("seg_sampler", "masks_from", "there is no seg model to sample"),
-    ("brain_outline", "masks_from", "the brains come from the real images"),
-    ("masks_split", "seg_checkpoint", "the seg model draws the masks"),
+#: keys that do nothing in a combination (:func:`ignored_keys`)
+_NO_EFFECT: tuple[NoEffect, ...] = (
+    (("gate",), lambda c: c.masks_from is not None, "real masks are used as they are, not gated with masks_from"),
+    (("seg_sampler",), lambda c: c.masks_from is not None, "there is no seg model to sample with masks_from"),
+    (("brain_outline",), lambda c: c.masks_from is not None, "the brains come from the real images with masks_from"),
+    (("masks_split",), lambda c: c.seg_checkpoint is not None, "the seg model draws the masks with seg_checkpoint"),
 )
 
 
 def ignored_keys(cfg: DictConfig) -> list[str]:
-    """The keys of a validated generate config that are set away from their defaults in a combination
-    where they have no effect, each as ``"key=value (why)"``: the run says so instead of dropping them
-    silently (``gate.*``, ``seg_sampler`` and ``brain_outline`` with ``masks_from``, ``masks_split``
-    with ``seg_checkpoint``)."""
+    """The keys of a validated generate config set away from their defaults in a combination where
+    they have no effect (:func:`~medgen.core.schema.no_effect`: ``gate.*``, ``seg_sampler`` and
+    ``brain_outline`` with ``masks_from``, ``masks_split`` with ``seg_checkpoint``), for a warning."""
     defaults = OmegaConf.structured(GenerateConfig)
-    out = []
-    for key, when, why in _NO_EFFECT:
-        if cfg[when] is None:
-            continue
-        node, default = cfg[key], defaults[key]
-        if isinstance(node, DictConfig):
-            changed = [f"{key}.{k}={node[k]}" for k in node if node[k] != default[k]]
-        else:
-            changed = [f"{key}={node}"] if node != default else []
-        out += [f"{c} ({why} with {when})" for c in changed]
-    return out
+
+    def changed(node: DictConfig, prefix: str = "") -> list[str]:
+        out = []
+        for key in node:
+            value, default = node[key], OmegaConf.select(defaults, prefix + key)
+            out += changed(value, f"{prefix}{key}.") if isinstance(value, DictConfig) else \
+                [prefix + key] if value != default else []
+        return out
+
+    return no_effect(cfg, changed(cfg), _NO_EFFECT)

@@ -141,6 +141,21 @@ def command_line(prog: str) -> str:
     return " ".join([prog, *map(shlex.quote, overrides)])
 
 
+def given_keys() -> list[str]:
+    """The dotted keys this run's command line sets (``training.ema_decay=0.9`` -> ``training.ema_decay``;
+    a group choice such as ``mode=seg`` -> ``mode``); none outside a Hydra run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o]
+
+
+def warn_unused(prog: str, keys: list[str]) -> None:
+    """One warning line per key the run does not use (``"key=value (why)"``)."""
+    for key in keys:
+        logging.getLogger("medgen").warning("%s: %s has no effect in this run", prog, key)
+
+
 def run_in_hydra_folder(prog: str, fn: Callable[[Any, Path], Any], cfg: Any) -> None:
     """Inside a ``@hydra.main`` function: create ``out_dir`` (:func:`output_folder`) and call
     ``fn(cfg, out_dir)`` with user errors turned into one line and an exit code, and no empty

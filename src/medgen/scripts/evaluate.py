@@ -12,15 +12,16 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from medgen.scripts._cli import CONFIG_DIR, run_in_hydra_folder
+from medgen.scripts._cli import CONFIG_DIR, given_keys, run_in_hydra_folder, warn_unused
 
 
 def run(cfg: DictConfig, run_dir: Path):  # noqa: ARG001 - the run folder is out_dir itself
-    from medgen.evaluation.config import validate_evaluate_config
+    from medgen.evaluation.config import unused_keys, validate_evaluate_config
     from medgen.evaluation.evaluate import evaluate
     from medgen.evaluation.report import summary_lines
 
     cfg = validate_evaluate_config(cfg)
+    warn_unused("medgen-evaluate", unused_keys(cfg, given_keys()))
     result = evaluate(cfg)
     print("\n".join(summary_lines(result)))
     return result

@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from medgen.scripts._cli import CONFIG_DIR, exit_on_user_error
+from medgen.scripts._cli import CONFIG_DIR, exit_on_user_error, given_keys, warn_unused
 
 log = logging.getLogger("medgen.lr_find")
 
@@ -45,7 +45,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None):
     (:func:`lr_find_folder`, chosen by rank 0); the folder also gets the resolved ``config.yaml``."""
     from medgen.core.distributed import broadcast_object, cleanup, setup_distributed
     from medgen.core.precision import configure_backends
-    from medgen.diffusion.config import validate_config
+    from medgen.diffusion.config import unused_keys, validate_config
     from medgen.diffusion.lr_finder import find_lr, save_lr_find
 
     sweep = cfg.lr_find
@@ -53,6 +53,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None):
     train_cfg = validate_config(OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "lr_find"]))
     configure_backends()
     dist = setup_distributed(train_cfg.training.use_multi_gpu)
+    if dist.is_main:
+        warn_unused("medgen-lr-find", unused_keys(train_cfg, given_keys(), sweep=True))
     created = False
     try:
         if dist.is_main and out_dir is None:

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from medgen.core.signals import STOPPED_EXIT
-from medgen.scripts._cli import CONFIG_DIR, exit_on_user_error
+from medgen.scripts._cli import CONFIG_DIR, exit_on_user_error, given_keys, warn_unused
 
 log = logging.getLogger("medgen.train")
 
@@ -36,7 +36,7 @@ def run(cfg: DictConfig, explicit_dir: Path | None = None) -> str:
 def _run(cfg: DictConfig, explicit_dir: Path | None, stop) -> str:
     from medgen.core.distributed import barrier, cleanup, env_world, setup_distributed
     from medgen.core.precision import configure_backends
-    from medgen.diffusion.config import validate_config
+    from medgen.diffusion.config import unused_keys, validate_config
     from medgen.diffusion.run.folder import remove_if_unused
     from medgen.diffusion.trainer import DiffusionTrainer
 
@@ -44,6 +44,8 @@ def _run(cfg: DictConfig, explicit_dir: Path | None, stop) -> str:
     cfg = validate_config(cfg, world_size=world)
     configure_backends()
     dist = setup_distributed(cfg.training.use_multi_gpu)
+    if dist.is_main:
+        warn_unused("medgen-train", unused_keys(cfg, given_keys()))
     plan, lock = None, None
     try:
         plan, lock = _agree_on_run_folder(cfg, explicit_dir, dist)
