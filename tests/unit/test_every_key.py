@@ -192,7 +192,9 @@ COVERAGE_LR_FIND: dict[str, str] = {
     # the other training keys: the sweep runs DiffusionTrainer on the training part of its config
     # (test_lr_find_hands_its_trainer_the_training_config), so their medgen-train tests show their effect
     **COVERAGE_TRAIN,
-    **{key: f"exempt: no effect in medgen-lr-find: {why} (reported)" for key, why in LR_FIND_IGNORED.items()},
+    # no effect in a sweep, and set on its command line each is named in a warning (diffusion.config.SWEEP_NO_EFFECT,
+    # tests/unit/test_requests.py::test_training_keys_a_run_does_not_use_are_named)
+    **{key: f"exempt: no effect in medgen-lr-find ({why}); it warns naming the key" for key, why in LR_FIND_IGNORED.items()},
     "paths.model_dir": _t("unit/test_lr_finder.py", "test_two_sweeps_started_in_the_same_second_get_folders_of_their_own"),
     "lr_find.min_lr": _here("test_the_sweep_keys_shape_the_sweep"),
     "lr_find.max_lr": _here("test_the_sweep_keys_shape_the_sweep"),
@@ -926,3 +928,10 @@ def test_the_seg_sampler_key_reaches_the_mask_stage(tiny_checkpoints, tmp_path, 
                       gate={"enabled": False}, progress=False, seg_sampler="ddpm")
     assert sorted(set(asked)) == [(False, "euler"), (True, "ddpm")]
     assert "ddpm" in (result.out_dir / "manifest.csv").read_text()
+
+
+def test_every_key_the_sweep_ignores_is_one_it_warns_about():
+    from medgen.diffusion.config import SWEEP_NO_EFFECT
+
+    warned = {key for keys, _, _ in SWEEP_NO_EFFECT for key in keys}
+    assert set(LR_FIND_IGNORED) <= warned, sorted(set(LR_FIND_IGNORED) - warned)
