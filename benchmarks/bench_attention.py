@@ -15,6 +15,7 @@ default dispatch at head size 256 over that at 64 (above 1: four heads of 64 are
 
     python benchmarks/bench_attention.py [--batch 64] [--tokens 4096,1024] [--channels 256] [--heads 256,64]
 On the CPU (a check of the script) use small sizes: --batch 2 --tokens 256,64. Prints one JSON line.
+``--smoke``: that check at tiny sizes (batch 1, 64 and 16 tokens, 2 repeats; the same head sizes), on the CPU too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import smoke
 from timing import median_time
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -78,7 +80,8 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=256)
     ap.add_argument("--heads", default="256,64", help="head sizes (num_head_channels) to compare; the first is the reference")
     ap.add_argument("--repeats", type=int, default=10)
-    args = ap.parse_args()
+    smoke.add_flag(ap)
+    args = smoke.apply(ap, ap.parse_args(), {"batch": 1, "tokens": "64,16", "repeats": 2})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokens = [int(t) for t in args.tokens.split(",")]
     head_sizes = [int(h) for h in args.heads.split(",")]

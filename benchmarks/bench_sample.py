@@ -24,6 +24,7 @@ Networks have random weights: speed does not depend on them. CPU: the ``training
 (64 px, [32, 64, 128]).
 
     python benchmarks/bench_sample.py [--batch 16] [--pairs 32] [--spec-steps 10] [--cuda-only] [--cuda-pairs 1024]
+``--smoke``: the same with a 16 px network, batches of 2, 3 sampler steps (with ``--cuda-only`` on a CPU: minutes of compiling).
 Prints one JSON line.
 """
 
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+import smoke
 from timing import median_time
 
 CPU_MODEL = ["model.image_size=64", "model.channels=[32,64,128]", "model.attention_levels=[false,false,true]",
@@ -162,12 +164,14 @@ def main() -> None:
     ap.add_argument("--cuda-pairs", type=int, default=1024, help="pairs per pipeline run on CUDA (0: no pipeline runs)")
     ap.add_argument("--cuda-only", action="store_true",
                     help="only the ``cuda`` figures (on a machine without CUDA: the same for the CPU network)")
-    args = ap.parse_args()
+    smoke.add_flag(ap)
+    args = smoke.apply(ap, ap.parse_args(), {"batch": 2, "pairs": 2, "steps": 3, "spec_steps": 2, "cuda_batch": 2,
+                                             "cuda_pairs": 2})
     from medgen.core.distributed import default_device
     from medgen.generation.models import load_stage
 
     device = default_device()
-    model = SPEC_MODEL if device.type == "cuda" else CPU_MODEL
+    model = smoke.TINY_MODEL if args.smoke else SPEC_MODEL if device.type == "cuda" else CPU_MODEL
     result: dict = {"benchmark": "sample", "device": str(device), "threads": torch.get_num_threads(),
                     "network": model[1].split("=")[1], "batch_size": args.batch}
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,7 +179,8 @@ def main() -> None:
         seg_ckpt = make_checkpoint(tmp / "seg.pt", "seg", "ddpm", model, seed=1)
         image_ckpt = make_checkpoint(tmp / "bravo.pt", "bravo", "rflow", model, seed=2)
         if not args.cuda_only:
-            result["step_overhead"] = step_overhead(tmp, model, args.batch, args.steps, device)
+            result["step_overhead"] = step_overhead(tmp, model, args.batch, args.steps, device,
+                                                    repeats=2 if args.smoke else 5)
             medgen = pipeline_pairs_per_s(tmp, seg_ckpt, image_ckpt, args.pairs, args.batch, device)
             seg = load_stage(seg_ckpt, "seg", "seg", device=device, use_ema=False, precision="fp32", compile="false")
             image = load_stage(image_ckpt, "image", "image", device=device, use_ema=False, precision="fp32",

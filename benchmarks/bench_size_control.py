@@ -4,8 +4,8 @@ asked of it, before any gate, for a seg model conditioned on the class (``mode.s
 
 Both models train with the demo's seg recipe (``training=cpu``, rectified flow, 64 px, the same
 seed and number of steps) on a phantom set with lesions of every size (``--lesion-sizes cover``).
-Then ``--candidates`` masks are drawn with ``medgen-generate``'s sampler defaults (25 Euler steps,
-bf16, EMA), candidate ``j`` asked for the class of slot ``j`` of a ``uniform`` target over the
+Then ``--candidates`` masks are drawn with ``medgen-generate``'s sampler defaults (25 Euler steps:
+``--sample-steps``, bf16, EMA), candidate ``j`` asked for the class of slot ``j`` of a ``uniform`` target over the
 RANO-BM classes (``--target real``: the classes of the training slices;
 :meth:`medgen.generation.sizes.ClassTarget.requested`, exactly what generation asks); the
 unconditional model is scored against the same requests (chance).
@@ -23,6 +23,7 @@ unconditional model is scored against the same requests (chance).
 
     python benchmarks/bench_size_control.py --out /tmp/sizes [--steps 535] [--candidates 96] [--guidance 1,2,3] [--target uniform|real] [--counts]
 Prints one JSON line (the folder keeps the phantoms and both runs; a second call reuses them).
+``--smoke``: the same on 4 phantoms of 32 x 32 x 16, a 16 px network, one epoch, 4 candidates of 5 steps (a fresh ``--out``).
 """
 
 from __future__ import annotations
@@ -38,11 +39,16 @@ from omegaconf import OmegaConf
 
 from medgen.generation.sizes import Targets, resolve_count_target, resolve_target
 
+import smoke
+
 RECIPES = {"unconditional": [], "conditioned": ["mode.size_bins=rano_bm", "training.cond_dropout=0.1"],
            "conditioned_counts": ["mode.size_bins=rano_bm", "mode.count_classes=[1,2,3,4]", "training.cond_dropout=0.1"]}
+#: --smoke: the tiny network, batches of 4, few validation samples, no loader workers (after the recipe's overrides)
+SMOKE = [*smoke.TINY_MODEL, "training.batch_size=4", "training.num_val_samples=2", "training.num_sample_steps=2",
+         "data.num_workers=0"]
 
 
-def train(out: Path, name: str, steps: int, seed: int) -> Path:
+def train(out: Path, name: str, steps: int, seed: int, extra: list[str] = ()) -> Path:
     """The demo's seg recipe for ``steps`` optimizer steps (whole epochs, the cosine schedule over them)."""
     from medgen.core.checkpoint import load_checkpoint
     from medgen.diffusion.config import load_config
@@ -54,7 +60,7 @@ def train(out: Path, name: str, steps: int, seed: int) -> Path:
     if latest.is_file() and load_checkpoint(latest)["step"] >= steps:
         return latest
     base = ["training=cpu", "mode=seg", "strategy=rflow", f"seed={seed}", f"paths.data_dir={out / 'data'}",
-            f"paths.model_dir={out / 'runs'}", f"paths.cache_dir={out / 'cache'}", *RECIPES[name]]
+            f"paths.model_dir={out / 'runs'}", f"paths.cache_dir={out / 'cache'}", *RECIPES[name], *extra]
     per_epoch = DiffusionTrainer(load_config([*base, "training.epochs=1"]), out / "runs" / ".probe",
                                  progress=False).steps_per_epoch
     epochs = max(1, math.ceil(steps / per_epoch))
@@ -78,7 +84,8 @@ def requests(checkpoint: Path, candidates: int, target_name: str, counts: bool) 
                    resolve_count_target(cfg, candidates, stage.training_counts) if counts else None)
 
 
-def exact_match(checkpoint: Path, targets: Targets, candidates: int, guidance: float, seed: int, batch: int) -> dict:
+def exact_match(checkpoint: Path, targets: Targets, candidates: int, guidance: float, seed: int, batch: int,
+                steps: int = 25) -> dict:
     """Draw ``candidates`` masks, candidate ``j`` asked for its classes of ``targets`` (a model
     conditioned on them is given them; any other is scored against the same requests: chance)."""
     from medgen.core.constants import MASK_KEY
@@ -96,7 +103,7 @@ def exact_match(checkpoint: Path, targets: Targets, candidates: int, guidance: f
         if stage.mode.lesion_conditioned:
             classes = {name: torch.from_numpy(1 + a[idx]) for name, a in asked.items()}
             cond = stage.mode.lesion_condition(stage.spatial_shape, classes.get("sizes"), classes.get("counts"))
-        x0 = stage.sample(cond, sample_generators(seed, idx, MASK_STREAM, stage.device), steps=25, sampler="euler",
+        x0 = stage.sample(cond, sample_generators(seed, idx, MASK_STREAM, stage.device), steps=steps, sampler="euler",
                           guidance_scale=guidance if cond is not None else 1.0)
         for m in stage.mode.to_outputs(x0)[MASK_KEY][:, 0].numpy().astype(np.uint8):
             d = feret_diameters(m, spacing)
@@ -121,11 +128,14 @@ def main() -> None:
     ap.add_argument("--guidance", default="1,2,3", help="guidance scales to score the conditioned model at")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--sample-steps", type=int, default=25, help="Euler steps per candidate (medgen-generate's 25)")
     ap.add_argument("--target", default="uniform", choices=("uniform", "real"),
                     help="the classes asked: uniform over RANO-BM, or real (the training slices' classes)")
     ap.add_argument("--counts", action="store_true",
                     help="condition on the lesion-count class (1, 2, 3, 4+) too, and score the count match")
-    args = ap.parse_args()
+    smoke.add_flag(ap)
+    args = smoke.apply(ap, ap.parse_args(), {"steps": 2, "subjects": 4, "candidates": 4, "guidance": "1,2", "batch": 4,
+                                             "sample_steps": 5})
 
     from medgen.core.checkpoint import load_checkpoint
     from medgen.core.precision import configure_backends
@@ -133,14 +143,17 @@ def main() -> None:
 
     configure_backends()
     if not (args.out / "data" / "train").is_dir():
-        generate_dataset(args.out / "data", subjects=args.subjects, size=128, slices=64, seed=args.seed, workers=2,
+        size, slices = (32, 16) if args.smoke else (128, 64)
+        generate_dataset(args.out / "data", subjects=args.subjects, size=size, slices=slices, seed=args.seed, workers=2,
                          lesion_sizes="cover")
     names = ["unconditional", "conditioned_counts" if args.counts else "conditioned"]
-    ckpts = {name: train(args.out, name, args.steps, args.seed) for name in names}
+    ckpts = {name: train(args.out, name, args.steps, args.seed, SMOKE if args.smoke else []) for name in names}
     scales = [float(g) for g in args.guidance.split(",")]
     targets = requests(ckpts[names[1]], args.candidates, args.target, args.counts)
-    unconditional = exact_match(ckpts["unconditional"], targets, args.candidates, 1.0, args.seed, args.batch)
-    by_guidance = {g: exact_match(ckpts[names[1]], targets, args.candidates, g, args.seed, args.batch) for g in scales}
+    unconditional = exact_match(ckpts["unconditional"], targets, args.candidates, 1.0, args.seed, args.batch,
+                                args.sample_steps)
+    by_guidance = {g: exact_match(ckpts[names[1]], targets, args.candidates, g, args.seed, args.batch, args.sample_steps)
+                   for g in scales}
     best = max(scales, key=lambda g: by_guidance[g]["sizes"]["exact"])
     conditioned = by_guidance[scales[0]]
     result = {

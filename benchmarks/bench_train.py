@@ -43,6 +43,7 @@ about 5 minutes on an H100 (three compilations of ~45 s each); ``--batches``,
     python benchmarks/bench_train.py [--batches 16,64,128] [--reference-batches 64] [--compile both]
                                      [--steps 20] [--warmup 5] [--peak-tflops N] [--variants a,b]
                                      [--variant-batch 64] [overrides ...]                       # CUDA
+``--smoke`` (with or without ``--3d``/``--table``): the same path on 3 phantoms of 32 x 32 x 16, a 16 px network, 2 steps.
 Prints one JSON line.
 """
 
@@ -58,6 +59,7 @@ from pathlib import Path
 
 import torch
 
+import smoke
 from timing import sync
 from train_table import VARIANTS, best_default_mfu, is_default, mfu, parse_batches, peak_tflops, plan
 
@@ -68,10 +70,10 @@ SPEC = ["mode=bravo", "model=default", "training=default", "training.perceptual_
 LOADER = "training.batch_size=1"
 
 
-def _phantom_data(root: Path, subjects: int = 3) -> Path:
+def _phantom_data(root: Path, subjects: int = 3, size: int = 64, slices: int = 32) -> Path:
     from medgen.data.phantom import generate_dataset
 
-    generate_dataset(root, subjects=subjects, size=64, slices=32, seed=0, split=(1.0, 0.0, 0.0))
+    generate_dataset(root, subjects=subjects, size=size, slices=slices, seed=0, split=(1.0, 0.0, 0.0))
     return root
 
 
@@ -323,8 +325,12 @@ def main() -> None:
                          "also the peak memory of a step with and without training.gradient_checkpointing. "
                          "CUDA / --table: the table at 128 x 128 x 64 volumes")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    smoke.add_flag(ap)
     ap.add_argument("overrides", nargs="*", help="extra config overrides for the medgen run, e.g. model.channels=[64,128,128]")
-    args = ap.parse_args()
+    args = smoke.apply(ap, ap.parse_args(), {"steps": 2, "blocks": 1, "warmup": 1, "batches": "2", "compile": "false",
+                                             "reference_batches": "2", "variant_batch": 2})
+    if args.smoke:  # after the profile's overrides, before the user's: a 16 px network (16 x 16 x 8 volumes)
+        args.overrides = [*SMOKE, *(SMOKE_VOLUMES if args.three_d else []), *args.overrides]
     if args.memory_child is not None:
         print(json.dumps(_memory_child(Path(args.memory_child), args.steps, args.overrides)))
         return
@@ -333,7 +339,7 @@ def main() -> None:
     configure_backends()  # TF32 on CUDA, as medgen-train sets it
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        _phantom_data(tmp / "data")
+        _phantom_data(tmp / "data", *((3, 32, 16) if args.smoke else ()))
         if args.table or torch.cuda.is_available():  # --3d: the table at the GPU profile's volumes
             print(json.dumps(table(tmp, args, [*(VOLUMES_GPU if args.three_d else []), *args.overrides])))
             return
@@ -343,17 +349,21 @@ def main() -> None:
                   "shape": list(trainer.strategy.spatial_shape), "image_size": trainer.cfg.model.image_size,
                   "network": trainer.network_kwargs["channels"], "device": str(trainer.device),
                   "threads": torch.get_num_threads(), "precision": trainer.train_cfg.precision}
-        result.update(compare(trainer, args.steps, args.blocks))
+        result.update(compare(trainer, args.steps, args.blocks, warmup=1 if args.smoke else 3))
         target = 1.5 if args.three_d else 1.8
         result["target_speedup"], result["meets_target"] = target, result["speedup"] >= target
         if args.three_d:
             del trainer
-            result.update(memory(tmp, overrides))
+            result.update(memory(tmp, overrides, steps=1 if args.smoke else 3))
     print(json.dumps(result))
 
 
 #: the CPU profile of the 3D benchmark: volumes of 64 x 64 x 32, two per batch
 VOLUMES = ["model.spatial_dims=3", "data.volume_shape=[64,64,32]", "training.batch_size=2"]
+#: --smoke: the tiny network, after the profile's overrides (the batch sizes stay the profile's)
+SMOKE = smoke.TINY_MODEL
+#: --smoke --3d: volumes of 16 x 16 x 8 (after VOLUMES / VOLUMES_GPU, so these win)
+SMOKE_VOLUMES = ["data.volume_shape=[16,16,8]"]
 #: the table's volumes with --3d: the GPU profile's 128 x 128 x 64 (batch sizes from --batches)
 VOLUMES_GPU = ["model.spatial_dims=3", "data.volume_shape=[128,128,64]"]
 
