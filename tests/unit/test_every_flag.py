@@ -1,21 +1,22 @@
-"""Every flag of ``medgen-data`` (all its subcommands) and ``medgen-demo`` does something.
+"""Every flag of ``medgen-data`` (all its subcommands), ``medgen-demo`` and ``medgen-augment`` does something.
 
 The flag rule, as ``tests/unit/test_every_key.py`` has it for the Hydra configs: a flag a command
 accepts must have an effect, or be refused. For each command a ``COVERAGE`` table maps every
 argument of every subcommand, read from the argparse parser the command builds (options by their
 long name, positionals by their name: ``"phantom --max-lesions"``, ``"import src"``), to the node
-id of a test that passes a non-default value and asserts something that depends on it, or to
-``"exempt: <reason>"``. The first tests below keep the tables honest: a flag added to a parser
-without an entry fails, naming the flag, and every node id must exist.
+id of a test that passes a non-default value and asserts something that depends on it (or a tuple
+of node ids: the effect, then the test of the combination where the flag is refused or said not to
+apply), or to ``"exempt: <reason>"``. The first tests below keep the tables honest: a flag added to
+a parser without an entry fails, naming the flag, and every node id must exist.
 
 Where no other test showed a flag's effect, the test is here, below the tables (cheap: the
-commands' ``main`` on folders of a few tiny patients; the demo with its stages replaced by
-recorders, so that what each stage is asked to do is what is checked).
+commands' ``main`` on folders of a few tiny patients; the demo and medgen-augment with their stages
+replaced by recorders, so that what each stage is asked to do is what is checked).
 
-A flag that acts in one combination but is accepted and ignored without a word in another is in
+A flag that acts in one combination but is accepted and ignored without a word in another goes in
 ``SILENTLY_IGNORED``, with the file and line that drop it and a strict ``xfail`` test asserting
 the rule (a warning naming the flag, or a refusal): it fails until the command warns or refuses,
-and then the entry and the mark are to be removed.
+and then the entry goes and the test, unmarked, is named in the flag's ``COVERAGE`` entry.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import functools
 import logging
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,6 +38,7 @@ from PIL import Image
 from scipy import ndimage
 
 from medgen.data.nifti_dataset import modality_path, save_volume
+from medgen.data.preview import preview_size
 from medgen.scripts.data import main as data_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,6 +89,22 @@ def demo_arguments() -> frozenset[str]:
     return frozenset(_arguments(info.value.args[0]))
 
 
+@functools.lru_cache(maxsize=None)
+def augment_arguments() -> frozenset[str]:
+    """The arguments of ``medgen-augment``: its parser is built inside ``_arguments``, taken as the demo's."""
+    from medgen.scripts import augment
+
+    def caught(self, *args, **kwargs):
+        raise _Parser(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        for method in ("parse_args", "parse_known_args"):
+            mp.setattr(argparse.ArgumentParser, method, caught)
+        with pytest.raises(_Parser) as info:
+            augment.main(["--real", "unused", "--out", "unused"])
+    return frozenset(_arguments(info.value.args[0]))
+
+
 # ============================================================================ the tables
 def _t(path: str, name: str) -> str:
     return f"tests/{path}::{name}"
@@ -117,9 +136,11 @@ COVERAGE_DATA: dict[str, str] = {
     "import src": _t(IMPORTERS, "test_cli_png"),
     "import dst": _t(IMPORTERS, "test_cli_png"),
     "import --map": _here("test_import_map_picks_the_channels_and_names_them"),
-    "import --spacing": _t(IMPORTERS, "test_cli_png"),  # the affine is diag(0.9, 0.9, 1.5)
+    "import --spacing": (_t(IMPORTERS, "test_cli_png"),  # the affine is diag(0.9, 0.9, 1.5); nnunet: refused
+                         _here("test_import_spacing_with_nnunet_is_refused_naming_it")),
     "import --split": _t(IMPORTERS, "test_cli_nnunet"),  # 0.5,0.5,0: one patient in train/, one in val/
-    "import --seed": _here("test_import_seed_picks_the_split_of_each_patient"),
+    "import --seed": (_here("test_import_seed_picks_the_split_of_each_patient"),  # without --split: refused
+                      _here("test_import_seed_without_split_is_refused_naming_it")),
     # ---- check
     "check dir": _t(VALIDATE, "test_valid_dataset_is_ok"),
     "check --json": _t(VALIDATE, "test_json_output_parses"),
@@ -129,42 +150,59 @@ COVERAGE_DATA: dict[str, str] = {
     # ---- preview
     "preview dir": _t(PREVIEW, "test_cli_preview"),
     "preview --out": _t(PREVIEW, "test_cli_preview"),
-    "preview --patients": _t(PREVIEW, "test_cli_preview"),  # 1 patient: a montage of one row
+    "preview --patients": (_t(PREVIEW, "test_cli_preview"),  # 1 patient: a montage of one row
+                           _here("test_preview_patients_beyond_the_dataset_says_it_shows_fewer")),
 }
 
 COVERAGE_DEMO: dict[str, str] = {
     "--out": _here("test_the_demo_flags_reach_their_stages"),
     "--3d": _here("test_the_demo_flags_reach_their_stages"),
-    "--minutes": _here("test_the_demo_flags_reach_their_stages"),
-    "--subjects": _here("test_the_demo_flags_reach_their_stages"),
+    # with a finished model in --out (a rerun): the model is reused, and the line saying so names --minutes
+    "--minutes": (_here("test_the_demo_flags_reach_their_stages"),
+                  _here("test_a_reused_model_names_the_flags_that_do_not_apply_to_it")),
+    # with phantoms in --out (a rerun): they are reused, with a warning naming --subjects / --seed when they differ
+    "--subjects": (_here("test_the_demo_flags_reach_their_stages"),
+                   _here("test_a_demo_rerun_with_other_phantom_flags_says_they_do_not_apply")),
     "--pairs": _here("test_the_demo_flags_reach_their_stages"),
-    "--seed": _here("test_the_demo_flags_reach_their_stages"),
+    "--seed": (_here("test_the_demo_flags_reach_their_stages"),
+               _here("test_a_demo_rerun_with_other_phantom_flags_says_they_do_not_apply"),
+               _here("test_a_reused_model_names_the_flags_that_do_not_apply_to_it")),
+}
+
+AUGMENT_CLI = "integration/test_augment_cli.py"
+#: flags beside --synthetic: refused, naming each
+_BESIDE_SYNTHETIC = _t(AUGMENT_CLI, "test_a_bad_synthetic_set_or_a_generation_flag_beside_it_is_one_line")
+
+COVERAGE_AUGMENT: dict[str, str] = {
+    "--real": _here("test_the_augment_flags_reach_generation_and_the_experiment"),
+    "--out": _here("test_the_augment_flags_reach_generation_and_the_experiment"),
+    "--seg": (_here("test_the_augment_flags_reach_generation_and_the_experiment"), _BESIDE_SYNTHETIC),
+    "--image": (_here("test_the_augment_flags_reach_generation_and_the_experiment"), _BESIDE_SYNTHETIC),
+    "--target": (_here("test_the_augment_flags_reach_generation_and_the_experiment"), _BESIDE_SYNTHETIC),
+    "--synthetic": _t(AUGMENT_CLI, "test_the_budget_reaches_the_experiment_whole_with_fp32_by_default"),
+    "--num-images": (_here("test_the_augment_flags_reach_generation_and_the_experiment"), _BESIDE_SYNTHETIC),
+    "--guidance": (_here("test_the_augment_flags_reach_generation_and_the_experiment"), _BESIDE_SYNTHETIC),
+    "--seed": (_here("test_the_augment_flags_reach_generation_and_the_experiment"), _BESIDE_SYNTHETIC),
+    "--generate": (_here("test_the_augment_flags_reach_generation_and_the_experiment"), _BESIDE_SYNTHETIC),
+    "--seeds": _here("test_the_augment_flags_reach_generation_and_the_experiment"),
+    "--steps": _t(AUGMENT_CLI, "test_the_budget_reaches_the_experiment_whole_with_fp32_by_default"),  # steps 7
+    "--precision": _t(AUGMENT_CLI, "test_bf16_reaches_the_downstream_training_and_the_cache_follows_MEDGEN_CACHE_DIR"),
+    "--cache-dir": _here("test_the_augment_flags_reach_generation_and_the_experiment"),
 }
 
 #: command -> (its arguments as its parser has them, its table)
 COMMANDS: dict[str, tuple] = {
     "medgen-data": (data_arguments, COVERAGE_DATA),
     "medgen-demo": (demo_arguments, COVERAGE_DEMO),
+    "medgen-augment": (augment_arguments, COVERAGE_AUGMENT),
 }
 
 #: (command, flag) -> the combination in which the flag is accepted and dropped without a word, where
-#: in the code, and the strict-xfail test that asserts the rule there (reported)
-SILENTLY_IGNORED: dict[tuple[str, str], str] = {
-    ("medgen-data", "import --spacing"): (
-        "with --format nnunet: only the brainmetshare-png branch reads it (src/medgen/scripts/data.py:164-170), "
-        "so any value, even one that is not numbers, is accepted and dropped -> "
-        + _here("test_import_spacing_with_nnunet_is_not_dropped_silently")),
-    ("medgen-data", "import --seed"): (
-        "without --split: every patient goes to train/ and the seed is never read (src/medgen/data/importers/"
-        "common.py:101) -> " + _here("test_import_seed_without_split_is_not_dropped_silently")),
-    ("medgen-demo", "--subjects"): (
-        "on a rerun into an --out whose data/train exists: the phantoms are reused without a word "
-        "(src/medgen/scripts/demo.py:206), and summary.md says the new number of subjects "
-        "(src/medgen/scripts/demo.py:359) -> " + _here("test_a_demo_rerun_with_other_phantom_flags_is_not_silent")),
-    ("medgen-demo", "--seed"): (
-        "on a rerun into an --out whose data/train exists: the phantoms drawn with the old seed are reused without a "
-        "word (src/medgen/scripts/demo.py:206) -> " + _here("test_a_demo_rerun_with_other_phantom_flags_is_not_silent")),
-}
+#: in the code (``src/medgen/...py:LINE``), and `` -> `` the strict-xfail test that asserts the rule there.
+#: Empty now: import --spacing with nnunet and import --seed without --split are refused, a demo rerun
+#: names --subjects / --seed (phantoms) and --minutes / --seed (models) that do not apply to what it reuses,
+#: preview --patients beyond the dataset says it shows fewer; their tests are in COVERAGE
+SILENTLY_IGNORED: dict[tuple[str, str], str] = {}
 
 
 # ============================================================================ the tables are honest
@@ -179,17 +217,25 @@ def test_the_table_covers_exactly_the_parsers_arguments(command):
 
 
 def test_the_argument_lists_come_from_the_parsers():
-    """Every subcommand, options and positionals alike; the demo's parser, built inside main, too."""
+    """Every subcommand, options and positionals alike; the parsers of the demo and medgen-augment, built
+    inside a function, too."""
     data = data_arguments()
     assert {"phantom --max-lesions", "import src", "import --format", "check --keys", "preview --patients"} <= data
     assert {name.split()[0] for name in data} == {"phantom", "import", "check", "preview"}
     assert {"--3d", "--minutes", "--out"} <= demo_arguments()
-    assert not any("help" in name for name in data | demo_arguments())
+    assert {"--real", "--synthetic", "--generate", "--cache-dir"} <= augment_arguments()
+    assert not any("help" in name for name in data | demo_arguments() | augment_arguments())
+
+
+def _targets(target) -> tuple[str, ...]:
+    """A COVERAGE entry's node ids (one, or a tuple of them)."""
+    return (target,) if isinstance(target, str) else tuple(target)
 
 
 def _node_ids() -> list:
-    ids = [pytest.param(command, flag, target, id=f"{command}:{flag}") for command, (_, table) in COMMANDS.items()
-           for flag, target in sorted(table.items()) if not target.startswith("exempt")]
+    ids = [pytest.param(command, flag, node_id, id=f"{command}:{flag}" + (f":{i}" if i else ""))
+           for command, (_, table) in COMMANDS.items() for flag, target in sorted(table.items())
+           for i, node_id in enumerate(_targets(target)) if not node_id.startswith("exempt")]
     ids += [pytest.param(command, flag, where.rsplit(" -> ", 1)[1], id=f"{command}:{flag}:ignored")
             for (command, flag), where in SILENTLY_IGNORED.items()]
     return ids
@@ -209,7 +255,8 @@ def test_every_node_id_exists(command, flag, node_id):
 def test_every_exemption_has_a_reason():
     for command, (_, table) in COMMANDS.items():
         for flag, target in table.items():
-            if target.startswith("exempt"):
+            assert isinstance(target, str) or (target and all(isinstance(t, str) for t in target)), (command, flag)
+            if isinstance(target, str) and target.startswith("exempt"):
                 assert re.fullmatch(r"exempt: \S.*", target, re.DOTALL), f"{command} {flag}: {target!r} gives no reason"
 
 
@@ -365,26 +412,56 @@ def _said(code: int, capsys, caplog) -> str:
     return f"exit {code}: {capsys.readouterr().err} {warnings}"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="--spacing is dropped without a word by an nnU-Net import (reported)")
-def test_import_spacing_with_nnunet_is_not_dropped_silently(tmp_path, capsys, caplog):
-    src = _nnunet_source(tmp_path / "src", 1)
+@pytest.mark.parametrize("spacing", ["0.5,0.5,0.5", "not numbers"])
+def test_import_spacing_with_nnunet_is_refused_naming_it(tmp_path, capsys, caplog, spacing):
+    """nnU-Net files carry their own spacing: --spacing (any value) is one line naming it, before anything is
+    written; the same import without it goes through."""
+    src, dst = _nnunet_source(tmp_path / "src", 1), tmp_path / "dst"
     with caplog.at_level(logging.WARNING):
-        code = data_main(["import", "--format", "nnunet", str(src), str(tmp_path / "dst"), "--map", "0=bravo",
-                          "--spacing", "0.5,0.5,0.5"])
-    said = _said(code, capsys, caplog)
-    assert code != 0 or "--spacing" in said, said
+        code = data_main(["import", "--format", "nnunet", str(src), str(dst), "--map", "0=bravo", "--spacing", spacing])
+    assert _said(code, capsys, caplog).strip() == (
+        "exit 1: medgen-data import: --spacing applies to --format brainmetshare-png only: nnunet files carry their "
+        "own voxel spacing in their headers (leave --spacing out)")
+    assert not dst.exists()
+    assert data_main(["import", "--format", "nnunet", str(src), str(dst), "--map", "0=bravo"]) == 0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="--seed is dropped without a word by an import without --split (reported)")
-def test_import_seed_without_split_is_not_dropped_silently(tmp_path, capsys, caplog):
-    src = _nnunet_source(tmp_path / "src", 2)
+def test_import_seed_without_split_is_refused_naming_it(tmp_path, capsys, caplog):
+    """Without --split every patient goes to train/ and no seed is read: --seed is one line naming it (both
+    refusals at once with --spacing beside an nnU-Net import); with --split it is taken (the test above)."""
+    src, dst = _nnunet_source(tmp_path / "src", 2), tmp_path / "dst"
     with caplog.at_level(logging.WARNING):
-        code = data_main(["import", "--format", "nnunet", str(src), str(tmp_path / "dst"), "--map", "0=bravo",
-                          "--seed", "3"])
+        code = data_main(["import", "--format", "nnunet", str(src), str(dst), "--map", "0=bravo", "--seed", "3"])
+    said = _said(code, capsys, caplog).strip()
+    assert said == ("exit 1: medgen-data import: --seed seeds the patient-level split and is read only with --split "
+                    "(without it every patient goes to train/): give --split too, or leave --seed out"), said
+    code = data_main(["import", "--format", "nnunet", str(src), str(dst), "--map", "0=bravo", "--seed", "0",
+                      "--spacing", "1,1,1"])
     said = _said(code, capsys, caplog)
-    assert code != 0 or "--seed" in said, said
+    assert code == 1 and said.count("\n") == 1 and "--spacing applies" in said and "; --seed seeds" in said, said
+    assert not dst.exists()
+    # the PNG import keeps its default spacing (1,1,1) when --spacing is not given, and --seed with --split is taken
+    png = _png_source(tmp_path / "png", 2)
+    assert data_main(["import", "--format", "brainmetshare-png", str(png), str(tmp_path / "p"), "--split", "0.5,0.5,0",
+                      "--seed", "3"]) == 0
+    (first, *_) = sorted((tmp_path / "p").glob("*/Mets_*/bravo.nii.gz"))
+    np.testing.assert_allclose(nib.load(first).affine, np.eye(4))
+
+
+# ============================================================================ medgen-data preview
+def test_preview_patients_beyond_the_dataset_says_it_shows_fewer(tmp_path, capsys, caplog):
+    write_dataset(tmp_path / "d", n_patients=2, shape=(16, 16, 6), keys=("bravo", "seg"))
+    with caplog.at_level(logging.WARNING):
+        assert data_main(["preview", str(tmp_path / "d"), "--out", str(tmp_path / "p.png"), "--patients", "5"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [f"{tmp_path / 'd'} holds 2 patient(s), fewer than the 5 asked for (--patients): the montage "
+                        "shows 2 row(s)"], warnings
+    with Image.open(tmp_path / "p.png") as im:
+        assert im.size == preview_size(2, 1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # as many as there are: nothing to say
+        assert data_main(["preview", str(tmp_path / "d"), "--out", str(tmp_path / "q.png"), "--patients", "2"]) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 # ============================================================================ medgen-data check
@@ -410,9 +487,9 @@ def test_check_keys_names_the_modalities_every_patient_must_have(tmp_path, capsy
 @pytest.fixture
 def demo_stages(tmp_path, monkeypatch):
     """``medgen-demo``'s main with its stages replaced by recorders: ``run(*flags)`` gives what
-    each stage was asked to do. The phantoms stage writes data/train; training runs the demo's own
-    budget arithmetic (train, _train_models) with a probe that says 1 s per epoch of 10 steps, and
-    hands medgen-train's run the composed config it would train."""
+    each stage was asked to do. The phantoms stage writes a folder per subject in data/train; training
+    runs the demo's own budget arithmetic (train, _train_models) with a probe that says 1 s per epoch
+    of 10 steps, and hands medgen-train's run the composed config it would train."""
     import medgen.generation
     from medgen.core import checkpoint, precision
     from medgen.data import phantom
@@ -423,7 +500,8 @@ def demo_stages(tmp_path, monkeypatch):
 
     def phantoms(out, **kwargs):
         seen["phantoms"].append({"out": Path(out), **kwargs})
-        (Path(out) / "train").mkdir(parents=True)
+        for i in range(kwargs["subjects"]):
+            (Path(out) / "train" / f"phantom_{i:04d}").mkdir(parents=True)
         return []
 
     def train_run(cfg, run_dir):
@@ -509,13 +587,155 @@ def test_the_demo_flags_reach_their_stages(demo_stages, tmp_path, flag, value):
         assert (phantoms["seed"], seg.seed, generate["seed"], evaluate["seed"]) == (3, 3, 3, 3)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="a demo rerun reuses data/ and drops --subjects and --seed without a word (reported)")
-@pytest.mark.parametrize("flag, value", [("--subjects", "8"), ("--seed", "3")])
-def test_a_demo_rerun_with_other_phantom_flags_is_not_silent(demo_stages, caplog, flag, value):
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("flags, said", [
+    (("--subjects", "8"), "--subjects 8 (20 on disk) does not apply to them"),
+    (("--seed", "3"), "--seed 3 (drawn with seed 0) does not apply to them"),
+    (("--subjects", "8", "--seed", "3"), "--subjects 8 (20 on disk) and --seed 3 (drawn with seed 0) do not apply"),
+    (("--3d",), "--3d (their lesions were drawn for the slice demo: clinical, at most 15 per head) does not apply"),
+])
+def test_a_demo_rerun_with_other_phantom_flags_says_they_do_not_apply(demo_stages, tmp_path, caplog, flags, said):
+    """A rerun into an --out with phantoms reuses them: a warning names each flag whose value differs from
+    what they were drawn with, and summary.md gives the subjects on disk, not the number asked for."""
     assert demo_stages()["code"] == 0  # 20 phantoms drawn with seed 0
     with caplog.at_level(logging.INFO):
-        rerun = demo_stages(flag, value)
-    said = " ".join(r.getMessage() for r in caplog.records)
-    # the rule: the phantoms are drawn again as asked, or the rerun is refused, or it says the flag is not applied
-    assert rerun["phantoms"] or rerun["code"] != 0 or flag in said, said
+        same = demo_stages()
+    assert not same["phantoms"] and not _warnings(caplog) and same["summary"][0]["subjects"] == 20
+    assert f"reusing the 20 phantom subjects in {tmp_path / 'demo' / 'data'} (seed 0)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        rerun = demo_stages(*flags)
+    assert rerun["code"] == 0 and not rerun["phantoms"]
+    (warning,) = _warnings(caplog)
+    assert warning.startswith(f"== 1/5 phantoms: reusing the 20 phantom subjects in {tmp_path / 'demo' / 'data'}; ")
+    assert said in warning and warning.endswith("(give another --out to draw phantoms with these values)"), warning
+    assert rerun["summary"][0]["subjects"] == 20
+
+
+def test_a_demo_rerun_without_the_phantoms_record_says_seed_and_subjects_do_not_apply(demo_stages, tmp_path, caplog):
+    """Phantoms written by a demo that did not record their seed (or by hand): the seed is unknown, so the
+    rerun says --seed and --subjects do not apply to them, even when they are not given."""
+    from medgen.scripts import demo
+
+    assert demo_stages("--subjects", "6")["code"] == 0
+    (tmp_path / "demo" / demo.PHANTOMS_RECORD).unlink()
+    with caplog.at_level(logging.INFO):
+        rerun = demo_stages()
+    assert _warnings(caplog) == [f"== 1/5 phantoms: reusing the 6 phantom subjects in {tmp_path / 'demo' / 'data'}, "
+                                 "drawn with a seed not recorded: --seed and --subjects do not apply to existing "
+                                 "phantoms (give another --out to draw new ones)"]
+    assert rerun["summary"][0]["subjects"] == 6
+
+
+def test_a_reused_model_names_the_flags_that_do_not_apply_to_it(tmp_path, monkeypatch, caplog):
+    """A finished model in --out is reused: the line saying so names --minutes and --seed, with the epochs and
+    the seed it was trained with."""
+    import medgen.diffusion.config
+    from medgen.core import checkpoint
+    from medgen.scripts import demo
+
+    latest = tmp_path / "runs" / "seg" / "demo" / "checkpoints" / "latest.pt"
+    latest.parent.mkdir(parents=True)
+    latest.write_bytes(b"")
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda path: {
+        "epoch": 9, "step": 90, "config": {"seed": 0, "training": {"epochs": 9}}})
+    monkeypatch.setattr(medgen.diffusion.config, "sample_shape", lambda cfg: (64, 64))
+    monkeypatch.setattr(demo, "_seconds_per_epoch", lambda *a: pytest.fail("a finished model is not trained again"))
+    with caplog.at_level(logging.INFO):
+        run_dir, facts = demo.train(tmp_path, "seg", 6.0, 3)
+    assert run_dir == latest.parents[1] and facts["reused"] and facts["epochs"] == 9
+    assert f"seg model already trained: {run_dir} (9 epochs, seed 0); --minutes and --seed do not apply to it " \
+           "(give another --out to train anew)" in caplog.text
+
+
+# ============================================================================ medgen-augment
+@pytest.fixture
+def augment_stages(tmp_path, monkeypatch):
+    """``medgen-augment``'s main with generation and the experiment replaced by recorders: ``run(*flags)``
+    gives each set's validated medgen-generate config and the experiment's config, sets and folder.
+    The checkpoints are empty files (nothing loads them here)."""
+    import medgen.evaluation.augmentation as augmentation
+    import medgen.generation.pipeline as pipeline
+    from medgen.scripts.augment import main
+
+    write_dataset(tmp_path / "real", n_patients=4, splits=("train", "train", "test"), keys=("bravo", "seg"))
+    for name in ("seg.pt", "bravo.pt", "seg2.pt", "bravo2.pt"):
+        (tmp_path / name).write_bytes(b"")
+    seen: dict[str, list] = {}
+
+    def run_generation(cfg, progress=True, command=""):
+        seen["generate"].append(cfg)
+        return SimpleNamespace(status="done")
+
+    def run_experiment(cfg, sets, out_dir, device, progress=True):
+        seen["experiment"].append({"cfg": cfg, "sets": sets, "out": Path(out_dir)})
+        return {"sets": {}}
+
+    monkeypatch.setattr(pipeline, "run_generation", run_generation)
+    monkeypatch.setattr(augmentation, "run_experiment", run_experiment)
+    monkeypatch.setenv("MEDGEN_CACHE_DIR", str(tmp_path / "cache"))
+
+    def run(*flags: str, real: str = "real", out: str = "out", seg: str = "seg.pt", image: str = "bravo.pt") -> dict:
+        seen.update(generate=[], experiment=[])
+        assert main(["--real", str(tmp_path / real), "--out", str(tmp_path / out), "--seg", str(tmp_path / seg),
+                     "--image", str(tmp_path / image), *flags]) == 0
+        (experiment,) = seen["experiment"]
+        return {"generate": {Path(c.out_dir).name: c for c in seen["generate"]}, **experiment}
+
+    return run
+
+
+@pytest.mark.parametrize("flag, value", [("--real", "other"), ("--out", "elsewhere"), ("--seg", "seg2.pt"),
+                                         ("--image", "bravo2.pt"), ("--target", "big=large:1"), ("--num-images", "7"),
+                                         ("--guidance", "2"), ("--seed", "5"), ("--generate", "steps=3"),
+                                         ("--seeds", "4,7"), ("--cache-dir", "mine")])
+def test_the_augment_flags_reach_generation_and_the_experiment(augment_stages, tmp_path, flag, value):
+    base = augment_stages()
+    out = tmp_path / "out"
+    assert list(base["generate"]) == ["synthetic_real", "synthetic_small"]  # the default targets
+    real_set, small_set = base["generate"].values()
+    assert (real_set.lesion_sizes.target, small_set.lesion_sizes.target) == (
+        "real", {"tiny": 4.0, "small": 2.0, "medium": 1.0, "large": 1.0})
+    assert (real_set.seg_checkpoint, real_set.image_checkpoint) == (str(tmp_path / "seg.pt"),
+                                                                    str(tmp_path / "bravo.pt"))
+    assert (real_set.num_images, real_set.lesion_sizes.guidance, real_set.seed) == (200, 1.0, 0)
+    assert real_set.steps != 3 and real_set.cache_dir == base["cfg"].cache_dir == str(tmp_path / "cache")
+    assert base["sets"] == {"real": out / "synthetic_real", "small": out / "synthetic_small"} and base["out"] == out
+    assert (base["cfg"].real_dir, list(base["cfg"].seeds)) == (str(tmp_path / "real"), [0, 1, 2])
+
+    if flag == "--real":
+        shutil.copytree(tmp_path / "real", tmp_path / "other")
+        assert augment_stages(real="other")["cfg"].real_dir == str(tmp_path / "other")
+        return
+    if flag == "--out":
+        changed = augment_stages(out=value)
+        out = tmp_path / value
+        sets = {"real": out / "synthetic_real", "small": out / "synthetic_small"}
+        assert changed["out"] == out and changed["sets"] == sets
+        assert [c.out_dir for c in changed["generate"].values()] == [str(folder) for folder in sets.values()]
+        return
+    if flag in ("--seg", "--image"):
+        changed = augment_stages(**{flag[2:]: value})
+        key = "seg_checkpoint" if flag == "--seg" else "image_checkpoint"
+        assert {c[key] for c in changed["generate"].values()} == {str(tmp_path / value)}
+        return
+    changed = augment_stages(flag, str(tmp_path / value) if flag == "--cache-dir" else value)
+    sets = list(changed["generate"].values())
+    if flag == "--target":
+        assert list(changed["generate"]) == ["synthetic_big"] and sets[0].lesion_sizes.target == {"large": 1.0}
+        assert changed["sets"] == {"big": out / "synthetic_big"}
+    elif flag == "--num-images":
+        assert {c.num_images for c in sets} == {7}
+    elif flag == "--guidance":
+        assert {c.lesion_sizes.guidance for c in sets} == {2.0}
+    elif flag == "--seed":
+        assert {c.seed for c in sets} == {5}
+    elif flag == "--generate":
+        assert {c.steps for c in sets} == {3}
+    elif flag == "--seeds":
+        assert list(changed["cfg"].seeds) == [4, 7]
+    else:
+        assert {c.cache_dir for c in sets} == {changed["cfg"].cache_dir} == {str(tmp_path / "mine")}

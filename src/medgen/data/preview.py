@@ -9,6 +9,7 @@ The figure is drawn with matplotlib's Agg canvas directly (no pyplot, no global 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ from medgen.data.nifti_dataset import (DataError, folder_problem, list_patients,
                                        present_modalities, volume_shape_problem)
 from medgen.data.masks import binarize_mask
 from medgen.data.transforms import ras_to_display
+
+log = logging.getLogger("medgen.data")
 
 __all__ = ["CELL_HEIGHT_IN", "CELL_WIDTH_IN", "DPI", "CONTOUR_COLOUR", "make_preview", "preview_size", "ras_to_display"]
 
@@ -68,11 +71,15 @@ def _patients(root: Path, n_patients: int) -> list[Path]:
     found = [p for split in SPLITS for p in list_patients(root / split)]
     if not found:
         raise DataError(f"{root}: no patient folders in {', '.join(s + '/' for s in SPLITS)}; nothing to preview")
+    if len(found) < n_patients:
+        log.warning("%s holds %d patient(s), fewer than the %d asked for (--patients): the montage shows %d row(s)",
+                    root, len(found), n_patients, len(found))
     return found[:n_patients]
 
 
 def make_preview(root: str | Path, out_png: str | Path, n_patients: int = 4) -> Path:
-    """Write a montage PNG of the first ``n_patients`` patients (train/, then val/, test/).
+    """Write a montage PNG of the first ``n_patients`` patients (train/, then val/, test/); a dataset
+    of fewer shows them all, with a warning naming ``--patients``.
 
     Rows are patients; columns are the image modalities present in any of them (in the order
     bravo, t1_pre, t1_gd, flair; a ``seg`` column only when no image modality exists). Each

@@ -3,6 +3,7 @@
     medgen-data phantom --out DIR --subjects N [--size 128] [--slices 64] [--seed 0] [--split 0.7,0.15,0.15]
                         [--lesion-sizes clinical|cover] [--max-lesions 15]
     medgen-data import --format brainmetshare-png|nnunet SRC DST [--map 0=bravo,1=t1_pre,...]
+                       [--spacing 0.94,0.94,1.0 (PNG only)] [--split 0.8,0.1,0.1 [--seed 0]]
     medgen-data check DIR [--json] [--workers 2] [--keys bravo,seg]
     medgen-data preview DIR --out FILE.png [--patients 4]
 """
@@ -85,10 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--map", type=_map_arg, default=None,
                     help="channel -> modality, e.g. 0=bravo,1=t1_pre,2=t1_gd,3=flair")
     im.add_argument("--spacing", type=str, default=None,
-                    help="voxel spacing in mm for PNG imports, e.g. 0.94,0.94,1.0 (default 1,1,1)")
+                    help="voxel spacing in mm for PNG imports, e.g. 0.94,0.94,1.0 (default 1,1,1); refused with "
+                         "--format nnunet, whose files carry their own spacing")
     im.add_argument("--split", type=_split_arg, default=None,
                     help="train,val,test fractions for the imported patients (default: all into train/)")
-    im.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
+    im.add_argument("--seed", type=int, default=None,
+                    help="seed of the patient-level split (default 0); only with --split, refused without it")
 
     ck = sub.add_parser("check", help="read every file of a dataset and report every problem")
     ck.add_argument("dir", type=Path)
@@ -100,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     pv = sub.add_parser("preview", help="montage of a few patients' middle slices, mask outlined")
     pv.add_argument("dir", type=Path)
     pv.add_argument("--out", required=True, type=Path)
-    pv.add_argument("--patients", type=int, default=4)
+    pv.add_argument("--patients", type=int, default=4,
+                    help="patients to show, the first of train/, val/, test/ (default 4; a dataset of fewer shows "
+                         "them all, with a warning)")
     return p
 
 
@@ -155,19 +160,36 @@ def _phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_flags_refused(args: argparse.Namespace) -> list[str]:
+    """Flags of ``import`` given where the import would not read them: one clause each, naming it."""
+    refused = []
+    if args.spacing is not None and args.format != "brainmetshare-png":
+        refused.append(f"--spacing applies to --format brainmetshare-png only: {args.format} files carry their own "
+                       "voxel spacing in their headers (leave --spacing out)")
+    if args.seed is not None and args.split is None:
+        refused.append("--seed seeds the patient-level split and is read only with --split (without it every "
+                       "patient goes to train/): give --split too, or leave --seed out")
+    return refused
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "phantom":
         return _phantom(args)
     if args.command == "import":
         from medgen.data import importers
 
+        refused = _import_flags_refused(args)
+        if refused:
+            print("medgen-data import: " + "; ".join(refused), file=sys.stderr)
+            return 1
+        seed = 0 if args.seed is None else args.seed
         try:
             if args.format == "brainmetshare-png":
-                spacing = _spacing(args.spacing)
+                spacing = _spacing(args.spacing)  # None: the importer's 1,1,1
                 n = importers.import_brainmetshare_png(args.src, args.dst, mapping=args.map, spacing=spacing,
-                                                       split=args.split, seed=args.seed)
+                                                       split=args.split, seed=seed)
             else:
-                n = importers.import_nnunet(args.src, args.dst, mapping=args.map, split=args.split, seed=args.seed)
+                n = importers.import_nnunet(args.src, args.dst, mapping=args.map, split=args.split, seed=seed)
         except importers.ImportFormatError as exc:
             print(f"medgen-data import: {exc}", file=sys.stderr)
             return 1

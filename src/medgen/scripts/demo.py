@@ -13,12 +13,16 @@
 5. writes ``<out>/summary.md`` (what ran, how long, where the files are, what it shows) and
    ``<out>/contact_sheet.png``.
 
-Every stage that is already complete in ``<out>`` is reused, so an interrupted demo continues.
+Every stage that is already complete in ``<out>`` is reused, so an interrupted demo continues. A rerun
+says which flags do not apply to what it reuses: ``--subjects`` and ``--seed`` to the phantoms (drawn
+with the values recorded in ``<out>/.medgen/phantoms.json``), ``--minutes`` and ``--seed`` to a model
+already trained; give another ``--out`` to run with new values.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import shutil
@@ -125,7 +129,9 @@ def train(out: Path, mode: str, minutes: float, seed: int, profile: Profile = SL
     if latest.is_file():
         ckpt = load_checkpoint(latest)
         if ckpt["epoch"] >= ckpt["config"]["training"]["epochs"]:
-            log.info("%s model already trained: %s", mode, run_dir)
+            log.info("%s model already trained: %s (%d epochs, seed %s); --minutes and --seed do not apply to it "
+                     "(give another --out to train anew)", mode, run_dir, ckpt["epoch"],
+                     ckpt["config"].get("seed", "not recorded"))
             return run_dir, {"epochs": ckpt["epoch"], "steps": ckpt["step"], "reused": True,
                              "shape": sample_shape(OmegaConf.create(ckpt["config"]))}
         shutil.rmtree(run_dir)
@@ -170,10 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=None,
                     help=f"training budget of the two models together (default {SLICES.minutes:g}; "
                          f"{VOLUMES.minutes:g} with --3d)")
-    ap.add_argument("--subjects", type=int, default=20, help="phantom subjects (default 20)")
+    ap.add_argument("--subjects", type=int, default=20,
+                    help="phantom subjects (default 20; phantoms already in --out are reused, with a warning when "
+                         "they differ)")
     ap.add_argument("--pairs", type=int, default=None,
                     help=f"mask/image pairs to generate (default {SLICES.pairs}; {VOLUMES.pairs} volumes with --3d)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the phantoms, the models, generation and evaluation (default 0; what --out already "
+                         "holds is reused, saying --seed does not apply to it)")
     args = ap.parse_args(argv)
     profile = VOLUMES if args.volumes else SLICES
     args.minutes = profile.minutes if args.minutes is None else args.minutes
@@ -205,8 +215,13 @@ def run_demo(out: Path, minutes: float, subjects: int, pairs: int, seed: int, pr
     t0 = time.perf_counter()
     if not (out / "data" / "train").is_dir():
         log.info("== 1/5 phantoms: %d subjects at 128 x 128 x 64 (lesions: %s)", subjects, profile.lesion_sizes)
+        _record_phantoms(out, {"subjects": subjects, "seed": seed, "lesion_sizes": profile.lesion_sizes,
+                               "max_lesions": profile.max_lesions})
         generate_dataset(out / "data", subjects=subjects, size=128, slices=64, seed=seed, workers=2,
                          lesion_sizes=profile.lesion_sizes, max_lesions=profile.max_lesions)
+    else:
+        _say_reused_phantoms(out, subjects, seed, profile)
+    subjects = phantoms_on_disk(out)  # the summary gives the subjects the demo ran on
     seconds["phantoms"] = time.perf_counter() - t0
 
     runs = _train_models(out, minutes, seed, profile, seconds, facts)
@@ -230,6 +245,54 @@ def run_demo(out: Path, minutes: float, subjects: int, pairs: int, seed: int, pr
     summary = write_summary(out, subjects, pairs, seconds, facts, runs, result, evaluation, profile)
     print(f"\ndemo finished in {sum(seconds.values()) / 60:.1f} min: {summary}")
     return summary
+
+
+#: what the demo's phantoms were drawn with (subjects, seed, lesions), beside them in ``<out>``
+PHANTOMS_RECORD = Path(".medgen") / "phantoms.json"
+
+
+def _record_phantoms(out: Path, settings: dict) -> None:
+    path = out / PHANTOMS_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def phantoms_on_disk(out: Path) -> int:
+    """The phantom subjects in ``<out>/data`` (patient folders of every split)."""
+    from medgen.core.constants import SPLITS
+    from medgen.data.nifti_dataset import list_patients
+
+    return sum(len(list_patients(out / "data" / split)) for split in SPLITS)
+
+
+def _say_reused_phantoms(out: Path, subjects: int, seed: int, profile: Profile) -> None:
+    """The phantoms in ``<out>/data`` are reused: a warning naming each flag whose value differs from
+    what they were drawn with (:data:`PHANTOMS_RECORD`; without it the seed is unknown, and --seed
+    and --subjects are said not to apply), else one line saying they are reused."""
+    on_disk = phantoms_on_disk(out)
+    try:
+        made = json.loads((out / PHANTOMS_RECORD).read_text())
+    except (OSError, ValueError):
+        made = None
+    where = f"the {on_disk} phantom subjects in {out / 'data'}"
+    if not isinstance(made, dict) or "seed" not in made:
+        log.warning("== 1/5 phantoms: reusing %s, drawn with a seed not recorded: --seed and --subjects do not apply "
+                    "to existing phantoms (give another --out to draw new ones)", where)
+        return
+    differ = []
+    if on_disk != subjects:
+        differ.append(f"--subjects {subjects} ({on_disk} on disk)")
+    if made["seed"] != seed:
+        differ.append(f"--seed {seed} (drawn with seed {made['seed']})")
+    if (made.get("lesion_sizes"), made.get("max_lesions")) != (profile.lesion_sizes, profile.max_lesions):
+        drawn_for = "volume demo (--3d)" if made.get("lesion_sizes") == VOLUMES.lesion_sizes else "slice demo"
+        differ.append(f"{'--3d' if profile is VOLUMES else 'the slice demo (no --3d)'} (their lesions were drawn "
+                      f"for the {drawn_for}: {made.get('lesion_sizes')}, at most {made.get('max_lesions')} per head)")
+    if differ:
+        log.warning("== 1/5 phantoms: reusing %s; %s %s not apply to them (give another --out to draw phantoms "
+                    "with these values)", where, " and ".join(differ), "does" if len(differ) == 1 else "do")
+    else:
+        log.info("== 1/5 phantoms: reusing %s (seed %s)", where, made["seed"])
 
 
 def _train_models(out: Path, minutes: float, seed: int, profile: Profile, seconds: dict[str, float],
