@@ -174,3 +174,42 @@ def reference_state() -> dict[str, torch.Tensor]:
             module.running_mean.uniform_(-0.1, 0.1)
             module.running_var.uniform_(0.5, 1.5)
     return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def square_seg_model(monkeypatch, sides) -> list[int]:
+    """Generation with a stand-in seg model: candidate j draws one square lesion of ``sides[j %
+    len(sides)]`` pixels (0: none) inside a brain that fills the slice but its border; the image
+    model stays the real one. Returns the number of candidates drawn so far (a one-item list)."""
+    from medgen.generation import Stage
+
+    drawn, real_sample = [0], Stage.sample
+
+    def sample(self, cond, generators, **kwargs):
+        if not self.mode.generates_mask:
+            return real_sample(self, cond, generators, **kwargs)
+        n, size = len(generators), self.image_size
+        x0 = -torch.ones(n, 2, size, size)
+        x0[:, 1, 1:size - 1, 1:size - 1] = 1  # the brain
+        for b in range(n):
+            k = sides[(drawn[0] + b) % len(sides)]
+            x0[b, 0, 2:2 + k, 2:2 + k] = 1
+        drawn[0] += n
+        return x0
+
+    monkeypatch.setattr(Stage, "sample", sample)
+    return drawn
+
+
+def missing_test(node_id: str, root: Path = Path(__file__).resolve().parents[1]) -> str | None:
+    """Why ``node_id`` (``tests/<file>::<test>[params]``) names no test of this repository, or None."""
+    import re
+
+    path, _, name = node_id.partition("::")
+    if not name:
+        return f"{node_id!r} is not a node id (path::test_name)"
+    if not (root / path).is_file():
+        return f"{path} does not exist"
+    function = name.split("[")[0]
+    if not re.search(rf"^\s*def {re.escape(function)}\(", (root / path).read_text(), re.MULTILINE):
+        return f"{path} has no test {function}"
+    return None

@@ -8,38 +8,16 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from conftest import square_seg_model
 
-from medgen.generation import Stage
 from medgen.scripts.augment import main
 
 pytestmark = pytest.mark.slow
 
 
-def _class_squares(monkeypatch):
-    """The seg model replaced by one that draws candidate j a square of 2, 5 or 9 px (tiny, small,
-    medium at 2 mm pixels) in turn, inside a brain; the image model is the real tiny one."""
-    real_sample = Stage.sample
-    drawn = [0]
-
-    def sample(self, cond, generators, **kwargs):
-        if not self.mode.generates_mask:
-            return real_sample(self, cond, generators, **kwargs)
-        n, size = len(generators), self.image_size
-        x0 = -torch.ones(n, 2, size, size)
-        x0[:, 1, 1:size - 1, 1:size - 1] = 1
-        for b in range(n):
-            k = (2, 5, 9)[(drawn[0] + b) % 3]
-            x0[b, 0, 2:2 + k, 2:2 + k] = 1
-        drawn[0] += n
-        return x0
-
-    monkeypatch.setattr(Stage, "sample", sample)
-
-
 def test_each_target_makes_its_set_and_every_set_is_scored_per_size_bin(tmp_path, tiny_data, tiny_checkpoints,
                                                                        monkeypatch, capsys):
-    _class_squares(monkeypatch)
+    square_seg_model(monkeypatch, [2, 5, 9])  # tiny, small, medium at 2 mm pixels
     out = tmp_path / "augment"
     args = ["--real", str(tiny_data), "--seg", str(tiny_checkpoints["seg"]), "--image", str(tiny_checkpoints["bravo"]),
             "--out", str(out), "--target", "tiny=tiny:1", "--target", "bigger=small:1,medium:1", "--num-images", "4",

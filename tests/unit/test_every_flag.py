@@ -33,6 +33,7 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import missing_test
 from datagen import make_patient, write_dataset
 from PIL import Image
 from scipy import ndimage
@@ -243,13 +244,8 @@ def _node_ids() -> list:
 
 @pytest.mark.parametrize("command, flag, node_id", _node_ids())
 def test_every_node_id_exists(command, flag, node_id):
-    path, _, name = node_id.partition("::")
-    assert name, f"{command} {flag}: {node_id!r} is not a node id (path::test_name)"
-    source = REPO / path
-    assert source.is_file(), f"{command} {flag}: {path} does not exist"
-    function = name.split("[")[0]
-    assert re.search(rf"^\s*def {re.escape(function)}\(", source.read_text(), re.MULTILINE), \
-        f"{command} {flag}: {path} has no test {function}"
+    problem = missing_test(node_id)
+    assert problem is None, f"{command} {flag}: {problem}"
 
 
 def test_every_exemption_has_a_reason():

@@ -27,9 +27,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL, tiny_overrides
+from conftest import TINY_MODEL, missing_test, tiny_overrides
 from datagen import make_patient, write_dataset
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from medgen.core.distributed import DistInfo
 from medgen.core.paths import configs_dir
@@ -325,13 +325,8 @@ def _node_ids() -> list:
 
 @pytest.mark.parametrize("command, key, node_id", _node_ids())
 def test_every_node_id_exists(command, key, node_id):
-    path, _, name = node_id.partition("::")
-    assert name, f"{command} {key}: {node_id!r} is not a node id (path::test_name)"
-    source = REPO / path
-    assert source.is_file(), f"{command} {key}: {path} does not exist"
-    function = name.split("[")[0]
-    assert re.search(rf"^\s*def {re.escape(function)}\(", source.read_text(), re.MULTILINE), \
-        f"{command} {key}: {path} has no test {function}"
+    problem = missing_test(node_id)
+    assert problem is None, f"{command} {key}: {problem}"
 
 
 def test_every_exemption_has_a_reason():

@@ -19,34 +19,16 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import square_seg_model
+
 from medgen.core.schema import compose_config
-from medgen.generation import GenerationError, Stage, generate
+from medgen.generation import GenerationError, generate
 from medgen.generation.config import ignored_keys, validate_generate_config
 from medgen.generation.sizes import resolve_count_target, resolve_target, slot_class
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _squares(monkeypatch, sides):
-    """A stand-in seg model: candidate j draws one k x k lesion, k = ``sides[j % len(sides)]`` (0: none), in a brain."""
-    drawn, real_sample = [0], Stage.sample
-
-    def sample(self, cond, generators, **kwargs):
-        if not self.mode.generates_mask:
-            return real_sample(self, cond, generators, **kwargs)
-        n, size = len(generators), self.image_size
-        x0 = -torch.ones(n, 2, size, size)
-        x0[:, 1, 1:size - 1, 1:size - 1] = 1
-        for b in range(n):
-            k = sides[(drawn[0] + b) % len(sides)]
-            x0[b, 0, 2:2 + k, 2:2 + k] = 1
-        drawn[0] += n
-        return x0
-
-    monkeypatch.setattr(Stage, "sample", sample)
-    return drawn
 
 
 def _settings(tmp_path, checkpoints, **extra):
@@ -74,7 +56,7 @@ def test_the_gate_off_keeps_every_mask_and_says_so_or_refuses_a_quota(tmp_path, 
     with pytest.raises(GenerationError, match=r"lesion_counts.target=\[1, 1, 0, 0\]: the gate meets the quotas"):
         _validate("lesion_counts.target=[1,1,0,0]", "gate.enabled=false")
     # the default real: every mask kept, the empty one too, and the log says the target is not applied
-    _squares(monkeypatch, [2, 0, 9])
+    square_seg_model(monkeypatch, [2, 0, 9])
     caplog.set_level("INFO", logger="medgen.generate")
     kept = generate(out_dir=str(tmp_path / "all"), num_images=3, gate={"enabled": False},
                     **_settings(tmp_path, tiny_checkpoints))
@@ -170,7 +152,7 @@ def test_a_target_of_the_wrong_form_is_one_line_before_any_model_loads(override,
 
 # ---------------------------------------------------------------------------- 8. max_attempts inside a batch
 def test_gate_max_attempts_bounds_the_candidates_inside_a_batch(tmp_path, tiny_checkpoints, monkeypatch):
-    drawn = _squares(monkeypatch, [2])  # every candidate passes
+    drawn = square_seg_model(monkeypatch, [2])  # every candidate passes
     gate = {"enabled": True, "min_area": 0.0, "max_area": 1.0, "max_attempts": 1}
     with pytest.raises(GenerationError, match=r"accepted 1 of 1 generated masks .* short of num_images=16 within "
                                               r"gate.max_attempts=1"):
@@ -181,7 +163,7 @@ def test_gate_max_attempts_bounds_the_candidates_inside_a_batch(tmp_path, tiny_c
     with pytest.raises(GenerationError, match=r"accepted 1 of 1 generated masks"):
         generate(out_dir=str(tmp_path / "one"), num_images=3, gate=gate, lesion_sizes={"target": "model"},
                  lesion_counts={"target": "model"}, **_settings(tmp_path, tiny_checkpoints, batch_size=16))
-    _squares(monkeypatch, [2, 0])  # every other candidate is empty
+    square_seg_model(monkeypatch, [2, 0])  # every other candidate is empty
     with pytest.raises(GenerationError, match=r"accepted 2 of 3 generated masks .* gate.max_attempts=3"):
         generate(out_dir=str(tmp_path / "three"), num_images=3, gate={**gate, "max_attempts": 3},
                  lesion_sizes={"target": "model"}, lesion_counts={"target": "model"},

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import square_seg_model
 from omegaconf import OmegaConf
 
 from medgen.data.lesions import RANO_BM
@@ -173,29 +174,9 @@ def test_each_candidate_is_asked_for_one_class_in_an_even_spread_of_the_quotas()
         assert np.bincount(asked, minlength=4).tolist() == big.counts.tolist()
 
 
-def _square_seg_model(monkeypatch, sides):
-    """A stand-in seg model: candidate j draws one square lesion of ``sides[j % len(sides)]`` px inside a brain."""
-    real_sample = Stage.sample
-    drawn = [0]
-
-    def sample(self, cond, generators, **kwargs):
-        if cond is not None:
-            return real_sample(self, cond, generators, **kwargs)
-        n, size = len(generators), self.image_size
-        x0 = -torch.ones(n, 2, size, size)
-        x0[:, 1, 1:size - 1, 1:size - 1] = 1  # the brain
-        for b in range(n):
-            k = sides[(drawn[0] + b) % len(sides)]
-            x0[b, 0, 2:2 + k, 2:2 + k] = 1
-        drawn[0] += n
-        return x0
-
-    monkeypatch.setattr(Stage, "sample", sample)
-
-
 def test_the_output_holds_exactly_the_size_classes_asked_for(tmp_path, tiny_checkpoints, monkeypatch):
     # 2 mm pixels: a k x k square measures 2.83 k mm; 2 -> tiny (5.7), 5 -> small (14.1), 9 -> medium (25.5)
-    _square_seg_model(monkeypatch, [2, 2, 2, 5, 9, 2])
+    square_seg_model(monkeypatch, [2, 2, 2, 5, 9, 2])
     gate = {"enabled": True, "min_area": 0.0, "max_area": 1.0, "inside_brain": True}
     settings = dict(seg_checkpoint=str(tiny_checkpoints["seg"]), image_checkpoint=str(tiny_checkpoints["bravo"]),
                     num_images=6, batch_size=4, steps=2, precision="fp32", gate=gate, progress=False,
@@ -223,7 +204,7 @@ def test_the_output_holds_exactly_the_size_classes_asked_for(tmp_path, tiny_chec
     with pytest.raises(GenerationError, match=r"accepted 3 of 12 generated masks .* gate.max_attempts=12; .*; by size "
                                               r"class .* tiny 2/2 \(10 drawn\), small 1/1 \(2 drawn\), medium 0/1 "
                                               r"\(0 drawn\)"):
-        _square_seg_model(monkeypatch, [2, 2, 2, 5, 2, 2])
+        square_seg_model(monkeypatch, [2, 2, 2, 5, 2, 2])
         generate(out_dir=str(tmp_path / "never"), **{**settings, "num_images": 4,
                  "gate": {**gate, "max_attempts": 12}}, lesion_sizes={"target": {"tiny": 2, "small": 1, "medium": 1}})
     status = read_status(tmp_path / "never")

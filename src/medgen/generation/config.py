@@ -164,10 +164,10 @@ def ignored_keys(cfg: DictConfig) -> list[str]:
 
     def changed(node: DictConfig, prefix: str = "") -> list[str]:
         out = []
-        for key in node:
-            value, default = node[key], OmegaConf.select(defaults, prefix + key)
-            out += changed(value, f"{prefix}{key}.") if isinstance(value, DictConfig) else \
-                [prefix + key] if value != default else []
+        for key in node:  # a key of lesion_*.target may be a number ({1: 2, 2: 1})
+            dotted = f"{prefix}{key}"
+            value, default = node[key], OmegaConf.select(defaults, dotted, default=None)
+            out += changed(value, dotted + ".") if isinstance(value, DictConfig) else [dotted] if value != default else []
         return out
 
     return no_effect(cfg, changed(cfg), _NO_EFFECT)
