@@ -1,10 +1,22 @@
-"""Nothing a user asks of medgen-generate is silently dropped: the fault matrix of generation requests.
+"""Nothing a user asks for is silently dropped: the fault matrix of issue "requests that are never
+silently dropped", one test (or more) per case a user met.
 
-Each test is one case a user met: a size or count target with the gate off or with ``masks_from``,
-weights for classes the command line cannot name, the documented examples, targets of the wrong
-type, ``gate.max_attempts`` inside a batch, guidance with nothing to guide toward, bins with the
-model's edges under other names, the memory of a size target, keys with no effect in a run.
-(medgen-augment's cases: tests/integration/test_augment_cli.py; the benchmarks: test_benchmarks.py.)
+ 1. a size or count target with the gate off or with ``masks_from``: here (refused with the gate off,
+    the default ``real`` said; ``masks_from`` picks real masks to meet the quotas)
+ 2. medgen-augment's ``budget.precision``: tests/integration/test_augment_cli.py (``--precision bf16``
+    reaches the downstream training)
+ 3. medgen-augment and ``MEDGEN_CACHE_DIR``: test_augment_cli.py
+ 4. weights for classes the command line cannot name: here (a list in class order)
+ 5. the documented target examples: here (every example of the README and generate.yaml parses)
+ 6. medgen-augment with a 2D and a 3D set: test_augment_cli.py (one line, before any training)
+ 7. tracebacks for targets of the wrong form: here; medgen-augment's flags: test_augment_cli.py
+ 8. ``gate.max_attempts`` inside a batch: here
+ 9. the FID floor that disappeared without a reason: here
+10. the memory of a size target: here
+11. the benchmarks that crashed: tests/integration/test_benchmarks.py (slow: every script's --smoke)
+
+and the doubtful ones: a conditioned model takes its edges under other names; guidance toward
+nothing is refused. Keys with no effect in a run are named (generate, train, lr-find, evaluate).
 """
 
 from __future__ import annotations
