@@ -167,21 +167,6 @@ def test_the_budget_reaches_the_experiment_whole_with_fp32_by_default(folders, t
     assert seen["cache_dir"] == str(tmp_path / "mine")
 
 
-def test_train_segmenter_takes_the_budget_whole_or_every_field():
-    import numpy as np
-    import torch
-
-    from medgen.evaluation.config import BudgetConfig
-    from medgen.evaluation.downstream import SliceSet, train_segmenter
-
-    data = SliceSet(np.zeros((2, 1, 16, 16), np.float32), np.zeros((2, 16, 16), np.uint8))
-    cpu = torch.device("cpu")
-    with pytest.raises(TypeError, match="takes the budget whole"):  # precision left out: no silent fp32
-        train_segmenter(data, steps=1, batch_size=1, learning_rate=1e-3, seed=0, device=cpu, progress=False)
-    with pytest.raises(TypeError, match="takes the budget whole"):
-        train_segmenter(data, BudgetConfig(steps=1), steps=2, seed=0, device=cpu, progress=False)
-
-
 @pytest.mark.parametrize("text, expected", [("real=real", ("real", "real")),
                                              ("s=tiny:4,small:2", ("s", {"tiny": 4.0, "small": 2.0}))])
 def test_targets_parse(text, expected):

@@ -175,6 +175,7 @@ def _discs(n: int, s: int, rng: np.random.Generator):
 def test_budget_precision_bf16_trains_the_segmenter_in_bf16_to_the_same_skill(monkeypatch):
     from medgen.core import precision
     from medgen.evaluation import downstream
+    from medgen.evaluation.config import BudgetConfig
     from medgen.evaluation.downstream import SliceSet, predict, train_segmenter
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # the choice, not this CPU's
@@ -194,8 +195,8 @@ def test_budget_precision_bf16_trains_the_segmenter_in_bf16_to_the_same_skill(mo
     dice = {}
     for current in ("fp32", "bf16"):
         dtypes[current] = set()
-        net = train_segmenter(train, steps=80, batch_size=8, learning_rate=3e-3, seed=0, device=torch.device("cpu"),
-                              progress=False, precision=current)
+        net = train_segmenter(train, BudgetConfig(steps=80, batch_size=8, learning_rate=3e-3, precision=current), seed=0,
+                              device=torch.device("cpu"), progress=False)
         assert all(p.dtype == torch.float32 for p in net.parameters())  # autocast: the weights stay fp32
         dice[current] = dice_per_slice(predict(net, test.images, torch.device("cpu")), test.masks).mean()
     assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}

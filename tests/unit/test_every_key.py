@@ -739,8 +739,8 @@ def test_the_budget_keys_train_the_segmenter(tmp_path, monkeypatch, one_thread):
         segmentation_metrics(sets, _evaluate_cfg(*base_keys, "downstream=true", "seeds=[4,5]"), tmp_path,
                              torch.device("cpu"), False)
     kwargs = info.value.args[0]
-    budget = kwargs.get("budget") or kwargs  # the budget node, or its fields as arguments
-    assert (kwargs["seeds"], budget["steps"], budget["batch_size"]) == ([4, 5], 2, 2)
+    budget = kwargs["budget"]  # passed whole
+    assert (kwargs["seeds"], budget.steps, budget.batch_size, budget.precision) == ([4, 5], 2, 2, "fp32")
 
 
 def test_the_lesion_keys_shape_the_lesion_figures():

@@ -21,12 +21,11 @@ three axes, Dice is per volume and lesion sizes are binned by volume fraction (:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -75,17 +74,12 @@ def build_segmenter(in_channels: int, spatial_dims: int = 2) -> DynUNet:
                    norm_name="instance", res_block=True)
 
 
-def train_segmenter(data: SliceSet, budget: BudgetConfig | None = None, *, seed: int, device: torch.device,
-                    desc: str = "segmenter", progress: bool = True, **fields: Any) -> DynUNet:
+def train_segmenter(data: SliceSet, budget: BudgetConfig, *, seed: int, device: torch.device,
+                    desc: str = "segmenter", progress: bool = True) -> DynUNet:
     """Train a fresh network on ``data`` with ``budget``, passed whole: a validated config's
     ``budget`` node or a :class:`~medgen.evaluation.config.BudgetConfig` (``steps`` steps of
     ``batch_size``, ``learning_rate``; forward passes in bf16 autocast with ``precision="bf16"``
-    where the device computes bf16 natively). Returns the network in eval mode.
-
-    The older call with the budget's fields as keywords (``steps=..., batch_size=...,
-    learning_rate=..., precision=...``) still works, with every field given: none falls back to a
-    default."""
-    budget = _whole_budget(budget, fields)
+    where the device computes bf16 natively). Returns the network in eval mode."""
     torch.manual_seed(seed)
     net = build_segmenter(data.images.shape[1], data.images.ndim - 2).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=budget.learning_rate, weight_decay=1e-4)
@@ -106,18 +100,6 @@ def train_segmenter(data: SliceSet, budget: BudgetConfig | None = None, *, seed:
         loss.backward()
         optimizer.step()
     return net.eval()
-
-
-def _whole_budget(budget: BudgetConfig | None, fields: dict[str, Any]) -> BudgetConfig:
-    """``budget``, or the :class:`BudgetConfig` of ``fields`` when they are every field of it (a
-    ``TypeError`` for a missing or unknown one, or for both forms at once)."""
-    names = sorted(f.name for f in dataclasses.fields(BudgetConfig))
-    if budget is not None and not fields:
-        return budget
-    if budget is None and sorted(fields) == names:
-        return BudgetConfig(**fields)
-    raise TypeError(f"train_segmenter takes the budget whole (budget=cfg.budget), or all of its fields {names} as "
-                    f"keywords; got budget={'given' if budget is not None else None} and keywords {sorted(fields)}")
 
 
 @torch.no_grad()
