@@ -69,41 +69,20 @@ def data_arguments() -> frozenset[str]:
                                              for arg in _arguments(sub))])
 
 
-class _Parser(Exception):
-    """Carries the parser ``main`` built out of ``main``, before it parses anything."""
-
-
 @functools.lru_cache(maxsize=None)
 def demo_arguments() -> frozenset[str]:
-    """The arguments of ``medgen-demo``: its parser is built inside ``main``, so ``main`` is run
-    up to the moment it parses, and the parser taken from there."""
+    """The arguments of ``medgen-demo``, from the parser it parses with."""
     from medgen.scripts import demo
 
-    def caught(self, *args, **kwargs):
-        raise _Parser(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        for method in ("parse_args", "parse_known_args"):
-            mp.setattr(argparse.ArgumentParser, method, caught)
-        with pytest.raises(_Parser) as info:
-            demo.main(["--out", "unused"])
-    return frozenset(_arguments(info.value.args[0]))
+    return frozenset(_arguments(demo.build_parser()))
 
 
 @functools.lru_cache(maxsize=None)
 def augment_arguments() -> frozenset[str]:
-    """The arguments of ``medgen-augment``: its parser is built inside ``_arguments``, taken as the demo's."""
+    """The arguments of ``medgen-augment``, from the parser it parses with."""
     from medgen.scripts import augment
 
-    def caught(self, *args, **kwargs):
-        raise _Parser(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        for method in ("parse_args", "parse_known_args"):
-            mp.setattr(argparse.ArgumentParser, method, caught)
-        with pytest.raises(_Parser) as info:
-            augment.main(["--real", "unused", "--out", "unused"])
-    return frozenset(_arguments(info.value.args[0]))
+    return frozenset(_arguments(augment.build_parser()))
 
 
 # ============================================================================ the tables

@@ -58,7 +58,8 @@ def default_cache_dir() -> str:
     return os.environ.get("MEDGEN_CACHE_DIR") or "~/.cache/medgen"
 
 
-def _arguments(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """medgen-augment's arguments."""
     ap = argparse.ArgumentParser(prog="medgen-augment", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--real", type=Path, required=True, help="the real medgen dataset (train/ and test/)")
@@ -82,7 +83,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
                          "precision is --generate precision=...")
     ap.add_argument("--cache-dir", default=default_cache_dir(),
                     help="slice caches (default: $MEDGEN_CACHE_DIR when set, else ~/.cache/medgen)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 

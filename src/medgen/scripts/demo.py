@@ -167,7 +167,8 @@ def _stopped(step: str) -> None:
     sys.exit(STOPPED_EXIT)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """medgen-demo's arguments."""
     ap = argparse.ArgumentParser(prog="medgen-demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for everything the demo writes")
@@ -184,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the phantoms, the models, generation and evaluation (default 0; what --out already "
                          "holds is reused, saying --seed does not apply to it)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     profile = VOLUMES if args.volumes else SLICES
     args.minutes = profile.minutes if args.minutes is None else args.minutes
     args.pairs = profile.pairs if args.pairs is None else args.pairs
