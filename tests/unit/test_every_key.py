@@ -869,9 +869,12 @@ def generate_runs(tmp_path_factory, tiny_checkpoints, tiny_data):
     ({"format": "nnunet", "nnunet": {"name": "Mets"}}, "nnUNet_raw/Dataset501_Mets/dataset.json"),
     ({"seg_checkpoint": None, "cache_dir": "other"}, "cache"),  # the slice cache of masks_from
 ], ids=lambda v: ",".join(v) if isinstance(v, dict) else None)
-def test_a_generate_key_changes_the_output(generate_runs, settings, shows, tmp_path):
+def test_a_generate_key_changes_the_output(generate_runs, settings, shows, tmp_path, monkeypatch):
     """Each key set away from its default changes the files a run writes (``shows``: one that differs,
     appears or disappears); ``cache_dir`` acts with ``masks_from``."""
+    from medgen.core import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # precision=bf16: the choice, not this CPU's
     run, base, data = generate_runs
     if "cache_dir" in settings:  # masks_from builds its slice cache there
         run(seg_checkpoint=None, masks_from=str(data), masks_split="train", cache_dir=str(tmp_path / "other"))

@@ -32,8 +32,29 @@ def test_bf16_autocast_only_on_a_cpu_that_computes_bf16(monkeypatch, caplog):
     assert len(warnings) == 1 and "computes in fp32 here; set precision=fp32" in warnings[0]  # said once
 
 
-def test_the_cpu_check_is_onednns_own():
+def test_the_cpu_check_reads_the_cpus_bf16_flags(tmp_path, monkeypatch):
+    """AVX512-BF16 or AMX (Arm: bf16) in the CPU's flags; plain AVX-512, which oneDNN's own test also
+    calls bf16-capable, is not (bf16 is emulated there, about 3 times slower than fp32)."""
+    def cpuinfo(line: str) -> Path:
+        path = tmp_path / f"cpuinfo{len(list(tmp_path.iterdir()))}"
+        path.write_text(f"processor\t: 0\nmodel name\t: some CPU\n{line}\n\nprocessor\t: 1\n")
+        return path
+
+    cases = {"flags\t\t: fpu sse2 avx2 avx512f avx512bw": False, "flags\t\t: fpu avx512f avx512_bf16": True,
+             "flags\t\t: fpu avx512f amx_tile amx_bf16": True, "flags\t\t: fpu sse2 avx2": False,
+             "Features\t: fp asimd bf16 i8mm": True, "Features\t: fp asimd": False}
+    read = precision.cpu_flags
+    for line, native in cases.items():
+        flags = read(str(cpuinfo(line)))
+        monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+        precision.cpu_has_native_bf16.cache_clear()
+        assert precision.cpu_has_native_bf16() is native, line
+    assert read(str(tmp_path / "none")) is None
+    # no cpuinfo (not Linux): oneDNN's test
+    monkeypatch.setattr(precision, "cpu_flags", lambda: None)
+    precision.cpu_has_native_bf16.cache_clear()
     assert precision.cpu_has_native_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    precision.cpu_has_native_bf16.cache_clear()
 
 
 def test_configure_backends_turns_tf32_on_for_training_and_generation(tf32_off):
