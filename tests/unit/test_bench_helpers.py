@@ -131,7 +131,7 @@ def test_an_attention_kernel_that_refuses_the_shapes_is_a_cell_saying_so():
     assert refused["error"].startswith("refused")
 
 
-
+@pytest.mark.slow  # a benchmark in a subprocess (about 30 s), as the slow tier's smoke runs of every benchmark
 def test_the_3d_table_measures_volumes_at_the_shape_it_is_given(tmp_path):
     """``bench_train.py --3d --table`` (the GPU section's table, here on the CPU at a tiny shape): one
     JSON line whose rows are volumes of that shape, FLOPs counted on a volume (not a slice), and the
