@@ -126,12 +126,9 @@ def _check_targets(cfg: DictConfig) -> None:
     is loaded; quotas (``uniform``, weights) need the gate, which meets them; with ``masks_from``, a
     request that picks real masks needs ``num_images`` and guidance needs a seg model. A :class:`~medgen.generation.models.GenerationError` naming the key."""
     from medgen.generation.models import GenerationError
-    from medgen.generation.sizes import count_classes, parse_bins, parse_target
+    from medgen.generation.sizes import quota_keys
 
-    sources = {key: parse_target(key, cfg[key].target, bins)[0] for key, bins in (
-        ("lesion_sizes", parse_bins(cfg.lesion_sizes.bins, "lesion_sizes.bins")),
-        ("lesion_counts", count_classes(cfg.lesion_counts.classes)))}
-    picking = [key for key, source in sources.items() if source in ("uniform", "weights")]
+    picking = quota_keys(cfg)
     if cfg.masks_from is None:
         if picking and not cfg.gate.enabled:
             raise GenerationError(f"{picking[0]}.target={cfg[picking[0]].target}: the gate meets the quotas, and "

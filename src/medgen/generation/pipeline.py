@@ -50,8 +50,8 @@ from medgen.generation.images import IMAGE_STREAM, SampleIds, paint, read_sample
 from medgen.generation.masks import real_masks, sample_masks
 from medgen.generation.models import GenerationError, Stage, check_pair, load_stage
 from medgen.generation.records import Masks
-from medgen.generation.sizes import (Targets, check_conditioning, count_classes, hard_to_draw, parse_bins,
-                                    parse_target, pixel_edge, resolve_count_target, resolve_target)
+from medgen.generation.sizes import (Targets, check_conditioning, hard_to_draw, pixel_edge, quota_keys,
+                                    resolve_count_target, resolve_target)
 from medgen.generation.run_folder import claim, count_complete, exclusive, remove_partial_writes, run_settings
 from medgen.generation.status import GenerationStatus, write_status
 
@@ -234,11 +234,9 @@ def _targets(cfg: DictConfig, seg: Stage | None, image: Stage, dist: DistInfo) -
     ``real`` and ``model`` take them as they are."""
     n, main, spacing = cfg.num_images, dist.is_main, _voxel_size(image)
     if seg is None:
-        picks = {key: parse_target(key, cfg[key].target, bins)[0] in ("uniform", "weights") for key, bins in (
-            ("lesion_sizes", parse_bins(cfg.lesion_sizes.bins, "lesion_sizes.bins")),
-            ("lesion_counts", count_classes(cfg.lesion_counts.classes)))}
-        targets = Targets(resolve_target(cfg, int(n), image.spatial_shape, spacing, None) if picks["lesion_sizes"] else None,
-                          resolve_count_target(cfg, int(n), None) if picks["lesion_counts"] else None)
+        picks = quota_keys(cfg)
+        targets = Targets(resolve_target(cfg, int(n), image.spatial_shape, spacing, None) if "lesion_sizes" in picks else None,
+                          resolve_count_target(cfg, int(n), None) if "lesion_counts" in picks else None)
         if targets and main:
             log.info("masks_from: the real masks of %s/ are picked to meet %s", cfg.masks_split, "; ".join(
                 f"{t.key}.target={cfg[t.key].target} ({t.describe()})" for _, t in targets.items()))

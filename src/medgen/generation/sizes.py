@@ -29,8 +29,8 @@ from medgen.data.lesions import SizeBins
 from medgen.generation.models import GenerationError
 
 __all__ = ["ClassTarget", "Targets", "conditioned_groups", "count_classes", "hard_to_draw", "parse_bins", "pixel_edge",
-           "parse_target", "quotas", "resolve_count_target", "resolve_target",
-           "slot_class"]
+           "parse_target", "quota_keys", "quotas", "resolve_count_target",
+           "resolve_target", "slot_class"]
 
 
 def parse_bins(value: Any, key: str) -> SizeBins:
@@ -276,6 +276,15 @@ def parse_target(key: str, target: Any, bins: SizeBins) -> tuple[str, np.ndarray
         raise GenerationError(f"{key}.target: the weights {dict(zip(bins.names, weights.tolist()))} must be "
                               ">= 0 and sum to a positive number")
     return "weights", weights
+
+
+def quota_keys(cfg: Any) -> list[str]:
+    """``lesion_sizes`` and/or ``lesion_counts`` where ``cfg`` asks for quotas of its own (``uniform``
+    or weights, not ``real`` or ``model``): the requests only a gate, or picking real masks, can meet.
+    Each target is parsed (:func:`parse_target`), so a bad one is a one-line error naming its key."""
+    groups = (("lesion_sizes", parse_bins(cfg.lesion_sizes.bins, "lesion_sizes.bins")),
+              ("lesion_counts", count_classes(cfg.lesion_counts.classes)))
+    return [key for key, bins in groups if parse_target(key, cfg[key].target, bins)[0] in ("uniform", "weights")]
 
 
 def _weights(key: str, target: Mapping[Any, Any], bins: SizeBins) -> np.ndarray:
