@@ -235,8 +235,8 @@ def _targets(cfg: DictConfig, seg: Stage | None, image: Stage, dist: DistInfo) -
     n, main, spacing = cfg.num_images, dist.is_main, _voxel_size(image)
     if seg is None:
         picks = quota_keys(cfg)
-        targets = Targets(resolve_target(cfg, int(n), image.spatial_shape, spacing, None) if "lesion_sizes" in picks else None,
-                          resolve_count_target(cfg, int(n), None) if "lesion_counts" in picks else None)
+        sizes = resolve_target(cfg, int(n), image.spatial_shape, spacing, None) if "lesion_sizes" in picks else None
+        targets = Targets(sizes, resolve_count_target(cfg, int(n), None) if "lesion_counts" in picks else None)
         if targets and main:
             log.info("masks_from: the real masks of %s/ are picked to meet %s", cfg.masks_split, "; ".join(
                 f"{t.key}.target={cfg[t.key].target} ({t.describe()})" for _, t in targets.items()))
