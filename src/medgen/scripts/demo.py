@@ -257,9 +257,12 @@ PHANTOMS_RECORD = Path(".medgen") / "phantoms.json"
 
 
 def _record_phantoms(out: Path, settings: dict) -> None:
+    from medgen.core.fs import atomic_write
+
     path = out / PHANTOMS_RECORD
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def phantoms_on_disk(out: Path) -> int:
