@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from datagen import write_dataset
 
-from medgen.data import slice_cache
+from medgen.data import item_cache
 from medgen.data.loading import build_dataloader
-from medgen.data.slices import SliceCache, SliceSpec, open_or_build_cache
+from medgen.data.slices import ItemCache, SliceSpec, open_or_build_cache
 
 SPEC = SliceSpec(("bravo", "seg"), 32, "brain")
 
@@ -30,7 +30,7 @@ def patients(tmp_path_factory) -> list[Path]:
     return write_dataset(tmp_path_factory.mktemp("robust") / "d", n_patients=3, keys=("bravo", "seg"))
 
 
-def _assert_same(a: SliceCache, b: SliceCache) -> None:
+def _assert_same(a: ItemCache, b: ItemCache) -> None:
     assert a.shape == b.shape and a.keys == b.keys and a.patient_ids == b.patient_ids
     np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
     for name in ("patient_index", "slice_index", "lesion_pixels"):
@@ -137,21 +137,21 @@ def _truncated_index(d: Path) -> None:
 
 
 def _truncated_slices(d: Path) -> None:
-    f = d / "slices.bin"
+    f = d / "items.bin"
     os.truncate(f, f.stat().st_size - 100)
 
 
 def _missing_slices(d: Path) -> None:
-    (d / "slices.bin").unlink()
+    (d / "items.bin").unlink()
 
 
 def _random_slices(d: Path) -> None:
-    f = d / "slices.bin"
+    f = d / "items.bin"
     f.write_bytes(np.random.default_rng(0).bytes(f.stat().st_size))
 
 
 def _one_changed_row(d: Path) -> None:  # the first block is always read
-    with open(d / "slices.bin", "r+b") as f:
+    with open(d / "items.bin", "r+b") as f:
         f.write(b"\x7f" * 64)
 
 
@@ -171,8 +171,8 @@ def _edited_meta(d: Path) -> None:
     (_garbage_meta, "meta.json is not valid JSON"),
     (_meta_not_an_object, "meta.json does not describe a slice cache"),
     (_truncated_index, "index.npz is unreadable"),
-    (_truncated_slices, "slices.bin has"),
-    (_missing_slices, "slices.bin is missing"),
+    (_truncated_slices, "items.bin has"),
+    (_missing_slices, "items.bin is missing"),
     (_random_slices, "do not match the checksum"),
     (_one_changed_row, "do not match the checksum"),
     (_no_checksum, "records no checksum"),
@@ -198,10 +198,10 @@ def test_a_corrupt_cache_is_rebuilt_with_a_warning_naming_it(tmp_path, patients,
 def test_random_bytes_are_caught_where_the_slices_file_is_sampled(tmp_path, patients, monkeypatch, caplog):
     """With small blocks the slices file is larger than the sample: random bytes of the right size
     are still caught, and the sample is the first block, the last, and evenly spaced ones."""
-    monkeypatch.setattr(slice_cache, "_SAMPLE_BLOCK_BYTES", 256)
+    monkeypatch.setattr(item_cache, "_SAMPLE_BLOCK_BYTES", 256)
     directory = open_or_build_cache(patients, SPEC, tmp_path / "c", progress=False).directory
-    size = (directory / "slices.bin").stat().st_size
-    offsets = slice_cache._sample_offsets(size)
+    size = (directory / "items.bin").stat().st_size
+    offsets = item_cache._sample_offsets(size)
     assert size > 64 * 256 and len(offsets) == 64 and offsets[0] == 0 and offsets[-1] == size - 256
     _random_slices(directory)
     caplog.set_level(logging.WARNING)
@@ -216,19 +216,19 @@ def test_a_cache_replaced_after_its_check_is_put_back_not_deleted(tmp_path, pati
     directory = open_or_build_cache(patients, SPEC, tmp_path / "c", progress=False).directory
     other = tmp_path / "elsewhere"
     other.mkdir()
-    slice_cache._discard(directory, other.stat())  # what the first process saw was another folder
-    assert SliceCache.is_complete(directory) and _leftovers(tmp_path / "c") == []
-    SliceCache(directory)  # opens, checked
-    slice_cache._discard(directory, directory.stat())  # the folder it saw: moved aside and deleted
+    item_cache._discard(directory, other.stat())  # what the first process saw was another folder
+    assert ItemCache.is_complete(directory) and _leftovers(tmp_path / "c") == []
+    ItemCache(directory)  # opens, checked
+    item_cache._discard(directory, directory.stat())  # the folder it saw: moved aside and deleted
     assert not directory.exists() and _leftovers(tmp_path / "c") == []
 
 
 def test_opening_a_large_cache_reads_only_a_sample(tmp_path, patients, monkeypatch):
     """The check reads the index and the metadata, and 64 blocks of a slices file larger than that."""
-    monkeypatch.setattr(slice_cache, "_SAMPLE_BLOCK_BYTES", 256)
+    monkeypatch.setattr(item_cache, "_SAMPLE_BLOCK_BYTES", 256)
     directory = open_or_build_cache(patients, SPEC, tmp_path / "c", progress=False).directory
     read = []
     real = os.pread
     monkeypatch.setattr(os, "pread", lambda fd, n, offset: read.append(n) or real(fd, n, offset))
-    SliceCache(directory)
-    assert read == [256] * 64 and (directory / "slices.bin").stat().st_size > 4 * 64 * 256
+    ItemCache(directory)
+    assert read == [256] * 64 and (directory / "items.bin").stat().st_size > 4 * 64 * 256

@@ -215,8 +215,8 @@ def test_a_one_sample_set_is_evaluated_with_what_needs_two_skipped(tmp_path, rea
     assert f"skipped: features: {reason}" in run.stdout
     # the rest is computed
     assert m["distribution"]["masks"]["area"]["synthetic_mean"] == pytest.approx(9 / SIZE**2)
-    assert m["downstream"]["synthetic"]["train_slices"] == 1 and 0 <= m["downstream"]["synthetic"]["mean"] <= 1
-    assert m["adherence"]["lesion_slices"] == 1 and m["adherence"]["synthetic_dice"] is not None
+    assert m["downstream"]["synthetic"]["train_items"] == 1 and 0 <= m["downstream"]["synthetic"]["mean"] <= 1
+    assert m["adherence"]["lesion_items"] == 1 and m["adherence"]["synthetic_dice"] is not None
     assert f"Skipped (features): {reason}" in (out / "report.html").read_text()
 
 
@@ -232,7 +232,7 @@ def test_lesion_free_masks_are_scored_by_false_positives_with_a_warning(tmp_path
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert "warning: the synthetic set has no lesion at all (every mask is empty)" in run.stdout
     a = json.loads((out / "metrics.json").read_text())["adherence"]
-    assert a["synthetic_dice"] is None and (a["lesion_slices"], a["empty_slices"]) == (0, 6)
+    assert a["synthetic_dice"] is None and (a["lesion_items"], a["empty_items"]) == (0, 6)
     assert 0 <= a["false_positive_fraction"] <= 1 and a["real_test_dice"] is not None
     assert "conditioning Dice" not in run.stdout and "lesion-free synthetic slices" in run.stdout
     assert "the synthetic set has no lesion at all" in (out / "report.md").read_text()

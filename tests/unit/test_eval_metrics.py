@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medgen.evaluation import metrics
-from medgen.evaluation.downstream import dice_per_slice, size_bin, summarise_dice
+from medgen.evaluation.downstream import dice_per_item, size_bin, summarise_dice
 from medgen.evaluation.features import fid, frechet_distance, kid
 
 
@@ -90,9 +90,9 @@ def test_dice_and_size_bins_by_hand():
     target = _masks()[:2]
     pred = target.copy()
     pred[1, 10:13, 10:13] = 0  # misses the 9-px lesion of slice 1: Dice 2*4/(4+13)
-    dice = dice_per_slice(pred, target)
+    dice = dice_per_item(pred, target)
     np.testing.assert_allclose(dice, [1.0, 8 / 17])
-    assert dice_per_slice(np.zeros_like(target), target).tolist() == [0.0, 0.0]  # an empty prediction scores 0
+    assert dice_per_item(np.zeros_like(target), target).tolist() == [0.0, 0.0]  # an empty prediction scores 0
     big = np.zeros((1, 20, 20), np.uint8)
     big[0, :10, :10] = 1  # 25% of the slice
     assert size_bin(np.concatenate([target, big, np.zeros((1, 20, 20))])).tolist() == ["large", "large", "large", "small"]
@@ -126,7 +126,7 @@ class _FixedPrediction(torch.nn.Module):
 
 
 def test_adherence_scores_lesion_slices_by_dice_and_lesion_free_ones_by_false_positives():
-    from medgen.evaluation.downstream import SliceSet, adherence
+    from medgen.evaluation.downstream import ItemSet, adherence
 
     s = 8
     masks = np.zeros((4, s, s), np.uint8)
@@ -138,17 +138,17 @@ def test_adherence_scores_lesion_slices_by_dice_and_lesion_free_ones_by_false_po
     marks[3, 1:3, 1:3] = 1  # lesion-free slice 3: 4 false pixels; lesion-free slice 2: nothing
     images = np.zeros((4, 1, s, s), np.float32)
     images[:, 0, 0, 0] = np.arange(4)
-    syn = SliceSet(images, masks)
-    real = SliceSet(images[:2], masks[:2])
+    syn = ItemSet(images, masks)
+    real = ItemSet(images[:2], masks[:2])
     a = adherence(_FixedPrediction(marks), syn, real, torch.device("cpu"))
-    assert a["lesion_slices"] == 2 and a["empty_slices"] == 2
+    assert a["lesion_items"] == 2 and a["empty_items"] == 2
     assert a["synthetic_dice"] == pytest.approx((2 / 3 + 0) / 2)  # over the lesion slices only
     assert a["false_positive_fraction"] == pytest.approx(0.5)  # one of the two lesion-free slices
     assert a["false_positive_area"] == pytest.approx(4 / (2 * s * s))
     assert a["real_test_dice"] == pytest.approx(1 / 3)
     # a set without lesions: no Dice at all (not the 0 or 1 an empty mask would give), false positives only
-    none = adherence(_FixedPrediction(marks), SliceSet(images[2:], masks[2:]), real, torch.device("cpu"))
-    assert none["synthetic_dice"] is None and none["lesion_slices"] == 0 and none["false_positive_fraction"] == 0.5
+    none = adherence(_FixedPrediction(marks), ItemSet(images[2:], masks[2:]), real, torch.device("cpu"))
+    assert none["synthetic_dice"] is None and none["lesion_items"] == 0 and none["false_positive_fraction"] == 0.5
 
 
 def test_every_skipped_metric_is_listed_with_where_it_was():
@@ -176,7 +176,7 @@ def test_budget_precision_bf16_trains_the_segmenter_in_bf16_to_the_same_skill(mo
     from medgen.core import precision
     from medgen.evaluation import downstream
     from medgen.evaluation.config import BudgetConfig
-    from medgen.evaluation.downstream import SliceSet, predict, train_segmenter
+    from medgen.evaluation.downstream import ItemSet, predict, train_segmenter
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # the choice, not this CPU's
     dtypes: dict[str, set] = {}
@@ -191,14 +191,14 @@ def test_budget_precision_bf16_trains_the_segmenter_in_bf16_to_the_same_skill(mo
 
     monkeypatch.setattr(downstream, "build_segmenter", watched)
     rng = np.random.default_rng(0)
-    train, test = SliceSet(*_discs(48, 32, rng)), SliceSet(*_discs(16, 32, rng))
+    train, test = ItemSet(*_discs(48, 32, rng)), ItemSet(*_discs(16, 32, rng))
     dice = {}
     for current in ("fp32", "bf16"):
         dtypes[current] = set()
         net = train_segmenter(train, BudgetConfig(steps=80, batch_size=8, learning_rate=3e-3, precision=current), seed=0,
                               device=torch.device("cpu"), progress=False)
         assert all(p.dtype == torch.float32 for p in net.parameters())  # autocast: the weights stay fp32
-        dice[current] = dice_per_slice(predict(net, test.images, torch.device("cpu")), test.masks).mean()
+        dice[current] = dice_per_item(predict(net, test.images, torch.device("cpu")), test.masks).mean()
     assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
     assert dice["fp32"] > 0.7 and dice["bf16"] > 0.7 and abs(dice["fp32"] - dice["bf16"]) < 0.15, dice
 

@@ -61,7 +61,7 @@ def test_a_matching_set_beats_a_broken_one_and_the_report_is_complete(tmp_path, 
     assert good["downstream"]["synthetic"]["mean"] > bad["downstream"]["synthetic"]["mean"] + 0.2, (good, bad)
     assert good["adherence"]["synthetic_dice"] > bad["adherence"]["synthetic_dice"] + 0.2
     assert good["downstream"]["real"]["mean"] == pytest.approx(bad["downstream"]["real"]["mean"])  # same real runs
-    assert good["downstream"]["synthetic"]["train_slices"] == good["distribution"]["slices"]["synthetic"]
+    assert good["downstream"]["synthetic"]["train_items"] == good["distribution"]["slices"]["synthetic"]
     # identical images in both sets: intensity and feature distances do not see the shuffle, mask statistics are equal
     assert good["features"]["bravo"]["fid"] == pytest.approx(bad["features"]["bravo"]["fid"], rel=1e-6)
     assert good["distribution"]["masks"]["area"]["synthetic_mean"] == pytest.approx(
@@ -73,8 +73,8 @@ def test_a_matching_set_beats_a_broken_one_and_the_report_is_complete(tmp_path, 
     les_good, les_bad = good["lesions"], bad["lesions"]
     assert les_good["sets"]["real"]["mean"] == les_bad["sets"]["real"]["mean"]
     assert les_good["sets"]["synthetic"]["mean"]["all"]["dice"] > les_bad["sets"]["synthetic"]["mean"]["all"]["dice"] + 0.2
-    assert les_good["lesion_slices"] == good["adherence"]["real_test_slices"] and les_good["lesion_free_slices"] > 0
-    assert les_good["test_slices"] == les_good["lesion_slices"] + les_good["lesion_free_slices"]
+    assert les_good["lesion_items"] == good["adherence"]["real_test_items"] and les_good["lesion_free_items"] > 0
+    assert les_good["test_items"] == les_good["lesion_items"] + les_good["lesion_free_items"]
     assert list(les_good["test_lesions"]) == ["tiny", "small", "medium", "large"]
     assert ("warning" in les_good["yardstick"]) == (not les_good["yardstick"]["ok"])
     assert (les_good["yardstick"].get("warning") in good["warnings"]) == (not les_good["yardstick"]["ok"])
@@ -157,7 +157,7 @@ def test_a_second_evaluation_into_a_busy_folder_stops_naming_the_first(tmp_path,
 def test_lesions_outside_the_brain_of_their_image_are_measured_and_warned_about():
     from types import SimpleNamespace
 
-    from medgen.evaluation.downstream import SliceSet
+    from medgen.evaluation.downstream import ItemSet
     from medgen.evaluation.evaluate import anatomy_metrics
 
     yy, xx = np.mgrid[:32, :32] - 15.5
@@ -168,7 +168,7 @@ def test_lesions_outside_the_brain_of_their_image_are_measured_and_warned_about(
     both = np.maximum(inside, outside)
     sets = SimpleNamespace(image_keys=["bravo"], reference_split="test", warnings=[])
     sets.warn = sets.warnings.append
-    samples = {"real": SliceSet(image[None, None], inside[None]), "synthetic": SliceSet(image[None, None], both[None])}
+    samples = {"real": ItemSet(image[None, None], inside[None]), "synthetic": ItemSet(image[None, None], both[None])}
     sets.sample = samples.__getitem__
     out = anatomy_metrics(sets, OmegaConf.create({"brain_from": "bravo"}))
     assert out["inside_brain"] == {"synthetic": pytest.approx(16 / 24), "real": 1.0}

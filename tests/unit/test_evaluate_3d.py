@@ -83,7 +83,7 @@ def test_3d_lesions_are_matched_as_26_connected_components():
     summary = test.score(np.stack([pred, empty]), seed=0)
     assert summary["slices"] == 2 and summary["all"]["lesions"] == 2
     assert summary["all"]["sensitivity"]["value"] == pytest.approx(0.5)
-    assert summary["all"]["false_positives_per_slice"]["value"] == pytest.approx(0.5)
+    assert summary["all"]["false_positives_per_item"]["value"] == pytest.approx(0.5)
 
 
 def test_2_5d_slices_come_from_the_middle_of_each_axis_with_square_pixels():
@@ -156,12 +156,12 @@ def test_a_3d_set_is_evaluated_as_volumes_with_a_three_plane_report(tmp_path, re
     assert "fid_real_val_vs_test_2.5d" in f
     # the 3D downstream experiment: volumes to train on, Dice per real test volume, lesions scored in 3D
     d = r["downstream"]
-    assert [d[n]["train_slices"] for n in ("real", "real+synthetic", "synthetic")] == [4, 8, 4]
+    assert [d[n]["train_items"] for n in ("real", "real+synthetic", "synthetic")] == [4, 8, 4]
     assert all(0 <= d[n]["mean"] <= 1 for n in ("real", "real+synthetic", "synthetic"))
     les = r["lesions"]
-    assert (les["unit"], les["lesion_slices"], les["lesion_free_slices"], les["test_slices"]) == ("volume", 2, 1, 3)
+    assert (les["unit"], les["lesion_items"], les["lesion_free_items"], les["test_items"]) == ("volume", 2, 1, 3)
     assert sum(les["test_lesions"].values()) == 2 and len(les["spacing_mm"]) == 3
-    assert r["adherence"]["synthetic_slices"] == 4 and r["adherence"]["real_test_slices"] == 2
+    assert r["adherence"]["synthetic_items"] == 4 and r["adherence"]["real_test_items"] == 2
     ckpt = torch.load(out / "seg_net.pt", weights_only=False)
     assert (ckpt["spatial_dims"], ckpt["image_size"]) == (3, list(SHAPE))
     _check_report(out, r)
@@ -234,7 +234,7 @@ def test_the_augmentation_experiment_takes_a_3d_set_whole(tmp_path, real3d, caps
     lesions = sum(ndimage.label(m, structure=np.ones((3, 3, 3)))[1] for m in masks)
     assert result["synthetic"]["copy"]["slices"] == len(masks) == 4
     assert sum(result["synthetic"]["copy"]["lesions"].values()) == lesions > 0
-    assert result["sets"]["real+copy"]["train_slices"] == result["sets"]["real"]["train_slices"] + 4
+    assert result["sets"]["real+copy"]["train_items"] == result["sets"]["real"]["train_items"] + 4
     page = (out / "augmentation.md").read_text()
     assert "| set | volumes |" in page and "false positives / volume" in page and "train lesion volumes" in page
     assert "slice" not in page

@@ -604,7 +604,7 @@ def _evaluate_cfg(*overrides: str) -> DictConfig:
 
 
 def _random_set(n: int, channels: int = 1, size: int = 32, seed: int = 0):
-    from medgen.evaluation.downstream import SliceSet
+    from medgen.evaluation.downstream import ItemSet
 
     rng = np.random.default_rng(seed)
     images = rng.random((n, channels, size, size)).astype(np.float32)
@@ -612,7 +612,7 @@ def _random_set(n: int, channels: int = 1, size: int = 32, seed: int = 0):
     for i in range(n):
         x, y = rng.integers(4, size - 8, 2)
         masks[i, x:x + 4, y:y + 4] = 1
-    return SliceSet(images, masks)
+    return ItemSet(images, masks)
 
 
 def _fake_sets(keys=("bravo",), n: int = 8):
@@ -696,7 +696,7 @@ def test_the_feature_keys_change_fid_and_kid(feature_nets, override):
 
 
 class _CacheLike(SimpleNamespace):
-    """A SliceSet as the caches Sets holds (``data [N, C, S, S]`` with the mask last)."""
+    """A ItemSet as the caches Sets holds (``data [N, C, S, S]`` with the mask last)."""
 
     def __init__(self, s):
         super().__init__(data=np.concatenate([s.images, s.masks[:, None].astype(np.float32)], 1),
@@ -748,18 +748,18 @@ def test_the_lesion_keys_shape_the_lesion_figures():
     from medgen.evaluation.evaluate import _lesion_figures, whole_test_split
     from medgen.evaluation.lesionwise import over_seeds
 
-    lesion_slices = _random_set(6, size=32)
+    lesion_items = _random_set(6, size=32)
     sets = SimpleNamespace(test_brain=None, test=SimpleNamespace(spacing=(1.0, 1.0, 2.0)))
-    prediction = lesion_slices.masks.copy()
+    prediction = lesion_items.masks.copy()
     prediction[:3] = 0  # half the lesions missed
 
     def figures(*overrides: str):
         cfg = _evaluate_cfg(*overrides)
-        test = whole_test_split(sets, lesion_slices, cfg)
+        test = whole_test_split(sets, lesion_items, cfg)
         summary = test.score(prediction, seed=0)
-        entry = {"sensitivity": {"value": 0.6}, "dice": {"value": 0.4}, "false_positives_per_slice": {"value": 0.0}}
+        entry = {"sensitivity": {"value": 0.6}, "dice": {"value": 0.4}, "false_positives_per_item": {"value": 0.0}}
         results = {name: {"lesions": over_seeds([{"bins": {}, "all": entry}])} for name in downstream.SETS}
-        return summary, _lesion_figures(results, test, len(lesion_slices), cfg, [])
+        return summary, _lesion_figures(results, test, len(lesion_items), cfg, [])
 
     base_summary, base = figures()
     assert base["bins"] == ["tiny", "small", "medium", "large"] and base["yardstick"]["ok"]

@@ -105,7 +105,7 @@ def test_the_census_of_a_dataset_by_hand(tmp_path):
     census = lesion_census([tmp_path / "p"])
     assert census["slice_lesions"] == {"tiny": 1, "small": 0, "medium": 2, "large": 0}
     assert census["volume_lesions"] == {"tiny": 1, "small": 0, "medium": 1, "large": 0}
-    assert (census["slices"], census["lesion_slices"], census["patients"]) == (4, 3, 1)
+    assert (census["slices"], census["lesion_items"], census["patients"]) == (4, 3, 1)
     assert census_line(census) == ("lesions by size (tiny/small/medium/large, Feret diameter): on axial slices tiny 1, "
                                    "small 0, medium 2, large 0 (3 of 4 slices hold a lesion); as 3D lesions tiny 1, "
                                    "small 0, medium 1, large 0")

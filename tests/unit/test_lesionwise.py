@@ -50,8 +50,8 @@ def test_the_summary_per_bin_by_hand():
     assert s["slices"] == 3 and tiny["lesions"] == 2 and small["lesions"] == 1
     assert tiny["sensitivity"]["value"] == pytest.approx(0.5) and small["sensitivity"]["value"] == 1.0
     assert tiny["dice"]["value"] == pytest.approx(0.5) and small["dice"]["value"] == 1.0
-    assert tiny["false_positives_per_slice"]["value"] == pytest.approx(2 / 3)
-    assert small["false_positives_per_slice"]["value"] == 0.0
+    assert tiny["false_positives_per_item"]["value"] == pytest.approx(2 / 3)
+    assert small["false_positives_per_item"]["value"] == 0.0
     for bin_ in ("medium", "large"):  # no true lesion: nothing to measure but false positives
         assert s["bins"][bin_]["sensitivity"] == {"value": None, "ci95": None}
         assert "cannot be measured" in s["bins"][bin_]["skipped"]
@@ -76,7 +76,7 @@ def test_the_interval_matches_the_binomial_closed_form():
 
 
 def _summary(sens, dice, fp):
-    entry = {"sensitivity": {"value": sens}, "dice": {"value": dice}, "false_positives_per_slice": {"value": fp}}
+    entry = {"sensitivity": {"value": sens}, "dice": {"value": dice}, "false_positives_per_item": {"value": fp}}
     return {"bins": {"tiny": entry}, "all": entry}
 
 
@@ -86,7 +86,7 @@ def test_figures_over_seeds_and_the_yardstick_rule():
     seeds = over_seeds([_summary(0.4, 0.2, 1.0), _summary(0.6, 0.4, 0.0), _summary(None, None, 0.5)])
     assert seeds["mean"]["tiny"]["sensitivity"] == pytest.approx(0.5)
     assert seeds["std"]["tiny"]["sensitivity"] == pytest.approx(np.std([0.4, 0.6], ddof=1))  # seeds that measured it
-    assert seeds["mean"]["all"]["false_positives_per_slice"] == pytest.approx(0.5)
+    assert seeds["mean"]["all"]["false_positives_per_item"] == pytest.approx(0.5)
     assert over_seeds([_summary(None, None, 0.0)])["mean"]["all"]["sensitivity"] is None
     assert over_seeds([_summary(0.7, 0.5, 0.0)])["std"]["all"]["sensitivity"] == 0.0
 

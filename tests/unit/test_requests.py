@@ -249,14 +249,14 @@ def test_keys_with_no_effect_in_a_run_are_named():
 def test_a_missing_fid_floor_is_listed_as_skipped_with_its_reason(feature_net, val_slices, reason):
     from types import SimpleNamespace
 
-    from medgen.evaluation.downstream import SliceSet
+    from medgen.evaluation.downstream import ItemSet
     from medgen.evaluation.evaluate import feature_metrics
     from medgen.evaluation.report import skipped_metrics, summary_lines
 
     rng = np.random.default_rng(0)
 
     def images(n):
-        return SliceSet(rng.random((n, 1, 16, 16), dtype=np.float32), np.zeros((n, 16, 16), np.float32))
+        return ItemSet(rng.random((n, 1, 16, 16), dtype=np.float32), np.zeros((n, 16, 16), np.float32))
 
     samples = {"real": images(6), "synthetic": images(6), "val": None if val_slices is None else images(val_slices)}
     sets = SimpleNamespace(sample=samples.get, image_keys=("bravo",), spatial_dims=2, unit="slice",

@@ -391,9 +391,9 @@ def test_the_brain_channel_is_read_from_brain_from_and_other_caches_keep_their_f
 
 
 def test_each_slice_records_its_largest_lesion_in_mm_and_its_lesion_count():
-    from medgen.data.slice_cache import SliceCache
+    from medgen.data.item_cache import ItemCache
 
-    class Cache:  # what SliceCache's lesion measures read of an opened cache
+    class Cache:  # what ItemCache's lesion measures read of an opened cache
         def __init__(self, keys, data, lesion_pixels):
             self.keys, self.data, self.lesion_pixels, self.spacing = keys, data, lesion_pixels, [2.0, 1.0, 3.0]
             self.shape = data.shape
@@ -408,7 +408,7 @@ def test_each_slice_records_its_largest_lesion_in_mm_and_its_lesion_count():
     pixels = np.array([7, 0, 4])
     data[2, 1, 7, 0] = 1  # a second, one-pixel lesion
     data[2, 1, 6, 3] = 1  # touching the 2 x 2 lesion at a corner only: 8-connected, so the same lesion
-    measure = SliceCache._lesion_measures.func
+    measure = ItemCache._lesion_measures.func
     largest, count = measure(Cache(("bravo", "seg"), data, pixels))
     assert largest.tolist() == pytest.approx([np.sqrt(40), 0.0, np.sqrt(6**2 + 3**2)])  # rows 4-6, cols 3-5
     assert count.tolist() == [2, 0, 2] and count.dtype == np.int64

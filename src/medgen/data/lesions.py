@@ -168,7 +168,7 @@ def lesion_census(patients: Sequence[Path], bins: SizeBins = RANO_BM) -> dict:
 
     per_slice = np.zeros(len(bins), np.int64)
     per_volume = np.zeros(len(bins), np.int64)
-    slices = lesion_slices = 0
+    slices = lesion_items = 0
     for patient in patients:
         seg, affine = load_volume(modality_path(patient, MASK_KEY))
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
@@ -176,10 +176,10 @@ def lesion_census(patients: Sequence[Path], bins: SizeBins = RANO_BM) -> dict:
         for z in range(seg.shape[2]):
             d = feret_diameters(seg[:, :, z], spacing[:2])
             per_slice += bins.counts(d)
-            lesion_slices += bool(len(d))
+            lesion_items += bool(len(d))
         slices += seg.shape[2]
     return {"bins": list(bins.names), "edges_mm": list(bins.edges), "patients": len(patients), "slices": slices,
-            "lesion_slices": lesion_slices, "slice_lesions": dict(zip(bins.names, per_slice.tolist())),
+            "lesion_items": lesion_items, "slice_lesions": dict(zip(bins.names, per_slice.tolist())),
             "volume_lesions": dict(zip(bins.names, per_volume.tolist()))}
 
 
@@ -189,5 +189,5 @@ def census_line(census: dict) -> str:
         return ", ".join(f"{name} {n}" for name, n in census[key].items())
 
     return (f"lesions by size ({'/'.join(census['bins'])}, Feret diameter): on axial slices {counts('slice_lesions')} "
-            f"({census['lesion_slices']} of {census['slices']} slices hold a lesion); as 3D lesions "
+            f"({census['lesion_items']} of {census['slices']} slices hold a lesion); as 3D lesions "
             f"{counts('volume_lesions')}")

@@ -1,4 +1,4 @@
-"""From slice caches to training batches: the dataset over a :class:`~medgen.data.slices.SliceCache`,
+"""From slice caches to training batches: the dataset over a :class:`~medgen.data.slices.ItemCache`,
 the resumable sampler, the loader, and :func:`build_data`, which gives a training run its
 train loader and train/val caches (see docs/architecture.md, Data)."""
 
@@ -15,18 +15,18 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from medgen.core.constants import LESION_COUNT_KEY, LESION_MM_KEY
 from medgen.data.nifti_dataset import DataError
 from medgen.data.parallel import stopping_at_exit, worker_init_dying_with_parent
-from medgen.data.slices import SliceCache, SliceSpec, fingerprint, open_or_build_caches
+from medgen.data.slices import ItemCache, SliceSpec, fingerprint, open_or_build_caches
 from medgen.data.splits import split_patients
 
 log = logging.getLogger("medgen.data")
 
 
-class SliceDataset(Dataset):
-    """2D training items from a :class:`SliceCache`: ``{key: [1, S, S] float32 in [0, 1]}``; with
+class ItemDataset(Dataset):
+    """2D training items from a :class:`ItemCache`: ``{key: [1, S, S] float32 in [0, 1]}``; with
     ``sizes``, also ``lesion_mm`` (the Feret diameter, mm, of the slice's largest lesion) and
     ``lesion_count`` (its number of lesions), ``[1]`` each."""
 
-    def __init__(self, cache: SliceCache, sizes: bool = False):
+    def __init__(self, cache: ItemCache, sizes: bool = False):
         self.cache = cache
         self.measures = (cache.largest_mm, cache.lesion_count) if sizes else None
 
@@ -96,8 +96,8 @@ class DataBundle:
     exactly once, sharded across ranks: :mod:`medgen.diffusion.validation`)."""
 
     train: DataLoader
-    train_cache: SliceCache
-    val_cache: SliceCache | None
+    train_cache: ItemCache
+    val_cache: ItemCache | None
     fingerprint: str
 
     @property
@@ -182,7 +182,7 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, progress: bool = True,
                     "best.pt is not written; add validation patients whose slices pass the selection", why)
 
     per_rank = cfg.training.batch_size // world_size
-    train_ds = SliceDataset(train_cache, sizes)
+    train_ds = ItemDataset(train_cache, sizes)
     if len(train_ds) < per_rank * world_size:
         raise DataError(
             f"only {len(train_ds)} training slices selected from {root / 'train'}, fewer than one batch "

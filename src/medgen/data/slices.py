@@ -14,7 +14,7 @@ A cache is built in a temporary folder (a killed build's folder is removed by th
 records a checksum when it is complete (:func:`cache_checksum`: all of the index and the metadata,
 sampled blocks of the slices). Opening checks it; a cache that fails (or predates the checksum) is
 moved aside, deleted and rebuilt, with a warning that names its folder. This module selects and
-builds; :mod:`medgen.data.slice_cache` holds the folder on disk (:class:`SliceCache`: opening and
+builds; :mod:`medgen.data.item_cache` holds the folder on disk (:class:`ItemCache`: opening and
 checking it, replacing a bad one).
 """
 
@@ -37,12 +37,12 @@ from medgen.core.fs import remove_orphans, temporary_path
 from medgen.data.brain import brain_mask
 from medgen.data.nifti_dataset import DataError, modality_path
 from medgen.data.parallel import ordered_map
-from medgen.data.slice_cache import (CACHE_DTYPE, CHECKSUM_SCHEME, DATA_FILE, INDEX_FILE, META_FILE, CacheCorrupt,
-                                     SliceCache, cache_checksum, move_into_place, open_checked)
+from medgen.data.item_cache import (CACHE_DTYPE, CHECKSUM_SCHEME, DATA_FILE, INDEX_FILE, META_FILE, CacheCorrupt,
+                                     ItemCache, cache_checksum, move_into_place, open_checked)
 from medgen.data.transforms import preprocess_image, preprocess_mask
 from medgen.data.validate import Problem, Report, read_patient
 
-__all__ = ["CACHE_DTYPE", "CacheCorrupt", "CacheSpec", "SliceCache", "SliceSpec", "cache_checksum", "cache_directory",
+__all__ = ["CACHE_DTYPE", "CacheCorrupt", "CacheSpec", "ItemCache", "SliceSpec", "cache_checksum", "cache_directory",
            "fingerprint", "model_spacing", "open_or_build_cache", "open_or_build_caches", "preprocess_volumes",
            "select_slices", "source_files"]
 
@@ -207,7 +207,7 @@ def open_or_build_cache(
     progress: bool = True,
     desc: str = "slice cache",
     workers: int = 0,
-) -> SliceCache:
+) -> ItemCache:
     """Open the cache for (patients, spec) or build it, reading each source file once.
 
     Raises:
@@ -219,7 +219,7 @@ def open_or_build_cache(
 
 
 def open_or_build_caches(groups: Sequence[tuple[Sequence[Path], str]], spec: CacheSpec, cache_dir: Path,
-                         validate: bool, progress: bool, workers: int) -> list[SliceCache]:
+                         validate: bool, progress: bool, workers: int) -> list[ItemCache]:
     """One cache per ``(patients, desc)`` group. Existing caches are opened (and checked: one that
     fails is moved aside and rebuilt, with a warning). Missing caches are built into temporary
     folders and moved into place only when no file of any group has an error; otherwise every
@@ -255,7 +255,7 @@ def open_or_build_caches(groups: Sequence[tuple[Sequence[Path], str]], spec: Cac
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     # a cache built just now is checked too (it may be another process's, finished first)
-    return [cache if cache is not None else SliceCache(directory) for cache, directory in zip(caches, directories)]
+    return [cache if cache is not None else ItemCache(directory) for cache, directory in zip(caches, directories)]
 
 
 @dataclass

@@ -3,7 +3,7 @@
 A volume cache holds one item per patient, ``[N, C, X, Y, Z]`` ``float16``, built, stored,
 fingerprinted and checked by the same machinery as the slice cache
 (:func:`medgen.data.slices.open_or_build_cache` with a :class:`VolumeSpec`; the folder is
-``<cache_dir>/volumes/<fingerprint>/``, opened as a :class:`~medgen.data.slice_cache.SliceCache`
+``<cache_dir>/volumes/<fingerprint>/``, opened as a :class:`~medgen.data.item_cache.ItemCache`
 whose ``data`` is 5D). Each patient is read once and preprocessed:
 
 1. images scaled to [0, 1] by their robust percentiles, as for slices; the mask binarised;
@@ -35,7 +35,7 @@ import torch
 from medgen.core.constants import BRAIN_KEY, MASK_KEY
 from medgen.data.brain import brain_of
 from medgen.data.masks import binarize_mask, is_lesion
-from medgen.data.slice_cache import CACHE_DTYPE
+from medgen.data.item_cache import CACHE_DTYPE
 from medgen.data.slices import file_keys, image_keys
 from medgen.data.transforms import scale_percentiles
 

@@ -17,7 +17,7 @@ import torch.distributed as torch_dist
 
 from medgen.core.constants import LESION_COUNT_KEY, LESION_MM_KEY
 from medgen.core.distributed import DistInfo
-from medgen.data.slices import SliceCache
+from medgen.data.slices import ItemCache
 from medgen.data.transforms import ras_to_display
 from medgen.diffusion.losses import per_sample_mse
 from medgen.diffusion.modes import TrainingMode
@@ -29,7 +29,7 @@ VAL_LOSS_STREAM = 1
 SAMPLE_GRID_STREAM = 2
 
 
-def cache_batch(cache: SliceCache, indices: np.ndarray, sizes: bool = False) -> dict[str, torch.Tensor]:
+def cache_batch(cache: ItemCache, indices: np.ndarray, sizes: bool = False) -> dict[str, torch.Tensor]:
     """Slices ``indices`` (ascending) of a cache as ``{key: [B, 1, H, W] float32 in [0, 1]}`` (with
     ``sizes``, also ``lesion_mm`` and ``lesion_count`` ``[B, 1]``, as the training batches of a
     lesion-conditioned mode)."""
@@ -42,7 +42,7 @@ def cache_batch(cache: SliceCache, indices: np.ndarray, sizes: bool = False) -> 
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, strategy: DiffusionStrategy, mode: TrainingMode, cache: SliceCache, *,
+def validation_loss(model: torch.nn.Module, strategy: DiffusionStrategy, mode: TrainingMode, cache: ItemCache, *,
                     seed: int, batch_size: int, device: torch.device, dist: DistInfo,
                     autocast: Callable[[], AbstractContextManager]) -> float:
     """Mean unweighted MSE over every slice of ``cache`` (NaN for an empty cache); same value on every rank."""
@@ -68,7 +68,7 @@ def validation_loss(model: torch.nn.Module, strategy: DiffusionStrategy, mode: T
     return loss_sum / count if count else float("nan")
 
 
-def fixed_samples(cache: SliceCache, n: int, sizes: bool = False) -> dict[str, torch.Tensor] | None:
+def fixed_samples(cache: ItemCache, n: int, sizes: bool = False) -> dict[str, torch.Tensor] | None:
     """``n`` slices with the most lesion, one per patient where possible (the rows of the sample grids)."""
     n = min(n, len(cache))
     if n == 0:

@@ -32,7 +32,7 @@ from medgen.core.paths import resolve_path
 from medgen.data.lesions import feret_diameters
 from medgen.data.nifti_dataset import list_patients, present_modalities
 from medgen.evaluation import EvaluationError, downstream, lesionwise, volumetric
-from medgen.evaluation.downstream import SliceSet
+from medgen.evaluation.downstream import ItemSet
 from medgen.evaluation.evaluate import whole_test_split
 from medgen.evaluation.report import lesion_figure, lesion_table, write_pages
 from medgen.evaluation.sets import Sets, as_slice_set
@@ -58,7 +58,7 @@ def run_experiment(cfg: DictConfig, synthetic_dirs: dict[str, Path], out_dir: Pa
     train, test = as_slice_set(first.train), as_slice_set(first.test)
     lesion_test = whole_test_split(first, test, cfg)
     synthetic = {name: as_slice_set(s.synthetic) for name, s in sets.items()}
-    groups = {"real": train, **{f"real+{name}": SliceSet.concat(train, syn) for name, syn in synthetic.items()}}
+    groups = {"real": train, **{f"real+{name}": ItemSet.concat(train, syn) for name, syn in synthetic.items()}}
     results: dict[str, Any] = {}
     for name, data in groups.items():
         per_seed = []
@@ -67,7 +67,7 @@ def run_experiment(cfg: DictConfig, synthetic_dirs: dict[str, Path], out_dir: Pa
                                              progress=progress)
             prediction = downstream.predict(net, lesion_test.images, device)
             per_seed.append({"seed": seed, **lesion_test.score(prediction, seed)})
-        results[name] = {"train_slices": len(data), "per_seed": per_seed, **lesionwise.over_seeds(per_seed)}
+        results[name] = {"train_items": len(data), "per_seed": per_seed, **lesionwise.over_seeds(per_seed)}
         mean = results[name]["mean"]
         log.info("trained on %-20s sensitivity by size: %s", name, ", ".join(
             f"{k} {v['sensitivity']:.2f}" if v["sensitivity"] is not None else f"{k} -" for k, v in mean.items()))
@@ -77,8 +77,8 @@ def run_experiment(cfg: DictConfig, synthetic_dirs: dict[str, Path], out_dir: Pa
         **({"volume_shape": list(first.volume_shape)} if first.volume_shape is not None else {}),
         "seeds": list(cfg.seeds), "budget": OmegaConf.to_container(cfg.budget),
         "bins": list(lesion_test.bins.names), "edges_mm": list(lesion_test.bins.edges),
-        "spacing_mm": list(lesion_test.spacing), "test_slices": len(lesion_test.masks), "lesion_slices": len(test),
-        "lesion_free_slices": len(lesion_test.masks) - len(test),
+        "spacing_mm": list(lesion_test.spacing), "test_items": len(lesion_test.masks), "lesion_items": len(test),
+        "lesion_free_items": len(lesion_test.masks) - len(test),
         "test_lesions": dict(zip(lesion_test.bins.names, lesion_test.lesion_counts().tolist())),
         "synthetic": {name: {"dir": str(synthetic_dirs[name]), "slices": len(syn),
                              "lesions": _lesions_per_bin(syn, lesion_test)} for name, syn in synthetic.items()},
@@ -133,7 +133,7 @@ def _refuse_mixed(kinds: dict[str, str]) -> None:
             "the same way, so give sets of one kind (one medgen-augment run per kind)")
 
 
-def _lesions_per_bin(data: SliceSet, test: lesionwise.LesionTest) -> dict[str, int]:
+def _lesions_per_bin(data: ItemSet, test: lesionwise.LesionTest) -> dict[str, int]:
     """The lesions of a set's masks per bin, measured at the test split's pixel size."""
     diameters = [d for mask in data.masks for d in feret_diameters(mask, test.spacing)]
     return dict(zip(test.bins.names, test.bins.counts(np.asarray(diameters, dtype=np.float64)).tolist()))

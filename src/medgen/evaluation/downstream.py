@@ -4,7 +4,7 @@ The segmentation network is MONAI's ``DynUNet`` (4 levels, 16-128 filters, insta
 residual blocks), one sigmoid output, trained with MONAI's ``DiceCELoss`` and AdamW for a fixed
 budget of steps on batches drawn with replacement, with random flips. Dice is MONAI's
 ``DiceMetric`` per slice on the prediction thresholded at 0.5. The same code serves a 3D set
-(``SliceSet`` of volumes ``[N, C, X, Y, Z]``): the network is then the 3D ``DynUNet`` (its three
+(``ItemSet`` of volumes ``[N, C, X, Y, Z]``): the network is then the 3D ``DynUNet`` (its three
 downsamplings need every axis a multiple of 8), a batch holds whole volumes, flips are along all
 three axes, Dice is per volume and lesion sizes are binned by volume fraction (:data:`SIZE_BINS_3D`).
 
@@ -52,7 +52,7 @@ SETS = ("real", "real+synthetic", "synthetic")
 
 
 @dataclass
-class SliceSet:
+class ItemSet:
     """Slices in memory: ``images [N, C, S, S]`` float32 in [0, 1], ``masks [N, S, S]`` in {0, 1};
     or volumes: ``images [N, C, X, Y, Z]``, ``masks [N, X, Y, Z]``."""
 
@@ -63,8 +63,8 @@ class SliceSet:
         return len(self.masks)
 
     @staticmethod
-    def concat(a: "SliceSet", b: "SliceSet") -> "SliceSet":
-        return SliceSet(np.concatenate([a.images, b.images]), np.concatenate([a.masks, b.masks]))
+    def concat(a: "ItemSet", b: "ItemSet") -> "ItemSet":
+        return ItemSet(np.concatenate([a.images, b.images]), np.concatenate([a.masks, b.masks]))
 
 
 def build_segmenter(in_channels: int, spatial_dims: int = 2) -> DynUNet:
@@ -74,7 +74,7 @@ def build_segmenter(in_channels: int, spatial_dims: int = 2) -> DynUNet:
                    norm_name="instance", res_block=True)
 
 
-def train_segmenter(data: SliceSet, budget: BudgetConfig, *, seed: int, device: torch.device,
+def train_segmenter(data: ItemSet, budget: BudgetConfig, *, seed: int, device: torch.device,
                     desc: str = "segmenter", progress: bool = True) -> DynUNet:
     """Train a fresh network on ``data`` with ``budget``, passed whole: a validated config's
     ``budget`` node or a :class:`~medgen.evaluation.config.BudgetConfig` (``steps`` steps of
@@ -112,7 +112,7 @@ def predict(net: torch.nn.Module, images: np.ndarray, device: torch.device, batc
     return torch.cat(out).numpy().astype(np.uint8)
 
 
-def dice_per_slice(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+def dice_per_item(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     """MONAI ``DiceMetric`` of each slice ``[N, S, S]`` or volume ``[N, X, Y, Z]`` (an empty
     prediction of a lesion scores 0)."""
     metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
@@ -138,7 +138,7 @@ def summarise_dice(dice: np.ndarray, bins: np.ndarray) -> dict[str, float]:
     return out
 
 
-def downstream(real_train: SliceSet, synthetic: SliceSet, real_test: SliceSet, *, seeds: list[int],
+def downstream(real_train: ItemSet, synthetic: ItemSet, real_test: ItemSet, *, seeds: list[int],
                budget: BudgetConfig, device: torch.device, progress: bool = True,
                on_network: Callable[[str, int, DynUNet], None] | None = None,
                lesions: LesionTest | None = None) -> dict:
@@ -151,7 +151,7 @@ def downstream(real_train: SliceSet, synthetic: SliceSet, real_test: SliceSet, *
     With ``lesions``, each set also gets ``lesions``: the lesion-wise summary of each seed
     (``per_seed``) and their ``mean``/``std`` (:func:`~medgen.evaluation.lesionwise.over_seeds`).
     """
-    sets = {"real": real_train, "real+synthetic": SliceSet.concat(real_train, synthetic), "synthetic": synthetic}
+    sets = {"real": real_train, "real+synthetic": ItemSet.concat(real_train, synthetic), "synthetic": synthetic}
     bins = size_bin(real_test.masks)
     n = len(real_test)
     # the whole test split begins with real_test's slices (whole_test_split): one prediction serves both
@@ -164,12 +164,12 @@ def downstream(real_train: SliceSet, synthetic: SliceSet, real_test: SliceSet, *
             if on_network is not None:
                 on_network(name, seed, net)
             whole = predict(net, lesions.images, device) if lesions is not None else None
-            dice = dice_per_slice(whole[:n] if shared else predict(net, real_test.images, device), real_test.masks)
+            dice = dice_per_item(whole[:n] if shared else predict(net, real_test.images, device), real_test.masks)
             per_seed.append({"seed": seed, **summarise_dice(dice, bins)})
             if lesions is not None:
                 per_seed_lesions.append({"seed": seed, **lesions.score(whole, seed)})
         overall = np.asarray([r["overall"] for r in per_seed])
-        results[name] = {"train_slices": len(data), "per_seed": per_seed, "mean": float(overall.mean()),
+        results[name] = {"train_items": len(data), "per_seed": per_seed, "mean": float(overall.mean()),
                          "std": float(overall.std(ddof=1)) if len(overall) > 1 else 0.0,
                          "bins": {b: float(np.nanmean([r[b] for r in per_seed])) if any(r[f"n_{b}"] for r in per_seed)
                                   else math.nan for b, _ in SIZE_BINS}}
@@ -189,21 +189,21 @@ def downstream(real_train: SliceSet, synthetic: SliceSet, real_test: SliceSet, *
     return results
 
 
-def adherence(net: torch.nn.Module, synthetic: SliceSet, real_test: SliceSet, device: torch.device) -> dict:
+def adherence(net: torch.nn.Module, synthetic: ItemSet, real_test: ItemSet, device: torch.device) -> dict:
     """How a real-trained network reads the synthetic images (see the module docstring): Dice on
     the slices with a lesion (None when there are none), false positives on the lesion-free ones
     (None when there are none), and its Dice on real test images as the reference level."""
     pred = predict(net, synthetic.images, device)
     has_lesion = synthetic.masks.reshape(len(synthetic), -1).any(axis=1)
     empty = ~has_lesion
-    real = dice_per_slice(predict(net, real_test.images, device), real_test.masks)
-    out = {"synthetic_dice": float(dice_per_slice(pred[has_lesion], synthetic.masks[has_lesion]).mean())
+    real = dice_per_item(predict(net, real_test.images, device), real_test.masks)
+    out = {"synthetic_dice": float(dice_per_item(pred[has_lesion], synthetic.masks[has_lesion]).mean())
            if has_lesion.any() else None,
-           "lesion_slices": int(has_lesion.sum()), "empty_slices": int(empty.sum()),
+           "lesion_items": int(has_lesion.sum()), "empty_items": int(empty.sum()),
            "false_positive_fraction": float(pred[empty].reshape(int(empty.sum()), -1).any(axis=1).mean())
            if empty.any() else None,
            "false_positive_area": float(pred[empty].mean()) if empty.any() else None,
-           "real_test_dice": float(real.mean()), "synthetic_slices": len(synthetic), "real_test_slices": len(real_test)}
+           "real_test_dice": float(real.mean()), "synthetic_items": len(synthetic), "real_test_items": len(real_test)}
     if not has_lesion.any():
         log.warning("adherence: no synthetic mask has a lesion, so there is no Dice to report; the %d lesion-free "
                     "slices are scored by false positives only", len(synthetic))

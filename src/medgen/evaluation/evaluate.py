@@ -37,7 +37,7 @@ from medgen.data.brain import brain_source, inside_counts
 from medgen.data.masks import is_lesion
 from medgen.evaluation import downstream, lesionwise, metrics, volumetric
 from medgen.evaluation.config import size_bins
-from medgen.evaluation.downstream import SliceSet
+from medgen.evaluation.downstream import ItemSet
 from medgen.evaluation.features import FeatureWeightsError, fid, kid, load_feature_network
 from medgen.evaluation.sets import Sets, as_slice_set
 from medgen.generation.records import SliceSource, VolumeSource, parse_mask_source
@@ -212,13 +212,13 @@ def segmentation_metrics(sets: Sets, cfg: DictConfig, out_dir: Path, device: tor
     return out
 
 
-def whole_test_split(sets: Sets, lesion_slices: SliceSet, cfg: DictConfig) -> lesionwise.LesionTest:
+def whole_test_split(sets: Sets, lesion_items: ItemSet, cfg: DictConfig) -> lesionwise.LesionTest:
     """The whole reference split: its lesion slices, then its lesion-free brain slices (3D: its
     lesion volumes, then its lesion-free volumes; lesions are 26-connected, sized with 3 axes)."""
     brain = as_slice_set(sets.test_brain) if sets.test_brain is not None and len(sets.test_brain) else None
     free = brain.masks.reshape(len(brain), -1).max(1) == 0 if brain is not None else None
-    whole = SliceSet.concat(lesion_slices, SliceSet(brain.images[free], brain.masks[free])) \
-        if brain is not None and free.any() else lesion_slices
+    whole = ItemSet.concat(lesion_items, ItemSet(brain.images[free], brain.masks[free])) \
+        if brain is not None and free.any() else lesion_items
     spacing, axes = sets.test.spacing, whole.masks.ndim - 1
     if spacing is None:
         log.warning("the real slice cache records no voxel spacing: lesion diameters assume 1 mm pixels")
@@ -226,18 +226,18 @@ def whole_test_split(sets: Sets, lesion_slices: SliceSet, cfg: DictConfig) -> le
                                  size_bins(cfg.lesions.bins), cfg.lesions.resamples)
 
 
-def _lesion_figures(results: dict, test: lesionwise.LesionTest, lesion_slices: int, cfg: DictConfig,
+def _lesion_figures(results: dict, test: lesionwise.LesionTest, lesion_items: int, cfg: DictConfig,
                     warnings: list[str]) -> dict:
     """``metrics.json``'s ``lesions``: the test split's lesions per bin, each training set's
     lesion-wise figures (moved out of ``results``), and whether the real-trained yardstick can judge.
     In 3D the ``*_slices`` counts are volumes (``unit``)."""
     out: dict[str, Any] = {"unit": "volume" if test.masks.ndim == 4 else "slice",
         "bins": list(test.bins.names), "edges_mm": list(test.bins.edges), "spacing_mm": list(test.spacing),
-        "test_slices": len(test.masks), "lesion_slices": lesion_slices,
-        "lesion_free_slices": len(test.masks) - lesion_slices,
+        "test_items": len(test.masks), "lesion_items": lesion_items,
+        "lesion_free_items": len(test.masks) - lesion_items,
         "test_lesions": dict(zip(test.bins.names, test.lesion_counts().tolist())),
         "sets": {name: results[name].pop("lesions") for name in downstream.SETS}}
-    if out["lesion_free_slices"] == 0:
+    if out["lesion_free_items"] == 0:
         out["notes"] = [f"the real reference split has no lesion-free brain {out['unit']}: false positives are "
                         f"counted on lesion {out['unit']}s only"]
     out["yardstick"] = lesionwise.yardstick(out["sets"]["real"], cfg.lesions.min_sensitivity, cfg.lesions.min_dice)
@@ -247,7 +247,7 @@ def _lesion_figures(results: dict, test: lesionwise.LesionTest, lesion_slices: i
     for name in downstream.SETS:
         m = out["sets"][name]["mean"]["all"]
         sensitivity, dice, fp = (f"{v:.3f}" if v is not None else "-" for v in (m["sensitivity"], m["dice"],
-                                                                                 m["false_positives_per_slice"]))
+                                                                                 m["false_positives_per_item"]))
         log.info("lesion-wise %-15s sensitivity %s, lesion Dice %s, false positives per %s %s", name, sensitivity,
                  dice, out["unit"], fp)
     return out

@@ -31,7 +31,7 @@ from medgen.data.lesions import SizeBins, component_diameters
 from medgen.data.masks import lesion_labels
 
 #: the figures of each bin, in the order of :func:`summarize`'s tables
-FIGURES = ("sensitivity", "dice", "false_positives_per_slice")
+FIGURES = ("sensitivity", "dice", "false_positives_per_item")
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def _interval(value: float, boot: np.ndarray) -> dict:
 
 def summarize(matches: Sequence[LesionMatch], bins: SizeBins, resamples: int = 1000, seed: int = 0) -> dict:
     """Per bin and over all lesions: ``lesions`` (true lesions in the bin), ``sensitivity``,
-    ``dice`` (mean lesion Dice) and ``false_positives_per_slice``, each ``{"value", "ci95"}``
+    ``dice`` (mean lesion Dice) and ``false_positives_per_item``, each ``{"value", "ci95"}``
     (``None`` with the reason in ``"skipped"`` where the bin holds no true lesion)."""
     if not matches:
         raise ValueError("no slices to summarise")

@@ -144,7 +144,7 @@ def downstream_figure(result: dict, out: Path) -> Path:
         ax.bar(i, d[name]["mean"], yerr=d[name]["std"], color=_COLOURS[name], alpha=0.6, capsize=6)
         ax.scatter([i] * len(dice), dice, color="black", s=14, zorder=3)
     unit = result.get("unit", "slice")
-    ax.set_xticks(range(len(SETS)), [f"{n}\n({d[n]['train_slices']} {unit}s)" for n in SETS])
+    ax.set_xticks(range(len(SETS)), [f"{n}\n({d[n]['train_items']} {unit}s)" for n in SETS])
     ax.set_ylabel(f"Dice on real test {unit}s")
     ax.set_ylim(0, 1)
     ax.set_title(f"downstream segmentation ({len(d['real']['per_seed'])} seeds, {d['budget']['steps']} steps)")
@@ -152,7 +152,7 @@ def downstream_figure(result: dict, out: Path) -> Path:
 
 
 _LESION_FIGURES = (("sensitivity", "lesion-wise sensitivity"), ("dice", "lesion Dice"),
-                   ("false_positives_per_slice", "false-positive lesions per slice"))
+                   ("false_positives_per_item", "false-positive lesions per slice"))
 
 
 def _test_lesions(les: dict) -> dict[str, int]:
@@ -184,7 +184,7 @@ def lesion_figure(les: dict, path: Path) -> Path:
                 ax.scatter(x, [np.nan if a is None else a for a in v], color="black", s=6, zorder=3)
         ax.set_xticks(range(len(names)), [f"{b}\n({n})" for b, n in counts.items()])
         ax.set_title(label.replace("slice", les.get("unit", "slice")))
-        if figure != "false_positives_per_slice":
+        if figure != "false_positives_per_item":
             ax.set_ylim(0, 1.2)  # room above 1 for the legend
             ax.set_yticks(np.linspace(0, 1, 6))
         if k == 0:
@@ -207,7 +207,7 @@ def lesion_table(les: dict) -> tuple[str, list[str], list[list[str]], str]:
             for name in les["sets"] for b, n in _test_lesions(les).items()]
     unit = les.get("unit", "slice")
     voxels, brain = ("voxels", "") if unit == "volume" else ("pixels", "brain ")
-    note = (f"The whole real test split: {les['lesion_slices']} lesion {unit}s and {les['lesion_free_slices']} "
+    note = (f"The whole real test split: {les['lesion_items']} lesion {unit}s and {les['lesion_free_items']} "
             f"lesion-free {brain}{unit}s; lesions binned by Feret diameter (edges {les['edges_mm']} mm, {voxels} "
             f"{les['spacing_mm']} mm). A true lesion is found when the prediction overlaps it; its lesion Dice "
             "counts the predicted lesions that touch it; a predicted lesion touching none is a false positive, "
@@ -272,16 +272,16 @@ def _segmentation_tables(result: dict) -> list[tuple[str, list[str], list[list[s
     if "skipped" not in a and a:
         tables.append(("Conditioning adherence", ["images", f"{unit}s", "Dice against their masks",
                                                   f"{unit}s with a false lesion", "false lesion area"],
-                       [["synthetic, mask with a lesion", str(a["lesion_slices"]), _fmt(a["synthetic_dice"]), "", ""],
-                        ["synthetic, lesion-free mask", str(a["empty_slices"]), "",
+                       [["synthetic, mask with a lesion", str(a["lesion_items"]), _fmt(a["synthetic_dice"]), "", ""],
+                        ["synthetic, lesion-free mask", str(a["empty_items"]), "",
                          _fmt(a["false_positive_fraction"]), _fmt(a["false_positive_area"], 4)],
-                        ["real test (reference level)", str(a["real_test_slices"]), _fmt(a["real_test_dice"]), "", ""]],
+                        ["real test (reference level)", str(a["real_test_items"]), _fmt(a["real_test_dice"]), "", ""]],
                        "A segmentation network trained on real data segments each set. Dice is measured where the "
                        "mask has a lesion; lesion-free masks are scored by false positives (the fraction of them "
                        "where the network marks a lesion, and the mean marked area)."))
     d = result.get("downstream", {})
     if d and "skipped" not in d:
-        rows = [[n, str(d[n]["train_slices"]), f"{_fmt(d[n]['mean'])} ± {_fmt(d[n]['std'])}",
+        rows = [[n, str(d[n]["train_items"]), f"{_fmt(d[n]['mean'])} ± {_fmt(d[n]['std'])}",
                  *[_fmt(d[n]["bins"][b]) for b, _ in SIZE_BINS]] for n in SETS]
         g = d["gain"]
         note = (f"Gain of real+synthetic over real: {g['value']:+.3f} Dice; seed-to-seed spread (largest standard "
@@ -348,10 +348,10 @@ def summary_lines(result: dict) -> list[str]:
     a = result.get("adherence", {})
     if a and "skipped" not in a:
         if a["synthetic_dice"] is not None:
-            lines.append(f"conditioning Dice: {a['synthetic_dice']:.3f} on synthetic images ({a['lesion_slices']} with "
+            lines.append(f"conditioning Dice: {a['synthetic_dice']:.3f} on synthetic images ({a['lesion_items']} with "
                          f"a lesion), {a['real_test_dice']:.3f} on real test images (same real-trained network)")
         if a["false_positive_fraction"] is not None:
-            lines.append(f"false lesions on {100 * a['false_positive_fraction']:.1f}% of the {a['empty_slices']} "
+            lines.append(f"false lesions on {100 * a['false_positive_fraction']:.1f}% of the {a['empty_items']} "
                          "lesion-free synthetic slices")
     d = result.get("downstream", {})
     if d and "skipped" not in d:
@@ -367,7 +367,7 @@ def summary_lines(result: dict) -> list[str]:
             per_bin = ", ".join(f"{b} {_fmt(m[b]['sensitivity'], 2)}" for b in les["bins"])
             lines.append(f"lesion-wise sensitivity, trained on {name:<15} {_fmt(m['all']['sensitivity'])} "
                          f"({per_bin}); false positives per {result.get('unit', 'slice')} "
-                         f"{_fmt(m['all']['false_positives_per_slice'])}")
+                         f"{_fmt(m['all']['false_positives_per_item'])}")
     lines.append(f"report: {Path(result['out_dir']) / 'report.html'}")
     return lines
 

@@ -25,22 +25,22 @@ from medgen.core.constants import MASK_KEY, SPLITS
 from medgen.core.paths import resolve_path
 from medgen.data.masks import is_lesion
 from medgen.data.nifti_dataset import list_patients, present_modalities
-from medgen.data.slices import SliceCache, SliceSpec, open_or_build_cache
+from medgen.data.slices import ItemCache, SliceSpec, open_or_build_cache
 from medgen.data.splits import split_patients
 from medgen.evaluation import EvaluationError, downstream, volumetric
-from medgen.evaluation.downstream import SliceSet
+from medgen.evaluation.downstream import ItemSet
 from medgen.generation.status import incomplete_message, read_status
 
 log = logging.getLogger("medgen.evaluate")
 
 
-def as_slice_set(cache: SliceCache | volumetric.CacheSubset, indices: np.ndarray | None = None) -> SliceSet:
+def as_slice_set(cache: ItemCache | volumetric.CacheSubset, indices: np.ndarray | None = None) -> ItemSet:
     """Items of a cache (all, or ``indices``) as float32 images and binary masks: slices, or volumes
     from a volume cache."""
     data = np.asarray(cache.data if indices is None else cache.data[np.sort(indices)], dtype=np.float32)
     seg = cache.keys.index(MASK_KEY)
     images = data[:, [i for i, k in enumerate(cache.keys) if k != MASK_KEY]]
-    return SliceSet(np.ascontiguousarray(images), is_lesion(data[:, seg]).astype(np.uint8))
+    return ItemSet(np.ascontiguousarray(images), is_lesion(data[:, seg]).astype(np.uint8))
 
 
 def _subset(n: int, cap: int, seed: int) -> np.ndarray:
@@ -91,7 +91,7 @@ class Sets:
             if c is None or len(c) == 0:
                 raise EvaluationError(f"the {name} set has no {self.unit}s with a lesion to compare")
         self._cap, self._seed = cfg.max_images, cfg.seed
-        self._samples: dict[str, SliceSet | None] = {}
+        self._samples: dict[str, ItemSet | None] = {}
 
     def _synthetic_samples(self, cfg: DictConfig) -> list[Path]:
         """The sample folders of the synthetic set (all splits), checked: finished (or
@@ -142,7 +142,7 @@ class Sets:
         return tuple(float(v) for v in cache.spacing) if cache is not None and cache.spacing else (1.0, 1.0, 1.0)
 
     def _slice_caches(self, cfg: DictConfig, real: dict[str, list[Path]], syn_patients: list[Path],
-                      test_split: str, progress: bool) -> dict[str, SliceCache | None]:
+                      test_split: str, progress: bool) -> dict[str, ItemCache | None]:
         """The slice caches of a 2D evaluation (the module docstring)."""
         size, cache_dir = self.image_size, resolve_path(cfg.cache_dir)
         spec = SliceSpec(keys=tuple(self.image_keys) + (MASK_KEY,), image_size=size, selection="lesion")
@@ -165,7 +165,7 @@ class Sets:
         log.warning("%s", text)
         self.warnings.append(text)
 
-    def sample(self, name: str) -> SliceSet | None:
+    def sample(self, name: str) -> ItemSet | None:
         """At most ``max_images`` slices (volumes) of ``synthetic``, ``real`` (the reference split) or ``val``
         (None without a val reference): a seeded random subset, read once for every metric."""
         if name not in self._samples:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from medgen.core.constants import MASK_KEY
 from medgen.data.brain import brain_mask, brain_of
 from medgen.data.nifti_dataset import modality_path
-from medgen.data.slices import SliceCache, open_or_build_cache
+from medgen.data.slices import ItemCache, open_or_build_cache
 from medgen.data.volumes import VolumeSpec
 from medgen.evaluation import EvaluationError
 from medgen.evaluation.downstream import STRIDES
@@ -75,10 +75,10 @@ def check_volume_shape(shape: Sequence[int], root: Path) -> None:
 
 
 class CacheSubset:
-    """Some items of a :class:`~medgen.data.slice_cache.SliceCache` (``indices``), with its ``keys``,
+    """Some items of a :class:`~medgen.data.item_cache.ItemCache` (``indices``), with its ``keys``,
     ``spacing`` and ``patient_ids``; ``data`` ``[n, C, ...]`` float16, read on first use."""
 
-    def __init__(self, cache: SliceCache, indices: np.ndarray):
+    def __init__(self, cache: ItemCache, indices: np.ndarray):
         self.cache, self.indices = cache, np.asarray(indices, np.int64)
         self.keys, self.spacing, self.patient_ids = cache.keys, cache.spacing, cache.patient_ids
         self.patient_index = cache.patient_index[self.indices]
@@ -96,13 +96,13 @@ class CacheSubset:
         return self._data
 
 
-def with_lesion(cache: SliceCache | None) -> CacheSubset | None:
+def with_lesion(cache: ItemCache | None) -> CacheSubset | None:
     """The volumes of ``cache`` that hold at least one lesion voxel (None for no cache)."""
     return None if cache is None else CacheSubset(cache, np.flatnonzero(cache.lesion_pixels > 0))
 
 
 def volume_caches(patients: dict[str, list[Path]], keys: Sequence[str], shape: Sequence[int], cfg, cache_dir: Path,
-                  test_split: str, progress: bool) -> dict[str, SliceCache | CacheSubset | None]:
+                  test_split: str, progress: bool) -> dict[str, ItemCache | CacheSubset | None]:
     """The volume caches of a 3D evaluation at ``shape``: ``synthetic`` (every volume of
     ``patients["synthetic"]``), ``test``/``train``/``val`` (the real volumes with a lesion; ``val``
     only beside a test split), ``test_brain`` (every volume of the reference split, for the
@@ -110,7 +110,7 @@ def volume_caches(patients: dict[str, list[Path]], keys: Sequence[str], shape: S
     spec = VolumeSpec(keys=tuple(keys), volume_shape=tuple(int(n) for n in shape[:3]),
                       head_intensity=float(cfg.brain_intensity))
 
-    def build(group: str, desc: str) -> SliceCache | None:
+    def build(group: str, desc: str) -> ItemCache | None:
         return open_or_build_cache(patients[group], spec, cache_dir, progress=progress, desc=desc,
                                    workers=cfg.num_workers) if patients[group] else None
 

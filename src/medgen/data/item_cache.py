@@ -1,7 +1,7 @@
 """A slice cache folder on disk (see :mod:`medgen.data.slices`, which builds it): its files,
 opening it with the checks that catch a damaged one, and replacing a bad one.
 
-A complete folder holds ``slices.bin`` (the ``float16`` items: slices ``[N, C, S, S]``, or the whole
+A complete folder holds ``items.bin`` (the ``float16`` items: slices ``[N, C, S, S]``, or the whole
 volumes ``[N, C, X, Y, Z]`` of a volume cache), ``index.npz`` (patient, axial position and lesion
 pixels of each item; 0 and lesion voxels for a volume) and ``meta.json`` (written last, with the
 checksum of the rest: :func:`cache_checksum`).
@@ -29,7 +29,7 @@ from medgen.data.nifti_dataset import DataError
 log = logging.getLogger("medgen.data")
 
 CACHE_DTYPE = np.float16
-DATA_FILE = "slices.bin"
+DATA_FILE = "items.bin"
 META_FILE = "meta.json"
 INDEX_FILE = "index.npz"
 #: how :func:`cache_checksum` is computed, recorded with the checksum; a cache that records another
@@ -50,7 +50,7 @@ class CacheCorrupt(DataError):
         return type(self), (self.directory, self.reason)
 
 
-class SliceCache:
+class ItemCache:
     """A built slice cache: ``data`` ``[N, C, S, S]`` float16 memmap plus per-slice index arrays
     (a volume cache: ``[N, C, X, Y, Z]``, one item per patient).
 
@@ -183,7 +183,7 @@ def _sample_offsets(size: int) -> list[int]:
 
 def cache_checksum(directory: Path, meta: dict) -> str:
     """sha256 of a cache folder's contents: all of index.npz, the metadata (canonical JSON without
-    the checksum), the size of slices.bin and :data:`_SAMPLE_BLOCKS` blocks of it (the whole file
+    the checksum), the size of items.bin and :data:`_SAMPLE_BLOCKS` blocks of it (the whole file
     when it is small). A warm start reads a few MB whatever the size of the cache; a file
     overwritten, truncated or swapped is caught, a change confined to unsampled bytes is not."""
     directory = Path(directory)
@@ -202,7 +202,7 @@ def cache_checksum(directory: Path, meta: dict) -> str:
     return h.hexdigest()
 
 
-def open_checked(directory: Path) -> SliceCache | None:
+def open_checked(directory: Path) -> ItemCache | None:
     """The cache in ``directory`` if it passes its check; None when there is none, or when it
     failed (then, with a warning naming the folder and the reason, it is moved aside and deleted)."""
     try:
@@ -210,7 +210,7 @@ def open_checked(directory: Path) -> SliceCache | None:
     except FileNotFoundError:
         return None
     try:
-        return SliceCache(directory)
+        return ItemCache(directory)
     except CacheCorrupt as exc:
         log.warning("%s; rebuilding it", exc)
         _discard(directory, seen)
