@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
+import sys
 
 import pytest
 
-from medgen.core.fs import FileSystemError, atomic_write, os_error_line
+from medgen.core.fs import HOST, FileSystemError, atomic_write, is_orphan, os_error_line
 
 
 def test_an_atomic_write_appears_whole_or_not_at_all(tmp_path):
@@ -39,3 +42,16 @@ def test_an_interrupt_inside_the_block_leaves_the_old_file(tmp_path):
             tmp.write_text("new, half")
             raise KeyboardInterrupt
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["status.json"]
+
+
+def test_a_temporary_is_an_orphan_when_its_owner_is_gone_or_it_names_none_and_is_old(tmp_path):
+    """Names of this host say their process: a dead one's temporary is an orphan at once, a live one's
+    is not. A name that names no owner is judged by age only, like another host's."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead, live = tmp_path / f".a.tmp-{HOST}-{gone.pid}-0a0b", tmp_path / f".b.tmp-{HOST}-{os.getpid()}-0a0b"
+    unnamed = tmp_path / f".c.tmp-{gone.pid}"
+    for path in (dead, live, unnamed):
+        path.write_text("half")
+    assert is_orphan(dead) and not is_orphan(live)
+    assert not is_orphan(unnamed) and is_orphan(unnamed, max_age_s=-1.0)

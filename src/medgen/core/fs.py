@@ -32,7 +32,6 @@ HOST = socket.gethostname()
 #: a temporary that another host owns is removed only after this long without change
 FOREIGN_TMP_MAX_AGE_S = 24 * 3600.0
 _OWNED = re.compile(r"\.tmp-(?P<host>.+)-(?P<pid>\d+)-(?P<token>[0-9a-f]+)(?:\.\w+)?$")
-_LEGACY = re.compile(r"\.tmp-(?P<pid>\d+)(?:-\d+)?(?:\.\w+)?$")  # before the host was recorded
 
 
 class FolderBusy(RuntimeError):
@@ -112,9 +111,6 @@ def is_orphan(path: Path, max_age_s: float = FOREIGN_TMP_MAX_AGE_S) -> bool:
     m = _OWNED.search(name)
     if m and m["host"] == HOST:
         return not pid_alive(int(m["pid"]))
-    m_legacy = _LEGACY.search(name)
-    if m is None and m_legacy is not None:
-        return not pid_alive(int(m_legacy["pid"]))
     try:
         return time.time() - _newest_mtime(Path(path)) > max_age_s
     except FileNotFoundError:
