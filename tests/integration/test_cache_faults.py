@@ -155,7 +155,7 @@ def _one_changed_row(d: Path) -> None:  # the first block is always read
         f.write(b"\x7f" * 64)
 
 
-def _no_checksum(d: Path) -> None:  # a cache built before caches recorded one
+def _no_checksum(d: Path) -> None:  # meta.json without the checksum it is completed with
     meta = json.loads((d / "meta.json").read_text())
     del meta["checksum"]
     (d / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -175,7 +175,7 @@ def _edited_meta(d: Path) -> None:
     (_missing_slices, "items.bin is missing"),
     (_random_slices, "do not match the checksum"),
     (_one_changed_row, "do not match the checksum"),
-    (_no_checksum, "records no checksum"),
+    (_no_checksum, "meta.json does not describe a slice cache"),
     (_edited_meta, "do not match the checksum"),
 ])
 def test_a_corrupt_cache_is_rebuilt_with_a_warning_naming_it(tmp_path, patients, caplog, corrupt, reason):

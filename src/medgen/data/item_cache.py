@@ -32,8 +32,8 @@ CACHE_DTYPE = np.float16
 DATA_FILE = "items.bin"
 META_FILE = "meta.json"
 INDEX_FILE = "index.npz"
-#: how :func:`cache_checksum` is computed, recorded with the checksum; a cache that records another
-#: scheme, or none (built before caches checked themselves), is rebuilt
+#: how :func:`cache_checksum` is computed, recorded with the checksum and hashed into it (a cache
+#: checked another way does not match)
 CHECKSUM_SCHEME = "sha256/index+meta+slices-64x64KiB-v1"
 _SAMPLE_BLOCKS = 64  # evenly spaced, first and last block included
 _SAMPLE_BLOCK_BYTES = 64 * 1024
@@ -69,10 +69,12 @@ class ItemCache:
             self.keys: tuple[str, ...] = tuple(str(k) for k in meta["keys"])
             self.shape: tuple[int, ...] = tuple(int(n) for n in meta["shape"])
             self.patient_ids: list[str] = [str(p) for p in meta["patient_ids"]]
-            #: median voxel size (mm) of a model slice, (x, y, z); None for caches built before it was recorded
-            self.spacing: list[float] | None = meta.get("spacing")
+            #: median voxel size (mm) of a model slice, (x, y, z); None for a cache of no items
+            self.spacing: list[float] | None = meta["spacing"]
+            #: meta.json is written last, with the checksum of the rest: a cache without one is incomplete
+            self._checksum: str = meta["checksum"]["sha256"]
             shape_ok = len(self.shape) in (4, 5) and min(self.shape) >= 0 and self.shape[1] == len(self.keys)
-            if not shape_ok or meta["dtype"] != np.dtype(CACHE_DTYPE).name:
+            if not shape_ok or meta["dtype"] != np.dtype(CACHE_DTYPE).name or not isinstance(self._checksum, str):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CacheCorrupt(self.directory, f"{META_FILE} does not describe a slice cache") from None
@@ -99,14 +101,11 @@ class ItemCache:
             raise CacheCorrupt(self.directory, f"{DATA_FILE} is unreadable ({exc.strerror})") from None
         if size != expected:
             raise CacheCorrupt(self.directory, f"{DATA_FILE} has {size} bytes, {expected} expected (truncated?)")
-        recorded = meta.get("checksum")
-        if not isinstance(recorded, dict) or recorded.get("scheme") != CHECKSUM_SCHEME:
-            raise CacheCorrupt(self.directory, "it records no checksum (built by an older medgen)")
         try:
             actual = cache_checksum(self.directory, meta)
         except OSError as exc:
             raise CacheCorrupt(self.directory, f"cannot read it to check it ({exc.strerror})") from None
-        if actual != recorded.get("sha256"):
+        if actual != self._checksum:
             raise CacheCorrupt(self.directory, "its contents do not match the checksum recorded when it was built")
         self._data: np.memmap | None = None
 
