@@ -7,7 +7,7 @@ silently dropped", one test (or more) per case a user met.
     reaches the downstream training)
  3. medgen-augment and ``MEDGEN_CACHE_DIR``: test_augment_cli.py
  4. weights for classes the command line cannot name: here (a list in class order)
- 5. the documented target examples: here (every example of the README and generate.yaml parses)
+ 5. the documented target examples: here (every example of README.md, docs/*.md and generate.yaml parses)
  6. medgen-augment with a 2D and a 3D set: test_augment_cli.py (one line, before any training)
  7. tracebacks for targets of the wrong form: here; medgen-augment's flags: test_augment_cli.py
  8. ``gate.max_attempts`` inside a batch: here
@@ -135,8 +135,10 @@ def test_weights_in_class_order_reach_classes_the_command_line_cannot_name():
 
 
 def test_the_documented_target_examples_parse():
-    """Every ``lesion_sizes.target=``/``lesion_counts.target=`` example of the README and the config file."""
-    texts = (ROOT / "README.md").read_text() + (ROOT / "configs" / "generate.yaml").read_text()
+    """Every ``lesion_sizes.target=``/``lesion_counts.target=`` example of the README, the documentation
+    pages (docs/*.md: the examples live in docs/generation.md) and the config file."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "configs" / "generate.yaml"]
+    texts = "".join(path.read_text() for path in docs)
     examples = re.findall(r"'(lesion_(?:sizes|counts)\.target=\{[^']*\})'", texts)
     assert len(examples) >= 2, examples
     for example in examples:
