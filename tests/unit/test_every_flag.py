@@ -468,6 +468,7 @@ def demo_stages(tmp_path, monkeypatch):
     import medgen.generation
     from medgen.core import checkpoint, precision
     from medgen.data import phantom
+    from medgen.demo import run as demo_run
     from medgen.scripts import demo
     from medgen.scripts import train as train_script
 
@@ -500,12 +501,12 @@ def demo_stages(tmp_path, monkeypatch):
 
     monkeypatch.setattr(precision, "configure_backends", lambda: None)
     monkeypatch.setattr(phantom, "generate_dataset", phantoms)
-    monkeypatch.setattr(demo, "_seconds_per_epoch", lambda overrides, out: (1.0, 10))
+    monkeypatch.setattr(demo_run, "_seconds_per_epoch", lambda overrides, out: (1.0, 10))
     monkeypatch.setattr(train_script, "run", train_run)
     monkeypatch.setattr(checkpoint, "load_checkpoint", lambda path: {"best_val_loss": 0.5})
     monkeypatch.setattr(medgen.generation, "generate", generate)
-    monkeypatch.setattr(demo, "evaluate", evaluate)
-    monkeypatch.setattr(demo, "write_summary", write_summary)
+    monkeypatch.setattr(demo_run, "evaluate", evaluate)
+    monkeypatch.setattr(demo_run, "write_summary", write_summary)
 
     def run(*flags: str, out: str = "demo") -> dict[str, list]:
         seen.clear()
@@ -524,13 +525,13 @@ def _seg_run(stages: dict) -> tuple[Path, object]:
 @pytest.mark.parametrize("flag, value", [("--out", "elsewhere"), ("--3d", None), ("--minutes", "6"),
                                          ("--subjects", "8"), ("--pairs", "5"), ("--seed", "3")])
 def test_the_demo_flags_reach_their_stages(demo_stages, tmp_path, flag, value):
-    from medgen.scripts import demo
+    from medgen.demo.profile import SLICES, VOLUMES
 
     base = demo_stages(out="base")
     assert base["code"] == 0
     (phantoms,), (generate,), (evaluate,) = base["phantoms"], base["generate"], base["evaluate"]
     assert (phantoms["subjects"], phantoms["seed"], phantoms["lesion_sizes"]) == (20, 0, "clinical")
-    assert (generate["num_images"], generate["seed"], evaluate["seed"], evaluate["profile"]) == (64, 0, 0, demo.SLICES)
+    assert (generate["num_images"], generate["seed"], evaluate["seed"], evaluate["profile"]) == (64, 0, 0, SLICES)
     _, seg = _seg_run(base)
     assert (seg.training.epochs, seg.seed, seg.model.spatial_dims) == (12 * 0.5 * 60, 0, 2)  # 1 s per epoch
 
@@ -551,7 +552,7 @@ def test_the_demo_flags_reach_their_stages(demo_stages, tmp_path, flag, value):
         assert (phantoms["lesion_sizes"], phantoms["max_lesions"]) == ("cover", 6)
         assert (seg.model.spatial_dims, list(seg.data.volume_shape)) == (3, [32, 32, 16])
         assert seg.training.epochs == int(8 * 0.55 * 60)
-        assert generate["num_images"] == 16 and evaluate["profile"] is demo.VOLUMES
+        assert generate["num_images"] == 16 and evaluate["profile"] is VOLUMES
     elif flag == "--minutes":
         assert seg.training.epochs == 6 * 0.5 * 60
     elif flag == "--subjects":
@@ -593,10 +594,10 @@ def test_a_demo_rerun_with_other_phantom_flags_says_they_do_not_apply(demo_stage
 def test_a_demo_rerun_without_the_phantoms_record_says_seed_and_subjects_do_not_apply(demo_stages, tmp_path, caplog):
     """Phantoms written by a demo that did not record their seed (or by hand): the seed is unknown, so the
     rerun says --seed and --subjects do not apply to them, even when they are not given."""
-    from medgen.scripts import demo
+    from medgen.demo.run import PHANTOMS_RECORD
 
     assert demo_stages("--subjects", "6")["code"] == 0
-    (tmp_path / "demo" / demo.PHANTOMS_RECORD).unlink()
+    (tmp_path / "demo" / PHANTOMS_RECORD).unlink()
     with caplog.at_level(logging.INFO):
         rerun = demo_stages()
     assert _warnings(caplog) == [f"== 1/5 phantoms: reusing the 6 phantom subjects in {tmp_path / 'demo' / 'data'}, "
@@ -605,23 +606,33 @@ def test_a_demo_rerun_without_the_phantoms_record_says_seed_and_subjects_do_not_
     assert rerun["summary"][0]["subjects"] == 6
 
 
+def test_a_demo_stage_stopped_by_a_signal_exits_as_a_stopped_run(demo_stages, monkeypatch, caplog):
+    """A training that a signal stopped: one line saying how to go on, exit 75, and no further stage."""
+    from medgen.core.signals import STOPPED_EXIT
+    from medgen.scripts import train as train_script
+
+    monkeypatch.setattr(train_script, "run", lambda cfg, run_dir: "stopped")
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as exited:
+        demo_stages()
+    assert exited.value.code == STOPPED_EXIT and "== 3/5 train bravo" not in caplog.text
+    assert "medgen-demo: training seg was stopped by a signal; run the same command again to go on" in caplog.text
+
+
 def test_a_reused_model_names_the_flags_that_do_not_apply_to_it(tmp_path, monkeypatch, caplog):
     """A finished model in --out is reused: the line saying so names --minutes and --seed, with the epochs and
     the seed it was trained with."""
-    import medgen.diffusion.config
     from medgen.core import checkpoint
-    from medgen.scripts import demo
+    from medgen.demo import run as demo_run
 
     latest = tmp_path / "runs" / "seg" / "demo" / "checkpoints" / "latest.pt"
     latest.parent.mkdir(parents=True)
     latest.write_bytes(b"")
     monkeypatch.setattr(checkpoint, "load_checkpoint", lambda path: {
-        "epoch": 9, "step": 90, "config": {"seed": 0, "training": {"epochs": 9}}})
-    monkeypatch.setattr(medgen.diffusion.config, "sample_shape", lambda cfg: (64, 64))
-    monkeypatch.setattr(demo, "_seconds_per_epoch", lambda *a: pytest.fail("a finished model is not trained again"))
+        "epoch": 9, "step": 90, "config": {"seed": 0, "training": {"epochs": 9}, "model": {"image_size": 64}}})
+    monkeypatch.setattr(demo_run, "_seconds_per_epoch", lambda *a: pytest.fail("a finished model is not trained again"))
     with caplog.at_level(logging.INFO):
-        run_dir, facts = demo.train(tmp_path, "seg", 6.0, 3)
-    assert run_dir == latest.parents[1] and facts["reused"] and facts["epochs"] == 9
+        run_dir, facts = demo_run.train(tmp_path, "seg", 6.0, 3, train_run=lambda *a: pytest.fail("nor trained"))
+    assert run_dir == latest.parents[1] and facts["reused"] and facts["epochs"] == 9 and facts["shape"] == (64, 64)
     assert f"seg model already trained: {run_dir} (9 epochs, seed 0); --minutes and --seed do not apply to it " \
            "(give another --out to train anew)" in caplog.text
 
