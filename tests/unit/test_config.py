@@ -37,7 +37,7 @@ def test_every_group_option_validates(group):
 
 
 def test_documented_defaults():
-    """The defaults the README's configuration table states."""
+    """The defaults the configuration table of docs/configuration.md states."""
     cfg = load_config([])
     assert cfg.model.image_size == 128
     assert list(cfg.model.channels) == [128, 256, 256]
