@@ -96,6 +96,21 @@ def test_the_readme_s_links_resolve():
             assert anchor in _anchors(target), f"README.md links to {link}: {path} has no heading '#{anchor}'"
 
 
+def test_the_configuration_page_lists_every_option_of_every_group():
+    """docs/configuration.md's group table: the options of each group are the shipped YAML files, and
+    the model row states the default network."""
+    from medgen.core.paths import configs_dir
+    from medgen.diffusion.config import load_config
+
+    page = (DOCS / "configuration.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.+) \|$", page, flags=re.M))
+    for group in ("model", "strategy", "mode", "training", "paths"):
+        listed = {re.match(r"`(\w+)`", item).group(1) for item in rows[group].split(" · ")}
+        assert listed == {p.stem for p in (configs_dir() / group).glob("*.yaml")}, (group, listed)
+    model = load_config([]).model
+    assert f"image_size {model.image_size}, channels {list(model.channels)}" in rows["model"], rows["model"]
+
+
 # ============================================================================ every command is real
 HYDRA = {"medgen-train": "train", "medgen-lr-find": "lr_find", "medgen-generate": "generate",
          "medgen-evaluate": "evaluate", "medgen.scripts.train": "train", "medgen.scripts.generate": "generate",
