@@ -52,10 +52,11 @@ def make_checkpoint(path: Path, mode: str, strategy: str, model: list[str], seed
     from medgen.core.checkpoint import save_checkpoint
     from medgen.diffusion.config import load_config
     from medgen.diffusion.modes import build_mode
+    from medgen.data.space import SampleSpace
     from medgen.diffusion.utils import build_network, network_kwargs
 
     cfg = load_config([f"mode={mode}", f"strategy={strategy}", "training.perceptual_weight=0", *model])
-    kwargs = network_kwargs(cfg.model, build_mode(cfg))
+    kwargs = network_kwargs(cfg.model, build_mode(cfg), SampleSpace.from_config(cfg))
     torch.manual_seed(seed)
     net = build_network(kwargs)
     from omegaconf import OmegaConf
@@ -64,7 +65,7 @@ def make_checkpoint(path: Path, mode: str, strategy: str, model: list[str], seed
     return save_checkpoint(path, {"config": OmegaConf.to_container(cfg, resolve=True), "mode": mode,
                                   "strategy": strategy, "network": kwargs, "model": state,
                                   "ema": {f"ema_model.{k}": v for k, v in state.items()}, "step": 0,
-                                  "geometry": {"spacing": [1.0, 1.0, 1.0], "orientation": "RAS"}})
+                                  "space": SampleSpace.from_config(cfg, (1.0, 1.0, 1.0)).state_dict()})
 
 
 def step_overhead(tmp: Path, model: list[str], batch: int, steps: int, device: torch.device,

@@ -185,7 +185,7 @@ def flops_per_image(trainer) -> int:
     """FLOPs of one image (or volume) through the network, forward + backward, under the run's autocast."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.randn(1, trainer.mode.in_channels, *trainer.strategy.spatial_shape, device=trainer.device)
+    x = torch.randn(1, trainer.mode.in_channels, *trainer.space.shape, device=trainer.device)
     t = torch.zeros(1, dtype=torch.long, device=trainer.device)
     with FlopCounterMode(display=False) as counter:
         with trainer.autocast():
@@ -266,7 +266,7 @@ def table(tmp: Path, args, overrides: list[str]) -> dict:
     peak = peak_tflops(gpu, args.peak_tflops)
     flops = flops_per_image(trainer)
     result = {"benchmark": "train_step_3d" if args.three_d else "train_step", "mode": "bravo",
-              "shape": list(trainer.strategy.spatial_shape), "network": trainer.network_kwargs["channels"], "device": str(device), "gpu": gpu,
+              "shape": list(trainer.space.shape), "network": trainer.network_kwargs["channels"], "device": str(device), "gpu": gpu,
               "peak_tflops": peak, "flops_per_image": flops, "gflops_per_image": round(flops / 1e9, 1),
               "steps": args.steps}
     del trainer
@@ -346,7 +346,7 @@ def main() -> None:
         overrides = [*(VOLUMES if args.three_d else []), *args.overrides]
         trainer = _trainer(["mode=bravo", "training=cpu", *overrides], tmp)
         result = {"benchmark": "train_step_3d" if args.three_d else "train_step", "mode": "bravo",
-                  "shape": list(trainer.strategy.spatial_shape), "image_size": trainer.cfg.model.image_size,
+                  "shape": list(trainer.space.shape), "image_size": trainer.cfg.model.image_size,
                   "network": trainer.network_kwargs["channels"], "device": str(trainer.device),
                   "threads": torch.get_num_threads(), "precision": trainer.train_cfg.precision}
         result.update(compare(trainer, args.steps, args.blocks, warmup=1 if args.smoke else 3))

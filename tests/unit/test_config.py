@@ -146,7 +146,7 @@ def test_sigmoid_schedule_is_accepted_by_the_one_validator_and_the_strategy():
 
     cfg = load_config(["strategy.schedule=sigmoid_beta", "model.image_size=32", "model.channels=[32,32]",
                        "model.attention_levels=[false,false]"])
-    assert build_strategy(cfg).scheduler.betas.shape == (1000,)
+    assert build_strategy(cfg, 128).scheduler.betas.shape == (1000,)
 
 
 def test_a_registered_strategy_and_mode_need_no_validator_edit():

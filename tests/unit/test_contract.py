@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 
+from medgen.data.space import SampleSpace
 from medgen.diffusion.config import load_config
 from medgen.diffusion.losses import diffusion_loss
 from medgen.diffusion.modes import build_mode
@@ -36,9 +37,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _setup(dims: int, strategy_name: str, mode_name: str):
     cfg = load_config([f"strategy={strategy_name}", f"mode={mode_name}", *MODEL_OVERRIDES])
-    strategy, mode = build_strategy(cfg, SHAPES[dims] if dims == 3 else None), build_mode(cfg)
+    strategy, mode = build_strategy(cfg, SHAPES[dims]), build_mode(cfg)
     torch.manual_seed(0)  # network initialisation only
-    model = build_network(network_kwargs(cfg.model, mode, dims))  # the production network, with its settings
+    model = build_network(network_kwargs(cfg.model, mode, SampleSpace(SHAPES[dims])))  # the production network, with its settings
     return cfg, strategy, mode, model
 
 

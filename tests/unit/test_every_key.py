@@ -347,10 +347,11 @@ def _train_cfg(*overrides: str) -> DictConfig:
                                       "model.norm_num_groups=16"])
 def test_model_keys_shape_the_network(override):
     from medgen.diffusion.modes import build_mode
+    from medgen.data.space import SampleSpace
     from medgen.diffusion.utils import build_network, network_kwargs
 
     def shape(cfg) -> tuple:
-        net = build_network(network_kwargs(cfg.model, build_mode(cfg), cfg.model.spatial_dims), False)
+        net = build_network(network_kwargs(cfg.model, build_mode(cfg), SampleSpace.from_config(cfg)), False)
         return (sum(p.numel() for p in net.parameters()),
                 tuple(m.num_groups for m in net.modules() if isinstance(m, torch.nn.GroupNorm)),
                 tuple(m.num_heads for m in net.modules() if hasattr(m, "num_heads")))
@@ -360,12 +361,12 @@ def test_model_keys_shape_the_network(override):
 
 @pytest.mark.parametrize("strategy", ["ddpm", "rflow"])
 def test_num_train_timesteps_bounds_the_timesteps(strategy):
-    from medgen.diffusion.config import sample_shape
+    from medgen.data.space import SampleSpace
     from medgen.diffusion.strategies import build_strategy
 
     def drawn(*overrides):
         cfg = _train_cfg(f"strategy={strategy}", *overrides)
-        s = build_strategy(cfg, sample_shape(cfg))
+        s = build_strategy(cfg, SampleSpace.from_config(cfg).shape)
         return s.num_train_timesteps, s.sample_timesteps(4096, torch.Generator().manual_seed(0), "cpu")
 
     (t_base, base), (t_short, short) = drawn(), drawn("strategy.num_train_timesteps=200")

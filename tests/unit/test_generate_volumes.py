@@ -56,7 +56,7 @@ def test_volumes_are_a_medgen_dataset_with_the_training_geometry(tmp_path, volum
     report = check_dataset(out, progress=False)
     assert report.ok and report.keys == ["bravo", "seg"] and report.patients_checked == 4
     # whole volumes [X, Y, Z], RAS, with the voxel size of the image model's training volumes
-    spacing = load_checkpoint(volume_checkpoints["bravo"])["geometry"]["spacing"]
+    spacing = load_checkpoint(volume_checkpoints["bravo"])["space"]["spacing"]
     assert len(spacing) == 3
     img = LoadImage(image_only=True)(str(out / "train" / "syn_000000" / "bravo.nii.gz"))
     assert tuple(img.shape) == SHAPE
@@ -109,7 +109,7 @@ def test_the_gate_measures_3d_lesions(tmp_path, volume_checkpoints):
               lesion_counts={"target": "model"},
               gate={"enabled": True, "min_area": 0.0, "max_area": 1.0, "max_components": 10000,
                     "min_component_pixels": 1, "inside_brain": False})
-    spacing = load_checkpoint(volume_checkpoints["bravo"])["geometry"]["spacing"]
+    spacing = load_checkpoint(volume_checkpoints["bravo"])["space"]["spacing"]
     blocks = sorted((tmp_path / "out" / ".medgen" / "masks").glob("block_*.npz"))
     with np.load(blocks[0]) as block:
         assert block["masks"].shape[1:] == SHAPE
@@ -119,7 +119,7 @@ def test_the_gate_measures_3d_lesions(tmp_path, volume_checkpoints):
 
 
 def test_a_volume_speck_is_by_default_what_a_4_mm_ball_fills_and_no_area_minimum(tmp_path, volume_checkpoints, caplog):
-    spacing = load_checkpoint(volume_checkpoints["bravo"])["geometry"]["spacing"]
+    spacing = load_checkpoint(volume_checkpoints["bravo"])["space"]["spacing"]
     voxels = max(1, int(np.ceil(4 / 3 * np.pi * 2 ** 3 / np.prod(spacing) - 1e-9)))  # a ball 4 mm across
     assert voxels == 5  # 1.875 x 1.875 x 2 mm voxels: not the 4 pixels of a slice
     gate = {"enabled": True, "max_area": 1.0, "max_components": 10000, "inside_brain": False, "max_attempts": 8}

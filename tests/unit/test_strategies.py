@@ -9,6 +9,7 @@ from monai.networks.schedulers.rectified_flow import timestep_transform
 from scipy.stats import ks_2samp
 
 from medgen.diffusion.config import load_config
+from medgen.data.space import SampleSpace
 from medgen.diffusion.strategies import STRATEGIES, DDPMStrategy, RFlowStrategy, build_strategy
 
 DDPMConfig, RFlowConfig = DDPMStrategy.Config, RFlowStrategy.Config
@@ -219,16 +220,16 @@ def test_rflow_sample_timesteps_equal_monai_for_same_draws(sample_method, use_di
 @pytest.mark.parametrize("shape", [(64, 64, 32), (32, 32, 16), (128, 128, 64)])
 def test_rflow_timesteps_of_a_volume_equal_monai_3d(shape):
     # MONAI's own 3D setting: spatial_dim=3, the base as a voxel count, the input's voxel count
-    strategy = RFlowStrategy(RFlowConfig(), 64, spatial_shape=shape)
+    strategy = RFlowStrategy(RFlowConfig(), shape)
     monai = RFlowScheduler(num_train_timesteps=T, use_discrete_timesteps=True, sample_method="logit-normal",
                            use_timestep_transform=True, base_img_size_numel=64**3, spatial_dim=3)
     torch.manual_seed(11)
     expected = monai.sample_timesteps(torch.zeros(256, 1, *shape))
     assert torch.equal(strategy.sample_timesteps(256, _gen(11), "cpu"), expected.float())
     assert strategy.shift == pytest.approx((shape[0] * shape[1] * shape[2] / 64**3) ** (1 / 3))
-    # a volume model's state records its shape; a slice model's state is as before
-    assert strategy.state_dict()["spatial_shape"] == list(shape) and "spatial_shape" not in _rflow(64).state_dict()
-    with pytest.raises(ValueError, match=r"differing: \['spatial_shape \(None != \["):
+    # the state records the sample's shape, a slice's as a volume's
+    assert strategy.state_dict()["shape"] == list(shape) and _rflow(64).state_dict()["shape"] == [64, 64]
+    with pytest.raises(ValueError, match=r"differing: \['shape \(\[64, 64\] != \["):
         strategy.load_state_dict(_rflow(64).state_dict())
 
 
@@ -380,15 +381,15 @@ def test_state_dict_round_trip_and_mismatch():
     assert a.state_dict()["strategy"]["sample_method"] == "logit-normal"
     with pytest.raises(ValueError, match="base_image_size"):
         _rflow(image_size=128, base_image_size=32).load_state_dict(a.state_dict())
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(ValueError, match=r"shape \(\[128, 128\] != \[64, 64\]\)"):
         _rflow(image_size=64).load_state_dict(a.state_dict())
 
 
 # =========================================================================== construction
 def test_build_strategy_from_config():
     cfg = load_config(["strategy=rflow", "model.image_size=96"])
-    strategy = build_strategy(cfg)
-    assert isinstance(strategy, RFlowStrategy) and strategy.image_size == 96
+    strategy = build_strategy(cfg, SampleSpace.from_config(cfg).shape)
+    assert isinstance(strategy, RFlowStrategy) and strategy.shape == (96, 96)
     assert strategy.scheduler.spatial_dim == 2 and strategy.scheduler.base_img_size_numel == 64 * 64
-    assert isinstance(build_strategy(load_config(["strategy=ddpm"])), DDPMStrategy)
+    assert isinstance(build_strategy(load_config(["strategy=ddpm"]), 128), DDPMStrategy)
     assert set(STRATEGIES) == {"ddpm", "rflow"}

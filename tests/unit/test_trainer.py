@@ -432,11 +432,11 @@ def test_a_3d_model_trains_on_whole_volumes_and_resumes_exactly(tiny_cfg, tmp_pa
     assert straight.data.train_cache.data.shape[1:] == (3, 16, 16, 8)  # bravo, seg, brain: one volume per patient
     batch = next(iter(straight.data.train))
     assert batch["bravo"].shape == (2, 1, 16, 16, 8) and set(batch) >= {"bravo", "seg", "brain"}
-    assert type(straight.model.conv_in.conv).__name__ == "Conv3d" and straight.strategy.spatial_shape == (16, 16, 8)
+    assert type(straight.model.conv_in.conv).__name__ == "Conv3d" and straight.space.shape == (16, 16, 8)
     assert straight.train() == "max_steps" and straight.step == 4
     ckpt = load_checkpoint(tmp_path / "a" / "checkpoints" / "latest.pt")
     assert ckpt["network"]["spatial_dims"] == 3 and ckpt["config"]["data"]["volume_shape"] == [16, 16, 8]
-    assert len(ckpt["geometry"]["spacing"]) == 3
+    assert ckpt["space"]["shape"] == [16, 16, 8] and len(ckpt["space"]["spacing"]) == 3
     grids = sorted((tmp_path / "a" / "samples").glob("*.png"))
     assert grids and Image.open(grids[-1]).size[0] > 0  # the middle axial slice of each volume
 

@@ -182,14 +182,6 @@ def _check_mode(mo: DictConfig, mode_cls: type) -> None:
             raise ConfigError(f"mode.{key}", str(exc)) from None
 
 
-def sample_shape(cfg: DictConfig) -> tuple[int, ...]:
-    """The spatial shape of one training sample: ``(image_size, image_size)`` for slices,
-    ``data.volume_shape`` for volumes (``model.spatial_dims=3``)."""
-    if cfg.model.get("spatial_dims", 2) == 3:
-        return tuple(int(n) for n in cfg.data.volume_shape)
-    return (int(cfg.model.image_size),) * 2
-
-
 def _check_volume(cfg: DictConfig, factor: int, n_levels: int) -> None:
     """A 3D model: a volume shape the U-Net can downsample."""
     shape = list(cfg.data.volume_shape)

@@ -268,7 +268,7 @@ def build_perceptual_loss(
     return module.eval()
 
 
-def perceptual_loss_for(train_cfg: Any, mode: Any, spatial_dims: int, device: torch.device | str) -> nn.Module | None:
+def perceptual_loss_for(train_cfg: Any, mode: Any, space: Any, device: torch.device | str) -> nn.Module | None:
     """The perceptual loss a run trains with (``training.perceptual_*``), built before any step so
     that missing weights stop the run at once: None for a mode that generates masks or a zero weight;
     for a 3D model the 2.5D :class:`PlanesPerceptualLoss` around the slice loss. The module is called
@@ -278,4 +278,4 @@ def perceptual_loss_for(train_cfg: Any, mode: Any, spatial_dims: int, device: to
         return None
     loss = build_perceptual_loss(weight, train_cfg.perceptual_weights_path, train_cfg.perceptual_allow_download,
                                  device=device)
-    return PlanesPerceptualLoss(loss, train_cfg.perceptual_slices) if spatial_dims == 3 else loss
+    return space.either(loss, PlanesPerceptualLoss(loss, train_cfg.perceptual_slices))

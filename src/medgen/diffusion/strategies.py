@@ -89,7 +89,7 @@ class DiffusionStrategy(abc.ABC):
         name: registry name (``strategy.name``).
         prediction_type: what the network predicts (the ``prediction_type`` choices of ``Config``).
         num_train_timesteps: ``T``.
-        image_size: side of the square images (the RFlow shift depends on it).
+        shape: the shape of one sample, ``(S, S)`` or ``(X, Y, Z)`` (the RFlow shift depends on it).
         config: the strategy config as a plain dict (recorded by :meth:`state_dict`).
     """
 
@@ -102,14 +102,11 @@ class DiffusionStrategy(abc.ABC):
     #: clip ``x0_hat`` to [-1, 1] in the sampling denoiser (model space is exactly [-1, 1])
     CLIP_X0: ClassVar[bool] = False
 
-    def __init__(self, cfg_strategy: Any, image_size: int, spatial_shape: Sequence[int] | None = None):
-        """``cfg_strategy``: a validated ``strategy`` config (or a ``Config`` instance);
-        ``spatial_shape``: the shape of one sample, ``(image_size, image_size)`` by default (a slice),
-        ``(X, Y, Z)`` for volumes."""
+    def __init__(self, cfg_strategy: Any, shape: int | Sequence[int]):
+        """``cfg_strategy``: a validated ``strategy`` config (or a ``Config`` instance); ``shape``: the
+        shape of one sample (the sample space's), an int ``S`` for a square slice ``(S, S)``."""
         self.config: dict[str, Any] = OmegaConf.to_container(OmegaConf.create(cfg_strategy), resolve=True)
-        self.image_size = int(image_size)
-        self.spatial_shape: tuple[int, ...] = tuple(int(n) for n in spatial_shape) if spatial_shape is not None \
-            else (self.image_size, self.image_size)
+        self.shape: tuple[int, ...] = (int(shape),) * 2 if isinstance(shape, int) else tuple(int(n) for n in shape)
         self.num_train_timesteps = int(self.config["num_train_timesteps"])
         self.prediction_type = str(self.config["prediction_type"])
 
@@ -175,10 +172,7 @@ class DiffusionStrategy(abc.ABC):
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         """No learnable state: the config, so a checkpoint records which strategy made it."""
-        state: dict[str, Any] = {"strategy": dict(self.config), "image_size": self.image_size}
-        if self.spatial_shape != (self.image_size, self.image_size):  # volumes (a slice model's state is as before)
-            state["spatial_shape"] = list(self.spatial_shape)
-        return state
+        return {"strategy": dict(self.config), "shape": list(self.shape)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Check that ``state`` (from :meth:`state_dict`) describes this very strategy."""
@@ -186,14 +180,12 @@ class DiffusionStrategy(abc.ABC):
         if dict(state) != mine:
             theirs_cfg = dict(state.get("strategy", {}))
             diff = sorted(k for k in set(theirs_cfg) | set(self.config) if theirs_cfg.get(k) != self.config.get(k))
-            if state.get("image_size") != self.image_size:
-                diff.append(f"image_size ({state.get('image_size')} != {self.image_size})")
-            if state.get("spatial_shape") != mine.get("spatial_shape"):
-                diff.append(f"spatial_shape ({state.get('spatial_shape')} != {mine.get('spatial_shape')})")
+            if state.get("shape") != mine["shape"]:
+                diff.append(f"shape ({state.get('shape')} != {mine['shape']})")
             raise ValueError(f"checkpoint strategy does not match this {self.name!r} strategy; differing: {diff}")
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config}, image_size={self.image_size})"
+        return f"{type(self).__name__}({self.config}, shape={list(self.shape)})"
 
 
 # ============================================================================ registry
@@ -232,8 +224,8 @@ class DDPMStrategy(DiffusionStrategy):
     #: impossible values early in few-step sampling. :meth:`predict_x0` itself never clips.
     CLIP_X0 = True
 
-    def __init__(self, cfg_strategy: Any, image_size: int, spatial_shape: Sequence[int] | None = None):
-        super().__init__(cfg_strategy, image_size, spatial_shape)
+    def __init__(self, cfg_strategy: Any, shape: int | Sequence[int]):
+        super().__init__(cfg_strategy, shape)
         self.scheduler = DDPMScheduler(num_train_timesteps=self.num_train_timesteps, schedule=self.config["schedule"],
                                        prediction_type="epsilon", clip_sample=self.CLIP_X0)
         # own float32 copy: MONAI's add_noise re-casts scheduler.alphas_cumprod in place
@@ -324,8 +316,8 @@ class RFlowStrategy(DiffusionStrategy):
     #: logit-normal parameters: MONAI's ``RFlowScheduler`` defaults, Esser et al.'s lognorm(0, 1)
     LOGIT_NORMAL_LOC: ClassVar[float] = 0.0
     LOGIT_NORMAL_SCALE: ClassVar[float] = 1.0
-    def __init__(self, cfg_strategy: Any, image_size: int, spatial_shape: Sequence[int] | None = None):
-        super().__init__(cfg_strategy, image_size, spatial_shape)
+    def __init__(self, cfg_strategy: Any, shape: int | Sequence[int]):
+        super().__init__(cfg_strategy, shape)
         c = self.config
         draws: dict[str, Callable[[int, torch.Generator], Tensor]] = {
             "uniform": self._draw_uniform,
@@ -339,8 +331,8 @@ class RFlowStrategy(DiffusionStrategy):
             loc=self.LOGIT_NORMAL_LOC,
             scale=self.LOGIT_NORMAL_SCALE,
             use_timestep_transform=bool(c["use_timestep_transform"]),
-            base_img_size_numel=int(c["base_image_size"]) ** len(self.spatial_shape),
-            spatial_dim=len(self.spatial_shape),
+            base_img_size_numel=int(c["base_image_size"]) ** len(self.shape),
+            spatial_dim=len(self.shape),
         )
 
     # ---------------------------------------------------------------- timesteps
@@ -363,7 +355,7 @@ class RFlowStrategy(DiffusionStrategy):
         """
         return timestep_transform(
             t,
-            input_img_size_numel=torch.tensor(math.prod(self.spatial_shape)),
+            input_img_size_numel=torch.tensor(math.prod(self.shape)),
             base_img_size_numel=self.scheduler.base_img_size_numel,
             num_train_timesteps=self.num_train_timesteps,
             spatial_dim=self.scheduler.spatial_dim,
@@ -380,15 +372,13 @@ class RFlowStrategy(DiffusionStrategy):
 
     @property
     def shift(self) -> float:
-        """The resolution shift: ``image_size / base_image_size`` for a square slice, the ratio of
-        voxel counts to the power ``1/3`` for a volume (1 without the timestep transform)."""
+        """The resolution shift ``(N / base_image_size^d)^(1/d)`` for ``N`` pixels (voxels) in ``d``
+        dimensions: ``S / base_image_size`` for a square slice of side ``S`` (1 without the timestep
+        transform)."""
         if not self.scheduler.use_timestep_transform:
             return 1.0
-        base = int(self.config["base_image_size"])
-        if self.spatial_shape == (self.image_size, self.image_size):
-            return self.image_size / base
-        dim = len(self.spatial_shape)
-        return (math.prod(self.spatial_shape) / base**dim) ** (1.0 / dim)
+        base, dim = int(self.config["base_image_size"]), len(self.shape)
+        return (math.prod(self.shape) / base**dim) ** (1.0 / dim)
 
     def grid(self, num_steps: int) -> Grid:
         """MONAI's ``RFlowScheduler.set_timesteps`` grid with the shift the model was trained with,
@@ -426,7 +416,7 @@ class RFlowStrategy(DiffusionStrategy):
         return x_t.to(dtype) + self._s(t.to(x_t.device), dtype, x_t.ndim) * model_out.to(dtype)
 
 
-def build_strategy(cfg: Any, spatial_shape: Sequence[int] | None = None) -> DiffusionStrategy:
-    """The strategy of a validated config: ``cfg.strategy`` at ``cfg.model.image_size`` (samples of
-    ``spatial_shape``: a square slice by default)."""
-    return STRATEGIES[cfg.strategy.name](cfg.strategy, cfg.model.image_size, spatial_shape)
+def build_strategy(cfg: Any, shape: int | Sequence[int]) -> DiffusionStrategy:
+    """The strategy of a validated config, ``cfg.strategy``, for samples of ``shape`` (the sample
+    space's; an int for a square slice)."""
+    return STRATEGIES[cfg.strategy.name](cfg.strategy, shape)

@@ -37,9 +37,10 @@ from medgen.core.precision import autocast, effective_precision
 from medgen.core.signals import StopRequest, stop_signals
 from medgen.data.loading import DataBundle, build_data
 from medgen.data.pictures import save_png
+from medgen.data.space import SampleSpace
 from medgen.data.transforms import from_model_space
 from medgen.diffusion import validation
-from medgen.diffusion.config import MAX_WARMUP_FRACTION, sample_shape
+from medgen.diffusion.config import MAX_WARMUP_FRACTION
 from medgen.diffusion.losses import diffusion_loss
 from medgen.diffusion.lr_schedule import LRSchedule, capped_warmup, warmup_cosine
 from medgen.diffusion.modes import build_mode
@@ -91,9 +92,11 @@ class DiffusionTrainer:
         self._log_lines, self._last_line = self.progress and not sys.stderr.isatty(), time.monotonic()
 
         self.mode = build_mode(cfg)
-        self.strategy = build_strategy(cfg, sample_shape(cfg))
-        self.network_kwargs = network_kwargs(cfg.model, self.mode, cfg.model.spatial_dims)
-        self.memory_format = torch.channels_last if cfg.model.spatial_dims == 2 else torch.channels_last_3d
+        #: the sample space; its spacing is the training data's, once the data is built
+        self.space = SampleSpace.from_config(cfg)
+        self.strategy = build_strategy(cfg, self.space.shape)
+        self.network_kwargs = network_kwargs(cfg.model, self.mode, self.space)
+        self.memory_format = self.space.memory_format
         # initial weights from the seed alone (the same on every rank, whatever the process drew
         # before), on a forked CPU RNG: the process's global RNG is left as it was
         with torch.random.fork_rng(devices=[]):
@@ -107,7 +110,7 @@ class DiffusionTrainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.learning_rate,
                                            weight_decay=tc.weight_decay, fused=True)
         # before any step: a missing-weights error must reach the user now, not after hours
-        self.perceptual = perceptual_loss_for(tc, self.mode, cfg.model.spatial_dims, self.device)
+        self.perceptual = perceptual_loss_for(tc, self.mode, self.space, self.device)
 
         self.data = data or build_data(cfg, self.dist.rank, self.dist.world_size, progress=self.progress,
                                        barrier=lambda: barrier(self.dist), selection=self.mode.slice_selection,
@@ -279,12 +282,12 @@ class DiffusionTrainer:
             how = (f"compiled ({self.train_cfg.compile_mode} mode)" if compiled else "eager") + \
                 (", channels_last" if self.train_cfg.channels_last else "")
             log.info("%s x %s at %s %s: %.1fM parameters on %s (%s x %d process(es)), %s", self.strategy.name,
-                     self.mode.name, " x ".join(map(str, self.strategy.spatial_shape)),
-                     "voxels" if len(self.strategy.spatial_shape) == 3 else "px", n_params / 1e6, self.device,
+                     self.mode.name, " x ".join(map(str, self.space.shape)),
+                     self.space.either("px", "voxels"), n_params / 1e6, self.device,
                      effective_precision(self.device, self.train_cfg.precision),
                      self.dist.world_size, how)
             log.info("%d training %s, %d steps/epoch, %d epochs (%d steps)", len(self.data.train_cache),
-                     "volumes" if self.cfg.model.spatial_dims == 3 else "slices",
+                     self.space.unit + "s",
                      self.steps_per_epoch, self.train_cfg.epochs, self.total_steps)
         try:
             while self.epoch < self.train_cfg.epochs:
@@ -351,7 +354,7 @@ class DiffusionTrainer:
                 if self._log_lines and time.monotonic() - self._last_line >= PROGRESS_LINE_SECONDS:
                     self._last_line = time.monotonic()
                     log.info("epoch %s, step %d/%d: loss %.4f, %.1f %s/s", self.epoch_label(), self.step, self.total_steps,
-                             stats["loss"], stats["images_per_sec"], "volumes" if self.cfg.model.spatial_dims == 3 else "images")
+                             stats["loss"], stats["images_per_sec"], self.space.either("images", "volumes"))
 
     def check_skips(self) -> None:
         """Report the steps skipped since the last check; :class:`TrainingStopped` after
@@ -379,7 +382,7 @@ class DiffusionTrainer:
         batch = validation.fixed_samples(cache, self.train_cfg.num_val_samples, self.mode.lesion_conditioned)
         if batch is None:
             return None
-        return validation.sample_grid(self._eval_model(), self.strategy, self.mode, batch,
+        return validation.sample_grid(self._eval_model(), self.strategy, self.mode, self.space, batch,
                                       num_steps=self.train_cfg.num_sample_steps, seed=self.cfg.seed, device=self.device,
                                       autocast=self.autocast, forward=self._sample_forward)
 
@@ -414,9 +417,9 @@ class DiffusionTrainer:
             "best_val_loss": self.best_val_loss,
             "nonfinite_streak": self.skips.streak_now(),
             "data_fingerprint": self.data.fingerprint,
-            # what generated data needs to look like the training data: voxel size (mm) of a model
-            # slice, in RAS (x, y, slice thickness)
-            "geometry": {"spacing": self.data.train_cache.spacing, "orientation": "RAS"},
+            # what generated data needs to look like the training data: the sample's shape and its
+            # voxel size (mm, RAS: x, y[, z]) in the training cache
+            "space": self.space.with_spacing(self.data.train_cache.spacing).state_dict(),
             # a mask model's training slices with a lesion, their largest lesion (mm) and lesion count: target=real
             "lesion_sizes": self.data.lesion_sizes if self.mode.generates_mask else None,
             "lesion_counts": self.data.lesion_counts if self.mode.generates_mask else None,

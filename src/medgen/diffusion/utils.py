@@ -17,12 +17,13 @@ from PIL import Image
 from medgen.core.checkpoint import CheckpointError, load_checkpoint
 
 
-def network_kwargs(model_cfg, mode, spatial_dims: int = 2) -> dict[str, Any]:
-    """MONAI ``DiffusionModelUNet`` kwargs for ``cfg.model`` and a ``TrainingMode`` (stored in
-    checkpoints); ``spatial_dims``: 2 for slices, 3 for volumes."""
+def network_kwargs(model_cfg, mode, space) -> dict[str, Any]:
+    """MONAI ``DiffusionModelUNet`` kwargs for ``cfg.model``, a ``TrainingMode`` and the
+    :class:`~medgen.data.space.SampleSpace` (stored in checkpoints): the network builder, the one
+    place besides the space that needs the number of spatial dimensions."""
     m = model_cfg
     return {
-        "spatial_dims": int(spatial_dims),
+        "spatial_dims": space.dims,
         "in_channels": mode.in_channels,
         "out_channels": mode.out_channels,
         "channels": [int(c) for c in m.channels],

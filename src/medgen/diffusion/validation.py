@@ -18,6 +18,7 @@ import torch.distributed as torch_dist
 from medgen.core.constants import LESION_COUNT_KEY, LESION_MM_KEY
 from medgen.core.distributed import DistInfo
 from medgen.data.slices import ItemCache
+from medgen.data.space import SampleSpace
 from medgen.data.transforms import ras_to_display
 from medgen.diffusion.losses import per_sample_mse
 from medgen.diffusion.modes import TrainingMode
@@ -91,7 +92,7 @@ def fixed_samples(cache: ItemCache, n: int, sizes: bool = False) -> dict[str, to
 
 
 @torch.no_grad()
-def sample_grid(model: torch.nn.Module, strategy: DiffusionStrategy, mode: TrainingMode,
+def sample_grid(model: torch.nn.Module, strategy: DiffusionStrategy, mode: TrainingMode, space: SampleSpace,
                 batch: dict[str, torch.Tensor], *, num_steps: int, seed: int, device: torch.device,
                 autocast: Callable[[], AbstractContextManager],
                 forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
@@ -120,6 +121,6 @@ def sample_grid(model: torch.nn.Module, strategy: DiffusionStrategy, mode: Train
         row = [batch[k][i, 0].numpy() for k in mode.cond_keys]
         row += [real[k][i, 0].float().cpu().numpy() for k in mode.image_keys]
         row += [gen[k][i, 0].float().cpu().numpy() for k in mode.image_keys]
-        rows.append([ras_to_display(tile if tile.ndim == 2 else tile[..., tile.shape[-1] // 2]) for tile in row])
+        rows.append([ras_to_display(space.axial(tile)) for tile in row])
     labels = [*mode.cond_keys, *(f"{k} real" for k in mode.image_keys), *(f"{k} gen" for k in mode.image_keys)]
     return make_grid(rows, labels=labels, scale=2)

@@ -22,10 +22,10 @@ from medgen.core.checkpoint import load_checkpoint
 from medgen.core.constants import BRAIN_KEY, MASK_KEY
 from medgen.core.paths import resolve_path
 from medgen.core.precision import autocast
+from medgen.data.space import SampleSpace
 from medgen.diffusion.modes import MODES, TrainingMode, build_mode
 from medgen.diffusion.samplers import guided, randn_like
 from medgen.diffusion.strategies import DiffusionStrategy, build_strategy
-from medgen.diffusion.config import sample_shape
 from medgen.diffusion.utils import network_from_checkpoint, sampling_forward
 
 log = logging.getLogger("medgen.generate")
@@ -77,7 +77,8 @@ class Stage:
     strategy: DiffusionStrategy
     mode: TrainingMode
     cond_dropout: float
-    spacing: tuple[float, float, float] | None
+    #: the sample space it was trained in (shape and voxel size), recorded in its checkpoint
+    space: SampleSpace
     #: the image its training data derived the brain mask from (``data.brain_from``)
     brain_from: str
     device: torch.device
@@ -91,17 +92,21 @@ class Stage:
 
     @property
     def image_size(self) -> int:
-        return self.strategy.image_size
+        return self.space.size
+
+    @property
+    def spacing(self) -> tuple[float, ...] | None:
+        return self.space.spacing
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
         """The shape of one sample: ``(S, S)`` for a slice model, ``(X, Y, Z)`` for a volume model."""
-        return self.strategy.spatial_shape
+        return self.space.shape
 
     @property
     def volumes(self) -> bool:
         """Whether it draws volumes (trained with ``model.spatial_dims=3``)."""
-        return len(self.spatial_shape) == 3
+        return self.space.volumetric
 
     def describe_shape(self) -> str:
         """``"64 px slices"`` or ``"64x64x32 volumes"``, for messages."""
@@ -149,10 +154,9 @@ def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, 
     if use_ema and ckpt.get("ema") is None:
         log.warning("%s has no EMA weights (trained with training.use_ema=false): using the raw weights", file)
     network = network_from_checkpoint(ckpt, file, use_ema).to(device).eval().requires_grad_(False)
-    spacing = (ckpt.get("geometry") or {}).get("spacing")
-    return Stage(path=file, sha256=sha256(file), network=network, strategy=build_strategy(cfg, sample_shape(cfg)),
-                 mode=mode,
-                 cond_dropout=float(cfg.training.cond_dropout), spacing=tuple(spacing) if spacing else None,
+    space = SampleSpace.from_state(ckpt["space"])
+    return Stage(path=file, sha256=sha256(file), network=network, strategy=build_strategy(cfg, space.shape),
+                 mode=mode, cond_dropout=float(cfg.training.cond_dropout), space=space,
                  brain_from=str(cfg.data.get("brain_from", "bravo")), device=device, precision=precision,
                  forward=sampling_forward(network, device, compile, log, compile_mode),
                  training_sizes=_recorded(ckpt, "lesion_sizes"), training_counts=_recorded(ckpt, "lesion_counts"))

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from medgen.core.checkpoint import CheckpointError
 from medgen.core.fs import FileSystemError, FolderBusy, FolderLock, remove_orphans
 from medgen.core.paths import resolve_path
-from medgen.diffusion.config import sample_shape
+from medgen.data.space import SampleSpace
 from medgen.diffusion.run.checkpointer import check_resumable
 
 log = logging.getLogger("medgen.train")
@@ -53,8 +53,7 @@ def job_tag(env: dict[str, str] | None = None) -> str:
 
 def size_tag(cfg: DictConfig) -> str:
     """The size in a run folder's name: ``128`` (slices of model.image_size), ``64x64x32`` (volumes)."""
-    shape = sample_shape(cfg)
-    return "x".join(map(str, shape)) if len(shape) == 3 else str(shape[0])
+    return SampleSpace.from_config(cfg).tag
 
 
 def run_stem(cfg: DictConfig, now: float | None = None, env: dict[str, str] | None = None) -> str:
