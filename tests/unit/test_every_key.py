@@ -82,10 +82,6 @@ def _here(name: str) -> str:
 
 TRAINER = "unit/test_trainer.py"
 SLICES = "unit/test_slices.py"
-#: the name of a group's option, as its YAML file sets it: no code reads it, the run's config.yaml records it
-LABEL = ("exempt: a label: the name of the chosen option of its group, recorded in the run's config.yaml so a run says "
-         "which preset it used (tests/integration/test_spec_commands.py::test_spec_command_runs reads paths.name)")
-
 COVERAGE_TRAIN: dict[str, str] = {
     "seed": _t(TRAINER, "test_building_a_trainer_leaves_process_wide_state_alone"),
     # ---- data
@@ -128,12 +124,10 @@ COVERAGE_TRAIN: dict[str, str] = {
     "mode.count_classes": _t("unit/test_sizes.py",
                              "test_a_count_conditioned_seg_model_trains_and_draws_the_number_of_lesions_asked"),
     # ---- paths (local, cluster)
-    "paths.name": LABEL,
     "paths.data_dir": _t(SLICES, "test_missing_data_folder_says_how_to_make_one"),
     "paths.model_dir": _t("unit/test_config.py", "test_run_folder_pattern"),
     "paths.cache_dir": _t(SLICES, "test_a_bad_file_in_val_refuses_with_the_check_report_and_leaves_nothing"),
     # ---- training (default, cpu, fast_debug)
-    "training.name": LABEL,
     "training.epochs": _t(TRAINER, "test_lr_schedule_warmup_then_cosine_independent_of_max_steps"),
     "training.batch_size": _t(SLICES, "test_seg_mode_keeps_tumour_positive_slices_and_bravo_keeps_brain"),
     "training.learning_rate": _t(TRAINER, "test_lr_schedule_warmup_then_cosine_independent_of_max_steps"),
@@ -390,10 +384,11 @@ def patient() -> tuple[dict[str, np.ndarray], np.ndarray]:
 def test_data_keys_select_and_scale_the_training_slices(patient, mode, override):
     """The slices ``build_data`` caches for a patient: its ``SliceSpec.for_mode`` of the config."""
     from medgen.data.slices import SliceSpec
+    from medgen.data.space import SampleSpace
     from medgen.diffusion.modes import MODES
 
     def slices(cfg):
-        spec = SliceSpec.for_mode(cfg.mode, cfg.data, cfg.model.image_size, MODES[cfg.mode.name].slice_selection)
+        spec = SliceSpec.for_mode(cfg.mode, cfg.data, SampleSpace.from_config(cfg), MODES[cfg.mode.name].slice_selection)
         block, z, _, _ = spec.patient_items(*patient)
         return block, z
 

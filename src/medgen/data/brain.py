@@ -91,10 +91,8 @@ def brain_mask(images: np.ndarray) -> np.ndarray:
 def brain_of(image: np.ndarray) -> np.ndarray:
     """The brain of one RAS slice ``[X, Y]`` or volume ``[X, Y, Z]`` (axial slice by axial slice, as
     for training data), as booleans of its shape."""
-    image = np.asarray(image)
-    if image.ndim == 3:
-        return np.moveaxis(brain_mask(np.moveaxis(image, -1, 0)), 0, -1)
-    return brain_mask(image)
+    planes = np.moveaxis(np.asarray(image), (0, 1), (-2, -1))  # [X, Y, *rest] -> [*rest, X, Y]
+    return np.moveaxis(brain_mask(planes), (-2, -1), (0, 1))
 
 
 def inside_counts(masks: np.ndarray, brains: np.ndarray) -> tuple[int, int]:

@@ -16,6 +16,8 @@ from medgen.core.constants import LESION_COUNT_KEY, LESION_MM_KEY
 from medgen.data.nifti_dataset import DataError
 from medgen.data.parallel import stopping_at_exit, worker_init_dying_with_parent
 from medgen.data.slices import ItemCache, SliceSpec, fingerprint, open_or_build_caches
+from medgen.data.space import SampleSpace
+from medgen.data.volumes import VolumeSpec
 from medgen.data.splits import split_patients
 
 log = logging.getLogger("medgen.data")
@@ -145,12 +147,9 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, progress: bool = True,
             f"phantom dataset: medgen-data phantom --out {root} --subjects 20"
         )
     cache_dir = resolve_path(cfg.paths.cache_dir)
-    if cfg.model.spatial_dims == 3:  # whole volumes: one item per patient, no selection
-        from medgen.data.volumes import VolumeSpec
-
-        spec, kind = VolumeSpec.for_mode(cfg.mode, cfg.data), "volume"
-    else:
-        spec, kind = SliceSpec.for_mode(cfg.mode, cfg.data, cfg.model.image_size, selection), "slice"
+    space = SampleSpace.from_config(cfg)  # volumes: one item per patient, no selection
+    spec = space.either(SliceSpec, VolumeSpec).for_mode(cfg.mode, cfg.data, space, selection)
+    kind = space.unit
     d = cfg.data
     train_patients = split_patients(root, "train", d.val_fraction)
     val_patients = split_patients(root, "val", d.val_fraction)

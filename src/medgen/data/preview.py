@@ -48,12 +48,12 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc}); run `medgen-data check`") from None
     if volume.ndim not in (2, 3):  # a single 2D slice still makes a picture
         raise DataError(f"{path}: {volume_shape_problem(volume.shape)}; run `medgen-data check`")
-    return volume, affine
+    return np.atleast_3d(volume), affine  # a 2D file as one axial slice [X, Y, 1]
 
 
 def _pick_slice(mask: np.ndarray | None, depth: int) -> int:
     """Axial slice with the most lesion voxels; the middle slice when there is no lesion."""
-    if mask is not None and mask.ndim == 3:
+    if mask is not None:
         per_slice = mask.reshape(-1, mask.shape[-1]).sum(axis=0)
         if per_slice.max() > 0:
             return int(np.argmax(per_slice))
@@ -61,7 +61,7 @@ def _pick_slice(mask: np.ndarray | None, depth: int) -> int:
 
 
 def _plane(volume: np.ndarray, k: int) -> np.ndarray:
-    return volume if volume.ndim == 2 else volume[..., k]
+    return volume[..., k]
 
 
 def _patients(root: Path, n_patients: int) -> list[Path]:
@@ -131,7 +131,7 @@ def make_preview(root: str | Path, out_png: str | Path, n_patients: int = 4) -> 
                 outline = ras_to_display(_plane(mask, k))
                 if outline.any():
                     ax.contour(outline, levels=[0.5], colors=CONTOUR_COLOUR, linewidths=1.0)
-            where = f" z={k}" if volume.ndim == 3 else ""
+            where = f" z={k}" if volume.shape[-1] > 1 else ""
             ax.set_title(f"{patient.name} | {key}{where}", color="white", fontsize=8)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / (len(patients) * CELL_HEIGHT_IN),
                         wspace=0.04, hspace=0.15)

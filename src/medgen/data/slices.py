@@ -127,8 +127,9 @@ class SliceSpec:
             preprocess_image(volume, self.image_size, self.lower_percentile, self.upper_percentile)
 
     @classmethod
-    def for_mode(cls, mode_cfg, data_cfg, image_size: int, selection: str) -> "SliceSpec":
-        """The slices of a mode's keys (``cfg.mode``) with the selection its class declares
+    def for_mode(cls, mode_cfg, data_cfg, space, selection: str) -> "SliceSpec":
+        """The slices of ``space`` (a :class:`~medgen.data.space.SampleSpace`) of a mode's keys
+        (``cfg.mode``) with the selection its class declares
         (``slice_selection``): ``"lesion"`` keeps tumour-positive slices (every slice when
         ``data.seg_positive_only`` is false), ``"brain"`` slices where every image channel shows brain.
         A ``brain`` key is derived from ``data.brain_from``."""
@@ -137,7 +138,7 @@ class SliceSpec:
             selection = "all"
         return cls(
             keys=keys,
-            image_size=int(image_size),
+            image_size=space.size,
             selection=selection,
             min_lesion_pixels=max(1, int(data_cfg.min_lesion_pixels)),
             min_brain_fraction=float(data_cfg.min_brain_fraction),

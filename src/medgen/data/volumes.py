@@ -69,11 +69,12 @@ class VolumeSpec:
         object.__setattr__(self, "volume_shape", shape)
 
     @classmethod
-    def for_mode(cls, mode_cfg, data_cfg) -> "VolumeSpec":
-        """The volumes of a mode's keys (``cfg.mode``) at ``data.volume_shape``; the head is the
-        reference image above ``data.brain_intensity``, a ``brain`` key derived from ``data.brain_from``."""
+    def for_mode(cls, mode_cfg, data_cfg, space, selection: str = "all") -> "VolumeSpec":
+        """The volumes of ``space`` (a :class:`~medgen.data.space.SampleSpace`) of a mode's keys
+        (``cfg.mode``): whole volumes, no ``selection``; the head is the reference image above
+        ``data.brain_intensity``, a ``brain`` key derived from ``data.brain_from``."""
         return cls(keys=tuple(dict.fromkeys([*mode_cfg.image_keys, *mode_cfg.cond_keys])),
-                   volume_shape=tuple(int(n) for n in data_cfg.volume_shape),
+                   volume_shape=space.shape,
                    lower_percentile=float(data_cfg.lower_percentile), upper_percentile=float(data_cfg.upper_percentile),
                    head_intensity=float(data_cfg.brain_intensity), brain_from=str(data_cfg.brain_from))
 
