@@ -628,11 +628,12 @@ def test_a_reused_model_names_the_flags_that_do_not_apply_to_it(tmp_path, monkey
     latest.parent.mkdir(parents=True)
     latest.write_bytes(b"")
     monkeypatch.setattr(checkpoint, "load_checkpoint", lambda path: {
-        "epoch": 9, "step": 90, "config": {"seed": 0, "training": {"epochs": 9}, "model": {"image_size": 64}}})
+        "epoch": 9, "step": 90, "config": {"seed": 0, "training": {"epochs": 9}, "model": {"image_size": 64}},
+        "space": {"shape": [64, 64], "spacing": None}})
     monkeypatch.setattr(demo_run, "_seconds_per_epoch", lambda *a: pytest.fail("a finished model is not trained again"))
     with caplog.at_level(logging.INFO):
         run_dir, facts = demo_run.train(tmp_path, "seg", 6.0, 3, train_run=lambda *a: pytest.fail("nor trained"))
-    assert run_dir == latest.parents[1] and facts["reused"] and facts["epochs"] == 9 and facts["shape"] == (64, 64)
+    assert run_dir == latest.parents[1] and facts["reused"] and facts["epochs"] == 9 and facts["space"].shape == (64, 64)
     assert f"seg model already trained: {run_dir} (9 epochs, seed 0); --minutes and --seed do not apply to it " \
            "(give another --out to train anew)" in caplog.text
 

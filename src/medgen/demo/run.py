@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable
 
 from medgen.demo.profile import PROBE_STEPS, SLICES, VOLUMES, Profile
 from medgen.demo.summary import write_summary
+from medgen.data.space import SampleSpace
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -92,9 +93,9 @@ def _check_kind(out: Path, profile: Profile) -> None:
 
     latest = out / "runs" / "seg" / "demo" / "checkpoints" / "latest.pt"
     if latest.is_file():
-        volumes = load_checkpoint(latest)["config"]["model"].get("spatial_dims", 2) == 3
-        if volumes != (profile is VOLUMES):
-            raise DataError(f"{out} holds a {'volume' if volumes else 'slice'} demo; give medgen-demo another --out "
+        space = SampleSpace.from_state(load_checkpoint(latest)["space"])
+        if space.volumetric != (profile is VOLUMES):
+            raise DataError(f"{out} holds a {space.unit} demo; give medgen-demo another --out "
                             f"for the {profile.item} demo ({'with' if profile is VOLUMES else 'without'} --3d)")
 
 
@@ -219,15 +220,13 @@ def train(out: Path, mode: str, minutes: float, seed: int, profile: Profile = SL
     if train_run(cfg, run_dir) == "stopped":
         raise DemoStopped(f"training {mode}")
     best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
-    return run_dir, {"epochs": epochs, "steps": epochs * steps_per_epoch, "shape": _shape(cfg),
+    return run_dir, {"epochs": epochs, "steps": epochs * steps_per_epoch, "space": SampleSpace.from_config(cfg),
                      "best_val_loss": float(best["best_val_loss"])}
 
 
 def _reuse_trained(run_dir: Path, mode: str) -> dict | None:
     """The summary's facts of the model ``run_dir`` holds when it finished its epochs (said in one
     line: the flags that do not apply to it); None when there is none, after removing an unfinished one."""
-    from omegaconf import OmegaConf
-
     from medgen.core.checkpoint import load_checkpoint
 
     latest = run_dir / "checkpoints" / "latest.pt"
@@ -239,16 +238,10 @@ def _reuse_trained(run_dir: Path, mode: str) -> dict | None:
                  "(give another --out to train anew)", mode, run_dir, ckpt["epoch"],
                  ckpt["config"].get("seed", "not recorded"))
         return {"epochs": ckpt["epoch"], "steps": ckpt["step"], "reused": True,
-                "shape": _shape(OmegaConf.create(ckpt["config"]))}
+                "space": SampleSpace.from_state(ckpt["space"])}
     shutil.rmtree(run_dir)
     return None
 
-
-def _shape(cfg: "DictConfig") -> tuple[int, ...]:
-    """One sample's shape under a training config: ``(S, S)`` or ``(X, Y, Z)``."""
-    from medgen.data.space import SampleSpace
-
-    return SampleSpace.from_config(cfg).shape
 
 
 def _overrides(out: Path, mode: str, seed: int, profile: Profile = SLICES) -> list[str]:
@@ -280,13 +273,11 @@ def _seconds_per_epoch(overrides: list[str], out: Path) -> tuple[float, int]:
 # ---------------------------------------------------------------------------------- 5/5 evaluation
 def evaluate(out: Path, seed: int, profile: Profile = SLICES) -> dict:
     """medgen-evaluate on the demo's sets with a budget that fits a laptop (200 steps per model)."""
-    from omegaconf import OmegaConf
-
-    from medgen.evaluation.config import validate_evaluate_config
+    from medgen.evaluation.config import evaluate_config
     from medgen.evaluation.evaluate import evaluate as run_evaluation
 
-    cfg = validate_evaluate_config(OmegaConf.create({
+    cfg = evaluate_config({
         "real_dir": str(out / "data"), "synthetic_dir": str(out / "synthetic"), "out_dir": str(out / "evaluation"),
         "cache_dir": str(out / "cache"), "seed": seed, "seeds": [seed, seed + 1, seed + 2],
-        "budget": {"steps": 200, "batch_size": profile.eval_batch, "precision": profile.eval_precision}}))
+        "budget": {"steps": 200, "batch_size": profile.eval_batch, "precision": profile.eval_precision}})
     return run_evaluation(cfg)

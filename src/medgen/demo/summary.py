@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from medgen.demo.profile import SLICES, Profile
+from medgen.data.space import SampleSpace
 
 
 def write_summary(out: Path, subjects: int, pairs: int, seconds: dict[str, float], facts: dict[str, dict],
@@ -17,7 +18,7 @@ def write_summary(out: Path, subjects: int, pairs: int, seconds: dict[str, float
     from medgen.evaluation.report import summary_lines
 
     check = contrast_check(out, [result.out_dir / "train" / sid for sid in result.sample_ids],
-                           tuple(facts["bravo"]["shape"]))
+                           facts["bravo"]["space"])
     lines = [
         "# medgen demo",
         "",
@@ -126,10 +127,10 @@ _VOLUME_TEXT = [
 ]
 
 
-def contrast_check(out: Path, sample_dirs: list[Path], shape: tuple[int, ...]) -> dict[str, float]:
+def contrast_check(out: Path, sample_dirs: list[Path], space: SampleSpace) -> dict[str, float]:
     """Do lesions sit where the masks are? :func:`lesion_contrast` of the synthetic bravo images with
     their own masks, with the masks of other samples (a pipeline that ignored the mask would score
-    the same on both), and of the real test slices (volumes, ``shape`` of three sizes) with lesions."""
+    the same on both), and of the real test items of ``space`` with lesions."""
     from medgen.data.slices import SliceSpec, open_or_build_cache
     from medgen.data.splits import split_patients
     from medgen.data.volumes import VolumeSpec
@@ -139,8 +140,8 @@ def contrast_check(out: Path, sample_dirs: list[Path], shape: tuple[int, ...]) -
     pairs = [(a["bravo"], a["seg"]) for a in (read_sample(d, ("bravo",)) for d in sample_dirs)]
     own = [lesion_contrast(img, m) for img, m in pairs]
     shuffled = [lesion_contrast(img, pairs[(i + len(pairs) // 2) % len(pairs)][1]) for i, (img, _) in enumerate(pairs)]
-    spec = VolumeSpec(keys=("bravo", "seg"), volume_shape=shape) if len(shape) == 3 else \
-        SliceSpec(keys=("bravo", "seg"), image_size=shape[0], selection="lesion")
+    spec = space.either(lambda: SliceSpec(keys=("bravo", "seg"), image_size=space.size, selection="lesion"),
+                        lambda: VolumeSpec(keys=("bravo", "seg"), volume_shape=space.shape))()
     cache = open_or_build_cache(split_patients(out / "data", "test"), spec, out / "cache", progress=False)
     real = [lesion_contrast(np.asarray(cache.data[i, 0], np.float32), np.asarray(cache.data[i, 1], np.float32))
             for i in range(len(cache)) if cache.lesion_pixels[i] > 0]
