@@ -89,6 +89,8 @@ BAD = [
     (["model.spatial_dims=4"], "model.spatial_dims"),
     (["model.spatial_dims=3", "data.volume_shape=[64,64,30]"], "data.volume_shape"),  # 30 is not divisible by 4
     (["model.spatial_dims=3", "data.volume_shape=[64,64]"], "data.volume_shape"),
+    (["mode=bravo", "+mode.size_bins=null"], "mode.size_bins"),  # only a mode conditioned on its lesions has it
+    (["training.epochs=???"], "training.epochs"),  # no value: the schema has no default to fall back on
 ]
 
 
@@ -164,8 +166,7 @@ def test_a_registered_strategy_and_mode_need_no_validator_edit():
 
         @dataclass
         class Config(DDPMStrategy.Config):
-            name: str = "stepped"
-            schedule: str = choice("linear_beta", "linear_beta")
+            schedule: str = choice("linear_beta")
 
     @register_mode
     class FlairFromT1(ConditionalSingleMode):

@@ -204,12 +204,10 @@ def test_budget_precision_bf16_trains_the_segmenter_in_bf16_to_the_same_skill(mo
 
 
 def test_budget_precision_is_fp32_or_bf16():
-    from omegaconf import OmegaConf
-
     from medgen.core.schema import ConfigError
-    from medgen.evaluation.config import validate_evaluate_config
+    from medgen.evaluation.config import evaluate_config
 
     base = {"real_dir": "r", "synthetic_dir": "s"}
-    assert validate_evaluate_config(OmegaConf.create(base)).budget.precision == "fp32"
+    assert evaluate_config(base).budget.precision == "fp32"
     with pytest.raises(ConfigError, match="budget.precision"):
-        validate_evaluate_config(OmegaConf.create({**base, "budget": {"precision": "fp16"}}))
+        evaluate_config({**base, "budget": {"precision": "fp16"}})

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from medgen.data.slices import SliceSpec, open_or_build_cache
 from medgen.data.splits import split_patients
 from medgen.evaluation import EvaluationError
-from medgen.evaluation.config import validate_evaluate_config
+from medgen.evaluation.config import evaluate_config
 from medgen.evaluation.evaluate import evaluate
 from medgen.generation.writer import write_sample
 
@@ -49,7 +49,7 @@ def _cfg(real: Path, synthetic: Path, out: Path, feature_net: Path | str, **extr
                 "cache_dir": str(out.parent / "cache"), "seeds": [0], "num_workers": 0, "max_images": 200,
                 "diversity_pairs": 20, "budget": {"steps": 60, "batch_size": 8},
                 "features": {"network": str(feature_net), "kid_subsets": 10, "kid_subset_size": 10}, **extra}
-    return validate_evaluate_config(OmegaConf.create(settings))
+    return evaluate_config(settings)
 
 
 def test_a_matching_set_beats_a_broken_one_and_the_report_is_complete(tmp_path, real, feature_net):

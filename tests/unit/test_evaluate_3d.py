@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from datagen import make_patient, write_dataset
-from omegaconf import OmegaConf
 from PIL import Image
 
 from medgen.data.lesions import SizeBins
@@ -22,7 +21,7 @@ from medgen.data.slices import open_or_build_cache
 from medgen.data.splits import split_patients
 from medgen.data.volumes import VolumeSpec
 from medgen.evaluation import EvaluationError, metrics
-from medgen.evaluation.config import validate_evaluate_config
+from medgen.evaluation.config import evaluate_config
 from medgen.evaluation.downstream import build_segmenter, load_segmenter, save_segmenter
 from medgen.evaluation.evaluate import evaluate
 from medgen.evaluation.lesionwise import LesionTest, match_lesions
@@ -133,7 +132,7 @@ def _cfg(real: Path, synthetic: Path, out: Path, feature_net: Path, **extra):
                 "budget": {"steps": 10, "batch_size": 2}, "lesions": {"resamples": 20},
                 "features": {"network": str(feature_net), "kid_subsets": 5, "kid_subset_size": 10,
                              "slices_per_plane": 4}, **extra}
-    return validate_evaluate_config(OmegaConf.create(settings))
+    return evaluate_config(settings)
 
 
 def test_a_3d_set_is_evaluated_as_volumes_with_a_three_plane_report(tmp_path, real3d, feature_net):

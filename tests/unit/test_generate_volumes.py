@@ -213,9 +213,7 @@ def test_volumes_painted_on_real_masks_are_evaluated_in_3d_against_their_own_pat
     """The chain a user runs: medgen-generate from a volume model on the masks of the real test
     volumes, then medgen-evaluate: 3D metrics, paired PSNR/SSIM per patient, three-plane report."""
     from datagen import write_dataset
-    from omegaconf import OmegaConf
-
-    from medgen.evaluation.config import validate_evaluate_config
+    from medgen.evaluation.config import evaluate_config
     from medgen.evaluation.evaluate import evaluate
 
     real = tmp_path / "real"
@@ -224,11 +222,11 @@ def test_volumes_painted_on_real_masks_are_evaluated_in_3d_against_their_own_pat
                        num_images=None)
     rows = _manifest(result.out_dir)
     assert {r["mask_source"] for r in rows} <= {f"test/patient_{i:03d}" for i in (1, 3, 5)} and rows
-    cfg = validate_evaluate_config(OmegaConf.create({
+    cfg = evaluate_config({
         "real_dir": str(real), "synthetic_dir": str(result.out_dir), "out_dir": str(tmp_path / "eval"),
         "cache_dir": str(tmp_path / "cache"), "seeds": [0], "num_workers": 0, "diversity_pairs": 4, "downstream": False,
         "budget": {"steps": 5, "batch_size": 2},  # the real-trained network of the adherence check
-        "features": {"network": str(feature_net), "kid_subsets": 2, "kid_subset_size": 4, "slices_per_plane": 2}}))
+        "features": {"network": str(feature_net), "kid_subsets": 2, "kid_subset_size": 4, "slices_per_plane": 2}})
     r = evaluate(cfg, torch.device("cpu"), progress=False)
     assert (r["spatial_dims"], r["volume_shape"]) == (3, list(SHAPE))
     assert r["distribution"]["slices"]["synthetic"] == len(rows)

@@ -105,14 +105,10 @@ def test_figures_over_seeds_and_the_yardstick_rule():
     (7, "must be a binning's name"),
 ])
 def test_bad_bins_name_the_key(bins, message):
-    from omegaconf import OmegaConf
-
     from medgen.core.schema import ConfigError
-    from medgen.evaluation.config import validate_evaluate_config
+    from medgen.evaluation.config import evaluate_config
 
-    cfg = OmegaConf.create({"real_dir": "r", "synthetic_dir": "s", "lesions": {"bins": bins}})
     with pytest.raises(ConfigError, match=rf"config error at 'lesions.bins': {message}"):
-        validate_evaluate_config(cfg)
-    fine = validate_evaluate_config(OmegaConf.create({"real_dir": "r", "synthetic_dir": "s",
-                                                      "lesions": {"bins": [3, 6, 10]}}))
+        evaluate_config({"real_dir": "r", "synthetic_dir": "s", "lesions": {"bins": bins}})
+    fine = evaluate_config({"real_dir": "r", "synthetic_dir": "s", "lesions": {"bins": [3, 6, 10]}})
     assert list(fine.lesions.bins) == [3, 6, 10]

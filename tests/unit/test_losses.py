@@ -7,8 +7,16 @@ import math
 import pytest
 import torch
 
+from omegaconf import OmegaConf
+
+from medgen.core.paths import configs_dir
 from medgen.diffusion.losses import diffusion_loss, min_snr_weight, per_sample_mse
 from medgen.diffusion.strategies import DDPMStrategy, RFlowStrategy
+
+
+def _shipped(name: str, **kw):
+    """``configs/strategy/<name>.yaml`` (where its defaults are written), ``kw`` over it."""
+    return OmegaConf.merge(OmegaConf.load(configs_dir() / "strategy" / f"{name}.yaml"), kw)
 
 GAMMA = 5.0
 SNRS = torch.tensor([1.0, 5.0, 20.0], dtype=torch.float64)
@@ -70,8 +78,8 @@ def _x0_space_loss(strategy, x0, noise, t, model_out):
 @pytest.mark.parametrize(
     "strategy, t",
     [
-        (DDPMStrategy(DDPMStrategy.Config(), 32), torch.tensor([10, 300, 700, 990])),
-        (RFlowStrategy(RFlowStrategy.Config(use_timestep_transform=False), 32), torch.tensor([10.0, 300.0, 700.0, 990.0])),
+        (DDPMStrategy(_shipped("ddpm"), 32), torch.tensor([10, 300, 700, 990])),
+        (RFlowStrategy(_shipped("rflow", use_timestep_transform=False), 32), torch.tensor([10.0, 300.0, 700.0, 990.0])),
     ],
     ids=["ddpm-epsilon", "rflow-velocity"],
 )

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from medgen.core.distributed import DistInfo
-from medgen.core.schema import ConfigError
+from medgen.core.schema import ConfigError, compose_config
 from medgen.diffusion import utils
 from medgen.diffusion.trainer import DiffusionTrainer
 from medgen.diffusion.utils import load_model_from_checkpoint, sampling_forward
@@ -116,7 +115,7 @@ def test_an_unknown_compile_mode_is_refused_naming_the_key(tiny_cfg):
     with pytest.raises(ConfigError, match=r"'training\.compile_mode'"):
         tiny_cfg("training.compile_mode=fastest")
     with pytest.raises(ConfigError, match=r"'compile_mode'"):
-        validate_generate_config(OmegaConf.create({"image_checkpoint": "x.pt", "compile_mode": "turbo"}))
+        validate_generate_config(compose_config(["image_checkpoint=x.pt", "compile_mode=turbo"], config_name="generate"))
 
 
 def test_under_cuda_graphs_each_output_outlives_the_next_call(monkeypatch):

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 from monai.networks.schedulers.rectified_flow import timestep_transform
+from omegaconf import DictConfig, OmegaConf
 from scipy.stats import ks_2samp
 
+from medgen.core.paths import configs_dir
 from medgen.diffusion.config import load_config
 from medgen.data.space import SampleSpace
 from medgen.diffusion.strategies import STRATEGIES, DDPMStrategy, RFlowStrategy, build_strategy
 
-DDPMConfig, RFlowConfig = DDPMStrategy.Config, RFlowStrategy.Config
+
+def _shipped(name: str, **kw) -> DictConfig:
+    """``configs/strategy/<name>.yaml`` (where its defaults are written; the schema has none), ``kw`` over it."""
+    return OmegaConf.merge(OmegaConf.load(configs_dir() / "strategy" / f"{name}.yaml"), kw)
+
+
+DDPMConfig, RFlowConfig = partial(_shipped, "ddpm"), partial(_shipped, "rflow")
 
 T = 1000
 

@@ -1,11 +1,14 @@
 """How a configuration is checked: the mechanism every layer's schema uses.
 
 A schema is a dataclass beside what it configures (``medgen.diffusion.config`` for training,
-``medgen.generation.config``, ``medgen.evaluation.config``). Its fields declare allowed values
-with :func:`choice` and :func:`at_least`; :func:`merge_schema` merges a composed config into it
-(unknown keys and wrong types fail there) and :func:`check_fields` checks the declared values.
-Every failure is a :class:`ConfigError` naming the dotted key and the reason.
-:func:`compose_config` composes the shipped Hydra configs without validating them.
+``medgen.generation.config``, ``medgen.evaluation.config``). It declares types and rules only:
+every default value is written once, in the shipped YAML files (``medgen/configs``), and every
+schema field is ``MISSING`` (or a nested schema). Fields declare allowed values with :func:`choice`
+and :func:`at_least`; :func:`merge_schema` merges a composed config into it (unknown keys, wrong
+types and keys the config gives no value fail there) and :func:`check_fields` checks the declared
+values. Every failure is a :class:`ConfigError` naming the dotted key and the reason.
+:func:`compose_config` composes the shipped Hydra configs without validating them
+(``tests/unit/test_config_once.py`` holds the YAML files and the schemas to each other).
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from __future__ import annotations
 from dataclasses import field, fields
 from typing import Any, Callable, Iterable, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["ConfigError", "choice", "at_least", "check", "check_fields", "merge_schema", "compose_config", "no_effect"]
+__all__ = ["ConfigError", "choice", "at_least", "check", "check_fields", "merge_schema", "compose_config",
+           "shipped_values", "no_effect"]
 
 
 class ConfigError(ValueError):
@@ -29,14 +33,16 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------- field helpers
-def choice(default: Any, *choices: Any) -> Any:
-    """A dataclass field whose value must be one of ``choices`` (checked by :func:`check_fields`)."""
-    return field(default=default, metadata={"choices": choices})
+def choice(*choices: Any) -> Any:
+    """A dataclass field whose value must be one of ``choices`` (checked by :func:`check_fields`);
+    ``MISSING`` in the schema: its default is the shipped YAML's."""
+    return field(default=MISSING, metadata={"choices": choices})
 
 
-def at_least(default: Any, minimum: float) -> Any:
-    """A dataclass field whose value must be ``>= minimum`` (checked by :func:`check_fields`)."""
-    return field(default=default, metadata={"min": minimum})
+def at_least(minimum: float) -> Any:
+    """A dataclass field whose value must be ``>= minimum`` (a null passes: checked by
+    :func:`check_fields`); ``MISSING`` in the schema: its default is the shipped YAML's."""
+    return field(default=MISSING, metadata={"min": minimum})
 
 
 # --------------------------------------------------------------------------- checks
@@ -70,10 +76,19 @@ def _plain(cfg: DictConfig) -> DictConfig:
 def merge_schema(schema: type | Callable[[], DictConfig], cfg: DictConfig) -> DictConfig:
     """``cfg`` (Hydra's node dropped) merged into ``schema`` (a dataclass, or a function building the
     structured config) and resolved: the typed config. An unknown key, a wrong type or a bad
-    interpolation raises :class:`ConfigError` at its key (``<root>`` where OmegaConf names none)."""
+    interpolation raises :class:`ConfigError` at its key (``<root>`` where OmegaConf names none); so
+    does a key the config gives no value (the schema has no defaults: a config must be composed from
+    the shipped YAML files, which set every key)."""
     try:
         base = OmegaConf.structured(schema) if isinstance(schema, type) else schema()
         merged = OmegaConf.merge(base, _plain(cfg))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            more = missing[1:6] + ([f"{len(missing) - 6} more"] if len(missing) > 6 else [])
+            also = f"; no value for {', '.join(more)} either" if more else ""
+            raise ConfigError(missing[0], "missing: the config gives it no value (defaults live in the shipped YAML "
+                                          "files, not in the schema: compose the config with "
+                                          "medgen.core.schema.compose_config)" + also)
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(str(getattr(exc, "full_key", None) or "<root>"), str(exc).splitlines()[0]) from None
@@ -112,3 +127,15 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(configs_dir()), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides or []))
+
+
+def shipped_values(config_name: str) -> DictConfig:
+    """The resolved values of a shipped config that composes no group (``generate``, ``evaluate``):
+    what :func:`compose_config` gives for it, read without Hydra, so safe to call inside a running
+    Hydra app (which :func:`compose_config` would re-initialise): the defaults to compare a config with."""
+    from medgen.core.paths import configs_dir
+
+    cfg = OmegaConf.load(configs_dir() / f"{config_name}.yaml")
+    values = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k not in ("defaults", "hydra")])
+    OmegaConf.resolve(values)
+    return values

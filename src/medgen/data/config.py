@@ -6,9 +6,9 @@ layer reads these keys and trusts a config that passed there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 
 from medgen.core.constants import IMAGE_MODALITIES
 from medgen.core.schema import at_least, check, choice
@@ -18,18 +18,19 @@ __all__ = ["DataConfig", "check_data_values"]
 
 @dataclass
 class DataConfig:
-    seg_positive_only: bool = True
-    min_lesion_pixels: int = at_least(1, 0)
-    min_brain_fraction: float = 0.05
-    brain_intensity: float = 0.1
-    brain_from: str = choice("bravo", *IMAGE_MODALITIES)
-    lower_percentile: float = 0.5
-    upper_percentile: float = 99.5
-    val_fraction: float = 0.15
+    """Types and rules only: the values (defaults included) are config.yaml's ``data`` node."""
+    seg_positive_only: bool = MISSING
+    min_lesion_pixels: int = at_least(0)
+    min_brain_fraction: float = MISSING
+    brain_intensity: float = MISSING
+    brain_from: str = choice(*IMAGE_MODALITIES)
+    lower_percentile: float = MISSING
+    upper_percentile: float = MISSING
+    val_fraction: float = MISSING
     #: the shape [X, Y, Z] every volume is resampled to for a 3D model (model.spatial_dims=3)
-    volume_shape: list[int] = field(default_factory=lambda: [64, 64, 32])
-    num_workers: int = at_least(2, 0)
-    validate: bool = True
+    volume_shape: list[int] = MISSING
+    num_workers: int = at_least(0)
+    validate: bool = MISSING
 
 
 def check_data_values(d: DictConfig) -> None:

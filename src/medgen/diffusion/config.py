@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from medgen.core.constants import CHANNEL_KEYS
 from medgen.core.schema import (ConfigError, NoEffect, at_least, check, check_fields, choice, compose_config,
@@ -26,8 +26,8 @@ from medgen.data.lesions import parse_bins, parse_count_classes
 from medgen.diffusion.modes import MODES
 from medgen.diffusion.strategies import STRATEGIES
 
-__all__ = ["COMPILE_MODES", "MAX_WARMUP_FRACTION", "ModelConfig", "ModeConfig", "TrainingConfig", "PathsConfig",
-           "validate_config", "load_config", "unused_keys"]
+__all__ = ["COMPILE_MODES", "MAX_WARMUP_FRACTION", "ModelConfig", "ModeConfig", "LesionModeConfig", "TrainingConfig",
+           "PathsConfig", "Root", "mode_schema", "training_schema", "validate_config", "load_config", "unused_keys"]
 
 #: ``torch.compile`` modes (``training.compile_mode``, ``compile_mode`` of generation): ``default``;
 #: ``reduce-overhead`` (CUDA graphs); ``max-autotune`` (kernel search + CUDA graphs, slow to compile);
@@ -39,89 +39,112 @@ MAX_WARMUP_FRACTION = 0.1
 
 
 # --------------------------------------------------------------------------- schema
+# Types and rules only: every value, default included, comes from the YAML files of configs/
+# (a field is MISSING; tests/unit/test_config_once.py holds the two to each other).
 @dataclass
 class ModelConfig:
-    image_size: int = 128
+    image_size: int = MISSING
     #: 2: axial slices of model.image_size; 3: whole volumes of data.volume_shape
-    spatial_dims: int = choice(2, 2, 3)
-    channels: list[int] = field(default_factory=lambda: [128, 256, 256])
-    attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
-    num_res_blocks: int = at_least(1, 1)
-    num_head_channels: int = 256
-    norm_num_groups: int = at_least(32, 1)
+    spatial_dims: int = choice(2, 3)
+    channels: list[int] = MISSING
+    attention_levels: list[bool] = MISSING
+    num_res_blocks: int = at_least(1)
+    num_head_channels: int = MISSING
+    norm_num_groups: int = at_least(1)
 
 
 @dataclass
 class ModeConfig:
-    name: str = "seg"
-    image_keys: list[str] = field(default_factory=lambda: ["seg"])
-    cond_keys: list[str] = field(default_factory=list)
+    """The keys of every mode (``configs/mode/<name>.yaml``)."""
+    name: str = MISSING
+    image_keys: list[str] = MISSING
+    cond_keys: list[str] = MISSING
+
+
+@dataclass
+class LesionModeConfig(ModeConfig):
+    """The keys of a mode that may be conditioned on its lesions (``lesion_conditionable``: seg)."""
     #: a mask model conditioned on the size class of its largest lesion: rano_bm or edges in mm (null: not)
-    size_bins: Any = None
+    size_bins: Any = MISSING
     #: a mask model conditioned on the class of its number of lesions: e.g. [1, 2, 3, 4] (null: not)
-    count_classes: Any = None
+    count_classes: Any = MISSING
+
+
+#: the keys only a ``lesion_conditionable`` mode has (:class:`LesionModeConfig`), with what they condition on
+LESION_KEYS = {"size_bins": "sizes", "count_classes": "counts"}
 
 
 @dataclass
 class TrainingConfig:
-    name: str = "default"
-    epochs: int = at_least(500, 1)
-    batch_size: int = at_least(16, 1)
-    learning_rate: float = 1e-4
-    weight_decay: float = at_least(0.0, 0)
-    gradient_clip_norm: float = 1.0
+    name: str = MISSING
+    epochs: int = at_least(1)
+    batch_size: int = at_least(1)
+    learning_rate: float = MISSING
+    weight_decay: float = at_least(0)
+    gradient_clip_norm: float = MISSING
     #: linear warm-up in optimizer steps, capped at ``MAX_WARMUP_FRACTION`` of the run
-    warmup_steps: int = at_least(1000, 0)
-    val_interval: int = at_least(30, 1)
-    use_ema: bool = True
-    ema_decay: float = 0.9999
-    ema_update_after_step: int = at_least(100, 0)
-    ema_update_every: int = at_least(10, 1)
-    use_min_snr: bool = True
-    min_snr_gamma: float = 5.0
-    perceptual_weight: float = at_least(0.001, 0)
-    perceptual_weights_path: Optional[str] = None
-    perceptual_allow_download: bool = False
+    warmup_steps: int = at_least(0)
+    val_interval: int = at_least(1)
+    use_ema: bool = MISSING
+    ema_decay: float = MISSING
+    ema_update_after_step: int = at_least(0)
+    ema_update_every: int = at_least(1)
+    use_min_snr: bool = MISSING
+    min_snr_gamma: float = MISSING
+    perceptual_weight: float = at_least(0)
+    perceptual_weights_path: Optional[str] = MISSING
+    perceptual_allow_download: bool = MISSING
     #: volumes: slices of each plane (axial, coronal, sagittal) the 2.5D perceptual loss scores each step
-    perceptual_slices: int = at_least(4, 1)
-    use_multi_gpu: bool = False
-    precision: str = choice("bf16", "bf16", "fp32")
-    compile: str = choice("auto", "auto", "true", "false")
-    compile_mode: str = choice("default", *COMPILE_MODES)
-    channels_last: bool = False
+    perceptual_slices: int = at_least(1)
+    use_multi_gpu: bool = MISSING
+    precision: str = choice("bf16", "fp32")
+    compile: str = choice("auto", "true", "false")
+    compile_mode: str = choice(*COMPILE_MODES)
+    channels_last: bool = MISSING
     #: recompute the U-Net blocks' activations in the backward pass instead of keeping them (less memory)
-    gradient_checkpointing: bool = False
-    cond_dropout: float = 0.0
-    max_steps: Optional[int] = None
-    resume: Optional[str] = None
-    checkpoint_keep: int = at_least(3, 0)
-    max_nonfinite_steps: int = at_least(5, 1)
-    log_every: int = at_least(50, 1)
-    num_val_samples: int = at_least(4, 0)
-    num_sample_steps: int = at_least(50, 1)
+    gradient_checkpointing: bool = MISSING
+    cond_dropout: float = MISSING
+    max_steps: Optional[int] = MISSING
+    resume: Optional[str] = MISSING
+    checkpoint_keep: int = at_least(0)
+    max_nonfinite_steps: int = at_least(1)
+    log_every: int = at_least(1)
+    num_val_samples: int = at_least(0)
+    num_sample_steps: int = at_least(1)
 
 
 @dataclass
 class PathsConfig:
-    name: str = "local"
-    data_dir: str = "./data/brainmetshare-3"
-    model_dir: str = "./runs"
-    cache_dir: str = "~/.cache/medgen"
+    name: str = MISSING
+    data_dir: str = MISSING
+    model_dir: str = MISSING
+    cache_dir: str = MISSING
 
 
-def _schema(strategy_schema: type) -> DictConfig:
-    @dataclass
-    class Root:
-        seed: int = 42
-        model: ModelConfig = field(default_factory=ModelConfig)
-        strategy: Any = None
-        mode: ModeConfig = field(default_factory=ModeConfig)
-        training: TrainingConfig = field(default_factory=TrainingConfig)
-        paths: PathsConfig = field(default_factory=PathsConfig)
-        data: DataConfig = field(default_factory=DataConfig)
+@dataclass
+class Root:
+    """A training config: ``strategy`` is the chosen strategy's ``Config`` and ``mode`` the mode
+    class's schema, set by :func:`training_schema`."""
+    seed: int = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: Any = MISSING
+    mode: Any = MISSING
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
+
+def mode_schema(mode_cls: type) -> type:
+    """The schema of a mode class's YAML file: :class:`LesionModeConfig` for a ``lesion_conditionable``
+    mode, else :class:`ModeConfig`."""
+    return LesionModeConfig if mode_cls.lesion_conditionable else ModeConfig
+
+
+def training_schema(strategy_cls: type, mode_cls: type) -> DictConfig:
+    """The structured :class:`Root` for a strategy class and a mode class (all values MISSING)."""
     root = OmegaConf.structured(Root)
-    root.strategy = OmegaConf.structured(strategy_schema)
+    root.strategy = OmegaConf.structured(strategy_cls.Config)
+    root.mode = OmegaConf.structured(mode_schema(mode_cls))
     return root
 
 
@@ -142,13 +165,25 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     """
     strategy_cls = _name_in(STRATEGIES, cfg, "strategy")
     mode_cls = _name_in(MODES, cfg, "mode")
-    merged = merge_schema(partial(_schema, strategy_cls.Config), cfg)
+    _check_lesion_keys(cfg.mode, mode_cls)
+    merged = merge_schema(partial(training_schema, strategy_cls, mode_cls), cfg)
     for group, schema in (("model", ModelConfig), ("strategy", strategy_cls.Config), ("training", TrainingConfig),
                           ("data", DataConfig)):
         check_fields(merged[group], schema, group)
     _check_mode(merged.mode, mode_cls)
     _check_values(merged, world_size)
     return merged
+
+
+def _check_lesion_keys(mo: Any, mode_cls: type) -> None:
+    """A mode that cannot be conditioned on its lesions has no ``size_bins`` / ``count_classes``
+    (:func:`mode_schema`); one given a value (``+mode.size_bins=...``) is refused saying why, before
+    the schema would call it an unknown key."""
+    if mode_cls.lesion_conditionable or not isinstance(mo, DictConfig):
+        return
+    for key, what in LESION_KEYS.items():
+        check(mo.get(key) is None, f"mode.{key}",
+              f"mode {mo.name!r} cannot be conditioned on lesion {what} (only the seg mode can)")
 
 
 def _check_mode(mo: DictConfig, mode_cls: type) -> None:
@@ -171,11 +206,9 @@ def _check_mode(mo: DictConfig, mode_cls: type) -> None:
         check(len(set(keys)) == len(keys), f"mode.{group}", f"{keys} repeats a key")
     both = set(mo.image_keys) & set(mo.cond_keys)
     check(not both, "mode.cond_keys", f"{sorted(both)} cannot be generated and condition at once")
-    for key, what, parse in (("size_bins", "sizes", parse_bins), ("count_classes", "counts", parse_count_classes)):
+    for key, parse in (("size_bins", parse_bins), ("count_classes", parse_count_classes)):
         if mo.get(key) is None:
             continue
-        check(mode_cls.lesion_conditionable, f"mode.{key}",
-              f"mode {mo.name!r} cannot be conditioned on lesion {what} (only the seg mode can)")
         try:
             parse(mo[key])
         except ValueError as exc:
@@ -235,7 +268,7 @@ def _check_values(cfg: DictConfig, world_size: int) -> None:
     check(0 < t.ema_decay < 1, "training.ema_decay", "must be in (0, 1)")
     check(t.min_snr_gamma > 0, "training.min_snr_gamma", "must be > 0")
     check(0 <= t.cond_dropout < 1, "training.cond_dropout", "must be in [0, 1)")
-    check(t.cond_dropout == 0 or len(cfg.mode.cond_keys) > 0 or cfg.mode.size_bins is not None
+    check(t.cond_dropout == 0 or len(cfg.mode.cond_keys) > 0 or cfg.mode.get("size_bins") is not None
           or cfg.mode.get("count_classes") is not None, "training.cond_dropout",
           f"classifier-free guidance needs a conditional mode; mode {cfg.mode.name!r} has no condition "
           "(mode.cond_keys, or mode.size_bins / mode.count_classes for seg)")

@@ -53,7 +53,7 @@ import torch
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 from monai.networks.schedulers.rectified_flow import timestep_transform
 from monai.utils import unsqueeze_right
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from torch import Tensor
 
 from medgen.core.schema import at_least, choice
@@ -212,11 +212,11 @@ class DDPMStrategy(DiffusionStrategy):
 
     @dataclass
     class Config:
-        name: str = "ddpm"
-        num_train_timesteps: int = at_least(1000, 2)
+        name: str = MISSING
+        num_train_timesteps: int = at_least(2)
         #: MONAI ``NoiseSchedules`` names; cosine: Nichol & Dhariwal 2021, eq. 17
-        schedule: str = choice("cosine", "cosine", "linear_beta", "scaled_linear_beta", "sigmoid_beta")
-        prediction_type: str = choice("epsilon", "epsilon")
+        schedule: str = choice("cosine", "linear_beta", "scaled_linear_beta", "sigmoid_beta")
+        prediction_type: str = choice("epsilon")
 
     samplers = ("dpmpp_2m", "ddim", "ddpm")
     #: clip ``x0_hat`` to [-1, 1] while sampling (MONAI's default ``clip_sample=True``, as in Ho
@@ -304,14 +304,14 @@ class RFlowStrategy(DiffusionStrategy):
 
     @dataclass
     class Config:
-        name: str = "rflow"
-        num_train_timesteps: int = at_least(1000, 2)
-        use_discrete_timesteps: bool = True
-        sample_method: str = choice("logit-normal", "uniform", "logit-normal")
-        use_timestep_transform: bool = True
+        name: str = MISSING
+        num_train_timesteps: int = at_least(2)
+        use_discrete_timesteps: bool = MISSING
+        sample_method: str = choice("uniform", "logit-normal")
+        use_timestep_transform: bool = MISSING
         #: the timestep shift is ``image_size / base_image_size`` (1 at this size)
-        base_image_size: int = at_least(64, 1)
-        prediction_type: str = choice("velocity", "velocity")
+        base_image_size: int = at_least(1)
+        prediction_type: str = choice("velocity")
 
     #: logit-normal parameters: MONAI's ``RFlowScheduler`` defaults, Esser et al.'s lognorm(0, 1)
     LOGIT_NORMAL_LOC: ClassVar[float] = 0.0

