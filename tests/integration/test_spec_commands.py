@@ -56,8 +56,7 @@ def test_quick_debug_run_as_written(env):
 @pytest.mark.parametrize("overrides, expect", [
     (["model.image_size=256", "training.batch_size=2"], {"model.image_size": 256}),
     (["training.use_ema=false", "training.use_min_snr=false"], {"training.use_ema": False, "training.use_min_snr": False}),
-    (["paths=cluster", "strategy=rflow", "training.epochs=1000"], {"paths.name": "cluster", "strategy.name": "rflow",
-                                                                   "training.epochs": 1000}),
+    (["paths=cluster", "strategy=rflow", "training.epochs=1000"], {"strategy.name": "rflow", "training.epochs": 1000}),
 ], ids=["image_size_256", "no_ema_no_min_snr", "cluster_rflow_1000_epochs"])
 def test_spec_command_runs(env, overrides, expect):
     run = _train(env, *overrides, "training.max_steps=1")

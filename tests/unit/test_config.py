@@ -89,6 +89,8 @@ BAD = [
     (["model.spatial_dims=4"], "model.spatial_dims"),
     (["model.spatial_dims=3", "data.volume_shape=[64,64,30]"], "data.volume_shape"),  # 30 is not divisible by 4
     (["model.spatial_dims=3", "data.volume_shape=[64,64]"], "data.volume_shape"),
+    (["+training.name=cpu"], "training.name"),  # removed: a label nothing read
+    (["+paths.name=local"], "paths.name"),  # removed: a label nothing read
     (["mode=bravo", "+mode.size_bins=null"], "mode.size_bins"),  # only a mode conditioned on its lesions has it
     (["training.epochs=???"], "training.epochs"),  # no value: the schema has no default to fall back on
 ]
@@ -100,6 +102,18 @@ def test_bad_config_names_the_key(overrides, key):
         load_config(overrides)
     assert info.value.key == key, str(info.value)
     assert key in str(info.value)
+
+
+def test_a_removed_key_is_an_unknown_key():
+    """``training.name`` and ``paths.name`` are gone: set, they fail as any unknown key does (Hydra's
+    own message without ``+``, the schema's ``ConfigError`` with it)."""
+    from hydra.errors import ConfigCompositionException
+
+    for key in ("training.name", "paths.name", "training.learning_rat"):
+        with pytest.raises(ConfigCompositionException, match=rf"Could not override '{key}'"):
+            compose_config([f"{key}=x"])
+        with pytest.raises(ConfigError, match=rf"config error at '{key}': Key '{key.split('.')[1]}' not in"):
+            load_config([f"+{key}=x"])
 
 
 def test_batch_must_divide_world_size():

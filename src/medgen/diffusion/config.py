@@ -76,7 +76,6 @@ LESION_KEYS = {"size_bins": "sizes", "count_classes": "counts"}
 
 @dataclass
 class TrainingConfig:
-    name: str = MISSING
     epochs: int = at_least(1)
     batch_size: int = at_least(1)
     learning_rate: float = MISSING
@@ -115,7 +114,6 @@ class TrainingConfig:
 
 @dataclass
 class PathsConfig:
-    name: str = MISSING
     data_dir: str = MISSING
     model_dir: str = MISSING
     cache_dir: str = MISSING
