@@ -30,7 +30,7 @@ def test_each_target_makes_its_set_and_every_set_is_scored_per_size_bin(tmp_path
     assert result["synthetic"]["tiny"]["lesions"] == {"tiny": 4, "small": 0, "medium": 0, "large": 0}
     assert result["synthetic"]["bigger"]["lesions"] == {"tiny": 0, "small": 2, "medium": 2, "large": 0}
     real_slices = result["sets"]["real"]["train_items"]
-    assert result["sets"]["real+tiny"]["train_items"] == real_slices + result["synthetic"]["tiny"]["slices"]
+    assert result["sets"]["real+tiny"]["train_items"] == real_slices + result["synthetic"]["tiny"]["items"]
     for name, s in result["sets"].items():
         assert [r["seed"] for r in s["per_seed"]] == [0, 1]
         for b, n in result["test_lesions"].items():  # every bin with test lesions has a sensitivity in [0, 1]

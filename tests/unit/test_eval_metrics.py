@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from medgen.evaluation import metrics
+from medgen.data.space import SampleSpace
 from medgen.evaluation.downstream import dice_per_item, size_bin, summarise_dice
+
+SLICES = SampleSpace((20, 20))
 from medgen.evaluation.features import fid, frechet_distance, kid
 
 
@@ -57,11 +60,11 @@ def _masks() -> np.ndarray:
 
 
 def test_mask_statistics_by_hand():
-    s = metrics.mask_statistics(_masks())
+    s = metrics.mask_statistics(_masks(), SLICES)
     assert s["lesions"].tolist() == [1, 2, 0]
     np.testing.assert_allclose(s["area"], [16 / 400, 13 / 400, 0])
     np.testing.assert_allclose(sorted(s["component_size"]), sorted([16 / 400, 4 / 400, 9 / 400]))
-    c = metrics.compare_masks(_masks(), _masks()[:2])
+    c = metrics.compare_masks(_masks(), _masks()[:2], SLICES)
     # lesions per slice {0, 1, 2} against {1, 2}: |F - G| is 1/3 on [0, 1) and 1/6 on [1, 2)
     assert c["lesions"]["wasserstein"] == pytest.approx(1 / 3 + 1 / 6)
     assert c["empty_fraction"] == {"real": pytest.approx(1 / 3), "synthetic": 0.0}
@@ -95,7 +98,7 @@ def test_dice_and_size_bins_by_hand():
     assert dice_per_item(np.zeros_like(target), target).tolist() == [0.0, 0.0]  # an empty prediction scores 0
     big = np.zeros((1, 20, 20), np.uint8)
     big[0, :10, :10] = 1  # 25% of the slice
-    assert size_bin(np.concatenate([target, big, np.zeros((1, 20, 20))])).tolist() == ["large", "large", "large", "small"]
+    assert size_bin(np.concatenate([target, big, np.zeros((1, 20, 20))]), SLICES).tolist() == ["large", "large", "large", "small"]
     summary = summarise_dice(dice, np.array(["small", "large"]))
     assert summary["overall"] == pytest.approx((1 + 8 / 17) / 2) and summary["small"] == 1.0
     assert np.isnan(summary["medium"]) and summary["n_medium"] == 0
@@ -105,11 +108,12 @@ def test_diversity_and_paired_fidelity():
     rng = np.random.default_rng(3)
     images = rng.random((6, 64, 64)).astype(np.float32)
     identical = np.repeat(images[:1], 6, axis=0)
-    assert metrics.pairwise_ms_ssim(identical, 20, 0) == pytest.approx(1.0, abs=1e-5)
-    assert metrics.pairwise_ms_ssim(images, 20, 0) < 0.5
-    paired = metrics.paired_fidelity(images, images)
+    space = SampleSpace((64, 64))
+    assert metrics.pairwise_ms_ssim(identical, space, 20, 0) == pytest.approx(1.0, abs=1e-5)
+    assert metrics.pairwise_ms_ssim(images, space, 20, 0) < 0.5
+    paired = metrics.paired_fidelity(images, images, space)
     assert paired["ssim"] == pytest.approx(1.0, abs=1e-5) and paired["psnr"] > 80
-    noisy = metrics.paired_fidelity(images, np.clip(images + 0.1, 0, 1))
+    noisy = metrics.paired_fidelity(images, np.clip(images + 0.1, 0, 1), space)
     assert 15 < noisy["psnr"] < 25
 
 
@@ -140,14 +144,15 @@ def test_adherence_scores_lesion_slices_by_dice_and_lesion_free_ones_by_false_po
     images[:, 0, 0, 0] = np.arange(4)
     syn = ItemSet(images, masks)
     real = ItemSet(images[:2], masks[:2])
-    a = adherence(_FixedPrediction(marks), syn, real, torch.device("cpu"))
+    a = adherence(_FixedPrediction(marks), syn, real, SampleSpace((s, s)), torch.device("cpu"))
     assert a["lesion_items"] == 2 and a["empty_items"] == 2
     assert a["synthetic_dice"] == pytest.approx((2 / 3 + 0) / 2)  # over the lesion slices only
     assert a["false_positive_fraction"] == pytest.approx(0.5)  # one of the two lesion-free slices
     assert a["false_positive_area"] == pytest.approx(4 / (2 * s * s))
     assert a["real_test_dice"] == pytest.approx(1 / 3)
     # a set without lesions: no Dice at all (not the 0 or 1 an empty mask would give), false positives only
-    none = adherence(_FixedPrediction(marks), ItemSet(images[2:], masks[2:]), real, torch.device("cpu"))
+    none = adherence(_FixedPrediction(marks), ItemSet(images[2:], masks[2:]), real, SampleSpace((s, s)),
+                     torch.device("cpu"))
     assert none["synthetic_dice"] is None and none["lesion_items"] == 0 and none["false_positive_fraction"] == 0.5
 
 
@@ -182,8 +187,8 @@ def test_budget_precision_bf16_trains_the_segmenter_in_bf16_to_the_same_skill(mo
     dtypes: dict[str, set] = {}
     build = downstream.build_segmenter
 
-    def watched(in_channels, spatial_dims=2):
-        net = build(in_channels, spatial_dims)
+    def watched(in_channels, space=None):
+        net = build(in_channels, space)
         for m in net.modules():
             if isinstance(m, torch.nn.Conv2d):
                 m.register_forward_hook(lambda _m, _i, out: dtypes[current].add(out.dtype) if net.training else None)
@@ -195,10 +200,10 @@ def test_budget_precision_bf16_trains_the_segmenter_in_bf16_to_the_same_skill(mo
     dice = {}
     for current in ("fp32", "bf16"):
         dtypes[current] = set()
-        net = train_segmenter(train, BudgetConfig(steps=80, batch_size=8, learning_rate=3e-3, precision=current), seed=0,
-                              device=torch.device("cpu"), progress=False)
+        net = train_segmenter(train, BudgetConfig(steps=80, batch_size=8, learning_rate=3e-3, precision=current),
+                              SampleSpace((32, 32)), seed=0, device=torch.device("cpu"), progress=False)
         assert all(p.dtype == torch.float32 for p in net.parameters())  # autocast: the weights stay fp32
-        dice[current] = dice_per_item(predict(net, test.images, torch.device("cpu")), test.masks).mean()
+        dice[current] = dice_per_item(predict(net, test.images, SampleSpace((32, 32)), torch.device("cpu")), test.masks).mean()
     assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
     assert dice["fp32"] > 0.7 and dice["bf16"] > 0.7 and abs(dice["fp32"] - dice["bf16"]) < 0.15, dice
 

@@ -61,7 +61,7 @@ def test_a_matching_set_beats_a_broken_one_and_the_report_is_complete(tmp_path, 
     assert good["downstream"]["synthetic"]["mean"] > bad["downstream"]["synthetic"]["mean"] + 0.2, (good, bad)
     assert good["adherence"]["synthetic_dice"] > bad["adherence"]["synthetic_dice"] + 0.2
     assert good["downstream"]["real"]["mean"] == pytest.approx(bad["downstream"]["real"]["mean"])  # same real runs
-    assert good["downstream"]["synthetic"]["train_items"] == good["distribution"]["slices"]["synthetic"]
+    assert good["downstream"]["synthetic"]["train_items"] == good["distribution"]["items"]["synthetic"]
     # identical images in both sets: intensity and feature distances do not see the shuffle, mask statistics are equal
     assert good["features"]["bravo"]["fid"] == pytest.approx(bad["features"]["bravo"]["fid"], rel=1e-6)
     assert good["distribution"]["masks"]["area"]["synthetic_mean"] == pytest.approx(

@@ -20,6 +20,7 @@ from medgen.data.pictures import contact_sheet, render_planes
 from medgen.data.slices import open_or_build_cache
 from medgen.data.splits import split_patients
 from medgen.data.volumes import VolumeSpec
+from medgen.data.space import SampleSpace
 from medgen.evaluation import EvaluationError, metrics
 from medgen.evaluation.config import evaluate_config
 from medgen.evaluation.downstream import build_segmenter, load_segmenter, save_segmenter
@@ -42,7 +43,7 @@ def _two_lesion_volumes() -> np.ndarray:
 
 def test_volume_mask_statistics_by_hand():
     spacing = (1.0, 1.0, 2.5)
-    s = metrics.mask_statistics(_two_lesion_volumes(), spacing)
+    s = metrics.mask_statistics(_two_lesion_volumes(), SampleSpace((20, 20, 10), spacing))
     assert set(s) == {"lesions", "volume_fraction", "largest_diameter_mm", "lesion_volume_mm3"}
     np.testing.assert_array_equal(s["lesions"], [2, 1, 0])
     np.testing.assert_allclose(s["volume_fraction"], [25 / 4000, 2 / 4000, 0])
@@ -51,9 +52,9 @@ def test_volume_mask_statistics_by_hand():
                                                           math.sqrt(2 ** 2 + 2 ** 2 + 5 ** 2)])
     np.testing.assert_allclose(sorted(s["lesion_volume_mm3"]), [2.5, 5.0, 60.0])
     # the same masks at another spacing: counts unchanged, millimetres follow the spacing
-    iso = metrics.mask_statistics(_two_lesion_volumes(), (1.0, 1.0, 1.0))
+    iso = metrics.mask_statistics(_two_lesion_volumes(), SampleSpace((20, 20, 10)))
     assert iso["largest_diameter_mm"][0] == pytest.approx(math.sqrt(4 + 9 + 16))
-    out = metrics.compare_masks(_two_lesion_volumes(), _two_lesion_volumes()[:2], spacing, spacing)
+    out = metrics.compare_masks(_two_lesion_volumes(), _two_lesion_volumes()[:2], SampleSpace((20, 20, 10), spacing))
     assert list(out) == ["lesions", "volume_fraction", "largest_diameter_mm", "lesion_volume_mm3", "empty_fraction"]
     assert out["lesions"]["real_mean"] == pytest.approx(1.0) and out["lesions"]["synthetic_mean"] == pytest.approx(1.5)
     assert out["empty_fraction"] == {"real": pytest.approx(1 / 3), "synthetic": 0.0}
@@ -80,7 +81,7 @@ def test_3d_lesions_are_matched_as_26_connected_components():
     test = LesionTest(np.zeros((2, 1, *truth.shape), np.float32), np.stack([truth, empty]), spacing,
                       SizeBins.from_edges([10.0]), resamples=50)
     summary = test.score(np.stack([pred, empty]), seed=0)
-    assert summary["slices"] == 2 and summary["all"]["lesions"] == 2
+    assert summary["items"] == 2 and summary["all"]["lesions"] == 2
     assert summary["all"]["sensitivity"]["value"] == pytest.approx(0.5)
     assert summary["all"]["false_positives_per_item"]["value"] == pytest.approx(0.5)
 
@@ -140,7 +141,9 @@ def test_a_3d_set_is_evaluated_as_volumes_with_a_three_plane_report(tmp_path, re
     out = tmp_path / "eval"
     r = evaluate(_cfg(real3d, synthetic, out, feature_net), torch.device("cpu"), progress=False)
     assert (r["spatial_dims"], r["unit"], r["volume_shape"]) == (3, "volume", list(SHAPE))
-    assert r["distribution"]["slices"] == {"synthetic": 4, "real": 2}  # the lesion-free test volume is no reference
+    assert r["space"] == {"shape": list(SHAPE), "spacing": r["spacing_mm"]["real"]}
+    assert not [key for key in _keys(r) if "slice" in key and key != "features.slices_per_plane"]
+    assert r["distribution"]["items"] == {"synthetic": 4, "real": 2}  # the lesion-free test volume is no reference
     m = r["distribution"]["masks"]
     assert m["lesions"]["real_mean"] == 1.0 and m["lesions"]["synthetic_mean"] == 1.0  # one phantom lesion each
     # a sphere of radius 3 voxels of 1 x 1 x 2 mm: about 7 x 7 x 14 mm, whatever the cache's resampling
@@ -162,8 +165,17 @@ def test_a_3d_set_is_evaluated_as_volumes_with_a_three_plane_report(tmp_path, re
     assert sum(les["test_lesions"].values()) == 2 and len(les["spacing_mm"]) == 3
     assert r["adherence"]["synthetic_items"] == 4 and r["adherence"]["real_test_items"] == 2
     ckpt = torch.load(out / "seg_net.pt", weights_only=False)
-    assert (ckpt["spatial_dims"], ckpt["image_size"]) == (3, list(SHAPE))
+    assert ckpt["space"]["shape"] == list(SHAPE) and "spatial_dims" not in ckpt
     _check_report(out, r)
+
+
+def _keys(tree, where: str = "") -> list[str]:
+    """Every key of a JSON tree, dotted."""
+    if isinstance(tree, list):
+        return [k for item in tree for k in _keys(item, where)]
+    if not isinstance(tree, dict):
+        return []
+    return [k for key, value in tree.items() for k in [f"{where}{key}", *_keys(value, f"{where}{key}.")]]
 
 
 def _check_report(out: Path, r: dict) -> None:
@@ -192,7 +204,8 @@ def test_a_2d_look_at_a_3d_set_and_refusals(tmp_path, real3d, feature_net):
     r = evaluate(_cfg(real3d, synthetic, tmp_path / "e2d", feature_net, spatial_dims=2, downstream=False,
                       budget={"steps": 2, "batch_size": 2}), torch.device("cpu"), progress=False)
     assert (r["spatial_dims"], r["unit"]) == (2, "slice") and "volume_shape" not in r
-    assert r["distribution"]["slices"]["synthetic"] > 4  # the axial slices of the 4 volumes
+    assert r["space"]["shape"] == [32, 32]
+    assert r["distribution"]["items"]["synthetic"] > 4  # the axial slices of the 4 volumes
     assert "fid" in r["features"]["bravo"]
     odd = _synthetic3d(real3d, tmp_path / "odd", tmp_path / "cache", shape=(32, 30, 16))
     with pytest.raises(EvaluationError, match=r"synthetic_dir=.*odd: its volumes are 32x30x16, but the 3D downstream "
@@ -208,12 +221,17 @@ def test_a_2d_look_at_a_3d_set_and_refusals(tmp_path, real3d, feature_net):
 
 
 def test_a_3d_segmenter_checkpoint_is_checked_against_the_volume_shape(tmp_path):
-    path = save_segmenter(build_segmenter(1, 3), tmp_path / "seg_net.pt", ["bravo"], [32, 32, 16])
-    net = load_segmenter(path, ["bravo"], (32, 32, 16), torch.device("cpu"))
+    space = SampleSpace(SHAPE)
+    path = save_segmenter(build_segmenter(1, space), tmp_path / "seg_net.pt", ["bravo"], space)
+    net = load_segmenter(path, ["bravo"], space, torch.device("cpu"))
     assert net(torch.zeros(1, 1, 32, 32, 16)).shape == (1, 1, 32, 32, 16)
     with pytest.raises(EvaluationError, match=r"segments \['bravo'\] at 32x32x16 voxels, but the synthetic set holds "
                                               r"\['bravo'\] at 64x64x32 voxels"):
-        load_segmenter(path, ["bravo"], (64, 64, 32), torch.device("cpu"))
+        load_segmenter(path, ["bravo"], SampleSpace((64, 64, 32)), torch.device("cpu"))
+    # a seg_net.pt of before the space (its input size only) is still read
+    state = torch.load(path, weights_only=False)
+    torch.save({**{k: v for k, v in state.items() if k != "space"}, "image_size": list(SHAPE)}, path)
+    assert load_segmenter(path, ["bravo"], space, torch.device("cpu")) is not None
 
 
 def test_the_augmentation_experiment_takes_a_3d_set_whole(tmp_path, real3d, capsys):
@@ -228,10 +246,11 @@ def test_the_augmentation_experiment_takes_a_3d_set_whole(tmp_path, real3d, caps
     assert main(["--real", str(real3d), "--synthetic", f"copy={synthetic}", "--out", str(out), "--seeds", "0",
                  "--steps", "2", "--cache-dir", str(tmp_path / "cache")]) == 0
     result = json.loads((out / "augmentation.json").read_text())
-    assert result["unit"] == "volume" and result["volume_shape"] == list(SHAPE) and result["spatial_dims"] == 3
+    assert result["unit"] == "volume" and result["space"]["shape"] == list(SHAPE)
+    assert not [key for key in _keys(result) if "slice" in key]
     masks = [load_volume(p)[0] > 0 for p in sorted(synthetic.glob("train/*/seg.nii.gz"))]
     lesions = sum(ndimage.label(m, structure=np.ones((3, 3, 3)))[1] for m in masks)
-    assert result["synthetic"]["copy"]["slices"] == len(masks) == 4
+    assert result["synthetic"]["copy"]["items"] == len(masks) == 4
     assert sum(result["synthetic"]["copy"]["lesions"].values()) == lesions > 0
     assert result["sets"]["real+copy"]["train_items"] == result["sets"]["real"]["train_items"] + 4
     page = (out / "augmentation.md").read_text()

@@ -599,6 +599,13 @@ def _evaluate_cfg(*overrides: str) -> DictConfig:
                                                    config_name="evaluate"))
 
 
+def _evaluate_request(*overrides: str):
+    """The :class:`~medgen.evaluation.requests.EvaluationRequest` of the evaluate config + overrides."""
+    from medgen.evaluation.requests import evaluation_request
+
+    return evaluation_request(_evaluate_cfg(*overrides))
+
+
 def _random_set(n: int, channels: int = 1, size: int = 32, seed: int = 0):
     from medgen.evaluation.downstream import ItemSet
 
@@ -613,7 +620,9 @@ def _random_set(n: int, channels: int = 1, size: int = 32, seed: int = 0):
 
 def _fake_sets(keys=("bravo",), n: int = 8):
     samples = {"synthetic": _random_set(n, len(keys), seed=1), "real": _random_set(n, len(keys), seed=2), "val": None}
-    return SimpleNamespace(image_keys=list(keys), unit="slice", spatial_dims=2, reference_split="test", warnings=[],
+    from medgen.data.space import SampleSpace
+
+    return SimpleNamespace(image_keys=list(keys), space=SampleSpace((32, 32)), reference_split="test", warnings=[],
                            real_root=Path("real"), synthetic_root=Path("synthetic"),
                            sample=samples.__getitem__, spacing=lambda name: (1.0, 1.0, 2.0),
                            warn=lambda text: None)
@@ -628,7 +637,7 @@ def distribution():
 
     @functools.lru_cache(maxsize=None)
     def run(*overrides: str) -> dict:
-        return distribution_metrics(sets, _evaluate_cfg("diversity_pairs=8", *overrides))
+        return distribution_metrics(sets, _evaluate_request("diversity_pairs=8", *overrides))
 
     return run
 
@@ -644,8 +653,8 @@ def test_brain_from_picks_the_image_the_brain_comes_from():
     from medgen.evaluation.evaluate import anatomy_metrics
 
     sets = _fake_sets(("t1_pre", "t1_gd"))
-    assert anatomy_metrics(sets, _evaluate_cfg())["brain_from"] == "t1_pre"  # bravo is not there: the first image
-    assert anatomy_metrics(sets, _evaluate_cfg("brain_from=t1_gd"))["brain_from"] == "t1_gd"
+    assert anatomy_metrics(sets, _evaluate_request())["brain_from"] == "t1_pre"  # bravo is not there: the first image
+    assert anatomy_metrics(sets, _evaluate_request("brain_from=t1_gd"))["brain_from"] == "t1_gd"
 
 
 def test_the_device_key_picks_the_device(tmp_path, monkeypatch):
@@ -680,8 +689,8 @@ def test_the_feature_keys_change_fid_and_kid(feature_nets, override):
     base_keys = (f"features.network={feature_nets[0]}", "features.kid_subset_size=4")
     if override == "features.network":
         override = f"features.network={feature_nets[1]}"
-    base = feature_metrics(sets, _evaluate_cfg(*base_keys), torch.device("cpu"))
-    changed = feature_metrics(sets, _evaluate_cfg(*base_keys, override), torch.device("cpu"))
+    base = feature_metrics(sets, _evaluate_request(*base_keys), torch.device("cpu"))
+    changed = feature_metrics(sets, _evaluate_request(*base_keys, override), torch.device("cpu"))
     if override.startswith("features.network"):
         assert (base["network"], changed["network"]) == ("net0.pt", "net1.pt")
         assert changed["bravo"]["fid"] != base["bravo"]["fid"]
@@ -709,14 +718,17 @@ def test_the_budget_keys_train_the_segmenter(tmp_path, monkeypatch, one_thread):
     from medgen.evaluation.evaluate import segmentation_metrics
 
     parts = {name: _CacheLike(_random_set(6, size=16, seed=i)) for i, name in enumerate(("train", "test", "synthetic"))}
-    sets = SimpleNamespace(**parts, segmenter=None, image_keys=["bravo"], item_size=16, real_root=tmp_path,
-                           unit="slice", test_brain=None, warnings=[])
+    from medgen.data.space import SampleSpace
+
+    sets = SimpleNamespace(**parts, segmenter=None, image_keys=["bravo"], space=SampleSpace((16, 16)),
+                           real_root=tmp_path, test_brain=None, warnings=[])
     base_keys = ("downstream=false", "seeds=[0]", "budget.steps=2", "budget.batch_size=2")
 
     def trained(*overrides: str) -> dict[str, torch.Tensor]:
         out = tmp_path / f"e{len(list(tmp_path.iterdir()))}"
         out.mkdir()
-        result = segmentation_metrics(sets, _evaluate_cfg(*base_keys, *overrides), out, torch.device("cpu"), False)
+        result = segmentation_metrics(sets, _evaluate_request(*base_keys, *overrides), out, torch.device("cpu"),
+                                      False)
         assert "downstream" not in result and "synthetic_dice" in result["adherence"]
         return torch.load(out / "seg_net.pt", weights_only=False)["state_dict"]
 
@@ -732,7 +744,7 @@ def test_the_budget_keys_train_the_segmenter(tmp_path, monkeypatch, one_thread):
 
     monkeypatch.setattr(downstream, "downstream", experiment)
     with pytest.raises(Called) as info:
-        segmentation_metrics(sets, _evaluate_cfg(*base_keys, "downstream=true", "seeds=[4,5]"), tmp_path,
+        segmentation_metrics(sets, _evaluate_request(*base_keys, "downstream=true", "seeds=[4,5]"), tmp_path,
                              torch.device("cpu"), False)
     kwargs = info.value.args[0]
     budget = kwargs["budget"]  # passed whole
@@ -745,17 +757,19 @@ def test_the_lesion_keys_shape_the_lesion_figures():
     from medgen.evaluation.lesionwise import over_seeds
 
     lesion_items = _random_set(6, size=32)
-    sets = SimpleNamespace(test_brain=None, test=SimpleNamespace(spacing=(1.0, 1.0, 2.0)))
+    from medgen.data.space import SampleSpace
+
+    sets = SimpleNamespace(test_brain=None, space=SampleSpace((32, 32), (1.0, 1.0, 2.0)))
     prediction = lesion_items.masks.copy()
     prediction[:3] = 0  # half the lesions missed
 
     def figures(*overrides: str):
-        cfg = _evaluate_cfg(*overrides)
-        test = whole_test_split(sets, lesion_items, cfg)
+        request = _evaluate_request(*overrides)
+        test = whole_test_split(sets, lesion_items, request.lesions)
         summary = test.score(prediction, seed=0)
         entry = {"sensitivity": {"value": 0.6}, "dice": {"value": 0.4}, "false_positives_per_item": {"value": 0.0}}
         results = {name: {"lesions": over_seeds([{"bins": {}, "all": entry}])} for name in downstream.SETS}
-        return summary, _lesion_figures(results, test, len(lesion_items), cfg, [])
+        return summary, _lesion_figures(results, test, len(lesion_items), sets.space, request.lesions, [])
 
     base_summary, base = figures()
     assert base["bins"] == ["tiny", "small", "medium", "large"] and base["yardstick"]["ok"]
@@ -788,7 +802,7 @@ def test_the_set_keys_shape_the_sets(eval_sets, tmp_path):
                  f"cache_dir={tmp_path / 'cache'}", "num_workers=0", "downstream=false")
 
     def sets(*overrides: str) -> Sets:
-        return Sets(_evaluate_cfg(*base_keys, *overrides), progress=False)
+        return Sets(_evaluate_request(*base_keys, *overrides).sets, progress=False)
 
     base = sets()
     assert Path(base.synthetic.directory).is_relative_to(tmp_path / "cache")  # cache_dir

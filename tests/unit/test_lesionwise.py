@@ -47,7 +47,7 @@ def test_the_summary_per_bin_by_hand():
     ]
     s = summarize(slices, RANO_BM, resamples=200)
     tiny, small = s["bins"]["tiny"], s["bins"]["small"]
-    assert s["slices"] == 3 and tiny["lesions"] == 2 and small["lesions"] == 1
+    assert s["items"] == 3 and tiny["lesions"] == 2 and small["lesions"] == 1
     assert tiny["sensitivity"]["value"] == pytest.approx(0.5) and small["sensitivity"]["value"] == 1.0
     assert tiny["dice"]["value"] == pytest.approx(0.5) and small["dice"]["value"] == 1.0
     assert tiny["false_positives_per_item"]["value"] == pytest.approx(2 / 3)

@@ -36,6 +36,8 @@ from conftest import square_seg_model
 from medgen.core.schema import compose_config
 from medgen.generation import GenerationError, generate
 from medgen.generation.config import ignored_keys, validate_generate_config
+from medgen.data.space import SampleSpace
+from medgen.generation.requests import GenerateRequest
 from medgen.generation.sizes import resolve_count_target, resolve_target, slot_class
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,7 +84,6 @@ def test_the_gate_off_keeps_every_mask_and_says_so_or_refuses_a_quota(tmp_path, 
 # ---------------------------------------------------------------------------- 1. targets with masks_from
 def test_masks_from_picks_real_masks_to_meet_the_quotas(tmp_path, tiny_data, tiny_checkpoints, caplog):
     from medgen.generation.models import load_stage
-    from medgen.generation.pipeline import _voxel_size
 
     caplog.set_level("INFO", logger="medgen.generate")
     common = dict(image_checkpoint=str(tiny_checkpoints["bravo"]), masks_from=str(tiny_data), masks_split="train",
@@ -103,7 +104,7 @@ def test_masks_from_picks_real_masks_to_meet_the_quotas(tmp_path, tiny_data, tin
     assert "masks_from: the real masks of train/ are picked to meet lesion_sizes.target=" in caplog.text
     # the size is measured at the voxel size the manifest reports (the image model's)
     stage = load_stage(tiny_checkpoints["bravo"], "image", "image_checkpoint", device=torch.device("cpu"), compile="false")
-    assert len(_voxel_size(stage)) == 2
+    assert len(stage.space.mm) == 2
     # more of a class than the split holds: one line with the counts; nothing written
     n = 2 * below + 2
     with pytest.raises(GenerationError, match=rf"hold too few masks of some classes for num_images={n} "
@@ -128,9 +129,10 @@ def test_masks_from_refuses_what_it_cannot_do_in_one_line(overrides, message):
 # ---------------------------------------------------------------------------- 4, 5, 7. how targets are written
 def test_weights_in_class_order_reach_classes_the_command_line_cannot_name():
     cfg = _validate("lesion_sizes.bins=[285,300]", "lesion_sizes.target=[1,0,3]")
-    target = resolve_target(cfg, 8, (64, 64), (10.0, 10.0), None)
+    target = resolve_target(GenerateRequest.from_config(cfg).masks.sizes, 8, SampleSpace((64, 64), (10.0, 10.0)), None)
     assert target.bins.names == ("<285mm", "285-300mm", ">=300mm") and target.counts.tolist() == [2, 0, 6]
-    counts = resolve_count_target(_validate("lesion_counts.target=[2,1,1,0]"), 8, None)
+    counts = resolve_count_target(GenerateRequest.from_config(_validate("lesion_counts.target=[2,1,1,0]")).masks.counts,
+                                  8, None, 10)
     assert counts.counts.tolist() == [4, 2, 2, 0] and counts.source == "weights"
 
 
@@ -194,8 +196,8 @@ def test_a_conditioned_model_takes_its_edges_under_other_names_and_refuses_guida
     from medgen.generation.sizes import Targets, check_conditioning
 
     mode = SimpleNamespace(size_bins=RANO_BM, count_classes=None)
-    same_edges = resolve_target(_validate("lesion_sizes.bins=[10,20,30]", "lesion_sizes.target=uniform"), 4,
-                                (64, 64), (1.0, 1.0), None)
+    asked = GenerateRequest.from_config(_validate("lesion_sizes.bins=[10,20,30]", "lesion_sizes.target=uniform"))
+    same_edges = resolve_target(asked.masks.sizes, 4, SampleSpace((64, 64), (1.0, 1.0)), None)
     check_conditioning(mode, "seg.pt", 0.1, Targets(same_edges), 1.0)  # rano_bm's classes under edge names
     with pytest.raises(GenerationError, match=r"lesion_sizes.guidance=2 guides seg_checkpoint seg.pt toward the "
                                               r"classes asked, and .* ask for none \(model\)"):
@@ -206,7 +208,7 @@ def test_a_conditioned_model_takes_its_edges_under_other_names_and_refuses_guida
 def test_a_size_target_for_1e8_masks_asks_each_candidate_without_a_list_of_slots():
     cfg = _validate("lesion_sizes.target={tiny: 4, small: 2, medium: 1, large: 1}")
     tracemalloc.start()
-    target = resolve_target(cfg, 10 ** 8, (64, 64), (3.4, 3.4), None)
+    target = resolve_target(GenerateRequest.from_config(cfg).masks.sizes, 10 ** 8, SampleSpace((64, 64), (3.4, 3.4)), None)
     asked = target.requested([0, 1, 10 ** 8 - 1, 10 ** 8, 10 ** 8 + 1])
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
@@ -261,13 +263,16 @@ def test_a_missing_fid_floor_is_listed_as_skipped_with_its_reason(feature_net, v
         return ItemSet(rng.random((n, 1, 16, 16), dtype=np.float32), np.zeros((n, 16, 16), np.float32))
 
     samples = {"real": images(6), "synthetic": images(6), "val": None if val_slices is None else images(val_slices)}
-    sets = SimpleNamespace(sample=samples.get, image_keys=("bravo",), spatial_dims=2, unit="slice",
+    from medgen.data.space import SampleSpace
+
+    sets = SimpleNamespace(sample=samples.get, image_keys=("bravo",), space=SampleSpace((16, 16)),
                            real_root=Path("/data/real"))
     from medgen.evaluation.config import validate_evaluate_config
+    from medgen.evaluation.requests import evaluation_request
 
-    cfg = validate_evaluate_config(compose_config(["real_dir=r", "synthetic_dir=s", f"features.network={feature_net}",
+    cfg = evaluation_request(validate_evaluate_config(compose_config(["real_dir=r", "synthetic_dir=s", f"features.network={feature_net}",
                                                    "features.kid_subsets=2", "features.kid_subset_size=3"],
-                                                  config_name="evaluate"))
+                                                  config_name="evaluate")))
     out = feature_metrics(sets, cfg, torch.device("cpu"))
     assert "fid_real_val_vs_test" not in out["bravo"] and out["bravo"]["fid"] >= 0
     result = {"features": out, "out_dir": "/tmp/evaluation"}

@@ -23,67 +23,64 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from medgen.core import jsonio
 from medgen.core.constants import MASK_KEY, SPLITS
 from medgen.core.fs import atomic_write
-from medgen.core.paths import resolve_path
 from medgen.data.lesions import feret_diameters
 from medgen.data.nifti_dataset import list_patients, present_modalities
+from medgen.data.space import SampleSpace
 from medgen.evaluation import EvaluationError, downstream, lesionwise, volumetric
 from medgen.evaluation.downstream import ItemSet
 from medgen.evaluation.evaluate import whole_test_split
-from medgen.evaluation.report import lesion_figure, lesion_table, write_pages
+from medgen.evaluation.report import lesion_figure, lesion_table, recorded_space, write_pages
+from medgen.evaluation.requests import EvaluationRequest, evaluation_request
 from medgen.evaluation.sets import Sets, as_slice_set
 
 log = logging.getLogger("medgen.evaluate")
 
 
-def run_experiment(cfg: DictConfig, synthetic_dirs: dict[str, Path], out_dir: Path, device: torch.device,
+def run_experiment(cfg: Any, synthetic_dirs: dict[str, Path], out_dir: Path, device: torch.device,
                    progress: bool = True) -> dict:
-    """The experiment for the synthetic sets ``synthetic_dirs`` (name -> folder) against
-    ``cfg.real_dir`` (a validated evaluate config: ``seeds``, ``budget``, ``lesions``, caches).
-    Every network trains with ``cfg.budget`` passed whole (steps, batch size, learning rate,
+    """The experiment for the synthetic sets ``synthetic_dirs`` (name -> folder) against the real
+    set of ``cfg`` (a validated evaluate config, read once into an
+    :class:`~medgen.evaluation.requests.EvaluationRequest`: ``seeds``, ``budget``, ``lesions``,
+    caches). Every network trains with the budget passed whole (steps, batch size, learning rate,
     precision). Returns what ``augmentation.json`` holds; ``out_dir`` gets nothing before the
     results are in (sets of different kinds are refused before any cache is built).
     """
-    check_same_kind(cfg, synthetic_dirs)
-    sets = {name: Sets(OmegaConf.merge(cfg, {"synthetic_dir": str(folder)}), progress)
-            for name, folder in synthetic_dirs.items()}
-    _refuse_mixed({name: _kind(s.spatial_dims, s.item_size, s.image_keys) for name, s in sets.items()})
+    return experiment(evaluation_request(cfg), synthetic_dirs, out_dir, device, progress)
+
+
+def experiment(request: EvaluationRequest, synthetic_dirs: dict[str, Path], out_dir: Path, device: torch.device,
+               progress: bool = True) -> dict:
+    """:func:`run_experiment` of a request."""
+    check_same_kind(request, synthetic_dirs)
+    sets = {name: Sets(request.sets.with_synthetic(folder), progress) for name, folder in synthetic_dirs.items()}
+    _refuse_mixed({name: _kind(s.space, s.image_keys) for name, s in sets.items()})
     first = next(iter(sets.values()))
+    space = first.space
     if first.train is None or len(first.train) == 0:
-        raise EvaluationError(f"real_dir={first.real_root}: no train lesion {first.unit}s to train the segmenter on")
+        raise EvaluationError(f"real_dir={first.real_root}: no train lesion {space.unit}s to train the segmenter on")
     train, test = as_slice_set(first.train), as_slice_set(first.test)
-    lesion_test = whole_test_split(first, test, cfg)
+    lesion_test = whole_test_split(first, test, request.lesions)
     synthetic = {name: as_slice_set(s.synthetic) for name, s in sets.items()}
     groups = {"real": train, **{f"real+{name}": ItemSet.concat(train, syn) for name, syn in synthetic.items()}}
-    results: dict[str, Any] = {}
-    for name, data in groups.items():
-        per_seed = []
-        for seed in cfg.seeds:
-            net = downstream.train_segmenter(data, cfg.budget, seed=seed, device=device, desc=f"{name} seed {seed}",
-                                             progress=progress)
-            prediction = downstream.predict(net, lesion_test.images, device)
-            per_seed.append({"seed": seed, **lesion_test.score(prediction, seed)})
-        results[name] = {"train_items": len(data), "per_seed": per_seed, **lesionwise.over_seeds(per_seed)}
-        mean = results[name]["mean"]
-        log.info("trained on %-20s sensitivity by size: %s", name, ", ".join(
-            f"{k} {v['sensitivity']:.2f}" if v["sensitivity"] is not None else f"{k} -" for k, v in mean.items()))
+    results = {name: _train_and_score(name, data, space, lesion_test, request, device, progress)
+               for name, data in groups.items()}
     result = {
-        "real_dir": str(first.real_root), "reference_split": first.reference_split, "image_size": first.image_size,
-        "spatial_dims": first.spatial_dims, "unit": first.unit,
-        **({"volume_shape": list(first.volume_shape)} if first.volume_shape is not None else {}),
-        "seeds": list(cfg.seeds), "budget": OmegaConf.to_container(cfg.budget),
+        "real_dir": str(first.real_root), "reference_split": first.reference_split, "image_size": max(space.shape[:2]),
+        "space": space.state_dict(), "unit": space.unit,
+        "seeds": list(request.seeds), "budget": request.budget_record(),
         "bins": list(lesion_test.bins.names), "edges_mm": list(lesion_test.bins.edges),
         "spacing_mm": list(lesion_test.spacing), "test_items": len(lesion_test.masks), "lesion_items": len(test),
         "lesion_free_items": len(lesion_test.masks) - len(test),
         "test_lesions": dict(zip(lesion_test.bins.names, lesion_test.lesion_counts().tolist())),
-        "synthetic": {name: {"dir": str(synthetic_dirs[name]), "slices": len(syn),
+        "synthetic": {name: {"dir": str(synthetic_dirs[name]), "items": len(syn),
                              "lesions": _lesions_per_bin(syn, lesion_test)} for name, syn in synthetic.items()},
         "sets": results,
-        "yardstick": lesionwise.yardstick(results["real"], cfg.lesions.min_sensitivity, cfg.lesions.min_dice)}
+        "yardstick": lesionwise.yardstick(results["real"], request.lesions.min_sensitivity,
+                                          request.lesions.min_dice)}
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(out_dir / "augmentation.json") as tmp:
         tmp.write_text(jsonio.dumps(result, indent=1))
@@ -91,17 +88,32 @@ def run_experiment(cfg: DictConfig, synthetic_dirs: dict[str, Path], out_dir: Pa
     return result
 
 
-def check_same_kind(cfg: DictConfig, synthetic_dirs: dict[str, Path]) -> None:
+def _train_and_score(name: str, data: ItemSet, space: SampleSpace, lesion_test: lesionwise.LesionTest,
+                     request: EvaluationRequest, device: torch.device, progress: bool) -> dict:
+    """One training set's networks (one per seed), scored lesion by lesion."""
+    per_seed = []
+    for seed in request.seeds:
+        net = downstream.train_segmenter(data, request.budget, space, seed=seed, device=device,
+                                         desc=f"{name} seed {seed}", progress=progress)
+        prediction = downstream.predict(net, lesion_test.images, space, device)
+        per_seed.append({"seed": seed, **lesion_test.score(prediction, seed)})
+    out = {"train_items": len(data), "per_seed": per_seed, **lesionwise.over_seeds(per_seed)}
+    log.info("trained on %-20s sensitivity by size: %s", name, ", ".join(
+        f"{k} {v['sensitivity']:.2f}" if v["sensitivity"] is not None else f"{k} -" for k, v in out["mean"].items()))
+    return out
+
+
+def check_same_kind(request: EvaluationRequest, synthetic_dirs: dict[str, Path]) -> None:
     """Refuse, from the sample headers and before any cache is built, synthetic sets that hold
     different kinds of data (2D slices and 3D volumes, other sizes, other modalities): the
     segmenter trains on real + each set, the real set read as each set is, so they cannot be
     stacked. Also refused: a missing folder, and a set with modalities the real set lacks.
     An :class:`~medgen.evaluation.EvaluationError` in one line naming the sets."""
-    real_root = resolve_path(cfg.real_dir)
+    real_root = request.sets.real_dir
     real_keys = present_modalities([p for s in SPLITS for p in list_patients(real_root / s)])
     kinds = {}
     for name, folder in synthetic_dirs.items():
-        root = resolve_path(folder)
+        root = request.sets.with_synthetic(folder).synthetic_dir
         if not root.is_dir():
             raise EvaluationError(f"synthetic set {name}={folder}: no such folder")
         samples = [p for s in SPLITS for p in list_patients(root / s)]
@@ -112,18 +124,16 @@ def check_same_kind(cfg: DictConfig, synthetic_dirs: dict[str, Path]) -> None:
         if real_keys and missing:
             raise EvaluationError(f"synthetic set {name}={folder} holds {'+'.join(keys)} but the real set "
                                   f"({real_root}) lacks {'+'.join(missing)}")
-        shape = volumetric.sample_shape(samples[0])
-        # as medgen.evaluation.volumetric.spatial_dims_of decides: volumes when more than one axial slice
-        dims = cfg.spatial_dims or (3 if len(shape) >= 3 and shape[2] > 1 else 2)
-        kinds[name] = _kind(dims, list(shape[:3]) if dims == 3 else int(max(shape[:2])), keys)
+        # as medgen.evaluation.volumetric.space_of decides: volumes when more than one axial slice
+        kinds[name] = _kind(SampleSpace.of_file(volumetric.sample_shape(samples[0]), dims=request.sets.spatial_dims),
+                            keys)
     _refuse_mixed(kinds)
 
 
-def _kind(spatial_dims: int, size: int | list[int], image_keys: list[str]) -> str:
+def _kind(space: SampleSpace, image_keys: list[str]) -> str:
     """What a set holds, in words: ``2D slices of 32 px, bravo`` or ``3D volumes of 32x32x16 voxels, bravo``."""
-    if spatial_dims == 3:
-        return f"3D volumes of {'x'.join(map(str, size))} voxels, {'+'.join(image_keys)}"
-    return f"2D slices of {size} px, {'+'.join(image_keys)}"
+    return space.either(f"2D slices of {max(space.shape)} px", f"3D volumes of {space.tag} voxels") + \
+        f", {'+'.join(image_keys)}"
 
 
 def _refuse_mixed(kinds: dict[str, str]) -> None:
@@ -141,12 +151,12 @@ def _lesions_per_bin(data: ItemSet, test: lesionwise.LesionTest) -> dict[str, in
 
 def write_augmentation_report(out_dir: Path, result: dict) -> tuple[Path, Path]:
     """``augmentation.md``/``.html`` and ``augmentation.png`` from :func:`run_experiment`'s result."""
-    names, unit = result["bins"], result.get("unit", "slice")
-    voxel = "voxel" if unit == "volume" else "pixel"
-    synthetic = [[name, str(s["slices"]), *(str(s["lesions"][b]) for b in names)] for name, s in result["synthetic"].items()]
+    space = recorded_space(result)
+    names, unit, voxel = result["bins"], space.unit, space.element
+    synthetic = [[name, str(s["items"]), *(str(s["lesions"][b]) for b in names)] for name, s in result["synthetic"].items()]
     tables = [("Synthetic sets", ["set", f"{unit}s", *(f"{b} lesions" for b in names)], synthetic,
                f"Lesions of every synthetic mask per size bin (Feret diameter at the real test split's {voxel} size)."),
-              lesion_table(result)]
+              lesion_table(result, space)]
     notes = [] if "warning" not in result["yardstick"] else [f"Warning: {result['yardstick']['warning']}"]
     intro = (f"The downstream segmenter ({len(result['seeds'])} seeds, {result['budget']['steps']} steps) trained on the real "
              f"train lesion {unit}s of `{result['real_dir']}` alone and with each synthetic set added, scored lesion by "

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from medgen.core.precision import autocast
 from medgen.data.masks import is_lesion
+from medgen.data.space import SampleSpace
 from medgen.evaluation.config import BudgetConfig
 from medgen.evaluation.lesionwise import LesionTest, over_seeds
 
@@ -67,21 +68,23 @@ class ItemSet:
         return ItemSet(np.concatenate([a.images, b.images]), np.concatenate([a.masks, b.masks]))
 
 
-def build_segmenter(in_channels: int, spatial_dims: int = 2) -> DynUNet:
-    """The segmentation network for slices (``spatial_dims=2``) or volumes (3)."""
-    return DynUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1, kernel_size=[3, 3, 3, 3],
+def build_segmenter(in_channels: int, space: SampleSpace | None = None) -> DynUNet:
+    """The segmentation network for the samples of ``space`` (slices when None): the network
+    builder, the one place besides the space that needs the number of dimensions."""
+    dims = 2 if space is None else space.dims
+    return DynUNet(spatial_dims=dims, in_channels=in_channels, out_channels=1, kernel_size=[3, 3, 3, 3],
                    strides=list(STRIDES), upsample_kernel_size=[2, 2, 2], filters=[16, 32, 64, 128],
                    norm_name="instance", res_block=True)
 
 
-def train_segmenter(data: ItemSet, budget: BudgetConfig, *, seed: int, device: torch.device,
+def train_segmenter(data: ItemSet, budget: BudgetConfig, space: SampleSpace, *, seed: int, device: torch.device,
                     desc: str = "segmenter", progress: bool = True) -> DynUNet:
-    """Train a fresh network on ``data`` with ``budget``, passed whole: a validated config's
+    """Train a fresh network on ``data`` (samples of ``space``) with ``budget``, passed whole: a validated config's
     ``budget`` node or a :class:`~medgen.evaluation.config.BudgetConfig` (``steps`` steps of
     ``batch_size``, ``learning_rate``; forward passes in bf16 autocast with ``precision="bf16"``
     where the device computes bf16 natively). Returns the network in eval mode."""
     torch.manual_seed(seed)
-    net = build_segmenter(data.images.shape[1], data.images.ndim - 2).to(device)
+    net = build_segmenter(data.images.shape[1], space).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=budget.learning_rate, weight_decay=1e-4)
     loss_fn = DiceCELoss(sigmoid=True)
     rng = np.random.default_rng(seed)
@@ -103,10 +106,11 @@ def train_segmenter(data: ItemSet, budget: BudgetConfig, *, seed: int, device: t
 
 
 @torch.no_grad()
-def predict(net: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int | None = None) -> np.ndarray:
+def predict(net: torch.nn.Module, images: np.ndarray, space: SampleSpace, device: torch.device,
+            batch_size: int | None = None) -> np.ndarray:
     """Binary predictions ``[N, S, S]`` for ``images [N, C, S, S]`` (``[N, X, Y, Z]`` for volumes
     ``[N, C, X, Y, Z]``); ``batch_size`` defaults to 32 slices or 2 volumes."""
-    batch_size = batch_size or (32 if images.ndim == 4 else 2)
+    batch_size = batch_size or space.either(32, 2)
     out = [is_lesion(torch.sigmoid(net(torch.from_numpy(images[i:i + batch_size]).to(device))))[:, 0].cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy().astype(np.uint8)
@@ -120,11 +124,11 @@ def dice_per_item(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     return metric(p, t)[:, 0].numpy().astype(np.float64)
 
 
-def size_bin(masks: np.ndarray) -> np.ndarray:
+def size_bin(masks: np.ndarray, space: SampleSpace) -> np.ndarray:
     """The :data:`SIZE_BINS` name of each mask ``[N, S, S]`` by its lesion area (of each volume
     ``[N, X, Y, Z]`` by its lesion volume, :data:`SIZE_BINS_3D`)."""
     area = is_lesion(masks).reshape(len(masks), -1).mean(1)
-    upper = np.asarray([edge for _, edge in (SIZE_BINS if masks.ndim == 3 else SIZE_BINS_3D)[:-1]])
+    upper = np.asarray([edge for _, edge in space.either(SIZE_BINS, SIZE_BINS_3D)[:-1]])
     return np.asarray([name for name, _ in SIZE_BINS])[np.searchsorted(upper, area, side="right")]
 
 
@@ -138,8 +142,8 @@ def summarise_dice(dice: np.ndarray, bins: np.ndarray) -> dict[str, float]:
     return out
 
 
-def downstream(real_train: ItemSet, synthetic: ItemSet, real_test: ItemSet, *, seeds: list[int],
-               budget: BudgetConfig, device: torch.device, progress: bool = True,
+def downstream(real_train: ItemSet, synthetic: ItemSet, real_test: ItemSet, space: SampleSpace, *,
+               seeds: list[int], budget: BudgetConfig, device: torch.device, progress: bool = True,
                on_network: Callable[[str, int, DynUNet], None] | None = None,
                lesions: LesionTest | None = None) -> dict:
     """Train on (a) real, (b) real + synthetic, (c) synthetic per seed, each network with
@@ -152,7 +156,7 @@ def downstream(real_train: ItemSet, synthetic: ItemSet, real_test: ItemSet, *, s
     (``per_seed``) and their ``mean``/``std`` (:func:`~medgen.evaluation.lesionwise.over_seeds`).
     """
     sets = {"real": real_train, "real+synthetic": ItemSet.concat(real_train, synthetic), "synthetic": synthetic}
-    bins = size_bin(real_test.masks)
+    bins = size_bin(real_test.masks, space)
     n = len(real_test)
     # the whole test split begins with real_test's slices (whole_test_split): one prediction serves both
     shared = lesions is not None and len(lesions.images) >= n and np.array_equal(lesions.images[:n], real_test.images)
@@ -160,11 +164,13 @@ def downstream(real_train: ItemSet, synthetic: ItemSet, real_test: ItemSet, *, s
     for name, data in sets.items():
         per_seed, per_seed_lesions = [], []
         for seed in seeds:
-            net = train_segmenter(data, budget, seed=seed, device=device, desc=f"{name} seed {seed}", progress=progress)
+            net = train_segmenter(data, budget, space, seed=seed, device=device, desc=f"{name} seed {seed}",
+                                  progress=progress)
             if on_network is not None:
                 on_network(name, seed, net)
-            whole = predict(net, lesions.images, device) if lesions is not None else None
-            dice = dice_per_item(whole[:n] if shared else predict(net, real_test.images, device), real_test.masks)
+            whole = predict(net, lesions.images, space, device) if lesions is not None else None
+            dice = dice_per_item(whole[:n] if shared else predict(net, real_test.images, space, device),
+                                 real_test.masks)
             per_seed.append({"seed": seed, **summarise_dice(dice, bins)})
             if lesions is not None:
                 per_seed_lesions.append({"seed": seed, **lesions.score(whole, seed)})
@@ -189,14 +195,15 @@ def downstream(real_train: ItemSet, synthetic: ItemSet, real_test: ItemSet, *, s
     return results
 
 
-def adherence(net: torch.nn.Module, synthetic: ItemSet, real_test: ItemSet, device: torch.device) -> dict:
+def adherence(net: torch.nn.Module, synthetic: ItemSet, real_test: ItemSet, space: SampleSpace,
+              device: torch.device) -> dict:
     """How a real-trained network reads the synthetic images (see the module docstring): Dice on
     the slices with a lesion (None when there are none), false positives on the lesion-free ones
     (None when there are none), and its Dice on real test images as the reference level."""
-    pred = predict(net, synthetic.images, device)
+    pred = predict(net, synthetic.images, space, device)
     has_lesion = synthetic.masks.reshape(len(synthetic), -1).any(axis=1)
     empty = ~has_lesion
-    real = dice_per_item(predict(net, real_test.images, device), real_test.masks)
+    real = dice_per_item(predict(net, real_test.images, space, device), real_test.masks)
     out = {"synthetic_dice": float(dice_per_item(pred[has_lesion], synthetic.masks[has_lesion]).mean())
            if has_lesion.any() else None,
            "lesion_items": int(has_lesion.sum()), "empty_items": int(empty.sum()),
@@ -210,43 +217,46 @@ def adherence(net: torch.nn.Module, synthetic: ItemSet, real_test: ItemSet, devi
     return out
 
 
-def _size_record(size: int | Sequence[int]) -> int | list[int]:
-    """What a checkpoint records as its input size: the slice size, or the volume shape ``[X, Y, Z]``."""
-    return int(size) if isinstance(size, (int, np.integer)) else [int(n) for n in size]
+def _space_of(recorded: SampleSpace | int | Sequence[int]) -> SampleSpace:
+    """A space, or the input size an older ``seg_net.pt`` (or caller) gives instead: a slice size
+    ``S`` or a volume shape ``[X, Y, Z]``."""
+    if isinstance(recorded, SampleSpace):
+        return recorded
+    shape = [int(n) for n in np.atleast_1d(recorded)]
+    return SampleSpace.of_file(shape if np.ndim(recorded) else shape * 2)  # S: an [S, S] slice
 
 
-def _size_text(size: int | Sequence[int]) -> str:
-    size = _size_record(size)
-    return f"{size} px" if isinstance(size, int) else "x".join(map(str, size)) + " voxels"
+def _size_text(space: SampleSpace) -> str:
+    return space.either(f"{space.shape[0]} px", "x".join(map(str, space.shape)) + " voxels")
 
 
-def save_segmenter(net: DynUNet, path: Path, image_keys: list[str], image_size: int | Sequence[int]) -> Path:
-    """``net`` with what it segments: ``image_keys`` at ``image_size`` (px, or a volume shape)."""
-    size = _size_record(image_size)
-    torch.save({"medgen_segmenter": 1, "image_keys": list(image_keys), "image_size": size,
-                "spatial_dims": 2 if isinstance(size, int) else 3, "state_dict": net.state_dict()}, path)
+def save_segmenter(net: DynUNet, path: Path, image_keys: list[str], space: SampleSpace | int | Sequence[int]) -> Path:
+    """``net`` with what it segments: ``image_keys`` at ``space`` (its ``state_dict``)."""
+    torch.save({"medgen_segmenter": 1, "image_keys": list(image_keys), "space": _space_of(space).state_dict(),
+                "state_dict": net.state_dict()}, path)
     return path
 
 
-def load_segmenter(path: str | Path, image_keys: list[str], image_size: int | Sequence[int],
+def load_segmenter(path: str | Path, image_keys: list[str], space: SampleSpace | int | Sequence[int],
                    device: torch.device) -> DynUNet:
     """A network saved by :func:`save_segmenter` (``seg_net_checkpoint=``), checked against the sets
-    (``image_size``: the slice size, or the volume shape of a 3D set)."""
+    (their ``space``: the slice size, or the volume shape of a 3D set)."""
     from medgen.core.paths import resolve_path
     from medgen.evaluation import EvaluationError
 
-    p = resolve_path(path)
+    p, space = resolve_path(path), _space_of(space)
     if not p.is_file():
         raise EvaluationError(f"seg_net_checkpoint={path}: {p} does not exist")
     ckpt = torch.load(p, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or "medgen_segmenter" not in ckpt:
         raise EvaluationError(f"seg_net_checkpoint={path}: not a network saved by medgen-evaluate (seg_net.pt)")
-    if list(ckpt["image_keys"]) != list(image_keys) or ckpt["image_size"] != _size_record(image_size):
+    recorded = SampleSpace.from_state(ckpt["space"]) if "space" in ckpt else _space_of(ckpt["image_size"])
+    if list(ckpt["image_keys"]) != list(image_keys) or recorded.shape != space.shape:
         raise EvaluationError(f"seg_net_checkpoint={path} segments {list(ckpt['image_keys'])} at "
-                              f"{_size_text(ckpt['image_size'])}, but the synthetic set holds {list(image_keys)} at "
-                              f"{_size_text(image_size)}: give the "
+                              f"{_size_text(recorded)}, but the synthetic set holds {list(image_keys)} at "
+                              f"{_size_text(space)}: give the "
                               "seg_net.pt of an evaluation of such a set, or leave seg_net_checkpoint unset to train "
                               "one on the real train split")
-    net = build_segmenter(len(image_keys), int(ckpt.get("spatial_dims", 2)))
+    net = build_segmenter(len(image_keys), recorded)
     net.load_state_dict(ckpt["state_dict"])
     return net.to(device).eval()

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from medgen.core import jsonio
 from medgen.core.constants import MASK_KEY
@@ -35,12 +35,13 @@ from medgen.core.fs import FolderLock, atomic_write
 from medgen.core.paths import resolve_path
 from medgen.data.brain import brain_source, inside_counts
 from medgen.data.masks import is_lesion
+from medgen.data.space import SampleSpace
 from medgen.evaluation import downstream, lesionwise, metrics, volumetric
-from medgen.evaluation.config import size_bins
 from medgen.evaluation.downstream import ItemSet
 from medgen.evaluation.features import FeatureWeightsError, fid, kid, load_feature_network
+from medgen.evaluation.requests import EvaluationRequest, FeatureRequest, LesionRequest, evaluation_request
 from medgen.evaluation.sets import Sets, as_slice_set
-from medgen.generation.records import SliceSource, VolumeSource, parse_mask_source
+from medgen.generation.records import ItemSource, parse_mask_source
 
 log = logging.getLogger("medgen.evaluate")
 
@@ -60,18 +61,21 @@ def _too_small(what: str, sizes: dict[str, int], minimum: int = 2, unit: str = "
     return f"{what} needs at least {minimum} {unit}s per set ({', '.join(small)})" if small else None
 
 
-def distribution_metrics(sets: Sets, cfg: DictConfig) -> dict:
-    """Mask statistics, brain intensities and diversity of both samples (``slices``: how many
-    items each holds, volumes in 3D)."""
-    syn, real = sets.sample("synthetic"), sets.sample("real")
-    out: dict[str, Any] = {"slices": {"synthetic": len(syn), "real": len(real)},
-                           "masks": metrics.compare_masks(real.masks, syn.masks, sets.spacing("real"),
-                                                          sets.spacing("synthetic")), "intensity": {}, "diversity": {}}
-    too_small = _too_small("MS-SSIM between random pairs", {"synthetic": len(syn), "real": len(real)}, unit=sets.unit)
+def distribution_metrics(sets: Sets, request: EvaluationRequest) -> dict:
+    """Mask statistics, brain intensities and diversity of both samples (``items``: how many
+    slices, or volumes, each holds)."""
+    syn, real, space = sets.sample("synthetic"), sets.sample("real"), sets.space
+    masks = metrics.compare_masks(real.masks, syn.masks, space.with_spacing(sets.spacing("real")),
+                                  space.with_spacing(sets.spacing("synthetic")))
+    out: dict[str, Any] = {"items": {"synthetic": len(syn), "real": len(real)}, "masks": masks, "intensity": {},
+                           "diversity": {}}
+    too_small = _too_small("MS-SSIM between random pairs", {"synthetic": len(syn), "real": len(real)}, unit=space.unit)
+    pairs, seed = request.diversity_pairs, request.seed
     for c, key in enumerate(sets.image_keys):
-        out["intensity"][key] = metrics.compare_intensities(real.images[:, c], syn.images[:, c], cfg.brain_intensity)
-        out["diversity"][key] = {"synthetic_ms_ssim": metrics.pairwise_ms_ssim(syn.images[:, c], cfg.diversity_pairs, cfg.seed),
-                                 "real_ms_ssim": metrics.pairwise_ms_ssim(real.images[:, c], cfg.diversity_pairs, cfg.seed)}
+        out["intensity"][key] = metrics.compare_intensities(real.images[:, c], syn.images[:, c],
+                                                            request.brain_intensity)
+        out["diversity"][key] = {"synthetic_ms_ssim": metrics.pairwise_ms_ssim(syn.images[:, c], space, pairs, seed),
+                                 "real_ms_ssim": metrics.pairwise_ms_ssim(real.images[:, c], space, pairs, seed)}
         if too_small:
             out["diversity"][key]["skipped"] = too_small
     if too_small:
@@ -79,23 +83,22 @@ def distribution_metrics(sets: Sets, cfg: DictConfig) -> dict:
     return out
 
 
-def anatomy_metrics(sets: Sets, cfg: DictConfig) -> dict:
+def anatomy_metrics(sets: Sets, request: EvaluationRequest) -> dict:
     """Where the lesions lie: the fraction of lesion pixels (voxels) inside the brain of their own
     image (:mod:`medgen.data.brain`; a volume's axial slice by axial slice), synthetic and real; a
     warning below :data:`MIN_INSIDE_BRAIN`."""
-    source = brain_source(sets.image_keys, cfg.brain_from)
+    source = brain_source(sets.image_keys, request.brain_from)
     c = sets.image_keys.index(source)
     out: dict[str, Any] = {"brain_from": source, "inside_brain": {}, "lesion_pixels": {}}
     for name in ("synthetic", "real"):
         s = sets.sample(name)
-        inside, total = inside_counts(s.masks, volumetric.item_brains(s.images[:, c]))
+        inside, total = inside_counts(s.masks, volumetric.item_brains(s.images[:, c], sets.space))
         out["inside_brain"][name] = inside / total if total else None
         out["lesion_pixels"][name] = total
     syn = out["inside_brain"]["synthetic"]
     if syn is not None and syn < MIN_INSIDE_BRAIN:
         real = out["inside_brain"]["real"] or 1
-        word = "voxels" if s.masks.ndim == 4 else "pixels"
-        sets.warn(f"{100 * (1 - syn):.1f}% of the synthetic lesion {word} lie outside the brain of their image "
+        sets.warn(f"{100 * (1 - syn):.1f}% of the synthetic lesion {sets.space.element}s lie outside the brain of their image "
                   f"(real {sets.reference_split}: {100 * (1 - real):.1f}%); generate with a seg model that draws the "
                   "brain (mode.image_keys=[seg,brain]) and gate.inside_brain=true")
     return out
@@ -115,8 +118,8 @@ def paired_metrics(sets: Sets) -> dict:
     syn_idx, real_idx = [], []
     for i, sid in enumerate(sets.synthetic_ids):
         source = parse_mask_source(rows.get(sid, {}).get("mask_source", ""))
-        if isinstance(source, (SliceSource, VolumeSource)) and source.split == sets.reference_split:
-            j = by_slice.get((source.patient, source.z if isinstance(source, SliceSource) else 0))
+        if isinstance(source, ItemSource) and source.split == sets.reference_split:
+            j = by_slice.get((source.patient, 0 if source.z is None else source.z))
             if j is not None:
                 syn_idx.append(i)
                 real_idx.append(j)
@@ -126,10 +129,10 @@ def paired_metrics(sets: Sets) -> dict:
                      logging.INFO)
     syn = np.asarray(sets.synthetic.data[np.asarray(syn_idx)], np.float32)
     real = np.asarray(sets.test.data[np.asarray(real_idx)], np.float32)
-    return {key: metrics.paired_fidelity(real[:, c], syn[:, c]) for c, key in enumerate(sets.image_keys)}
+    return {key: metrics.paired_fidelity(real[:, c], syn[:, c], sets.space) for c, key in enumerate(sets.image_keys)}
 
 
-def _distances(fs: np.ndarray, fr: np.ndarray, fv: np.ndarray | None, f: DictConfig, seed: int) -> dict:
+def _distances(fs: np.ndarray, fr: np.ndarray, fv: np.ndarray | None, f: FeatureRequest, seed: int) -> dict:
     """FID/KID of features ``fs`` (synthetic) against ``fr`` (real), and of ``fv`` (real val) as the floor."""
     kid_mean, kid_std = kid(fs, fr, f.kid_subsets, f.kid_subset_size, seed)
     entry = {"fid": fid(fs, fr), "kid_mean": kid_mean, "kid_std": kid_std, "n_real": len(fr), "n_synthetic": len(fs)}
@@ -140,13 +143,13 @@ def _distances(fs: np.ndarray, fr: np.ndarray, fv: np.ndarray | None, f: DictCon
     return entry
 
 
-def feature_metrics(sets: Sets, cfg: DictConfig, device: torch.device) -> dict:
+def feature_metrics(sets: Sets, request: EvaluationRequest, device: torch.device) -> dict:
     """FID/KID of synthetic vs real test, and real val vs real test as the floor. In 3D the 2.5D
     figures: FID/KID of the slices of each plane (:func:`~medgen.evaluation.volumetric.plane_slices`)
     and their mean over the planes (``fid_2.5d``, ...)."""
-    f = cfg.features
+    f, space = request.features, sets.space
     too_small = _too_small("FID/KID", {"synthetic": len(sets.sample("synthetic")), "real": len(sets.sample("real"))},
-                           unit=sets.unit)
+                           unit=space.unit)
     if too_small:
         return _skip(too_small)
     try:
@@ -154,25 +157,24 @@ def feature_metrics(sets: Sets, cfg: DictConfig, device: torch.device) -> dict:
     except FeatureWeightsError as exc:
         return _skip(str(exc))
     out: dict[str, Any] = {"network": net.name}
-    if sets.spatial_dims == 3:
-        out["slices_per_plane"], out["plane_fraction"] = f.slices_per_plane, f.plane_fraction
+    out.update(space.either({}, {"slices_per_plane": f.slices_per_plane, "plane_fraction": f.plane_fraction}))
     val = sets.sample("val")
     names = ("real", "synthetic") + (("val",) if val is not None and len(val) >= 2 else ())
-    held = "no val reference" if val is None else f"{len(val)} val {sets.unit}(s)"
+    held = "no val reference" if val is None else f"{len(val)} val {space.unit}(s)"
     no_floor = None if "val" in names else \
         f"the floor (FID/KID of real val vs real test): {held} in {sets.real_root}, and it needs at least 2"
 
     def features(name: str, c: int) -> dict[str, np.ndarray]:
         images = sets.sample(name).images[:, c]
-        if sets.spatial_dims == 2:
+        if not space.volumetric:
             return {"": net.extract(torch.from_numpy(images[:, None]))}
         planes = volumetric.plane_slices(images, sets.spacing(name), f.slices_per_plane, f.plane_fraction)
         return {plane: net.extract(x) for plane, x in planes.items()}
 
     for c, key in enumerate(sets.image_keys):
         fr, fs, fv = (features(name, c) if name in names else None for name in ("real", "synthetic", "val"))
-        per_plane = {p: _distances(fs[p], fr[p], None if fv is None else fv[p], f, cfg.seed) for p in fr}
-        out[key] = per_plane[""] if sets.spatial_dims == 2 else volumetric.mean_over_planes(per_plane)
+        per_plane = {p: _distances(fs[p], fr[p], None if fv is None else fv[p], f, request.seed) for p in fr}
+        out[key] = per_plane[""] if not space.volumetric else volumetric.mean_over_planes(per_plane)
         if no_floor:
             out[key]["floor"] = {"skipped": no_floor}
     if no_floor:
@@ -180,58 +182,58 @@ def feature_metrics(sets: Sets, cfg: DictConfig, device: torch.device) -> dict:
     return out
 
 
-def segmentation_metrics(sets: Sets, cfg: DictConfig, out_dir: Path, device: torch.device, progress: bool) -> dict:
+def segmentation_metrics(sets: Sets, request: EvaluationRequest, out_dir: Path, device: torch.device,
+                         progress: bool) -> dict:
     """Conditioning adherence and the downstream experiment."""
-    b = cfg.budget
+    b, space, seeds = request.budget, sets.space, list(request.seeds)
     test, syn = as_slice_set(sets.test), as_slice_set(sets.synthetic)
     train = as_slice_set(sets.train) if sets.train is not None and len(sets.train) else None
     out: dict[str, Any] = {}
     adherence_net = sets.segmenter.to(device) if sets.segmenter is not None else None
-    if cfg.downstream:
+    if request.downstream:
         if train is None:
-            return {"downstream": _skip(f"no real train lesion {sets.unit}s in {sets.real_root / 'train'}")}
+            return {"downstream": _skip(f"no real train lesion {space.unit}s in {sets.real_root / 'train'}")}
         kept: dict[str, Any] = {}
 
         def keep_first_real(name: str, seed: int, net) -> None:
-            if name == "real" and seed == cfg.seeds[0]:
+            if name == "real" and seed == seeds[0]:
                 kept["net"] = net
-                downstream.save_segmenter(net, out_dir / "seg_net.pt", sets.image_keys, sets.item_size)
+                downstream.save_segmenter(net, out_dir / "seg_net.pt", sets.image_keys, space)
 
-        lesion_test = whole_test_split(sets, test, cfg)
-        out["downstream"] = downstream.downstream(train, syn, test, seeds=list(cfg.seeds), budget=b, device=device,
+        lesion_test = whole_test_split(sets, test, request.lesions)
+        out["downstream"] = downstream.downstream(train, syn, test, space, seeds=seeds, budget=b, device=device,
                                                   progress=progress, on_network=keep_first_real, lesions=lesion_test)
-        out["downstream"]["budget"] = OmegaConf.to_container(b)
-        out["lesions"] = _lesion_figures(out["downstream"], lesion_test, len(test), cfg, sets.warnings)
+        out["downstream"]["budget"] = request.budget_record()
+        out["lesions"] = _lesion_figures(out["downstream"], lesion_test, len(test), space, request.lesions,
+                                         sets.warnings)
         adherence_net = adherence_net or kept.get("net")
     elif adherence_net is None and train is not None:
-        adherence_net = downstream.train_segmenter(train, b, seed=cfg.seeds[0], device=device, desc="real seed",
+        adherence_net = downstream.train_segmenter(train, b, space, seed=seeds[0], device=device, desc="real seed",
                                                    progress=progress)
-        downstream.save_segmenter(adherence_net, out_dir / "seg_net.pt", sets.image_keys, sets.item_size)
-    out["adherence"] = downstream.adherence(adherence_net, syn, test, device) if adherence_net is not None else \
-        _skip("no real train slices to train the segmentation network on, and no seg_net_checkpoint")
+        downstream.save_segmenter(adherence_net, out_dir / "seg_net.pt", sets.image_keys, space)
+    out["adherence"] = downstream.adherence(adherence_net, syn, test, space, device) if adherence_net is not None \
+        else _skip("no real train slices to train the segmentation network on, and no seg_net_checkpoint")
     return out
 
 
-def whole_test_split(sets: Sets, lesion_items: ItemSet, cfg: DictConfig) -> lesionwise.LesionTest:
+def whole_test_split(sets: Sets, lesion_items: ItemSet, lesions: LesionRequest) -> lesionwise.LesionTest:
     """The whole reference split: its lesion slices, then its lesion-free brain slices (3D: its
     lesion volumes, then its lesion-free volumes; lesions are 26-connected, sized with 3 axes)."""
     brain = as_slice_set(sets.test_brain) if sets.test_brain is not None and len(sets.test_brain) else None
     free = brain.masks.reshape(len(brain), -1).max(1) == 0 if brain is not None else None
     whole = ItemSet.concat(lesion_items, ItemSet(brain.images[free], brain.masks[free])) \
         if brain is not None and free.any() else lesion_items
-    spacing, axes = sets.test.spacing, whole.masks.ndim - 1
-    if spacing is None:
+    if sets.space.spacing is None:
         log.warning("the real slice cache records no voxel spacing: lesion diameters assume 1 mm pixels")
-    return lesionwise.LesionTest(whole.images, whole.masks, tuple(spacing[:axes]) if spacing else (1.0,) * axes,
-                                 size_bins(cfg.lesions.bins), cfg.lesions.resamples)
+    return lesionwise.LesionTest(whole.images, whole.masks, sets.space.mm, lesions.bins, lesions.resamples)
 
 
-def _lesion_figures(results: dict, test: lesionwise.LesionTest, lesion_items: int, cfg: DictConfig,
-                    warnings: list[str]) -> dict:
+def _lesion_figures(results: dict, test: lesionwise.LesionTest, lesion_items: int, space: SampleSpace,
+                    lesions: LesionRequest, warnings: list[str]) -> dict:
     """``metrics.json``'s ``lesions``: the test split's lesions per bin, each training set's
     lesion-wise figures (moved out of ``results``), and whether the real-trained yardstick can judge.
     In 3D the ``*_slices`` counts are volumes (``unit``)."""
-    out: dict[str, Any] = {"unit": "volume" if test.masks.ndim == 4 else "slice",
+    out: dict[str, Any] = {"unit": space.unit,
         "bins": list(test.bins.names), "edges_mm": list(test.bins.edges), "spacing_mm": list(test.spacing),
         "test_items": len(test.masks), "lesion_items": lesion_items,
         "lesion_free_items": len(test.masks) - lesion_items,
@@ -240,7 +242,7 @@ def _lesion_figures(results: dict, test: lesionwise.LesionTest, lesion_items: in
     if out["lesion_free_items"] == 0:
         out["notes"] = [f"the real reference split has no lesion-free brain {out['unit']}: false positives are "
                         f"counted on lesion {out['unit']}s only"]
-    out["yardstick"] = lesionwise.yardstick(out["sets"]["real"], cfg.lesions.min_sensitivity, cfg.lesions.min_dice)
+    out["yardstick"] = lesionwise.yardstick(out["sets"]["real"], lesions.min_sensitivity, lesions.min_dice)
     if "warning" in out["yardstick"]:
         warnings.append(out["yardstick"]["warning"])
         log.warning("%s", out["yardstick"]["warning"])
@@ -255,40 +257,40 @@ def _lesion_figures(results: dict, test: lesionwise.LesionTest, lesion_items: in
 
 # ============================================================================ entry point
 def evaluate(cfg: DictConfig, device: torch.device | None = None, progress: bool = True) -> dict:
-    """Every metric for ``cfg`` (a validated evaluate config); writes ``metrics.json`` and the
-    report into ``out_dir`` and returns the metrics."""
+    """Every metric for ``cfg`` (a validated evaluate config, read once into an
+    :class:`~medgen.evaluation.requests.EvaluationRequest`); writes ``metrics.json`` and the report
+    into ``out_dir`` and returns the metrics."""
     from medgen.core.distributed import default_device
 
-    device = device or (torch.device(cfg.device) if cfg.device else default_device())
-    out_dir = resolve_path(cfg.out_dir)
+    request = evaluation_request(cfg)
+    device = device or (torch.device(request.device) if request.device else default_device())
+    out_dir = request.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     # a second evaluation into the same folder stops at once, naming the first
     with FolderLock(out_dir, "evaluation folder", ".medgen/lock"):
-        return _evaluate(cfg, out_dir, device, progress)
+        return _evaluate(request, out_dir, device, progress)
 
 
-def _evaluate(cfg: DictConfig, out_dir: Path, device: torch.device, progress: bool) -> dict:
+def _evaluate(request: EvaluationRequest, out_dir: Path, device: torch.device, progress: bool) -> dict:
     from medgen.evaluation.report import write_report
 
     t0 = time.perf_counter()
-    sets = Sets(cfg, progress)
+    sets = Sets(request.sets, progress)
     if not is_lesion(sets.synthetic.data[:, sets.synthetic.keys.index(MASK_KEY)]).any():
         sets.warnings.append("the synthetic set has no lesion at all (every mask is empty): conditioning adherence "
                              "can only count false positives, and the downstream gain says nothing about lesions")
     for warning in sets.warnings:
         log.warning("%s", warning)
+    space = sets.space
     result: dict[str, Any] = {
         "real_dir": str(sets.real_root), "synthetic_dir": str(sets.synthetic_root), "out_dir": str(out_dir),
-        "spatial_dims": sets.spatial_dims, "unit": sets.unit, "image_size": sets.image_size,
-        "modalities": sets.image_keys, "reference_split": sets.reference_split, "seed": cfg.seed}
-    if sets.volume_shape is not None:
-        result["volume_shape"] = list(sets.volume_shape)
-        result["spacing_mm"] = {name: list(sets.spacing(name)) for name in ("real", "synthetic")}
-    result["distribution"] = distribution_metrics(sets, cfg)
-    result["anatomy"] = anatomy_metrics(sets, cfg)
+        "space": space.state_dict(), "unit": space.unit, **_shape_keys(sets),
+        "modalities": sets.image_keys, "reference_split": sets.reference_split, "seed": request.seed}
+    result["distribution"] = distribution_metrics(sets, request)
+    result["anatomy"] = anatomy_metrics(sets, request)
     result["paired"] = paired_metrics(sets)
-    result["features"] = feature_metrics(sets, cfg, device)
-    result.update(segmentation_metrics(sets, cfg, out_dir, device, progress))
+    result["features"] = feature_metrics(sets, request, device)
+    result.update(segmentation_metrics(sets, request, out_dir, device, progress))
     result["warnings"] = sets.warnings
     result["seconds"] = round(time.perf_counter() - t0, 1)
     with atomic_write(out_dir / "metrics.json") as tmp:
@@ -296,3 +298,11 @@ def _evaluate(cfg: DictConfig, out_dir: Path, device: torch.device, progress: bo
     write_report(out_dir, result, sets)
     return result
 
+
+def _shape_keys(sets: Sets) -> dict[str, Any]:
+    """The keys older readers of ``metrics.json`` take the sample's shape from (the demo's test reads
+    ``spatial_dims`` and ``volume_shape``): all of them written from the space."""
+    space = sets.space
+    return {"spatial_dims": space.dims, "image_size": int(max(space.shape[:2])),
+            **space.either({}, {"volume_shape": list(space.shape),
+                                "spacing_mm": {name: list(sets.spacing(name)) for name in ("real", "synthetic")}})}

@@ -119,7 +119,7 @@ def summarize(matches: Sequence[LesionMatch], bins: SizeBins, resamples: int = 1
     point = _figures(table.sum(0), n)
     rng = np.random.default_rng(seed)
     boot = _figures(table[rng.integers(0, n, size=(resamples, n))].sum(1), n)  # [resamples, 3, bins + 1]
-    out = {"slices": n, "bins": {}, "edges_mm": list(bins.edges)}
+    out = {"items": n, "bins": {}, "edges_mm": list(bins.edges)}
     for b, name in enumerate([*bins.names, None]):
         entry = {"lesions": int(table[:, 0, b].sum())}
         for k, key in enumerate(FIGURES):

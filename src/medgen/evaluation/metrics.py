@@ -20,6 +20,7 @@ from scipy import ndimage, stats
 
 from medgen.data.lesions import component_diameters
 from medgen.data.masks import is_lesion, lesion_labels, lesion_sizes
+from medgen.data.space import SampleSpace
 
 #: intensity histograms: bins over [0, 1]
 HISTOGRAM_BINS = 50
@@ -35,12 +36,12 @@ def distribution_distance(real: np.ndarray, synthetic: np.ndarray) -> dict[str, 
 
 
 # ============================================================================ masks
-def mask_statistics(masks: np.ndarray, spacing: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+def mask_statistics(masks: np.ndarray, space: SampleSpace) -> dict[str, np.ndarray]:
     """Per slice: ``lesions`` (8-connected components), ``area`` (lesion fraction of the image);
     over all lesions: ``component_size`` (fraction of the image). Volumes ``[N, X, Y, Z]``: the
-    :func:`volume_mask_statistics` at ``spacing`` (mm, x y z)."""
-    if np.ndim(masks) == 4:
-        return volume_mask_statistics(masks, (1.0, 1.0, 1.0) if spacing is None else spacing)
+    :func:`volume_mask_statistics` at the space's voxel size (mm, x y z; 1 mm when not known)."""
+    if space.volumetric:
+        return volume_mask_statistics(masks, space.mm)
     masks = is_lesion(masks)
     pixels = masks.shape[1] * masks.shape[2]
     lesions, sizes = [], []
@@ -70,11 +71,12 @@ def volume_mask_statistics(masks: np.ndarray, spacing: Sequence[float]) -> dict[
             "largest_diameter_mm": np.asarray(largest, np.float64), "lesion_volume_mm3": np.asarray(volumes, np.float64)}
 
 
-def compare_masks(real: np.ndarray, synthetic: np.ndarray, real_spacing: Sequence[float] | None = None,
-                  synthetic_spacing: Sequence[float] | None = None) -> dict:
+def compare_masks(real: np.ndarray, synthetic: np.ndarray, real_space: SampleSpace,
+                  synthetic_space: SampleSpace | None = None) -> dict:
     """Mask statistics of both sets (means, empty fraction) and the distances between them (each
-    statistic of :func:`mask_statistics`; volumes measured at their set's spacing)."""
-    r, s = mask_statistics(real, real_spacing), mask_statistics(synthetic, synthetic_spacing)
+    statistic of :func:`mask_statistics`; volumes measured at their set's spacing, the synthetic
+    set's space the real one's when not given)."""
+    r, s = mask_statistics(real, real_space), mask_statistics(synthetic, synthetic_space or real_space)
     out: dict = {}
     for key in r:
         out[key] = {"real_mean": float(np.mean(r[key])) if r[key].size else math.nan,
@@ -111,16 +113,16 @@ def compare_intensities(real: np.ndarray, synthetic: np.ndarray, threshold: floa
 
 
 # ============================================================================ diversity
-def _ms_ssim(size: int, spatial_dims: int = 2) -> MultiScaleSSIMMetric:
+def _ms_ssim(size: int, space: SampleSpace) -> MultiScaleSSIMMetric:
     """MONAI's MS-SSIM with as many of the 5 standard scales as ``size`` allows at kernel 7."""
     weights = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
     levels = max(1, min(5, int(math.log2(size / 7)) + 1))
     w = weights[:levels]
-    return MultiScaleSSIMMetric(spatial_dims=spatial_dims, data_range=1.0, kernel_size=7,
+    return MultiScaleSSIMMetric(spatial_dims=space.dims, data_range=1.0, kernel_size=7,
                                 weights=tuple(x / sum(w) for x in w))
 
 
-def pairwise_ms_ssim(images: np.ndarray, pairs: int, seed: int) -> float:
+def pairwise_ms_ssim(images: np.ndarray, space: SampleSpace, pairs: int, seed: int) -> float:
     """Mean MS-SSIM between ``pairs`` random pairs of distinct images ``[N, S, S]`` (lower = more
     diverse; NaN for fewer than 2 images); volumes ``[N, X, Y, Z]``: 3D MS-SSIM, its scales set by
     the shortest axis, 8 pairs at a time."""
@@ -130,17 +132,17 @@ def pairwise_ms_ssim(images: np.ndarray, pairs: int, seed: int) -> float:
     rng = np.random.default_rng(seed)
     a = rng.integers(0, len(images), pairs)
     b = (a + rng.integers(1, len(images), pairs)) % len(images)
-    if images.ndim == 3:
+    if not space.volumetric:
         x, y = (torch.from_numpy(images[i])[:, None] for i in (a, b))
-        return float(_ms_ssim(images.shape[-1])(x, y).mean())
-    metric = _ms_ssim(min(images.shape[1:]), spatial_dims=3)
+        return float(_ms_ssim(images.shape[-1], space)(x, y).mean())
+    metric = _ms_ssim(min(images.shape[1:]), space)
     values = [metric(torch.from_numpy(images[a[i:i + 8]])[:, None], torch.from_numpy(images[b[i:i + 8]])[:, None])
               for i in range(0, pairs, 8)]
     return float(torch.cat(values).mean())
 
 
 # ============================================================================ paired
-def paired_fidelity(real: np.ndarray, synthetic: np.ndarray) -> dict[str, float]:
+def paired_fidelity(real: np.ndarray, synthetic: np.ndarray, space: SampleSpace) -> dict[str, float]:
     """PSNR and SSIM (MONAI, data range 1) of synthetic images against the real images of the same
     masks, ``[N, S, S]`` each (volumes ``[N, X, Y, Z]``: 3D SSIM), in the same order. The SSIM window
     is MONAI's 11 pixels, or the largest odd size that fits the shortest axis."""
@@ -148,5 +150,5 @@ def paired_fidelity(real: np.ndarray, synthetic: np.ndarray) -> dict[str, float]
     shortest = min(x.shape[2:])
     kernel = min(11, shortest if shortest % 2 else shortest - 1)
     return {"psnr": float(PSNRMetric(max_val=1.0)(x, y).mean()),
-            "ssim": float(SSIMMetric(spatial_dims=x.ndim - 2, data_range=1.0, win_size=kernel)(x, y).mean()),
+            "ssim": float(SSIMMetric(spatial_dims=space.dims, data_range=1.0, win_size=kernel)(x, y).mean()),
             "pairs": int(len(real))}

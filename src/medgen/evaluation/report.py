@@ -23,6 +23,7 @@ from matplotlib.ticker import NullFormatter
 from medgen.core.constants import MASK_KEY
 from medgen.core.fs import atomic_write
 from medgen.data import pictures
+from medgen.data.space import SampleSpace
 from medgen.evaluation import metrics
 from medgen.evaluation.downstream import SETS, SIZE_BINS, SIZE_BINS_3D
 from medgen.evaluation.lesionwise import bin_entry
@@ -39,6 +40,11 @@ def _fmt(v: Any, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "—"
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def recorded_space(result: dict) -> SampleSpace:
+    """The sample space a result (``metrics.json``, ``augmentation.json``) records."""
+    return SampleSpace.from_state(result["space"])
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -100,19 +106,23 @@ def intensity_figure(result: dict, out: Path) -> Path:
     return _save(fig, out / "intensity_histograms.png")
 
 
-_MASK_PANELS = {2: (("lesions", "lesions per slice", None), ("area", "lesion area (fraction of slice)", None),
-                     ("component_size", "lesion size (fraction of slice)", "log")),
-                 3: (("lesions", "lesions per volume", None), ("volume_fraction", "lesion volume (fraction of volume)", None),
-                     ("largest_diameter_mm", "largest lesion Feret diameter (mm)", None),
-                     ("lesion_volume_mm3", "lesion volume (mm³)", "log"))}
+#: the panels of the mask figure: (slices, volumes)
+_MASK_PANELS = ((("lesions", "lesions per slice", None), ("area", "lesion area (fraction of slice)", None),
+                 ("component_size", "lesion size (fraction of slice)", "log")),
+                (("lesions", "lesions per volume", None), ("volume_fraction", "lesion volume (fraction of volume)", None),
+                 ("largest_diameter_mm", "largest lesion Feret diameter (mm)", None),
+                 ("lesion_volume_mm3", "lesion volume (mm³)", "log")))
 
 
 def mask_figure(sets, out: Path) -> Path:
     """Histograms of the mask statistics of both sets (:func:`~medgen.evaluation.metrics.mask_statistics`:
     per slice, or per volume and lesion in 3D)."""
-    real = metrics.mask_statistics(sets.test.data[:, sets.test.keys.index(MASK_KEY)], sets.spacing("real"))  # binarised there
-    syn = metrics.mask_statistics(sets.synthetic.data[:, sets.synthetic.keys.index(MASK_KEY)], sets.spacing("synthetic"))
-    panels = _MASK_PANELS[sets.spatial_dims]
+    space = sets.space
+    real = metrics.mask_statistics(sets.test.data[:, sets.test.keys.index(MASK_KEY)],  # binarised there
+                                   space.with_spacing(sets.spacing("real")))
+    syn = metrics.mask_statistics(sets.synthetic.data[:, sets.synthetic.keys.index(MASK_KEY)],
+                                  space.with_spacing(sets.spacing("synthetic")))
+    panels = space.either(*_MASK_PANELS)
     fig = Figure(figsize=(4.7 * len(panels), 3.5))
     for i, (key, label, scale) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
@@ -202,20 +212,20 @@ def _mean_std(s: dict, b: str, figure: str, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" + (f" [{first[0]:.{digits}f}, {first[1]:.{digits}f}]" if first else "")
 
 
-def lesion_table(les: dict) -> tuple[str, list[str], list[list[str]], str]:
+def lesion_table(les: dict, space: SampleSpace) -> tuple[str, list[str], list[list[str]], str]:
+    """The lesion-wise table of ``les`` (``metrics.json``'s ``lesions``, or ``augmentation.json``),
+    figures of samples of ``space``."""
     rows = [[name, b, str(n), *[_mean_std(les["sets"][name], b, figure) for figure, _ in _LESION_FIGURES]]
             for name in les["sets"] for b, n in _test_lesions(les).items()]
-    unit = les.get("unit", "slice")
-    voxels, brain = ("voxels", "") if unit == "volume" else ("pixels", "brain ")
+    unit, voxels, brain = space.unit, f"{space.element}s", space.either("brain ", "")
     note = (f"The whole real test split: {les['lesion_items']} lesion {unit}s and {les['lesion_free_items']} "
             f"lesion-free {brain}{unit}s; lesions binned by Feret diameter (edges {les['edges_mm']} mm, {voxels} "
             f"{les['spacing_mm']} mm). A true lesion is found when the prediction overlaps it; its lesion Dice "
             "counts the predicted lesions that touch it; a predicted lesion touching none is a false positive, "
             f"binned by its own diameter. Mean ± std over seeds, [bootstrap 95% interval over {unit}s, first seed]. "
             f"Yardstick rule: {les['yardstick']['rule']}.")
-    if unit == "volume":
-        note = "Lesions are 3D (26-connected components, diameters over the three axes). " + note
-    return ("Lesion-wise segmentation (real test split, by lesion size" + (", 3D lesions)" if unit == "volume" else ")"),
+    note = space.either("", "Lesions are 3D (26-connected components, diameters over the three axes). ") + note
+    return ("Lesion-wise segmentation (real test split, by lesion size" + space.either(")", ", 3D lesions)"),
             ["trained on", "size", "test lesions", "sensitivity", "lesion Dice", f"false positives / {unit}"], rows, note)
 
 
@@ -224,14 +234,15 @@ def _mask_table(result: dict) -> tuple[str, list[str], list[list[str]], str]:
     rows = [[k.replace("_", " "), _fmt(m[k]["real_mean"], 4), _fmt(m[k]["synthetic_mean"], 4), _fmt(m[k]["wasserstein"], 4),
              _fmt(m[k]["ks"])] for k in m if k != "empty_fraction"]
     rows.append(["empty fraction", _fmt(m["empty_fraction"]["real"]), _fmt(m["empty_fraction"]["synthetic"]), "", ""])
-    element = "voxels" if result.get("spatial_dims") == 3 else "pixels"
+    space = recorded_space(result)
+    element = f"{space.element}s"
     if anatomy.get("inside_brain"):
         rows.append([f"lesion {element} inside the brain", _fmt(anatomy["inside_brain"]["real"]),
                      _fmt(anatomy["inside_brain"]["synthetic"]), "", ""])
     brain = (f"the fraction of lesion {element} inside the brain of their own image (the brain derived from "
              f"{anatomy.get('brain_from', 'the image')} as for training data"
-             + (", axial slice by axial slice)." if element == "voxels" else ")."))
-    if result.get("spatial_dims") != 3:
+             + space.either(").", ", axial slice by axial slice)."))
+    if not space.volumetric:
         return ("Masks", ["statistic", "real mean", "synthetic mean", "Wasserstein-1", "KS"], rows,
                 "Lesions per slice, lesion area and size of each lesion (areas as fractions of the slice); " + brain)
     spacing = result.get("spacing_mm", {})
@@ -248,7 +259,7 @@ def _feature_table(result: dict) -> tuple[str, list[str], list[list[str]], str]:
     header = ["modality", "FID synthetic vs real", "KID synthetic vs real", "FID real val vs real test (floor)",
               "KID floor"]
     entries = {k: v for k, v in f.items() if isinstance(v, dict)}
-    if result.get("spatial_dims") != 3:
+    if not recorded_space(result).volumetric:
         rows = [_feature_row(k, v, "") for k, v in entries.items()]
         return (f"FID and KID ({f['network']} features)", header, rows,
                 "The floor is what two real samples of this size score against each other.")
@@ -267,7 +278,8 @@ def _feature_row(name: str, v: dict, suffix: str) -> list[str]:
 
 
 def _segmentation_tables(result: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
-    unit, tables = result.get("unit", "slice"), []
+    space, tables = recorded_space(result), []
+    unit = space.unit
     a = result.get("adherence", {})
     if "skipped" not in a and a:
         tables.append(("Conditioning adherence", ["images", f"{unit}s", "Dice against their masks",
@@ -286,21 +298,22 @@ def _segmentation_tables(result: dict) -> list[tuple[str, list[str], list[list[s
         g = d["gain"]
         note = (f"Gain of real+synthetic over real: {g['value']:+.3f} Dice; seed-to-seed spread (largest standard "
                 f"deviation) {g['spread']:.3f}: {g['verdict']}.")
-        if unit == "volume":
+        if space.volumetric:
             note = ("A 3D DynUNet trained on whole volumes; Dice per test volume, lesion sizes binned by lesion volume "
                     "fraction (" + ", ".join(f"{b} < {e:g}" for b, e in SIZE_BINS_3D[:-1]) + "). " + note)
         tables.append((f"Downstream segmentation (Dice on real test {unit}s)",
                        ["trained on", f"{unit}s", "Dice mean ± std over seeds", *[f"{b} lesions" for b, _ in SIZE_BINS]],
                        rows, note))
     if result.get("lesions") and "skipped" not in result["lesions"]:
-        tables.append(lesion_table(result["lesions"]))
+        tables.append(lesion_table(result["lesions"], space))
     return tables
 
 
 def _tables(result: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
     """(title, header, rows, note) of every table in the report."""
     dist = result["distribution"]
-    element = "voxels" if result.get("spatial_dims") == 3 else "pixels"
+    space = recorded_space(result)
+    element = f"{space.element}s"
     rows = [[k, _fmt(v["real_mean"]), _fmt(v["synthetic_mean"]), _fmt(v["wasserstein"], 4), _fmt(v["ks"]),
              _fmt(dist["diversity"][k]["real_ms_ssim"]), _fmt(dist["diversity"][k]["synthetic_ms_ssim"])]
             for k, v in dist["intensity"].items()]
@@ -308,7 +321,7 @@ def _tables(result: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
               ("Intensities and diversity", ["modality", "real mean", "synthetic mean", "Wasserstein-1", "KS",
                                              "MS-SSIM real pairs", "MS-SSIM synthetic pairs"], rows,
                f"Intensities of brain {element}; MS-SSIM between random pairs within a set (lower = more diverse"
-               + ("; 3D MS-SSIM of whole volumes)." if element == "voxels" else ").")),
+               + space.either(").", "; 3D MS-SSIM of whole volumes).")),
               _feature_table(result)]
     p = result["paired"]
     if "skipped" not in p:
@@ -334,9 +347,9 @@ def summary_lines(result: dict) -> list[str]:
     """The headline numbers, for the console and the demo's summary."""
     lines = [f"warning: {w}" for w in result.get("warnings", [])]
     lines += [f"skipped: {where}: {reason}" for where, reason in skipped_metrics(result)]
-    suffix = "_2.5d" if result.get("spatial_dims") == 3 else ""
     for key, v in result["features"].items():
         if isinstance(v, dict):
+            suffix = "_2.5d" if "fid_2.5d" in v else ""  # a 3D set's entries are the means over the planes
             floor = v.get(f"fid_real_val_vs_test{suffix}")
             lines.append(f"FID{' 2.5D' if suffix else ''} {key} ({result['features']['network']}): "
                          f"{v['fid' + suffix]:.2f} synthetic vs real"
@@ -373,11 +386,12 @@ def summary_lines(result: dict) -> list[str]:
 
 
 def _intro(result: dict) -> str:
-    if result.get("spatial_dims") != 3:
+    space = recorded_space(result)
+    if not space.volumetric:
         return (f"Synthetic set `{result['synthetic_dir']}` against the lesion slices of the real "
-                f"{result['reference_split']} split of `{result['real_dir']}`, at {result['image_size']} px, modalities "
+                f"{result['reference_split']} split of `{result['real_dir']}`, at {space.size} px, modalities "
                 f"{', '.join(result['modalities'])}. All numbers are in `metrics.json`.")
-    return (f"A 3D synthetic set: `{result['synthetic_dir']}`, volumes of {'x'.join(map(str, result['volume_shape']))} "
+    return (f"A 3D synthetic set: `{result['synthetic_dir']}`, volumes of {space.tag} "
             f"voxels, against the real volumes with a lesion of the {result['reference_split']} split of "
             f"`{result['real_dir']}` at that shape, modalities {', '.join(result['modalities'])}. Mask statistics, "
             "intensities, diversity (3D MS-SSIM), anatomy and lesion-wise figures are 3D (lesions are 26-connected "
@@ -388,7 +402,7 @@ def _intro(result: dict) -> str:
 
 def write_report(out: Path, result: dict, sets) -> tuple[Path, Path]:
     """``report.md`` and ``report.html`` with their figures, for ``result`` (``metrics.json``) of ``sets``."""
-    sheets = plane_sheets(sets, out) if sets.spatial_dims == 3 else \
+    sheets = plane_sheets(sets, out) if sets.space.volumetric else \
         [("Real (left) and synthetic (right) slices, mask outlined", contact_sheets(sets, out))]
     figures = sheets + [("Brain intensities", intensity_figure(result, out)),
                            ("Mask statistics", mask_figure(sets, out))]

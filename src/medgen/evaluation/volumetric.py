@@ -2,14 +2,15 @@
 
 A synthetic set whose samples hold more than one axial slice (``[X, Y, Z]``, ``Z > 1``) is
 evaluated in 3D (``spatial_dims: null``, the default, decides by the first sample; ``spatial_dims=2``
-compares its axial slices instead). Both sets are then volume caches
+compares its axial slices instead; :func:`space_of` makes the evaluation's one
+:class:`~medgen.data.space.SampleSpace`). Both sets are then volume caches
 (:class:`medgen.data.volumes.VolumeSpec`) at the synthetic set's shape: every synthetic volume, and
 the volumes of the real splits, of which those with a lesion are the reference (as lesion slices
 are in 2D) and the lesion-free ones join the lesion-wise test. Everything downstream of the caches
 is the 2D pipeline on arrays with one more axis; what needs its own code is here:
 
-* which dimension, and whether the downstream network can take the shape (:func:`spatial_dims_of`,
-  :func:`check_volume_shape`);
+* the sample space of the evaluation, and whether the downstream network can take its shape
+  (:func:`space_of`, :func:`check_volume_shape`);
 * the brain of each volume, axial slice by axial slice as for training data (:func:`item_brains`);
 * the 2.5D feature slices of FID/KID (:func:`plane_slices`): from each volume a fixed number of
   slices per plane (axial, coronal, sagittal), evenly spaced through the middle part of the axis
@@ -30,9 +31,11 @@ from medgen.core.constants import MASK_KEY
 from medgen.data.brain import brain_mask, brain_of
 from medgen.data.nifti_dataset import modality_path
 from medgen.data.slices import ItemCache, open_or_build_cache
+from medgen.data.space import SampleSpace
 from medgen.data.volumes import VolumeSpec
 from medgen.evaluation import EvaluationError
 from medgen.evaluation.downstream import STRIDES
+from medgen.evaluation.requests import SetsRequest
 
 log = logging.getLogger("medgen.evaluate")
 
@@ -48,29 +51,31 @@ def sample_shape(patient: Path) -> tuple[int, ...]:
     return tuple(int(n) for n in nib.load(str(modality_path(patient, MASK_KEY))).shape)
 
 
-def spatial_dims_of(requested: int | None, shape: Sequence[int], root: Path) -> int:
-    """2 or 3: ``requested`` (``spatial_dims``), or by the sample shape when it is None (3 for more
-    than one axial slice); an :class:`EvaluationError` for a 3D evaluation of single slices."""
-    found = 3 if len(shape) >= 3 and shape[2] > 1 else 2
-    if requested == 3 and found == 2:
+def space_of(requested: int | None, shape: Sequence[int], root: Path) -> SampleSpace:
+    """The :class:`~medgen.data.space.SampleSpace` of an evaluation whose first synthetic sample has
+    the array ``shape``: as the file reads (:meth:`SampleSpace.of_file`: volumes for more than one
+    axial slice), or the axial slices of volumes with ``requested=2`` (``spatial_dims``); an
+    :class:`EvaluationError` for a 3D evaluation of single slices."""
+    found = SampleSpace.of_file(shape)
+    if requested == 3 and not found.volumetric:
         raise EvaluationError(f"spatial_dims=3 but the samples in {root} are single slices {list(shape)}: "
                               "evaluate them with spatial_dims=2 (or null)")
-    dims = found if requested is None else int(requested)
-    if dims == 3:
+    space = SampleSpace.of_file(shape, dims=requested)
+    if space.volumetric:
         log.info("the samples in %s are volumes %s: evaluating in 3D (volume metrics, 2.5D FID/KID, a 3D "
-                 "downstream segmenter)", root, "x".join(map(str, shape[:3])))
-    elif found == 3:
+                 "downstream segmenter)", root, space.tag)
+    elif found.volumetric:
         log.info("spatial_dims=2: evaluating the axial slices of the volumes in %s", root)
-    return dims
+    return space
 
 
-def check_volume_shape(shape: Sequence[int], root: Path) -> None:
+def check_volume_shape(space: SampleSpace, root: Path) -> None:
     """The 3D downstream segmenter halves every axis ``len(STRIDES) - 1`` times: refuse a volume
     shape it cannot take, in one line naming the folder."""
     factor = int(np.prod(STRIDES))
-    if any(int(n) % factor for n in shape[:3]):
-        fits = "x".join(str(-(-int(n) // factor) * factor) for n in shape[:3])
-        raise EvaluationError(f"synthetic_dir={root}: its volumes are {'x'.join(map(str, shape[:3]))}, but the 3D "
+    if any(n % factor for n in space.shape):
+        fits = "x".join(str(-(-n // factor) * factor) for n in space.shape)
+        raise EvaluationError(f"synthetic_dir={root}: its volumes are {space.tag}, but the 3D "
                               f"downstream segmenter needs every axis a multiple of {factor} (e.g. {fits})")
 
 
@@ -101,30 +106,29 @@ def with_lesion(cache: ItemCache | None) -> CacheSubset | None:
     return None if cache is None else CacheSubset(cache, np.flatnonzero(cache.lesion_pixels > 0))
 
 
-def volume_caches(patients: dict[str, list[Path]], keys: Sequence[str], shape: Sequence[int], cfg, cache_dir: Path,
+def volume_caches(patients: dict[str, list[Path]], keys: Sequence[str], space: SampleSpace, request: SetsRequest,
                   test_split: str, progress: bool) -> dict[str, ItemCache | CacheSubset | None]:
-    """The volume caches of a 3D evaluation at ``shape``: ``synthetic`` (every volume of
+    """The volume caches of a 3D evaluation at the shape of ``space``: ``synthetic`` (every volume of
     ``patients["synthetic"]``), ``test``/``train``/``val`` (the real volumes with a lesion; ``val``
     only beside a test split), ``test_brain`` (every volume of the reference split, for the
-    lesion-wise test; only with ``cfg.downstream``)."""
-    spec = VolumeSpec(keys=tuple(keys), volume_shape=tuple(int(n) for n in shape[:3]),
-                      head_intensity=float(cfg.brain_intensity))
+    lesion-wise test; only with ``request.downstream``)."""
+    spec = VolumeSpec(keys=tuple(keys), volume_shape=space.shape, head_intensity=request.brain_intensity)
 
     def build(group: str, desc: str) -> ItemCache | None:
-        return open_or_build_cache(patients[group], spec, cache_dir, progress=progress, desc=desc,
-                                   workers=cfg.num_workers) if patients[group] else None
+        return open_or_build_cache(patients[group], spec, request.cache_dir, progress=progress, desc=desc,
+                                   workers=request.num_workers) if patients[group] else None
 
     test = build(test_split, f"real {test_split} volumes")
     return {"synthetic": build("synthetic", "synthetic volumes"), "test": with_lesion(test),
             "train": with_lesion(build("train", "real train volumes")),
             "val": with_lesion(build("val", "real val volumes")) if test_split == "test" else None,
-            "test_brain": test if cfg.downstream else None}
+            "test_brain": test if request.downstream else None}
 
 
-def item_brains(images: np.ndarray) -> np.ndarray:
+def item_brains(images: np.ndarray, space: SampleSpace) -> np.ndarray:
     """The brain (booleans, same shape) of each slice ``[N, S, S]`` or volume ``[N, X, Y, Z]``, a
     volume's axial slice by axial slice (:func:`medgen.data.brain.brain_of`, as for training data)."""
-    if np.ndim(images) == 4:
+    if space.volumetric:
         return np.stack([brain_of(volume) for volume in images]) if len(images) else np.zeros(np.shape(images), bool)
     return brain_mask(images)
 
