@@ -166,11 +166,13 @@ def test_lesions_outside_the_brain_of_their_image_are_measured_and_warned_about(
     inside[14:18, 14:18] = 1  # 16 px at the centre
     outside[0:2, 0:4] = 1  # 8 px in the air
     both = np.maximum(inside, outside)
-    sets = SimpleNamespace(image_keys=["bravo"], reference_split="test", warnings=[])
+    from medgen.data.space import SampleSpace
+
+    sets = SimpleNamespace(image_keys=["bravo"], reference_split="test", warnings=[], space=SampleSpace((32, 32)))
     sets.warn = sets.warnings.append
     samples = {"real": ItemSet(image[None, None], inside[None]), "synthetic": ItemSet(image[None, None], both[None])}
     sets.sample = samples.__getitem__
-    out = anatomy_metrics(sets, OmegaConf.create({"brain_from": "bravo"}))
+    out = anatomy_metrics(sets, SimpleNamespace(brain_from="bravo"))  # the request's one field it reads
     assert out["inside_brain"] == {"synthetic": pytest.approx(16 / 24), "real": 1.0}
     assert out["lesion_pixels"] == {"synthetic": 24, "real": 16}
     assert sets.warnings == ["33.3% of the synthetic lesion pixels lie outside the brain of their image (real test: "
