@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from datagen import write_dataset
-from omegaconf import OmegaConf
 
 from medgen.data.slices import SliceSpec, open_or_build_cache
 from medgen.data.splits import split_patients
