@@ -144,7 +144,7 @@ def test_a_stopped_generation_exits_75_is_refused_by_evaluation_and_the_rerun_co
                                               "allow_partial=true"))
     assert partial.returncode == 0, partial.stderr[-3000:]
     assert f"warning: the synthetic set is an unfinished generation ({len(done)} samples done of {n})" in partial.stdout
-    assert json.loads((evaluation / "metrics.json").read_text())["distribution"]["slices"]["synthetic"] == len(done)
+    assert json.loads((evaluation / "metrics.json").read_text())["distribution"]["items"]["synthetic"] == len(done)
 
     again = _run("generate", args)  # the command the message names
     assert again.returncode == 0, again.stderr[-3000:]
