@@ -79,7 +79,7 @@ def step_overhead(tmp: Path, model: list[str], batch: int, steps: int, device: t
     for strategy in ("ddpm", "rflow"):
         stage = load_stage(make_checkpoint(tmp / f"{strategy}.pt", "bravo", strategy, model), "image", "bench",
                            device=device, compile="false")
-        size, mode = stage.image_size, stage.mode
+        size, mode = stage.space.size, stage.mode
         # the mode's conditions (bravo: the mask and the brain), all -1 (model space), and the network's whole input
         cond = torch.zeros(batch, mode.in_channels - mode.out_channels, size, size, device=device) - 1
         x = torch.randn(batch, mode.in_channels, size, size, device=device)
@@ -112,7 +112,7 @@ def spec_generation_seconds_per_pair(seg, image, batch: int, spec_steps: int, de
 
     scheduler = DDPMScheduler(num_train_timesteps=1000, schedule="cosine")
     scheduler.set_timesteps(1000)
-    size = seg.image_size
+    size = seg.space.size
     per_pair = 0.0
     for stage in (seg, image):  # each stage's conditions: none for the mask model, the mask (and brain) for bravo
         x = torch.randn(batch, stage.mode.out_channels, size, size, device=device)
@@ -203,7 +203,7 @@ def cuda_figures(tmp: Path, seg_ckpt: Path, image_ckpt: Path, batch: int, pairs:
 
     out = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else str(device), "batch_size": batch}
     stage = load_stage(image_ckpt, "image", "image", device=device, compile="false")
-    x = torch.randn(batch, stage.mode.in_channels, stage.image_size, stage.image_size, device=device)
+    x = torch.randn(batch, stage.mode.in_channels, stage.space.size, stage.space.size, device=device)
     t = torch.full((batch,), 500.0, device=device)
     # the compiled forward is the one generation samples with (medgen.diffusion.utils.sampling_forward)
     # compiled with CUDA graphs (compile_mode=reduce-overhead): a candidate, measured beside the default

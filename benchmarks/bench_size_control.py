@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
+from medgen.generation.requests import CountRequest, SizeRequest
 from medgen.generation.sizes import Targets, resolve_count_target, resolve_target
 
 import smoke
@@ -76,12 +76,9 @@ def requests(checkpoint: Path, candidates: int, target_name: str, counts: bool) 
     from medgen.generation.models import load_stage
 
     stage = load_stage(checkpoint, "seg", "seg_checkpoint", device=torch.device("cpu"), compile="false")
-    cfg = OmegaConf.create({"lesion_sizes": {"target": target_name, "bins": "rano_bm"}, "gate": {"max_components": 10},
-                            "lesion_counts": {"target": target_name, "classes": [1, 2, 3, 4]}})
-    shape = stage.spatial_shape  # (S, S) for the slice models trained here
-    spacing = tuple((stage.spacing or (1.0,) * len(shape))[:len(shape)])
-    return Targets(resolve_target(cfg, candidates, shape, spacing, stage.training_sizes),
-                   resolve_count_target(cfg, candidates, stage.training_counts) if counts else None)
+    sizes, classes = SizeRequest(target_name, "rano_bm"), CountRequest(target_name, [1, 2, 3, 4])
+    return Targets(resolve_target(sizes, candidates, stage.space, stage.training_sizes),
+                   resolve_count_target(classes, candidates, stage.training_counts, 10) if counts else None)
 
 
 def exact_match(checkpoint: Path, targets: Targets, candidates: int, guidance: float, seed: int, batch: int,
@@ -94,7 +91,7 @@ def exact_match(checkpoint: Path, targets: Targets, candidates: int, guidance: f
     from medgen.generation.models import load_stage
 
     stage = load_stage(checkpoint, "seg", "seg_checkpoint", device=torch.device("cpu"), compile="false")
-    spacing = tuple((stage.spacing or (1.0, 1.0))[:2])
+    spacing = stage.space.mm
     asked = {name: t.requested(range(candidates)) for name, t in targets.items()}
     largest, lesions = [], []
     for start in range(0, candidates, batch):
@@ -102,7 +99,7 @@ def exact_match(checkpoint: Path, targets: Targets, candidates: int, guidance: f
         cond = None
         if stage.mode.lesion_conditioned:
             classes = {name: torch.from_numpy(1 + a[idx]) for name, a in asked.items()}
-            cond = stage.mode.lesion_condition(stage.spatial_shape, classes.get("sizes"), classes.get("counts"))
+            cond = stage.mode.lesion_condition(stage.space.shape, classes.get("sizes"), classes.get("counts"))
         x0 = stage.sample(cond, sample_generators(seed, idx, MASK_STREAM, stage.device), steps=steps, sampler="euler",
                           guidance_scale=guidance if cond is not None else 1.0)
         for m in stage.mode.to_outputs(x0)[MASK_KEY][:, 0].numpy().astype(np.uint8):

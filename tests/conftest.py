@@ -187,7 +187,7 @@ def square_seg_model(monkeypatch, sides) -> list[int]:
     def sample(self, cond, generators, **kwargs):
         if not self.mode.generates_mask:
             return real_sample(self, cond, generators, **kwargs)
-        n, size = len(generators), self.image_size
+        n, size = len(generators), self.space.size
         x0 = -torch.ones(n, 2, size, size)
         x0[:, 1, 1:size - 1, 1:size - 1] = 1  # the brain
         for b in range(n):

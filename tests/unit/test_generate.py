@@ -51,7 +51,7 @@ def test_output_is_a_medgen_dataset_with_the_training_geometry(tmp_path, tiny_ch
     report = check_dataset(out, progress=False)
     assert report.ok and report.keys == ["bravo", "seg"] and report.patients_checked == 6
     # 2D slices as [S, S, 1] NIfTI with the voxel size of the training data's model slices
-    spacing = load_checkpoint(tiny_checkpoints["bravo"])["geometry"]["spacing"]
+    spacing = load_checkpoint(tiny_checkpoints["bravo"])["space"]["spacing"]
     assert spacing == [2.0, 2.0, 2.0]  # tiny data: 1 x 1 x 2 mm at 32 px, resized to 16 px
     img = LoadImage(image_only=True)(str(out / "train" / "syn_000000" / "bravo.nii.gz"))
     assert tuple(img.shape) == (16, 16, 1)
@@ -95,7 +95,7 @@ def test_the_gate_refuses_lesions_outside_the_brain_and_the_images_are_given_tha
         if cond is not None:
             seen.append(cond.clone())
             return real_sample(self, cond, generators, **kwargs)
-        n, size = len(generators), self.image_size
+        n, size = len(generators), self.space.size
         x0 = -torch.ones(n, 2, size, size)  # [seg, brain] in model space
         x0[:, 0, 6:10, 6:10] = 1  # a 4 x 4 lesion
         x0[:, 1, 2:14, 2:14] = 1  # inside a brain
@@ -287,11 +287,24 @@ def test_wrong_stage_missing_and_newer_checkpoints_name_the_file(tmp_path, tiny_
         _generate(tmp_path, tiny_checkpoints, seg_checkpoint=str(tmp_path / "future.pt"))
     data = torch.load(tiny_checkpoints["seg"], weights_only=False)
     data["config"]["model"]["spatial_dims"], data["config"]["data"]["volume_shape"] = 3, [16, 16, 8]
+    data["space"] = {**data["space"], "shape": [16, 16, 8]}
     torch.save(data, tmp_path / "volumes.pt")
     with pytest.raises(GenerationError, match=r"seg_checkpoint .*volumes.pt makes masks as 16x16x8 volumes but "
                                               r"image_checkpoint .*latest.pt paints 16 px slices; train both with one "
                                               r"model.spatial_dims and data.volume_shape"):
         _generate(tmp_path, tiny_checkpoints, seg_checkpoint=str(tmp_path / "volumes.pt"))
+    # a checkpoint without what generation needs: one line naming the file, no fallback
+    data = torch.load(tiny_checkpoints["seg"], weights_only=False)
+    del data["lesion_sizes"]
+    torch.save(data, tmp_path / "no_sizes.pt")
+    with pytest.raises(GenerationError, match=r"seg_checkpoint=.*no_sizes.pt records no training lesion sizes"):
+        _generate(tmp_path, tiny_checkpoints, seg_checkpoint=str(tmp_path / "no_sizes.pt"))
+    data = torch.load(tiny_checkpoints["bravo"], weights_only=False)
+    data["space"]["spacing"] = None
+    torch.save(data, tmp_path / "no_spacing.pt")
+    with pytest.raises(GenerationError, match=r"image_checkpoint=.*no_spacing.pt records no sample space with its "
+                                              r"voxel spacing"):
+        _generate(tmp_path, tiny_checkpoints, image_checkpoint=str(tmp_path / "no_spacing.pt"))
 
 
 def test_a_generated_set_trains_with_medgen_train(tmp_path, tiny_checkpoints):
@@ -352,12 +365,14 @@ def test_an_out_dir_that_cannot_be_a_folder_is_one_line(tmp_path):
 
 
 def test_the_mask_source_column_reads_back():
-    from medgen.generation.records import CandidateSource, SliceSource, parse_mask_source
+    from medgen.generation.records import CandidateSource, ItemSource, parse_mask_source
 
-    for source in (CandidateSource(7), SliceSource("test", "patient_003", 41)):
+    for source in (CandidateSource(7), ItemSource("test", "patient_003", 41), ItemSource("test", "patient_003")):
         assert parse_mask_source(source.format()) == source
-    assert SliceSource("test", "patient_003", 4).format() == "test/patient_003/z4"
-    assert SliceSource("test", "patient_003", 4).sample_name == "patient_003_z004"
+    assert ItemSource("test", "patient_003", 4).format() == "test/patient_003/z4"
+    assert ItemSource("test", "patient_003", 4).sample_name == "patient_003_z004"
+    assert (ItemSource("test", "patient_003").format(), ItemSource("test", "patient_003").sample_name) == \
+        ("test/patient_003", "patient_003")
     assert [parse_mask_source(t) for t in ("", "candidate x", "test/patient_003/4", "a/b/zc")] == [None] * 4
 
 

@@ -21,6 +21,7 @@ from medgen.data.brain import brain_of, inside_fraction
 from medgen.data.lesions import RANO_BM, feret_diameters, largest_diameter
 from medgen.data.masks import lesion_labels
 from medgen.data.nifti_dataset import load_volume
+from medgen.data.space import SampleSpace
 from medgen.data.validate import check_dataset
 from medgen.diffusion.config import load_config
 from medgen.generation import GenerationError, Stage, generate
@@ -81,7 +82,7 @@ def test_volumes_are_a_medgen_dataset_with_the_training_geometry(tmp_path, volum
     from PIL import Image
 
     arrays = {"bravo": volumes["syn_000001"]["bravo.nii.gz"], "seg": volumes["syn_000001"]["seg.nii.gz"]}
-    expected = render_sample(arrays, ["bravo"], spacing=spacing)
+    expected = render_sample(arrays, ["bravo"], SampleSpace(SHAPE, spacing))
     preview = np.asarray(Image.open(out / "previews" / "syn_000001.png").convert("RGB"))
     assert np.array_equal(preview, expected)
     assert Image.open(out / "contact_sheet.png").size[0] > expected.shape[1] // 2

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import square_seg_model
-from omegaconf import OmegaConf
 
 from medgen.data.lesions import RANO_BM
 from medgen.generation import GenerationError, Stage, generate
 from medgen.generation.masks import _walk
 from medgen.generation.records import Candidate
+from medgen.data.space import SampleSpace
+from medgen.generation.requests import CountRequest, GenerateRequest, SizeRequest
 from medgen.generation.sizes import Targets, count_classes, hard_to_draw, quotas, resolve_count_target, resolve_target
 from medgen.generation.status import read_status
 
@@ -34,28 +35,33 @@ def test_quotas_share_out_by_the_largest_remainder():
         assert q.sum() == n and np.all(np.abs(q - n * w / w.sum()) < 1)
 
 
-def _cfg(target, bins="rano_bm"):
-    return OmegaConf.create({"lesion_sizes": {"target": target, "bins": bins}})
+def _slices(mm: float, size: int = 64) -> SampleSpace:
+    return SampleSpace((size, size), (mm, mm))
+
+
+def _cfg(target, bins="rano_bm") -> SizeRequest:
+    return SizeRequest(target, bins)
 
 
 def test_presets_and_weights_resolve_to_counts():
     sizes = [5.0, 5.0, 5.0, 12.0, 25.0, 40.0]  # tiny 3, small 1, medium 1, large 1
-    real = resolve_target(_cfg("real"), 12, (64, 64), (3.4, 3.4), sizes)
+    real = resolve_target(_cfg("real"), 12, _slices(3.4), sizes)
     assert real.counts.tolist() == [6, 2, 2, 2] and real.source == "real"
-    assert resolve_target(_cfg("uniform"), 10, (64, 64), (3.4, 3.4), None).counts.tolist() == [3, 3, 2, 2]
-    weights = resolve_target(_cfg({"tiny": 4, "small": 2}), 9, (64, 64), (3.4, 3.4), None)
+    assert resolve_target(_cfg("uniform"), 10, _slices(3.4), None).counts.tolist() == [3, 3, 2, 2]
+    weights = resolve_target(_cfg({"tiny": 4, "small": 2}), 9, _slices(3.4), None)
     assert weights.counts.tolist() == [6, 3, 0, 0] and weights.bins == RANO_BM
-    finer = resolve_target(_cfg({"<3mm": 1, "3-6mm": 1}, [3, 6, 10]), 4, (64, 64), (1.0, 1.0), None)
+    finer = resolve_target(_cfg({"<3mm": 1, "3-6mm": 1}, [3, 6, 10]), 4, _slices(1.0), None)
     assert finer.bins.names == ("<3mm", "3-6mm", "6-10mm", ">=10mm") and finer.counts.tolist() == [2, 2, 0, 0]
-    assert resolve_target(_cfg("model"), 10, (64, 64), (1.0, 1.0), None) is None
+    assert resolve_target(_cfg("model"), 10, _slices(1.0), None) is None
     # at 64 px of 3.375 mm a tiny lesion (< 10 mm) spans under 3 pixels: warned about; at 128 px (1.69 mm) not
-    assert hard_to_draw(real, (3.375, 3.375)) == ["tiny (< 10 mm)"] and hard_to_draw(real, (1.6875, 1.6875)) == []
-    assert hard_to_draw(weights, (3.375, 3.375)) == ["tiny (< 10 mm)"] and hard_to_draw(weights, (2.4, 2.4)) == []
+    assert hard_to_draw(real, _slices(3.375)) == ["tiny (< 10 mm)"] and hard_to_draw(real, _slices(1.6875)) == []
+    assert hard_to_draw(weights, _slices(3.375)) == ["tiny (< 10 mm)"] and hard_to_draw(weights, _slices(2.4)) == []
     # voxels: the cube edge of the voxel's volume, so the through-plane spacing counts. 2 x 2 x 2 mm: 8 mm across
     # (tiny is < 10 mm: drawable); 2 x 2 x 4: (16)^(1/3) = 2.52 mm, 10.08 mm across: tiny is hard; the x spacing
     # alone (2 mm) would have said drawable
-    assert hard_to_draw(real, (2.0, 2.0, 2.0)) == [] and hard_to_draw(real, (2.0, 2.0, 4.0)) == ["tiny (< 10 mm)"]
-    assert hard_to_draw(real, (2.0, 2.0)) == []
+    volumes = SampleSpace((32, 32, 16), (2.0, 2.0, 2.0)), SampleSpace((32, 32, 16), (2.0, 2.0, 4.0))
+    assert hard_to_draw(real, volumes[0]) == [] and hard_to_draw(real, volumes[1]) == ["tiny (< 10 mm)"]
+    assert hard_to_draw(real, _slices(2.0)) == []
 
 
 @pytest.mark.parametrize("target, bins, message", [
@@ -72,7 +78,7 @@ def test_presets_and_weights_resolve_to_counts():
 ])
 def test_an_impossible_request_is_one_line_naming_the_key(target, bins, message):
     with pytest.raises(GenerationError, match=message):
-        resolve_target(_cfg(target, bins), 10, (8, 8), (2.0, 2.0), None)
+        resolve_target(_cfg(target, bins), 10, SampleSpace((8, 8), (2.0, 2.0)), None)
 
 
 def test_the_walk_accepts_in_order_while_a_class_has_room():
@@ -82,7 +88,7 @@ def test_the_walk_accepts_in_order_while_a_class_has_room():
     sizes = [5, 5, 12, 5, 0, 12, 25, 5]  # mm of the largest lesion; 0: no lesion
     ok = [True, True, True, True, True, False, True, True]
     evaluated = {j: Candidate(j, stats, ok[j], largest_mm=float(d)) for j, d in enumerate(sizes)}
-    target = resolve_target(_cfg({"tiny": 1, "small": 1, "medium": 1}), 3, (64, 64), (1.0, 1.0), None)
+    target = resolve_target(_cfg({"tiny": 1, "small": 1, "medium": 1}), 3, _slices(1.0), None)
     walk = _walk(evaluated, Targets(target), 3)
     assert walk.chosen == [0, 2, 6] and walk.prefix == 8
     assert walk.tallies["sizes"].taken.tolist() == [1, 1, 1, 0]
@@ -109,19 +115,18 @@ def test_bad_count_classes_are_one_line(classes, message):
         count_classes(classes)
 
 
-def _counts_cfg(target, classes=(1, 2, 3, 4), most=10):
-    return OmegaConf.create({"lesion_counts": {"target": target, "classes": list(classes)},
-                             "gate": {"max_components": most}})
+def _count_target(n, recorded, target, classes=(1, 2, 3, 4), most=10):
+    return resolve_count_target(CountRequest(target, list(classes)), n, recorded, most)
 
 
 def test_count_presets_and_weights_resolve_to_quotas():
     # training slices: 1 lesion x3, 2, 3, 5 -> weights 3:1:1:1; 8 masks: 4, 1.33 x3 -> the earliest gets the extra
-    real = resolve_count_target(_counts_cfg("real"), 8, [1, 1, 1, 2, 5, 3])
+    real = _count_target(8, [1, 1, 1, 2, 5, 3], "real")
     assert real.counts.tolist() == [4, 2, 1, 1] and (real.key, real.source) == ("lesion_counts", "real")
-    weights = resolve_count_target(_counts_cfg({1: 2, "4+": 1}), 6, None)  # a YAML key 1 is an int
+    weights = _count_target(6, None, {1: 2, "4+": 1})  # a YAML key 1 is an int
     assert weights.counts.tolist() == [4, 0, 0, 2] and weights.describe() == "1 4, 2 0, 3 0, 4+ 2"
-    assert resolve_count_target(_counts_cfg("uniform", [1, 2, 4]), 7, None).counts.tolist() == [3, 2, 2]
-    assert resolve_count_target(_counts_cfg("model"), 7, None) is None
+    assert _count_target(7, None, "uniform", [1, 2, 4]).counts.tolist() == [3, 2, 2]
+    assert _count_target(7, None, "model") is None
 
 
 def test_count_weights_as_written_on_the_command_line():
@@ -130,7 +135,7 @@ def test_count_weights_as_written_on_the_command_line():
 
     cfg = validate_generate_config(compose_config(["image_checkpoint=i", "seg_checkpoint=s", "lesion_counts.classes=[1,2,3]",
                                                    "lesion_counts.target={1:2,2:1,3+:1}"], config_name="generate"))
-    assert resolve_count_target(cfg, 8, None).counts.tolist() == [4, 2, 2]
+    assert resolve_count_target(GenerateRequest.from_config(cfg).masks.counts, 8, None, 10).counts.tolist() == [4, 2, 2]
 
 
 @pytest.mark.parametrize("target, most, message", [
@@ -145,7 +150,7 @@ def test_count_weights_as_written_on_the_command_line():
 ])
 def test_an_impossible_count_request_is_one_line_naming_the_key(target, most, message):
     with pytest.raises(GenerationError, match=message):
-        resolve_count_target(_counts_cfg(target, most=most), 10, None)
+        _count_target(10, None, target, most=most)
 
 
 def test_the_walk_accepts_a_candidate_only_while_its_size_and_its_count_class_have_room():
@@ -154,8 +159,8 @@ def test_the_walk_accepts_a_candidate_only_while_its_size_and_its_count_class_ha
     # (largest lesion mm, lesions): tiny/1 taken; small/1 (count 1 full); tiny/2 (tiny full); small/2 taken
     drawn = [(5.0, 1), (12.0, 1), (5.0, 2), (12.0, 2), (12.0, 1)]
     evaluated = {j: Candidate(j, MaskStats(0.01, n, 4, 0), True, largest_mm=d) for j, (d, n) in enumerate(drawn)}
-    sizes = resolve_target(_cfg({"tiny": 1, "small": 1}), 2, (64, 64), (1.0, 1.0), None)
-    counts = resolve_count_target(_counts_cfg({1: 1, 2: 1}), 2, None)
+    sizes = resolve_target(_cfg({"tiny": 1, "small": 1}), 2, _slices(1.0), None)
+    counts = _count_target(2, None, {1: 1, 2: 1})
     walk = _walk(evaluated, Targets(sizes, counts), 2)
     assert walk.chosen == [0, 3]
     assert walk.tallies["sizes"].drawn.tolist() == [2, 3, 0, 0] and walk.tallies["sizes"].taken.tolist() == [1, 1, 0, 0]
@@ -164,11 +169,11 @@ def test_the_walk_accepts_a_candidate_only_while_its_size_and_its_count_class_ha
 
 
 def test_each_candidate_is_asked_for_one_class_in_an_even_spread_of_the_quotas():
-    target = resolve_target(_cfg({"tiny": 2, "small": 1, "medium": 1}), 4, (64, 64), (1.0, 1.0), None)
+    target = resolve_target(_cfg({"tiny": 2, "small": 1, "medium": 1}), 4, _slices(1.0), None)
     assert target.counts.tolist() == [2, 1, 1, 0]
     # slots at (k + 1/2) / count: tiny 0.25 and 0.75, small 0.5, medium 0.5; ties by bin
     assert target.requested(range(9)).tolist() == [0, 1, 2, 0, 0, 1, 2, 0, 0]
-    big = resolve_target(_cfg({"tiny": 5, "small": 3, "medium": 1, "large": 1}), 97, (64, 64), (1.0, 1.0), None)
+    big = resolve_target(_cfg({"tiny": 5, "small": 3, "medium": 1, "large": 1}), 97, _slices(1.0), None)
     for start in (0, 13, 500):  # any num_images consecutive candidates ask for each class its quota
         asked = big.requested(range(start, start + 97))
         assert np.bincount(asked, minlength=4).tolist() == big.counts.tolist()
@@ -220,7 +225,7 @@ def test_the_output_holds_exactly_the_lesion_counts_asked_for(tmp_path, tiny_che
     def sample(self, cond, generators, **kwargs):
         if not self.mode.generates_mask:
             return real_sample(self, cond, generators, **kwargs)
-        x0 = -torch.ones(len(generators), 2, self.image_size, self.image_size)
+        x0 = -torch.ones(len(generators), 2, self.space.size, self.space.size)
         x0[:, 1, 1:-1, 1:-1] = 1
         for b in range(len(generators)):
             for k in range(lesions[(drawn[0] + b) % len(lesions)]):
@@ -266,7 +271,7 @@ def _class_square_model(monkeypatch, calls):
         if not self.mode.generates_mask:  # the image model
             return real_sample(self, cond, generators, guidance_scale=guidance_scale, **kwargs)
         calls.append((cond, guidance_scale))
-        n, size = len(generators), self.image_size
+        n, size = len(generators), self.space.size
         x0 = -torch.ones(n, 2, size, size)
         x0[:, 1, 1:size - 1, 1:size - 1] = 1
         for b in range(n):
@@ -302,10 +307,10 @@ def test_a_size_conditioned_seg_model_trains_and_draws_the_class_asked_of_each_c
     stage = load_stage(ckpt, "seg", "seg_checkpoint", device=torch.device("cpu"), compile="false")
     assert stage.mode.lesion_conditioned and stage.network.conv_in.conv.in_channels == 7  # 2 channels + 5 planes
     # the real network samples with a condition (shapes only: 3 training steps)
-    cond = stage.mode.lesion_condition((stage.image_size,) * 2, torch.tensor([1, 2]))
+    cond = stage.mode.lesion_condition((stage.space.size,) * 2, torch.tensor([1, 2]))
     x0 = stage.sample(cond, [torch.Generator().manual_seed(i) for i in range(2)], steps=2, sampler="ddim",
                       guidance_scale=2.0)
-    assert x0.shape == (2, 2, stage.image_size, stage.image_size) and torch.isfinite(x0).all()
+    assert x0.shape == (2, 2, stage.space.size, stage.space.size) and torch.isfinite(x0).all()
 
     calls = []
     _class_square_model(monkeypatch, calls)
@@ -341,7 +346,7 @@ def test_a_count_conditioned_seg_model_trains_and_draws_the_number_of_lesions_as
         if not self.mode.generates_mask:
             return real_sample(self, cond, generators, guidance_scale=guidance_scale, **kwargs)
         calls.append(guidance_scale)
-        x0 = -torch.ones(len(generators), 2, self.image_size, self.image_size)
+        x0 = -torch.ones(len(generators), 2, self.space.size, self.space.size)
         x0[:, 1, 1:-1, 1:-1] = 1
         for b in range(len(generators)):
             for k in range(int(cond[b, :, 0, 0].argmax())):
@@ -388,10 +393,10 @@ def test_a_request_the_conditioned_model_cannot_serve_is_one_line(size_bins, cou
     mode = SimpleNamespace(size_bins=None if size_bins is None else RANO_BM,
                            count_classes=None if count_classes is None else parse_count_classes(count_classes))
     counts = counts or {"target": "model"}
-    targets = Targets(resolve_target(_cfg(sizes["target"], sizes.get("bins", "rano_bm")), 4, (64, 64), (1.0, 1.0), None),
-                      resolve_count_target(_counts_cfg(counts["target"], counts.get("classes", [1, 2, 3, 4])), 4, None))
+    targets = Targets(resolve_target(_cfg(sizes["target"], sizes.get("bins", "rano_bm")), 4, _slices(1.0), None),
+                      _count_target(4, None, counts["target"], counts.get("classes", [1, 2, 3, 4])))
     with pytest.raises(GenerationError, match=message):
         check_conditioning(mode, "seg.pt", dropout, targets, sizes.get("guidance", 1.0))
-    fitting = Targets(resolve_target(_cfg("uniform"), 4, (64, 64), (1.0, 1.0), None) if size_bins else None,
-                      resolve_count_target(_counts_cfg("uniform"), 4, None) if count_classes else None)
+    fitting = Targets(resolve_target(_cfg("uniform"), 4, _slices(1.0), None) if size_bins else None,
+                      _count_target(4, None, "uniform") if count_classes else None)
     check_conditioning(mode, "seg.pt", 0.1, fitting, 1.0)  # a fitting request passes

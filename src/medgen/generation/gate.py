@@ -10,14 +10,14 @@ outside that brain. Nothing is corrected: a mask passes or is replaced by a new 
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from medgen.data.masks import is_lesion, lesion_sizes
+from medgen.data.space import SampleSpace
+from medgen.generation.requests import GateRules
 
 
 #: ``gate.min_component_pixels=null``: a slice's speck is under 4 pixels (a disc about 4 mm across at the
@@ -31,29 +31,22 @@ SPECK_BALL_MM = 4.0
 SLICE_MIN_AREA = 0.0005
 
 
-def with_defaults(gate, spacing: Sequence[float]):
-    """A copy of the ``gate`` config with its null rules set for masks of ``spacing`` (mm per axis: two
-    for slices, three for volumes): ``min_area`` (:data:`SLICE_MIN_AREA`, 0 for volumes) and
-    ``min_component_pixels`` (:func:`speck_pixels`)."""
-    gate = copy.deepcopy(gate)
-    if gate.min_area is None:
-        gate.min_area = SLICE_MIN_AREA if len(spacing) == 2 else 0.0
-    gate.min_component_pixels = speck_pixels(gate, spacing)
-    return gate
+def with_defaults(gate: GateRules, space: SampleSpace) -> GateRules:
+    """``gate`` with its null rules set for masks of ``space``: ``min_area`` (:data:`SLICE_MIN_AREA`,
+    0 for volumes) and ``min_component_pixels`` (:func:`speck_pixels`)."""
+    min_area = space.either(SLICE_MIN_AREA, 0.0) if gate.min_area is None else gate.min_area
+    return replace(gate, min_area=min_area, min_component_pixels=speck_pixels(gate, space))
 
 
-def speck_pixels(gate, spacing: Sequence[float]) -> int:
-    """``gate.min_component_pixels``, or for null the default for masks of ``spacing`` (mm per axis: two
-    for slices, three for volumes): :data:`SLICE_SPECK_PIXELS`, or the voxels a ball
-    :data:`SPECK_BALL_MM` across fills, at least 1. A fixed voxel count would be a different lesion at
-    every voxel size: 4 voxels of 6.75 x 6.75 x 10 mm make a lesion 15 mm across, and most real
-    masks at that size would be rejected as specks."""
+def speck_pixels(gate: GateRules, space: SampleSpace) -> int:
+    """``gate.min_component_pixels``, or for null the default for masks of ``space``:
+    :data:`SLICE_SPECK_PIXELS`, or the voxels a ball :data:`SPECK_BALL_MM` across fills, at least 1.
+    A fixed voxel count would be a different lesion at every voxel size: 4 voxels of 6.75 x 6.75 x
+    10 mm make a lesion 15 mm across, and most real masks at that size would be rejected as specks."""
     if gate.min_component_pixels is not None:
         return int(gate.min_component_pixels)
-    if len(spacing) == 2:
-        return SLICE_SPECK_PIXELS
-    ball = math.pi / 6 * SPECK_BALL_MM ** 3
-    return max(1, math.ceil(ball / math.prod(float(s) for s in spacing) - 1e-9))
+    ball = max(1, math.ceil(math.pi / 6 * SPECK_BALL_MM ** 3 / space.element_mm3 - 1e-9))
+    return space.either(SLICE_SPECK_PIXELS, ball)
 
 
 @dataclass(frozen=True)

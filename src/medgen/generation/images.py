@@ -9,7 +9,6 @@ are sharded across ranks.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from pathlib import Path
@@ -17,20 +16,18 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
-
 from medgen.core.constants import MASK_KEY
 from medgen.core.distributed import DistInfo, any_rank
 from medgen.core.signals import StopRequest
 from medgen.data.nifti_dataset import load_volume, modality_path
 from medgen.data.pictures import save_png
+from medgen.data.space import SampleSpace
 from medgen.data.transforms import to_model_space
 from medgen.generation import writer
 from medgen.generation.masks import progress_bar, sample_generators
 from medgen.generation.models import Stage
 from medgen.generation.records import Masks
-
-log = logging.getLogger("medgen.generate")
+from medgen.generation.requests import PaintRequest
 
 IMAGE_STREAM = 12
 
@@ -47,17 +44,17 @@ def sample_ids(masks: Masks, samples_per_mask: int) -> SampleIds:
     return out
 
 
-def paint(image: Stage, masks: Masks, ids: SampleIds, cfg: DictConfig, sampler: str, out: Path, dist: DistInfo,
-          stop: StopRequest, progress: bool) -> bool:
+def paint(image: Stage, masks: Masks, ids: SampleIds, request: PaintRequest, sampler: str, out: Path,
+          dist: DistInfo, stop: StopRequest, progress: bool) -> bool:
     """Paint every sample whose folder is not complete yet; False if stopped by a signal."""
-    split_dir = out / cfg.split
+    split_dir = out / request.split
     split_dir.mkdir(parents=True, exist_ok=True)
     keys = (*image.mode.image_keys, MASK_KEY)
     pending = [q for q, (sid, _) in enumerate(ids) if not writer.is_complete(split_dir / sid, keys)]
     mine = pending[dist.rank::dist.world_size]
-    spacing = sample_spacing(image)
-    batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-    n_rounds = math.ceil(len(pending) / (cfg.batch_size * dist.world_size))
+    size = request.sampling.batch_size
+    batches = [mine[i:i + size] for i in range(0, len(mine), size)]
+    n_rounds = math.ceil(len(pending) / (size * dist.world_size))
     with progress_bar(len(ids), len(ids) - len(pending), "images", dist, progress) as bar, \
             writer.BackgroundWrites(workers=min(4, os.cpu_count() or 1)) as writes:
         for r in range(n_rounds):
@@ -65,50 +62,44 @@ def paint(image: Stage, masks: Masks, ids: SampleIds, cfg: DictConfig, sampler: 
                 return False
             batch = batches[r] if r < len(batches) else []
             if batch:
-                _paint_batch(image, masks, ids, batch, cfg, sampler, out, spacing, writes)
-            bar.update(min(len(pending) - r * cfg.batch_size * dist.world_size, cfg.batch_size * dist.world_size))
+                _paint_batch(image, masks, ids, batch, request, sampler, out, writes)
+            bar.update(min(len(pending) - r * size * dist.world_size, size * dist.world_size))
     return True
 
 
-def _paint_batch(image: Stage, masks: Masks, ids: SampleIds, batch: list[int], cfg: DictConfig, sampler: str,
-                 out: Path, spacing: Sequence[float], writes: writer.BackgroundWrites) -> None:
+def _paint_batch(image: Stage, masks: Masks, ids: SampleIds, batch: list[int], request: PaintRequest, sampler: str,
+                 out: Path, writes: writer.BackgroundWrites) -> None:
     """Sample the images of the samples ``batch`` and hand their writes to ``writes``."""
     index = [ids[q][1] for q in batch]
     mask = torch.from_numpy(masks.masks[index]).float()[:, None]
     cond = torch.from_numpy(masks.conditions(image.mode.cond_keys, index))
+    sampling = request.sampling
     x0 = image.sample(to_model_space(cond).to(image.device),
-                      sample_generators(cfg.seed, batch, IMAGE_STREAM, image.device), steps=cfg.steps,
-                      sampler=sampler, guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size)
+                      sample_generators(sampling.seed, batch, IMAGE_STREAM, image.device), steps=sampling.steps,
+                      sampler=sampler, guidance_scale=request.guidance_scale, batch_size=sampling.batch_size)
     outputs = {k: v[:, 0].cpu().numpy() for k, v in image.mode.to_outputs(x0).items()}
     for b, q in enumerate(batch):
         arrays = {k: outputs[k][b] for k in image.mode.image_keys}
         arrays[MASK_KEY] = mask[b, 0].numpy()
-        writes.submit(_write, out / cfg.split / ids[q][0], arrays, spacing, image.mode.image_keys,
-                      out / "previews" / f"{ids[q][0]}.png" if cfg.previews else None)
+        writes.submit(_write, out / request.split / ids[q][0], arrays, image.space, image.mode.image_keys,
+                      out / "previews" / f"{ids[q][0]}.png" if request.previews else None)
 
 
-def _write(folder: Path, arrays: dict[str, np.ndarray], spacing: Sequence[float], image_keys: Sequence[str],
+def _write(folder: Path, arrays: dict[str, np.ndarray], space: SampleSpace, image_keys: Sequence[str],
            preview: Path | None) -> None:
     """One sample's preview, then its folder (a folder on disk is a finished sample, preview
-    included): runs in a writer thread."""
+    included), with the voxel size of ``space``: runs in a writer thread."""
     if preview is not None:
-        save_png(writer.render_sample(arrays, image_keys, spacing=spacing), preview)
-    writer.write_sample(folder, arrays, spacing)
+        save_png(writer.render_sample(arrays, image_keys, space), preview)
+    writer.write_sample(folder, arrays, space.spacing)
 
 
 def read_sample(folder: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
     """A written sample's arrays, image keys and the mask: ``{key: [S, S]}`` (a slice, written
-    ``[S, S, 1]``) or ``{key: [X, Y, Z]}`` (a volume)."""
+    ``[S, S, 1]``) or ``{key: [X, Y, Z]}`` (a volume), as the file's sample space holds them."""
     out = {}
     for k in (*keys, MASK_KEY):
         volume = load_volume(modality_path(folder, k))[0]
-        out[k] = volume[..., 0] if volume.shape[-1] == 1 else volume
+        out[k] = volume.reshape(SampleSpace.of_file(volume.shape).shape)
     return out
 
-
-def sample_spacing(image: Stage) -> tuple[float, float, float]:
-    """The voxel size samples are written with: the image model's training data's."""
-    if image.spacing is None:
-        log.warning("%s records no voxel spacing (trained with an older medgen): writing 1 mm voxels", image.path)
-        return (1.0, 1.0, 1.0)
-    return image.spacing

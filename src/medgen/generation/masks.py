@@ -18,7 +18,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from medgen.core.constants import BRAIN_KEY, MASK_KEY
@@ -30,10 +29,12 @@ from medgen.data.brain import convex_hull
 from medgen.data.lesions import largest_diameter
 from medgen.data.masks import is_lesion
 from medgen.data.nifti_dataset import DataError
+from medgen.data.space import SampleSpace
 from medgen.diffusion.utils import sample_seed
 from medgen.generation import gate as quality_gate
 from medgen.generation.models import GenerationError, Stage
-from medgen.generation.records import Candidate, CandidateSource, MaskRecord, Masks, SliceSource, VolumeSource
+from medgen.generation.records import Candidate, CandidateSource, ItemSource, MaskRecord, Masks
+from medgen.generation.requests import GateRules, MaskRequest, RealMasks
 from medgen.generation.sizes import ClassTarget, Targets, conditioned_groups
 
 log = logging.getLogger("medgen.generate")
@@ -55,16 +56,15 @@ def progress_bar(total: int, initial: int, desc: str, dist: DistInfo, progress: 
 
 
 # ============================================================================ sampled masks
-def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: DistInfo, stop: StopRequest,
-                 progress: bool, targets: Targets = Targets(),
-                 spacing: Sequence[float] = (1.0, 1.0)) -> Masks | None:
-    """Masks until ``num_images`` pass the gate (and fill the classes of ``targets``, lesions
-    measured at ``spacing``: mm per axis of a mask, two for slices, three for volumes); None if
-    stopped by a signal. The evaluated candidates are kept in ``folder``."""
-    n_wanted = int(cfg.num_images)
-    max_attempts = cfg.gate.max_attempts or 20 * n_wanted
+def sample_masks(seg: Stage, request: MaskRequest, sampler: str, folder: Path, dist: DistInfo, stop: StopRequest,
+                 progress: bool, targets: Targets, space: SampleSpace) -> Masks | None:
+    """Masks until ``request.num_images`` pass the gate (and fill the classes of ``targets``, lesions
+    measured in ``space``, the image model's); None if stopped by a signal. The evaluated candidates
+    are kept in ``folder``."""
+    n_wanted, gate, batch = int(request.num_images), request.gate, request.sampling.batch_size
+    max_attempts = gate.max_attempts or 20 * n_wanted
     folder.mkdir(parents=True, exist_ok=True)
-    if cfg.gate.enabled and cfg.gate.inside_brain and BRAIN_KEY not in seg.mode.image_keys and dist.is_main:
+    if gate.enabled and gate.inside_brain and BRAIN_KEY not in seg.mode.image_keys and dist.is_main:
         log.warning("%s does not draw the brain with the lesions (mode.image_keys=%s): the gate cannot check "
                     "that they lie inside it; train the seg model with mode.image_keys=[seg,brain]", seg.path,
                     list(seg.mode.image_keys))
@@ -78,18 +78,19 @@ def sample_masks(seg: Stage, cfg: DictConfig, sampler: str, folder: Path, dist: 
             if len(walk.chosen) >= n_wanted:
                 break
             if walk.prefix >= max_attempts:
-                raise _gate_failure(cfg, walk, max_attempts, targets, evaluated)
+                raise _gate_failure(request, walk, max_attempts, targets, evaluated)
             if any_rank(stop.requested, dist):
                 return None
-            queue = _next_candidates(evaluated, dist.world_size * cfg.batch_size, max_attempts)
-            mine = queue[dist.rank * cfg.batch_size:(dist.rank + 1) * cfg.batch_size]
-            results = _evaluate(seg, mine, cfg, sampler, folder, dist, spacing, targets) if mine else {}
+            queue = _next_candidates(evaluated, dist.world_size * batch, max_attempts)
+            mine = queue[dist.rank * batch:(dist.rank + 1) * batch]
+            results = _evaluate(seg, mine, request, sampler, folder, dist, space, targets) if mine else {}
             for part in _gather(results, dist):
                 evaluated.update(part)
             walk = _walk(evaluated, targets, n_wanted, max_attempts)
     conditioned = tuple(name for name, _ in targets.items() if name in conditioned_groups(seg.mode))
-    guidance = float(cfg.lesion_sizes.guidance) if conditioned else None
-    return _chosen(evaluated, walk, cfg.seed, folder, dist, targets, cfg.brain_outline, guidance, conditioned)
+    guidance = request.sizes.guidance if conditioned else None
+    return _chosen(evaluated, walk, request.sampling.seed, folder, dist, targets, request.brain_outline, guidance,
+                   conditioned)
 
 
 @dataclass
@@ -142,36 +143,36 @@ def _walk(evaluated: dict[int, Candidate], targets: Targets, wanted: int, limit:
     return walk
 
 
-def _rejections(gate_cfg: DictConfig, stats: list) -> str:
+def _rejections(gate: GateRules, stats: list) -> str:
     """What the gate's rules rejected among the candidates ``stats`` (one mask's MaskStats each), most first."""
-    if not gate_cfg.enabled:
+    if not gate.enabled:
         return "the gate is off"
     as_arrays = quality_gate.MaskStats(**{f.name: np.array([getattr(m, f.name) for m in stats])
                                           for f in fields(quality_gate.MaskStats)})
-    broken = sorted(((int(v.sum()), k) for k, v in quality_gate.failures(as_arrays, gate_cfg).items() if v.any()),
+    broken = sorted(((int(v.sum()), k) for k, v in quality_gate.failures(as_arrays, gate).items() if v.any()),
                     reverse=True)
     listed = ", ".join(f"{k} {n}" for n, k in broken) if broken else "none"
     return f"masks breaking each rule (one mask may break several): {listed}"
 
 
-def _gate_failure(cfg: DictConfig, walk: _Walk, max_attempts: int, targets: Targets,
+def _gate_failure(request: MaskRequest, walk: _Walk, max_attempts: int, targets: Targets,
                   evaluated: dict[int, Candidate]) -> GenerationError:
-    accepted, tried = len(walk.chosen), walk.prefix
+    accepted, tried, gate = len(walk.chosen), walk.prefix, request.gate
     message = (f"the quality gate accepted {accepted} of {tried} generated masks ({100 * accepted / tried:.1f}%), "
-               f"short of num_images={cfg.num_images} within gate.max_attempts={max_attempts}; "
-               f"{_rejections(cfg.gate, [evaluated[i].stats for i in range(tried)])}; ")
+               f"short of num_images={request.num_images} within gate.max_attempts={max_attempts}; "
+               f"{_rejections(gate, [evaluated[i].stats for i in range(tried)])}; ")
     if targets:
         per_class = "; ".join(
-            f"by {key[:-1]} class ({t.key}.target={cfg[t.key].target}), accepted/wanted: " + ", ".join(
+            f"by {key[:-1]} class ({t.key}.target={request.target(t.key)}), accepted/wanted: " + ", ".join(
                 f"{name} {int(k)}/{int(q)} ({int(d)} drawn)" for name, k, q, d in
                 zip(t.bins.names, walk.tallies[key].taken, t.counts, walk.tallies[key].drawn))
             for key, t in targets.items())
         return GenerationError(message + f"{per_class}; ask for fewer of the classes the model rarely draws, raise "
                                "gate.max_attempts, or train the seg model longer")
     return GenerationError(
-        message + f"loosen gate.* (min_area={cfg.gate.min_area}, max_area={cfg.gate.max_area}, max_components="
-        f"{cfg.gate.max_components}, min_component_pixels={cfg.gate.min_component_pixels}, inside_brain="
-        f"{cfg.gate.inside_brain}), raise gate.max_attempts, or train the seg model longer")
+        message + f"loosen gate.* (min_area={gate.min_area}, max_area={gate.max_area}, max_components="
+        f"{gate.max_components}, min_component_pixels={gate.min_component_pixels}, inside_brain="
+        f"{gate.inside_brain}), raise gate.max_attempts, or train the seg model longer")
 
 
 def _chosen(evaluated: dict[int, Candidate], walk: _Walk, seed: int, folder: Path, dist: DistInfo,
@@ -249,24 +250,25 @@ def _class_report(target: ClassTarget, tally: _Tally) -> dict[str, Any]:
             "output": dict(zip(names, tally.taken.tolist()))}
 
 
-def _evaluate(seg: Stage, candidates: list[int], cfg: DictConfig, sampler: str, folder: Path,
-              dist: DistInfo, spacing: Sequence[float], targets: Targets = Targets()) -> dict[int, Candidate]:
+def _evaluate(seg: Stage, candidates: list[int], request: MaskRequest, sampler: str, folder: Path,
+              dist: DistInfo, space: SampleSpace, targets: Targets = Targets()) -> dict[int, Candidate]:
     """Generate and gate ``candidates`` (a lesion-conditioned model: each asked for the classes the
     targets give it, or none without targets); save them as one block file; return their verdicts."""
     cond, guidance = None, 1.0
     if seg.mode.lesion_conditioned:  # check_conditioning: a class asked of every group it knows, or of none
         asked = {name: 1 + torch.from_numpy(t.requested(candidates)) for name, t in targets.items()}
         none = torch.full((len(candidates),), -1)
-        cond = seg.mode.lesion_condition(seg.spatial_shape, asked.get("sizes", none), asked.get("counts", none))
+        cond = seg.mode.lesion_condition(seg.space.shape, asked.get("sizes", none), asked.get("counts", none))
         cond = cond.to(seg.device)
-        guidance = float(cfg.lesion_sizes.guidance) if targets else 1.0
-    x0 = seg.sample(cond, sample_generators(cfg.seed, candidates, MASK_STREAM, seg.device), steps=cfg.steps,
-                    sampler=sampler, guidance_scale=guidance, batch_size=cfg.batch_size)
+        guidance = request.sizes.guidance if targets else 1.0
+    sampling = request.sampling
+    x0 = seg.sample(cond, sample_generators(sampling.seed, candidates, MASK_STREAM, seg.device), steps=sampling.steps,
+                    sampler=sampler, guidance_scale=guidance, batch_size=sampling.batch_size)
     outputs = {k: v[:, 0].cpu().numpy().astype(np.uint8) for k, v in seg.mode.to_outputs(x0).items()}
     masks, brains = outputs[MASK_KEY], outputs.get(BRAIN_KEY)
     stats = quality_gate.measure(masks, brains)
-    ok = quality_gate.passes(stats, cfg.gate)
-    largest = np.asarray([largest_diameter(m, spacing) for m in masks], dtype=np.float64)
+    ok = quality_gate.passes(stats, request.gate)
+    largest = np.asarray([largest_diameter(m, space.mm) for m in masks], dtype=np.float64)
     path = folder / f"block_{candidates[0]:09d}_{len(candidates):05d}_r{dist.rank}.npz"
     extra = {} if brains is None else {"brains": brains}
     with atomic_write(path, suffix=".npz") as tmp:
@@ -317,55 +319,57 @@ def _gather(results: dict[int, Candidate], dist: DistInfo) -> list[dict[int, Can
 
 
 # ============================================================================ masks_from
-def real_masks(cfg: DictConfig, shape: Sequence[int], brain_from: str | None = None, targets: Targets = Targets(),
-               spacing: Sequence[float] = (1.0, 1.0)) -> Masks:
-    """The lesion slices (``shape`` ``(S, S)``) or lesion volumes (``(X, Y, Z)``, each patient's head
-    resampled as for training) of ``masks_split`` of a medgen dataset, at the image model's shape,
-    with their brains derived from the image ``brain_from`` (None: no brain). With ``targets``
-    (lesions measured at ``spacing`` mm per axis), the masks are picked to meet their quotas:
-    walked in an order shuffled by ``seed``, each taken while its classes have room, as the gate
-    takes generated ones."""
-    from medgen.data.slices import SliceSpec, open_or_build_cache
-    from medgen.data.splits import split_patients
-    from medgen.data.volumes import VolumeSpec
-
-    root = resolve_path(cfg.masks_from)
-    if not root.is_dir():
-        raise DataError(f"masks_from={cfg.masks_from}: {root} is not a folder")
-    patients = split_patients(root, cfg.masks_split)
-    if not patients:
-        raise DataError(f"masks_from={cfg.masks_from}: no patients in {root / cfg.masks_split} "
-                        f"(choose another masks_split)")
-    keys = (MASK_KEY,) if brain_from is None else (MASK_KEY, BRAIN_KEY)
-    volumes = len(shape) == 3
-    spec = VolumeSpec(keys=keys, volume_shape=tuple(shape), brain_from=brain_from or "bravo") if volumes else \
-        SliceSpec(keys=keys, image_size=int(shape[0]), selection="lesion", brain_from=brain_from or "bravo")
-    cache = open_or_build_cache(patients, spec, resolve_path(cfg.cache_dir), desc=f"{cfg.masks_split} masks")
-    items = np.flatnonzero(cache.lesion_pixels > 0) if volumes else np.arange(len(cache))
-    what = "lesion volumes" if volumes else "lesion slices"
+def real_masks(real: RealMasks, num_images: int | None, seed: int, space: SampleSpace,
+               brain_from: str | None = None, targets: Targets = Targets()) -> Masks:
+    """The lesion items of ``real.split`` of the medgen dataset ``real.root`` at the image model's
+    ``space``: its slices ``(S, S)`` or volumes ``(X, Y, Z)`` (each patient's head resampled as for
+    training), ``num_images`` of them (None: all), with their brains derived from the image
+    ``brain_from`` (None: no brain). With ``targets`` (lesions measured in ``space``), the masks are
+    picked to meet their quotas: walked in an order shuffled by ``seed``, each taken while its classes
+    have room, as the gate takes generated ones."""
+    cache = _real_cache(real, space, brain_from)
+    items = space.either(lambda: np.arange(len(cache)), lambda: np.flatnonzero(cache.lesion_pixels > 0))()
+    what = f"lesion {space.unit}s"
     if len(items) == 0:
-        raise DataError(f"masks_from={cfg.masks_from}: no {what[:-1]} in {root / cfg.masks_split}")
+        raise DataError(f"masks_from={real.root}: no {what[:-1]} in {resolve_path(real.root) / real.split}")
     report = None
     if targets:
-        items, report = _pick(cache, items, targets, int(cfg.num_images), cfg.seed, spacing,
-                              f"masks_from={cfg.masks_from}: the {len(items)} {what} of {cfg.masks_split}/")
-    n = len(items) if cfg.num_images is None else min(int(cfg.num_images), len(items))
-    if cfg.num_images is not None and n < cfg.num_images:
+        items, report = _pick(cache, items, targets, int(num_images), seed, space,
+                              f"masks_from={real.root}: the {len(items)} {what} of {real.split}/")
+    n = len(items) if num_images is None else min(int(num_images), len(items))
+    if num_images is not None and n < num_images:
         log.warning("masks_from has %d %s in %s/; generating for all of them (num_images=%d)", n, what,
-                    cfg.masks_split, cfg.num_images)
+                    real.split, num_images)
     items = items[:n]
     masks = is_lesion(cache.data[items, 0]).astype(np.uint8)
     stats = quality_gate.measure(masks)
-    patient = [cache.patient_ids[cache.patient_index[i]] for i in items]
-    sources = [VolumeSource(cfg.masks_split, p) if volumes else SliceSource(cfg.masks_split, p, int(cache.slice_index[i]))
-               for p, i in zip(patient, items)]
-    records = [MaskRecord(source, float(stats.area[k]), int(stats.components[k]), True)
-               for k, source in enumerate(sources)]
+    z_of = space.either(lambda i: int(cache.slice_index[i]), lambda i: None)
+    records = [MaskRecord(ItemSource(real.split, cache.patient_ids[cache.patient_index[i]], z_of(i)),
+                          float(stats.area[k]), int(stats.components[k]), True) for k, i in enumerate(items)]
     brains = None if brain_from is None else is_lesion(cache.data[items, 1]).astype(np.uint8)
     return Masks(masks, records, [], None, brains, report)
 
 
-def _pick(cache: Any, items: np.ndarray, targets: Targets, n: int, seed: int, spacing: Sequence[float],
+def _real_cache(real: RealMasks, space: SampleSpace, brain_from: str | None) -> Any:
+    """The cache of ``real.split``'s lesion slices or volumes of ``space`` (with their brains)."""
+    from medgen.data.slices import SliceSpec, open_or_build_cache
+    from medgen.data.splits import split_patients
+    from medgen.data.volumes import VolumeSpec
+
+    root = resolve_path(real.root)
+    if not root.is_dir():
+        raise DataError(f"masks_from={real.root}: {root} is not a folder")
+    patients = split_patients(root, real.split)
+    if not patients:
+        raise DataError(f"masks_from={real.root}: no patients in {root / real.split} (choose another masks_split)")
+    keys = (MASK_KEY,) if brain_from is None else (MASK_KEY, BRAIN_KEY)
+    spec = space.either(
+        lambda: SliceSpec(keys=keys, image_size=space.size, selection="lesion", brain_from=brain_from or "bravo"),
+        lambda: VolumeSpec(keys=keys, volume_shape=space.shape, brain_from=brain_from or "bravo"))()
+    return open_or_build_cache(patients, spec, resolve_path(real.cache_dir), desc=f"{real.split} masks")
+
+
+def _pick(cache: Any, items: np.ndarray, targets: Targets, n: int, seed: int, space: SampleSpace,
           what: str) -> tuple[np.ndarray, dict[str, Any]]:
     """The ``n`` items of ``cache`` (in dataset order) that meet the quotas of ``targets``, taken in an
     order shuffled by ``seed``, and the size report (:func:`size_report`); a :class:`GenerationError`
@@ -375,7 +379,7 @@ def _pick(cache: Any, items: np.ndarray, targets: Targets, n: int, seed: int, sp
     for j, i in enumerate(order):
         mask = is_lesion(cache.data[i, 0])
         stats = quality_gate.measure(mask[None])
-        evaluated[j] = Candidate(j, stats[0], True, largest_mm=largest_diameter(mask, spacing))
+        evaluated[j] = Candidate(j, stats[0], True, largest_mm=largest_diameter(mask, space.mm))
     walk = _walk(evaluated, targets, n)
     if len(walk.chosen) < n:
         short = "; ".join(f"{t.key}: " + ", ".join(f"{name} {int(k)}/{int(q)}" for name, k, q in

@@ -84,44 +84,22 @@ class Stage:
     device: torch.device
     precision: str
     forward: Callable[[Tensor, Tensor], Tensor]
-    #: the Feret diameter (mm) of the largest lesion of each training slice of a mask model (None:
-    #: not recorded, a checkpoint of an older medgen or an image model)
+    #: the Feret diameter (mm) of the largest lesion of each training slice (volume) of a mask model
+    #: (None for an image model)
     training_sizes: tuple[float, ...] | None = None
-    #: the lesion count of each of those slices (None: not recorded)
+    #: the lesion count of each of those slices (None for an image model)
     training_counts: tuple[int, ...] | None = None
-
-    @property
-    def image_size(self) -> int:
-        return self.space.size
-
-    @property
-    def spacing(self) -> tuple[float, ...] | None:
-        return self.space.spacing
-
-    @property
-    def spatial_shape(self) -> tuple[int, ...]:
-        """The shape of one sample: ``(S, S)`` for a slice model, ``(X, Y, Z)`` for a volume model."""
-        return self.space.shape
-
-    @property
-    def volumes(self) -> bool:
-        """Whether it draws volumes (trained with ``model.spatial_dims=3``)."""
-        return self.space.volumetric
-
-    def describe_shape(self) -> str:
-        """``"64 px slices"`` or ``"64x64x32 volumes"``, for messages."""
-        return "x".join(map(str, self.spatial_shape)) + " volumes" if self.volumes else f"{self.image_size} px slices"
 
     def autocast(self):
         return autocast(self.device, self.precision)
 
     def sample(self, cond: Tensor | None, generators: Sequence[torch.Generator], *, steps: int, sampler: str,
                guidance_scale: float = 1.0, batch_size: int | None = None) -> Tensor:
-        """``x0 [B, C, *spatial_shape]`` in model space for the conditions ``cond [B, len(cond_keys), *spatial_shape]``
+        """``x0 [B, C, *space.shape]`` in model space for the conditions ``cond [B, len(cond_keys), *space.shape]``
         (model space; None for seg), one generator per sample (on the sampling device). With ``batch_size``, the batch
         is padded to it with throw-away samples, so a compiled network always sees one shape."""
         n = len(generators)
-        shape = (n, self.mode.out_channels, *self.spatial_shape)
+        shape = (n, self.mode.out_channels, *self.space.shape)
         x_T = randn_like(torch.empty(shape, device=self.device), list(generators))
         if batch_size is not None and n < batch_size:
             pad = batch_size - n
@@ -149,31 +127,48 @@ def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, 
     the stage (:data:`STAGE_ROLES`). Raises :class:`GenerationError`/:class:`CheckpointError` naming the file."""
     file = checkpoint_file(path, key)
     ckpt = load_checkpoint(file, map_location="cpu")
-    cfg = OmegaConf.create(ckpt["config"])
-    mode = _stage_mode(cfg, ckpt["mode"], stage, key, file)
+    trained = OmegaConf.create(ckpt["config"])  # the checkpoint's training config
+    mode = _stage_mode(trained, ckpt["mode"], stage, key, file)
     if use_ema and ckpt.get("ema") is None:
         log.warning("%s has no EMA weights (trained with training.use_ema=false): using the raw weights", file)
+    space = _recorded_space(ckpt, key, file)
     network = network_from_checkpoint(ckpt, file, use_ema).to(device).eval().requires_grad_(False)
-    space = SampleSpace.from_state(ckpt["space"])
-    return Stage(path=file, sha256=sha256(file), network=network, strategy=build_strategy(cfg, space.shape),
-                 mode=mode, cond_dropout=float(cfg.training.cond_dropout), space=space,
-                 brain_from=str(cfg.data.get("brain_from", "bravo")), device=device, precision=precision,
+    return Stage(path=file, sha256=sha256(file), network=network, strategy=build_strategy(trained, space.shape),
+                 mode=mode, cond_dropout=float(trained.training.cond_dropout), space=space,
+                 brain_from=str(trained.data.get("brain_from", "bravo")), device=device, precision=precision,
                  forward=sampling_forward(network, device, compile, log, compile_mode),
-                 training_sizes=_recorded(ckpt, "lesion_sizes"), training_counts=_recorded(ckpt, "lesion_counts"))
+                 training_sizes=_lesions(ckpt, "lesion_sizes", stage, key, file),
+                 training_counts=_lesions(ckpt, "lesion_counts", stage, key, file))
 
 
-def _recorded(ckpt: dict, key: str) -> tuple | None:
-    """A per-training-slice record of a mask model's checkpoint (None: a checkpoint without it)."""
-    return tuple(ckpt[key]) if ckpt.get(key) is not None else None
+def _recorded_space(ckpt: dict, key: str, file: Path) -> SampleSpace:
+    """The sample space the checkpoint records, with its voxel size (samples are written with it and
+    lesions measured at it); a :class:`GenerationError` naming the file for one that lacks them."""
+    state = ckpt.get("space")
+    if not isinstance(state, dict) or state.get("spacing") is None:
+        raise GenerationError(f"{key}={file} records no sample space with its voxel spacing ('space'); "
+                              "train the model again with this medgen")
+    return SampleSpace.from_state(state)
 
 
-def _stage_mode(cfg, name: str, stage: str, key: str, file: Path) -> TrainingMode:
+def _lesions(ckpt: dict, record: str, stage: str, key: str, file: Path) -> tuple | None:
+    """A mask model's per-training-slice record (``lesion_sizes``, ``lesion_counts``); None for an image
+    model; a :class:`GenerationError` naming the file for a mask model's checkpoint that lacks it."""
+    if stage != "seg":
+        return None
+    if ckpt.get(record) is None:
+        raise GenerationError(f"{key}={file} records no training {record.replace('_', ' ')} ('{record}'); "
+                              "train the model again with this medgen")
+    return tuple(ckpt[record])
+
+
+def _stage_mode(trained, name: str, stage: str, key: str, file: Path) -> TrainingMode:
     """The checkpoint's mode, if it can serve ``stage``; else a :class:`GenerationError` naming the
     key, the file, the mode and what the stage needs."""
     if name not in MODES:
         raise GenerationError(f"{key}={file} is a {name!r} checkpoint, a mode this medgen does not know "
                               f"(known: {sorted(MODES)}; a mode of your own must be registered before generating)")
-    mode = build_mode(cfg)
+    mode = build_mode(trained)
     serves, needs = STAGE_ROLES[stage]
     if not serves(mode):
         given = f"given {list(mode.cond_keys)}" if mode.cond_keys else "from noise"
@@ -182,12 +177,16 @@ def _stage_mode(cfg, name: str, stage: str, key: str, file: Path) -> TrainingMod
     return mode
 
 
+#: what a seg and an image model of volumes must share (check_pair)
+_VOLUME_KEYS = "one model.spatial_dims and data.volume_shape"
+
+
 def check_pair(seg: Stage | None, image: Stage, guidance_scale: float) -> None:
     """The two stages fit together, and guidance is possible for the image model."""
-    if seg is not None and seg.spatial_shape != image.spatial_shape:
-        how = ("one model.spatial_dims and data.volume_shape" if seg.volumes or image.volumes else "one model.image_size")
-        raise GenerationError(f"seg_checkpoint {seg.path} makes masks as {seg.describe_shape()} but image_checkpoint "
-                              f"{image.path} paints {image.describe_shape()}; train both with {how}")
+    if seg is not None and seg.space.shape != image.space.shape:
+        how = seg.space.either(image.space.either("one model.image_size", _VOLUME_KEYS), _VOLUME_KEYS)
+        raise GenerationError(f"seg_checkpoint {seg.path} makes masks as {seg.space.describe()} but image_checkpoint "
+                              f"{image.path} paints {image.space.describe()}; train both with {how}")
     if seg is not None and BRAIN_KEY in image.mode.cond_keys and BRAIN_KEY not in seg.mode.image_keys:
         raise GenerationError(
             f"image_checkpoint {image.path} paints images given the lesion mask and the brain "

@@ -10,7 +10,7 @@ draws from its own seed.
 
 Resumability. Stage-1 results are kept in ``<out_dir>/.medgen/masks/``, and a sample folder on
 disk is a finished sample: a restarted run reads what exists, does the rest and writes any
-preview an older run left missing. ``<out_dir>/.medgen/status.json`` says whether the folder is
+preview a run with ``previews=false`` left missing. ``<out_dir>/.medgen/status.json`` says whether the folder is
 complete (:mod:`medgen.generation.status`); a run that stops early (a signal, an error) leaves it
 and ``manifest.csv`` listing the samples done so far.
 
@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from medgen.core.constants import BRAIN_KEY, MASK_KEY
@@ -41,17 +41,19 @@ from medgen.core.precision import configure_backends
 from medgen.core.signals import stop_signals
 from medgen.data.brain import brain_of, brain_source, inside_counts
 from medgen.data.lesions import RANO_BM, feret_diameters
-from medgen.data.pictures import contact_sheet, render_planes, render_tile, save_png
+from medgen.data.pictures import contact_sheet, save_png
+from medgen.data.space import SampleSpace
 from medgen.diffusion.utils import sample_seed
 from medgen.generation import gate as quality_gate
 from medgen.generation import writer
 from medgen.generation.config import ignored_keys
-from medgen.generation.images import IMAGE_STREAM, SampleIds, paint, read_sample, sample_ids, sample_spacing
+from medgen.generation.images import IMAGE_STREAM, SampleIds, paint, read_sample, sample_ids
 from medgen.generation.masks import real_masks, sample_masks
 from medgen.generation.models import GenerationError, Stage, check_pair, load_stage
 from medgen.generation.records import Masks
-from medgen.generation.sizes import (Targets, check_conditioning, hard_to_draw, pixel_edge, quota_keys,
-                                    resolve_count_target, resolve_target)
+from medgen.generation.requests import GenerateRequest, Samplers
+from medgen.generation.sizes import (Targets, check_conditioning, hard_to_draw, pixel_edge, resolve_count_target,
+                                    resolve_target)
 from medgen.generation.run_folder import claim, count_complete, exclusive, remove_partial_writes, run_settings
 from medgen.generation.status import GenerationStatus, write_status
 
@@ -85,7 +87,7 @@ class GenerationResult:
 class _Run:
     """One run's fixed parts, as the stages and the finishing read them."""
 
-    cfg: DictConfig
+    request: GenerateRequest
     seg: Stage | None
     image: Stage
     samplers: dict[str, str | None]
@@ -101,7 +103,7 @@ class _Run:
 
     @property
     def split_dir(self) -> Path:
-        return self.out / self.cfg.split
+        return self.out / self.request.output.split
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -113,26 +115,34 @@ class _Run:
 def run_generation(cfg: DictConfig, dist: DistInfo | None = None, progress: bool = True,
                    command: str | None = None) -> GenerationResult:
     """Generate (or continue generating) the dataset ``cfg`` describes (a validated generate config).
-    ``command``: the command line that runs it, recorded for whoever finds the folder unfinished."""
+    ``command``: the command line that runs it, recorded for whoever finds the folder unfinished.
+    The only function that reads the config: the stages take its :class:`GenerateRequest`."""
     configure_backends()
+    request = GenerateRequest.from_config(cfg)
     dist = dist or DistInfo(device=torch.device(cfg.device) if cfg.device else DistInfo().device)
+    ignored = ignored_keys(cfg) if dist.is_main else []
+    return _generate(request, dist, progress, command, ignored)
+
+
+def _generate(request: GenerateRequest, dist: DistInfo, progress: bool, command: str | None,
+              ignored: Sequence[str]) -> GenerationResult:
     t_start = time.perf_counter()
-    out = resolve_path(cfg.out_dir)
-    image = load_stage(cfg.image_checkpoint, "image", "image_checkpoint", device=dist.device, use_ema=cfg.use_ema,
-                       precision=cfg.precision, compile=cfg.compile, compile_mode=cfg.compile_mode)
+    out, loading = resolve_path(request.output.out_dir), request.loading
+    options = dict(device=dist.device, use_ema=loading.use_ema, precision=loading.precision, compile=loading.compile,
+                   compile_mode=loading.compile_mode)
+    image = load_stage(loading.image_checkpoint, "image", "image_checkpoint", **options)
     seg = None
-    if cfg.seg_checkpoint is not None:
-        seg = load_stage(cfg.seg_checkpoint, "seg", "seg_checkpoint", device=dist.device, use_ema=cfg.use_ema,
-                         precision=cfg.precision, compile=cfg.compile, compile_mode=cfg.compile_mode)
-    check_pair(seg, image, cfg.guidance_scale)
-    if dist.is_main:
-        for what in ignored_keys(cfg):
-            log.warning("%s: it has no effect in this run", what)
+    if loading.seg_checkpoint is not None:
+        seg = load_stage(loading.seg_checkpoint, "seg", "seg_checkpoint", **options)
+    check_pair(seg, image, request.paint.guidance_scale)
+    for what in ignored:
+        log.warning("%s: it has no effect in this run", what)
     if seg is not None:
-        cfg = _with_gate_defaults(cfg, _voxel_size(image), dist)
-    samplers = {"seg": _sampler(cfg, "seg_sampler", seg), "image": _sampler(cfg, "image_sampler", image)}
-    run = _Run(cfg, seg, image, samplers, run_settings(cfg, seg, image, samplers), out, dist, command,
-               _targets(cfg, seg, image, dist))
+        request = _with_gate_defaults(request, image.space, dist)
+    samplers = {"seg": _sampler(request.samplers, "seg_sampler", seg),
+                "image": _sampler(request.samplers, "image_sampler", image)}
+    run = _Run(request, seg, image, samplers, run_settings(request, seg, image, samplers), out, dist, command,
+               _targets(request, seg, image, dist))
     with exclusive(run.state, dist):
         if dist.is_main:
             claim(run.state, run.settings)
@@ -144,24 +154,25 @@ def run_generation(cfg: DictConfig, dist: DistInfo | None = None, progress: bool
 
 
 def _run_stages(run: _Run, progress: bool, t_start: float) -> GenerationResult:
-    cfg, dist = run.cfg, run.dist
+    request, dist, space = run.request, run.dist, run.image.space
     seconds: dict[str, float] = {}
     status, masks, ids = "stopped", None, []
     try:
         with stop_signals(ctrl_c=True) as stop:
             t0 = time.perf_counter()
             if run.seg is not None:
-                masks = sample_masks(run.seg, cfg, run.samplers["seg"], run.state / "masks", dist, stop, progress,
-                                     run.targets, _voxel_size(run.image))
+                masks = sample_masks(run.seg, request.masks, run.samplers["seg"], run.state / "masks", dist, stop,
+                                     progress, run.targets, space)
             else:
-                masks = real_masks(cfg, run.image.spatial_shape,
+                masks = real_masks(request.real, request.masks.num_images, request.paint.sampling.seed, space,
                                    run.image.brain_from if BRAIN_KEY in run.image.mode.cond_keys else None,
-                                   run.targets, _voxel_size(run.image))
+                                   run.targets)
             seconds["masks"] = time.perf_counter() - t0
             if masks is not None:
                 t0 = time.perf_counter()
-                ids = sample_ids(masks, cfg.samples_per_mask)
-                done = paint(run.image, masks, ids, cfg, run.samplers["image"], run.out, dist, stop, progress)
+                ids = sample_ids(masks, request.paint.samples_per_mask)
+                done = paint(run.image, masks, ids, request.paint, run.samplers["image"], run.out, dist, stop,
+                             progress)
                 seconds["images"] = time.perf_counter() - t0
                 status = "done" if done else "stopped"
         barrier(dist)
@@ -208,84 +219,74 @@ def _record_partial(run: _Run, masks: Masks | None, ids: SampleIds) -> None:
         log.warning("could not list the samples done so far: %s", exc)
 
 
-def _voxel_size(image: Stage) -> tuple[float, ...]:
-    """The size (mm) of a sample's pixels (x, y) or voxels (x, y, z), as the samples are written
-    and lesion diameters measured."""
-    return tuple((image.spacing or (1.0, 1.0, 1.0))[:len(image.spatial_shape)])
-
-
-def _with_gate_defaults(cfg: DictConfig, spacing: Sequence[float], dist: DistInfo) -> DictConfig:
-    """``cfg`` with the gate's null rules set for masks of ``spacing``
+def _with_gate_defaults(request: GenerateRequest, space: SampleSpace, dist: DistInfo) -> GenerateRequest:
+    """``request`` with the gate's null rules set for masks of ``space``
     (:func:`medgen.generation.gate.with_defaults`), as settings.json records them."""
-    gate = quality_gate.with_defaults(cfg.gate, spacing)
-    if len(spacing) == 3 and dist.is_main and gate.enabled and cfg.gate.min_component_pixels is None:
+    given = request.masks.gate
+    gate = quality_gate.with_defaults(given, space)
+    if space.volumetric and dist.is_main and gate.enabled and given.min_component_pixels is None:
         log.info("gate.min_component_pixels=null: a lesion of fewer than %d voxel(s) of %s mm (a ball %g mm "
-                 "across) is a speck", gate.min_component_pixels, " x ".join(f"{float(s):g}" for s in spacing),
+                 "across) is a speck", gate.min_component_pixels, " x ".join(f"{float(s):g}" for s in space.mm),
                  quality_gate.SPECK_BALL_MM)
-    return OmegaConf.merge(cfg, {"gate": gate})
+    return request.with_gate(gate)
 
 
-def _targets(cfg: DictConfig, seg: Stage | None, image: Stage, dist: DistInfo) -> Targets:
+def _targets(request: GenerateRequest, seg: Stage | None, image: Stage, dist: DistInfo) -> Targets:
     """The size and count classes ``lesion_sizes`` and ``lesion_counts`` ask for. With a seg model:
-    none for ``model``, or ``real`` with a checkpoint that records no training lesions or with the
-    gate off, which keeps every mask (each said once; other targets with the gate off are refused
-    by :func:`medgen.generation.config.validate_generate_config`). With
-    ``masks_from``: ``uniform`` or weights pick the real masks (:func:`medgen.generation.masks.real_masks`),
-    ``real`` and ``model`` take them as they are."""
-    n, main, spacing = cfg.num_images, dist.is_main, _voxel_size(image)
+    none for ``model``, or for ``real`` with the gate off, which keeps every mask (said once; other
+    targets with the gate off are refused by :func:`medgen.generation.config.validate_generate_config`).
+    With ``masks_from``: ``uniform`` or weights pick the real masks
+    (:func:`medgen.generation.masks.real_masks`), ``real`` and ``model`` take them as they are."""
+    asked, main, space = request.masks, dist.is_main, image.space
     if seg is None:
-        picks = quota_keys(cfg)
-        sizes = resolve_target(cfg, int(n), image.spatial_shape, spacing, None) if "lesion_sizes" in picks else None
-        targets = Targets(sizes, resolve_count_target(cfg, int(n), None) if "lesion_counts" in picks else None)
-        if targets and main:
-            log.info("masks_from: the real masks of %s/ are picked to meet %s", cfg.masks_split, "; ".join(
-                f"{t.key}.target={cfg[t.key].target} ({t.describe()})" for _, t in targets.items()))
-        return targets
-    n = int(n)
+        return _real_targets(request, space, main)
+    n = int(asked.num_images)
     sizes = counts = None
-    if not cfg.gate.enabled:  # uniform and weights were refused (generation.config); real is said, not dropped
-        real = [key for key in ("lesion_sizes", "lesion_counts") if cfg[key].target == "real"]
+    if not asked.gate.enabled:  # uniform and weights were refused (generation.config); real is said, not dropped
+        real = [key for key in ("lesion_sizes", "lesion_counts") if asked.target(key) == "real"]
         if real and main:
             log.info("gate.enabled=false keeps every mask drawn: %s (the gate meets the quotas)",
                      " and ".join(f"{key}.target=real is not applied" for key in real))
     else:
-        if _resolvable(cfg.lesion_sizes.target, seg.training_sizes, "lesion_sizes", seg.path, main):
-            sizes = resolve_target(cfg, n, image.spatial_shape, spacing, seg.training_sizes)
-        if _resolvable(cfg.lesion_counts.target, seg.training_counts, "lesion_counts", seg.path, main):
-            counts = resolve_count_target(cfg, n, seg.training_counts)
-    check_conditioning(seg.mode, seg.path, seg.cond_dropout, Targets(sizes, counts), float(cfg.lesion_sizes.guidance))
+        sizes = resolve_target(asked.sizes, n, space, seg.training_sizes)
+        counts = resolve_count_target(asked.counts, n, seg.training_counts, asked.gate.max_components)
+    check_conditioning(seg.mode, seg.path, seg.cond_dropout, Targets(sizes, counts), asked.sizes.guidance)
     if sizes is not None and main:
         log.info("size classes requested (lesion_sizes.target=%s, largest lesion per mask): %s",
                  sizes.source, sizes.describe())
-        small, edge = hard_to_draw(sizes, spacing), pixel_edge(spacing)
+        small, edge = hard_to_draw(sizes, space), pixel_edge(space)
         if small:
             log.warning("lesion_sizes.target asks for %s lesions, under 4 %s of %.4g mm across: a seg model of %s "
                         "rarely draws them, so the run may stop at gate.max_attempts; ask for none of them (weights "
                         "per class) or train at a larger %s", " and ".join(small),
-                        "voxels (cube edge)" if image.volumes else "pixels", edge, image.describe_shape(),
-                        "data.volume_shape" if image.volumes else "model.image_size")
+                        space.either("pixels", "voxels (cube edge)"), edge, space.describe(),
+                        space.either("model.image_size", "data.volume_shape"))
     if counts is not None and main:
         log.info("lesions per mask requested (lesion_counts.target=%s): %s", counts.source, counts.describe())
     return Targets(sizes, counts)
 
 
-def _resolvable(target, recorded, key: str, path, main: bool) -> bool:
-    """Whether ``key.target`` can be resolved: anything but ``real`` with a checkpoint that records
-    no training lesions (said once, and the masks keep what the model draws)."""
-    if target == "real" and recorded is None:
-        if main:
-            log.info("%s.target=real: %s records no training lesion %s (an older medgen): masks keep the ones the "
-                     "model draws", key, path, key[7:])
-        return False
-    return True
+def _real_targets(request: GenerateRequest, space: SampleSpace, main: bool) -> Targets:
+    """With ``masks_from``: the quotas (``uniform``, weights) the real masks are picked to meet."""
+    asked = request.masks
+    picks, n = asked.quota_keys(), asked.num_images
+    sizes = resolve_target(asked.sizes, int(n), space, None) if "lesion_sizes" in picks else None
+    counts = resolve_count_target(asked.counts, int(n), None, asked.gate.max_components) \
+        if "lesion_counts" in picks else None
+    targets = Targets(sizes, counts)
+    if targets and main:
+        log.info("masks_from: the real masks of %s/ are picked to meet %s", request.real.split, "; ".join(
+            f"{t.key}.target={asked.target(t.key)} ({t.describe()})" for _, t in targets.items()))
+    return targets
 
 
-def _sampler(cfg: DictConfig, key: str, stage: Stage | None) -> str | None:
+def _sampler(samplers: Samplers, key: str, stage: Stage | None) -> str | None:
     if stage is None:
         return None
-    name = cfg[key] or cfg.sampler or stage.strategy.samplers[0]
+    given = getattr(samplers, key)
+    name = given or samplers.sampler or stage.strategy.samplers[0]
     if name not in stage.strategy.samplers:
-        which = key if cfg[key] else "sampler"
+        which = key if given else "sampler"
         raise GenerationError(f"{which}={name}: {stage.path} is a {stage.strategy.name!r} model, which samples with "
                               f"{list(stage.strategy.samplers)}")
     return name
@@ -295,14 +296,13 @@ def _sampler(cfg: DictConfig, key: str, stage: Stage | None) -> str | None:
 def _finish(run: _Run, masks: Masks, ids: SampleIds) -> None:
     """Rank 0, once every sample exists: missing previews, uncertainty maps, contact sheet,
     manifest, nnU-Net export."""
-    cfg, out, split_dir = run.cfg, run.out, run.split_dir
+    output, out, split_dir, space = run.request.output, run.out, run.split_dir, run.image.space
     keys = run.image.mode.image_keys
-    if cfg.previews:
-        _repair_previews(out, [sid for sid, _ in ids], split_dir, keys, sample_spacing(run.image))
-    spacing = sample_spacing(run.image)
-    if cfg.samples_per_mask > 1:
-        _uncertainty(out, split_dir, masks, ids, keys, spacing)
-    _contact_sheet(run, ids, spacing)
+    if output.previews:
+        _repair_previews(out, [sid for sid, _ in ids], split_dir, keys, space)
+    if run.request.paint.samples_per_mask > 1:
+        _uncertainty(out, split_dir, masks, ids, keys, space)
+    _contact_sheet(run, ids)
     inside = _inside_brain(run, [sid for sid, _ in ids])
     n_in, n_all = (sum(c[i] for c in inside.values()) for i in (0, 1))
     if n_all:
@@ -313,25 +313,22 @@ def _finish(run: _Run, masks: Masks, ids: SampleIds) -> None:
     if masks.size_report is not None:
         with atomic_write(out / "lesion_sizes.json") as tmp:
             tmp.write_text(json.dumps(masks.size_report, indent=1))
-    if cfg.format == "nnunet":
-        root = writer.export_nnunet(out, [split_dir / sid for sid, _ in ids], keys, cfg.nnunet.dataset_id,
-                                    cfg.nnunet.name, volumes=run.image.volumes)
+    if output.format == "nnunet":
+        root = writer.export_nnunet(out, [split_dir / sid for sid, _ in ids], keys, output.nnunet_id,
+                                    output.nnunet_name, space)
         log.info("nnU-Net v2 raw dataset: %s", root)
 
 
-def _contact_sheet(run: _Run, ids: SampleIds, spacing: Sequence[float]) -> None:
+def _contact_sheet(run: _Run, ids: SampleIds) -> None:
     """``contact_sheet.png``: the first :data:`CONTACT_SHEET_SAMPLES` samples, slices at least 128
-    pixels wide, 8 pictures a row; volumes as their three planes with the mask outlined, 2 a row."""
-    keys, split_dir = run.image.mode.image_keys, run.split_dir
-    if run.image.volumes:
-        tiles = [writer.render_sample(read_sample(split_dir / sid, keys), keys, spacing=spacing, outlined_only=True)
-                 for sid, _ in ids[:CONTACT_SHEET_SAMPLES // 4]]
-        columns = 2
-    else:
-        scale = max(1, 128 // run.image.image_size)
-        tiles = [writer.render_sample(read_sample(split_dir / sid, keys), keys, scale=scale)
-                 for sid, _ in ids[:CONTACT_SHEET_SAMPLES]]
-        columns = 8 // len(keys)
+    pixels wide, 8 pictures a row; volumes (a quarter as many) as their three planes with the mask
+    outlined, :attr:`~medgen.data.space.SampleSpace.sheet_columns` a row."""
+    keys, split_dir, space = run.image.mode.image_keys, run.split_dir, run.image.space
+    count, scale, outlined_only, columns = space.either(
+        (CONTACT_SHEET_SAMPLES, max(1, 128 // space.size), False, space.sheet_columns // len(keys)),
+        (CONTACT_SHEET_SAMPLES // 4, 2, True, space.sheet_columns))
+    tiles = [writer.render_sample(read_sample(split_dir / sid, keys), keys, space, scale, outlined_only)
+             for sid, _ in ids[:count]]
     save_png(contact_sheet(tiles, columns=columns), run.out / "contact_sheet.png")
 
 
@@ -348,11 +345,12 @@ def _inside_brain(run: _Run, sids: Sequence[str]) -> dict[str, tuple[int, int]]:
 
 
 def _repair_previews(out: Path, names: Sequence[str], split_dir: Path, keys: Sequence[str],
-                     spacing: Sequence[float]) -> None:
-    """Previews of finished samples that an older medgen left without one (it wrote the folder first)."""
+                     space: SampleSpace) -> None:
+    """Previews of finished samples written without one (by a run of this folder with ``previews=false``,
+    which does not change the samples)."""
     missing = [sid for sid in names if not (out / "previews" / f"{sid}.png").is_file()]
     for sid in missing:
-        save_png(writer.render_sample(read_sample(split_dir / sid, keys), keys, spacing=spacing),
+        save_png(writer.render_sample(read_sample(split_dir / sid, keys), keys, space),
                  out / "previews" / f"{sid}.png")
     if missing:
         log.info("wrote %d missing previews", len(missing))
@@ -364,12 +362,13 @@ def _manifest_rows(run: _Run, masks: Masks, ids: SampleIds, done: set[str] | Non
     RANO-BM size class of each of its lesions (in raster order) and the fraction of its lesion
     pixels inside the brain of its image (``inside``: the counts by sample), then the masks the
     gate rejected."""
-    cfg, settings = run.cfg, run.settings
-    common = {"split": cfg.split, "seg_checkpoint": settings["seg_checkpoint"] or "",
+    paint, settings = run.request.paint, run.settings
+    common = {"split": paint.split, "seg_checkpoint": settings["seg_checkpoint"] or "",
               "seg_sha256": settings["seg_sha256"] or "", "image_checkpoint": settings["image_checkpoint"],
               "image_sha256": settings["image_sha256"], "seg_sampler": settings["seg_sampler"] or "",
-              "image_sampler": settings["image_sampler"], "steps": cfg.steps, "guidance_scale": cfg.guidance_scale}
-    spacing = _voxel_size(run.image)
+              "image_sampler": settings["image_sampler"], "steps": paint.sampling.steps,
+              "guidance_scale": paint.guidance_scale}
+    spacing = run.image.space.mm
     sizes: dict[int, dict[str, str]] = {}  # mask index -> its lesions' fields (a mask may have several samples)
     rows = []
     for q, (sid, i) in enumerate(ids):
@@ -381,14 +380,14 @@ def _manifest_rows(run: _Run, masks: Masks, ids: SampleIds, done: set[str] | Non
                         "lesion_bins": ";".join(RANO_BM.names[b] for b in RANO_BM.index(d))}
         n_in, n_all = (inside or {}).get(sid, (0, 0))
         rows.append({**common, **masks.records[i].manifest_fields(), **sizes[i], "id": sid,
-                     "image_seed": sample_seed(cfg.seed, q, IMAGE_STREAM),
+                     "image_seed": sample_seed(paint.sampling.seed, q, IMAGE_STREAM),
                      "inside_brain": f"{n_in / n_all:.4f}" if n_all else ""})
     return rows + [{**common, **record.manifest_fields(), "image_checkpoint": "", "image_sha256": "",
                     "image_sampler": ""} for record in masks.rejected]
 
 
 def _uncertainty(out: Path, split_dir: Path, masks: Masks, ids: SampleIds, keys: Sequence[str],
-                 spacing: Sequence[float]) -> None:
+                 space: SampleSpace) -> None:
     """Per mask and image key: the per-pixel (per-voxel) mean and standard deviation of its samples,
     as ``uncertainty/<mask id>/<key>_mean.nii.gz`` and ``<key>_std.nii.gz``, and a picture (a volume:
     its three planes through the largest lesion, mean and std a row per key)."""
@@ -397,18 +396,17 @@ def _uncertainty(out: Path, split_dir: Path, masks: Masks, ids: SampleIds, keys:
     by_mask: dict[int, list[str]] = {}
     for sid, i in ids:
         by_mask.setdefault(i, []).append(sid)
-    affine = writer.slice_affine(spacing)
+    affine = writer.slice_affine(space.spacing)
     for i, sids in by_mask.items():
         folder = out / "uncertainty" / sids[0].rsplit("_s", 1)[0]
         if (folder / "uncertainty.png").is_file():
             continue
         tiles, mask = [], masks.masks[i]
-        draw = (lambda a: render_planes(a, mask, spacing)) if mask.ndim == 3 else (lambda a: render_tile(a, mask))
         draws = [read_sample(split_dir / sid, keys) for sid in sids]  # each file read once
         for key in keys:
             stack = np.stack([d[key] for d in draws])
             mean, std = stack.mean(axis=0), stack.std(axis=0)
             save_volume(folder / f"{key}_mean.nii.gz", writer.as_volume(mean), affine)
             save_volume(folder / f"{key}_std.nii.gz", writer.as_volume(std), affine)
-            tiles += [draw(mean), draw(std / max(float(std.max()), 1e-6))]
-        save_png(contact_sheet(tiles, columns=len(tiles) if mask.ndim == 2 else 2), folder / "uncertainty.png")
+            tiles += [space.picture(mean, mask), space.picture(std / max(float(std.max()), 1e-6), mask)]
+        save_png(contact_sheet(tiles, columns=space.either(len(tiles), 2)), folder / "uncertainty.png")

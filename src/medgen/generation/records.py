@@ -1,8 +1,9 @@
 """The records a generation run passes between its stages and writes to ``manifest.csv``.
 
 A mask comes from a stage-1 candidate (:class:`CandidateSource`, ``"candidate 7"`` in the
-manifest's ``mask_source``), from a slice of a real dataset (:class:`SliceSource`,
-``"test/patient_003/z41"``) or from a real volume (:class:`VolumeSource`, ``"test/patient_003"``); :func:`parse_mask_source` reads the column back. A
+manifest's ``mask_source``) or from an item of a real dataset (:class:`ItemSource`: a slice,
+``"test/patient_003/z41"``, or a volume, ``"test/patient_003"``); :func:`parse_mask_source` reads
+the column back. A
 :class:`Candidate` is one evaluated stage-1 mask with its gate measurements, a
 :class:`MaskRecord` what the manifest says about a mask, and :class:`Masks` everything stage 2
 paints from.
@@ -33,39 +34,24 @@ class CandidateSource:
 
 
 @dataclass(frozen=True)
-class SliceSource:
-    """Axial slice ``z`` of ``patient`` in ``split`` of a real dataset (``masks_from``)."""
+class ItemSource:
+    """An item of ``patient`` in ``split`` of a real dataset (``masks_from``): its axial slice ``z``,
+    or its whole volume (``z`` None, for a volume model)."""
 
     split: str
     patient: str
-    z: int
+    z: int | None = None
 
     def format(self) -> str:
-        return f"{self.split}/{self.patient}/z{self.z}"
+        return f"{self.split}/{self.patient}" + ("" if self.z is None else f"/z{self.z}")
 
     @property
     def sample_name(self) -> str:
-        """The name of the samples painted on this mask: ``<patient>_z<zzz>``."""
-        return f"{self.patient}_z{self.z:03d}"
+        """The name of the samples painted on this mask: ``<patient>_z<zzz>``, or the patient's."""
+        return self.patient if self.z is None else f"{self.patient}_z{self.z:03d}"
 
 
-@dataclass(frozen=True)
-class VolumeSource:
-    """The whole volume of ``patient`` in ``split`` of a real dataset (``masks_from`` for a volume model)."""
-
-    split: str
-    patient: str
-
-    def format(self) -> str:
-        return f"{self.split}/{self.patient}"
-
-    @property
-    def sample_name(self) -> str:
-        """The name of the samples painted on this mask: the patient's."""
-        return self.patient
-
-
-MaskSource = Union[CandidateSource, SliceSource, VolumeSource]
+MaskSource = Union[CandidateSource, ItemSource]
 
 
 def parse_mask_source(text: str) -> MaskSource | None:
@@ -75,9 +61,9 @@ def parse_mask_source(text: str) -> MaskSource | None:
         return CandidateSource(int(m[1]))
     parts = text.split("/")
     if len(parts) == 3 and parts[2].startswith("z") and parts[2][1:].isdigit():
-        return SliceSource(parts[0], parts[1], int(parts[2][1:]))
+        return ItemSource(parts[0], parts[1], int(parts[2][1:]))
     if len(parts) == 2 and all(parts):
-        return VolumeSource(parts[0], parts[1])
+        return ItemSource(parts[0], parts[1])
     return None
 
 

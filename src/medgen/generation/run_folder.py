@@ -14,13 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from omegaconf import DictConfig, OmegaConf
-
 from medgen.core.distributed import DistInfo
 from medgen.core.fs import FolderLock, atomic_write, remove_orphans
 from medgen.core.paths import resolve_path
 from medgen.generation import writer
 from medgen.generation.models import GenerationError, Stage
+from medgen.generation.requests import GenerateRequest
 
 log = logging.getLogger("medgen.generate")
 
@@ -30,22 +29,25 @@ DETERMINING = ("seg_sha256", "image_sha256", "masks_from", "masks_split", "sampl
                "lesion_sizes", "lesion_counts", "brain_outline")
 
 
-def run_settings(cfg: DictConfig, seg: Stage | None, image: Stage, samplers: dict[str, str | None]) -> dict[str, Any]:
+def run_settings(request: GenerateRequest, seg: Stage | None, image: Stage,
+                 samplers: dict[str, str | None]) -> dict[str, Any]:
     """What ``.medgen/settings.json`` records of a run (the manifest repeats some of it)."""
+    masks, paint, real, loading = request.masks, request.paint, request.real, request.loading
     return {
         "seg_checkpoint": str(seg.path) if seg else None, "seg_sha256": seg.sha256 if seg else None,
         "image_checkpoint": str(image.path), "image_sha256": image.sha256,
-        "masks_from": str(resolve_path(cfg.masks_from)) if cfg.masks_from else None,
-        "masks_split": cfg.masks_split if cfg.masks_from else None,
-        "num_images": cfg.num_images, "samples_per_mask": cfg.samples_per_mask, "split": cfg.split, "seed": cfg.seed,
-        "seg_sampler": samplers["seg"], "image_sampler": samplers["image"], "steps": cfg.steps,
-        "guidance_scale": cfg.guidance_scale, "use_ema": cfg.use_ema, "precision": cfg.precision,
-        "gate": OmegaConf.to_container(cfg.gate) if seg else None,
-        "lesion_sizes": OmegaConf.to_container(cfg.lesion_sizes) if seg else None,
-        "lesion_counts": OmegaConf.to_container(cfg.lesion_counts) if seg else None,
-        "brain_outline": cfg.brain_outline if seg else None,
-        "image_keys": list(image.mode.image_keys), "image_size": image.image_size,
-        "spacing": list(image.spacing or (seg.spacing if seg and seg.spacing else (1.0, 1.0, 1.0))),
+        "masks_from": str(resolve_path(real.root)) if real else None,
+        "masks_split": real.split if real else None,
+        "num_images": masks.num_images, "samples_per_mask": paint.samples_per_mask, "split": paint.split,
+        "seed": paint.sampling.seed, "seg_sampler": samplers["seg"], "image_sampler": samplers["image"],
+        "steps": paint.sampling.steps, "guidance_scale": paint.guidance_scale, "use_ema": loading.use_ema,
+        "precision": loading.precision,
+        "gate": masks.gate.settings() if seg else None,
+        "lesion_sizes": masks.sizes.settings() if seg else None,
+        "lesion_counts": masks.counts.settings() if seg else None,
+        "brain_outline": masks.brain_outline if seg else None,
+        "image_keys": list(image.mode.image_keys), "image_size": image.space.size,
+        "spacing": list(image.space.spacing),
     }
 
 

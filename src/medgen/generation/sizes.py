@@ -26,10 +26,13 @@ import numpy as np
 
 from medgen.data import lesions
 from medgen.data.lesions import SizeBins
+from medgen.data.space import SampleSpace
 from medgen.generation.models import GenerationError
+from medgen.generation.requests import CountRequest, SizeRequest
+from medgen.generation.requests import quota_keys  # noqa: F401 - generation.config validates with it
 
 __all__ = ["ClassTarget", "Targets", "conditioned_groups", "count_classes", "hard_to_draw", "parse_bins", "pixel_edge",
-           "parse_target", "quota_keys", "quotas", "resolve_count_target",
+           "parse_target", "quota_keys", "quotas", "requested_quotas", "resolve_count_target",
            "resolve_target", "slot_class"]
 
 
@@ -179,58 +182,57 @@ def check_conditioning(seg_mode: Any, seg_path: Any, cond_dropout: float, target
                               "lesion_sizes.guidance=1, or train with e.g. training.cond_dropout=0.1")
 
 
-def resolve_target(cfg: Any, n: int, shape: Sequence[int], spacing: Sequence[float],
+def resolve_target(request: SizeRequest, n: int, space: SampleSpace,
                    training_diameters: Sequence[float] | None) -> ClassTarget | None:
-    """The size target ``cfg.lesion_sizes`` asks for, for ``n`` masks of ``shape`` (``(S, S)`` pixels
-    or ``(X, Y, Z)`` voxels) at ``spacing`` mm per axis (None for ``model``). ``training_diameters``:
-    the largest lesion of each of the seg model's training slices or volumes with a lesion (mm), from
-    its checkpoint (None for one that does not record them).
+    """The size target ``request`` (``lesion_sizes``) asks for, for ``n`` masks of ``space`` (None for
+    ``model``). ``training_diameters``: the largest lesion of each of the seg model's training slices
+    or volumes with a lesion (mm), from its checkpoint (None for an image model's).
 
     Raises :class:`GenerationError` naming the key for an unknown preset or bin name, weights that do
     not sum to a positive number, or a requested bin whose smallest diameter does not fit the masks."""
-    bins = parse_bins(cfg.lesion_sizes.bins, "lesion_sizes.bins")
-    target = _resolve("lesion_sizes", cfg.lesion_sizes.target, bins, n, training_diameters, "sizes")
-    diagonal = float(np.sqrt(sum((int(k) * float(s)) ** 2 for k, s in zip(shape, spacing))))
+    bins = parse_bins(request.bins, "lesion_sizes.bins")
+    target = _resolve("lesion_sizes", request.target, bins, n, training_diameters, "sizes")
+    diagonal = float(np.sqrt(sum((int(k) * float(s)) ** 2 for k, s in zip(space.shape, space.mm))))
     for b, name in enumerate(bins.names):
         lower = bins.edges[b - 1] if b else 0.0
         if target is not None and target.weights[b] > 0 and lower >= diagonal:
-            what = (f"{'x'.join(map(str, shape))} voxels of {' x '.join(f'{float(s):g}' for s in spacing)} mm"
-                    if len(shape) == 3 else f"{shape[0]} px of {spacing[0]:g} x {spacing[1]:g} mm")
             raise GenerationError(f"lesion_sizes.target asks for {name} lesions (>= {lower:g} mm) but the masks are "
-                                  f"{what}: no lesion can be longer than their diagonal, {diagonal:.0f} mm")
+                                  f"{space.describe_spacing()}: no lesion can be longer than their diagonal, "
+                                  f"{diagonal:.0f} mm")
     return target
 
 
-def resolve_count_target(cfg: Any, n: int, training_counts: Sequence[int] | None) -> ClassTarget | None:
-    """The count target ``cfg.lesion_counts`` asks for, for ``n`` masks (None for ``model``).
+def resolve_count_target(request: CountRequest, n: int, training_counts: Sequence[int] | None,
+                         max_components: int) -> ClassTarget | None:
+    """The count target ``request`` (``lesion_counts``) asks for, for ``n`` masks (None for ``model``).
     ``training_counts``: the lesions of each of the seg model's training slices with a lesion.
 
     Raises :class:`GenerationError` naming the key for an unknown preset or class, weights that do
-    not sum to a positive number, or a class of more lesions than ``gate.max_components`` allows."""
-    classes = count_classes(cfg.lesion_counts.classes)
-    target = _resolve("lesion_counts", cfg.lesion_counts.target, classes, n, training_counts, "counts")
-    most = int(cfg.gate.max_components)
+    not sum to a positive number, or a class of more lesions than ``max_components``
+    (``gate.max_components``) allows."""
+    classes = count_classes(request.classes)
+    target = _resolve("lesion_counts", request.target, classes, n, training_counts, "counts")
     for b, name in enumerate(classes.names):
         lower = int(classes.edges[b - 1]) if b else 1
-        if target is not None and target.weights[b] > 0 and lower > most:
+        if target is not None and target.weights[b] > 0 and lower > max_components:
             raise GenerationError(f"lesion_counts.target asks for masks of {name} lesions but the gate rejects masks of "
-                                  f"more than gate.max_components={most}; raise it or ask for fewer lesions")
+                                  f"more than gate.max_components={max_components}; raise it or ask for fewer lesions")
     return target
 
 
-def hard_to_draw(target: ClassTarget, spacing: Sequence[float], pixels: float = 4.0) -> list[str]:
+def hard_to_draw(target: ClassTarget, space: SampleSpace, pixels: float = 4.0) -> list[str]:
     """The size classes ``target`` asks for whose lesions all measure under ``pixels`` pixels (or
-    voxels) across, at pixels or voxels of ``spacing`` mm (a seg model at that resolution rarely draws
-    them), as ``"name (< edge mm)"``. See :func:`pixel_edge`."""
-    across = pixels * pixel_edge(spacing)
+    voxels) across in ``space`` (a seg model at that resolution rarely draws them), as
+    ``"name (< edge mm)"``. See :func:`pixel_edge`."""
+    across = pixels * pixel_edge(space)
     return [f"{name} (< {edge:g} mm)" for b, (name, edge) in enumerate(zip(target.bins.names, target.bins.edges))
             if target.counts[b] > 0 and edge < across]
 
 
-def pixel_edge(spacing: Sequence[float]) -> float:
-    """The mm one step of the grid spans: a slice's pixel width (x), or for a voxel of ``(x, y, z)``
-    mm the edge of the cube of its volume, so that a coarse through-plane spacing counts too."""
-    return float(spacing[0]) if len(spacing) < 3 else float(np.prod(spacing[:3])) ** (1 / 3)
+def pixel_edge(space: SampleSpace) -> float:
+    """The mm one step of the grid spans: a slice's pixel width (x), or the edge of the cube of a
+    voxel's volume, so that a coarse through-plane spacing counts too."""
+    return space.either(float(space.mm[0]), space.element_mm3 ** (1 / 3))
 
 
 def _resolve(key: str, target: Any, bins: SizeBins, n: int, recorded: Sequence[float] | None,
@@ -278,13 +280,13 @@ def parse_target(key: str, target: Any, bins: SizeBins) -> tuple[str, np.ndarray
     return "weights", weights
 
 
-def quota_keys(cfg: Any) -> list[str]:
-    """``lesion_sizes`` and/or ``lesion_counts`` where ``cfg`` asks for quotas of its own (``uniform``
-    or weights, not ``real`` or ``model``): the requests only a gate, or picking real masks, can meet.
-    Each target is parsed (:func:`parse_target`), so a bad one is a one-line error naming its key."""
-    groups = (("lesion_sizes", parse_bins(cfg.lesion_sizes.bins, "lesion_sizes.bins")),
-              ("lesion_counts", count_classes(cfg.lesion_counts.classes)))
-    return [key for key, bins in groups if parse_target(key, cfg[key].target, bins)[0] in ("uniform", "weights")]
+def requested_quotas(sizes: SizeRequest, counts: CountRequest) -> list[str]:
+    """``lesion_sizes`` and/or ``lesion_counts`` where the requests ask for quotas of their own
+    (``uniform`` or weights, not ``real`` or ``model``): the requests only a gate, or picking real masks,
+    can meet. Each target is parsed (:func:`parse_target`), so a bad one is a one-line error naming its key."""
+    groups = (("lesion_sizes", sizes.target, parse_bins(sizes.bins, "lesion_sizes.bins")),
+              ("lesion_counts", counts.target, count_classes(counts.classes)))
+    return [key for key, target, bins in groups if parse_target(key, target, bins)[0] in ("uniform", "weights")]
 
 
 def _weights(key: str, target: Mapping[Any, Any], bins: SizeBins) -> np.ndarray:

@@ -25,6 +25,7 @@ from medgen.core.constants import MASK_KEY, NIFTI_SUFFIX
 from medgen.core.fs import atomic_write
 from medgen.data.nifti_dataset import modality_path, save_volume
 from medgen.data.pictures import plane_centre, render_planes, render_tile, side_by_side
+from medgen.data.space import SampleSpace
 
 #: the manifest's columns, in order
 MANIFEST_COLUMNS = ("id", "split", "mask_source", "mask_seed", "image_seed", "seg_checkpoint", "seg_sha256",
@@ -40,8 +41,7 @@ def slice_affine(spacing: Sequence[float]) -> np.ndarray:
 
 def as_volume(array: np.ndarray) -> np.ndarray:
     """What a sample's array is written as: a slice ``[S, S]`` as ``[S, S, 1]``, a volume as it is."""
-    array = np.asarray(array, dtype=np.float32)
-    return array[..., None] if array.ndim == 2 else array
+    return np.atleast_3d(np.asarray(array, dtype=np.float32))
 
 
 def write_sample(folder: Path, arrays: Mapping[str, np.ndarray], spacing: Sequence[float]) -> Path:
@@ -91,21 +91,31 @@ def is_complete(folder: Path, keys: Sequence[str]) -> bool:
     return all((Path(folder) / f"{k}{NIFTI_SUFFIX}").is_file() for k in keys)
 
 
-def render_sample(arrays: Mapping[str, np.ndarray], image_keys: Sequence[str], scale: int = 2,
-                  spacing: Sequence[float] = (1.0, 1.0, 1.0), outlined_only: bool = False) -> np.ndarray:
-    """A sample's pictures side by side: per image key the image as generated, then the same image
-    with the mask outlined in red (so the lesion itself is not hidden by its outline). A volume
-    ``[X, Y, Z]`` shows its axial, coronal and sagittal planes through its largest lesion
-    (:func:`~medgen.data.pictures.render_planes`, voxels in proportion to ``spacing``) for each.
-    ``outlined_only``: the outlined pictures alone (a contact sheet's tile)."""
+def render_sample(arrays: Mapping[str, np.ndarray], image_keys: Sequence[str], space: SampleSpace, scale: int = 2,
+                  outlined_only: bool = False) -> np.ndarray:
+    """A sample of ``space``: its pictures side by side: per image key the image as generated, then the
+    same image with the mask outlined in red (so the lesion itself is not hidden by its outline). A
+    volume ``[X, Y, Z]`` shows its axial, coronal and sagittal planes through its largest lesion, both
+    pictures through the same voxel (:func:`~medgen.data.pictures.render_planes`, voxels in proportion
+    to the space's spacing) for each. ``outlined_only``: the outlined pictures alone (a contact sheet's tile)."""
     mask = arrays[MASK_KEY]
-    if np.ndim(mask) == 3:
-        centre = plane_centre(mask, mask.shape)
-        draw = lambda image, m: render_planes(image, m, spacing, scale, centre)  # noqa: E731
-    else:
-        draw = lambda image, m: render_tile(image, m, scale)  # noqa: E731
+    draw = space.either(_tile_drawer, _planes_drawer)(mask, space, scale)
     tiles = [t for k in image_keys for t in (() if outlined_only else (draw(arrays[k], None),)) + (draw(arrays[k], mask),)]
-    return side_by_side(tiles, gap=4 if np.ndim(mask) == 3 else 2)
+    return side_by_side(tiles, gap=space.either(2, 4))
+
+
+Draw = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
+
+
+def _tile_drawer(mask: np.ndarray, space: SampleSpace, scale: int) -> Draw:  # noqa: ARG001 - one signature
+    """A slice's picture (:func:`~medgen.data.pictures.render_tile`)."""
+    return lambda image, m: render_tile(image, m, scale)
+
+
+def _planes_drawer(mask: np.ndarray, space: SampleSpace, scale: int) -> Draw:
+    """A volume's three planes, every picture of the sample through the largest lesion of ``mask``."""
+    centre = plane_centre(mask, space.shape)
+    return lambda image, m: render_planes(image, m, space.mm, scale, centre)
 
 
 def write_manifest(path: Path, rows: Sequence[Mapping[str, object]]) -> Path:
@@ -120,11 +130,12 @@ def write_manifest(path: Path, rows: Sequence[Mapping[str, object]]) -> Path:
 
 
 def export_nnunet(out_dir: Path, samples: Sequence[Path], image_keys: Sequence[str], dataset_id: int,
-                  name: str, volumes: bool = False) -> Path:
+                  name: str, space: SampleSpace) -> Path:
     """nnU-Net v2 raw format under ``out_dir/nnUNet_raw/Dataset<id>_<name>/``: ``imagesTr/<case>_<c>.nii.gz``
     (channel ``c`` = ``image_keys[c]``), ``labelsTr/<case>.nii.gz`` and ``dataset.json``. Files are
     hard links to the sample folders where the file system allows, else copies. Slices are
-    ``[S, S, 1]`` volumes (nnU-Net's ``2d`` configuration), ``volumes`` whole ones (``3d_fullres``)."""
+    ``[S, S, 1]`` volumes (nnU-Net's ``2d`` configuration), the samples of a volume ``space`` whole
+    ones (``3d_fullres``)."""
     root = Path(out_dir) / "nnUNet_raw" / f"Dataset{dataset_id:03d}_{name}"
     root.parent.mkdir(parents=True, exist_ok=True)
     dataset = {
@@ -133,7 +144,7 @@ def export_nnunet(out_dir: Path, samples: Sequence[Path], image_keys: Sequence[s
         "numTraining": len(samples),
         "file_ending": NIFTI_SUFFIX,
         "name": name,
-        "description": f"synthetic brain-metastasis {'volumes' if volumes else 'slices'} generated by medgen "
+        "description": f"synthetic brain-metastasis {space.unit}s generated by medgen "
                        "(mask + matching MRI)",
     }
     if root.exists():
