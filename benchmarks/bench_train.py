@@ -7,7 +7,7 @@ clipping) against the reference: the way MONAI's tutorials train, the same MONAI
 AdamW, fp32, eager, MSE on the noise. Both consume the same in-memory batches (no data loading in
 the timed region). Blocks of steps alternate between the two so that drift in machine load hits
 both alike. Target: medgen at least 1.8x the reference. ``--3d``: the same on volumes
-(``model.spatial_dims=3``, 64 x 64 x 32, batch 2; the reference a 3D MONAI-tutorial loop), target
+(``model.image_size=[64,64,32]``, batch 2; the reference a 3D MONAI-tutorial loop), target
 1.5x, plus the peak memory of training steps above the memory before them (Linux ``VmHWM``, reset
 before the first step; each setting in a fresh process) without and with ``training.gradient_checkpointing``
 (``memory_ratio_checkpointing``).
@@ -16,7 +16,7 @@ On CUDA (or anywhere with ``--table``): a table for the specification's network 
 ``model=default``: 128 px, channels [128, 256, 256]; ``training=default`` with
 ``training.perceptual_weight=0``), one row per configuration, each built, measured and freed in
 turn (a configuration that runs out of memory is a row saying so). With ``--3d`` the same table on
-volumes of the GPU profile (``model.spatial_dims=3``, ``data.volume_shape=[128,128,64]``; the
+volumes of the GPU profile (``model.image_size=[128,128,64]``; the
 batches default to 1, 2 and 4 volumes, and ``--variants checkpointing`` adds
 ``training.gradient_checkpointing``); an "image" in its columns is then one volume:
 
@@ -321,7 +321,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the card's peak dense bf16 TFLOP/s (default: from its name: H100/H200 989, A100 312)")
     ap.add_argument("--3d", dest="three_d", action="store_true",
-                    help="CPU: volumes (model.spatial_dims=3 at data.volume_shape=[64,64,32], batch 2), target 1.5x; "
+                    help="CPU: volumes (model.image_size=[64,64,32], batch 2), target 1.5x; "
                          "also the peak memory of a step with and without training.gradient_checkpointing. "
                          "CUDA / --table: the table at 128 x 128 x 64 volumes")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -359,13 +359,13 @@ def main() -> None:
 
 
 #: the CPU profile of the 3D benchmark: volumes of 64 x 64 x 32, two per batch
-VOLUMES = ["model.spatial_dims=3", "data.volume_shape=[64,64,32]", "training.batch_size=2"]
+VOLUMES = ["model.image_size=[64,64,32]", "training.batch_size=2"]
 #: --smoke: the tiny network, after the profile's overrides (the batch sizes stay the profile's)
 SMOKE = smoke.TINY_MODEL
 #: --smoke --3d: volumes of 16 x 16 x 8 (after VOLUMES / VOLUMES_GPU, so these win)
-SMOKE_VOLUMES = ["data.volume_shape=[16,16,8]"]
+SMOKE_VOLUMES = ["model.image_size=[16,16,8]"]
 #: the table's volumes with --3d: the GPU profile's 128 x 128 x 64 (batch sizes from --batches)
-VOLUMES_GPU = ["model.spatial_dims=3", "data.volume_shape=[128,128,64]"]
+VOLUMES_GPU = ["model.image_size=[128,128,64]"]
 
 
 def memory(tmp: Path, overrides: list[str], steps: int = 3) -> dict:

@@ -109,7 +109,7 @@ def tiny_checkpoints(tmp_path_factory, tiny_data) -> dict[str, Path]:
 
 
 #: the overrides of the 3D models of the tests: volumes of 16 x 16 x 8 in batches of 2
-VOLUMES = ("model.spatial_dims=3", "data.volume_shape=[16,16,8]", "training.batch_size=2")
+VOLUMES = ("model.image_size=[16,16,8]", "training.batch_size=2")
 
 
 @pytest.fixture(scope="session")

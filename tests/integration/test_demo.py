@@ -68,7 +68,7 @@ def test_the_volume_demo_runs_the_3d_pipeline_within_20_minutes(tmp_path):
     volume, mask = load_volume(first / "bravo.nii.gz")[0], load_volume(first / "seg.nii.gz")[0]
     assert volume.shape == mask.shape == (32, 32, 16) and mask.max() == 1
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
-    assert metrics["spatial_dims"] == 3 and metrics["volume_shape"] == [32, 32, 16]
+    assert metrics["unit"] == "volume" and metrics["space"]["shape"] == [32, 32, 16]
     # measured on each image's own brain: 99.6% on 2 cores (real test volumes: 94.7%, large lesions at its edge)
     assert metrics["anatomy"]["inside_brain"]["synthetic"] >= 0.95
     assert (out / "evaluation" / "planes_synthetic.png").is_file()

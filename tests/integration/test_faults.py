@@ -26,6 +26,7 @@ import pytest
 from datagen import write_dataset
 
 from medgen.core.signals import STOPPED_EXIT
+from medgen.data.space import SampleSpace
 from medgen.evaluation.downstream import build_segmenter, save_segmenter
 from medgen.generation.status import read_status
 from medgen.generation.writer import write_sample
@@ -246,7 +247,8 @@ def test_a_segmenter_of_other_modalities_is_refused_at_once(tmp_path, real, feat
         write_sample(synthetic / "train" / f"syn_{i}", {"t1_pre": rng.random((SIZE, SIZE)),
                                                         "t1_gd": rng.random((SIZE, SIZE)), "seg": np.eye(SIZE)},
                      (2.0, 2.0, 2.0))
-    seg_net = save_segmenter(build_segmenter(1), tmp_path / "seg_net.pt", ["bravo"], SIZE)
+    seg_net = save_segmenter(build_segmenter(1, SampleSpace((SIZE, SIZE))), tmp_path / "seg_net.pt", ["bravo"],
+                           SampleSpace((SIZE, SIZE)))
     out = tmp_path / "evaluation"
     t0 = time.time()
     run = _run("evaluate", _evaluate_args(real, synthetic, out, feature_net, f"seg_net_checkpoint={seg_net}"))

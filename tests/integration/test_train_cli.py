@@ -195,8 +195,8 @@ def test_torchrun_ranks_agree_on_one_run_folder(tmp_path, tiny_data, one_thread)
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("strategy, mode", [(s, m) for s in ("ddpm", "rflow") for m in ("seg", "bravo", "dual")])
 def test_every_strategy_and_mode_trains_on_volumes_from_the_command(tmp_path, tiny_data, strategy, mode):
-    over = tiny_overrides(tmp_path, tiny_data, f"mode={mode}", f"strategy={strategy}", "model.spatial_dims=3",
-                          "data.volume_shape=[16,16,8]", "training.batch_size=2", "training.max_steps=2")
+    over = tiny_overrides(tmp_path, tiny_data, f"mode={mode}", f"strategy={strategy}", "model.image_size=[16,16,8]",
+                          "training.batch_size=2", "training.max_steps=2")
     run = tmp_path / "run"
     out = subprocess.run(_train_cmd(run, over), capture_output=True, text=True, env=ENV, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]

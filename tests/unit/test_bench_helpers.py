@@ -141,7 +141,7 @@ def test_the_3d_table_measures_volumes_at_the_shape_it_is_given(tmp_path):
 
     out = subprocess.run([sys.executable, str(BENCHMARKS / "bench_train.py"), "--3d", "--table", "--batches", "1",
                           "--compile", "false", "--reference-batches", "none", "--steps", "1", "--warmup", "0",
-                          "data.volume_shape=[16,16,8]", "model.channels=[32,32,32]", "model.num_head_channels=32"],
+                          "model.image_size=[16,16,8]", "model.channels=[32,32,32]", "model.num_head_channels=32"],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])

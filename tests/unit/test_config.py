@@ -86,9 +86,11 @@ BAD = [
     (["+training.learning_rat=1e-3"], "training.learning_rat"),  # unknown key (typo)
     (["training.epochs=many"], "training.epochs"),  # wrong type
     (["data.lower_percentile=99", "data.upper_percentile=1"], "data.upper_percentile"),
-    (["model.spatial_dims=4"], "model.spatial_dims"),
-    (["model.spatial_dims=3", "data.volume_shape=[64,64,30]"], "data.volume_shape"),  # 30 is not divisible by 4
-    (["model.spatial_dims=3", "data.volume_shape=[64,64]"], "data.volume_shape"),
+    (["+model.spatial_dims=3"], "model.spatial_dims"),  # removed: model.image_size=[X,Y,Z] says volumes
+    (["model.image_size=[64,64,30]"], "model.image_size"),  # 30 is not divisible by 4
+    (["model.image_size=[64,64]"], "model.image_size"),  # a slice is one size, a volume three
+    (["model.image_size=[64,-64,32]"], "model.image_size"),
+    (["model.image_size=0"], "model.image_size"),
     (["+training.name=cpu"], "training.name"),  # removed: a label nothing read
     (["+paths.name=local"], "paths.name"),  # removed: a label nothing read
     (["mode=bravo", "+mode.size_bins=null"], "mode.size_bins"),  # only a mode conditioned on its lesions has it
@@ -151,7 +153,7 @@ def test_run_folder_pattern(tmp_path, monkeypatch):
     plan = plan_run(load_config(["mode=dual", "strategy=rflow", f"paths.model_dir={tmp_path}"]))
     assert plan.run_dir.parent == tmp_path / "dual" and plan.run_dir.is_dir() and plan.checkpoint is None
     assert re.fullmatch(r"rflow_128_\d{8}-\d{6}", plan.run_dir.name)
-    volumes = plan_run(load_config(["mode=seg", "model.spatial_dims=3", "data.volume_shape=[32,32,16]",
+    volumes = plan_run(load_config(["mode=seg", "model.image_size=[32,32,16]",
                                     f"paths.model_dir={tmp_path}"]))
     assert re.fullmatch(r"ddpm_32x32x16_\d{8}-\d{6}", volumes.run_dir.name)
 

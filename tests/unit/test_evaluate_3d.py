@@ -140,7 +140,7 @@ def test_a_3d_set_is_evaluated_as_volumes_with_a_three_plane_report(tmp_path, re
     synthetic = _synthetic3d(real3d, tmp_path / "syn", tmp_path / "cache")
     out = tmp_path / "eval"
     r = evaluate(_cfg(real3d, synthetic, out, feature_net), torch.device("cpu"), progress=False)
-    assert (r["spatial_dims"], r["unit"], r["volume_shape"]) == (3, "volume", list(SHAPE))
+    assert (r["unit"], r["space"]["shape"]) == ("volume", list(SHAPE))
     assert r["space"] == {"shape": list(SHAPE), "spacing": r["spacing_mm"]["real"]}
     assert not [key for key in _keys(r) if "slice" in key and key != "features.slices_per_plane"]
     assert r["distribution"]["items"] == {"synthetic": 4, "real": 2}  # the lesion-free test volume is no reference
@@ -203,7 +203,7 @@ def test_a_2d_look_at_a_3d_set_and_refusals(tmp_path, real3d, feature_net):
     synthetic = _synthetic3d(real3d, tmp_path / "syn", tmp_path / "cache")
     r = evaluate(_cfg(real3d, synthetic, tmp_path / "e2d", feature_net, spatial_dims=2, downstream=False,
                       budget={"steps": 2, "batch_size": 2}), torch.device("cpu"), progress=False)
-    assert (r["spatial_dims"], r["unit"]) == (2, "slice") and "volume_shape" not in r
+    assert (r["unit"], r["space"]["shape"]) == ("slice", [32, 32])
     assert r["space"]["shape"] == [32, 32]
     assert r["distribution"]["items"]["synthetic"] > 4  # the axial slices of the 4 volumes
     assert "fid" in r["features"]["bravo"]
@@ -228,10 +228,6 @@ def test_a_3d_segmenter_checkpoint_is_checked_against_the_volume_shape(tmp_path)
     with pytest.raises(EvaluationError, match=r"segments \['bravo'\] at 32x32x16 voxels, but the synthetic set holds "
                                               r"\['bravo'\] at 64x64x32 voxels"):
         load_segmenter(path, ["bravo"], SampleSpace((64, 64, 32)), torch.device("cpu"))
-    # a seg_net.pt of before the space (its input size only) is still read
-    state = torch.load(path, weights_only=False)
-    torch.save({**{k: v for k, v in state.items() if k != "space"}, "image_size": list(SHAPE)}, path)
-    assert load_segmenter(path, ["bravo"], space, torch.device("cpu")) is not None
 
 
 def test_the_augmentation_experiment_takes_a_3d_set_whole(tmp_path, real3d, capsys):

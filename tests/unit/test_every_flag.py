@@ -533,7 +533,7 @@ def test_the_demo_flags_reach_their_stages(demo_stages, tmp_path, flag, value):
     assert (phantoms["subjects"], phantoms["seed"], phantoms["lesion_sizes"]) == (20, 0, "clinical")
     assert (generate["num_images"], generate["seed"], evaluate["seed"], evaluate["profile"]) == (64, 0, 0, SLICES)
     _, seg = _seg_run(base)
-    assert (seg.training.epochs, seg.seed, seg.model.spatial_dims) == (12 * 0.5 * 60, 0, 2)  # 1 s per epoch
+    assert (seg.training.epochs, seg.seed, seg.model.image_size) == (12 * 0.5 * 60, 0, 64)  # 1 s per epoch
 
     if flag == "--out":
         changed = demo_stages(out=value)
@@ -550,7 +550,7 @@ def test_the_demo_flags_reach_their_stages(demo_stages, tmp_path, flag, value):
     _, seg = _seg_run(changed)
     if flag == "--3d":  # the volume profile: its phantoms, 3D models, 8 minutes (55% for seg), 16 volumes
         assert (phantoms["lesion_sizes"], phantoms["max_lesions"]) == ("cover", 6)
-        assert (seg.model.spatial_dims, list(seg.data.volume_shape)) == (3, [32, 32, 16])
+        assert list(seg.model.image_size) == [32, 32, 16]
         assert seg.training.epochs == int(8 * 0.55 * 60)
         assert generate["num_images"] == 16 and evaluate["profile"] is VOLUMES
     elif flag == "--minutes":

@@ -93,13 +93,11 @@ COVERAGE_TRAIN: dict[str, str] = {
     "data.lower_percentile": _here("test_data_keys_select_and_scale_the_training_slices"),
     "data.upper_percentile": _here("test_data_keys_select_and_scale_the_training_slices"),
     "data.val_fraction": _here("test_data_val_fraction_moves_patients_to_validation"),
-    "data.volume_shape": _t(TRAINER, "test_a_3d_model_trains_on_whole_volumes_and_resumes_exactly"),
     "data.num_workers": "exempt: parallelism only (cache building and data-loader processes); the same caches and "
                         "batches for any value (tests/unit/test_slices.py::test_parallel_build_and_check_equal_serial)",
     "data.validate": _t(SLICES, "test_unvalidated_build_skips_the_checks_but_not_unusable_files"),
     # ---- model
     "model.image_size": _t(SLICES, "test_seg_mode_keeps_tumour_positive_slices_and_bravo_keeps_brain"),
-    "model.spatial_dims": _t(TRAINER, "test_a_3d_model_trains_on_whole_volumes_and_resumes_exactly"),
     "model.channels": _here("test_model_keys_shape_the_network"),
     "model.attention_levels": _here("test_model_keys_shape_the_network"),
     "model.num_res_blocks": _here("test_model_keys_shape_the_network"),
@@ -305,7 +303,7 @@ def test_the_key_lists_include_every_group_option():
     """Keys only one option of a group has are listed, and the @package _global_ cpu profile adds none."""
     train = composed_keys("config")
     assert {"strategy.use_timestep_transform", "strategy.schedule", "mode.size_bins", "mode.count_classes",
-            "training.ema_decay", "paths.cache_dir", "data.volume_shape"} <= train
+            "training.ema_decay", "paths.cache_dir"} <= train
     assert composed_keys("lr_find") == train | {f"lr_find.{k}" for k in
                                                 ("min_lr", "max_lr", "num_steps", "smoothing", "diverge_factor")}
     assert leaf_keys(compose_config(["training=cpu"])) <= leaf_keys(compose_config([]))
@@ -794,6 +792,7 @@ def eval_sets(tmp_path_factory):
 
 def test_the_set_keys_shape_the_sets(eval_sets, tmp_path):
     from medgen.evaluation import EvaluationError
+    from medgen.data.space import SampleSpace
     from medgen.evaluation.downstream import build_segmenter, save_segmenter
     from medgen.evaluation.sets import Sets
     from medgen.generation.status import GenerationStatus, write_status
@@ -812,7 +811,8 @@ def test_the_set_keys_shape_the_sets(eval_sets, tmp_path):
     # max_images: a seeded subset of each set
     assert len(base.sample("synthetic")) == 16 and len(sets("max_images=3").sample("synthetic")) == 3
     # seg_net_checkpoint: the adherence segmenter is loaded, not trained
-    path = save_segmenter(build_segmenter(1), tmp_path / "seg_net.pt", ["bravo"], 32)
+    space = SampleSpace((32, 32))
+    path = save_segmenter(build_segmenter(1, space), tmp_path / "seg_net.pt", ["bravo"], space)
     assert sets(f"seg_net_checkpoint={path}").segmenter is not None
     # allow_partial: an unfinished generation is evaluated, with a warning, instead of refused
     (eval_sets / "synthetic" / ".medgen").mkdir()

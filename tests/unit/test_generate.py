@@ -286,12 +286,12 @@ def test_wrong_stage_missing_and_newer_checkpoints_name_the_file(tmp_path, tiny_
     with pytest.raises(CheckpointError, match=r"future.pt has checkpoint format 99, newer than this medgen"):
         _generate(tmp_path, tiny_checkpoints, seg_checkpoint=str(tmp_path / "future.pt"))
     data = torch.load(tiny_checkpoints["seg"], weights_only=False)
-    data["config"]["model"]["spatial_dims"], data["config"]["data"]["volume_shape"] = 3, [16, 16, 8]
+    data["config"]["model"]["image_size"] = [16, 16, 8]
     data["space"] = {**data["space"], "shape": [16, 16, 8]}
     torch.save(data, tmp_path / "volumes.pt")
     with pytest.raises(GenerationError, match=r"seg_checkpoint .*volumes.pt makes masks as 16x16x8 volumes but "
                                               r"image_checkpoint .*latest.pt paints 16 px slices; train both with one "
-                                              r"model.spatial_dims and data.volume_shape"):
+                                              r"model.image_size"):
         _generate(tmp_path, tiny_checkpoints, seg_checkpoint=str(tmp_path / "volumes.pt"))
     # a checkpoint without what generation needs: one line naming the file, no fallback
     data = torch.load(tiny_checkpoints["seg"], weights_only=False)

@@ -1,4 +1,4 @@
-"""medgen-generate from volume models (model.spatial_dims=3): volumes with the training geometry,
+"""medgen-generate from volume models (model.image_size=[X, Y, Z]): volumes with the training geometry,
 the gate on 3D lesions, pictures in three planes, nnU-Net 3D export, resume, real masks, refusals."""
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def test_slice_and_volume_models_do_not_pair(tmp_path, volume_checkpoints, tiny_
                                               r"image_checkpoint .*latest.pt paints 16 px slices"):
         _generate(tmp_path, {"seg": volume_checkpoints["seg"], "bravo": tiny_checkpoints["bravo"]})
     with pytest.raises(GenerationError, match=r"makes masks as 16 px slices but image_checkpoint .*latest.pt paints "
-                                              r"16x16x8 volumes; train both with one model.spatial_dims"):
+                                              r"16x16x8 volumes; train both with one model.image_size"):
         _generate(tmp_path, {"seg": tiny_checkpoints["seg"], "bravo": volume_checkpoints["bravo"]})
 
 
@@ -229,8 +229,8 @@ def test_volumes_painted_on_real_masks_are_evaluated_in_3d_against_their_own_pat
         "budget": {"steps": 5, "batch_size": 2},  # the real-trained network of the adherence check
         "features": {"network": str(feature_net), "kid_subsets": 2, "kid_subset_size": 4, "slices_per_plane": 2}})
     r = evaluate(cfg, torch.device("cpu"), progress=False)
-    assert (r["spatial_dims"], r["volume_shape"]) == (3, list(SHAPE))
-    assert r["distribution"]["slices"]["synthetic"] == len(rows)
+    assert (r["unit"], r["space"]["shape"]) == ("volume", list(SHAPE))
+    assert r["distribution"]["items"]["synthetic"] == len(rows)
     # each synthetic volume paired with the real test volume whose mask it was painted on
     assert r["paired"]["bravo"]["pairs"] == len(rows) and np.isfinite(r["paired"]["bravo"]["psnr"])
     assert "fid_2.5d" in r["features"]["bravo"]

@@ -288,15 +288,17 @@ def test_a_missing_fid_floor_is_listed_as_skipped_with_its_reason(feature_net, v
 def test_training_keys_a_run_does_not_use_are_named():
     from medgen.diffusion.config import load_config, unused_keys
 
-    volumes = load_config(["model.spatial_dims=3", "data.volume_shape=[16,16,8]", "model.image_size=256",
+    volumes = load_config(["model.image_size=[16,16,8]", "data.seg_positive_only=true",
                            "training.use_ema=false", "training.ema_decay=0.9"])
-    given = ["model.spatial_dims", "data.volume_shape", "model.image_size", "training.use_ema", "training.ema_decay"]
+    given = ["model.image_size", "training.use_ema", "training.ema_decay", "data.seg_positive_only"]
     assert unused_keys(volumes, given) == [
-        "model.image_size=256 (volumes take their shape from data.volume_shape)",
+        "data.seg_positive_only=True (volumes are used whole, no slice is selected)",
         "training.ema_decay=0.9 (training.use_ema=false)"]
-    seg = load_config(["mode=seg", "training.perceptual_weight=0.1", "data.volume_shape=[8,8,8]"])
-    assert unused_keys(seg, ["training.perceptual_weight", "data.volume_shape", "mode"]) == [
-        "data.volume_shape=[8, 8, 8] (slices: model.spatial_dims=2)",
+    slices = load_config(["mode=bravo", "training.perceptual_slices=8"])
+    assert unused_keys(slices, ["training.perceptual_slices"]) == [
+        "training.perceptual_slices=8 (slices: model.image_size is one size)"]
+    seg = load_config(["mode=seg", "training.perceptual_weight=0.1"])
+    assert unused_keys(seg, ["training.perceptual_weight", "mode"]) == [
         "training.perceptual_weight=0.1 (the perceptual loss is never applied to masks (mode=seg))"]
     bravo = load_config(["mode=bravo", "training.perceptual_weight=0.1", "training.learning_rate=0.01"])
     assert unused_keys(bravo, ["training.perceptual_weight", "training.learning_rate"]) == []

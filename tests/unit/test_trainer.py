@@ -424,9 +424,9 @@ def _stopped_at_2_and_resumed_to_4(tiny_cfg, extra: tuple[str, ...], folder) -> 
 
 
 def test_a_3d_model_trains_on_whole_volumes_and_resumes_exactly(tiny_cfg, tmp_path):
-    """model.spatial_dims=3: the volume cache feeds [B, C, X, Y, Z] batches to a 3D U-Net; the
+    """model.image_size=[X, Y, Z]: the volume cache feeds [B, C, X, Y, Z] batches to a 3D U-Net; the
     checkpoint records the shape; N steps straight == N/2, stop, resume to N, bit for bit."""
-    extra = ("mode=bravo", "strategy=rflow", "model.spatial_dims=3", "data.volume_shape=[16,16,8]",
+    extra = ("mode=bravo", "strategy=rflow", "model.image_size=[16,16,8]",
              "training.batch_size=2", "training.epochs=4", "training.warmup_steps=1", "training.val_interval=1")
     straight = DiffusionTrainer(tiny_cfg(*extra, "training.max_steps=4"), tmp_path / "a", CPU, progress=False)
     assert straight.data.train_cache.data.shape[1:] == (3, 16, 16, 8)  # bravo, seg, brain: one volume per patient
@@ -435,7 +435,7 @@ def test_a_3d_model_trains_on_whole_volumes_and_resumes_exactly(tiny_cfg, tmp_pa
     assert type(straight.model.conv_in.conv).__name__ == "Conv3d" and straight.space.shape == (16, 16, 8)
     assert straight.train() == "max_steps" and straight.step == 4
     ckpt = load_checkpoint(tmp_path / "a" / "checkpoints" / "latest.pt")
-    assert ckpt["network"]["spatial_dims"] == 3 and ckpt["config"]["data"]["volume_shape"] == [16, 16, 8]
+    assert ckpt["network"]["spatial_dims"] == 3 and ckpt["config"]["model"]["image_size"] == [16, 16, 8]
     assert ckpt["space"]["shape"] == [16, 16, 8] and len(ckpt["space"]["spacing"]) == 3
     grids = sorted((tmp_path / "a" / "samples").glob("*.png"))
     assert grids and Image.open(grids[-1]).size[0] > 0  # the middle axial slice of each volume
@@ -444,7 +444,7 @@ def test_a_3d_model_trains_on_whole_volumes_and_resumes_exactly(tiny_cfg, tmp_pa
 
 
 def test_gradient_checkpointing_recomputes_the_blocks_and_trains_the_same_weights(tiny_cfg, tmp_path):
-    extra = ("mode=bravo", "strategy=rflow", "model.spatial_dims=3", "data.volume_shape=[16,16,8]",
+    extra = ("mode=bravo", "strategy=rflow", "model.image_size=[16,16,8]",
              "training.batch_size=2", "training.max_steps=3", "training.val_interval=100")
     plain = DiffusionTrainer(tiny_cfg(*extra), tmp_path / "a", CPU, progress=False)
     saving = DiffusionTrainer(tiny_cfg(*extra, "training.gradient_checkpointing=true"), tmp_path / "b", CPU,
@@ -468,7 +468,7 @@ def test_a_3d_image_model_trains_with_the_2_5d_perceptual_loss_and_resumes_exact
     logged and not zero) and, its slices drawn from the step's generator, a stopped and resumed run
     ends with the weights of a straight one."""
     torch.save(reference_state, tmp_path / "radimagenet.pth")
-    extra = ("mode=bravo", "strategy=rflow", "model.spatial_dims=3", "data.volume_shape=[16,16,8]",
+    extra = ("mode=bravo", "strategy=rflow", "model.image_size=[16,16,8]",
              "training.batch_size=2", "training.epochs=4", "training.warmup_steps=1", "training.val_interval=100",
              "training.perceptual_weight=0.5", f"training.perceptual_weights_path={tmp_path / 'radimagenet.pth'}",
              "training.perceptual_slices=3")

@@ -27,8 +27,6 @@ class DataConfig:
     lower_percentile: float = MISSING
     upper_percentile: float = MISSING
     val_fraction: float = MISSING
-    #: the shape [X, Y, Z] every volume is resampled to for a 3D model (model.spatial_dims=3)
-    volume_shape: list[int] = MISSING
     num_workers: int = at_least(0)
     validate: bool = MISSING
 

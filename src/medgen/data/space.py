@@ -49,8 +49,6 @@ class SampleSpace:
         """The space of a training config: ``model.image_size`` S (a slice ``(S, S)``) or ``[X, Y, Z]``
         (a volume)."""
         size = cfg.model.image_size
-        if isinstance(size, int) and cfg.model.get("spatial_dims", 2) == 3:  # TODO(one key family) until the keys merge
-            size = cfg.data.volume_shape
         shape = (int(size), int(size)) if isinstance(size, int) else tuple(int(n) for n in size)
         return cls(shape, None if spacing is None else tuple(spacing))
 

@@ -52,7 +52,7 @@ SLICES = Profile(training=(), min_steps=MIN_STEPS, minutes=12.0, pairs=64, eval_
 #: acceptance 41%) one of 17.5, and of 20.1 in CI and at a slow hour here (a probe of 6 steps said 4.0 minutes
 #: for bravo's 728 steps, which took 6.3). Now 8 minutes (seg 553 and bravo 343 steps, acceptance 34%): 13.4, and
 #: the downstream segmenters train in bf16 (evaluation 3.9 minutes instead of 6.1)
-VOLUMES = Profile(training=("model.spatial_dims=3", "data.volume_shape=[32,32,16]", "training.batch_size=2"),
+VOLUMES = Profile(training=("model.image_size=[32,32,16]", "training.batch_size=2"),
                   min_steps={"seg": 400, "bravo": 300}, minutes=8.0, pairs=16, eval_batch=4,
                   size="32 x 32 x 16 voxels", item="volume", seg_share=0.55, lesion_sizes="cover", max_lesions=6,
                   eval_precision="bf16")

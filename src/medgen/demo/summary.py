@@ -120,7 +120,7 @@ _VOLUME_TEXT = [
     "lesion under the voxels a 4 mm ball fills, none outside the drawn brain) keeps the share of its",
     "masks the table above gives, and the bravo model paints a head around each. The contact sheet",
     "shows each volume in three planes through its largest lesion. Lesions of realistic shape need the",
-    "GPU profile (`data.volume_shape=[128,128,64]`, `training=default`) and hours. The demo shows that",
+    "GPU profile (`model.image_size=[128,128,64]`, `training=default`) and hours. The demo shows that",
     "the volume path (volume cache, 3D training of both models, both stages of generation, 3D",
     "evaluation with 2.5D FID and a 3D downstream network) works end to end.",
     "",

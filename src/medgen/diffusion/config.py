@@ -22,6 +22,7 @@ from medgen.core.constants import CHANNEL_KEYS
 from medgen.core.schema import (ConfigError, NoEffect, at_least, check, check_fields, choice, compose_config,
                                 merge_schema, no_effect)
 from medgen.data.config import DataConfig, check_data_values
+from medgen.data.space import SampleSpace
 from medgen.data.lesions import parse_bins, parse_count_classes
 from medgen.diffusion.modes import MODES
 from medgen.diffusion.strategies import STRATEGIES
@@ -43,9 +44,9 @@ MAX_WARMUP_FRACTION = 0.1
 # (a field is MISSING; tests/unit/test_config_once.py holds the two to each other).
 @dataclass
 class ModelConfig:
-    image_size: int = MISSING
-    #: 2: axial slices of model.image_size; 3: whole volumes of data.volume_shape
-    spatial_dims: int = choice(2, 3)
+    #: the sample: S, an axial slice S x S (the specification's model.image_size=256), or [X, Y, Z], a
+    #: whole volume (a 3D model); :class:`medgen.data.space.SampleSpace` reads it
+    image_size: Any = MISSING
     channels: list[int] = MISSING
     attention_levels: list[bool] = MISSING
     num_res_blocks: int = at_least(1)
@@ -213,14 +214,16 @@ def _check_mode(mo: DictConfig, mode_cls: type) -> None:
             raise ConfigError(f"mode.{key}", str(exc)) from None
 
 
-def _check_volume(cfg: DictConfig, factor: int, n_levels: int) -> None:
-    """A 3D model: a volume shape the U-Net can downsample."""
-    shape = list(cfg.data.volume_shape)
-    check(len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape), "data.volume_shape",
-          f"must be three positive sizes [X, Y, Z], got {shape}")
-    bad = [n for n in shape if n % factor]
-    check(not bad, "data.volume_shape", f"{shape} is not divisible by 2^{n_levels - 1}={factor} in every axis (the "
-                                        f"U-Net downsamples {n_levels - 1} times)")
+def _check_image_size(size: Any, factor: int, n_levels: int) -> None:
+    """``model.image_size``: S (a square slice) or [X, Y, Z] (a volume), sizes the U-Net can downsample."""
+    sizes = [size] if isinstance(size, int) else list(size) if OmegaConf.is_list(size) else None
+    check(not isinstance(size, bool) and sizes is not None and len(sizes) in (1, 3)
+          and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes), "model.image_size",
+          f"must be a positive size S (slices of S x S) or three sizes [X, Y, Z] (volumes), got {size}")
+    bad = [n for n in sizes if n % factor]
+    check(not bad, "model.image_size", f"{size} is not divisible by 2^{n_levels - 1}={factor}"
+                                       f"{' in every axis' if len(sizes) == 3 else ''} (the U-Net downsamples "
+                                       f"{n_levels - 1} times)")
 
 
 def _check_values(cfg: DictConfig, world_size: int) -> None:
@@ -235,15 +238,7 @@ def _check_values(cfg: DictConfig, world_size: int) -> None:
         "model.attention_levels",
         f"has {len(m.attention_levels)} entries but model.channels has {n_levels}; they must match",
     )
-    check(m.image_size > 0, "model.image_size", "must be positive")
-    factor = 2 ** (n_levels - 1)
-    check(
-        m.image_size % factor == 0,
-        "model.image_size",
-        f"{m.image_size} is not divisible by 2^{n_levels - 1}={factor} (the U-Net downsamples {n_levels - 1} times)",
-    )
-    if m.spatial_dims == 3:
-        _check_volume(cfg, factor, n_levels)
+    _check_image_size(m.image_size, 2 ** (n_levels - 1), n_levels)
     for i, ch in enumerate(m.channels):
         check(ch > 0, f"model.channels[{i}]", "must be positive")
         check(
@@ -283,15 +278,14 @@ def load_config(overrides: list[str] | None = None, world_size: int = 1) -> Dict
 
 # --------------------------------------------------------------------------- keys a run does not use
 def _volumes(c: DictConfig) -> bool:
-    return c.model.spatial_dims == 3
+    return SampleSpace.from_config(c).volumetric
 
 
 #: keys that do nothing in a combination (:func:`unused_keys`)
 TRAIN_NO_EFFECT: tuple[NoEffect, ...] = (
-    (("model.image_size",), _volumes, "volumes take their shape from data.volume_shape"),
     (("data.seg_positive_only", "data.min_lesion_pixels", "data.min_brain_fraction"), _volumes,
      "volumes are used whole, no slice is selected"),
-    (("data.volume_shape", "training.perceptual_slices"), lambda c: not _volumes(c), "slices: model.spatial_dims=2"),
+    (("training.perceptual_slices",), lambda c: not _volumes(c), "slices: model.image_size is one size"),
     (("training.perceptual_weight", "training.perceptual_weights_path", "training.perceptual_allow_download",
       "training.perceptual_slices"), lambda c: not MODES[c.mode.name].supports_perceptual,
      "the perceptual loss is never applied to masks (mode=seg)"),

@@ -69,7 +69,7 @@ def experiment(request: EvaluationRequest, synthetic_dirs: dict[str, Path], out_
     results = {name: _train_and_score(name, data, space, lesion_test, request, device, progress)
                for name, data in groups.items()}
     result = {
-        "real_dir": str(first.real_root), "reference_split": first.reference_split, "image_size": max(space.shape[:2]),
+        "real_dir": str(first.real_root), "reference_split": first.reference_split,
         "space": space.state_dict(), "unit": space.unit,
         "seeds": list(request.seeds), "budget": request.budget_record(),
         "bins": list(lesion_test.bins.names), "edges_mm": list(lesion_test.bins.edges),

@@ -25,7 +25,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -68,10 +68,10 @@ class ItemSet:
         return ItemSet(np.concatenate([a.images, b.images]), np.concatenate([a.masks, b.masks]))
 
 
-def build_segmenter(in_channels: int, space: SampleSpace | None = None) -> DynUNet:
-    """The segmentation network for the samples of ``space`` (slices when None): the network
-    builder, the one place besides the space that needs the number of dimensions."""
-    dims = 2 if space is None else space.dims
+def build_segmenter(in_channels: int, space: SampleSpace) -> DynUNet:
+    """The segmentation network for the samples of ``space``: the network builder, the one place
+    besides the space that needs the number of dimensions."""
+    dims = space.dims
     return DynUNet(spatial_dims=dims, in_channels=in_channels, out_channels=1, kernel_size=[3, 3, 3, 3],
                    strides=list(STRIDES), upsample_kernel_size=[2, 2, 2], filters=[16, 32, 64, 128],
                    norm_name="instance", res_block=True)
@@ -217,40 +217,30 @@ def adherence(net: torch.nn.Module, synthetic: ItemSet, real_test: ItemSet, spac
     return out
 
 
-def _space_of(recorded: SampleSpace | int | Sequence[int]) -> SampleSpace:
-    """A space, or the input size an older ``seg_net.pt`` (or caller) gives instead: a slice size
-    ``S`` or a volume shape ``[X, Y, Z]``."""
-    if isinstance(recorded, SampleSpace):
-        return recorded
-    shape = [int(n) for n in np.atleast_1d(recorded)]
-    return SampleSpace.of_file(shape if np.ndim(recorded) else shape * 2)  # S: an [S, S] slice
-
-
 def _size_text(space: SampleSpace) -> str:
     return space.either(f"{space.shape[0]} px", "x".join(map(str, space.shape)) + " voxels")
 
 
-def save_segmenter(net: DynUNet, path: Path, image_keys: list[str], space: SampleSpace | int | Sequence[int]) -> Path:
+def save_segmenter(net: DynUNet, path: Path, image_keys: list[str], space: SampleSpace) -> Path:
     """``net`` with what it segments: ``image_keys`` at ``space`` (its ``state_dict``)."""
-    torch.save({"medgen_segmenter": 1, "image_keys": list(image_keys), "space": _space_of(space).state_dict(),
+    torch.save({"medgen_segmenter": 1, "image_keys": list(image_keys), "space": space.state_dict(),
                 "state_dict": net.state_dict()}, path)
     return path
 
 
-def load_segmenter(path: str | Path, image_keys: list[str], space: SampleSpace | int | Sequence[int],
-                   device: torch.device) -> DynUNet:
+def load_segmenter(path: str | Path, image_keys: list[str], space: SampleSpace, device: torch.device) -> DynUNet:
     """A network saved by :func:`save_segmenter` (``seg_net_checkpoint=``), checked against the sets
     (their ``space``: the slice size, or the volume shape of a 3D set)."""
     from medgen.core.paths import resolve_path
     from medgen.evaluation import EvaluationError
 
-    p, space = resolve_path(path), _space_of(space)
+    p = resolve_path(path)
     if not p.is_file():
         raise EvaluationError(f"seg_net_checkpoint={path}: {p} does not exist")
     ckpt = torch.load(p, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or "medgen_segmenter" not in ckpt:
         raise EvaluationError(f"seg_net_checkpoint={path}: not a network saved by medgen-evaluate (seg_net.pt)")
-    recorded = SampleSpace.from_state(ckpt["space"]) if "space" in ckpt else _space_of(ckpt["image_size"])
+    recorded = SampleSpace.from_state(ckpt["space"])
     if list(ckpt["image_keys"]) != list(image_keys) or recorded.shape != space.shape:
         raise EvaluationError(f"seg_net_checkpoint={path} segments {list(ckpt['image_keys'])} at "
                               f"{_size_text(recorded)}, but the synthetic set holds {list(image_keys)} at "

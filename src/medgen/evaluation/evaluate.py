@@ -32,7 +32,6 @@ from omegaconf import DictConfig
 from medgen.core import jsonio
 from medgen.core.constants import MASK_KEY
 from medgen.core.fs import FolderLock, atomic_write
-from medgen.core.paths import resolve_path
 from medgen.data.brain import brain_source, inside_counts
 from medgen.data.masks import is_lesion
 from medgen.data.space import SampleSpace
@@ -284,7 +283,8 @@ def _evaluate(request: EvaluationRequest, out_dir: Path, device: torch.device, p
     space = sets.space
     result: dict[str, Any] = {
         "real_dir": str(sets.real_root), "synthetic_dir": str(sets.synthetic_root), "out_dir": str(out_dir),
-        "space": space.state_dict(), "unit": space.unit, **_shape_keys(sets),
+        "space": space.state_dict(), "unit": space.unit,
+        **space.either({}, {"spacing_mm": {name: list(sets.spacing(name)) for name in ("real", "synthetic")}}),
         "modalities": sets.image_keys, "reference_split": sets.reference_split, "seed": request.seed}
     result["distribution"] = distribution_metrics(sets, request)
     result["anatomy"] = anatomy_metrics(sets, request)
@@ -299,10 +299,3 @@ def _evaluate(request: EvaluationRequest, out_dir: Path, device: torch.device, p
     return result
 
 
-def _shape_keys(sets: Sets) -> dict[str, Any]:
-    """The keys older readers of ``metrics.json`` take the sample's shape from (the demo's test reads
-    ``spatial_dims`` and ``volume_shape``): all of them written from the space."""
-    space = sets.space
-    return {"spatial_dims": space.dims, "image_size": int(max(space.shape[:2])),
-            **space.either({}, {"volume_shape": list(space.shape),
-                                "spacing_mm": {name: list(sets.spacing(name)) for name in ("real", "synthetic")}})}

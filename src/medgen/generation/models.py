@@ -177,16 +177,11 @@ def _stage_mode(trained, name: str, stage: str, key: str, file: Path) -> Trainin
     return mode
 
 
-#: what a seg and an image model of volumes must share (check_pair)
-_VOLUME_KEYS = "one model.spatial_dims and data.volume_shape"
-
-
 def check_pair(seg: Stage | None, image: Stage, guidance_scale: float) -> None:
     """The two stages fit together, and guidance is possible for the image model."""
     if seg is not None and seg.space.shape != image.space.shape:
-        how = seg.space.either(image.space.either("one model.image_size", _VOLUME_KEYS), _VOLUME_KEYS)
         raise GenerationError(f"seg_checkpoint {seg.path} makes masks as {seg.space.describe()} but image_checkpoint "
-                              f"{image.path} paints {image.space.describe()}; train both with {how}")
+                              f"{image.path} paints {image.space.describe()}; train both with one model.image_size")
     if seg is not None and BRAIN_KEY in image.mode.cond_keys and BRAIN_KEY not in seg.mode.image_keys:
         raise GenerationError(
             f"image_checkpoint {image.path} paints images given the lesion mask and the brain "

@@ -258,9 +258,8 @@ def _targets(request: GenerateRequest, seg: Stage | None, image: Stage, dist: Di
         if small:
             log.warning("lesion_sizes.target asks for %s lesions, under 4 %s of %.4g mm across: a seg model of %s "
                         "rarely draws them, so the run may stop at gate.max_attempts; ask for none of them (weights "
-                        "per class) or train at a larger %s", " and ".join(small),
-                        space.either("pixels", "voxels (cube edge)"), edge, space.describe(),
-                        space.either("model.image_size", "data.volume_shape"))
+                        "per class) or train at a larger model.image_size", " and ".join(small),
+                        space.either("pixels", "voxels (cube edge)"), edge, space.describe())
     if counts is not None and main:
         log.info("lesions per mask requested (lesion_counts.target=%s): %s", counts.source, counts.describe())
     return Targets(sizes, counts)
