@@ -76,7 +76,7 @@ def requests(checkpoint: Path, candidates: int, target_name: str, counts: bool) 
     from medgen.generation.models import load_stage
 
     stage = load_stage(checkpoint, "seg", "seg_checkpoint", device=torch.device("cpu"), compile="false")
-    sizes, classes = SizeRequest(target_name, "rano_bm"), CountRequest(target_name, [1, 2, 3, 4])
+    sizes, classes = SizeRequest(target_name, "rano_bm", guidance=1.0), CountRequest(target_name, [1, 2, 3, 4])
     return Targets(resolve_target(sizes, candidates, stage.space, stage.training_sizes),
                    resolve_count_target(classes, candidates, stage.training_counts, 10) if counts else None)
 

@@ -86,6 +86,23 @@ def test_no_schema_field_has_a_default(name):
                           "or choice(...) / at_least(...)): write the default in the shipped YAML file")
 
 
+#: the typed values the entry points make from a validated config once, for the stages below them: built
+#: from every key, they hold no default of their own either (a third copy that would drift)
+REQUEST_MODULES = ("medgen.generation.requests", "medgen.evaluation.requests")
+
+
+def _requests() -> dict[str, type]:
+    return {f"{cls.__module__}.{cls.__qualname__}": cls for name in REQUEST_MODULES
+            for cls in vars(importlib.import_module(name)).values()
+            if inspect.isclass(cls) and dataclasses.is_dataclass(cls) and cls.__module__ == name}
+
+
+@pytest.mark.parametrize("name", sorted(_requests()))
+def test_no_stage_request_field_has_a_default(name):
+    defaults = _defaults(_requests()[name])
+    assert not defaults, f"{name} has defaults: {defaults}; its builder passes every value from the validated config"
+
+
 # ============================================================================ (b) every YAML fills its schema
 def _leaves(node: DictConfig, prefix: str = "") -> set[str]:
     out: set[str] = set()

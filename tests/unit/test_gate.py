@@ -10,7 +10,8 @@ from medgen.data.space import SampleSpace
 from medgen.generation.gate import failures, measure, passes, speck_pixels, with_defaults
 from medgen.generation.requests import GateRules
 
-GATE = GateRules(enabled=True, min_area=0.01, max_area=0.2, max_components=2, min_component_pixels=3, inside_brain=True)
+GATE = GateRules(enabled=True, min_area=0.01, max_area=0.2, max_components=2, min_component_pixels=3, inside_brain=True,
+                 max_attempts=None)
 
 
 def _slices(*mm: float) -> SampleSpace:

@@ -40,7 +40,7 @@ def _slices(mm: float, size: int = 64) -> SampleSpace:
 
 
 def _cfg(target, bins="rano_bm") -> SizeRequest:
-    return SizeRequest(target, bins)
+    return SizeRequest(target, bins, guidance=1.0)
 
 
 def test_presets_and_weights_resolve_to_counts():

@@ -28,18 +28,18 @@ class SetsRequest:
     synthetic_dir: Path
     cache_dir: Path
     #: the in-plane size the user expects (None: the synthetic set's)
-    image_size: int | None = None
+    image_size: int | None
     #: 2, 3 or None (by the synthetic set's first sample)
-    spatial_dims: int | None = None
-    val_fraction: float = 0.15
-    brain_intensity: float = 0.1
-    num_workers: int = 2
-    allow_partial: bool = False
-    seg_net_checkpoint: str | None = None
+    spatial_dims: int | None
+    val_fraction: float
+    brain_intensity: float
+    num_workers: int
+    allow_partial: bool
+    seg_net_checkpoint: str | None
     #: whether the downstream experiment runs (it needs the whole reference split)
-    downstream: bool = True
-    max_images: int = 1000
-    seed: int = 0
+    downstream: bool
+    max_images: int
+    seed: int
 
     def with_synthetic(self, folder: str | Path) -> "SetsRequest":
         return replace(self, synthetic_dir=resolve_path(folder))
@@ -49,13 +49,13 @@ class SetsRequest:
 class FeatureRequest:
     """FID/KID: the feature network and the KID subsets; for volumes the 2.5D planes."""
 
-    network: str = "inception"
-    weights_path: str | None = None
-    batch_size: int = 32
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    slices_per_plane: int = 8
-    plane_fraction: float = 0.5
+    network: str
+    weights_path: str | None
+    batch_size: int
+    kid_subsets: int
+    kid_subset_size: int
+    slices_per_plane: int
+    plane_fraction: float
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,9 @@ class LesionRequest:
     """Lesion-wise figures: the size bins, the bootstrap and the yardstick rule."""
 
     bins: SizeBins
-    resamples: int = 1000
-    min_sensitivity: float = 0.5
-    min_dice: float = 0.3
+    resamples: int
+    min_sensitivity: float
+    min_dice: float
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,13 @@ class EvaluationRequest:
     lesions: LesionRequest
     budget: BudgetConfig
     out_dir: Path
-    seed: int = 0
-    seeds: tuple[int, ...] = (0, 1, 2)
-    device: str | None = None
-    diversity_pairs: int = 200
-    brain_intensity: float = 0.1
-    brain_from: str = "bravo"
-    downstream: bool = True
+    seed: int
+    seeds: tuple[int, ...]
+    device: str | None
+    diversity_pairs: int
+    brain_intensity: float
+    brain_from: str
+    downstream: bool
 
     def budget_record(self) -> dict[str, Any]:
         """The budget as ``metrics.json`` records it."""

@@ -33,13 +33,13 @@ class GateRules:
     """The quality gate's rules (``gate.*``); a null ``min_area`` or ``min_component_pixels`` is set
     for the run's sample space by :func:`medgen.generation.gate.with_defaults`."""
 
-    enabled: bool = True
-    min_area: float | None = None
-    max_area: float = 0.1
-    max_components: int = 10
-    min_component_pixels: int | None = None
-    inside_brain: bool = True
-    max_attempts: int | None = None
+    enabled: bool
+    min_area: float | None
+    max_area: float
+    max_components: int
+    min_component_pixels: int | None
+    inside_brain: bool
+    max_attempts: int | None
 
     def settings(self) -> dict[str, Any]:
         """As ``settings.json`` records them."""
@@ -50,9 +50,9 @@ class GateRules:
 class SizeRequest:
     """``lesion_sizes``: the size target (model, real, uniform or weights), its bins and guidance."""
 
-    target: Any = "real"
-    bins: Any = "rano_bm"
-    guidance: float = 1.0
+    target: Any
+    bins: Any
+    guidance: float
 
     def settings(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,8 +62,8 @@ class SizeRequest:
 class CountRequest:
     """``lesion_counts``: the count target (model, real, uniform or weights) and its classes."""
 
-    target: Any = "real"
-    classes: Any = (1, 2, 3, 4)
+    target: Any
+    classes: Any
 
     def settings(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,7 +79,7 @@ class MaskRequest:
     gate: GateRules
     sizes: SizeRequest
     counts: CountRequest
-    brain_outline: str = "convex"
+    brain_outline: str
 
     def target(self, key: str) -> Any:
         """``key.target`` as given (``lesion_sizes`` or ``lesion_counts``), for messages."""
@@ -119,9 +119,9 @@ class Output:
     out_dir: str
     split: str
     previews: bool
-    format: str = "medgen"
-    nnunet_id: int = 501
-    nnunet_name: str = "MedgenSynthetic"
+    format: str
+    nnunet_id: int
+    nnunet_name: str
 
 
 @dataclass(frozen=True)
