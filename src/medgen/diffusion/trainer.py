@@ -91,12 +91,10 @@ class DiffusionTrainer:
         # a terminal gets a progress bar; a log file (a SLURM job's, say) gets a line a minute instead
         self._log_lines, self._last_line = self.progress and not sys.stderr.isatty(), time.monotonic()
 
-        self.mode = build_mode(cfg)
-        #: the sample space; its spacing is the training data's, once the data is built
-        self.space = SampleSpace.from_config(cfg)
+        self.mode, self.space = build_mode(cfg), SampleSpace.from_config(cfg)  # the data gives its spacing
         self.strategy = build_strategy(cfg, self.space.shape)
         self.network_kwargs = network_kwargs(cfg.model, self.mode, self.space)
-        self.memory_format = self.space.memory_format
+        self.memory_format = self.space.memory_format  # channels_last(_3d), when training.channels_last
         # initial weights from the seed alone (the same on every rank, whatever the process drew
         # before), on a forked CPU RNG: the process's global RNG is left as it was
         with torch.random.fork_rng(devices=[]):
@@ -417,8 +415,7 @@ class DiffusionTrainer:
             "best_val_loss": self.best_val_loss,
             "nonfinite_streak": self.skips.streak_now(),
             "data_fingerprint": self.data.fingerprint,
-            # what generated data needs to look like the training data: the sample's shape and its
-            # voxel size (mm, RAS: x, y[, z]) in the training cache
+            # what generated data needs to look like the training data: its shape and voxel size (mm, RAS)
             "space": self.space.with_spacing(self.data.train_cache.spacing).state_dict(),
             # a mask model's training slices with a lesion, their largest lesion (mm) and lesion count: target=real
             "lesion_sizes": self.data.lesion_sizes if self.mode.generates_mask else None,
