@@ -62,8 +62,7 @@ BAD = [
     (["model.image_size=98"], "model.image_size"),
     (["model.channels=[128,250,256]"], "model.channels[1]"),
     (["model.num_head_channels=100"], "model.num_head_channels"),
-    (["strategy.prediction_type=velocity"], "strategy.prediction_type"),
-    (["strategy=rflow", "strategy.prediction_type=epsilon"], "strategy.prediction_type"),
+    (["+strategy.prediction_type=velocity"], "strategy.prediction_type"),  # the strategy's own, not a key
     (["strategy=rflow", "strategy.sample_method=gaussian"], "strategy.sample_method"),
     (["strategy=rflow", "strategy.base_image_size=0"], "strategy.base_image_size"),
     (["strategy.schedule=quadratic"], "strategy.schedule"),
@@ -191,8 +190,7 @@ def test_a_registered_strategy_and_mode_need_no_validator_edit():
 
     try:
         base = compose_config([])
-        base.strategy = {"name": "stepped", "num_train_timesteps": 100, "schedule": "linear_beta",
-                         "prediction_type": "epsilon"}
+        base.strategy = {"name": "stepped", "num_train_timesteps": 100, "schedule": "linear_beta"}
         base.mode = {"name": "flair_from_t1", "image_keys": ["flair"], "cond_keys": ["t1_pre"]}
         cfg = validate_config(base)
         assert cfg.strategy.name == "stepped" and list(cfg.mode.cond_keys) == ["t1_pre"]

@@ -107,8 +107,6 @@ COVERAGE_TRAIN: dict[str, str] = {
     "strategy.name": _t("unit/test_strategies.py", "test_build_strategy_from_config"),
     "strategy.num_train_timesteps": _here("test_num_train_timesteps_bounds_the_timesteps"),
     "strategy.schedule": _t("unit/test_strategies.py", "test_ddpm_add_noise_equals_monai"),
-    "strategy.prediction_type": "exempt: one legal value per strategy (epsilon for ddpm, velocity for rflow); any "
-                                "other is refused (tests/unit/test_config.py::test_bad_config_names_the_key)",
     "strategy.use_discrete_timesteps": _t("unit/test_strategies.py", "test_every_rflow_key_is_honoured"),
     "strategy.sample_method": _t("unit/test_strategies.py", "test_every_rflow_key_is_honoured"),
     "strategy.use_timestep_transform": _t("unit/test_strategies.py", "test_every_rflow_key_is_honoured"),

@@ -85,7 +85,7 @@ def _rflow_denoiser(v_model):
 
 
 # plain dicts with every key: the strategies' config schema is not this module's concern
-DDPM_CONFIG = {"name": "ddpm", "num_train_timesteps": T, "schedule": "cosine", "prediction_type": "epsilon"}
+DDPM_CONFIG = {"name": "ddpm", "num_train_timesteps": T, "schedule": "cosine"}
 RFLOW_CONFIG = {
     "name": "rflow",
     "num_train_timesteps": T,
@@ -93,7 +93,6 @@ RFLOW_CONFIG = {
     "sample_method": "logit-normal",
     "use_timestep_transform": True,
     "base_image_size": 64,
-    "prediction_type": "velocity",
 }
 
 

@@ -87,13 +87,15 @@ class DiffusionStrategy(abc.ABC):
 
     Attributes:
         name: registry name (``strategy.name``).
-        prediction_type: what the network predicts (the ``prediction_type`` choices of ``Config``).
+        prediction_type: what the network predicts (``epsilon``, ``velocity``): the class's, not a key.
         num_train_timesteps: ``T``.
         shape: the shape of one sample, ``(S, S)`` or ``(X, Y, Z)`` (the RFlow shift depends on it).
         config: the strategy config as a plain dict (recorded by :meth:`state_dict`).
     """
 
     name: ClassVar[str]
+    #: what the network predicts: ``epsilon`` (DDPM) or ``velocity`` (RFlow), for the Min-SNR weight
+    prediction_type: ClassVar[str]
     #: the schema of ``configs/strategy/<name>.yaml``: every key, with its ``choices``/``min``
     #: (checked by ``medgen.diffusion.config.validate_config``, never here)
     Config: ClassVar[type]
@@ -108,7 +110,6 @@ class DiffusionStrategy(abc.ABC):
         self.config: dict[str, Any] = OmegaConf.to_container(OmegaConf.create(cfg_strategy), resolve=True)
         self.shape: tuple[int, ...] = (int(shape),) * 2 if isinstance(shape, int) else tuple(int(n) for n in shape)
         self.num_train_timesteps = int(self.config["num_train_timesteps"])
-        self.prediction_type = str(self.config["prediction_type"])
 
     # ---------------------------------------------------------------- training
     @abc.abstractmethod
@@ -216,8 +217,8 @@ class DDPMStrategy(DiffusionStrategy):
         num_train_timesteps: int = at_least(2)
         #: MONAI ``NoiseSchedules`` names; cosine: Nichol & Dhariwal 2021, eq. 17
         schedule: str = choice("cosine", "linear_beta", "scaled_linear_beta", "sigmoid_beta")
-        prediction_type: str = choice("epsilon")
 
+    prediction_type = "epsilon"
     samplers = ("dpmpp_2m", "ddim", "ddpm")
     #: clip ``x0_hat`` to [-1, 1] while sampling (MONAI's default ``clip_sample=True``, as in Ho
     #: et al.'s reference sampler; DPM-Solver++'s thresholding for pixel space): this only removes
@@ -309,9 +310,10 @@ class RFlowStrategy(DiffusionStrategy):
         use_discrete_timesteps: bool = MISSING
         sample_method: str = choice("uniform", "logit-normal")
         use_timestep_transform: bool = MISSING
-        #: the timestep shift is ``image_size / base_image_size`` (1 at this size)
+        #: the timestep shift is ``(N / base_image_size^d)^(1/d)`` for N pixels (voxels) in d dimensions
         base_image_size: int = at_least(1)
-        prediction_type: str = choice("velocity")
+
+    prediction_type = "velocity"
 
     #: logit-normal parameters: MONAI's ``RFlowScheduler`` defaults, Esser et al.'s lognorm(0, 1)
     LOGIT_NORMAL_LOC: ClassVar[float] = 0.0
