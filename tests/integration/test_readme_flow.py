@@ -1,4 +1,5 @@
-"""The README's quick start, end to end, as a newcomer runs it (slow: `make test-slow`)."""
+"""The quick start (docs/getting-started.md, "Quick start (no real data needed)"; it was the README's),
+end to end, as a newcomer runs it (slow: `make test-slow`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from medgen.core.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
+#: the page's commands this test runs (with fewer subjects and epochs)
+QUICK_START = ["medgen-data phantom --out data/phantoms --subjects", "medgen-data check data/phantoms",
+               "medgen-data preview data/phantoms --out preview.png",
+               "medgen-train mode=bravo strategy=rflow training=cpu paths.data_dir=data/phantoms"]
 
 
 def _run(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -24,6 +30,8 @@ def _run(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.Completed
 
 
 def test_quick_start(tmp_path):
+    page = (ROOT / "docs" / "getting-started.md").read_text()
+    assert all(command in page for command in QUICK_START), "the quick start's commands moved: update QUICK_START"
     _run([str(BIN / "medgen-data"), "phantom", "--out", "data/phantoms", "--subjects", "8", "--workers", "2"], tmp_path)
     check = _run([str(BIN / "medgen-data"), "check", "data/phantoms"], tmp_path)
     assert "0 error(s)" in check.stdout
@@ -43,7 +51,7 @@ def test_quick_start(tmp_path):
         ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
         assert ckpt["epoch"] == 2 and ckpt["mode"] == mode
 
-    # the resume the README promises: more epochs on the same run, in the same folder
+    # the resume docs/training.md promises: more epochs on the same run, in the same folder
     _run([str(BIN / "medgen-train"), "mode=bravo", "strategy=rflow", "training=cpu", "paths.data_dir=data/phantoms",
           "training.epochs=3", "training.val_interval=1", "training.num_sample_steps=5", "training.resume=auto"], tmp_path)
     runs = sorted((tmp_path / "runs" / "bravo").glob("rflow_64_*"))
