@@ -28,8 +28,10 @@ demo: install
 demo-3d: install
 	$(VENV)/bin/medgen-demo --out demo3d --3d
 
+# the default tier in TEST_WORKERS pytest-xdist processes (whole files per process; about 5 minutes on 2 cores)
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # the documentation site (mkdocs.yml, docs/) into site/, warnings as errors (broken links, pages off the nav)
 docs: install

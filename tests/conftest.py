@@ -17,6 +17,10 @@ from pathlib import Path
 CUDA_TESTS = os.environ.get("MEDGEN_TEST_CUDA") == "1"
 if not CUDA_TESTS:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+#: ``make test`` runs the default tier in pytest-xdist workers, one per core: one intra-op thread each
+#: (for them and the commands they start), so that the workers do not fight over the cores
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
