@@ -143,7 +143,7 @@ def load_feature_network(name: str, device: torch.device, batch_size: int = 64,
         if path is None:
             raise FeatureWeightsError(
                 "features.network=radimagenet needs the RadImageNet ResNet50 weights file RadImageNet-ResNet50_notop.pth "
-                "(see the README, 'Perceptual loss weights on offline nodes'); give features.weights_path=<file>; "
+                "(see docs/training.md, 'Perceptual loss weights on offline nodes'); give features.weights_path=<file>; "
                 "every other metric was computed")
         net = load_radimagenet_resnet50(path).to(device).eval()
         mean = torch.tensor(BGR_MEANS, device=device).view(1, 3, 1, 1)
