@@ -65,7 +65,11 @@ def make_checkpoint(path: Path, mode: str, strategy: str, model: list[str], seed
     return save_checkpoint(path, {"config": OmegaConf.to_container(cfg, resolve=True), "mode": mode,
                                   "strategy": strategy, "network": kwargs, "model": state,
                                   "ema": {f"ema_model.{k}": v for k, v in state.items()}, "step": 0,
-                                  "space": SampleSpace.from_config(cfg, (1.0, 1.0, 1.0)).state_dict()})
+                                  "space": SampleSpace.from_config(cfg, (1.0, 1.0, 1.0)).state_dict(),
+                                  # a mask model records its training slices' lesions (target=real): one of each
+                                  # RANO-BM size class, 1 to 3 lesions, as stand-ins for these random weights
+                                  **({"lesion_sizes": [5.0, 15.0, 25.0, 35.0], "lesion_counts": [1, 2, 1, 3]}
+                                     if mode == "seg" else {})})
 
 
 def step_overhead(tmp: Path, model: list[str], batch: int, steps: int, device: torch.device,
