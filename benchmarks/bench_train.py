@@ -346,7 +346,7 @@ def main() -> None:
         overrides = [*(VOLUMES if args.three_d else []), *args.overrides]
         trainer = _trainer(["mode=bravo", "training=cpu", *overrides], tmp)
         result = {"benchmark": "train_step_3d" if args.three_d else "train_step", "mode": "bravo",
-                  "shape": list(trainer.space.shape), "image_size": trainer.cfg.model.image_size,
+                  "shape": list(trainer.space.shape),
                   "network": trainer.network_kwargs["channels"], "device": str(trainer.device),
                   "threads": torch.get_num_threads(), "precision": trainer.train_cfg.precision}
         result.update(compare(trainer, args.steps, args.blocks, warmup=1 if args.smoke else 3))

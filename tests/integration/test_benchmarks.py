@@ -106,7 +106,7 @@ def check_size_control_counts(r: dict) -> None:
 
 def _check_train_cpu(r: dict, benchmark: str, shape: list[int], target: float) -> None:
     assert r["benchmark"] == benchmark and r["mode"] == "bravo" and r["device"] == "cpu"
-    assert r["shape"] == shape and r["image_size"] == 16 and r["network"] == [16, 32] and r["threads"] >= 1
+    assert r["shape"] == shape and r["network"] == [16, 32] and r["threads"] >= 1
     assert r["precision"] in ("bf16", "fp32") and r["batch_size"] >= 1
     for key in ("medgen_images_per_s", "reference_images_per_s", "speedup"):
         assert _finite(r[key]), (key, r[key])
