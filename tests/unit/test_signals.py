@@ -49,3 +49,19 @@ def test_phantom_pool_ends_while_the_parent_catches_sigterm(tmp_path):
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert len(paths) == 2
+
+
+def test_a_finished_training_outlives_a_late_time_limit_warning():
+    """SLURM's USR1 can come while a finished run's process exits (tearing down takes seconds): it has
+    nothing left to stop and must not kill the job (by default USR1 terminates a process: FAILED)."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal\n"
+            "from medgen.scripts import train\n"
+            "train._run = lambda cfg, explicit_dir, stop: 'done'  # the whole run, finished\n"
+            "assert train.run(None) == 'done'\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)  # the warning, late\n"
+            "print('still here')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "still here" in out.stdout, (out.returncode, out.stderr[-2000:])

@@ -53,6 +53,15 @@ def stop_signals(ctrl_c: bool = False, request: StopRequest | None = None) -> It
             signal.signal(sig, old)
 
 
+def ignore_late_warning() -> None:
+    """Ignore SIGUSR1 from now on (a finished run's process, until it exits); nothing outside the main
+    thread can set it, and there it is left as it is."""
+    try:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    except ValueError:  # not in the main thread
+        pass
+
+
 def default_signals() -> None:
     """Pool initializer: a forked worker gets the default handlers back, so ``Pool.terminate()``
     ends it even when its parent catches SIGTERM at the time of the fork."""

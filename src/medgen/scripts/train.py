@@ -25,12 +25,16 @@ def run(cfg: DictConfig, explicit_dir: Path | None = None) -> str:
     ``explicit_dir``: the run folder named on the command line (``hydra.run.dir=...``), if any.
     Returns the final status: ``"done"``, ``"max_steps"`` or ``"stopped"`` (by a signal: the
     command exits with :data:`~medgen.core.signals.STOPPED_EXIT`)."""
-    from medgen.core.signals import stop_signals
+    from medgen.core.signals import ignore_late_warning, stop_signals
 
     # SIGTERM/SIGUSR1 (SLURM's warning, scancel --signal) count from the start: one that comes while
     # the cache is built or the model set up stops the run after its first step, with latest.pt saved
     with stop_signals() as stop:
-        return _run(cfg, explicit_dir, stop)
+        status = _run(cfg, explicit_dir, stop)
+    # the work is done and saved: a time-limit warning (SLURM's USR1) that comes while the process exits
+    # has nothing left to stop, and by default it would kill the finished job (marked FAILED, not requeued)
+    ignore_late_warning()
+    return status
 
 
 def _run(cfg: DictConfig, explicit_dir: Path | None, stop) -> str:
