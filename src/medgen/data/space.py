@@ -4,7 +4,7 @@ A :class:`SampleSpace` is made once (from a training config, a checkpoint, or th
 dataset) and passed down. It knows the sample's ``shape`` (``(S, S)`` for an axial slice,
 ``(X, Y, Z)`` for a volume), its ``spacing`` (mm per axis, when known) and its number of spatial
 dimensions, and it answers every question whose answer differs between slices and volumes: the
-words for a sample and its elements, the connectivity of a lesion, the memory format of a batch, the
+words for a sample and its elements, the memory format of a batch, the
 picture of a sample, and any pair of defaults (:meth:`SampleSpace.either`). Code below it asks the
 space, never the shape of an array, whether it holds a volume; the network builder is the only
 other place that needs the number of dimensions (MONAI's ``spatial_dims``).
@@ -134,10 +134,6 @@ class SampleSpace:
         """The area (mm²) of a pixel or the volume (mm³) of a voxel."""
         return float(np.prod(np.asarray(self.mm, np.float64)))
 
-    def connectivity(self) -> np.ndarray:
-        """The structuring element of a lesion: 8-connected pixels, 26-connected voxels."""
-        return np.ones((3,) * self.dims, dtype=bool)
-
     @property
     def memory_format(self):
         """``torch.channels_last`` for a batch of slices, ``torch.channels_last_3d`` for volumes."""
@@ -162,8 +158,3 @@ class SampleSpace:
     def axial(self, array: np.ndarray) -> np.ndarray:
         """The axial slice to show of a sample ``[*shape]``: the slice itself, a volume's middle slice."""
         return self.either(array, array[..., array.shape[-1] // 2])
-
-    def check_item(self, array: np.ndarray, what: str) -> None:
-        """Refuse ``array`` ``[N, C, *shape]`` unless it holds samples of this space."""
-        if tuple(array.shape[2:]) != self.shape:
-            raise ValueError(f"{what} holds samples of {list(array.shape[2:])}, not of {list(self.shape)}")
