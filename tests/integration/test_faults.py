@@ -107,6 +107,7 @@ def _assert_consistent(out: Path, expected: int | None = None) -> list[str]:
         assert len(done) == expected and len(list((out / "previews").iterdir())) == expected
         status = read_status(out)
         assert (status.complete, status.done, status.expected) == (True, expected, expected)
+        assert not (out / ".medgen" / "reserve").exists()  # a finished set keeps no room held back
     return done
 
 
@@ -154,14 +155,35 @@ def test_a_stopped_generation_exits_75_is_refused_by_evaluation_and_the_rerun_co
     assert accepted.returncode == 0, accepted.stderr[-3000:]
 
 
+def _shrink_to_used(disk: Path, spare: int = 4096) -> None:
+    """Remount the tmpfs ``disk`` with room for ``spare`` bytes more than it holds now (retried
+    while a write in flight makes the size fall below its use)."""
+    for _ in range(100):
+        st = os.statvfs(disk)
+        used = (st.f_blocks - st.f_bfree) * st.f_frsize
+        if subprocess.run(["mount", "-o", f"remount,size={used + spare}", str(disk)], capture_output=True).returncode == 0:
+            return
+    raise AssertionError(f"could not shrink {disk}")
+
+
 @pytest.mark.timeout(900)
 def test_a_full_disk_names_the_path_and_the_rerun_leaves_every_sample_whole(tmp_path, tiny_checkpoints):
     n = 40
-    with _tmpfs(tmp_path / "disk", "160k") as disk:  # fills up in stage 2, after a few samples
+    with _tmpfs(tmp_path / "disk", "16m") as disk:
         out = disk / "synthetic"
         args = _generate_args(tiny_checkpoints, out, n)
-        full = _run("generate", args)
-        line = _one_line_error(full, "medgen-generate", 1)
+        proc = subprocess.Popen([sys.executable, "-m", "medgen.scripts.generate", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=ENV)
+        t0 = time.time()
+        while len(_samples(out)) < 3:  # the disk fills in stage 2, after a few samples, whatever stage 1 wrote
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() - t0 < 300, "no samples appeared"
+            time.sleep(0.02)
+        assert (out / ".medgen" / "reserve").stat().st_size == 64 * 1024 + 1024 * n  # room to list what is done
+        _shrink_to_used(disk)
+        stdout, stderr = proc.communicate(timeout=300)
+        line = _one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
+                               "medgen-generate", 1)
         assert line.startswith(f"medgen-generate: {out}/") and line.endswith(
             ": cannot write: No space left on device (free some space or choose another folder)")
         done = _assert_consistent(out)  # whole samples, each with its preview, all in the manifest

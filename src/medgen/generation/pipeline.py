@@ -54,7 +54,8 @@ from medgen.generation.records import Masks
 from medgen.generation.requests import GenerateRequest, Samplers
 from medgen.generation.sizes import (Targets, check_conditioning, hard_to_draw, pixel_edge, resolve_count_target,
                                     resolve_target)
-from medgen.generation.run_folder import claim, count_complete, exclusive, remove_partial_writes, run_settings
+from medgen.generation.run_folder import (claim, count_complete, exclusive, release_room, remove_partial_writes,
+                                         reserve_room, run_settings)
 from medgen.generation.status import GenerationStatus, write_status
 
 log = logging.getLogger("medgen.generate")
@@ -147,6 +148,7 @@ def _generate(request: GenerateRequest, dist: DistInfo, progress: bool, command:
         if dist.is_main:
             claim(run.state, run.settings)
             remove_partial_writes(out)
+            reserve_room(run.state, request.masks.num_images * request.paint.samples_per_mask)
             write_status(out, GenerationStatus(complete=False, done=count_complete(run.split_dir, run.keys),
                                                command=command))
         barrier(dist)
@@ -181,6 +183,7 @@ def _run_stages(run: _Run, progress: bool, t_start: float) -> GenerationResult:
                 _finish(run, masks, ids)
                 write_status(run.out, GenerationStatus(complete=True, done=len(ids), expected=len(ids),
                                                        command=run.command))
+                release_room(run.state)
             else:
                 _record_partial(run, masks, ids)
     except BaseException:
@@ -202,9 +205,10 @@ def _run_stages(run: _Run, progress: bool, t_start: float) -> GenerationResult:
 
 def _record_partial(run: _Run, masks: Masks | None, ids: SampleIds) -> None:
     """After an early stop: ``manifest.csv`` of the samples done so far and ``status.json`` saying
-    the folder is unfinished. Best effort: on a full disk this may fail too, and the error that
-    stopped the run is the one reported."""
+    the folder is unfinished, in the room the reserve held back (on a disk something else fills
+    meanwhile this may still fail; the error that stopped the run is the one reported)."""
     out, command = run.out, run.command
+    release_room(run.state)  # the room held back for this
     try:
         if masks is not None:
             done = {sid for sid, _ in ids if writer.is_complete(run.split_dir / sid, run.keys)}

@@ -3,13 +3,16 @@
 ``<out_dir>/.medgen/lock`` is held by the main rank while a run writes; ``.medgen/settings.json``
 records what determines the samples, and a restart with other settings is refused, naming them.
 A claimed folder is cleared of the temporaries an interrupted run left (medgen's owner-named
-temporary rule, :func:`medgen.core.fs.remove_orphans`).
+temporary rule, :func:`medgen.core.fs.remove_orphans`). While a run writes, ``.medgen/reserve``
+holds back the room that listing the samples done needs, so a disk the samples fill still takes
+the manifest and status of an early stop (:func:`reserve_room`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -88,3 +91,32 @@ def count_complete(split_dir: Path, keys: Sequence[str]) -> int:
     if not split_dir.is_dir():
         return 0
     return sum(1 for p in split_dir.iterdir() if p.is_dir() and writer.is_complete(p, keys))
+
+
+#: bytes the reserve holds back per expected sample (a manifest row is about 400) and in all
+RESERVE_PER_SAMPLE, RESERVE_BASE = 1024, 64 * 1024
+
+
+def reserve_room(state: Path, samples: int) -> Path:
+    """Allocate ``.medgen/reserve``: room for the manifest and status of ``samples`` samples, which
+    :func:`release_room` frees when a stop or an error needs it (a full disk leaves room to say
+    what was done). An OSError (no room even for this) is raised naming the file, before any work."""
+    path = state / "reserve"
+    size = RESERVE_BASE + RESERVE_PER_SAMPLE * max(0, samples)
+    try:
+        with open(path, "wb") as f:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, size)
+            else:  # pragma: no cover - macOS and Windows: written zeros take the room
+                f.write(bytes(size))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    return path
+
+
+def release_room(state: Path) -> None:
+    """Free what :func:`reserve_room` held back (nothing if there is none)."""
+    (state / "reserve").unlink(missing_ok=True)
