@@ -117,7 +117,7 @@ HYDRA = {"medgen-train": "train", "medgen-lr-find": "lr_find", "medgen-generate"
          "medgen.scripts.evaluate": "evaluate", "medgen.scripts.lr_find": "lr_find",
          "IDUN/train_template.slurm": "train", "IDUN/generate_template.slurm": "generate"}
 ARGPARSE = {"medgen-data": "medgen.scripts.data", "medgen-augment": "medgen.scripts.augment",
-            "medgen-demo": "medgen.scripts.demo"}
+            "medgen-demo": "medgen.scripts.demo", "medgen-score": "medgen.scripts.score"}
 #: what the SLURM training template passes before the job's own arguments
 TEMPLATE_OVERRIDES = {"IDUN/train_template.slurm": ["paths=cluster", "training.use_multi_gpu=true",
                                                     "training.resume=auto"]}
@@ -215,7 +215,7 @@ COMMANDS = _all_commands()
 def test_the_docs_show_commands_of_every_kind():
     kinds = {what for _, _, what, _, _ in COMMANDS}
     assert {"medgen-train", "medgen-lr-find", "medgen-generate", "medgen-evaluate", "medgen-data", "medgen-augment",
-            "medgen-demo", "make", "script"} <= kinds, kinds
+            "medgen-demo", "medgen-score", "make", "script"} <= kinds, kinds
     assert len(COMMANDS) >= 60, len(COMMANDS)
 
 

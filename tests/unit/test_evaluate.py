@@ -77,6 +77,12 @@ def test_a_matching_set_beats_a_broken_one_and_the_report_is_complete(tmp_path, 
     assert list(les_good["test_lesions"]) == ["tiny", "small", "medium", "large"]
     assert ("warning" in les_good["yardstick"]) == (not les_good["yardstick"]["ok"])
     assert (les_good["yardstick"].get("warning") in good["warnings"]) == (not les_good["yardstick"]["ok"])
+    # every arm also has the BraTS-METS lesion-wise scores, each test slice a case, overall and per bin
+    for arm in ("real", "real+synthetic", "synthetic"):
+        brats = les_good["sets"][arm]["brats_mets"]
+        assert 0 <= brats["mean"]["all"]["lesionwise_dice"] <= 1 and brats["mean"]["all"]["lesionwise_hd95"] >= 0
+        assert set(brats["mean"]) == {"all", "tiny", "small", "medium", "large"}
+        assert all(s["brats_mets"]["cases"] == les_good["test_items"] for s in les_good["sets"][arm]["per_seed"])
     # files: metrics.json is strict JSON; both reports reference exactly the figures written
     out = tmp_path / "eval_good"
     assert json.loads((out / "metrics.json").read_text())["downstream"]["gain"]["spread"] == 0.0
@@ -88,6 +94,7 @@ def test_a_matching_set_beats_a_broken_one_and_the_report_is_complete(tmp_path, 
     assert all((out / f).is_file() for f in figures)
     assert "Downstream segmentation (Dice on real test slices)" in md and "Conditioning adherence" in md
     assert "Lesion-wise segmentation (real test split, by lesion size)" in md and "Yardstick rule: " in md
+    assert "BraTS-METS lesion-wise scores (real test split)" in md
     assert "| lesion pixels inside the brain |" in md
     assert (out / "seg_net.pt").is_file()
 

@@ -84,6 +84,11 @@ def test_3d_lesions_are_matched_as_26_connected_components():
     assert summary["items"] == 2 and summary["all"]["lesions"] == 2
     assert summary["all"]["sensitivity"]["value"] == pytest.approx(0.5)
     assert summary["all"]["false_positives_per_item"]["value"] == pytest.approx(0.5)
+    # and by the BraTS-METS rules (lesions of 54 and 16 mm³, both kept): A's Dice 36/46, B missed, one false
+    # positive -> (36/46 + 0) / 3 for the first volume; the empty pair scores 1
+    brats = summary["brats_mets"]
+    assert (brats["num_tp"], brats["num_fp"], brats["num_fn"]) == (1, 1, 1)
+    assert brats["lesionwise_dice"]["value"] == pytest.approx((36 / 46 / 3 + 1) / 2)
 
 
 def test_2_5d_slices_come_from_the_middle_of_each_axis_with_square_pixels():

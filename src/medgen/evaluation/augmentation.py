@@ -34,6 +34,7 @@ from medgen.evaluation import EvaluationError, downstream, lesionwise, volumetri
 from medgen.evaluation.downstream import ItemSet
 from medgen.evaluation.evaluate import whole_test_split
 from medgen.evaluation.report import lesion_figure, lesion_table, recorded_space, write_pages
+from medgen.evaluation.scoring import brats_table
 from medgen.evaluation.requests import EvaluationRequest, evaluation_request
 from medgen.evaluation.sets import Sets, as_slice_set
 
@@ -156,7 +157,7 @@ def write_augmentation_report(out_dir: Path, result: dict) -> tuple[Path, Path]:
     synthetic = [[name, str(s["items"]), *(str(s["lesions"][b]) for b in names)] for name, s in result["synthetic"].items()]
     tables = [("Synthetic sets", ["set", f"{unit}s", *(f"{b} lesions" for b in names)], synthetic,
                f"Lesions of every synthetic mask per size bin (Feret diameter at the real test split's {voxel} size)."),
-              lesion_table(result, space)]
+              lesion_table(result, space), brats_table(result["sets"], unit)]
     notes = [] if "warning" not in result["yardstick"] else [f"Warning: {result['yardstick']['warning']}"]
     intro = (f"The downstream segmenter ({len(result['seeds'])} seeds, {result['budget']['steps']} steps) trained on the real "
              f"train lesion {unit}s of `{result['real_dir']}` alone and with each synthetic set added, scored lesion by "

@@ -224,7 +224,9 @@ def whole_test_split(sets: Sets, lesion_items: ItemSet, lesions: LesionRequest) 
         if brain is not None and free.any() else lesion_items
     if sets.space.spacing is None:
         log.warning("the real slice cache records no voxel spacing: lesion diameters assume 1 mm pixels")
-    return lesionwise.LesionTest(whole.images, whole.masks, sets.space.mm, lesions.bins, lesions.resamples)
+    return lesionwise.LesionTest(whole.images, whole.masks, sets.space.mm, lesions.bins, lesions.resamples,
+                                 voxel_mm3=float(np.prod(sets.space.spacing)) if sets.space.spacing is not None
+                                 else None)  # slices: pixel area x thickness
 
 
 def _lesion_figures(results: dict, test: lesionwise.LesionTest, lesion_items: int, space: SampleSpace,

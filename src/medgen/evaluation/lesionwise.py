@@ -15,6 +15,11 @@ masks (:func:`medgen.data.masks.lesion_labels`), each sized by its Feret diamete
 Intervals are percentile bootstrap intervals over slices (each resample draws whole slices, so
 lesions of one slice stay together: they are not independent).
 
+Beside these, every scoring also gives the BraTS-METS 2023 challenge's lesion-wise scores
+(:mod:`medgen.evaluation.bratsmets`: ``brats_mets`` in each summary), whose rules differ (a
+dilated truth, a volume threshold, false positives in the denominator), so a result can be put
+next to a published table.
+
 Everything here takes volumes as well (a 3D set): masks ``[X, Y, Z]`` with a spacing of three
 axes, 26-connected lesions, and the volume as the unit where this text says slice (false
 positives per volume, bootstrap resamples of whole volumes); the keys keep their names.
@@ -29,6 +34,7 @@ import numpy as np
 
 from medgen.data.lesions import SizeBins, component_diameters
 from medgen.data.masks import lesion_labels
+from medgen.evaluation import bratsmets
 
 #: the figures of each bin, in the order of :func:`summarize`'s tables
 FIGURES = ("sensitivity", "dice", "false_positives_per_item")
@@ -145,6 +151,9 @@ class LesionTest:
     spacing: tuple[float, ...]
     bins: SizeBins
     resamples: int = 1000
+    #: the volume of one voxel (mm³) for the challenge's volume threshold: for slices, pixel area ×
+    #: slice thickness; None: the product of ``spacing``
+    voxel_mm3: float | None = None
 
     def __post_init__(self) -> None:
         #: each test mask's lesions, labelled and measured once for every network scored
@@ -158,7 +167,9 @@ class LesionTest:
         """:func:`summarize` of ``prediction [N, S, S]`` (``[N, X, Y, Z]``) against the masks (intervals
         seeded by ``seed``)."""
         matches = [match_lesions(t, p, self.spacing) for t, p in zip(self.truth, prediction)]
-        return summarize(matches, self.bins, self.resamples, seed)
+        cases = [bratsmets.score_case(m, p, self.spacing, self.voxel_mm3) for m, p in zip(self.masks, prediction)]
+        return {**summarize(matches, self.bins, self.resamples, seed),
+                "brats_mets": bratsmets.summarize_cases(cases, self.bins, self.resamples, seed)}
 
 
 def bin_entry(summary: dict, name: str) -> dict:
@@ -169,18 +180,36 @@ def bin_entry(summary: dict, name: str) -> dict:
 def over_seeds(summaries: Sequence[dict]) -> dict:
     """Mean and standard deviation over seeds (ddof 1; 0 for one seed) of each figure of each bin
     and of ``all`` in :func:`summarize`'s results: ``{"mean": {bin: {figure: v}}, "std": ...}``;
-    ``None`` where no seed could measure it."""
+    ``None`` where no seed could measure it; and ``brats_mets``, the same of the challenge's scores
+    (``all``: :data:`~medgen.evaluation.bratsmets.FIGURES`; each bin: its lesion-wise Dice and HD95)."""
     out: dict = {"mean": {}, "std": {}}
+    if all("brats_mets" in s for s in summaries):
+        out["brats_mets"] = _brats_over_seeds([s["brats_mets"] for s in summaries])
     for name in [*summaries[0]["bins"], "all"]:
         entries = [bin_entry(s, name) for s in summaries]
         out["mean"][name], out["std"][name] = {}, {}
         for figure in FIGURES:
-            values = np.asarray([e[figure]["value"] for e in entries if e[figure]["value"] is not None], np.float64)
-            if not len(values):
-                out["mean"][name][figure] = out["std"][name][figure] = None
-                continue
-            out["mean"][name][figure] = float(values.mean())
-            out["std"][name][figure] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            out["mean"][name][figure], out["std"][name][figure] = _mean_std([e[figure]["value"] for e in entries])
+    return out
+
+
+def _mean_std(values: list) -> tuple[float | None, float | None]:
+    """Mean and standard deviation (ddof 1; 0 for one) of the measured ``values`` (None: not measured)."""
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    if not len(v):
+        return None, None
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def _brats_over_seeds(summaries: Sequence[dict]) -> dict:
+    out: dict = {"mean": {"all": {}}, "std": {"all": {}}}
+    for figure in bratsmets.FIGURES:
+        out["mean"]["all"][figure], out["std"]["all"][figure] = _mean_std([s[figure]["value"] for s in summaries])
+    for name in summaries[0]["bins"]:
+        out["mean"][name], out["std"][name] = {}, {}
+        for figure in ("lesionwise_dice", "lesionwise_hd95"):
+            out["mean"][name][figure], out["std"][name][figure] = _mean_std(
+                [s["bins"][name][figure]["value"] for s in summaries])
     return out
 
 

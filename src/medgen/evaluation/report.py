@@ -27,6 +27,7 @@ from medgen.data.space import SampleSpace
 from medgen.evaluation import metrics
 from medgen.evaluation.downstream import SETS, SIZE_BINS, SIZE_BINS_3D
 from medgen.evaluation.lesionwise import bin_entry
+from medgen.evaluation.scoring import brats_summary_lines, brats_table
 
 SHEET_TILES = 16
 #: volumes per set in the three-plane sheets of a 3D set
@@ -305,7 +306,7 @@ def _segmentation_tables(result: dict) -> list[tuple[str, list[str], list[list[s
                        ["trained on", f"{unit}s", "Dice mean ± std over seeds", *[f"{b} lesions" for b, _ in SIZE_BINS]],
                        rows, note))
     if result.get("lesions") and "skipped" not in result["lesions"]:
-        tables.append(lesion_table(result["lesions"], space))
+        tables += [lesion_table(result["lesions"], space), brats_table(result["lesions"]["sets"], unit)]
     return tables
 
 
@@ -381,6 +382,7 @@ def summary_lines(result: dict) -> list[str]:
             lines.append(f"lesion-wise sensitivity, trained on {name:<15} {_fmt(m['all']['sensitivity'])} "
                          f"({per_bin}); false positives per {result.get('unit', 'slice')} "
                          f"{_fmt(m['all']['false_positives_per_item'])}")
+        lines += brats_summary_lines(les["sets"])
     lines.append(f"report: {Path(result['out_dir']) / 'report.html'}")
     return lines
 
