@@ -7,6 +7,7 @@ in a new nibabel without an entry in :data:`VERDICTS` fails :func:`test_every_co
 
 from __future__ import annotations
 
+import gzip
 import shutil
 from pathlib import Path
 
@@ -209,3 +210,19 @@ def test_damaged_and_misnamed_corpus_files_are_named_by_their_cause(name, cut, w
     path.write_bytes((NIBABEL / name).read_bytes()[:cut])
     read = PatientReader().read(path)
     assert read.data is None and read.problem is not None and read.problem.startswith(words), read.problem
+
+
+@pytest.mark.parametrize(("name", "words"), [
+    ("tests/data/row_major.dconn.nii", "a CIFTI-2 file (surface/grayordinate data, intent ConnDense), not a volume"),
+    ("tests/data/nifti2.hdr", "a NIfTI-2 .hdr header (magic 'ni2') saved as a single file: its voxels are in a "
+                              "separate .img file; convert the pair to one .nii.gz"),
+    ("tests/data/anatomical.nii", None),
+])
+def test_gzipping_a_corpus_file_keeps_its_verdict(name, words, tmp_path: Path) -> None:
+    """A gzipped single file takes the in-memory path of :func:`open_image`, not ``nib.load``."""
+    path = tmp_path / "bravo.nii.gz"
+    path.write_bytes(gzip.compress((NIBABEL / name).read_bytes()))
+    read = PatientReader().read(path)
+    assert read.problem == words
+    if words is None:
+        np.testing.assert_array_equal(read.data, load_volume(NIBABEL / name)[0])

@@ -83,19 +83,19 @@ def _first_bytes(path: Path, n: int = 544) -> bytes:
         return b""
 
 
-def _raw_magic(head: bytes) -> tuple[str, bytes] | None:
-    """``(format, magic)`` of a header's first bytes as written on disk (nibabel mends a pair's
-    magic when it opens it as a single file): ``("nifti1", b"ni1")``, ``("analyze", b"")``, ...;
-    None when ``head`` is no NIfTI-1/2 or Analyze header."""
+def _raw_magic(head: bytes) -> bytes | None:
+    """The magic of a header's first bytes as written on disk (nibabel mends a pair's magic when it
+    opens it as a single file): ``b"n+1"``, ``b"ni1"``, ``b"n+2"``, ``b"ni2"``, ``b""`` for an
+    Analyze 7.5 header (348 bytes, no NIfTI magic); None when ``head`` is none of these."""
+    if len(head) < 348:
+        return None
     for order in "<>":
-        if len(head) < 348:
-            return None
         size = int(np.frombuffer(head, dtype=f"{order}i4", count=1)[0])
         if size == 348:
             magic = head[344:347]
-            return ("nifti1", magic) if magic in (b"ni1", b"n+1") else ("analyze", b"")
-        if size == 540 and len(head) >= 540:
-            return "nifti2", head[4:7]
+            return magic if magic in (b"ni1", b"n+1") else b""
+        if size == 540 and head[4:7] in (b"ni2", b"n+2"):
+            return head[4:7]
     return None
 
 
@@ -112,9 +112,9 @@ def image_problem(path: str | Path, img: nib.spatialimages.SpatialImage) -> str 
         if image_file and not Path(image_file).exists():
             kind = _PAIR_NAMES.get(_magic(header), "Analyze 7.5")
             return f"the {kind} header of a .hdr/.img pair whose voxel file {Path(image_file).name} is missing"
-    elif (raw := _raw_magic(_first_bytes(Path(path)))) and raw[1] in _PAIR_NAMES:
+    elif (raw := _raw_magic(_first_bytes(Path(path)))) in _PAIR_NAMES:
         # a pair's header under a single-file name (.nii): its voxels are in an .img elsewhere
-        return (f"a {_PAIR_NAMES[raw[1]]} .hdr header (magic {raw[1].decode()!r}) saved as a single file: "
+        return (f"a {_PAIR_NAMES[raw]} .hdr header (magic {raw.decode()!r}) saved as a single file: "
                 f"its voxels are in a separate .img file; convert the pair to one .nii.gz")
     dtype = np.dtype(img.get_data_dtype())
     if dtype.kind not in "biuf":
@@ -127,9 +127,9 @@ def _header_kind(path: Path) -> str | None:
     """What a file nibabel could not type starts with: an Analyze 7.5 header, a pair header (magic
     ``ni1``/``ni2``), or None (no header nibabel reads as NIfTI or Analyze)."""
     raw = _raw_magic(_first_bytes(path))
-    if raw is None or raw[1] in (b"n+1", b"n+2"):
+    if raw is None or raw in (b"n+1", b"n+2"):
         return None
-    return f"a {_PAIR_NAMES[raw[1]]} .hdr header" if raw[1] in _PAIR_NAMES else "an Analyze 7.5 header"
+    return f"a {_PAIR_NAMES[raw]} .hdr header" if raw in _PAIR_NAMES else "an Analyze 7.5 header"
 
 
 def _magic(header) -> bytes:
