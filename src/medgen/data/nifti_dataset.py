@@ -12,7 +12,6 @@ one patient must share shape and affine: :func:`geometry_mismatches` is the one 
 
 from __future__ import annotations
 
-import gzip
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +22,7 @@ from torch.utils.data import Dataset
 
 from medgen.core.constants import AFFINE_ATOL, MASK_KEY, MODALITIES, NIFTI_SUFFIX
 from medgen.data.masks import binarize_mask
+from medgen.data.nifti_files import image_problem, open_image, read_failure, squeeze_trailing
 
 
 class DataError(ValueError):
@@ -49,9 +49,20 @@ def modality_files(patient_dir: str | Path, key: str) -> list[Path]:
     return [p for p in (Path(patient_dir) / f"{key}{s}" for s in MODALITY_SUFFIXES) if p.is_file()]
 
 
-def missing_modality_message(key: str) -> str:
-    """The one wording of a missing modality file (``medgen-data check``, training, the readers)."""
-    return f"missing modality {key!r} (no {' or '.join(key + s for s in MODALITY_SUFFIXES)})"
+#: the files of an Analyze/NIfTI ``.hdr``/``.img`` pair, which the layout does not read
+PAIR_SUFFIXES: tuple[str, ...] = (".hdr", ".img", ".hdr.gz", ".img.gz")
+
+
+def missing_modality_message(key: str, folder: str | Path | None = None) -> str:
+    """The one wording of a missing modality file (``medgen-data check``, training, the readers);
+    with the patient ``folder``, a ``.hdr``/``.img`` pair of that modality there is named too (the
+    layout holds one single-file NIfTI per modality, :func:`modality_path`)."""
+    message = f"missing modality {key!r} (no {' or '.join(key + s for s in MODALITY_SUFFIXES)})"
+    pair = [f"{key}{s}" for s in PAIR_SUFFIXES if folder is not None and (Path(folder) / f"{key}{s}").exists()]
+    if pair:
+        message += (f": {' and '.join(pair)} is an Analyze/NIfTI .hdr/.img pair, which is not read; "
+                    f"convert it to {key}{NIFTI_SUFFIX}")
+    return message
 
 
 def folder_problem(path: str | Path, what: str = "folder") -> str | None:
@@ -81,52 +92,36 @@ def volume_shape_problem(shape: Sequence[int]) -> str | None:
     return f"volume has shape {shape}; expected a 3D volume [x, y, slices]"
 
 
-_GZIP_MAGIC = b"\x1f\x8b"
-
-
-def _read_image(path: str | Path) -> nib.spatialimages.SpatialImage:
-    """The NIfTI image at ``path``. A gzipped single-file NIfTI-1/2 is decompressed in one call and
-    parsed from memory (nibabel would stream it through ``GzipFile`` in small chunks); anything
-    else goes through ``nib.load``."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        magic = f.read(2)
-        raw = magic + f.read() if magic == _GZIP_MAGIC else b""
-    if raw:
-        data = gzip.decompress(raw)
-        del raw
-        if len(data) >= 352:
-            for order in "<>":
-                sizeof_hdr = int(np.frombuffer(data, dtype=f"{order}i4", count=1)[0])
-                if sizeof_hdr == 348 and data[344:348] == b"n+1\x00":
-                    return nib.Nifti1Image.from_bytes(data)
-                if sizeof_hdr == 540 and data[4:8] == b"n+2\x00":
-                    return nib.Nifti2Image.from_bytes(data)
-    return nib.load(str(path))
-
-
 def present_modalities(patients: Sequence[Path], keys: Sequence[str] = MODALITIES) -> list[str]:
     """The ``keys`` (in their order) that at least one of ``patients`` has a file for."""
     return [k for k in keys if any(modality_path(p, k).is_file() for p in patients)]
 
 
-def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a NIfTI file, reorient to RAS; returns (``[H, W, D]`` float32 array, 4x4 RAS affine).
+def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """Read a NIfTI file, reorient to RAS; returns (array, 4x4 RAS affine, note). The array is
+    float32 with its trailing singleton dimensions dropped (``(x, y, z, 1)`` -> ``(x, y, z)``),
+    the note says so (None when nothing was dropped; :func:`medgen.data.nifti_files.squeeze_trailing`).
 
     Raises:
-        DataError: complex or RGB voxels (not a grayscale volume); the message names the file.
-        Exception: whatever nibabel, gzip or zlib raise for an unreadable or truncated file.
+        DataError: a file that holds no grayscale volume (CIFTI-2, a pair header without its
+            ``.img``, complex or RGB voxels: :func:`medgen.data.nifti_files.image_problem`).
+        Exception: whatever nibabel, gzip or zlib raise for an unreadable or truncated file
+            (:func:`medgen.data.nifti_files.read_failure` names its cause).
     """
-    img = _read_image(path)
-    dtype = np.dtype(img.get_data_dtype())
-    if dtype.kind not in "biuf":
-        what = "complex numbers" if dtype.kind == "c" else "colours (RGB)" if dtype.names else f"of type {dtype}"
-        raise DataError(f"{path}: voxels are {what}; expected a grayscale volume (one real number per voxel)")
+    img = open_image(path)
+    problem = image_problem(path, img)
+    if problem:
+        raise DataError(f"{path}: {problem}")
     img = nib.as_closest_canonical(img)
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    if data.ndim == 4 and data.shape[-1] == 1:
-        data = data[..., 0]
-    return data, np.asarray(img.affine, dtype=np.float64)
+    data, note = squeeze_trailing(np.asarray(img.dataobj, dtype=np.float32))
+    return data, np.asarray(img.affine, dtype=np.float64), note
+
+
+def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI file, reorient to RAS; returns (``[H, W, D]`` float32 array, 4x4 RAS affine)
+    as :func:`read_volume` does, without its note."""
+    data, affine, _ = read_volume(path)
+    return data, affine
 
 
 def save_volume(path: str | Path, array: np.ndarray, affine: np.ndarray, is_mask: bool = False) -> Path:
@@ -195,14 +190,6 @@ def geometry_mismatches(volumes: Sequence[tuple[str | Path, tuple[int, ...], np.
     return out
 
 
-def short_error(exc: BaseException) -> str:
-    """``"<type>: <first line of the message>"``, at most about 200 characters of message."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if len(text) > 200:
-        text = text[:197] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 @dataclass
 class VolumeRead:
     """One file as :meth:`PatientReader.read` read it."""
@@ -212,6 +199,8 @@ class VolumeRead:
     affine: np.ndarray | None
     #: why the volume cannot be used for training (unreadable, not grayscale, not 3D), without the path
     problem: str | None = None
+    #: what was corrected while reading (trailing singleton dimensions dropped), without the path
+    note: str | None = None
 
 
 class PatientReader:
@@ -227,13 +216,13 @@ class PatientReader:
         A volume that could be read takes part in :meth:`mismatches`, whatever its shape."""
         path = Path(path)
         try:
-            data, affine = load_volume(path)  # decompresses every voxel
-        except DataError as exc:  # not a grayscale volume
+            data, affine, note = read_volume(path)  # decompresses every voxel
+        except DataError as exc:  # no grayscale volume in it
             return VolumeRead(path, None, None, str(exc).removeprefix(f"{path}: "))
-        except Exception as exc:  # noqa: BLE001 - nibabel/gzip/zlib raise many types; name the file
-            return VolumeRead(path, None, None, f"unreadable or truncated file ({short_error(exc)})")
+        except Exception as exc:  # noqa: BLE001 - nibabel/gzip/zlib raise many types; name the file and the cause
+            return VolumeRead(path, None, None, read_failure(path, exc))
         self._geometry.append((path, data.shape, affine))
-        return VolumeRead(path, data, affine, volume_shape_problem(data.shape))
+        return VolumeRead(path, data, affine, volume_shape_problem(data.shape), note)
 
     def mismatches(self) -> list[GeometryMismatch]:
         """The shape and affine mismatches among the volumes read so far (:func:`geometry_mismatches`)."""
@@ -272,7 +261,7 @@ class NiFTIDataset(Dataset):
         for key in self.keys:
             path = modality_path(folder, key)
             if not path.is_file():
-                raise DataError(f"{path}: {missing_modality_message(key)}")
+                raise DataError(f"{path}: {missing_modality_message(key, folder)}")
             read = reader.read(path)
             if read.problem:
                 raise DataError(f"{path}: {read.problem}")

@@ -20,6 +20,7 @@ from medgen.core.constants import IMAGE_MODALITIES, MASK_KEY, SPLITS
 from medgen.data.nifti_dataset import (DataError, folder_problem, list_patients, load_volume, modality_path,
                                        present_modalities, volume_shape_problem)
 from medgen.data.masks import binarize_mask
+from medgen.data.nifti_files import read_failure
 from medgen.data.transforms import ras_to_display
 
 log = logging.getLogger("medgen.data")
@@ -45,7 +46,7 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except DataError as exc:  # names the file already
         raise DataError(f"{exc}; run `medgen-data check`") from None
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types; name the file
-        raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc}); run `medgen-data check`") from None
+        raise DataError(f"{path}: {read_failure(path, exc)}; run `medgen-data check`") from None
     if volume.ndim not in (2, 3):  # a single 2D slice still makes a picture
         raise DataError(f"{path}: {volume_shape_problem(volume.shape)}; run `medgen-data check`")
     return np.atleast_3d(volume), affine  # a 2D file as one axial slice [X, Y, 1]

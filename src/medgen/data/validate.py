@@ -8,12 +8,15 @@ in RAS exactly as training will see them. :func:`read_patient` is the one per-pa
 read, so a cold build reads every file once.
 
 Errors (``Report.ok`` is False): a missing or unreadable modality file (``<key>.nii.gz`` or
-``<key>.nii``; both at once is an error too), a shape or affine that differs between a patient's
+``<key>.nii``; both at once is an error too; a ``.hdr``/``.img`` pair in its place is named), a
+file that is truncated, empty, CIFTI-2 or only a header (each named by its cause:
+:mod:`medgen.data.nifti_files`), a shape or affine that differs between a patient's
 files, NaN/Inf voxels, a mask with values other than 0/1, a volume that is not 3D (a 2D image, a 4D
 series), complex or RGB voxels, an empty patient folder, no split folder, an empty split or a file
 in its place (:func:`medgen.data.splits.split_folder_problem`, which training applies too), no
 patients, a patient id in two splits, a dataset path that is a file. Warnings: an empty mask, a
-constant image, stray files in a patient folder or at split level.
+constant image, stray files in a patient folder or at split level, trailing singleton dimensions
+dropped (``(x, y, z, 1)`` read as ``(x, y, z)``).
 
     report = check_dataset("data/brainmetshare")
     print(report.format()); assert report.ok
@@ -188,7 +191,7 @@ def read_patient(folder: str | Path, keys: Sequence[str] = MODALITIES, validate:
     for key in keys:
         path = modality_path(folder, key)
         if not path.is_file():
-            message = missing_modality_message(key)
+            message = missing_modality_message(key, folder)
             if path.exists():  # e.g. a folder named bravo.nii.gz
                 message += f": {path.name} is {'a folder' if path.is_dir() else 'not a regular file'}"
             problems.append(Problem(str(path), message))
@@ -201,6 +204,8 @@ def read_patient(folder: str | Path, keys: Sequence[str] = MODALITIES, validate:
         volume = reader.read(path)
         if volume.problem:  # unreadable, not grayscale, or not slicable for training
             problems.append(Problem(str(path), volume.problem))
+        if validate and volume.note:  # read, but corrected (trailing singleton dimensions dropped)
+            problems.append(Problem(str(path), volume.note, "warning"))
         if volume.data is None:
             continue
         if validate:
