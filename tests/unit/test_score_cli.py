@@ -115,7 +115,7 @@ def test_mismatches_are_one_line_naming_the_files(tmp_path, capsys):
     (pred / "a.nii.gz").write_bytes(b"not a nifti")
     code, _, err = _run(capsys, pred, truth)
     last = err.strip().splitlines()[-1]  # progress bars come before it
-    assert code == 1 and last.startswith(f"medgen-score: {pred / 'a.nii.gz'}: cannot read it as NIfTI (")
+    assert code == 1 and last.startswith(f"medgen-score: {pred / 'a.nii.gz'}: not a NIfTI file (")
     assert "Traceback" not in err
     code, _, err = _run(capsys, pred, truth, "--bins", "20,10")
     assert code == 2 and "--bins" in err and "increasing" in err

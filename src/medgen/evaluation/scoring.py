@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from medgen.core.constants import MASK_KEY
 from medgen.data.lesions import SizeBins
-from medgen.data.nifti_dataset import DataError, load_volume, short_error
+from medgen.data.nifti_dataset import DataError, load_volume
+from medgen.data.nifti_files import read_failure
 from medgen.evaluation import EvaluationError, bratsmets, lesionwise
 
 log = logging.getLogger("medgen.score")
@@ -68,7 +69,7 @@ def _read(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     except DataError:
         raise
     except Exception as exc:  # nibabel, gzip and zlib raise many kinds for a file they cannot read
-        raise EvaluationError(f"{path}: cannot read it as NIfTI ({short_error(exc)})") from None
+        raise EvaluationError(f"{path}: {read_failure(path, exc)}") from None
     if array.ndim not in (2, 3):
         raise EvaluationError(f"{path}: a mask of shape {list(array.shape)}; medgen-score takes one slice or volume")
     zooms = tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(0)))
