@@ -148,7 +148,7 @@ def _generate(request: GenerateRequest, dist: DistInfo, progress: bool, command:
         if dist.is_main:
             claim(run.state, run.settings)
             remove_partial_writes(out)
-            reserve_room(run.state, request.masks.num_images * request.paint.samples_per_mask)
+            reserve_room(run.state, (request.masks.num_images or 0) * request.paint.samples_per_mask)
             write_status(out, GenerationStatus(complete=False, done=count_complete(run.split_dir, run.keys),
                                                command=command))
         barrier(dist)
@@ -173,6 +173,8 @@ def _run_stages(run: _Run, progress: bool, t_start: float) -> GenerationResult:
             if masks is not None:
                 t0 = time.perf_counter()
                 ids = sample_ids(masks, request.paint.samples_per_mask)
+                if dist.is_main and request.masks.num_images is None:  # masks_from: the count is known now
+                    reserve_room(run.state, len(ids))
                 done = paint(run.image, masks, ids, request.paint, run.samplers["image"], run.out, dist, stop,
                              progress)
                 seconds["images"] = time.perf_counter() - t0
