@@ -44,6 +44,15 @@ HOW = ("run `make nnunet-venv` in the medgen checkout (it builds .nnunet-venv), 
        "nnunet.python=<an nnU-Net v2 environment>/bin/python (or MEDGEN_NNUNET_PYTHON)")
 
 
+def default_pythons() -> list[Path]:
+    """Where ``make nnunet-venv`` puts nnU-Net's interpreter: the working folder's ``.nnunet-venv``,
+    then the medgen checkout's."""
+    import medgen
+
+    return [Path.cwd() / ".nnunet-venv" / "bin" / "python",
+            Path(medgen.__file__).resolve().parents[2] / ".nnunet-venv" / "bin" / "python"]
+
+
 def find_python(setting: str | None) -> Path:
     """The interpreter of nnU-Net's environment: ``setting`` (``nnunet.python``), else
     ``.nnunet-venv/bin/python`` in the working folder or in the medgen checkout; an
@@ -53,10 +62,7 @@ def find_python(setting: str | None) -> Path:
         if not python.is_file():
             raise EvaluationError(f"nnunet.python={setting}: {python} does not exist; {HOW}")
         return python
-    import medgen
-
-    candidates = [Path.cwd() / ".nnunet-venv" / "bin" / "python",
-                  Path(medgen.__file__).resolve().parents[2] / ".nnunet-venv" / "bin" / "python"]
+    candidates = default_pythons()
     for python in candidates:
         if python.is_file():
             return python
