@@ -1,4 +1,5 @@
-"""nnU-Net v2's own dataset check on medgen-generate's ``format=nnunet`` export of volumes (slow).
+"""nnU-Net v2 itself (slow): its own dataset check on medgen-generate's ``format=nnunet`` export of
+volumes, and ``medgen-evaluate segmenter=nnunet`` (nnU-Net as the downstream segmenter) on tiny slices.
 
 nnU-Net runs in a side environment (``make nnunet-venv``: ``.nnunet-venv``, pinned in
 tests/nnunet-requirements.txt; ``MEDGEN_NNUNET_PYTHON`` names another interpreter), so its
