@@ -150,3 +150,16 @@ def test_the_nnunet_keys_reach_nnunet_and_its_predictions_are_scored(tmp_path):
     with pytest.raises(EvaluationError, match=r"nnU-Net failed training on the real set, seed 0 \(exit code 3\): "
                                               r"nnU-Net says: out of luck \(whole log: .*real_seed0.log\)"):
         segmentation_metrics(sets, request("nnunet.epochs=13"), tmp_path / "f", torch.device("cpu"), False)
+
+
+def test_nnunet_keys_without_nnunet_are_reported_as_unused():
+    from medgen.evaluation.config import unused_keys
+
+    cfg = validate_evaluate_config(compose_config(["real_dir=r", "synthetic_dir=s", "nnunet.epochs=5"], "evaluate"))
+    assert [k for k in unused_keys(cfg, ["nnunet.epochs"]) if "segmenter=nnunet" in k]
+    off = validate_evaluate_config(compose_config(["real_dir=r", "synthetic_dir=s", "downstream=false",
+                                                   "segmenter=nnunet"], "evaluate"))
+    assert [k for k in unused_keys(off, ["segmenter"]) if k.startswith("segmenter=nnunet")]
+    on = validate_evaluate_config(compose_config(["real_dir=r", "synthetic_dir=s", "segmenter=nnunet",
+                                                  "nnunet.epochs=5"], "evaluate"))
+    assert unused_keys(on, ["segmenter", "nnunet.epochs"]) == []
