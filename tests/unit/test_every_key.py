@@ -193,7 +193,7 @@ COVERAGE_LR_FIND: dict[str, str] = {
     "lr_find.diverge_factor": _here("test_the_sweep_keys_shape_the_sweep"),
 }
 
-EVALUATE = "unit/test_evaluate.py"
+EVALUATE, NNUNET = "unit/test_evaluate.py", "unit/test_nnunet_segmenter.py"
 COVERAGE_EVALUATE: dict[str, str] = {
     "real_dir": _t("integration/test_cli_errors.py", "test_evaluate_errors_are_one_line_and_leave_no_folder"),
     "synthetic_dir": _t(EVALUATE, "test_a_matching_set_beats_a_broken_one_and_the_report_is_complete"),
@@ -231,6 +231,10 @@ COVERAGE_EVALUATE: dict[str, str] = {
     "lesions.resamples": _here("test_the_lesion_keys_shape_the_lesion_figures"),
     "lesions.min_sensitivity": _here("test_the_lesion_keys_shape_the_lesion_figures"),
     "lesions.min_dice": _here("test_the_lesion_keys_shape_the_lesion_figures"),
+    "segmenter": _t(NNUNET, "test_the_nnunet_keys_reach_nnunet_and_its_predictions_are_scored"),
+    "nnunet.python": _t(NNUNET, "test_the_nnunet_keys_reach_nnunet_and_its_predictions_are_scored"),
+    "nnunet.epochs": _t(NNUNET, "test_the_nnunet_keys_reach_nnunet_and_its_predictions_are_scored"),
+    "nnunet.iterations_per_epoch": _t(NNUNET, "test_the_nnunet_keys_reach_nnunet_and_its_predictions_are_scored"),
 }
 
 GENERATE, REQUESTS, SIZES = "unit/test_generate.py", "unit/test_requests.py", "unit/test_sizes.py"

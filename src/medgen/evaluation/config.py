@@ -19,7 +19,7 @@ from medgen.data.lesions import SizeBins, parse_bins
 
 #: the binnings ``lesions.bins`` can name
 
-__all__ = ["FeaturesConfig", "BudgetConfig", "LesionsConfig", "EvaluateConfig", "size_bins", "unused_keys",
+__all__ = ["FeaturesConfig", "BudgetConfig", "LesionsConfig", "NnunetConfig", "EvaluateConfig", "size_bins", "unused_keys",
            "validate_evaluate_config", "evaluate_config"]
 
 
@@ -45,6 +45,14 @@ class BudgetConfig:
     learning_rate: float = MISSING
     #: fp32, or bf16 autocast for the segmenters' training (about twice as fast on a CPU with AMX)
     precision: str = choice("fp32", "bf16")
+
+
+@dataclass
+class NnunetConfig:
+    #: nnU-Net v2's interpreter (its own environment); null: .nnunet-venv beside medgen
+    python: Optional[str] = MISSING
+    epochs: int = at_least(1)
+    iterations_per_epoch: int = at_least(1)
 
 
 @dataclass
@@ -88,9 +96,12 @@ class EvaluateConfig:
     allow_partial: bool = MISSING
     num_workers: int = at_least(0)
     cache_dir: str = MISSING
+    #: the downstream segmenter: medgen's DynUNet (trained with ``budget``) or nnU-Net v2 (``nnunet``)
+    segmenter: str = choice("dynunet", "nnunet")
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     lesions: LesionsConfig = field(default_factory=LesionsConfig)
+    nnunet: NnunetConfig = field(default_factory=NnunetConfig)
 
 
 def validate_evaluate_config(cfg: DictConfig) -> DictConfig:
@@ -98,7 +109,8 @@ def validate_evaluate_config(cfg: DictConfig) -> DictConfig:
     Raises :class:`~medgen.core.schema.ConfigError` naming the key."""
     merged = merge_schema(EvaluateConfig, cfg)
     for node, schema, prefix in ((merged, EvaluateConfig, None), (merged.features, FeaturesConfig, "features"),
-                                 (merged.budget, BudgetConfig, "budget"), (merged.lesions, LesionsConfig, "lesions")):
+                                 (merged.budget, BudgetConfig, "budget"), (merged.lesions, LesionsConfig, "lesions"),
+                                 (merged.nnunet, NnunetConfig, "nnunet")):
         check_fields(node, schema, prefix)
     for key, example in (("real_dir", "data/brainmetshare-3"), ("synthetic_dir", "synthetic")):
         check(merged[key] is not None, key, f"missing: the {key.split('_')[0]} dataset, e.g. {key}={example}")
@@ -132,6 +144,9 @@ EVALUATE_NO_EFFECT: tuple[NoEffect, ...] = (
     (("lesions",), lambda c: not c.downstream, "lesion-wise figures score the downstream networks; downstream=false"),
     (("budget",), lambda c: not c.downstream and c.seg_net_checkpoint is not None,
      "no segmenter is trained: downstream=false and seg_net_checkpoint is given"),
+    (("segmenter",), lambda c: not c.downstream, "the downstream experiment's segmenter; downstream=false"),
+    (("nnunet",), lambda c: not c.downstream or c.segmenter != "nnunet",
+     "nnU-Net trains only with downstream=true and segmenter=nnunet"),
 )
 
 

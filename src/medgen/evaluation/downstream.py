@@ -142,12 +142,32 @@ def summarise_dice(dice: np.ndarray, bins: np.ndarray) -> dict[str, float]:
     return out
 
 
+#: a downstream segmenter: ``segment(set name, training items, seed, images)`` trains a fresh network
+#: on the items and returns its binary predictions of ``images`` (``[N, S, S]`` or ``[N, X, Y, Z]``)
+Segment = Callable[[str, ItemSet, int, np.ndarray], np.ndarray]
+
+
+def dynunet_segment(space: SampleSpace, budget: BudgetConfig, device: torch.device, progress: bool = True,
+                    on_network: Callable[[str, int, DynUNet], None] | None = None) -> Segment:
+    """The default :data:`Segment`: :func:`train_segmenter` with ``budget``, then :func:`predict`;
+    ``on_network(set, seed, net)`` sees each network."""
+    def segment(name: str, data: ItemSet, seed: int, images: np.ndarray) -> np.ndarray:
+        net = train_segmenter(data, budget, space, seed=seed, device=device, desc=f"{name} seed {seed}",
+                              progress=progress)
+        if on_network is not None:
+            on_network(name, seed, net)
+        return predict(net, images, space, device)
+    return segment
+
+
 def downstream(real_train: ItemSet, synthetic: ItemSet, real_test: ItemSet, space: SampleSpace, *,
                seeds: list[int], budget: BudgetConfig, device: torch.device, progress: bool = True,
                on_network: Callable[[str, int, DynUNet], None] | None = None,
-               lesions: LesionTest | None = None) -> dict:
+               lesions: LesionTest | None = None, segment: Segment | None = None) -> dict:
     """Train on (a) real, (b) real + synthetic, (c) synthetic per seed, each network with
-    ``budget`` (passed whole to :func:`train_segmenter`); Dice on ``real_test``.
+    ``budget`` (passed whole to :func:`train_segmenter`); Dice on ``real_test``. ``segment``
+    replaces the DynUNet (:func:`dynunet_segment`) with another segmenter, e.g. nnU-Net
+    (:class:`~medgen.evaluation.nnunet.NnunetSegmenter`); its predictions are scored the same way.
 
     Returns per set: ``per_seed`` results, ``mean``/``std`` of the overall Dice over seeds and the
     per-bin means; and ``gain`` = mean(b) - mean(a) with ``spread`` = the larger of their seed
@@ -160,17 +180,17 @@ def downstream(real_train: ItemSet, synthetic: ItemSet, real_test: ItemSet, spac
     n = len(real_test)
     # the whole test split begins with real_test's slices (whole_test_split): one prediction serves both
     shared = lesions is not None and len(lesions.images) >= n and np.array_equal(lesions.images[:n], real_test.images)
+    images = real_test.images if lesions is None else lesions.images if shared else \
+        np.concatenate([lesions.images, real_test.images])
+    whole_n = 0 if lesions is None else len(lesions.images)
+    segment = segment or dynunet_segment(space, budget, device, progress, on_network)
     results: dict = {}
     for name, data in sets.items():
         per_seed, per_seed_lesions = [], []
         for seed in seeds:
-            net = train_segmenter(data, budget, space, seed=seed, device=device, desc=f"{name} seed {seed}",
-                                  progress=progress)
-            if on_network is not None:
-                on_network(name, seed, net)
-            whole = predict(net, lesions.images, space, device) if lesions is not None else None
-            dice = dice_per_item(whole[:n] if shared else predict(net, real_test.images, space, device),
-                                 real_test.masks)
+            pred = segment(name, data, seed, images)
+            whole = pred[:whole_n] if lesions is not None else None
+            dice = dice_per_item(pred[:n] if lesions is None or shared else pred[whole_n:], real_test.masks)
             per_seed.append({"seed": seed, **summarise_dice(dice, bins)})
             if lesions is not None:
                 per_seed_lesions.append({"seed": seed, **lesions.score(whole, seed)})

@@ -200,19 +200,32 @@ def segmentation_metrics(sets: Sets, request: EvaluationRequest, out_dir: Path, 
                 downstream.save_segmenter(net, out_dir / "seg_net.pt", sets.image_keys, space)
 
         lesion_test = whole_test_split(sets, test, request.lesions)
+        nnunet = _nnunet_segmenter(sets, request, out_dir, device)
         out["downstream"] = downstream.downstream(train, syn, test, space, seeds=seeds, budget=b, device=device,
-                                                  progress=progress, on_network=keep_first_real, lesions=lesion_test)
-        out["downstream"]["budget"] = request.budget_record()
+                                                  progress=progress, on_network=keep_first_real, lesions=lesion_test,
+                                                  segment=nnunet)
+        out["downstream"]["budget"] = request.budget_record() if nnunet is None else nnunet.budget()
+        out["downstream"]["segmenter"] = {"name": "dynunet"} if nnunet is None else nnunet.record()
         out["lesions"] = _lesion_figures(out["downstream"], lesion_test, len(test), space, request.lesions,
                                          sets.warnings)
         adherence_net = adherence_net or kept.get("net")
-    elif adherence_net is None and train is not None:
+    if adherence_net is None and train is not None:  # no downstream DynUNet to reuse
         adherence_net = downstream.train_segmenter(train, b, space, seed=seeds[0], device=device, desc="real seed",
                                                    progress=progress)
         downstream.save_segmenter(adherence_net, out_dir / "seg_net.pt", sets.image_keys, space)
     out["adherence"] = downstream.adherence(adherence_net, syn, test, space, device) if adherence_net is not None \
         else _skip("no real train slices to train the segmentation network on, and no seg_net_checkpoint")
     return out
+
+
+def _nnunet_segmenter(sets: Sets, request: EvaluationRequest, out_dir: Path, device: torch.device):
+    """The nnU-Net backend of the downstream experiment with ``segmenter=nnunet`` (folders under
+    ``out_dir/nnunet``), else None (medgen's DynUNet)."""
+    if request.segmenter != "nnunet":
+        return None
+    from medgen.evaluation.nnunet import NnunetSegmenter
+
+    return NnunetSegmenter(request.nnunet, out_dir / "nnunet", sets.space, sets.image_keys, device.type)
 
 
 def whole_test_split(sets: Sets, lesion_items: ItemSet, lesions: LesionRequest) -> lesionwise.LesionTest:
@@ -276,6 +289,10 @@ def _evaluate(request: EvaluationRequest, out_dir: Path, device: torch.device, p
     from medgen.evaluation.report import write_report
 
     t0 = time.perf_counter()
+    if request.downstream and request.segmenter == "nnunet":
+        from medgen.evaluation.nnunet import find_python
+
+        find_python(request.nnunet.python)  # a missing nnU-Net stops the evaluation now, not after the other metrics
     sets = Sets(request.sets, progress)
     if not is_lesion(sets.synthetic.data[:, sets.synthetic.keys.index(MASK_KEY)]).any():
         sets.warnings.append("the synthetic set has no lesion at all (every mask is empty): conditioning adherence "

@@ -17,7 +17,8 @@ from medgen.core.paths import resolve_path
 from medgen.data.lesions import SizeBins
 from medgen.evaluation.config import BudgetConfig, size_bins
 
-__all__ = ["SetsRequest", "FeatureRequest", "LesionRequest", "EvaluationRequest", "evaluation_request"]
+__all__ = ["SetsRequest", "FeatureRequest", "LesionRequest", "NnunetRequest", "EvaluationRequest",
+           "evaluation_request"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,16 @@ class LesionRequest:
 
 
 @dataclass(frozen=True)
+class NnunetRequest:
+    """nnU-Net v2 as the downstream segmenter: its interpreter (None: found beside medgen) and the
+    training budget of every training set and seed."""
+
+    python: str | None
+    epochs: int
+    iterations_per_epoch: int
+
+
+@dataclass(frozen=True)
 class EvaluationRequest:
     """Everything one evaluation (or augmentation experiment) is asked to do."""
 
@@ -76,6 +87,9 @@ class EvaluationRequest:
     features: FeatureRequest
     lesions: LesionRequest
     budget: BudgetConfig
+    #: the downstream segmenter: ``dynunet`` (medgen's, trained with ``budget``) or ``nnunet``
+    segmenter: str
+    nnunet: NnunetRequest
     out_dir: Path
     seed: int
     seeds: tuple[int, ...]
@@ -106,7 +120,10 @@ def evaluation_request(cfg: Any) -> EvaluationRequest:
                             min_sensitivity=float(les.min_sensitivity), min_dice=float(les.min_dice))
     budget = BudgetConfig(steps=int(b.steps), batch_size=int(b.batch_size), learning_rate=float(b.learning_rate),
                           precision=str(b.precision))
+    nnunet = NnunetRequest(python=cfg.nnunet.python, epochs=int(cfg.nnunet.epochs),
+                           iterations_per_epoch=int(cfg.nnunet.iterations_per_epoch))
     return EvaluationRequest(sets=sets, features=features, lesions=lesions, budget=budget,
+                             segmenter=str(cfg.segmenter), nnunet=nnunet,
                              out_dir=resolve_path(cfg.out_dir), seed=int(cfg.seed),
                              seeds=tuple(int(s) for s in cfg.seeds), device=cfg.device,
                              diversity_pairs=int(cfg.diversity_pairs), brain_intensity=float(cfg.brain_intensity),
