@@ -203,3 +203,13 @@ class NnunetSegmenter:
                                   f"{_tail(log_file)} (whole log: {log_file})")
         log.info("nnU-Net: %s seed %d done in %.0f s", name, seed, time.perf_counter() - t0)
         return read_predictions(predictions, len(images), self.space)
+
+
+def segmenter_text(downstream_result: dict, space: SampleSpace) -> str:
+    """The sentence of the report that says which network the downstream experiment trained."""
+    seg, budget = downstream_result.get("segmenter", {"name": "dynunet"}), downstream_result["budget"]
+    if seg["name"] == "nnunet":
+        return (f"nnU-Net {seg['version']} ({seg['configuration']}, fold all, {budget['epochs']} epochs of "
+                f"{budget['iterations_per_epoch']} iterations) trained on each set per seed. ")
+    return space.either("medgen's 2D DynUNet trained on each set per seed. ",
+                        "medgen's 3D DynUNet trained on whole volumes of each set per seed. ")

@@ -3,9 +3,8 @@
 Figures (matplotlib's Agg canvas, no pyplot): ``contact_sheets.png`` (real | synthetic; for a 3D
 set ``planes_real.png`` and ``planes_synthetic.png`` instead: volumes as their three planes),
 ``intensity_histograms.png``, ``mask_statistics.png`` and, when the downstream experiment ran,
-``downstream.png`` (Dice per training set, one dot per seed) and ``lesions.png`` (lesion-wise
-sensitivity, lesion Dice and false positives per size bin and training set). Both report files reference
-exactly the figures written.
+``downstream.png`` (Dice per training set, one dot per seed) and ``lesions.png`` (lesion-wise figures
+per size bin and training set). Both report files reference exactly the figures written.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from medgen.data.space import SampleSpace
 from medgen.evaluation import metrics
 from medgen.evaluation.downstream import SETS, SIZE_BINS, SIZE_BINS_3D
 from medgen.evaluation.lesionwise import bin_entry
+from medgen.evaluation.nnunet import segmenter_text
 from medgen.evaluation.scoring import brats_summary_lines, brats_table
 
 SHEET_TILES = 16
@@ -300,8 +300,9 @@ def _segmentation_tables(result: dict) -> list[tuple[str, list[str], list[list[s
         note = (f"Gain of real+synthetic over real: {g['value']:+.3f} Dice; seed-to-seed spread (largest standard "
                 f"deviation) {g['spread']:.3f}: {g['verdict']}.")
         if space.volumetric:
-            note = ("A 3D DynUNet trained on whole volumes; Dice per test volume, lesion sizes binned by lesion volume "
-                    "fraction (" + ", ".join(f"{b} < {e:g}" for b, e in SIZE_BINS_3D[:-1]) + "). " + note)
+            note = ("Dice per test volume, lesion sizes binned by lesion volume fraction ("
+                    + ", ".join(f"{b} < {e:g}" for b, e in SIZE_BINS_3D[:-1]) + "). " + note)
+        note = segmenter_text(d, space) + note
         tables.append((f"Downstream segmentation (Dice on real test {unit}s)",
                        ["trained on", f"{unit}s", "Dice mean ± std over seeds", *[f"{b} lesions" for b, _ in SIZE_BINS]],
                        rows, note))
