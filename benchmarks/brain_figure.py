@@ -78,7 +78,7 @@ def draw(rows: list[tuple[str, np.ndarray, dict, tuple]], out: Path) -> None:
         found = np.flatnonzero(masks["deepbet"].any(axis=(0, 1)))
         for c, z in enumerate(np.linspace(found[0] + 4, found[-1] - 2, LEVELS).round().astype(int)):
             ax = axes[r, c]
-            aspect = spacing[0] / spacing[1]  # rot90: rows are x, columns y
+            aspect = spacing[1] / spacing[0]  # rot90: rows are y, columns x
             ax.imshow(np.rot90(image[..., z]), cmap="gray", vmin=0, vmax=1, aspect=aspect)
             shown = np.rot90(masks["heuristic"][..., z])
             ax.imshow(np.ma.masked_where(~shown, shown.astype(float)), cmap=ListedColormap(["red"]), alpha=0.35,
