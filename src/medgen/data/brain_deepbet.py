@@ -47,6 +47,11 @@ def deepbet_brain(volume: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     if float(volume.max()) <= float(volume.min()):
         return np.zeros(volume.shape, dtype=bool)
     affine = np.diag([*(float(s) for s in spacing), 1.0])  # RAS: nibabel's canonical orientation, left as is
-    with torch.inference_mode():
-        _, mask, _ = _extractor().run(nib.Nifti1Image(volume, affine))
+    try:
+        with torch.inference_mode():
+            _, mask, _ = _extractor().run(nib.Nifti1Image(volume, affine))
+    except AssertionError as exc:  # deepbet asserts when its first network finds no brain at all
+        if "foreground" not in str(exc):
+            raise
+        return np.zeros(volume.shape, dtype=bool)
     return np.asarray(mask.dataobj) > 0
