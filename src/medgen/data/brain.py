@@ -19,6 +19,10 @@ tests/unit/test_brain.py checks >= 0.88 on bravo), and holds every phantom lesio
 lesion mask to it (a lesion is part of the brain by definition), so on training data every
 lesion pixel lies inside the brain. On generated images it measures where the lesions ended up
 (:func:`inside_fraction`).
+
+The heuristic was tuned on phantoms; on real heads it keeps the scalp and misses the vertex.
+:func:`brain_of` also runs two whole-volume methods (``data.brain_method``, docs/brain.md):
+``deepbet`` (:mod:`medgen.data.brain_deepbet`) and ``bet`` (:mod:`medgen.data.brain_bet`).
 """
 
 from __future__ import annotations
