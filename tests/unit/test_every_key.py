@@ -90,6 +90,7 @@ COVERAGE_TRAIN: dict[str, str] = {
     "data.min_brain_fraction": _t(SLICES, "test_no_selected_slice_says_what_selects_one"),
     "data.brain_intensity": _here("test_data_keys_select_and_scale_the_training_slices"),
     "data.brain_from": _t(SLICES, "test_the_brain_channel_is_read_from_brain_from_and_other_caches_keep_their_fingerprint"),
+    "data.brain_method": _t("unit/test_brain_method.py", "test_data_brain_method_reaches_both_caches"),
     "data.lower_percentile": _here("test_data_keys_select_and_scale_the_training_slices"),
     "data.upper_percentile": _here("test_data_keys_select_and_scale_the_training_slices"),
     "data.val_fraction": _here("test_data_val_fraction_moves_patients_to_validation"),

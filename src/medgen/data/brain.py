@@ -19,6 +19,10 @@ tests/unit/test_brain.py checks >= 0.88 on bravo), and holds every phantom lesio
 lesion mask to it (a lesion is part of the brain by definition), so on training data every
 lesion pixel lies inside the brain. On generated images it measures where the lesions ended up
 (:func:`inside_fraction`).
+
+The heuristic was tuned on phantoms; on real heads it keeps the scalp and misses the vertex.
+:func:`brain_of` also runs two whole-volume methods (``data.brain_method``, docs/brain.md):
+``deepbet`` (:mod:`medgen.data.brain_deepbet`) and ``bet`` (:mod:`medgen.data.brain_bet`).
 """
 
 from __future__ import annotations
@@ -29,8 +33,13 @@ import numpy as np
 
 from medgen.data.masks import is_lesion
 
-__all__ = ["HEAD_INTENSITY", "OTSU_FRACTION", "KEEP_FRACTION", "brain_mask", "brain_of", "brain_source", "convex_hull",
-           "inside_counts", "inside_fraction", "otsu_threshold"]
+__all__ = ["BRAIN_METHODS", "HEAD_INTENSITY", "OTSU_FRACTION", "KEEP_FRACTION", "brain_mask", "brain_of",
+           "brain_source", "convex_hull", "inside_counts", "inside_fraction", "otsu_threshold"]
+
+#: how a brain mask is derived (``data.brain_method``; docs/brain.md): ``heuristic`` (:func:`brain_mask`,
+#: slice by slice), ``deepbet`` (a 3D network on the whole volume, :mod:`medgen.data.brain_deepbet`) or
+#: ``bet`` (BET's surface model on the whole volume, :mod:`medgen.data.brain_bet`)
+BRAIN_METHODS: tuple[str, ...] = ("heuristic", "deepbet", "bet")
 
 #: a pixel brighter than this (after percentile scaling to [0, 1]) belongs to the head
 HEAD_INTENSITY: float = 0.1
@@ -88,10 +97,21 @@ def brain_mask(images: np.ndarray) -> np.ndarray:
     return np.stack([_slice_brain(s) for s in flat]).reshape(images.shape)
 
 
-def brain_of(image: np.ndarray) -> np.ndarray:
-    """The brain of one RAS slice ``[X, Y]`` or volume ``[X, Y, Z]`` (axial slice by axial slice, as
-    for training data), as booleans of its shape."""
-    planes = np.moveaxis(np.asarray(image), (0, 1), (-2, -1))  # [X, Y, *rest] -> [*rest, X, Y]
+def brain_of(image: np.ndarray, method: str = "heuristic", spacing: Sequence[float] | None = None) -> np.ndarray:
+    """The brain of one RAS slice ``[X, Y]`` or volume ``[X, Y, Z]`` as booleans of its shape, by
+    ``method`` (:data:`BRAIN_METHODS`): ``heuristic`` axial slice by axial slice (:func:`brain_mask`,
+    ``image`` in [0, 1]); ``deepbet`` or ``bet`` on the whole volume (voxel size ``spacing`` in mm,
+    default 1 mm). A single slice has no volume to run them on: it always takes the heuristic. This
+    is the one function training caches and generated samples derive their brain with."""
+    if method not in BRAIN_METHODS:
+        raise ValueError(f"unknown brain method {method!r} (one of {', '.join(BRAIN_METHODS)})")
+    image = np.asarray(image)
+    if method != "heuristic" and image.ndim == 3:
+        from medgen.data import brain_bet, brain_deepbet
+
+        run = brain_bet.bet_brain if method == "bet" else brain_deepbet.deepbet_brain
+        return run(image, (1.0, 1.0, 1.0) if spacing is None else spacing)
+    planes = np.moveaxis(image, (0, 1), (-2, -1))  # [X, Y, *rest] -> [*rest, X, Y]
     return np.moveaxis(brain_mask(planes), (-2, -1), (0, 1))
 
 

@@ -12,6 +12,7 @@ from omegaconf import MISSING, DictConfig
 
 from medgen.core.constants import IMAGE_MODALITIES
 from medgen.core.schema import at_least, check, choice
+from medgen.data.brain import BRAIN_METHODS
 
 __all__ = ["DataConfig", "check_data_values"]
 
@@ -24,6 +25,7 @@ class DataConfig:
     min_brain_fraction: float = MISSING
     brain_intensity: float = MISSING
     brain_from: str = choice(*IMAGE_MODALITIES)
+    brain_method: str = choice(*BRAIN_METHODS)
     lower_percentile: float = MISSING
     upper_percentile: float = MISSING
     val_fraction: float = MISSING

@@ -34,7 +34,7 @@ import numpy as np
 
 from medgen.core.constants import BRAIN_KEY, MASK_KEY, PREPROCESSING_VERSION
 from medgen.core.fs import remove_orphans, temporary_path
-from medgen.data.brain import brain_mask
+from medgen.data.brain import brain_mask, brain_of
 from medgen.data.nifti_dataset import DataError, modality_path
 from medgen.data.parallel import ordered_map
 from medgen.data.item_cache import (CACHE_DTYPE, CHECKSUM_SCHEME, DATA_FILE, INDEX_FILE, META_FILE, CacheCorrupt,
@@ -56,6 +56,7 @@ class CacheSpec(Protocol):
 
     keys: tuple[str, ...]
     brain_from: str
+    brain_method: str
     folder: ClassVar[str]
 
     @property
@@ -87,6 +88,8 @@ class SliceSpec:
     upper_percentile: float = 99.5
     #: the image modality the ``brain`` channel is derived from (read only when ``brain`` is stored)
     brain_from: str = "bravo"
+    #: how the ``brain`` channel is derived (:data:`medgen.data.brain.BRAIN_METHODS`)
+    brain_method: str = "heuristic"
 
     def __post_init__(self) -> None:
         if self.selection not in ("lesion", "brain", "all"):
@@ -116,7 +119,8 @@ class SliceSpec:
                       affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float, float]]:
         """One patient's RAS volumes -> (its selected slices ``[k, C, S, S]``, their z indices,
         lesion pixels per slice, the voxel size of a model slice in mm)."""
-        block, z, lesion = preprocess_volumes(volumes, self)
+        zooms = tuple(float(v) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
+        block, z, lesion = preprocess_volumes(volumes, self, zooms)
         return block, z, lesion, model_spacing(affine, volumes[self.file_keys[0]].shape, self.image_size)
 
     def preprocess_file(self, key: str, volume: np.ndarray) -> None:
@@ -132,7 +136,7 @@ class SliceSpec:
         (``cfg.mode``) with the selection its class declares
         (``slice_selection``): ``"lesion"`` keeps tumour-positive slices (every slice when
         ``data.seg_positive_only`` is false), ``"brain"`` slices where every image channel shows brain.
-        A ``brain`` key is derived from ``data.brain_from``."""
+        A ``brain`` key is derived from ``data.brain_from`` by ``data.brain_method``."""
         keys = tuple(dict.fromkeys([*mode_cfg.image_keys, *mode_cfg.cond_keys]))
         if selection == "lesion" and not data_cfg.seg_positive_only:
             selection = "all"
@@ -146,6 +150,7 @@ class SliceSpec:
             lower_percentile=float(data_cfg.lower_percentile),
             upper_percentile=float(data_cfg.upper_percentile),
             brain_from=str(data_cfg.brain_from),
+            brain_method=str(data_cfg.brain_method),
         )
 
 
@@ -171,6 +176,8 @@ def fingerprint(patients: Sequence[Path], spec: CacheSpec) -> str:
     described = asdict(spec)
     if BRAIN_KEY not in spec.keys:  # caches without a brain channel keep their fingerprint
         del described["brain_from"]
+    if BRAIN_KEY not in spec.keys or described["brain_method"] == "heuristic":  # as before the key existed
+        del described["brain_method"]
     h.update(json.dumps({"spec": described, "version": PREPROCESSING_VERSION}, sort_keys=True).encode())
     for f in source_files(patients, spec.file_keys):
         try:
@@ -304,15 +311,22 @@ def model_spacing(affine: np.ndarray, shape: Sequence[int], image_size: int) -> 
     return (float(zooms[0] * scale), float(zooms[1] * scale), float(zooms[2]))
 
 
-def preprocess_volumes(volumes: dict[str, np.ndarray], spec: SliceSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One patient's RAS volumes (``key -> [H, W, D]`` as :func:`load_volume` returns them) ->
-    (selected slices ``[k, C, S, S]`` float16, their z indices, lesion pixels per slice)."""
+def preprocess_volumes(volumes: dict[str, np.ndarray], spec: SliceSpec, spacing: Sequence[float] | None = None,
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One patient's RAS volumes (``key -> [H, W, D]`` as :func:`load_volume` returns them, voxel
+    size ``spacing`` in mm) -> (selected slices ``[k, C, S, S]`` float16, their z indices, lesion
+    pixels per slice). A ``brain`` channel by ``bet`` is found once in the whole volume as read
+    (:func:`medgen.data.brain.brain_of`) and resized as the lesion mask is."""
     s = spec.image_size
     planes = {k: preprocess_mask(volumes[k], s) if k == MASK_KEY
               else preprocess_image(volumes[k], s, spec.lower_percentile, spec.upper_percentile)
               for k in spec.file_keys}  # [S, S, D] each
-    if BRAIN_KEY in spec.keys:
+    if BRAIN_KEY in spec.keys and spec.brain_method != "heuristic":
+        found = brain_of(volumes[spec.brain_from], spec.brain_method, spacing)
+        brain = preprocess_mask(found.astype(np.float32), s) > 0
+    elif BRAIN_KEY in spec.keys:
         brain = np.moveaxis(brain_mask(np.moveaxis(planes[spec.brain_from], -1, 0)), 0, -1)
+    if BRAIN_KEY in spec.keys:
         if MASK_KEY in planes:  # a lesion is part of the brain
             brain |= planes[MASK_KEY] > 0
         planes[BRAIN_KEY] = brain.astype(np.float32)

@@ -57,6 +57,8 @@ class VolumeSpec:
     margin: int = 2
     #: the image the head box and a ``brain`` channel are derived from
     brain_from: str = "bravo"
+    #: how a ``brain`` channel is derived (:data:`medgen.data.brain.BRAIN_METHODS`)
+    brain_method: str = "heuristic"
     #: the folder under ``cache_dir`` its caches live in
     folder: ClassVar[str] = "volumes"
     #: every patient's volume is kept (no slice selection)
@@ -72,11 +74,12 @@ class VolumeSpec:
     def for_mode(cls, mode_cfg, data_cfg, space, selection: str = "all") -> "VolumeSpec":
         """The volumes of ``space`` (a :class:`~medgen.data.space.SampleSpace`) of a mode's keys
         (``cfg.mode``): whole volumes, no ``selection``; the head is the reference image above
-        ``data.brain_intensity``, a ``brain`` key derived from ``data.brain_from``."""
+        ``data.brain_intensity``, a ``brain`` key derived from ``data.brain_from`` by ``data.brain_method``."""
         return cls(keys=tuple(dict.fromkeys([*mode_cfg.image_keys, *mode_cfg.cond_keys])),
                    volume_shape=space.shape,
                    lower_percentile=float(data_cfg.lower_percentile), upper_percentile=float(data_cfg.upper_percentile),
-                   head_intensity=float(data_cfg.brain_intensity), brain_from=str(data_cfg.brain_from))
+                   head_intensity=float(data_cfg.brain_intensity), brain_from=str(data_cfg.brain_from),
+                   brain_method=str(data_cfg.brain_method))
 
     @property
     def image_keys(self) -> tuple[str, ...]:
@@ -144,14 +147,17 @@ def preprocess_patient_volume(volumes: dict[str, np.ndarray], affine: np.ndarray
     if MASK_KEY in spec.keys:
         mask = torch.from_numpy(binarize_mask(np.asarray(volumes[MASK_KEY])[box]))
         planes[MASK_KEY] = binarize_mask(_resample(_square(mask), shape, "nearest"))
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    if BRAIN_KEY in spec.keys and spec.brain_method != "heuristic":  # on the whole volume as read, cropped as the mask
+        found = torch.from_numpy(brain_of(np.asarray(volumes[spec.brain_from]), spec.brain_method, zooms)[box])
+        brain = is_lesion(_resample(_square(found.float()), shape, "nearest").numpy())
+    elif BRAIN_KEY in spec.keys:
+        brain = brain_of(planes[spec.brain_from].numpy())
     if BRAIN_KEY in spec.keys:
-        reference = planes[spec.brain_from].numpy()
-        brain = brain_of(reference)
         if MASK_KEY in planes:  # a lesion is part of the brain
             brain |= is_lesion(planes[MASK_KEY].numpy())
         planes[BRAIN_KEY] = torch.from_numpy(brain.astype(np.float32))
     block = np.stack([np.asarray(planes[k], dtype=np.float32) for k in spec.keys])[None].astype(CACHE_DTYPE)
-    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
     spacing = (float(zooms[0] * side / shape[0]), float(zooms[1] * side / shape[1]), float(zooms[2] * crop[2] / shape[2]))
     return np.ascontiguousarray(block), spacing
 

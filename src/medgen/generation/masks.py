@@ -320,14 +320,14 @@ def _gather(results: dict[int, Candidate], dist: DistInfo) -> list[dict[int, Can
 
 # ============================================================================ masks_from
 def real_masks(real: RealMasks, num_images: int | None, seed: int, space: SampleSpace,
-               brain_from: str | None = None, targets: Targets = Targets()) -> Masks:
+               brain_from: str | None = None, targets: Targets = Targets(), brain_method: str = "heuristic") -> Masks:
     """The lesion items of ``real.split`` of the medgen dataset ``real.root`` at the image model's
     ``space``: its slices ``(S, S)`` or volumes ``(X, Y, Z)`` (each patient's head resampled as for
     training), ``num_images`` of them (None: all), with their brains derived from the image
-    ``brain_from`` (None: no brain). With ``targets`` (lesions measured in ``space``), the masks are
+    ``brain_from`` (None: no brain) by ``brain_method``. With ``targets`` (lesions measured in ``space``), the masks are
     picked to meet their quotas: walked in an order shuffled by ``seed``, each taken while its classes
     have room, as the gate takes generated ones."""
-    cache = _real_cache(real, space, brain_from)
+    cache = _real_cache(real, space, brain_from, brain_method)
     items = space.either(lambda: np.arange(len(cache)), lambda: np.flatnonzero(cache.lesion_pixels > 0))()
     what = f"lesion {space.unit}s"
     if len(items) == 0:
@@ -350,7 +350,7 @@ def real_masks(real: RealMasks, num_images: int | None, seed: int, space: Sample
     return Masks(masks, records, [], None, brains, report)
 
 
-def _real_cache(real: RealMasks, space: SampleSpace, brain_from: str | None) -> Any:
+def _real_cache(real: RealMasks, space: SampleSpace, brain_from: str | None, brain_method: str = "heuristic") -> Any:
     """The cache of ``real.split``'s lesion slices or volumes of ``space`` (with their brains)."""
     from medgen.data.slices import SliceSpec, open_or_build_cache
     from medgen.data.splits import split_patients
@@ -364,8 +364,10 @@ def _real_cache(real: RealMasks, space: SampleSpace, brain_from: str | None) -> 
         raise DataError(f"masks_from={real.root}: no patients in {root / real.split} (choose another masks_split)")
     keys = (MASK_KEY,) if brain_from is None else (MASK_KEY, BRAIN_KEY)
     spec = space.either(
-        lambda: SliceSpec(keys=keys, image_size=space.size, selection="lesion", brain_from=brain_from or "bravo"),
-        lambda: VolumeSpec(keys=keys, volume_shape=space.shape, brain_from=brain_from or "bravo"))()
+        lambda: SliceSpec(keys=keys, image_size=space.size, selection="lesion", brain_from=brain_from or "bravo",
+                          brain_method=brain_method),
+        lambda: VolumeSpec(keys=keys, volume_shape=space.shape, brain_from=brain_from or "bravo",
+                           brain_method=brain_method))()
     return open_or_build_cache(patients, spec, resolve_path(real.cache_dir), desc=f"{real.split} masks")
 
 

@@ -89,6 +89,8 @@ class Stage:
     training_sizes: tuple[float, ...] | None = None
     #: the lesion count of each of those slices (None for an image model)
     training_counts: tuple[int, ...] | None = None
+    #: how its training data derived the brain mask (``data.brain_method``)
+    brain_method: str = "heuristic"
 
     def autocast(self):
         return autocast(self.device, self.precision)
@@ -138,7 +140,8 @@ def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, 
                  brain_from=str(trained.data.get("brain_from", "bravo")), device=device, precision=precision,
                  forward=sampling_forward(network, device, compile, log, compile_mode),
                  training_sizes=_lesions(ckpt, "lesion_sizes", stage, key, file),
-                 training_counts=_lesions(ckpt, "lesion_counts", stage, key, file))
+                 training_counts=_lesions(ckpt, "lesion_counts", stage, key, file),
+                 brain_method=str(trained.data.get("brain_method", "heuristic")))
 
 
 def _recorded_space(ckpt: dict, key: str, file: Path) -> SampleSpace:

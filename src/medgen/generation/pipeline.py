@@ -168,7 +168,7 @@ def _run_stages(run: _Run, progress: bool, t_start: float) -> GenerationResult:
             else:
                 masks = real_masks(request.real, request.masks.num_images, request.paint.sampling.seed, space,
                                    run.image.brain_from if BRAIN_KEY in run.image.mode.cond_keys else None,
-                                   run.targets)
+                                   run.targets, run.image.brain_method)
             seconds["masks"] = time.perf_counter() - t0
             if masks is not None:
                 t0 = time.perf_counter()
@@ -339,13 +339,15 @@ def _contact_sheet(run: _Run, ids: SampleIds) -> None:
 
 def _inside_brain(run: _Run, sids: Sequence[str]) -> dict[str, tuple[int, int]]:
     """Per finished sample: (its lesion pixels inside the brain of its image, its lesion pixels),
-    the brain derived from the image as for training data (:mod:`medgen.data.brain`)."""
+    the brain derived from the image as for training data (:func:`medgen.data.brain.brain_of`, by the
+    training data's ``data.brain_method``)."""
     keys = run.image.mode.image_keys
     source = brain_source(keys, run.image.brain_from)
     out = {}
     for sid in tqdm(sids, desc="lesions inside the brain", unit="sample", dynamic_ncols=True, disable=len(sids) < 500):
         arrays = read_sample(run.split_dir / sid, keys)
-        out[sid] = inside_counts(arrays[MASK_KEY], brain_of(arrays[source]))
+        brain = brain_of(arrays[source], run.image.brain_method, run.image.space.spacing)
+        out[sid] = inside_counts(arrays[MASK_KEY], brain)
     return out
 
 
