@@ -6,6 +6,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
+# the real heads of the slow tier (make real-scans, below)
+REAL_SCANS ?= .real-scans
 
 .PHONY: install real-scans docs demo demo-3d test test-slow test-demo nnunet-venv cluster-deps test-cluster bench-data lock clean
 
@@ -23,7 +25,6 @@ install: $(VENV)/.installed $(REAL_SCANS)/.extracted
 # Real heads for the slow tier's brain-mask test (docs/brain.md): 3D Slicer's MRBrainTumor2 (T1 post-contrast)
 # and MRHead (T1), shipped as NIfTI inside the qtim-tools 0.1.12 source distribution on PyPI. Fetched and
 # checked here, at install time (34 MB, a few seconds); nothing reads the network at run time.
-REAL_SCANS ?= .real-scans
 QTIM_SDIST := qtim_tools-0.1.12.tar.gz
 QTIM_SHA256 := 396a993a07f5f3665a7c2ea471253cdfb0b4c8c81efc9a896b6e02d2b7ff0e9f
 QTIM_HEADS := qtim_tools-0.1.12/qtim_tools/test_data/test_data_features
