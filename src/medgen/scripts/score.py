@@ -21,7 +21,9 @@ DEFAULT_BINS = "10,20,30"  # RANO-BM's diameter edges (mm): tiny, small, medium,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medgen-score", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="medgen-score", description=(
+        "Score any segmenter's predicted masks against the true masks, case by case, with the BraTS-METS 2023 "
+        "lesion-wise rules and medgen's own lesion-wise figures per size bin."),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pred_dir", type=Path, metavar="PRED_DIR", help="the predicted masks")
     parser.add_argument("truth_dir", type=Path, metavar="TRUTH_DIR", help="the true masks")
