@@ -111,59 +111,71 @@ def _legacy(t: np.ndarray, p: np.ndarray, spacing: Sequence[float]) -> tuple[flo
     return dice, (hd95(t, p, spacing) if nt and np_ else MISSED_HD95_MM)
 
 
-def _merged_lesions(t: np.ndarray) -> tuple[np.ndarray, int]:
-    """Rule 2: the labels of the dilated truth's components (each lesion's region) and their count.
-    A lesion is the true voxels of its region."""
-    from scipy import ndimage
+@dataclass(frozen=True)
+class TrueCase:
+    """The truth side of rules 1, 2 and 5 for one mask, computed once however many predictions
+    meet it."""
 
-    structure = ndimage.generate_binary_structure(t.ndim, 2)
-    dilated = ndimage.binary_dilation(t, structure=structure, iterations=DILATION_ITERATIONS)
-    return lesion_labels(dilated)
+    mask: np.ndarray  #: bool, the lesion voxels
+    regions: np.ndarray  #: int32, the dilated truth's components: each lesion's region (rule 2)
+    lesions: np.ndarray  #: int32, the lesions: the true voxels labelled by their region
+    count: int
+    volume_mm3: np.ndarray  #: float64 [count]
+    diameters: np.ndarray  #: float64 [count], Feret diameter in mm
+    spacing: tuple[float, ...]
+
+    @classmethod
+    def of(cls, truth: np.ndarray, spacing: Sequence[float], voxel_mm3: float | None = None) -> TrueCase:
+        """``truth`` (a volume or a slice), ``spacing`` in mm per array axis, ``voxel_mm3`` the
+        volume of one voxel for rule 5 (default: the product of ``spacing``)."""
+        from scipy import ndimage
+
+        t = is_lesion(truth).astype(bool)
+        voxel_mm3 = float(np.prod(np.asarray(spacing, np.float64))) if voxel_mm3 is None else float(voxel_mm3)
+        structure = ndimage.generate_binary_structure(t.ndim, 2)
+        regions, count = lesion_labels(ndimage.binary_dilation(t, structure=structure, iterations=DILATION_ITERATIONS))
+        lesions = np.where(t, regions, 0)
+        volume = np.bincount(lesions.ravel(), minlength=count + 1)[1:] * voxel_mm3
+        return cls(t, regions, lesions, count, volume.astype(np.float64),
+                   component_diameters(lesions, count, spacing), tuple(float(x) for x in spacing))
 
 
-def score_case(truth: np.ndarray, prediction: np.ndarray, spacing: Sequence[float],
+def score_case(truth: np.ndarray | TrueCase, prediction: np.ndarray, spacing: Sequence[float],
                voxel_mm3: float | None = None) -> CaseScore:
     """The BraTS-METS scores of ``prediction`` against ``truth`` (masks of one case, a volume
-    ``[X, Y, Z]`` or a slice ``[X, Y]``); ``spacing`` in mm per array axis; ``voxel_mm3`` the volume
-    of one voxel for rule 5 (default: the product of ``spacing``; for a slice, give pixel area ×
-    slice thickness)."""
+    ``[X, Y, Z]`` or a slice ``[X, Y]``, or the truth's :class:`TrueCase`); ``spacing`` in mm per
+    array axis; ``voxel_mm3`` the volume of one voxel for rule 5 (default: the product of
+    ``spacing``; for a slice, give pixel area × slice thickness)."""
     from scipy import ndimage
 
-    t, p = is_lesion(truth).astype(bool), is_lesion(prediction).astype(bool)
+    true = truth if isinstance(truth, TrueCase) else TrueCase.of(truth, spacing, voxel_mm3)
+    t, p = true.mask, is_lesion(prediction).astype(bool)
     if t.shape != p.shape:
         raise ValueError(f"truth {t.shape} and prediction {p.shape} differ in shape")
-    voxel_mm3 = float(np.prod(np.asarray(spacing, np.float64))) if voxel_mm3 is None else float(voxel_mm3)
     legacy_dice, legacy_hd95 = _legacy(t, p, spacing)
-    regions, n_lesions = _merged_lesions(t)
-    lesions = np.where(t, regions, 0)
     pred_labels, n_pred = lesion_labels(p)
     pred_size = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)
     reached = np.zeros(n_pred + 1, bool)
-    dice, hd, volume, found = (np.zeros(n_lesions) for _ in range(4))
-    for k, box in enumerate(ndimage.find_objects(regions), start=1):
-        hits = np.unique(pred_labels[box][regions[box] == k])
+    dice, hd, found = np.zeros(true.count), np.zeros(true.count), np.zeros(true.count, bool)
+    for k, box in enumerate(ndimage.find_objects(true.regions), start=1):
+        hits = np.unique(pred_labels[box][true.regions[box] == k])
         hits = hits[hits != 0]
-        reached[hits] = True
-        lesion = lesions == k
-        size = int(lesion.sum())
-        volume[k - 1], found[k - 1] = size * voxel_mm3, len(hits) > 0
+        reached[hits], found[k - 1] = True, len(hits) > 0
         if not len(hits):
             dice[k - 1], hd[k - 1] = 0.0, MISSED_HD95_MM
             continue
-        matched = np.isin(pred_labels, hits)
-        dice[k - 1] = 2.0 * int((matched & lesion).sum()) / (size + int(pred_size[hits].sum()))
+        lesion, matched = true.lesions == k, np.isin(pred_labels, hits)
+        dice[k - 1] = 2.0 * int((matched & lesion).sum()) / (int(lesion.sum()) + int(pred_size[hits].sum()))
         hd[k - 1] = hd95(lesion, matched, spacing)
-    kept = volume > VOLUME_THRESHOLD_MM3
+    kept = true.volume_mm3 > VOLUME_THRESHOLD_MM3
     false_positives = np.flatnonzero(~reached[1:]) + 1
-    diameters = component_diameters(lesions, n_lesions, spacing)
     fp_diameters = component_diameters(pred_labels, n_pred, spacing)[false_positives - 1] if len(false_positives) \
         else np.zeros(0)
     n = int(kept.sum()) + len(false_positives)
     lw_dice = float(dice[kept].sum() / n) if n else 1.0
     lw_hd95 = float((hd[kept].sum() + MISSED_HD95_MM * len(false_positives)) / n) if n else 0.0
-    found = found.astype(bool)
     return CaseScore(lw_dice, lw_hd95, legacy_dice, legacy_hd95, int((found & kept).sum()), len(false_positives),
-                     int((~found & kept).sum()), dice[kept], hd[kept], diameters[kept], found[kept], fp_diameters,
+                     int((~found & kept).sum()), dice[kept], hd[kept], true.diameters[kept], found[kept], fp_diameters,
                      int((~kept).sum()))
 
 

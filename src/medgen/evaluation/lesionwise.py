@@ -158,6 +158,8 @@ class LesionTest:
     def __post_init__(self) -> None:
         #: each test mask's lesions, labelled and measured once for every network scored
         self.truth = [TrueLesions.of(m, self.spacing) for m in self.masks]
+        #: the same for the BraTS-METS rules (merged lesions, their regions and volumes)
+        self.brats_truth = [bratsmets.TrueCase.of(m, self.spacing, self.voxel_mm3) for m in self.masks]
 
     def lesion_counts(self) -> np.ndarray:
         """How many true lesions each bin holds (int64 ``[len(bins)]``)."""
@@ -167,7 +169,7 @@ class LesionTest:
         """:func:`summarize` of ``prediction [N, S, S]`` (``[N, X, Y, Z]``) against the masks (intervals
         seeded by ``seed``)."""
         matches = [match_lesions(t, p, self.spacing) for t, p in zip(self.truth, prediction)]
-        cases = [bratsmets.score_case(m, p, self.spacing, self.voxel_mm3) for m, p in zip(self.masks, prediction)]
+        cases = [bratsmets.score_case(t, p, self.spacing) for t, p in zip(self.brats_truth, prediction)]
         return {**summarize(matches, self.bins, self.resamples, seed),
                 "brats_mets": bratsmets.summarize_cases(cases, self.bins, self.resamples, seed)}
 
