@@ -203,14 +203,20 @@ def _bin_scores(table: np.ndarray) -> np.ndarray:
         return np.stack([table[..., 0, :] / n, (table[..., 1, :] + MISSED_HD95_MM * table[..., 3, :]) / n], -2)
 
 
-def _mean(values: np.ndarray, boot: np.ndarray) -> dict:
-    """``{"value", "ci95"}``: the mean of finite ``values`` and the percentile interval of ``boot``
-    (means of resamples); None where no case has one."""
-    values, boot = values[np.isfinite(values)], boot[np.isfinite(boot)]
-    if not len(values):
+def interval(value: float, boot: np.ndarray) -> dict:
+    """``{"value", "ci95"}``: ``value`` and the percentile 95% interval of the finite ``boot``
+    (a figure of each bootstrap resample); None where ``value`` could not be measured."""
+    if not np.isfinite(value):
         return {"value": None, "ci95": None}
+    boot = boot[np.isfinite(boot)]
     low, high = np.percentile(boot, [2.5, 97.5]) if len(boot) else (np.nan, np.nan)
-    return {"value": float(values.mean()), "ci95": [float(low), float(high)]}
+    return {"value": float(value), "ci95": [float(low), float(high)]}
+
+
+def _mean(values: np.ndarray, boot: np.ndarray) -> dict:
+    """:func:`interval` of the mean of the finite ``values`` (None where no case has one)."""
+    values = values[np.isfinite(values)]
+    return interval(float(values.mean()) if len(values) else np.nan, boot)
 
 
 def summarize_cases(cases: Sequence[CaseScore], bins: SizeBins, resamples: int = 1000, seed: int = 0) -> dict:

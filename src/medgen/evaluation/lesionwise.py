@@ -105,14 +105,6 @@ def _figures(sums: np.ndarray, n_slices: int) -> np.ndarray:
         return np.stack([sums[..., 1, :] / lesions, sums[..., 2, :] / lesions, sums[..., 3, :] / n_slices], -2)
 
 
-def _interval(value: float, boot: np.ndarray) -> dict:
-    if not np.isfinite(value):
-        return {"value": None, "ci95": None}
-    boot = boot[np.isfinite(boot)]
-    low, high = np.percentile(boot, [2.5, 97.5]) if len(boot) else (np.nan, np.nan)
-    return {"value": float(value), "ci95": [float(low), float(high)]}
-
-
 def summarize(matches: Sequence[LesionMatch], bins: SizeBins, resamples: int = 1000, seed: int = 0) -> dict:
     """Per bin and over all lesions: ``lesions`` (true lesions in the bin), ``sensitivity``,
     ``dice`` (mean lesion Dice) and ``false_positives_per_item``, each ``{"value", "ci95"}``
@@ -129,7 +121,7 @@ def summarize(matches: Sequence[LesionMatch], bins: SizeBins, resamples: int = 1
     for b, name in enumerate([*bins.names, None]):
         entry = {"lesions": int(table[:, 0, b].sum())}
         for k, key in enumerate(FIGURES):
-            entry[key] = _interval(point[k, b], boot[:, k, b])
+            entry[key] = bratsmets.interval(point[k, b], boot[:, k, b])
         if entry["lesions"] == 0:
             entry["skipped"] = "no true lesion of this size in the test slices: sensitivity and Dice cannot be measured"
         if name is None:
