@@ -16,7 +16,7 @@ from medgen.core.schema import NoEffect, at_least, check, check_fields, choice, 
 from medgen.diffusion.config import COMPILE_MODES
 from medgen.diffusion.samplers import SAMPLERS
 
-__all__ = ["GateConfig", "LesionSizesConfig", "NnunetConfig", "GenerateConfig", "ignored_keys",
+__all__ = ["GateConfig", "InsertConfig", "LesionSizesConfig", "NnunetConfig", "GenerateConfig", "ignored_keys",
            "validate_generate_config"]
 
 
@@ -63,6 +63,27 @@ class LesionCountsConfig:
 
 
 @dataclass
+class InsertConfig:
+    #: a medgen dataset folder: lesions are painted into its real scans (null: whole images are generated)
+    into: Optional[str] = MISSING
+    split: str = choice("train", "val", "test")
+    #: inpaint (a mode=inpaint checkpoint), repaint (a bravo/dual checkpoint, known region replaced) or copy
+    painter: str = choice("inpaint", "repaint", "copy")
+    #: also write each scan as it was (source_<key>.nii.gz, source_seg.nii.gz)
+    keep_source: bool = MISSING
+    #: voxels the painted region reaches beyond a new lesion (the first one in every direction)
+    margin: int = at_least(1)
+    #: where new lesions' shapes come from: real (lesions of the split) or seg (drawn by seg_checkpoint)
+    shapes: str = choice("real", "seg")
+    #: the size scans are read at (null: the painter checkpoint's model.image_size)
+    image_size: Any = MISSING
+    #: the images a copy painter without image_checkpoint copies
+    modalities: list[str] = MISSING
+    #: how the brain of each scan is derived (null: as the painter's training data; heuristic without one)
+    brain_method: Optional[str] = MISSING
+
+
+@dataclass
 class GenerateConfig:
     seg_checkpoint: Optional[str] = MISSING
     image_checkpoint: Optional[str] = MISSING
@@ -93,6 +114,7 @@ class GenerateConfig:
     lesion_sizes: LesionSizesConfig = field(default_factory=LesionSizesConfig)
     lesion_counts: LesionCountsConfig = field(default_factory=LesionCountsConfig)
     nnunet: NnunetConfig = field(default_factory=NnunetConfig)
+    insert: InsertConfig = field(default_factory=InsertConfig)
 
 
 def validate_generate_config(cfg: DictConfig) -> DictConfig:
@@ -101,6 +123,11 @@ def validate_generate_config(cfg: DictConfig) -> DictConfig:
     merged = merge_schema(GenerateConfig, cfg)
     check_fields(merged, GenerateConfig, None)
     check_fields(merged.gate, GateConfig, "gate")
+    check_fields(merged.insert, InsertConfig, "insert")
+    if merged.insert.into is not None:
+        _check_insert(merged)
+        _check_targets(merged)
+        return merged
     check(merged.image_checkpoint is not None, "image_checkpoint",
           "missing: the bravo or dual checkpoint that paints the images, e.g. image_checkpoint=runs/bravo/<run>")
     check((merged.seg_checkpoint is None) != (merged.masks_from is None), "seg_checkpoint",
@@ -123,6 +150,34 @@ def validate_generate_config(cfg: DictConfig) -> DictConfig:
     return merged
 
 
+def _check_insert(cfg: DictConfig) -> None:
+    """``insert.into`` given: lesions painted into real scans (:mod:`medgen.generation.insert`)."""
+    ins = cfg.insert
+    check(cfg.masks_from is None, "masks_from", "insert.into paints new lesions into real scans; masks_from "
+          "paints whole images on real masks: give one of them")
+    check(cfg.num_images is not None and cfg.num_images >= 1, "num_images",
+          "insert.into needs the number of scans to paint lesions into (>= 1)")
+    check(ins.painter == "copy" or cfg.image_checkpoint is not None, "image_checkpoint",
+          f"insert.painter={ins.painter} needs the checkpoint that paints: a mode=inpaint model "
+          "(insert.painter=inpaint) or a bravo/dual model (insert.painter=repaint)")
+    check(cfg.image_checkpoint is not None or ins.image_size is not None, "insert.image_size",
+          "insert.painter=copy without image_checkpoint: give the size scans are read at, e.g. insert.image_size=128")
+    check(ins.shapes == "real" or cfg.seg_checkpoint is not None, "insert.shapes",
+          "insert.shapes=seg draws the new lesions' shapes with a seg model: give seg_checkpoint, or use insert.shapes=real")
+    size = ins.image_size
+    sizes = [size] if isinstance(size, int) else list(size) if size is not None else [8]
+    check(len(sizes) in (1, 3) and all(isinstance(n, int) and n >= 8 for n in sizes), "insert.image_size",
+          f"one size S (slices S x S) or three [X, Y, Z] (volumes), each >= 8, got {size}")
+    check(ins.brain_method is None or ins.brain_method in ("heuristic", "deepbet", "bet"), "insert.brain_method",
+          f"heuristic, deepbet, bet or null, got {ins.brain_method!r}")
+    from medgen.generation.models import GenerationError
+
+    for key in ("lesion_sizes", "lesion_counts"):
+        if cfg[key].target == "model":
+            raise GenerationError(f"{key}.target=model: insertion paints each new lesion at the class asked; use "
+                                  "real (as the lesions of insert.split), uniform, or weights")
+
+
 def _check_targets(cfg: DictConfig) -> None:
     """The size and count requests parse (bins, classes, the form of each target), before any model
     is loaded; quotas (``uniform``, weights) need the gate, which meets them; with ``masks_from``, a
@@ -131,6 +186,8 @@ def _check_targets(cfg: DictConfig) -> None:
     from medgen.generation.sizes import quota_keys
 
     picking = quota_keys(cfg)
+    if cfg.insert.into is not None:
+        return
     if cfg.masks_from is None:
         if picking and not cfg.gate.enabled:
             raise GenerationError(f"{picking[0]}.target={cfg[picking[0]].target}: the gate meets the quotas, and "

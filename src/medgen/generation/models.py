@@ -24,7 +24,7 @@ from medgen.core.paths import resolve_path
 from medgen.core.precision import autocast
 from medgen.data.space import SampleSpace
 from medgen.diffusion.modes import MODES, TrainingMode, build_mode
-from medgen.diffusion.samplers import guided, randn_like
+from medgen.diffusion.samplers import SAMPLERS, guided, randn_like
 from medgen.diffusion.strategies import DiffusionStrategy, build_strategy
 from medgen.diffusion.utils import network_from_checkpoint, sampling_forward
 
@@ -96,30 +96,61 @@ class Stage:
         return autocast(self.device, self.precision)
 
     def sample(self, cond: Tensor | None, generators: Sequence[torch.Generator], *, steps: int, sampler: str,
-               guidance_scale: float = 1.0, batch_size: int | None = None) -> Tensor:
+               guidance_scale: float = 1.0, batch_size: int | None = None, known: Tensor | None = None,
+               region: Tensor | None = None) -> Tensor:
         """``x0 [B, C, *space.shape]`` in model space for the conditions ``cond [B, len(cond_keys), *space.shape]``
         (model space; None for seg), one generator per sample (on the sampling device). With ``batch_size``, the batch
-        is padded to it with throw-away samples, so a compiled network always sees one shape."""
+        is padded to it with throw-away samples, so a compiled network always sees one shape.
+
+        With ``known`` (``[B, C, ...]`` model space) and ``region`` (``[B, 1, ...]`` bool), only the region
+        is painted: outside it, ``x_t`` is replaced at every evaluation by ``known`` noised to the level
+        of that step (``alpha_t known + sigma_t z``, fresh ``z`` from the sample's generator) and the
+        denoiser's ``x0_hat`` by ``known`` itself (RePaint's replacement, Lugmayr et al. 2022, eq. 8,
+        without resampling), so the result equals ``known`` outside the region."""
         n = len(generators)
         shape = (n, self.mode.out_channels, *self.space.shape)
         x_T = randn_like(torch.empty(shape, device=self.device), list(generators))
         if batch_size is not None and n < batch_size:
             pad = batch_size - n
             x_T = torch.cat([x_T, torch.zeros((pad, *shape[1:]), device=self.device)])
-            cond = None if cond is None else torch.cat([cond, cond[:1].expand(pad, *cond.shape[1:])])
+            cond, known, region = (None if v is None else torch.cat([v, v[:1].expand(pad, *v.shape[1:])])
+                                   for v in (cond, known, region))
             generators = [*generators, *[torch.Generator(device=self.device).manual_seed(i) for i in range(pad)]]
+        fn = self.network_fn(cond, guidance_scale)
+        with torch.no_grad():
+            if known is None:
+                x0 = self.strategy.sample(fn, x_T, steps, sampler=sampler, generator=list(generators))
+            else:
+                x0 = _sample_known(self.strategy, fn, x_T, steps, sampler, list(generators), known, region)
+        return x0[:n]
 
+    def network_fn(self, cond: Tensor | None, guidance_scale: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
+        """The network's output (its strategy's target) for ``(x_t, t)`` under the condition ``cond``
+        (model space; None for seg), with classifier-free guidance at ``guidance_scale``."""
         def model_fn(x: Tensor, t: Tensor, c: Tensor | None) -> Tensor:
             with self.autocast():
                 return self.forward(self.mode.model_input(x, c), t).float()
 
         if cond is None:
-            fn = lambda x, t: model_fn(x, t, None)  # noqa: E731
-        else:
-            fn = guided(model_fn, cond, self.mode.null_cond(cond), guidance_scale)
-        with torch.no_grad():
-            x0 = self.strategy.sample(fn, x_T, steps, sampler=sampler, generator=list(generators))
-        return x0[:n]
+            return lambda x, t: model_fn(x, t, None)
+        return guided(model_fn, cond, self.mode.null_cond(cond), guidance_scale)
+
+
+def _sample_known(strategy: DiffusionStrategy, fn: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, steps: int,
+                  sampler: str, generators: list[torch.Generator], known: Tensor, region: Tensor) -> Tensor:
+    """:meth:`Stage.sample` with the region outside ``region`` replaced by ``known`` (see there)."""
+    grid = strategy.grid(steps)
+    levels = {t: (a, s) for t, a, s in zip(grid.t.tolist(), grid.alpha.tolist(), grid.sigma.tolist())}
+    denoise = strategy.denoiser(fn)
+    known, region = known.to(x_T), region.to(x_T.device).bool()
+
+    def replaced(x_t: Tensor, t: Tensor) -> Tensor:
+        alpha, sigma = levels[float(t[0])]
+        noised = known * alpha + randn_like(known, generators) * sigma
+        x0_hat = denoise(torch.where(region, x_t, noised), t)
+        return torch.where(region, x0_hat, known)
+
+    return SAMPLERS[sampler](replaced, x_T, grid, generator=generators)
 
 
 def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, use_ema: bool = True,

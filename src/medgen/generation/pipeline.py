@@ -128,6 +128,14 @@ def run_generation(cfg: DictConfig, dist: DistInfo | None = None, progress: bool
 def _generate(request: GenerateRequest, dist: DistInfo, progress: bool, command: str | None,
               ignored: Sequence[str]) -> GenerationResult:
     t_start = time.perf_counter()
+    if request.insert is not None:  # lesions painted into real scans
+        from medgen.generation.insert import run_insertion
+
+        for what in ignored:
+            log.warning("%s: it has no effect in this run", what)
+        done = run_insertion(request, dist, progress, command)
+        return GenerationResult(resolve_path(request.output.out_dir), done["status"], done["ids"], None,
+                                done["seconds"], done["sizes"])
     out, loading = resolve_path(request.output.out_dir), request.loading
     options = dict(device=dist.device, use_ema=loading.use_ema, precision=loading.precision, compile=loading.compile,
                    compile_mode=loading.compile_mode)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-__all__ = ["CountRequest", "GateRules", "GenerateRequest", "Loading", "MaskRequest", "Output", "PaintRequest",
+__all__ = ["CountRequest", "GateRules", "GenerateRequest", "InsertRequest", "Loading", "MaskRequest", "Output", "PaintRequest",
            "RealMasks", "Samplers", "Sampling", "SizeRequest", "quota_keys"]
 
 
@@ -128,7 +128,8 @@ class Output:
 class Loading:
     """The two checkpoints and how their networks are loaded."""
 
-    image_checkpoint: str
+    #: None only for insertion's copy painter
+    image_checkpoint: str | None
     seg_checkpoint: str | None
     device: str | None
     use_ema: bool
@@ -147,6 +148,29 @@ class Samplers:
 
 
 @dataclass(frozen=True)
+class InsertRequest:
+    """``insert.*``: lesions painted into the real scans of ``split`` of the dataset ``into``
+    (:mod:`medgen.generation.insert`), read into ``cache_dir``."""
+
+    into: str
+    split: str
+    painter: str
+    keep_source: bool
+    margin: int
+    shapes: str
+    image_size: Any
+    modalities: tuple[str, ...]
+    brain_method: str | None
+    cache_dir: str
+
+    def settings(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("cache_dir")
+        out["modalities"] = list(self.modalities)
+        return out
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     """A whole run's request (see the module docstring)."""
 
@@ -156,6 +180,8 @@ class GenerateRequest:
     real: RealMasks | None
     paint: PaintRequest
     output: Output
+    #: lesions painted into real scans (``insert.into``), or None: whole images
+    insert: InsertRequest | None
 
     @classmethod
     def from_config(cls, cfg: Any) -> "GenerateRequest":
@@ -169,13 +195,18 @@ class GenerateRequest:
                             _sizes(cfg), _counts(cfg), str(cfg.brain_outline))
         real = None if cfg.masks_from is None else RealMasks(str(cfg.masks_from), str(cfg.masks_split),
                                                              str(cfg.cache_dir))
-        return cls(Loading(str(cfg.image_checkpoint), None if cfg.seg_checkpoint is None else str(cfg.seg_checkpoint),
+        ins = cfg.insert
+        insert = None if ins.into is None else InsertRequest(
+            str(ins.into), str(ins.split), str(ins.painter), bool(ins.keep_source), int(ins.margin), str(ins.shapes),
+            _plain(OmegaConf, ins.image_size), tuple(ins.modalities), ins.brain_method, str(cfg.cache_dir))
+        image = None if cfg.image_checkpoint is None else str(cfg.image_checkpoint)
+        return cls(Loading(image, None if cfg.seg_checkpoint is None else str(cfg.seg_checkpoint),
                            cfg.device, bool(cfg.use_ema), str(cfg.precision), str(cfg.compile), str(cfg.compile_mode)),
                    Samplers(cfg.sampler, cfg.seg_sampler, cfg.image_sampler), masks, real,
                    PaintRequest(sampling, float(cfg.guidance_scale), int(cfg.samples_per_mask), str(cfg.split),
                                 bool(cfg.previews)),
                    Output(str(cfg.out_dir), str(cfg.split), bool(cfg.previews), str(cfg.format),
-                          int(cfg.nnunet.dataset_id), str(cfg.nnunet.name)))
+                          int(cfg.nnunet.dataset_id), str(cfg.nnunet.name)), insert)
 
     def with_gate(self, gate: GateRules) -> "GenerateRequest":
         """The same request with the gate's rules ``gate`` (its null rules set for the run)."""

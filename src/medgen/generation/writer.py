@@ -28,6 +28,8 @@ from medgen.data.pictures import plane_centre, render_planes, render_tile, side_
 from medgen.data.space import SampleSpace
 
 #: the manifest's columns, in order
+#: the files of a sample written as masks (uint8): the lesion mask, an insertion's region and source mask
+MASK_FILES = (MASK_KEY, "region", f"source_{MASK_KEY}")
 MANIFEST_COLUMNS = ("id", "split", "mask_source", "mask_seed", "image_seed", "seg_checkpoint", "seg_sha256",
                     "image_checkpoint", "image_sha256", "seg_sampler", "image_sampler", "steps", "guidance_scale",
                     "mask_area", "components", "accepted", "lesion_diameters_mm", "lesion_bins", "inside_brain")
@@ -51,7 +53,7 @@ def write_sample(folder: Path, arrays: Mapping[str, np.ndarray], spacing: Sequen
     affine = slice_affine(spacing)
     with atomic_write(folder) as tmp:
         for key, array in arrays.items():
-            save_volume(modality_path(tmp, key), as_volume(array), affine, is_mask=key == MASK_KEY)
+            save_volume(modality_path(tmp, key), as_volume(array), affine, is_mask=key in MASK_FILES)
     return folder
 
 
@@ -118,14 +120,15 @@ def _planes_drawer(mask: np.ndarray, space: SampleSpace, scale: int) -> Draw:
     return lambda image, m: render_planes(image, m, space.mm, scale, centre)
 
 
-def write_manifest(path: Path, rows: Sequence[Mapping[str, object]]) -> Path:
-    """``manifest.csv`` with :data:`MANIFEST_COLUMNS`, written atomically."""
+def write_manifest(path: Path, rows: Sequence[Mapping[str, object]],
+                   columns: Sequence[str] = MANIFEST_COLUMNS) -> Path:
+    """``manifest.csv`` with ``columns`` (a generation run's :data:`MANIFEST_COLUMNS`), written atomically."""
     path = Path(path)
     with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: row.get(k, "") for k in MANIFEST_COLUMNS})
+            writer.writerow({k: row.get(k, "") for k in columns})
     return path
 
 
