@@ -231,7 +231,8 @@ def _plan(run: _Insertion, j: int) -> Plan:
         seg, brain = run.scans.masks(item)
         taken, lesions = seg.copy(), []
         for cls in sorted(classes, key=lambda c: -c):
-            shape = resize_to_class(run.bank.pick(run.bins, cls, rng), run.bins, cls, spacing, rng, run.bank.diameters)
+            shape = resize_to_class(run.bank.pick(run.bins, cls, rng, run.scans.patient(item)), run.bins, cls,
+                                    spacing, rng, run.bank.diameters)
             placed = None
             if shape is not None:
                 region, lesion = region_of(shape.mask, margin)

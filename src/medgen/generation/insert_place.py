@@ -39,6 +39,8 @@ class Shape:
     diameter: float
     images: np.ndarray | None = None
     pad: int = 0
+    #: the patient it came from (None for a seg model's)
+    patient: str | None = None
 
 
 @dataclass
@@ -54,17 +56,20 @@ class ShapeBank:
     def diameters(self) -> np.ndarray:
         return np.asarray([s.diameter for s in self.shapes], dtype=np.float64)
 
-    def pick(self, bins: SizeBins, cls: int, rng: np.random.Generator) -> Shape:
+    def pick(self, bins: SizeBins, cls: int, rng: np.random.Generator, avoid: str | None = None) -> Shape:
         """A shape for class ``cls`` of ``bins``: one of that class when the bank has any (a copy
-        keeps its size), else the one nearest in diameter to the class."""
-        d = self.diameters
+        keeps its size), else the one nearest in diameter to the class; from another patient than
+        ``avoid`` (a shape's ``patient``) where the bank has any."""
+        shapes = [s for s in self.shapes if s.patient != avoid] if avoid is not None else self.shapes
+        shapes = shapes or self.shapes
+        d = np.asarray([s.diameter for s in shapes], dtype=np.float64)
         inside = np.flatnonzero(bins.index(d) == cls)
         if len(inside):
-            return self.shapes[int(rng.choice(inside))]
+            return shapes[int(rng.choice(inside))]
         lo, hi = class_range(bins, cls, d)
         gap = np.maximum(lo - d, d - hi)
         best = np.flatnonzero(gap <= gap.min() + 1e-9)
-        return self.shapes[int(rng.choice(best))]
+        return shapes[int(rng.choice(best))]
 
 
 def class_range(bins: SizeBins, cls: int, known: np.ndarray | None = None) -> tuple[float, float]:
@@ -79,9 +84,10 @@ def class_range(bins: SizeBins, cls: int, known: np.ndarray | None = None) -> tu
 
 
 def bank_from_masks(masks: np.ndarray, sources: Sequence[str], spacing: Sequence[float],
-                    images: np.ndarray | None = None, pad: int = 0, min_voxels: int = 1) -> ShapeBank:
+                    images: np.ndarray | None = None, pad: int = 0, patients: Sequence[str] | None = None) -> ShapeBank:
     """The lesions of ``masks [N, *S]`` (each a connected component, 26-connected in 3D), named
-    ``<source>#<k>``; with ``images [N, C, *S]``, each shape keeps the images of its box grown by ``pad``."""
+    ``<source>#<k>``, from ``patients[n]``; with ``images [N, C, *S]``, each shape keeps the images of
+    its box grown by ``pad``."""
     from scipy import ndimage
 
     shapes = []
@@ -92,13 +98,12 @@ def bank_from_masks(masks: np.ndarray, sources: Sequence[str], spacing: Sequence
         diameters = feret_diameters(mask, spacing)
         for k, box in enumerate(ndimage.find_objects(labels)):
             lesion = labels[box] == k + 1
-            if lesion.sum() < min_voxels:
-                continue
             crop = None
             if images is not None:
                 grown = tuple(slice(b.start - pad, b.stop + pad) for b in box)
                 crop = _crop_padded(images[n], grown)
-            shapes.append(Shape(lesion, f"{sources[n]}#{k + 1}", float(diameters[k]), crop, pad))
+            shapes.append(Shape(lesion, f"{sources[n]}#{k + 1}", float(diameters[k]), crop, pad,
+                                None if patients is None else patients[n]))
     return ShapeBank(shapes)
 
 
@@ -140,7 +145,7 @@ def resize_to_class(shape: Shape, bins: SizeBins, cls: int, spacing: Sequence[fl
             images = None
             if shape.images is not None:
                 images = _zoom_images(shape.images, shape.pad, mask.shape, zoom, box)
-            return Shape(mask, shape.source, d, images, shape.pad)
+            return Shape(mask, shape.source, d, images, shape.pad, shape.patient)
         zoom *= (target if d <= 0 else np.clip(target / d, 0.5, 2.0) * d) / max(d, 1e-3)
     return None
 

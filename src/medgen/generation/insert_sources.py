@@ -71,7 +71,12 @@ class Scans:
         with_lesion = np.flatnonzero(self.cache.lesion_pixels > 0)
         masks = np.stack([self.masks(int(i))[0] for i in with_lesion]) if len(with_lesion) else np.zeros((0,))
         images = np.stack([self.images(int(i)) for i in with_lesion]) if pad and len(with_lesion) else None
-        return bank_from_masks(masks, [f"real {self.source(int(i))}" for i in with_lesion], self.space.mm, images, pad)
+        return bank_from_masks(masks, [f"real {self.source(int(i))}" for i in with_lesion], self.space.mm, images, pad,
+                               [self.patient(int(i)) for i in with_lesion])
+
+    def patient(self, i: int) -> str:
+        """The patient of item ``i``."""
+        return self.cache.patient_ids[self.cache.patient_index[i]]
 
 
 def open_scans(request: InsertRequest, stage: Stage | None) -> Scans:
