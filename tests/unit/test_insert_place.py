@@ -91,3 +91,29 @@ def test_a_shape_of_the_class_is_taken_as_it_is_and_from_another_patient():
     shape = bank.pick(bins, 0, rng)
     assert resize_to_class(shape, bins, 0, spacing, rng) is shape  # already in the class: not resized
     assert isinstance(ShapeBank([Shape(np.ones((1, 1), bool), "x", 1.0)]).diameters, np.ndarray)
+
+
+def test_the_seam_is_one_where_nothing_changed_and_grows_with_a_step_at_the_border():
+    from medgen.generation.insert_place import grow
+    from medgen.generation.insert_seams import SeamTally, border_ring
+
+    rng = np.random.default_rng(0)
+    before = rng.uniform(0.4, 0.6, (32, 32))
+    region = _disc((32, 32), (16, 16), 5)
+    new = _disc((32, 32), (16, 16), 2)
+    real = _disc((32, 32), (6, 6), 2)
+    same = SeamTally()
+    same.add(before, before.copy(), region, new, [grow(real, 2)], real)
+    assert same.summary()["seam"] == 1.0
+    stepped = before.copy()
+    stepped[region] += 0.5  # a hard edge all along the region's border
+    tally = SeamTally()
+    tally.add(before, stepped, region, new, [grow(real, 2)], real)
+    summary = tally.summary()
+    ring = border_ring(region)
+    grad = lambda im: np.sqrt(sum(g ** 2 for g in np.gradient(im)))  # noqa: E731
+    assert summary["seam"] == pytest.approx(grad(stepped)[ring].mean() / grad(before)[ring].mean(), abs=1e-4)
+    assert summary["seam"] > 2
+    # the new lesions are exactly as bright as their rim: contrast 1 (the step lifts both)
+    rim = region & ~np.asarray(__import__("scipy").ndimage.binary_erosion(region, np.ones((3, 3)), border_value=1))
+    assert summary["lesion_contrast"] == pytest.approx(stepped[new].mean() / stepped[rim & ~new].mean(), abs=1e-4)

@@ -40,7 +40,8 @@ from medgen.diffusion.utils import sample_seed
 from medgen.generation import writer
 from medgen.generation.insert_paint import (PAINT_STREAM, Window, copy_into, paint_windows, painter_window,
                                             window_box)
-from medgen.generation.insert_place import ShapeBank, place, region_of, resize_to_class
+from medgen.generation.insert_place import ShapeBank, grow, place, region_of, resize_to_class
+from medgen.generation.insert_seams import SeamTally
 from medgen.generation.insert_sources import Scans, open_scans, seg_shapes
 from medgen.generation.images import read_sample
 from medgen.generation.masks import progress_bar
@@ -56,6 +57,8 @@ PLAN_STREAM = 13
 #: scans tried for one sample before its lesions are declared not to fit
 PLACE_TRIES = 20
 SHEET_SAMPLES = 16
+#: samples the seam and contrast figures of lesion_sizes.json are measured on
+SEAM_SAMPLES = 256
 REGION_KEY = "region"
 #: the manifest of an insertion run
 COLUMNS = ("id", "split", "source", "painter", "image_checkpoint", "image_sha256", "sampler", "steps", "seed",
@@ -365,14 +368,18 @@ def _finish(run: _Insertion, plans: Sequence[Plan]) -> dict[str, Any]:
                         "painted": painted_sizes.tolist(), "source": run.sizes.source},
               "counts": {"classes": list(run.counts.bins.names), "requested": run.counts.counts.tolist(),
                          "painted": painted_counts.tolist(), "source": run.counts.source}}
-    with atomic_write(run.out / "lesion_sizes.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=1))
-    tiles = []
-    for plan in plans[:SHEET_SAMPLES]:
+    tiles, seams = [], SeamTally()
+    for k, plan in enumerate(plans[:SEAM_SAMPLES]):
         folder = run.split_dir / plan.name
         before, seg = run.scans.images(plan.item)[0], run.scans.masks(plan.item)[0]
-        after = read_sample(folder, run.scans.keys[:1])
-        tiles.append(before_after(before, seg, after[run.scans.keys[0]], after[MASK_KEY], run.scans.space))
+        after = read_sample(folder, (run.scans.keys[0], REGION_KEY))
+        painted, union, region = after[run.scans.keys[0]], is_lesion(after[MASK_KEY]), is_lesion(after[REGION_KEY])
+        seams.add(before, painted, region, union & ~seg, [grow(seg, run.request.insert.margin)], seg)
+        if k < SHEET_SAMPLES:
+            tiles.append(before_after(before, seg, painted, union, run.scans.space))
+    report["seam"] = {"samples": min(len(plans), SEAM_SAMPLES), **seams.summary()}
+    with atomic_write(run.out / "lesion_sizes.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
     if tiles:
         save_png(contact_sheet(tiles, columns=run.scans.space.either(4, 1)), run.out / "contact_sheet.png")
     return report

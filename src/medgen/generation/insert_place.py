@@ -22,7 +22,7 @@ import numpy as np
 from medgen.data.lesions import SizeBins, feret_diameters
 from medgen.data.masks import lesion_labels
 
-__all__ = ["ShapeBank", "Shape", "Placed", "region_of", "place", "resize_to_class", "bank_from_masks"]
+__all__ = ["ShapeBank", "Shape", "Placed", "grow", "region_of", "place", "resize_to_class", "bank_from_masks"]
 
 #: attempts at a zoom factor that lands a shape's diameter in its class
 _ZOOM_TRIES = 8
@@ -162,22 +162,27 @@ def _zoom_images(images: np.ndarray, pad: int, box_shape: tuple[int, ...], zoom:
     return _crop_padded(zoomed, grown)
 
 
-def region_of(mask: np.ndarray, margin: int) -> np.ndarray:
-    """The footprint a lesion ``mask`` (bool box) may be painted in: grown by one voxel in every
-    direction (the 3^D cube) and then by a ball of radius ``margin - 1``, in a box of odd sides
-    whose centre voxel is the lesion's box centre. Returns ``(region, lesion)`` in that frame."""
+def region_of(mask: np.ndarray, margin: int) -> tuple[np.ndarray, np.ndarray]:
+    """The footprint a lesion ``mask`` (bool box) may be painted in (:func:`grow`), in a box of odd
+    sides whose centre voxel is the lesion's box centre. Returns ``(region, lesion)`` in that frame."""
+    pad = margin + 1
+    size = [n + 2 * pad + (1 - (n % 2)) for n in mask.shape]  # odd sides
+    lesion = np.zeros(size, dtype=bool)
+    lesion[tuple(slice(pad, pad + n) for n in mask.shape)] = mask
+    return grow(lesion, margin), lesion
+
+
+def grow(mask: np.ndarray, margin: int) -> np.ndarray:
+    """``mask`` (bool) grown by one voxel in every direction (the 3^D cube) and then by a ball of
+    radius ``margin - 1``: a lesion's region."""
     from scipy import ndimage
 
-    grow = margin + 1
-    size = [n + 2 * grow + (1 - (n % 2)) for n in mask.shape]  # odd sides
-    lesion = np.zeros(size, dtype=bool)
-    lesion[tuple(slice(grow, grow + n) for n in mask.shape)] = mask
-    region = ndimage.binary_dilation(lesion, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    region = ndimage.binary_dilation(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
     if margin > 1:
         r = margin - 1
         grid = np.indices((2 * r + 1,) * mask.ndim) - r
         region = ndimage.binary_dilation(region, structure=(grid ** 2).sum(0) <= r * r)
-    return region, lesion
+    return region
 
 
 @dataclass(frozen=True)
