@@ -199,4 +199,6 @@ def test_refusals_name_the_key_or_file(tmp_path, tiny_data, tiny_checkpoints, vo
         _insert(tmp_path, tiny_data, bravo, lesion_counts={"target": {"4+": 1}}, lesion_sizes={"target": {"large": 1}})
     with pytest.raises(DataError, match=r"have no \['flair'\]"):
         _insert(tmp_path, tiny_data, None, insert={"painter": "copy", "image_size": 16, "modalities": ["flair"]})
+    with pytest.raises(GenerationError, match=r"asks for <2mm lesions .* one voxel of the scans .* measures 2.8 mm"):
+        _insert(tmp_path, tiny_data, bravo, lesion_sizes={"target": "uniform", "bins": [2, 8]})
     assert not (tmp_path / "out" / "train").exists()  # nothing half-written

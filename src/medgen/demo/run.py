@@ -75,14 +75,49 @@ def run_demo(out: Path, minutes: float, subjects: int, pairs: int, seed: int, pr
     if result.status == "stopped":
         raise DemoStopped("generation")
     shutil.copyfile(result.contact_sheet, out / "contact_sheet.png")
+    t0 = time.perf_counter()
+    inserted = insert(out, runs["bravo"], seed, profile)
+    seconds["insert"] = time.perf_counter() - t0
 
     log.info("== 5/5 evaluate the synthetic pairs against the phantoms' test split")
     t0 = time.perf_counter()
     evaluation = evaluate(out, seed, profile)
     seconds["evaluate"] = time.perf_counter() - t0
-    summary = write_summary(out, subjects, pairs, seconds, facts, runs, result, evaluation, profile)
+    summary = write_summary(out, subjects, pairs, seconds, facts, runs, result, evaluation, profile, inserted)
     print(f"\ndemo finished in {sum(seconds.values()) / 60:.1f} min: {summary}")
     return summary
+
+
+def insert(out: Path, bravo: Path, seed: int, profile: Profile = SLICES) -> dict[str, dict]:
+    """Stage 4b: one new lesion (tiny or small, half each) painted into each of ``profile.pairs // 4``
+    real phantom scans of the train split, by the bravo model (``insert.painter=repaint``, no new
+    training) and copied from other phantoms (``copy``), into ``<out>/inserted/<painter>/``; the bravo
+    model's before | after sheet is ``<out>/insertion_sheet.png``. Returns each run's
+    ``lesion_sizes.json`` (classes, seam and contrast figures) by painter.
+
+    Raises:
+        DemoStopped: a signal stopped it.
+    """
+    from medgen.generation import generate
+
+    n = max(4, profile.pairs // 4)
+    log.info("== 4/5 (insertion) paint a new lesion into each of %d real phantom %ss: the bravo model, then copies",
+             n, profile.item)
+    reports = {}
+    for painter in INSERT_PAINTERS:
+        result = generate(image_checkpoint=str(bravo), num_images=n, out_dir=str(out / "inserted" / painter),
+                          cache_dir=str(out / "cache"), seed=seed,
+                          insert={"into": str(out / "data"), "painter": painter, "keep_source": True},
+                          lesion_sizes={"target": {"tiny": 1, "small": 1}}, lesion_counts={"target": {"1": 1}})
+        if result.status == "stopped":
+            raise DemoStopped("insertion")
+        reports[painter] = result.sizes
+    shutil.copyfile(out / "inserted" / INSERT_PAINTERS[0] / "contact_sheet.png", out / "insertion_sheet.png")
+    return reports
+
+
+#: the demo's insertion painters: the bravo model it trained, and the copy-paste yardstick
+INSERT_PAINTERS = ("repaint", "copy")
 
 
 def _check_kind(out: Path, profile: Profile) -> None:

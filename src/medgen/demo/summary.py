@@ -12,7 +12,8 @@ from medgen.data.space import SampleSpace
 
 
 def write_summary(out: Path, subjects: int, pairs: int, seconds: dict[str, float], facts: dict[str, dict],
-                  runs: dict[str, Path], result, evaluation: dict, profile: Profile = SLICES) -> Path:
+                  runs: dict[str, Path], result, evaluation: dict, profile: Profile = SLICES,
+                  inserted: dict[str, dict] | None = None) -> Path:
     """``<out>/summary.md``: the stages (minutes, what each wrote), where the files are, the
     evaluation's summary and the lesion-contrast check."""
     from medgen.evaluation.report import summary_lines
@@ -48,6 +49,7 @@ def write_summary(out: Path, subjects: int, pairs: int, seconds: dict[str, float
         "something, not as what these models could do for a segmentation network.",
         "",
         *_contrast_section(check, profile),
+        *_insertion_section(inserted or {}, profile),
     ]
     path = out / "summary.md"
     path.write_text("\n".join(lines))
@@ -71,8 +73,11 @@ def _stage_table(out: Path, subjects: int, seconds: dict[str, float], facts: dic
                                                                f", best val loss {f['best_val_loss']:.4f}")
         lines.append(f"| train {mode} | {seconds[f'train {mode}'] / 60:.1f} | {what}: `{rel(runs[mode])}/` |")
     rate = "" if result.acceptance_rate is None else f", quality gate acceptance {100 * result.acceptance_rate:.0f}%"
+    inserted = f"| insert | {seconds['insert'] / 60:.1f} | a new lesion in each of some real {profile.item}s, two " \
+        "painters: `inserted/`, `insertion_sheet.png` |" if "insert" in seconds else None
     lines += [
         f"| generate | {seconds['generate'] / 60:.1f} | {len(result.sample_ids)} pairs{rate}: `synthetic/` |",
+        *([inserted] if inserted else []),
         f"| evaluate | {seconds['evaluate'] / 60:.1f} | FID, conditioning adherence, downstream segmentation: "
         "`evaluation/report.html` |",
         f"| total | {sum(seconds.values()) / 60:.1f} | |",
@@ -97,6 +102,25 @@ def _contrast_section(check: dict[str, float], profile: Profile = SLICES) -> lis
         "",
         *(_SLICE_TEXT if profile is SLICES else _VOLUME_TEXT),
     ]
+
+
+def _insertion_section(reports: dict[str, dict], profile: Profile = SLICES) -> list[str]:
+    """The summary's insertion section: per painter the lesions painted, the seam and the contrast."""
+    if not reports:
+        return []
+    lines = ["## New lesions painted into real scans (`insertion_sheet.png`)", "",
+             f"One new lesion (tiny or small) in each of a few real phantom {profile.item}s, the rest of each scan "
+             "unchanged (`inserted/<painter>/`, docs: Insertion). Seam: the intensity gradient on the painted "
+             "region's border after / before painting (1: no seam). Contrast: mean intensity of the new lesions "
+             "over their region's rim (real lesions in the same scans: beside it).", "",
+             "| painter | lesions (tiny, small) | seam | lesion contrast | real lesions' contrast |", "|---|---|---|---|---|"]
+    for painter, report in reports.items():
+        seam, painted = report["seam"], report["sizes"]["painted"]
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        lines.append(f"| {painter} | {painted[0]}, {painted[1]} | {fmt(seam['seam'])} | {fmt(seam['lesion_contrast'])} "
+                     f"| {fmt(seam['real_lesion_contrast'])} |")
+    return [*lines, "", "`repaint` is the demo's bravo model painting with the scan put back outside the region at "
+            "every step; `copy` moves real lesions of other phantoms (the yardstick).", ""]
 
 
 _SLICE_TEXT = [

@@ -31,7 +31,7 @@ from medgen.core.distributed import DistInfo, any_rank, barrier
 from medgen.core.fs import atomic_write
 from medgen.core.paths import resolve_path
 from medgen.core.signals import stop_signals
-from medgen.data.lesions import SizeBins
+from medgen.data.lesions import SizeBins, feret_diameters
 from medgen.data.masks import is_lesion, lesion_labels
 from medgen.data.nifti_dataset import DataError
 from medgen.data.pictures import contact_sheet, save_png, side_by_side
@@ -194,12 +194,23 @@ def _prepare(request: GenerateRequest, dist: DistInfo) -> _Insertion:
     counts = resolve_count_target(asked.counts, n, scans.lesion_counts(), 10 ** 6)
     per_sample = np.asarray([_count_of(counts, counts.requested([j])[0]) for j in range(n)])
     sizes = resolve_target(asked.sizes, int(per_sample.sum()), scans.space, tuple(bank.diameters))
+    _check_resolution(sizes, scans)
     sampler = None if stage is None or ins.painter == "copy" else (
         request.samplers.image_sampler or request.samplers.sampler or stage.strategy.samplers[0])
     if sampler is not None and sampler not in stage.strategy.samplers:
         raise GenerationError(f"image_sampler={sampler}: {stage.path} samples with {list(stage.strategy.samplers)}")
     return _Insertion(request, stage, scans, bank, sizes.bins, sizes, counts, resolve_path(request.output.out_dir),
                       sampler, window)
+
+
+def _check_resolution(sizes: ClassTarget, scans: Scans) -> None:
+    """Every class asked holds a lesion of one voxel or more at the scans' voxel size."""
+    one = float(feret_diameters(np.ones((1,) * scans.space.dims, dtype=bool), scans.space.mm)[0])
+    for b, name in enumerate(sizes.bins.names):
+        if sizes.counts[b] and b < len(sizes.bins.edges) and sizes.bins.edges[b] <= one:
+            raise GenerationError(f"lesion_sizes.target asks for {name} lesions (< {sizes.bins.edges[b]:g} mm), but one "
+                                  f"voxel of the scans ({scans.describe()}) measures {one:.1f} mm across; read them "
+                                  "larger (insert.image_size) or ask for none of them")
 
 
 def _check_painter(painter: str, stage: Stage | None) -> None:
@@ -221,8 +232,8 @@ def _count_of(counts: ClassTarget, cls: int) -> int:
 
 
 def _plan(run: _Insertion, j: int) -> Plan:
-    """Sample ``j``'s scan and new lesions, from ``(seed, j)`` alone: a scan drawn at random, its
-    lesions placed one by one (largest first); another scan when one does not fit, up to
+    """Sample ``j``'s scan and new lesions, from ``(seed, j)`` alone: a scan drawn in proportion to
+    its brain's voxels, its lesions placed one by one (largest first); another scan when one does not fit, up to
     :data:`PLACE_TRIES`; a :class:`GenerationError` then."""
     rng = np.random.default_rng(sample_seed(run.request.paint.sampling.seed, j, PLAN_STREAM))
     first = int(sum(_count_of(run.counts, c) for c in run.counts.requested(range(j))))
@@ -230,7 +241,7 @@ def _plan(run: _Insertion, j: int) -> Plan:
                                                                                    run.counts.requested([j])[0])))]
     margin, spacing = run.request.insert.margin, run.scans.space.mm
     for _ in range(PLACE_TRIES):
-        item = int(run.scans.items[rng.integers(len(run.scans.items))])
+        item = int(run.scans.items[rng.choice(len(run.scans.items), p=run.scans.weights)])
         seg, brain = run.scans.masks(item)
         taken, lesions = seg.copy(), []
         for cls in sorted(classes, key=lambda c: -c):

@@ -44,6 +44,13 @@ class Scans:
     root: str
     items: np.ndarray
 
+    def __post_init__(self) -> None:
+        brain = len(self.keys) + 1
+        #: each item's brain voxels over the split's: drawing a scan by them, then a place uniformly in
+        #: its brain, makes every brain voxel of the split equally likely (small brains are not favoured)
+        voxels = np.asarray([np.count_nonzero(is_lesion(self.cache.data[int(i), brain])) for i in self.items], float)
+        self.weights = voxels / voxels.sum() if voxels.sum() else np.full(len(self.items), 1 / len(self.items))
+
     def describe(self) -> str:
         return f"{self.split}/ of {self.root} ({len(self.items)} {self.space.unit}s of {self.space.describe()})"
 
@@ -110,6 +117,8 @@ def open_scans(request: InsertRequest, stage: Stage | None) -> Scans:
     if cache.spacing is not None:
         space = space.with_spacing(cache.spacing)
     items = np.arange(len(cache))
+    if len(items):
+        items = items[[bool(is_lesion(cache.data[int(i), len(keys) + 1]).any()) for i in items]]
     if not len(items):
         raise DataError(f"insert.into={request.into}: no brain {space.unit} in {root / request.split}")
     return Scans(cache, keys, space, request.split, str(request.into), items)
