@@ -36,6 +36,18 @@ def test_demo_runs_the_whole_pipeline_and_its_lesions_sit_on_the_masks(tmp_path)
     metrics = (out / "evaluation" / "metrics.json").read_text()
     assert '"downstream"' in metrics and (out / "evaluation" / "report.html").is_file()
     assert "downstream Dice, trained on real" in summary
+    _insertion_ran(out, summary)
+
+
+def _insertion_ran(out, summary: str) -> None:
+    """The demo's insertion stage: both painters' rows with their classes, the before | after sheet, and
+    every inserted sample a valid medgen sample whose scan is unchanged outside its region."""
+    for painter in ("repaint", "copy"):
+        row = re.search(rf"\| {painter} \| (\d+), (\d+) \| ([\d.]+) \|", summary)
+        assert row and int(row.group(1)) + int(row.group(2)) >= 4, summary
+        report = check_dataset(out / "inserted" / painter, progress=False)
+        assert report.ok, report
+    assert (out / "insertion_sheet.png").is_file()
 
 
 @pytest.mark.timeout(2400)
@@ -79,3 +91,4 @@ def test_the_volume_demo_runs_the_3d_pipeline_within_20_minutes(tmp_path):
     own = float(re.search(r"\| synthetic \| their own \| ([-\d.]+) \|", summary).group(1))
     control = float(re.search(r"\| synthetic \| another sample's \(control\) \| ([-\d.]+) \|", summary).group(1))
     assert own > control, summary  # a brighter lesion at its own mask than at another volume's
+    _insertion_ran(out, summary)

@@ -485,11 +485,11 @@ def demo_stages(tmp_path, monkeypatch):
         return "done"
 
     def generate(**kwargs):
-        seen["generate"].append(kwargs)
+        seen["insert" if "insert" in kwargs else "generate"].append(kwargs)
         sheet = Path(kwargs["out_dir"]) / "contact_sheet.png"
         sheet.parent.mkdir(parents=True, exist_ok=True)
         sheet.write_bytes(b"png")
-        return SimpleNamespace(status="done", contact_sheet=sheet)
+        return SimpleNamespace(status="done", contact_sheet=sheet, sizes={})
 
     def evaluate(out, seed, profile):
         seen["evaluate"].append({"out": out, "seed": seed, "profile": profile})
@@ -510,7 +510,7 @@ def demo_stages(tmp_path, monkeypatch):
 
     def run(*flags: str, out: str = "demo") -> dict[str, list]:
         seen.clear()
-        seen.update({stage: [] for stage in ("phantoms", "train", "generate", "evaluate", "summary")})
+        seen.update({stage: [] for stage in ("phantoms", "train", "generate", "insert", "evaluate", "summary")})
         code = demo.main(["--out", str(tmp_path / out), *flags])
         return {"code": code, **{stage: list(calls) for stage, calls in seen.items()}}
 
@@ -532,6 +532,10 @@ def test_the_demo_flags_reach_their_stages(demo_stages, tmp_path, flag, value):
     (phantoms,), (generate,), (evaluate,) = base["phantoms"], base["generate"], base["evaluate"]
     assert (phantoms["subjects"], phantoms["seed"], phantoms["lesion_sizes"]) == (20, 0, "clinical")
     assert (generate["num_images"], generate["seed"], evaluate["seed"], evaluate["profile"]) == (64, 0, 0, SLICES)
+    # insertion: the demo's bravo model (repaint), then copies, into 16 real phantom scans of its data
+    assert [(i["insert"]["painter"], i["num_images"], i["insert"]["into"], i["image_checkpoint"]) for i in base["insert"]] \
+        == [(p, 16, str(tmp_path / "base" / "data"), str(tmp_path / "base" / "runs" / "bravo" / "demo"))
+            for p in ("repaint", "copy")]
     _, seg = _seg_run(base)
     assert (seg.training.epochs, seg.seed, seg.model.image_size) == (12 * 0.5 * 60, 0, 64)  # 1 s per epoch
 

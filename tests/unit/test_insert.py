@@ -17,6 +17,7 @@ from medgen.data.brain import brain_of
 from medgen.data.lesions import feret_diameters, parse_bins
 from medgen.data.masks import lesion_labels
 from medgen.data.nifti_dataset import DataError, load_volume
+from medgen.data.validate import check_dataset
 from medgen.generation import GenerationError, Stage, generate
 from medgen.generation.status import read_status
 
@@ -81,6 +82,8 @@ def test_new_lesions_lie_in_the_brain_apart_from_old_ones_and_nothing_else_chang
         brain = brain_of(s["source_bravo"][..., 0], "heuristic", None)
         new_voxels = np.isin(labels, 1 + np.flatnonzero(new))[..., 0]
         assert new_voxels.any() and brain[new_voxels].all() and region[..., 0][new_voxels].all(), name
+    report = check_dataset(result.out_dir, progress=False)  # a medgen dataset; its extra files are known ones
+    assert report.ok and not report.problems, report
     rows = _manifest(result.out_dir)
     assert [r["id"] for r in rows] == sorted(samples)
     assert all(r["painter"] == painter and r["source"].startswith("train/patient_") and "/z" in r["source"]

@@ -43,7 +43,10 @@ __all__ = ["AFFINE_ATOL", "PatientRead", "Problem", "Report", "check_dataset", "
 Severity = Literal["error", "warning"]
 
 #: file names a patient folder may hold
-_KNOWN_FILES: frozenset[str] = frozenset(f"{k}{s}" for k in MODALITIES for s in MODALITY_SUFFIXES)
+#: what a patient folder may hold: the modalities, and what an insertion run writes beside them (where its
+#: painter worked, the scan as it was: medgen.generation.insert)
+_SAMPLE_EXTRAS = ("region", *(f"source_{k}" for k in MODALITIES))
+_KNOWN_FILES: frozenset[str] = frozenset(f"{k}{s}" for k in (*MODALITIES, *_SAMPLE_EXTRAS) for s in MODALITY_SUFFIXES)
 _MAX_VALUES_SHOWN = 6
 _MAX_NAMES_SHOWN = 8
 
