@@ -101,7 +101,7 @@ class Stage:
         (model space; None for seg), one generator per sample (on the sampling device). With ``batch_size``, the batch
         is padded to it with throw-away samples, so a compiled network always sees one shape."""
         n = len(generators)
-        shape = (n, self.mode.out_channels, *self.space.shape)
+        shape = (n, self.mode.out_channels, *self.mode.sample_shape(self.space.shape))
         x_T = randn_like(torch.empty(shape, device=self.device), list(generators))
         if batch_size is not None and n < batch_size:
             pad = batch_size - n
@@ -135,7 +135,7 @@ def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, 
         log.warning("%s has no EMA weights (trained with training.use_ema=false): using the raw weights", file)
     space = _recorded_space(ckpt, key, file)
     network = network_from_checkpoint(ckpt, file, use_ema).to(device).eval().requires_grad_(False)
-    return Stage(path=file, sha256=sha256(file), network=network, strategy=build_strategy(trained, space.shape),
+    return Stage(path=file, sha256=sha256(file), network=network, strategy=build_strategy(trained, mode.sample_shape(space.shape)),
                  mode=mode, cond_dropout=float(trained.training.cond_dropout), space=space,
                  brain_from=str(trained.data.get("brain_from", "bravo")), device=device, precision=precision,
                  forward=sampling_forward(network, device, compile, log, compile_mode),
