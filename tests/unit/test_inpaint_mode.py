@@ -263,3 +263,15 @@ def test_inpaint_resume_is_exact(tiny_cfg, tmp_path):
     assert resumed.step == straight.step == 6
     for k, v in straight.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_region_keys_a_run_does_not_use_are_named():
+    from medgen.diffusion.config import unused_keys
+
+    never_lesion = load_config(["mode=inpaint", "mode.lesion_fraction=0", "mode.margin=3", "mode.max_radius=4"])
+    assert unused_keys(never_lesion, ["mode.margin", "mode.max_radius"]) == [
+        "mode.margin=3 (mode.lesion_fraction=0: no region is a lesion)"]
+    # lesion_fraction=1 still draws balls for the items without a lesion: max_radius acts
+    always = load_config(["mode=inpaint", "mode.lesion_fraction=1", "mode.max_radius=4"])
+    assert unused_keys(always, ["mode.margin", "mode.max_radius"]) == []
+    assert unused_keys(load_config(["mode=inpaint", "mode.margin=3"]), ["mode.margin", "mode.max_radius"]) == []

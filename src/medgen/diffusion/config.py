@@ -333,8 +333,6 @@ TRAIN_NO_EFFECT: tuple[NoEffect, ...] = (
      lambda c: not c.training.use_ema, "training.use_ema=false"),
     (("training.min_snr_gamma",), lambda c: not c.training.use_min_snr, "training.use_min_snr=false"),
     (("mode.margin",), lambda c: c.mode.get("lesion_fraction", 1) == 0, "mode.lesion_fraction=0: no region is a lesion"),
-    (("mode.max_radius",), lambda c: c.mode.get("lesion_fraction", 0) == 1,
-     "mode.lesion_fraction=1: every item with a lesion is painted at its lesions"),
     (("strategy.base_image_size",), lambda c: not c.strategy.get("use_timestep_transform", True),
      "strategy.use_timestep_transform=false"),
 )
