@@ -27,8 +27,9 @@ from medgen.data.lesions import parse_bins, parse_count_classes
 from medgen.diffusion.modes import MODES
 from medgen.diffusion.strategies import STRATEGIES
 
-__all__ = ["COMPILE_MODES", "MAX_WARMUP_FRACTION", "ModelConfig", "ModeConfig", "LesionModeConfig", "InpaintModeConfig", "TrainingConfig",
-           "PathsConfig", "Root", "mode_schema", "training_schema", "validate_config", "load_config", "unused_keys"]
+__all__ = ["COMPILE_MODES", "MAX_WARMUP_FRACTION", "ModelConfig", "ModeConfig", "LesionModeConfig", "InpaintModeConfig",
+           "TrainingConfig", "PathsConfig", "Root", "mode_schema", "training_schema", "validate_config", "load_config",
+           "unused_keys"]
 
 #: ``torch.compile`` modes (``training.compile_mode``, ``compile_mode`` of generation): ``default``;
 #: ``reduce-overhead`` (CUDA graphs); ``max-autotune`` (kernel search + CUDA graphs, slow to compile);
@@ -332,7 +333,8 @@ TRAIN_NO_EFFECT: tuple[NoEffect, ...] = (
     (("training.ema_decay", "training.ema_update_after_step", "training.ema_update_every"),
      lambda c: not c.training.use_ema, "training.use_ema=false"),
     (("training.min_snr_gamma",), lambda c: not c.training.use_min_snr, "training.use_min_snr=false"),
-    (("mode.margin",), lambda c: c.mode.get("lesion_fraction", 1) == 0, "mode.lesion_fraction=0: no region is a lesion"),
+    (("mode.margin",), lambda c: c.mode.get("lesion_fraction", 1) == 0,
+     "mode.lesion_fraction=0: no region is a lesion"),
     (("strategy.base_image_size",), lambda c: not c.strategy.get("use_timestep_transform", True),
      "strategy.use_timestep_transform=false"),
 )

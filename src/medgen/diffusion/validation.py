@@ -124,5 +124,6 @@ def sample_grid(model: torch.nn.Module, strategy: DiffusionStrategy, mode: Train
         row += [real[k][i, 0].float().cpu().numpy() for k in mode.image_keys]
         row += [gen[k][i, 0].float().cpu().numpy() for k in mode.image_keys]
         rows.append([ras_to_display(space.axial(tile)) for tile in row])
-    labels = [*(label for label, _ in columns), *(f"{k} real" for k in mode.image_keys), *(f"{k} gen" for k in mode.image_keys)]
+    labels = [*(label for label, _ in columns), *(f"{k} real" for k in mode.image_keys),
+              *(f"{k} gen" for k in mode.image_keys)]
     return make_grid(rows, labels=labels, scale=2)

@@ -135,8 +135,9 @@ def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, 
         log.warning("%s has no EMA weights (trained with training.use_ema=false): using the raw weights", file)
     space = _recorded_space(ckpt, key, file)
     network = network_from_checkpoint(ckpt, file, use_ema).to(device).eval().requires_grad_(False)
-    return Stage(path=file, sha256=sha256(file), network=network, strategy=build_strategy(trained, mode.sample_shape(space.shape)),
-                 mode=mode, cond_dropout=float(trained.training.cond_dropout), space=space,
+    return Stage(path=file, sha256=sha256(file), network=network,
+                 strategy=build_strategy(trained, mode.sample_shape(space.shape)), mode=mode,
+                 cond_dropout=float(trained.training.cond_dropout), space=space,
                  brain_from=str(trained.data.get("brain_from", "bravo")), device=device, precision=precision,
                  forward=sampling_forward(network, device, compile, log, compile_mode),
                  training_sizes=_lesions(ckpt, "lesion_sizes", stage, key, file),
