@@ -18,7 +18,7 @@ GROUPS = {g: sorted(p.stem for p in (CONFIGS / g).glob("*.yaml")) for g in ("mod
 
 def test_groups_are_the_specification_s():
     assert GROUPS["strategy"] == ["ddpm", "rflow"]
-    assert GROUPS["mode"] == ["bravo", "dual", "seg"]
+    assert GROUPS["mode"] == ["bravo", "dual", "inpaint", "seg"]  # the specification's 3, and inpaint
     assert {"default", "fast_debug", "cpu"} <= set(GROUPS["training"])
     assert GROUPS["paths"] == ["cluster", "local"]
 

@@ -20,7 +20,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from medgen.core.paths import configs_dir
 from medgen.core.schema import ConfigError, compose_config, merge_schema, shipped_values
-from medgen.diffusion.config import LesionModeConfig, ModeConfig, mode_schema, training_schema, validate_config
+from medgen.diffusion.config import (InpaintModeConfig, LesionModeConfig, ModeConfig, mode_schema, training_schema,
+                                     validate_config)
 from medgen.diffusion.modes import MODES
 from medgen.diffusion.strategies import STRATEGIES
 from medgen.evaluation.config import EvaluateConfig, validate_evaluate_config
@@ -155,9 +156,10 @@ def test_generate_and_evaluate_yaml_fill_their_schemas(config_name, schema):
 
 def test_every_mode_file_has_its_mode_class_s_keys():
     """The mode schema follows the mode class: only a mode that may be conditioned on its lesions
-    has ``size_bins`` / ``count_classes``."""
+    has ``size_bins`` / ``count_classes``, only the one that paints into scans its window and regions."""
+    schemas = {"seg": LesionModeConfig, "inpaint": InpaintModeConfig}
     for name in _options("mode"):
-        assert mode_schema(MODES[name]) is (LesionModeConfig if name == "seg" else ModeConfig), name
+        assert mode_schema(MODES[name]) is schemas.get(name, ModeConfig), name
 
 
 def test_the_shipped_values_are_what_hydra_composes():

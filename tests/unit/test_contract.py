@@ -1,4 +1,4 @@
-"""Shared contract of strategies x modes: all 6 combinations train and sample with the production
+"""Shared contract of strategies x modes: all 8 combinations train and sample with the production
 network (``build_network``), on slices and on volumes (``spatial_dims`` 3, a tiny shape)."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ MODEL_OVERRIDES = [
 ]
 #: the sample shape per number of spatial dimensions (2D: model.image_size)
 SHAPES = {2: (32, 32), 3: (16, 16, 8)}
-COMBINATIONS = list(itertools.product([2, 3], ["ddpm", "rflow"], ["seg", "bravo", "dual"]))
+COMBINATIONS = list(itertools.product([2, 3], ["ddpm", "rflow"], ["seg", "bravo", "dual", "inpaint"]))
 BATCH = 2
 GAMMA = 5.0
 #: optimizer steps of the overfit check per number of spatial dimensions (a tiny volume has fewer voxels to fit)

@@ -82,6 +82,7 @@ def _here(name: str) -> str:
 
 TRAINER = "unit/test_trainer.py"
 SLICES = "unit/test_slices.py"
+INPAINT = "unit/test_inpaint_mode.py"
 COVERAGE_TRAIN: dict[str, str] = {
     "seed": _t(TRAINER, "test_building_a_trainer_leaves_process_wide_state_alone"),
     # ---- data
@@ -120,6 +121,11 @@ COVERAGE_TRAIN: dict[str, str] = {
                          "test_a_size_conditioned_seg_model_trains_and_draws_the_class_asked_of_each_candidate"),
     "mode.count_classes": _t("unit/test_sizes.py",
                              "test_a_count_conditioned_seg_model_trains_and_draws_the_number_of_lesions_asked"),
+    # ---- mode (inpaint)
+    "mode.window": _t(INPAINT, "test_the_window_has_its_shape_and_holds_the_whole_region_when_it_fits"),
+    "mode.lesion_fraction": _t(INPAINT, "test_a_region_at_a_lesion_is_the_lesion_dilated_by_the_margin"),
+    "mode.margin": _t(INPAINT, "test_a_region_at_a_lesion_is_the_lesion_dilated_by_the_margin"),
+    "mode.max_radius": _t(INPAINT, "test_random_regions_are_balls_centred_in_the_brain_no_larger_than_max_radius"),
     # ---- paths (local, cluster)
     "paths.data_dir": _t(SLICES, "test_missing_data_folder_says_how_to_make_one"),
     "paths.model_dir": _t("unit/test_config.py", "test_run_folder_pattern"),

@@ -41,7 +41,7 @@ def _mode_cfg(name: str, **overrides):
 
 
 def test_registry_and_attributes():
-    assert set(MODES) == {"seg", "bravo", "dual"}
+    assert set(MODES) == {"seg", "bravo", "dual", "inpaint"}  # inpaint: tests/unit/test_inpaint_mode.py
     seg, bravo, dual = _mode("seg"), _mode("bravo"), _mode("dual")
     assert isinstance(seg, SegmentationMode) and isinstance(bravo, ConditionalSingleMode) and isinstance(dual, ConditionalDualMode)
     # the defaults know the brain: the mask model draws it with the lesions, the image models are given it

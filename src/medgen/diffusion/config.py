@@ -27,8 +27,9 @@ from medgen.data.lesions import parse_bins, parse_count_classes
 from medgen.diffusion.modes import MODES
 from medgen.diffusion.strategies import STRATEGIES
 
-__all__ = ["COMPILE_MODES", "MAX_WARMUP_FRACTION", "ModelConfig", "ModeConfig", "LesionModeConfig", "TrainingConfig",
-           "PathsConfig", "Root", "mode_schema", "training_schema", "validate_config", "load_config", "unused_keys"]
+__all__ = ["COMPILE_MODES", "MAX_WARMUP_FRACTION", "ModelConfig", "ModeConfig", "LesionModeConfig", "InpaintModeConfig",
+           "TrainingConfig", "PathsConfig", "Root", "mode_schema", "training_schema", "validate_config", "load_config",
+           "unused_keys"]
 
 #: ``torch.compile`` modes (``training.compile_mode``, ``compile_mode`` of generation): ``default``;
 #: ``reduce-overhead`` (CUDA graphs); ``max-autotune`` (kernel search + CUDA graphs, slow to compile);
@@ -69,6 +70,19 @@ class LesionModeConfig(ModeConfig):
     size_bins: Any = MISSING
     #: a mask model conditioned on the class of its number of lesions: e.g. [1, 2, 3, 4] (null: not)
     count_classes: Any = MISSING
+
+
+@dataclass
+class InpaintModeConfig(ModeConfig):
+    """The keys of the inpainting painter (``paints_into_scans``: inpaint)."""
+    #: the training window: null (the whole item), W (W x W slice windows) or [X, Y, Z] (volumes)
+    window: Any = MISSING
+    #: probability that a training region is the item's lesions (dilated), in [0, 1]
+    lesion_fraction: float = MISSING
+    #: voxels a lesion region extends around the lesion
+    margin: int = at_least(0)
+    #: largest radius (voxels) of a random ball region
+    max_radius: int = at_least(1)
 
 
 #: the keys only a ``lesion_conditionable`` mode has (:class:`LesionModeConfig`), with what they condition on
@@ -135,7 +149,9 @@ class Root:
 
 def mode_schema(mode_cls: type) -> type:
     """The schema of a mode class's YAML file: :class:`LesionModeConfig` for a ``lesion_conditionable``
-    mode, else :class:`ModeConfig`."""
+    mode, :class:`InpaintModeConfig` for one that ``paints_into_scans``, else :class:`ModeConfig`."""
+    if mode_cls.paints_into_scans:
+        return InpaintModeConfig
     return LesionModeConfig if mode_cls.lesion_conditionable else ModeConfig
 
 
@@ -170,6 +186,8 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
                           ("data", DataConfig)):
         check_fields(merged[group], schema, group)
     _check_mode(merged.mode, mode_cls)
+    if mode_cls.paints_into_scans:
+        check_fields(merged.mode, InpaintModeConfig, "mode")
     _check_values(merged, world_size)
     return merged
 
@@ -214,16 +232,37 @@ def _check_mode(mo: DictConfig, mode_cls: type) -> None:
             raise ConfigError(f"mode.{key}", str(exc)) from None
 
 
-def _check_image_size(size: Any, factor: int, n_levels: int) -> None:
-    """``model.image_size``: S (a square slice) or [X, Y, Z] (a volume), sizes the U-Net can downsample."""
+def _check_image_size(size: Any, factor: int, n_levels: int, key: str = "model.image_size") -> list[int]:
+    """``model.image_size`` (or ``key``, e.g. ``mode.window``): S (a square slice) or [X, Y, Z] (a
+    volume), sizes the U-Net can downsample. Returns the sizes."""
     sizes = [size] if isinstance(size, int) else list(size) if OmegaConf.is_list(size) else None
     check(not isinstance(size, bool) and sizes is not None and len(sizes) in (1, 3)
-          and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes), "model.image_size",
+          and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes), key,
           f"must be a positive size S (slices of S x S) or three sizes [X, Y, Z] (volumes), got {size}")
     bad = [n for n in sizes if n % factor]
-    check(not bad, "model.image_size", f"{size} is not divisible by 2^{n_levels - 1}={factor}"
-                                       f"{' in every axis' if len(sizes) == 3 else ''} (the U-Net downsamples "
-                                       f"{n_levels - 1} times)")
+    check(not bad, key, f"{size} is not divisible by 2^{n_levels - 1}={factor}"
+                        f"{' in every axis' if len(sizes) == 3 else ''} (the U-Net downsamples {n_levels - 1} times)")
+    return sizes
+
+
+def _check_inpaint(cfg: DictConfig, factor: int, n_levels: int) -> None:
+    """The inpainting painter's keys: ``mode.window`` a size like ``model.image_size`` (same form, at most
+    it per axis, divisible alike), ``mode.lesion_fraction`` in [0, 1], ``mode.cond_keys`` = [seg, brain]."""
+    mo, image_size = cfg.mode, cfg.model.image_size
+    check(list(mo.cond_keys) == ["seg", "brain"], "mode.cond_keys",
+          f"mode {mo.name!r} takes exactly [seg, brain] (in this order), got {list(mo.cond_keys)}")
+    check(0 <= mo.lesion_fraction <= 1, "mode.lesion_fraction", f"must be in [0, 1], got {mo.lesion_fraction}")
+    if mo.window is None:
+        return
+    volume = not isinstance(image_size, int)
+    form = OmegaConf.is_list(mo.window) and len(mo.window) == 3 if volume else isinstance(mo.window, int)
+    check(form and not isinstance(mo.window, bool), "mode.window",
+          f"must be {'[X, Y, Z] (model.image_size is a volume' if volume else 'an int W (model.image_size is a slice'}"
+          f" size, {image_size}), got {mo.window}")
+    window = _check_image_size(mo.window, factor, n_levels, "mode.window")
+    sizes = list(image_size) if volume else [image_size]
+    check(len(window) == len(sizes) and all(w <= s for w, s in zip(window, sizes)), "mode.window",
+          f"{mo.window} is larger than model.image_size={image_size} (a window lies inside an item)")
 
 
 def _check_values(cfg: DictConfig, world_size: int) -> None:
@@ -239,6 +278,8 @@ def _check_values(cfg: DictConfig, world_size: int) -> None:
         f"has {len(m.attention_levels)} entries but model.channels has {n_levels}; they must match",
     )
     _check_image_size(m.image_size, 2 ** (n_levels - 1), n_levels)
+    if MODES[cfg.mode.name].paints_into_scans:
+        _check_inpaint(cfg, 2 ** (n_levels - 1), n_levels)
     for i, ch in enumerate(m.channels):
         check(ch > 0, f"model.channels[{i}]", "must be positive")
         check(
@@ -292,6 +333,8 @@ TRAIN_NO_EFFECT: tuple[NoEffect, ...] = (
     (("training.ema_decay", "training.ema_update_after_step", "training.ema_update_every"),
      lambda c: not c.training.use_ema, "training.use_ema=false"),
     (("training.min_snr_gamma",), lambda c: not c.training.use_min_snr, "training.use_min_snr=false"),
+    (("mode.margin",), lambda c: c.mode.get("lesion_fraction", 1) == 0,
+     "mode.lesion_fraction=0: no region is a lesion"),
     (("strategy.base_image_size",), lambda c: not c.strategy.get("use_timestep_transform", True),
      "strategy.use_timestep_transform=false"),
 )

@@ -6,6 +6,7 @@ mode       generates (``image_keys``)        network input                      
 seg        the tumour mask and the brain     ``[x_t(seg), x_t(brain)]``              2 -> 2 (+ class planes)
 bravo      ``bravo`` given mask and brain    ``[x_t, mask, brain]``                  3 -> 1
 dual       ``t1_pre`` + ``t1_gd``            ``[x_t(pre), x_t(post), mask, brain]``  4 -> 2
+inpaint    images inside a region of a scan  ``[x_t, known, region, mask, brain]``   5 -> 1 (dual keys: 7 -> 2)
 =========  ================================  ======================================  ========================
 
 The ``brain`` key (a mask derived from an image when the slice cache is built, see
@@ -96,6 +97,8 @@ class TrainingMode(abc.ABC):
     required_cond_keys: ClassVar[tuple[str, ...]] = ()
     #: whether ``mode.size_bins`` / ``mode.count_classes`` may condition it on its lesions' size / count class
     lesion_conditionable: ClassVar[bool] = False
+    #: whether it paints into real scans, window by window (``mode=inpaint``, :mod:`medgen.diffusion.inpaint`)
+    paints_into_scans: ClassVar[bool] = False
 
     def __init__(self, cfg_mode: Any):
         self.image_keys: tuple[str, ...] = tuple(cfg_mode["image_keys"])
@@ -115,6 +118,10 @@ class TrainingMode(abc.ABC):
     def out_channels(self) -> int:
         """Network output channels: ``len(image_keys)``."""
         return len(self.image_keys)
+
+    def sample_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The spatial shape the network trains and samples at, for items of ``shape``: ``shape``."""
+        return tuple(shape)
 
     @property
     def is_conditional(self) -> bool:
@@ -161,8 +168,18 @@ class TrainingMode(abc.ABC):
         return to_model_space(torch.cat(channels, dim=1))
 
     @abc.abstractmethod
-    def split(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-        """``batch`` -> ``(x0 [B, out_channels, H, W], cond [B, len(cond_keys), H, W] or None)``, both in [-1, 1]."""
+    def split(self, batch: Mapping[str, Tensor],
+              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
+        """``batch`` -> ``(x0 [B, out_channels, H, W], cond [B, cond_channels, H, W] or None)``, both in [-1, 1].
+
+        ``generator``: the training step's (on its own device), for a mode that draws something per
+        item (inpaint: its regions); the other modes draw nothing from it.
+        """
+
+    def grid_columns(self, batch: Mapping[str, Tensor], cond: Tensor | None) -> list[tuple[str, Tensor]]:
+        """The sample grid's condition columns ``(label, [B, 1, H, W] in [0, 1])`` for ``batch`` and its
+        condition ``cond`` (from :meth:`split`): the condition keys' channels of the batch."""
+        return [(k, batch[k]) for k in self.cond_keys]
 
     @abc.abstractmethod
     def model_input(self, x_t: Tensor, cond: Tensor | None) -> Tensor:
@@ -269,7 +286,8 @@ class SegmentationMode(TrainingMode):
         planes = torch.cat(parts, 1)
         return planes.view(*planes.shape, *([1] * len(spatial))).expand(-1, -1, *spatial).contiguous()
 
-    def split(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    def split(self, batch: Mapping[str, Tensor],
+              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
         x0 = self._stack(batch, self.image_keys)
         if not self.lesion_conditioned:
             return x0, None
@@ -334,7 +352,7 @@ class _MaskConditionedMode(TrainingMode):
     num_cond_keys = (1, 2)
     required_cond_keys = (MASK_KEY,)
 
-    def split(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def split(self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         x0 = self._stack(batch, self.image_keys)
         cond = self._stack(batch, self.cond_keys)
         if cond.shape[0] != x0.shape[0] or cond.shape[2:] != x0.shape[2:]:
@@ -346,8 +364,8 @@ class _MaskConditionedMode(TrainingMode):
     def _check_cond(self, cond: Tensor | None) -> Tensor:
         if cond is None:
             raise ValueError(f"{self.name} mode is conditional; pass the mask (or null_cond(...) for unconditional)")
-        if cond.ndim not in _NDIMS or cond.shape[1] != len(self.cond_keys):
-            raise ValueError(f"cond must be [B, {len(self.cond_keys)}, H, W], got {tuple(cond.shape)}")
+        if cond.ndim not in _NDIMS or cond.shape[1] != self.cond_channels:
+            raise ValueError(f"cond must be [B, {self.cond_channels}, H, W], got {tuple(cond.shape)}")
         return cond
 
     def model_input(self, x_t: Tensor, cond: Tensor | None) -> Tensor:
@@ -384,3 +402,7 @@ class ConditionalDualMode(_MaskConditionedMode):
 def build_mode(cfg: Any) -> TrainingMode:
     """The mode of a validated config, built from ``cfg.mode``."""
     return MODES[cfg.mode.name](cfg.mode)
+
+
+# the inpainting painter registers itself (mode=inpaint) wherever the modes are imported
+from medgen.diffusion import inpaint as _inpaint  # noqa: E402,F401  (it imports this module)

@@ -92,7 +92,7 @@ class DiffusionTrainer:
         self._log_lines, self._last_line = self.progress and not sys.stderr.isatty(), time.monotonic()
 
         self.mode, self.space = build_mode(cfg), SampleSpace.from_config(cfg)  # the data gives its spacing
-        self.strategy = build_strategy(cfg, self.space.shape)
+        self.strategy = build_strategy(cfg, self.mode.sample_shape(self.space.shape))  # inpaint: its window
         self.network_kwargs = network_kwargs(cfg.model, self.mode, self.space)
         self.memory_format = self.space.memory_format  # channels_last(_3d), when training.channels_last
         # initial weights from the seed alone (the same on every rank, whatever the process drew
@@ -181,7 +181,7 @@ class DiffusionTrainer:
         :meth:`fit` and :meth:`train` run steps: they also position the data, count the steps and
         fall back to eager when the compiled first step fails."""
         g = self.generator(self.step)
-        x0, cond = self.mode.split(self._to_device(batch))  # [B, C, H, W] in [-1, 1]
+        x0, cond = self.mode.split(self._to_device(batch), g)  # [B, C, H, W] in [-1, 1] (inpaint: draws regions)
         if cond is not None and self.train_cfg.cond_dropout > 0:
             cond = self.mode.drop_cond(cond, self.train_cfg.cond_dropout, g)  # classifier-free guidance training
         t = self.strategy.sample_timesteps(x0.shape[0], g, self.device)

@@ -97,7 +97,8 @@ def sample_grid(model: torch.nn.Module, strategy: DiffusionStrategy, mode: Train
                 autocast: Callable[[], AbstractContextManager],
                 forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
     """Samples for the conditions of ``batch``: one row per slice (a volume: its middle axial slice);
-    columns = condition, real, generated.
+    columns = condition (:meth:`~medgen.diffusion.modes.TrainingMode.grid_columns`), real, generated
+    (inpaint: of each item's window, its region drawn without a generator, so the same every time).
     ``forward``: what evaluates ``model`` (default: ``model`` itself), e.g. its compiled forward
     (:func:`medgen.diffusion.utils.sampling_forward`); the batch, and so every shape, is fixed."""
     forward = model if forward is None else forward
@@ -116,11 +117,13 @@ def sample_grid(model: torch.nn.Module, strategy: DiffusionStrategy, mode: Train
     x0_gen = strategy.sample(predict, x_T, num_steps, generator=g)
     model.train(was_training)
     real, gen = mode.to_outputs(x0), mode.to_outputs(x0_gen)
+    columns = mode.grid_columns(batch, cond)  # inpaint: the window's known images, region and mask
     rows = []
     for i in range(x0.shape[0]):
-        row = [batch[k][i, 0].numpy() for k in mode.cond_keys]
+        row = [tile[i, 0].float().cpu().numpy() for _, tile in columns]
         row += [real[k][i, 0].float().cpu().numpy() for k in mode.image_keys]
         row += [gen[k][i, 0].float().cpu().numpy() for k in mode.image_keys]
         rows.append([ras_to_display(space.axial(tile)) for tile in row])
-    labels = [*mode.cond_keys, *(f"{k} real" for k in mode.image_keys), *(f"{k} gen" for k in mode.image_keys)]
+    labels = [*(label for label, _ in columns), *(f"{k} real" for k in mode.image_keys),
+              *(f"{k} gen" for k in mode.image_keys)]
     return make_grid(rows, labels=labels, scale=2)

@@ -108,7 +108,7 @@ class Stage:
         denoiser's ``x0_hat`` by ``known`` itself (RePaint's replacement, Lugmayr et al. 2022, eq. 8,
         without resampling), so the result equals ``known`` outside the region."""
         n = len(generators)
-        shape = (n, self.mode.out_channels, *self.space.shape)
+        shape = (n, self.mode.out_channels, *self.mode.sample_shape(self.space.shape))
         x_T = randn_like(torch.empty(shape, device=self.device), list(generators))
         if batch_size is not None and n < batch_size:
             pad = batch_size - n
@@ -166,8 +166,9 @@ def load_stage(path: str | Path, stage: str, key: str, *, device: torch.device, 
         log.warning("%s has no EMA weights (trained with training.use_ema=false): using the raw weights", file)
     space = _recorded_space(ckpt, key, file)
     network = network_from_checkpoint(ckpt, file, use_ema).to(device).eval().requires_grad_(False)
-    return Stage(path=file, sha256=sha256(file), network=network, strategy=build_strategy(trained, space.shape),
-                 mode=mode, cond_dropout=float(trained.training.cond_dropout), space=space,
+    return Stage(path=file, sha256=sha256(file), network=network,
+                 strategy=build_strategy(trained, mode.sample_shape(space.shape)), mode=mode,
+                 cond_dropout=float(trained.training.cond_dropout), space=space,
                  brain_from=str(trained.data.get("brain_from", "bravo")), device=device, precision=precision,
                  forward=sampling_forward(network, device, compile, log, compile_mode),
                  training_sizes=_lesions(ckpt, "lesion_sizes", stage, key, file),
