@@ -205,3 +205,47 @@ def test_refusals_name_the_key_or_file(tmp_path, tiny_data, tiny_checkpoints, vo
     with pytest.raises(GenerationError, match=r"asks for <2mm lesions .* one voxel of the scans .* measures 2.8 mm"):
         _insert(tmp_path, tiny_data, bravo, lesion_sizes={"target": "uniform", "bins": [2, 8]})
     assert not (tmp_path / "out" / "train").exists()  # nothing half-written
+
+
+@pytest.fixture(scope="module")
+def inpaint_checkpoint(tmp_path_factory, tiny_data) -> Path:
+    """An inpainting painter of 8 x 8 windows of 16 px slices, a few steps trained."""
+    import torch
+
+    from conftest import tiny_overrides
+    from medgen.core.distributed import DistInfo
+    from medgen.diffusion.config import load_config
+    from medgen.diffusion.trainer import DiffusionTrainer
+
+    tmp = tmp_path_factory.mktemp("inpaint")
+    cfg = load_config(tiny_overrides(tmp, tiny_data, "mode=inpaint", "strategy=rflow", "training.max_steps=3",
+                                     "mode.window=8"))
+    DiffusionTrainer(cfg, tmp / "run", DistInfo(device=torch.device("cpu")), progress=False).train()
+    return tmp / "run" / "checkpoints" / "latest.pt"
+
+
+def test_an_inpaint_painter_paints_windows_into_larger_scans(tmp_path, tiny_data, inpaint_checkpoint, monkeypatch):
+    from medgen.generation import insert_paint
+
+    seen = []
+    real = insert_paint.paint_windows
+
+    def paint_windows(stage, painter, images, masks, brains, windows, *args):
+        seen.extend((painter, tuple(b.stop - b.start for b in w.box), images[w.sample].shape) for w in windows)
+        return real(stage, painter, images, masks, brains, windows, *args)
+
+    monkeypatch.setattr("medgen.generation.insert.paint_windows", paint_windows)
+    result = _insert(tmp_path, tiny_data, inpaint_checkpoint, insert={"painter": "inpaint", "margin": 1},
+                     lesion_sizes={"target": "uniform", "bins": [4, 8]})
+    assert seen and all(s == ("inpaint", (8, 8), (1, 16, 16)) for s in seen)  # 8 x 8 windows of 16 px scans
+    for name, s in _samples(result.out_dir).items():
+        region = s["region"] > 0.5
+        assert np.array_equal(s["bravo"][~region], s["source_bravo"][~region]), name
+        assert not np.array_equal(s["bravo"][region], s["source_bravo"][region]), name
+    report = json.loads((result.out_dir / "lesion_sizes.json").read_text())
+    assert report["painter"] == "inpaint" and report["seam"]["samples"] == 6 and report["seam"]["seam"] > 0
+    with pytest.raises(GenerationError, match="insert.painter=repaint paints with a mask -> image model"):
+        _insert(tmp_path / "b", tiny_data, inpaint_checkpoint, insert={"painter": "repaint"})
+    with pytest.raises(GenerationError, match="is a mode=inpaint model: it paints lesions into real scans"):
+        generate(progress=False, image_checkpoint=str(inpaint_checkpoint), masks_from=str(tiny_data),
+                 out_dir=str(tmp_path / "c"), cache_dir=str(tmp_path / "cache"))

@@ -140,6 +140,10 @@ def _generate(request: GenerateRequest, dist: DistInfo, progress: bool, command:
     options = dict(device=dist.device, use_ema=loading.use_ema, precision=loading.precision, compile=loading.compile,
                    compile_mode=loading.compile_mode)
     image = load_stage(loading.image_checkpoint, "image", "image_checkpoint", **options)
+    if image.mode.paints_into_scans:
+        raise GenerationError(f"image_checkpoint={image.path} is a mode={image.mode.name} model: it paints lesions "
+                              "into real scans; give insert.into=<a medgen dataset> (docs: Insertion), or a bravo/dual "
+                              "model for whole images")
     seg = None
     if loading.seg_checkpoint is not None:
         seg = load_stage(loading.seg_checkpoint, "seg", "seg_checkpoint", **options)
