@@ -139,6 +139,18 @@ def check_train_table(r: dict) -> None:
     assert _finite(r["seconds"])
 
 
+def check_painters(r: dict) -> None:
+    assert r["benchmark"] == "painters" and (r["size"], r["window"], r["train_steps"]) == (32, 16, 4)
+    real, inserted = r["repainted_real_lesions"], r["inserted"]
+    assert set(real) == {"inpaint", "repaint"} and set(inserted) == {"inpaint", "repaint", "copy"}
+    for figures in real.values():
+        assert _share(figures["mae"]) and figures["lesions"] == 4 and _finite(figures["lesion_contrast"])
+    for figures in inserted.values():
+        assert figures["samples"] == 4 and _finite(figures["seam"]) and _finite(figures["lesions_per_s"])
+    assert r["mae_repaint_vs_inpaint"] == pytest.approx(real["repaint"]["mae"] / real["inpaint"]["mae"])
+    assert r["seam_repaint_vs_inpaint"] == pytest.approx(inserted["repaint"]["seam"] / inserted["inpaint"]["seam"])
+
+
 #: id -> (script, extra arguments, check); ``{out}`` becomes a fresh folder
 CASES = {
     "attention": ("bench_attention.py", [], check_attention),
@@ -148,6 +160,7 @@ CASES = {
     "size_control": ("bench_size_control.py", ["--out", "{out}", "--target", "real", "--guidance", "1,2"],
                      check_size_control),
     "size_control_counts": ("bench_size_control.py", ["--out", "{out}", "--counts"], check_size_control_counts),
+    "painters": ("bench_painters.py", ["--work", "{out}"], check_painters),
     "train": ("bench_train.py", [], check_train),
     "train_3d": ("bench_train.py", ["--3d"], check_train_3d),
     "train_table": ("bench_train.py", ["--table"], check_train_table),  # the CUDA table's code, on the CPU
