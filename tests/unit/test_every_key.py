@@ -83,6 +83,7 @@ def _here(name: str) -> str:
 TRAINER = "unit/test_trainer.py"
 SLICES = "unit/test_slices.py"
 INPAINT = "unit/test_inpaint_mode.py"
+INSERT = "unit/test_insert.py"
 COVERAGE_TRAIN: dict[str, str] = {
     "seed": _t(TRAINER, "test_building_a_trainer_leaves_process_wide_state_alone"),
     # ---- data
@@ -286,6 +287,15 @@ COVERAGE_GENERATE: dict[str, str] = {
     "lesion_counts.classes": _t(SIZES, "test_the_output_holds_exactly_the_lesion_counts_asked_for"),
     "nnunet.dataset_id": _here("test_a_generate_key_changes_the_output"),
     "nnunet.name": _here("test_a_generate_key_changes_the_output"),
+    "insert.into": _t(INSERT, "test_new_lesions_lie_in_the_brain_apart_from_old_ones_and_nothing_else_changes"),
+    "insert.split": _t(INSERT, "test_refusals_name_the_key_or_file"),  # split=test: its (missing) patients
+    "insert.painter": _t(INSERT, "test_new_lesions_lie_in_the_brain_apart_from_old_ones_and_nothing_else_changes"),
+    "insert.keep_source": _t(INSERT, "test_new_lesions_lie_in_the_brain_apart_from_old_ones_and_nothing_else_changes"),
+    "insert.margin": _t(INSERT, "test_new_lesions_lie_in_the_brain_apart_from_old_ones_and_nothing_else_changes"),
+    "insert.shapes": _t(INSERT, "test_shapes_drawn_by_a_seg_model"),
+    "insert.image_size": _t(INSERT, "test_the_size_and_count_classes_equal_the_request_exactly"),
+    "insert.modalities": _t(INSERT, "test_refusals_name_the_key_or_file"),  # [flair]: the scans have none
+    "insert.brain_method": _t(INSERT, "test_the_brain_method_asked_derives_the_scans_brains"),
 }
 
 #: command -> (its Hydra config, its table)

@@ -19,6 +19,7 @@ from medgen.data.masks import lesion_labels
 from medgen.data.nifti_dataset import DataError, load_volume
 from medgen.data.validate import check_dataset
 from medgen.generation import GenerationError, Stage, generate
+from medgen.generation.insert_place import grow
 from medgen.generation.status import read_status
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,6 +83,8 @@ def test_new_lesions_lie_in_the_brain_apart_from_old_ones_and_nothing_else_chang
         brain = brain_of(s["source_bravo"][..., 0], "heuristic", None)
         new_voxels = np.isin(labels, 1 + np.flatnonzero(new))[..., 0]
         assert new_voxels.any() and brain[new_voxels].all() and region[..., 0][new_voxels].all(), name
+        # the region is the new lesions grown by insert.margin=1: their 8-neighbourhood
+        assert np.array_equal(region[..., 0], grow(new_voxels, 1)), name
     report = check_dataset(result.out_dir, progress=False)  # a medgen dataset; its extra files are known ones
     assert report.ok and not report.problems, report
     rows = _manifest(result.out_dir)
@@ -96,6 +99,7 @@ def test_the_size_and_count_classes_equal_the_request_exactly(tmp_path, tiny_dat
                      lesion_counts={"target": {"1": 1, "2": 1}}, lesion_sizes={"target": {"<4mm": 1, "4-8mm": 2,
                                                                                           ">=8mm": 1}, "bins": bins})
     spacing = _spacing(result.out_dir)[:2]
+    assert {s["bravo"].shape for s in _samples(result.out_dir).values()} == {(32, 32, 1)}  # insert.image_size=32
     sizes, counts = np.zeros(3, int), np.zeros(4, int)
     rows = {r["id"]: r for r in _manifest(result.out_dir)}
     for name, s in _samples(result.out_dir).items():
@@ -249,3 +253,29 @@ def test_an_inpaint_painter_paints_windows_into_larger_scans(tmp_path, tiny_data
     with pytest.raises(GenerationError, match="is a mode=inpaint model: it paints lesions into real scans"):
         generate(progress=False, image_checkpoint=str(inpaint_checkpoint), masks_from=str(tiny_data),
                  out_dir=str(tmp_path / "c"), cache_dir=str(tmp_path / "cache"))
+
+
+def test_shapes_drawn_by_a_seg_model(tmp_path, tiny_data, tiny_checkpoints):
+    result = _insert(tmp_path, tiny_data, tiny_checkpoints["bravo"], seg_checkpoint=str(tiny_checkpoints["seg"]),
+                     insert={"shapes": "seg", "margin": 1}, lesion_sizes={"target": "uniform", "bins": [4, 8]})
+    shapes = [shape for r in _manifest(result.out_dir) for shape in r["lesion_shapes"].split(";")]
+    assert len(shapes) == 6 and all(s.startswith("seg candidate ") and "#" in s for s in shapes)
+    with pytest.raises(ConfigError, match="insert.shapes"):
+        _insert(tmp_path / "b", tiny_data, tiny_checkpoints["bravo"], insert={"shapes": "seg"})
+
+
+def test_the_brain_method_asked_derives_the_scans_brains(tmp_path, tiny_data, tiny_checkpoints, monkeypatch):
+    import medgen.data.slices as slices
+
+    specs = []
+
+    def open_cache(patients, spec, *args, **kwargs):
+        specs.append(spec)
+        raise RuntimeError("the cache is not built in this test")
+
+    monkeypatch.setattr(slices, "open_or_build_cache", open_cache)
+    for method in ("deepbet", None):
+        with pytest.raises(RuntimeError, match="not built"):
+            _insert(tmp_path, tiny_data, tiny_checkpoints["bravo"], insert={"brain_method": method})
+    # null: as the painter's training data derived it (heuristic for the test checkpoints)
+    assert [s.brain_method for s in specs] == ["deepbet", "heuristic"] and specs[0].brain_from == "bravo"
