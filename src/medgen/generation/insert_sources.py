@@ -21,7 +21,7 @@ from medgen.data.masks import is_lesion, lesion_labels
 from medgen.data.nifti_dataset import DataError, present_modalities
 from medgen.data.space import SampleSpace
 from medgen.generation.insert_place import ShapeBank, bank_from_masks
-from medgen.generation.masks import MASK_STREAM, sample_generators
+from medgen.generation.masks import MASK_STREAM, sample_generators, split_of
 from medgen.generation.models import GenerationError, Stage
 from medgen.generation.requests import InsertRequest
 
@@ -90,15 +90,10 @@ def open_scans(request: InsertRequest, stage: Stage | None) -> Scans:
     """The scans of ``request.split`` at the painter's sample space (or ``insert.image_size``), with
     its modalities (``insert.modalities`` for a copy painter without checkpoint); refusals name the key."""
     from medgen.data.slices import SliceSpec, open_or_build_cache
-    from medgen.data.splits import split_patients
     from medgen.data.volumes import VolumeSpec
 
+    patients = split_of(request.into, request.split, "insert.into", "insert.split")
     root = resolve_path(request.into)
-    if not root.is_dir():
-        raise DataError(f"insert.into={request.into}: {root} is not a folder")
-    patients = split_patients(root, request.split)
-    if not patients:
-        raise DataError(f"insert.into={request.into}: no patients in {root / request.split} (choose another insert.split)")
     keys = tuple(stage.mode.image_keys) if stage is not None else tuple(request.modalities)
     brain_from = stage.brain_from if stage is not None else keys[0]
     missing = [k for k in dict.fromkeys((*keys, brain_from, MASK_KEY)) if k not in present_modalities(patients, (k,))]

@@ -353,15 +353,9 @@ def real_masks(real: RealMasks, num_images: int | None, seed: int, space: Sample
 def _real_cache(real: RealMasks, space: SampleSpace, brain_from: str | None, brain_method: str = "heuristic") -> Any:
     """The cache of ``real.split``'s lesion slices or volumes of ``space`` (with their brains)."""
     from medgen.data.slices import SliceSpec, open_or_build_cache
-    from medgen.data.splits import split_patients
     from medgen.data.volumes import VolumeSpec
 
-    root = resolve_path(real.root)
-    if not root.is_dir():
-        raise DataError(f"masks_from={real.root}: {root} is not a folder")
-    patients = split_patients(root, real.split)
-    if not patients:
-        raise DataError(f"masks_from={real.root}: no patients in {root / real.split} (choose another masks_split)")
+    patients = split_of(real.root, real.split, "masks_from", "masks_split")
     keys = (MASK_KEY,) if brain_from is None else (MASK_KEY, BRAIN_KEY)
     spec = space.either(
         lambda: SliceSpec(keys=keys, image_size=space.size, selection="lesion", brain_from=brain_from or "bravo",
@@ -369,6 +363,20 @@ def _real_cache(real: RealMasks, space: SampleSpace, brain_from: str | None, bra
         lambda: VolumeSpec(keys=keys, volume_shape=space.shape, brain_from=brain_from or "bravo",
                            brain_method=brain_method))()
     return open_or_build_cache(patients, spec, resolve_path(real.cache_dir), desc=f"{real.split} masks")
+
+
+def split_of(root: str, split: str, key: str, split_key: str) -> list:
+    """The patient folders of ``split`` of the dataset ``root`` (the config key ``key``); a
+    :class:`DataError` naming ``key`` and ``split_key`` for a missing folder or an empty split."""
+    from medgen.data.splits import split_patients
+
+    folder = resolve_path(root)
+    if not folder.is_dir():
+        raise DataError(f"{key}={root}: {folder} is not a folder")
+    patients = split_patients(folder, split)
+    if not patients:
+        raise DataError(f"{key}={root}: no patients in {folder / split} (choose another {split_key})")
+    return patients
 
 
 def _pick(cache: Any, items: np.ndarray, targets: Targets, n: int, seed: int, space: SampleSpace,
