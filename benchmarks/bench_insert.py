@@ -21,16 +21,18 @@ batch size and precision. Networks have random weights: speed does not depend on
 Timing: the wall time of the whole ``generate()`` call on each side (loading the checkpoints,
 sampling, writing NIfTI files, previews, manifest and contact sheet; insertion also reads its scans
 from the item cache and places the lesions), so both include model loading. One untimed run of
-each side (one sample) first builds the item cache and warms up; then the two sides alternate
-``--repeats`` times and the median rate of each is reported. ``ratio`` = lesions_per_s / pairs_per_s
-(goal >= 5). Both eager (``compile=false``): a compile inside every timed call would be timed.
+each side (one sample, one step) first builds the item cache and warms up; then the two sides
+alternate ``--repeats`` times and the median rate of each is reported (each run's in ``*_runs``).
+``ratio`` = lesions_per_s / pairs_per_s (goal >= 5). Both eager (``compile=false``): a compile
+inside every timed call would be timed.
 
-    python benchmarks/bench_insert.py [--scan 256] [--window 64] [--pairs 4] [--lesions 16] [--steps 25]
+    python benchmarks/bench_insert.py [--scan 256] [--window 64] [--pairs 2] [--lesions 8] [--batch 2] [--steps 25]
+                                      [--repeats 3] [--strategy rflow] [--precision fp32] [--size-class small]
     python benchmarks/bench_insert.py --scan 64,64,48 --window 32,32,32 ...   # volumes
     python benchmarks/bench_insert.py --scan 256,256,160 --window 64,64,64    # the issue's case (CUDA)
 
 ``--smoke``: the same on 32 px scans (``--3d``: 32 x 32 x 16) with 16 px windows (16 x 16 x 8), a
-16 px network, 2 pairs and 2 lesions of 3 steps. Prints one JSON line.
+16 px network, 2 pairs and 2 lesions of 3 steps, one timed run of each. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -134,7 +136,8 @@ def insert_run(tmp: Path, ckpts: dict, data: Path, scan: tuple[int, ...], n: int
     def run():
         result["r"] = generate(progress=False, out_dir=str(tmp / name), num_images=n,
                                image_checkpoint=str(ckpts["painter_checkpoint"]),
-                               insert={"into": str(data), "painter": ckpts["painter"], "image_size": _insert_size(scan)},
+                               insert={"into": str(data), "painter": ckpts["painter"],
+                                       "image_size": _insert_size(scan)},
                                lesion_counts={"target": {1: 1}}, lesion_sizes={"target": {size_class: 1}}, **common)
 
     seconds = median_time(run, torch.device(common["device"]), repeats=1, warmup=False)
@@ -157,8 +160,9 @@ def measure(tmp: Path, args: argparse.Namespace, model: list[str], device: torch
     data = write_scans(tmp / "scans", scan)
     common = {"batch_size": args.batch, "steps": args.steps, "device": str(device), "compile": "false",
               "cache_dir": str(tmp / "cache"), **({"precision": args.precision} if args.precision else {})}
-    pairs_run(tmp, ckpts, 1, common, "pairs_warmup")  # untimed: warm-up
-    insert_run(tmp, ckpts, data, scan, 1, args.size_class, common, "insert_warmup")  # untimed: builds the item cache
+    warm = {**common, "steps": 1}  # untimed, one sample of one step each: first calls, and the item cache built
+    pairs_run(tmp, ckpts, 1, warm, "pairs_warmup")
+    insert_run(tmp, ckpts, data, scan, 1, args.size_class, warm, "insert_warmup")
     pair_rates, lesion_rates, lesions = [], [], 0
     for r in range(args.repeats):
         seconds, pairs = pairs_run(tmp, ckpts, args.pairs, common, f"pairs_{r}")
@@ -177,7 +181,8 @@ def measure(tmp: Path, args: argparse.Namespace, model: list[str], device: torch
     return {"painter": ckpts["painter"], "scan": list(scan), "window": list(window),
             "sampler": stage.strategy.samplers[0], "precision": precision, "pairs": args.pairs, "lesions": lesions,
             "lesions_per_s": _sig(lesions_per_s), "pairs_per_s": _sig(pairs_per_s),
-            "ratio": _sig(lesions_per_s / pairs_per_s)}
+            "ratio": _sig(lesions_per_s / pairs_per_s), "lesions_per_s_runs": [_sig(v) for v in lesion_rates],
+            "pairs_per_s_runs": [_sig(v) for v in pair_rates]}
 
 
 def _sig(x: float, digits: int = 4) -> float:
@@ -189,18 +194,18 @@ def main() -> None:
     ap.add_argument("--scan", default="256", help="scan shape S: one size (slices) or X,Y,Z (volumes)")
     ap.add_argument("--window", default="64", help="painter window W, as --scan")
     ap.add_argument("--3d", dest="three_d", action="store_true", help="with --smoke: volumes")
-    ap.add_argument("--pairs", type=int, default=4, help="whole pairs per timed run")
-    ap.add_argument("--lesions", type=int, default=16, help="scans per timed insertion run, one new lesion each")
-    ap.add_argument("--batch", type=int, default=4, help="generate's batch_size on both sides")
+    ap.add_argument("--pairs", type=int, default=2, help="whole pairs per timed run")
+    ap.add_argument("--lesions", type=int, default=8, help="scans per timed insertion run, one new lesion each")
+    ap.add_argument("--batch", type=int, default=2, help="generate's batch_size on both sides")
     ap.add_argument("--steps", type=int, default=25, help="sampler steps on both sides")
     ap.add_argument("--strategy", default="rflow", choices=("rflow", "ddpm"), help="every model's strategy")
     ap.add_argument("--precision", default=None, choices=("bf16", "fp32"), help="default: generate.yaml's")
     ap.add_argument("--size-class", default="small", help="RANO-BM class of every new lesion")
-    ap.add_argument("--repeats", type=int, default=1, help="timed runs of each side (alternating); median")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side (alternating); median")
     smoke.add_flag(ap)
     args = ap.parse_args()
     smoke_sizes = {"scan": "32,32,16", "window": "16,16,8"} if args.three_d else {"scan": "32", "window": "16"}
-    args = smoke.apply(ap, args, {**smoke_sizes, "pairs": 2, "lesions": 2, "batch": 2, "steps": 3})
+    args = smoke.apply(ap, args, {**smoke_sizes, "pairs": 2, "lesions": 2, "batch": 2, "steps": 3, "repeats": 1})
     from medgen.core.distributed import default_device
 
     device = default_device()

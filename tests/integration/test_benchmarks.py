@@ -151,6 +151,8 @@ def _check_insert(r: dict, scan: list[int], window: list[int]) -> None:
     for key in ("lesions_per_s", "pairs_per_s", "ratio"):
         assert _finite(r[key]), (key, r[key])
     assert math.isclose(r["ratio"], r["lesions_per_s"] / r["pairs_per_s"], rel_tol=2e-3)
+    assert len(r["lesions_per_s_runs"]) == len(r["pairs_per_s_runs"]) == 1  # --smoke: one timed run of each
+    assert r["lesions_per_s_runs"] == [r["lesions_per_s"]] and r["pairs_per_s_runs"] == [r["pairs_per_s"]]
     assert r["goal"] == 5 and r["meets_goal"] == (r["ratio"] >= 5)
 
 
