@@ -151,10 +151,37 @@ def check_painters(r: dict) -> None:
     assert r["seam_repaint_vs_inpaint"] == pytest.approx(inserted["repaint"]["seam"] / inserted["inpaint"]["seam"])
 
 
+def _check_insert(r: dict, scan: list[int], window: list[int]) -> None:
+    from medgen.diffusion.modes import MODES
+
+    assert r["benchmark"] == "insert" and r["device"] == "cpu" and r["network"] == "[16,32]" and r["threads"] >= 1
+    assert r["scan"] == scan and r["window"] == window and r["steps"] == 3 and r["batch_size"] == 2
+    assert r["strategy"] == "rflow" and r["sampler"] == "euler" and r["timed"] == "whole generate() call"
+    # the window painter: an inpaint model where the mode exists, else a bravo model of the window's size (repaint)
+    assert r["painter"] == ("inpaint" if "inpaint" in MODES else "repaint")
+    assert r["pairs"] == 2 and r["lesions"] == 2  # one new lesion painted into each of the 2 scans
+    for key in ("lesions_per_s", "pairs_per_s", "ratio"):
+        assert _finite(r[key]), (key, r[key])
+    assert math.isclose(r["ratio"], r["lesions_per_s"] / r["pairs_per_s"], rel_tol=2e-3)
+    assert len(r["lesions_per_s_runs"]) == len(r["pairs_per_s_runs"]) == 1  # --smoke: one timed run of each
+    assert r["lesions_per_s_runs"] == [r["lesions_per_s"]] and r["pairs_per_s_runs"] == [r["pairs_per_s"]]
+    assert r["goal"] == 5 and r["meets_goal"] == (r["ratio"] >= 5)
+
+
+def check_insert(r: dict) -> None:
+    _check_insert(r, [32, 32], [16, 16])
+
+
+def check_insert_3d(r: dict) -> None:
+    _check_insert(r, [32, 32, 16], [16, 16, 8])
+
+
 #: id -> (script, extra arguments, check); ``{out}`` becomes a fresh folder
 CASES = {
     "attention": ("bench_attention.py", [], check_attention),
     "data": ("bench_data.py", [], check_data),
+    "insert": ("bench_insert.py", [], check_insert),
+    "insert_3d": ("bench_insert.py", ["--3d"], check_insert_3d),
     "sample": ("bench_sample.py", [], check_sample),
     # the README's command that crashed in resolve_target (--target real), at smoke size
     "size_control": ("bench_size_control.py", ["--out", "{out}", "--target", "real", "--guidance", "1,2"],
