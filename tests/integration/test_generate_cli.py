@@ -102,3 +102,41 @@ def test_two_processes_write_the_one_process_volumes(tmp_path, volume_checkpoint
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     _same_files(out, reference)
+
+
+@pytest.mark.timeout(600)
+def test_an_insertion_stopped_by_sigterm_exits_75_and_the_same_command_finishes_it(tmp_path, tiny_checkpoints,
+                                                                                tiny_data):
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "medgen.scripts.generate", f"insert.into={tiny_data}", "insert.margin=1",
+                f"image_checkpoint={tiny_checkpoints['bravo']}", "insert.painter=repaint", f"out_dir={out}",
+                "num_images=40", "batch_size=2", "steps=25", "precision=fp32", f"cache_dir={tmp_path / 'cache'}"]
+
+    reference = tmp_path / "reference"
+    assert subprocess.run(command(reference), capture_output=True, text=True, env=ENV, timeout=300).returncode == 0
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    t0 = time.time()
+    while not (out / "train").is_dir() or len(list((out / "train").glob("ins_*"))) < 4:
+        assert proc.poll() is None and time.time() - t0 < 240, "the run ended before it could be stopped"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    said, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert "run the same command again" in said + err
+    assert 4 <= len(list((out / "train").glob("ins_*"))) < 40
+    again = subprocess.run(command(out), capture_output=True, text=True, env=ENV, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    names = sorted(p.name for p in (reference / "train").iterdir())
+    assert names == sorted(p.name for p in (out / "train").iterdir()) and len(names) == 40
+    for name in names:
+        for key in ("seg", "bravo", "region"):
+            assert np.array_equal(load_volume(reference / "train" / name / f"{key}.nii.gz")[0],
+                                  load_volume(out / "train" / name / f"{key}.nii.gz")[0]), (name, key)
+    with open(reference / "manifest.csv") as fa, open(out / "manifest.csv") as fb:
+        assert list(csv.DictReader(fa)) == list(csv.DictReader(fb))
+    # a request that cannot fit: one line naming what to change, exit 1, nothing written
+    bad = subprocess.run([*command(tmp_path / "bad"), "lesion_sizes.target={large: 1}", "lesion_counts.target={4+: 1}"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert bad.returncode == 1 and "fit in none of 20 scans" in bad.stderr, bad.stderr[-2000:]
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad" / "train").exists()
