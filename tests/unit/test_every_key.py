@@ -293,6 +293,7 @@ COVERAGE_GENERATE: dict[str, str] = {
     "insert.keep_source": _t(INSERT, "test_new_lesions_lie_in_the_brain_apart_from_old_ones_and_nothing_else_changes"),
     "insert.margin": _t(INSERT, "test_new_lesions_lie_in_the_brain_apart_from_old_ones_and_nothing_else_changes"),
     "insert.shapes": _t(INSERT, "test_shapes_drawn_by_a_seg_model"),
+    "insert.shapes_from": _t(INSERT, "test_healthy_scans_take_lesions_from_another_dataset"),
     "insert.image_size": _t(INSERT, "test_the_size_and_count_classes_equal_the_request_exactly"),
     "insert.modalities": _t(INSERT, "test_refusals_name_the_key_or_file"),  # [flair]: the scans have none
     "insert.brain_method": _t(INSERT, "test_the_brain_method_asked_derives_the_scans_brains"),

@@ -279,3 +279,48 @@ def test_the_brain_method_asked_derives_the_scans_brains(tmp_path, tiny_data, ti
             _insert(tmp_path, tiny_data, tiny_checkpoints["bravo"], insert={"brain_method": method})
     # null: as the painter's training data derived it (heuristic for the test checkpoints)
     assert [s.brain_method for s in specs] == ["deepbet", "heuristic"] and specs[0].brain_from == "bravo"
+
+
+def test_healthy_scans_take_lesions_from_another_dataset(tmp_path, tiny_data, tiny_checkpoints):
+    """insert.shapes_from: the lesions of an annotated set copied into scans without any lesion."""
+    import shutil
+
+    from medgen.data.nifti_dataset import save_volume
+
+    healthy = tmp_path / "healthy"
+    shutil.copytree(tiny_data, healthy)
+    for seg in healthy.glob("*/*/seg.nii.gz"):
+        volume, affine = load_volume(seg)[:2]
+        save_volume(seg, np.zeros_like(volume), affine, is_mask=True)
+    with pytest.raises(DataError, match=r"insert.into=.*no lesion in train/ .* insert.shapes_from="):
+        _insert(tmp_path / "a", healthy, tiny_checkpoints["bravo"], insert={"painter": "copy"})
+    result = _insert(tmp_path / "b", healthy, tiny_checkpoints["bravo"], num_images=4,
+                     insert={"painter": "copy", "shapes_from": str(tiny_data), "margin": 1},
+                     lesion_counts={"target": "real"})  # real: the shares of the lesion counts of shapes_from
+    for name, s in _samples(result.out_dir).items():
+        assert not s["source_seg"].any() and lesion_labels(s["seg"])[1] == 1, name
+        region = s["region"] > 0.5
+        assert np.array_equal(s["bravo"][~region], s["source_bravo"][~region])
+    rows = _manifest(result.out_dir)
+    assert all(r["source"].startswith("train/patient_") and r["lesion_shapes"].startswith("real train/patient_")
+               for r in rows)
+    with pytest.raises(GenerationError, match="lesion_counts.target=real takes the shares .* has no lesion"):
+        _insert(tmp_path / "c", healthy, tiny_checkpoints["bravo"], seg_checkpoint=str(tiny_checkpoints["seg"]),
+                insert={"shapes": "seg"})
+
+
+def test_a_train_split_whose_patients_all_go_to_validation_says_so(tmp_path, tiny_data, tiny_checkpoints):
+    import shutil
+
+    from medgen.data.splits import split_patients
+
+    source = sorted((tiny_data / "train").iterdir())[0]
+    for k in range(200):  # a name medgen's hash split sends to validation when it is train/'s only patient
+        one = tmp_path / f"one_{k}"
+        shutil.copytree(source, one / "train" / f"scan_{k}")
+        if not split_patients(one, "train"):
+            break
+    else:
+        pytest.fail("no name of 200 goes to validation")
+    with pytest.raises(DataError, match=r"the 1 patient\(s\) of .*train all go to validation .* insert.split=test"):
+        _insert(tmp_path, one, tiny_checkpoints["bravo"])

@@ -75,6 +75,8 @@ class InsertConfig:
     margin: int = at_least(1)
     #: where new lesions' shapes come from: real (lesions of the split) or seg (drawn by seg_checkpoint)
     shapes: str = choice("real", "seg")
+    #: a medgen dataset whose insert.split lesions give the real shapes (null: insert.into's)
+    shapes_from: Optional[str] = MISSING
     #: the size scans are read at (null: the painter checkpoint's model.image_size)
     image_size: Any = MISSING
     #: the images a copy painter without image_checkpoint copies

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -181,17 +181,14 @@ def _prepare(request: GenerateRequest, dist: DistInfo) -> _Insertion:
     if window is not None and any(w > n for w, n in zip(window, scans.space.shape)):
         raise GenerationError(f"image_checkpoint={stage.path} paints windows of {' x '.join(map(str, window))}, larger "
                               f"than the scans ({scans.describe()}); set insert.image_size to at least the window")
-    bank = scans.lesion_bank(pad=ins.margin + 2 if ins.painter == "copy" else 0)
-    if ins.shapes == "seg":
-        seg = load_stage(loading.seg_checkpoint, "seg", "seg_checkpoint", **options)
-        bank = seg_shapes(seg, scans.space, request.paint.sampling.seed)
-    if not len(bank):
-        raise DataError(f"insert.into={ins.into}: no lesion in {ins.split}/ to take shapes from "
-                        + ("(insert.painter=copy moves real lesions)" if ins.painter == "copy" else
-                           "(use insert.shapes=seg with a seg_checkpoint)"))
+    bank, donors = _shape_bank(request, stage, scans, options)
     asked = request.masks
     n = int(asked.num_images)
-    counts = resolve_count_target(asked.counts, n, scans.lesion_counts(), 10 ** 6)
+    recorded = donors.lesion_counts()
+    if not recorded and asked.counts.target == "real":
+        raise GenerationError(f"lesion_counts.target=real takes the shares of the lesion counts of the scans, and "
+                              f"{ins.split}/ has no lesion; give them, e.g. lesion_counts.target={{1: 1}}")
+    counts = resolve_count_target(asked.counts, n, recorded, 10 ** 6)
     per_sample = np.asarray([_count_of(counts, counts.requested([j])[0]) for j in range(n)])
     sizes = resolve_target(asked.sizes, int(per_sample.sum()), scans.space, tuple(bank.diameters))
     _check_resolution(sizes, scans)
@@ -201,6 +198,26 @@ def _prepare(request: GenerateRequest, dist: DistInfo) -> _Insertion:
         raise GenerationError(f"image_sampler={sampler}: {stage.path} samples with {list(stage.strategy.samplers)}")
     return _Insertion(request, stage, scans, bank, sizes.bins, sizes, counts, resolve_path(request.output.out_dir),
                       sampler, window)
+
+
+def _shape_bank(request: GenerateRequest, stage: Stage | None, scans: Scans, options: dict) -> tuple[ShapeBank, Scans]:
+    """The shapes new lesions take (a seg model's, or the lesions of ``insert.shapes_from`` or of the
+    scans themselves) and the scans they come from (the scans for a seg model's)."""
+    ins, donors = request.insert, scans
+    if ins.shapes == "seg":
+        seg = load_stage(request.loading.seg_checkpoint, "seg", "seg_checkpoint", **options)
+        bank = seg_shapes(seg, scans.space, request.paint.sampling.seed, request.paint.sampling.steps)
+    else:
+        if ins.shapes_from is not None:
+            donors = open_scans(replace(ins, into=ins.shapes_from), stage, scans.space, "insert.shapes_from")
+        bank = donors.lesion_bank(pad=ins.margin + 2 if ins.painter == "copy" else 0)
+    if not len(bank):
+        key = "insert.into" if ins.shapes_from is None else "insert.shapes_from"
+        raise DataError(f"{key}={ins.shapes_from or ins.into}: no lesion in {ins.split}/ to take shapes from ("
+                        + ("insert.painter=copy moves real lesions; " if ins.painter == "copy" else "")
+                        + "insert.shapes_from=<an annotated medgen dataset> takes them from another set"
+                        + ("" if ins.painter == "copy" else ", insert.shapes=seg from a seg_checkpoint") + ")")
+    return bank, donors
 
 
 def _check_resolution(sizes: ClassTarget, scans: Scans) -> None:

@@ -28,7 +28,7 @@ from medgen.generation.requests import InsertRequest
 log = logging.getLogger("medgen.generate")
 
 #: masks a seg model draws for insert.shapes=seg, at most (in batches), until it has this many shapes
-SEG_SHAPES = 64
+SEG_SHAPES = 32
 SEG_MASKS = 256
 
 
@@ -86,22 +86,24 @@ class Scans:
         return self.cache.patient_ids[self.cache.patient_index[i]]
 
 
-def open_scans(request: InsertRequest, stage: Stage | None) -> Scans:
-    """The scans of ``request.split`` at the painter's sample space (or ``insert.image_size``), with
-    its modalities (``insert.modalities`` for a copy painter without checkpoint); refusals name the key."""
+def open_scans(request: InsertRequest, stage: Stage | None, space: SampleSpace | None = None,
+               key: str = "insert.into") -> Scans:
+    """The scans of ``request.split`` at the painter's sample space (or ``insert.image_size``; or
+    ``space``: another set's scans read as these), with its modalities (``insert.modalities`` for a
+    copy painter without checkpoint); refusals name the key."""
     from medgen.data.slices import SliceSpec, open_or_build_cache
     from medgen.data.volumes import VolumeSpec
 
-    patients = split_of(request.into, request.split, "insert.into", "insert.split")
+    patients = split_of(request.into, request.split, key, "insert.split")
     root = resolve_path(request.into)
     keys = tuple(stage.mode.image_keys) if stage is not None else tuple(request.modalities)
     brain_from = stage.brain_from if stage is not None else keys[0]
     missing = [k for k in dict.fromkeys((*keys, brain_from, MASK_KEY)) if k not in present_modalities(patients, (k,))]
     if missing:
-        raise DataError(f"insert.into={request.into}: the scans of {request.split}/ have no {missing} "
+        raise DataError(f"{key}={request.into}: the scans of {request.split}/ have no {missing} "
                         f"({'the painter paints ' + str(list(keys)) if stage is not None else 'insert.modalities'}); "
                         "paint into a dataset with those files")
-    space = _scan_space(request, stage)
+    space = _scan_space(request, stage) if space is None else SampleSpace(space.shape, None)
     method = request.brain_method or (stage.brain_method if stage is not None else "heuristic")
     cache_keys = (*keys, MASK_KEY, BRAIN_KEY)
     spec = space.either(
@@ -115,7 +117,7 @@ def open_scans(request: InsertRequest, stage: Stage | None) -> Scans:
     if len(items):
         items = items[[bool(is_lesion(cache.data[int(i), len(keys) + 1]).any()) for i in items]]
     if not len(items):
-        raise DataError(f"insert.into={request.into}: no brain {space.unit} in {root / request.split}")
+        raise DataError(f"{key}={request.into}: no brain {space.unit} in {root / request.split}")
     return Scans(cache, keys, space, request.split, str(request.into), items)
 
 
@@ -136,9 +138,10 @@ def _scan_space(request: InsertRequest, stage: Stage | None) -> SampleSpace:
     return space
 
 
-def seg_shapes(seg: Stage, space: SampleSpace, seed: int) -> ShapeBank:
-    """Lesion shapes drawn by the seg model (``insert.shapes=seg``): masks in batches until
-    :data:`SEG_SHAPES` lesions or :data:`SEG_MASKS` masks, each lesion named ``seg candidate <i>#<k>``."""
+def seg_shapes(seg: Stage, space: SampleSpace, seed: int, steps: int) -> ShapeBank:
+    """Lesion shapes drawn by the seg model (``insert.shapes=seg``, ``steps`` sampler steps): masks in
+    batches until :data:`SEG_SHAPES` lesions or :data:`SEG_MASKS` masks, each lesion named
+    ``seg candidate <i>#<k>`` (every shape is resized into the class asked, so a few dozen do)."""
     if seg.space.dims != space.dims:
         raise GenerationError(f"seg_checkpoint={seg.path} draws {seg.space.describe()}; the scans are {space.describe()}")
     shapes, drawn, batch = [], 0, 16
@@ -148,7 +151,7 @@ def seg_shapes(seg: Stage, space: SampleSpace, seed: int) -> ShapeBank:
         if seg.mode.lesion_conditioned:  # no class asked: every plane of each group -1
             none = torch.full((batch,), -1, dtype=torch.long)
             cond = seg.mode.lesion_condition(tuple(seg.space.shape), none, none).to(seg.device)
-        x0 = seg.sample(cond, sample_generators(seed, index, MASK_STREAM, seg.device), steps=25,
+        x0 = seg.sample(cond, sample_generators(seed, index, MASK_STREAM, seg.device), steps=steps,
                         sampler=seg.strategy.samplers[0])
         masks = seg.mode.to_outputs(x0)[MASK_KEY][:, 0].cpu().numpy()
         shapes += bank_from_masks(masks, [f"seg candidate {i}" for i in index], seg.space.mm).shapes

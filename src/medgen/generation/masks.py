@@ -368,6 +368,7 @@ def _real_cache(real: RealMasks, space: SampleSpace, brain_from: str | None, bra
 def split_of(root: str, split: str, key: str, split_key: str) -> list:
     """The patient folders of ``split`` of the dataset ``root`` (the config key ``key``); a
     :class:`DataError` naming ``key`` and ``split_key`` for a missing folder or an empty split."""
+    from medgen.data.nifti_dataset import list_patients
     from medgen.data.splits import split_patients
 
     folder = resolve_path(root)
@@ -375,6 +376,11 @@ def split_of(root: str, split: str, key: str, split_key: str) -> list:
         raise DataError(f"{key}={root}: {folder} is not a folder")
     patients = split_patients(folder, split)
     if not patients:
+        held = list_patients(folder / split) if split == "train" and (folder / split).is_dir() else []
+        if held:  # no val/: train/'s patients were all drawn for validation
+            raise DataError(f"{key}={root}: the {len(held)} patient(s) of {folder / split} all go to validation by "
+                            f"medgen's patient-level split (there is no val/ folder); add a val/ folder, or put the "
+                            f"scans in test/ and set {split_key}=test")
         raise DataError(f"{key}={root}: no patients in {folder / split} (choose another {split_key})")
     return patients
 

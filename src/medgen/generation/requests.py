@@ -158,6 +158,7 @@ class InsertRequest:
     keep_source: bool
     margin: int
     shapes: str
+    shapes_from: str | None
     image_size: Any
     modalities: tuple[str, ...]
     brain_method: str | None
@@ -198,7 +199,7 @@ class GenerateRequest:
         ins = cfg.insert
         insert = None if ins.into is None else InsertRequest(
             str(ins.into), str(ins.split), str(ins.painter), bool(ins.keep_source), int(ins.margin), str(ins.shapes),
-            _plain(OmegaConf, ins.image_size), tuple(ins.modalities), ins.brain_method, str(cfg.cache_dir))
+            None if ins.shapes_from is None else str(ins.shapes_from), _plain(OmegaConf, ins.image_size), tuple(ins.modalities), ins.brain_method, str(cfg.cache_dir))
         image = None if cfg.image_checkpoint is None else str(cfg.image_checkpoint)
         return cls(Loading(image, None if cfg.seg_checkpoint is None else str(cfg.seg_checkpoint),
                            cfg.device, bool(cfg.use_ema), str(cfg.precision), str(cfg.compile), str(cfg.compile_mode)),
