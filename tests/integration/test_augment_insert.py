@@ -200,4 +200,4 @@ def test_the_insertion_flags_reach_generation(folders, tmp_path, monkeypatch):
         assert (c.insert.into, c.insert.split, c.masks_from, c.num_images) == (str(folders["real"]), "train", None, 6)
         assert c.lesion_sizes.target == {"tiny": 2.0, "small": 1.0}
     for c in [whole, *cfgs.values()]:
-        assert dict(c.lesion_counts.target) == {1: 1}
+        assert dict(c.lesion_counts.target) == {"1": 1}
