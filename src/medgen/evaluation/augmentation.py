@@ -8,7 +8,9 @@ network, budget and seeds, :mod:`medgen.evaluation.downstream`) on the real trai
 alone and on real + each synthetic set. Sets of volumes are used whole, as ``medgen-evaluate`` uses
 them: the 3D segmenter, 3D lesions, figures per volume. Every network is scored lesion by lesion on the whole real
 reference split (its lesion slices and lesion-free brain slices, :mod:`medgen.evaluation.lesionwise`):
-sensitivity, lesion Dice and false positives per size bin, mean ± std over seeds.
+sensitivity, lesion Dice and false positives per size bin, mean ± std over seeds. A set made by
+insertion (real train scans with new lesions painted in) is used like any other; what each set adds
+per bin, who wins in which bin and insertion against copy-paste come from :mod:`medgen.evaluation.arms`.
 
 Written to ``out_dir``: ``augmentation.json`` (every figure, per seed too), ``augmentation.md`` /
 ``augmentation.html`` (the table, the lesions of each synthetic set per bin, the figure) and
