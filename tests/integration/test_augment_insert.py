@@ -93,8 +93,8 @@ def _result(means: dict[str, list[float]], stds: dict[str, list[float]], painter
 
 def test_the_verdicts_follow_from_the_numbers():
     result = _result(
-        means={"real": [0.30, 0.80, None, 0.60], "real+paste": [0.40, 0.85, None, 0.70],
-               "real+paint": [0.55, 0.83, None, 0.70]},
+        means={"real": [0.30, 0.80, None, 0.60], "real+paste": [0.40, 0.85, None, 0.701],
+               "real+paint": [0.55, 0.83, None, 0.699]},
         stds={"real": [0.05, 0.02, None, 0.01], "real+paste": [0.04, 0.03, None, 0.02],
               "real+paint": [0.10, 0.01, None, 0.03]},
         painters={"paste": "copy", "paint": "repaint"})
@@ -105,7 +105,7 @@ def test_the_verdicts_follow_from_the_numbers():
         # 0.85 - 0.83 = 0.02 < max(0.03, 0.01)
         "small (20 test lesions): real+paste wins (sensitivity 0.85 ± 0.03), 0.02 ahead of real+paint (0.83 ± 0.01), "
         "within the seed spread (0.03): no clear winner.",
-        "all (30 test lesions): real+paste and real+paint tie at sensitivity 0.70."]  # large: no test lesions
+        "all (30 test lesions): real+paste and real+paint tie at sensitivity 0.70 (two decimals)."]  # large: none
     rows = arms.insertion_vs_copy(result)
     assert [(r["insertion"], r["copy"], r["bin"]) for r in rows] == [("paint", "paste", "tiny"), ("paint", "paste", "small")]
     assert rows[0]["minus_copy"] == pytest.approx(0.15) and rows[0]["minus_real"] == pytest.approx(0.25)

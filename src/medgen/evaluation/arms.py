@@ -83,8 +83,8 @@ def verdicts(result: dict) -> list[str]:
             continue
         (m1, s1, first), (m2, s2, second) = ranked[:2]
         head = f"{b} ({n} test lesions): "
-        if m1 == m2:
-            out.append(head + f"{first} and {second} tie at sensitivity {m1:.2f}.")
+        if f"{m1:.2f}" == f"{m2:.2f}":  # as the sentence shows them
+            out.append(head + f"{first} and {second} tie at sensitivity {m1:.2f} (two decimals).")
             continue
         spread = max(s1, s2)
         lead = m1 - m2
