@@ -39,7 +39,7 @@ def test_each_target_makes_its_set_and_every_set_is_scored_per_size_bin(tmp_path
                 values = [r["bins"][b]["sensitivity"]["value"] for r in s["per_seed"]]
                 assert s["mean"][b]["sensitivity"] == pytest.approx(sum(values) / 2)
     report = (out / "augmentation.md").read_text()
-    assert "| real+bigger | all |" in report and "| tiny | 4 | 4 | 0 | 0 | 0 |" in report
+    assert "| real+bigger | all |" in report and "| tiny | whole image | 4 | 4 | 0 | 0 | 0 | 4 | 0 | 0 | 0 |" in report
     assert (out / "augmentation.png").stat().st_size > 10_000 and (out / "augmentation.html").exists()
     assert "trained on real+tiny" in capsys.readouterr().out
     # a second call reuses the finished sets (generation resumes as done) and gives the same figures

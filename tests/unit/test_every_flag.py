@@ -152,6 +152,8 @@ COVERAGE_DEMO: dict[str, str] = {
 AUGMENT_CLI = "integration/test_augment_cli.py"
 #: flags beside --synthetic: refused, naming each
 _BESIDE_SYNTHETIC = _t(AUGMENT_CLI, "test_a_bad_synthetic_set_or_a_generation_flag_beside_it_is_one_line")
+AUGMENT_INSERT = "integration/test_augment_insert.py"
+_BESIDE_SYNTHETIC_INSERT = _t(AUGMENT_INSERT, "test_a_bad_insertion_setting_is_one_line_before_anything_runs")
 
 COVERAGE_AUGMENT: dict[str, str] = {
     "--real": _here("test_the_augment_flags_reach_generation_and_the_experiment"),
@@ -160,6 +162,8 @@ COVERAGE_AUGMENT: dict[str, str] = {
     "--image": (_here("test_the_augment_flags_reach_generation_and_the_experiment"), _BESIDE_SYNTHETIC),
     "--target": (_here("test_the_augment_flags_reach_generation_and_the_experiment"), _BESIDE_SYNTHETIC),
     "--synthetic": _t(AUGMENT_CLI, "test_the_budget_reaches_the_experiment_whole_with_fp32_by_default"),
+    "--insert": (_t(AUGMENT_INSERT, "test_the_insertion_flags_reach_generation"), _BESIDE_SYNTHETIC_INSERT),
+    "--insert-target": (_t(AUGMENT_INSERT, "test_the_insertion_flags_reach_generation"), _BESIDE_SYNTHETIC_INSERT),
     "--num-images": (_here("test_the_augment_flags_reach_generation_and_the_experiment"), _BESIDE_SYNTHETIC),
     "--guidance": (_here("test_the_augment_flags_reach_generation_and_the_experiment"), _BESIDE_SYNTHETIC),
     "--seed": (_here("test_the_augment_flags_reach_generation_and_the_experiment"), _BESIDE_SYNTHETIC),

@@ -8,7 +8,9 @@ network, budget and seeds, :mod:`medgen.evaluation.downstream`) on the real trai
 alone and on real + each synthetic set. Sets of volumes are used whole, as ``medgen-evaluate`` uses
 them: the 3D segmenter, 3D lesions, figures per volume. Every network is scored lesion by lesion on the whole real
 reference split (its lesion slices and lesion-free brain slices, :mod:`medgen.evaluation.lesionwise`):
-sensitivity, lesion Dice and false positives per size bin, mean ± std over seeds.
+sensitivity, lesion Dice and false positives per size bin, mean ± std over seeds. A set made by
+insertion (real train scans with new lesions painted in) is used like any other; what each set adds
+per bin, who wins in which bin and insertion against copy-paste come from :mod:`medgen.evaluation.arms`.
 
 Written to ``out_dir``: ``augmentation.json`` (every figure, per seed too), ``augmentation.md`` /
 ``augmentation.html`` (the table, the lesions of each synthetic set per bin, the figure) and
@@ -30,7 +32,7 @@ from medgen.core.fs import atomic_write
 from medgen.data.lesions import feret_diameters
 from medgen.data.nifti_dataset import list_patients, present_modalities
 from medgen.data.space import SampleSpace
-from medgen.evaluation import EvaluationError, downstream, lesionwise, volumetric
+from medgen.evaluation import EvaluationError, arms, downstream, lesionwise, volumetric
 from medgen.evaluation.downstream import ItemSet
 from medgen.evaluation.evaluate import whole_test_split
 from medgen.evaluation.report import lesion_figure, lesion_table, recorded_space, write_pages
@@ -77,11 +79,13 @@ def experiment(request: EvaluationRequest, synthetic_dirs: dict[str, Path], out_
         "spacing_mm": list(lesion_test.spacing), "test_items": len(lesion_test.masks), "lesion_items": len(test),
         "lesion_free_items": len(lesion_test.masks) - len(test),
         "test_lesions": dict(zip(lesion_test.bins.names, lesion_test.lesion_counts().tolist())),
-        "synthetic": {name: {"dir": str(synthetic_dirs[name]), "items": len(syn),
-                             "lesions": _lesions_per_bin(syn, lesion_test)} for name, syn in synthetic.items()},
+        "synthetic": {name: _set_record(request, synthetic_dirs[name], syn, lesion_test, space)
+                      for name, syn in synthetic.items()},
         "sets": results,
         "yardstick": lesionwise.yardstick(results["real"], request.lesions.min_sensitivity,
                                           request.lesions.min_dice)}
+    result["verdicts"] = arms.verdicts(result)
+    result["insertion_vs_copy"] = arms.insertion_vs_copy(result)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(out_dir / "augmentation.json") as tmp:
         tmp.write_text(jsonio.dumps(result, indent=1))
@@ -117,7 +121,7 @@ def check_same_kind(request: EvaluationRequest, synthetic_dirs: dict[str, Path])
         root = request.sets.with_synthetic(folder).synthetic_dir
         if not root.is_dir():
             raise EvaluationError(f"synthetic set {name}={folder}: no such folder")
-        samples = [p for s in SPLITS for p in list_patients(root / s)]
+        samples = _samples(root)
         if not samples:
             continue  # Sets says why (an unfinished generation, or an empty set)
         keys = [k for k in present_modalities(samples) if k != MASK_KEY]
@@ -144,21 +148,40 @@ def _refuse_mixed(kinds: dict[str, str]) -> None:
             "the same way, so give sets of one kind (one medgen-augment run per kind)")
 
 
-def _lesions_per_bin(data: ItemSet, test: lesionwise.LesionTest) -> dict[str, int]:
-    """The lesions of a set's masks per bin, measured at the test split's pixel size."""
-    diameters = [d for mask in data.masks for d in feret_diameters(mask, test.spacing)]
+def _samples(root: Path) -> list[Path]:
+    """The sample folders of a synthetic set."""
+    return [p for s in SPLITS for p in list_patients(root / s)]
+
+
+def _set_record(request: EvaluationRequest, folder: Path, data: ItemSet, test: lesionwise.LesionTest,
+                space: SampleSpace) -> dict:
+    """What a synthetic set holds (``lesions``: every lesion of its masks per bin) and adds (``added``:
+    an insertion set's painted lesions, a whole-image set's every lesion; :mod:`medgen.evaluation.arms`)."""
+    root = request.sets.with_synthetic(folder).synthetic_dir
+    samples = _samples(root)
+    lesions = _per_bin(test, [d for mask in data.masks for d in feret_diameters(mask, test.spacing)])
+    record = {"dir": str(folder), "items": len(data), "kind": "whole image", "painter": None, "lesions": lesions,
+              "added": lesions}
+    if arms.is_insertion(samples):
+        added = arms.added_diameters(samples, test.spacing, space.shape)
+        record.update(kind="insertion", painter=arms.painter_of(root), added=_per_bin(test, added))
+    return record
+
+
+def _per_bin(test: lesionwise.LesionTest, diameters) -> dict[str, int]:
+    """Lesions of Feret ``diameters`` (mm) per bin of the test split."""
     return dict(zip(test.bins.names, test.bins.counts(np.asarray(diameters, dtype=np.float64)).tolist()))
 
 
 def write_augmentation_report(out_dir: Path, result: dict) -> tuple[Path, Path]:
     """``augmentation.md``/``.html`` and ``augmentation.png`` from :func:`run_experiment`'s result."""
     space = recorded_space(result)
-    names, unit, voxel = result["bins"], space.unit, space.element
-    synthetic = [[name, str(s["items"]), *(str(s["lesions"][b]) for b in names)] for name, s in result["synthetic"].items()]
-    tables = [("Synthetic sets", ["set", f"{unit}s", *(f"{b} lesions" for b in names)], synthetic,
-               f"Lesions of every synthetic mask per size bin (Feret diameter at the real test split's {voxel} size)."),
-              lesion_table(result, space), brats_table(result["sets"], unit)]
-    notes = [] if "warning" not in result["yardstick"] else [f"Warning: {result['yardstick']['warning']}"]
+    unit = space.unit
+    tables = [arms.sets_table(result), lesion_table(result, space), brats_table(result["sets"], unit)]
+    if result.get("insertion_vs_copy"):
+        tables.insert(2, arms.comparison_table(result["insertion_vs_copy"]))
+    notes = [f"Who wins — {v}" for v in result.get("verdicts", [])]
+    notes += [] if "warning" not in result["yardstick"] else [f"Warning: {result['yardstick']['warning']}"]
     intro = (f"The downstream segmenter ({len(result['seeds'])} seeds, {result['budget']['steps']} steps) trained on the real "
              f"train lesion {unit}s of `{result['real_dir']}` alone and with each synthetic set added, scored lesion by "
              f"lesion on its whole {result['reference_split']} split. All numbers are in `augmentation.json`.")

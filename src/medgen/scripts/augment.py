@@ -10,8 +10,18 @@ on real + each set, over seeds, scored lesion by lesion per size bin on the real
         --target 'small=<3mm:4,3-6mm:2,6-10mm:1'    # other bins: targets by their names, scored by them
     medgen-augment --real data/phantoms --synthetic real=synth_a --synthetic small=synth_b --out augment
 
+The four arms (real only; real + copy-paste; real + diffusion insertion; real + whole-image synthesis),
+each set adding one lesion per image, so N images add N lesions in every arm:
+
+    medgen-augment --real data/phantoms --seg runs/seg/<run> --image runs/bravo/<run> --out arms \
+        --target synthesis=tiny:1,small:1 --insert copy=copy --insert repaint=repaint \
+        --insert-target tiny:1,small:1 --num-images 96
+    medgen-augment ... --insert inpaint=inpaint:runs/inpaint/<run>   # a painter's own checkpoint
+
+--insert NAME=PAINTER[:CHECKPOINT] paints new lesions into the real train scans of --real (copy, repaint
+or inpaint; the checkpoint defaults to --image) at the sizes of --insert-target (default real).
 --synthetic takes ready-made sets instead of generating them: the generation flags (--seg, --image,
---target, --num-images, --guidance, --seed, --generate) are refused beside it. Every setting is
+--target, --insert, --insert-target, --num-images, --guidance, --seed, --generate) are refused beside it. Every setting is
 checked before anything is generated or trained; a bad one is one line naming its flag.
 """
 
@@ -32,7 +42,14 @@ GENERATION_DEFAULTS = {"num_images": 200, "guidance": 1.0, "seed": 0}
 #: medgen-generate keys that a flag of medgen-augment sets (``--generate KEY=...`` is refused for them)
 FLAG_OF_GENERATE_KEY = {"seg_checkpoint": "--seg", "image_checkpoint": "--image", "num_images": "--num-images",
                         "seed": "--seed", "lesion_sizes.target": "--target", "lesion_sizes.guidance": "--guidance",
-                        "out_dir": "--out", "cache_dir": "--cache-dir"}
+                        "out_dir": "--out", "cache_dir": "--cache-dir", "insert.into": "--insert",
+                        "insert.painter": "--insert"}
+#: --generate keys of the whole-image sets only (their masks: real ones with masks_from instead of --seg's)
+WHOLE_IMAGE_KEYS = ("masks_from", "masks_split")
+#: the painters of --insert (insert.painter); copy is the copy-paste baseline
+PAINTERS = ("copy", "repaint", "inpaint")
+#: lesion_counts.target of every set when --insert is given: one lesion per image, so the arms add equal numbers
+ONE_LESION = {"1": 1}  # a string key, as a resumed generation records it
 #: medgen-evaluate keys that a flag of medgen-augment sets
 FLAG_OF_EVALUATE_KEY = {"real_dir": "--real", "seeds": "--seeds", "budget.steps": "--steps", "budget.precision": "--precision",
                         "cache_dir": "--cache-dir", "lesions.bins": "--generate lesion_sizes.bins"}
@@ -68,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--image", help="image (bravo/dual) checkpoint or run folder (to generate the sets)")
     ap.add_argument("--target", action="append", metavar="NAME=SPEC",
                     help=f"a synthetic set: NAME=real|uniform or NAME=BIN:WEIGHT,... (default: {' '.join(DEFAULT_TARGETS)})")
+    ap.add_argument("--insert", action="append", metavar="NAME=PAINTER[:CHECKPOINT]",
+                    help="a set of real train scans with new lesions painted in (copy, repaint or inpaint; checkpoint: "
+                         "--image unless given); with it every set adds one lesion per image")
+    ap.add_argument("--insert-target", metavar="SPEC",
+                    help="lesion_sizes.target of the --insert sets: real|uniform or BIN:WEIGHT,... (default real)")
     ap.add_argument("--synthetic", action="append", metavar="NAME=DIR",
                     help="use an existing synthetic set instead of generating (all of one kind: 2D or 3D, one size)")
     ap.add_argument("--num-images", type=int, help=f"masks per generated set (default {GENERATION_DEFAULTS['num_images']})")
@@ -178,7 +200,8 @@ def _refuse_generation_flags(args: argparse.Namespace) -> None:
     """With ``--synthetic`` nothing is generated: a generation flag beside it would be dropped."""
     from medgen.core.schema import ConfigError
 
-    given = [flag for flag, value in (("--target", args.target), ("--seg", args.seg), ("--image", args.image),
+    given = [flag for flag, value in (("--target", args.target), ("--insert", args.insert),
+                                      ("--insert-target", args.insert_target), ("--seg", args.seg), ("--image", args.image),
                                       ("--num-images", args.num_images), ("--guidance", args.guidance),
                                       ("--seed", args.seed), ("--generate", args.generate)) if value is not None]
     if given:
@@ -205,25 +228,105 @@ def _evaluate_config(args: argparse.Namespace, seeds: list[int], out: Path, firs
 
 
 def _generate_settings(args: argparse.Namespace, out: Path) -> dict:
-    """Each target's validated medgen-generate config (``configs/generate.yaml``, ``--generate``,
-    then the flags), all checked before anything is generated: a bad key or value is one line
-    naming its flag (``--generate KEY`` for a key of ``--generate``)."""
+    """Each set's validated medgen-generate config (``configs/generate.yaml``, ``--generate``, then
+    the flags): the whole-image sets of ``--target``, then the insertion sets of ``--insert``, all
+    checked before anything is generated: a bad key or value is one line naming its flag
+    (``--generate KEY`` for a key of ``--generate``)."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     from medgen.core.schema import ConfigError, compose_config
-    from medgen.generation import GenerationError
-    from medgen.generation.config import validate_generate_config
     from medgen.generation.models import checkpoint_file
 
-    if not (args.seg and args.image):
-        raise ConfigError("--seg" if not args.seg else "--image",
+    targets, inserts = _arms(args)
+    extra = _extra_settings(args)
+    real_masks = OmegaConf.select(extra, "masks_from", default=None) is not None  # images painted on real masks
+    if targets and not ((args.seg or real_masks) and args.image):
+        raise ConfigError("--seg" if not (args.seg or real_masks) else "--image",
                           "give --seg and --image to generate the synthetic sets, or --synthetic NAME=DIR")
+    shapes_from_seg = OmegaConf.select(extra, "insert.shapes", default=None) == "seg"
+    if not targets:
+        for flag, value in (("--guidance", args.guidance), ("--seg", None if shapes_from_seg else args.seg)):
+            if value is not None:
+                raise ConfigError(flag, "it is for the --target sets (whole images), and there are none: give "
+                                        "--target NAME=SPEC too, or leave it out")
+    if not inserts and OmegaConf.select(extra, "insert", default=None) is not None:
+        raise ConfigError("--generate insert", "it is for the --insert sets, and there are none: give --insert "
+                                               "NAME=PAINTER too, or leave it out")
+    for flag, path in (("--seg", args.seg), ("--image", args.image),
+                       *((f"--insert {n}", c) for n, (_, c) in inserts.items() if c != args.image)):
+        if path is not None:
+            checkpoint_file(path, flag)  # a missing file or run folder, before the models are loaded
+    base = compose_config([], config_name="generate")
+    OmegaConf.set_struct(base, False)  # an unknown key fails in the schema, naming it
+    flags = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in GENERATION_DEFAULTS.items()}
+    common = {"num_images": flags["num_images"], "cache_dir": args.cache_dir, "seed": flags["seed"]}
+    counts = {"target": ONE_LESION if inserts else "model"}  # model: as drawn (the experiment varies sizes)
+    settings = {}
+    for name, target in targets.items():
+        given = OmegaConf.merge(base, {"lesion_counts": counts}, extra, common, {
+            "seg_checkpoint": args.seg, "image_checkpoint": args.image, "out_dir": str(out / f"synthetic_{name}"),
+            "lesion_sizes": {"target": target, "guidance": flags["guidance"]}})
+        settings[name] = _validated(given, f"--target {name}" + ("" if args.target else " (a default target)"),
+                                    "--image")
+    insert_target = _insert_target(args)
+    own = OmegaConf.create({k: v for k, v in extra.items() if k not in WHOLE_IMAGE_KEYS})
+    for name, (painter, checkpoint) in inserts.items():
+        given = OmegaConf.merge(base, own, common, {
+            "seg_checkpoint": args.seg if shapes_from_seg else None, "image_checkpoint": checkpoint,
+            "out_dir": str(out / f"synthetic_{name}"), "insert": {"into": str(args.real), "painter": painter},
+            "lesion_sizes": {"target": insert_target}, "lesion_counts": counts})
+        settings[name] = _validated(given, "--insert-target", f"--insert {name}")
+    return settings
+
+
+def _arms(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The whole-image targets (name -> lesion_sizes.target; the defaults when neither --target nor
+    --insert is given) and the insertion sets (name -> (painter, checkpoint)), every name once."""
+    from medgen.core.schema import ConfigError
+
+    if args.insert_target is not None and not args.insert:
+        raise ConfigError("--insert-target", "it sets the sizes of the --insert sets, and there are none: give "
+                                             "--insert NAME=PAINTER too, or leave it out")
     try:
-        parsed = [parse_target(t) for t in (args.target or DEFAULT_TARGETS)]
+        parsed = [parse_target(t) for t in (args.target or ([] if args.insert else DEFAULT_TARGETS))]
     except ValueError as exc:
         raise ConfigError("--target", str(exc)) from None
     targets = _named("--target", parsed)
+    items = []
+    for text in args.insert or []:
+        name, eq, spec = text.partition("=")
+        painter, _, checkpoint = spec.partition(":")
+        if not eq or not name or painter not in PAINTERS:
+            raise ConfigError("--insert", f"{text!r}: use NAME=PAINTER or NAME=PAINTER:CHECKPOINT, the painter one "
+                                          f"of {', '.join(PAINTERS)}, e.g. --insert paste=copy")
+        if name in targets:
+            raise ConfigError("--insert", f"the name {name!r} is given twice (also a --target)")
+        checkpoint = checkpoint or args.image
+        if painter != "copy" and checkpoint is None:
+            raise ConfigError(f"--insert {name}", f"the {painter} painter needs the checkpoint that paints: give "
+                                                  f"--image or {name}={painter}:CHECKPOINT")
+        items.append((name, (painter, checkpoint)))
+    return targets, _named("--insert", items)
+
+
+def _insert_target(args: argparse.Namespace):
+    """``--insert-target`` as a lesion_sizes.target (default real)."""
+    from medgen.core.schema import ConfigError
+
+    try:
+        return parse_target(f"insert={args.insert_target or 'real'}")[1]
+    except ValueError:
+        raise ConfigError("--insert-target", f"{args.insert_target!r}: use real|uniform or BIN:WEIGHT,... "
+                                             "e.g. tiny:1,small:1") from None
+
+
+def _extra_settings(args: argparse.Namespace):
+    """``--generate KEY=VALUE`` as one config; a key that a flag sets is refused naming the flag."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from medgen.core.schema import ConfigError
+
     extra = OmegaConf.create()
     for item in args.generate or []:
         key, eq, _ = item.partition("=")
@@ -233,34 +336,35 @@ def _generate_settings(args: argparse.Namespace, out: Path) -> dict:
             extra = OmegaConf.merge(extra, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
             raise ConfigError(f"--generate {key}", str(exc).splitlines()[0]) from None
-    for key, flag in FLAG_OF_GENERATE_KEY.items():  # also when given as part of a parent, lesion_sizes={...}
+    flag_of = {**FLAG_OF_GENERATE_KEY, **({"lesion_counts.target": "--insert (one lesion per image in every set, so "
+                                                                    "the arms add equal numbers)"} if args.insert else {})}
+    for key, flag in flag_of.items():  # also when given as part of a parent, lesion_sizes={...}
         if OmegaConf.select(extra, key, default=extra, throw_on_missing=False) is not extra:
             raise ConfigError(f"--generate {key}", f"set by {flag}: use that flag")
-    checkpoint_file(args.seg, "--seg")  # a missing file or run folder, before the models are loaded
-    checkpoint_file(args.image, "--image")
-    base = compose_config([], config_name="generate")
-    OmegaConf.set_struct(base, False)  # an unknown key fails in the schema, naming it
-    flags = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in GENERATION_DEFAULTS.items()}
-    settings = {}
-    for name, target in targets.items():
-        given = OmegaConf.merge(
-            base, {"lesion_counts": {"target": "model"}}, extra,  # counts as the model draws them: the experiment varies sizes
-            {"seg_checkpoint": args.seg, "image_checkpoint": args.image, "num_images": flags["num_images"],
-             "out_dir": str(out / f"synthetic_{name}"), "cache_dir": args.cache_dir, "seed": flags["seed"],
-             "lesion_sizes": {"target": target, "guidance": flags["guidance"]}})
-        try:
-            settings[name] = validate_generate_config(given)
-        except ConfigError as exc:
-            raise ConfigError(FLAG_OF_GENERATE_KEY.get(exc.key, f"--generate {exc.key}"), exc.reason) from None
-        except GenerationError as exc:  # "KEY: why" or "KEY=VALUE: why" (sizes and counts)
-            key = re.match(r"[\w.]*", str(exc)).group()
-            if key == "lesion_sizes.target":
-                raise ConfigError(f"--target {name}" + ("" if args.target else " (a default target)"), str(exc)) from None
-            raise ConfigError(f"--generate {key}".strip(), str(exc)) from None
-        if settings[name].format != "medgen":
-            raise ConfigError("--generate format", f"{settings[name].format}: medgen-augment reads its sets in "
-                              "medgen's layout (leave format=medgen)")
-    return settings
+    return extra
+
+
+def _validated(given, target_flag: str, checkpoint_flag: str):
+    """``validate_generate_config(given)``, a bad value naming its flag: ``target_flag`` for the size
+    target, ``checkpoint_flag`` for the image checkpoint, ``--generate KEY`` for the rest."""
+    from medgen.core.schema import ConfigError
+    from medgen.generation import GenerationError
+    from medgen.generation.config import validate_generate_config
+
+    flag_of = {**FLAG_OF_GENERATE_KEY, "image_checkpoint": checkpoint_flag}
+    try:
+        cfg = validate_generate_config(given)
+    except ConfigError as exc:
+        raise ConfigError(flag_of.get(exc.key, f"--generate {exc.key}"), exc.reason) from None
+    except GenerationError as exc:  # "KEY: why" or "KEY=VALUE: why" (sizes and counts)
+        key = re.match(r"[\w.]*", str(exc)).group()
+        if key == "lesion_sizes.target":
+            raise ConfigError(target_flag, str(exc)) from None
+        raise ConfigError(f"--generate {key}".strip(), str(exc)) from None
+    if cfg.format != "medgen":
+        raise ConfigError("--generate format", f"{cfg.format}: medgen-augment reads its sets in "
+                          "medgen's layout (leave format=medgen)")
+    return cfg
 
 
 def _generate(cfg, args: argparse.Namespace) -> Path:
