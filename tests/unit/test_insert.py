@@ -324,3 +324,13 @@ def test_a_train_split_whose_patients_all_go_to_validation_says_so(tmp_path, tin
         pytest.fail("no name of 200 goes to validation")
     with pytest.raises(DataError, match=r"the 1 patient\(s\) of .*train all go to validation .* insert.split=test"):
         _insert(tmp_path, one, tiny_checkpoints["bravo"])
+
+
+def test_a_restart_with_other_insertion_settings_is_refused_and_an_equal_one_is_not(tmp_path, tiny_data,
+                                                                                  tiny_checkpoints):
+    counts = {"lesion_counts": {"target": {1: 1}}}  # an int key: settings.json records it as "1"
+    _insert(tmp_path, tiny_data, tiny_checkpoints["bravo"], num_images=2, insert={"margin": 1}, **counts)
+    again = _insert(tmp_path, tiny_data, tiny_checkpoints["bravo"], num_images=2, insert={"margin": 1}, **counts)
+    assert again.status == "done"
+    with pytest.raises(GenerationError, match=r"other settings \(insert: .*'margin': 1.* -> .*'margin': 2"):
+        _insert(tmp_path, tiny_data, tiny_checkpoints["bravo"], num_images=2, insert={"margin": 2}, **counts)

@@ -29,7 +29,7 @@ log = logging.getLogger("medgen.generate")
 #: settings that change the samples: a restart in the same out_dir must keep them
 DETERMINING = ("seg_sha256", "image_sha256", "masks_from", "masks_split", "samples_per_mask", "split", "seed",
                "seg_sampler", "image_sampler", "steps", "guidance_scale", "use_ema", "precision", "gate",
-               "lesion_sizes", "lesion_counts", "brain_outline")
+               "lesion_sizes", "lesion_counts", "brain_outline", "insert")
 
 
 def run_settings(request: GenerateRequest, seg: Stage | None, image: Stage,
@@ -67,6 +67,7 @@ def exclusive(state: Path, dist: DistInfo) -> Iterator[None]:
 def claim(state: Path, settings: dict[str, Any]) -> None:
     """Record the settings of this out_dir, or check that a restart keeps them."""
     path = state / "settings.json"
+    settings = json.loads(json.dumps(settings))  # as the file holds them: {1: 2} of a count target is {"1": 2}
     if path.is_file():
         old = json.loads(path.read_text())
         changed = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in DETERMINING if old.get(k) != settings.get(k)]

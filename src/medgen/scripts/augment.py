@@ -49,7 +49,7 @@ WHOLE_IMAGE_KEYS = ("masks_from", "masks_split")
 #: the painters of --insert (insert.painter); copy is the copy-paste baseline
 PAINTERS = ("copy", "repaint", "inpaint")
 #: lesion_counts.target of every set when --insert is given: one lesion per image, so the arms add equal numbers
-ONE_LESION = {"1": 1}  # a string key, as a resumed generation records it
+ONE_LESION = {"1": 1}  # one lesion per image (lesion_counts.target)
 #: medgen-evaluate keys that a flag of medgen-augment sets
 FLAG_OF_EVALUATE_KEY = {"real_dir": "--real", "seeds": "--seeds", "budget.steps": "--steps", "budget.precision": "--precision",
                         "cache_dir": "--cache-dir", "lesions.bins": "--generate lesion_sizes.bins"}
