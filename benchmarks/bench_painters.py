@@ -6,11 +6,11 @@ and ``copy`` (real lesions of other patients, feathered), in one process.
    model (``mode.window=--window``), each the ``training=cpu`` network, rectified flow, ``--steps``
    steps from the same seed, on the train split.
 2. **Repainting real lesions** (a ground truth exists): around each of ``--lesions`` real lesions of
-   the test split, the region (the lesion grown by ``--margin`` voxels as insertion grows it) is
+   ``--heldout`` phantoms no model saw (another seed, lesions of every size: ``cover``), the region (the lesion grown by ``--margin`` voxels as insertion grows it) is
    hidden and painted again given the real mask, by inpaint and by repaint (same seeds and windows);
    ``mae``: mean absolute error against the real scan inside the regions (bravo in [0, 1]), and the
    lesions' contrast (mean in the lesion / mean on the region's rim) against the real one.
-3. **Insertion**: one new lesion into each of ``--lesions`` test scans by each painter (the same
+3. **Insertion**: one new lesion into each of ``--lesions`` held-out scans by each painter (the same
    scans, shapes and places: one seed), and each run's ``lesion_sizes.json`` figures: ``seam``
    (gradient on the region's border after / before painting, 1 = none), the new lesions' contrast,
    and ``lesions_per_s`` (whole ``medgen-generate`` runs, model loading included).
@@ -65,7 +65,7 @@ def repaint_real_lesions(checkpoints: dict[str, Path], work: Path, n: int, margi
     for painter in ("inpaint", "repaint"):
         stage = load_stage(checkpoints["inpaint" if painter == "inpaint" else "bravo"], "image", "image_checkpoint", device=torch.device("cpu"),
                            precision="fp32")
-        request = InsertRequest(str(work / "data"), split, painter, False, margin, "real", None, ("bravo",), None,
+        request = InsertRequest(str(work / "heldout"), split, painter, False, margin, "real", None, None, ("bravo",), None,
                                 str(work / "cache"))
         scans = open_scans(request, stage)
         window = painter_window(stage)
@@ -113,7 +113,7 @@ def insert_lesions(checkpoints: dict[str, Path], work: Path, n: int, margin: int
         result = generate(progress=False, out_dir=str(work / "inserted" / painter), num_images=n, steps=steps,
                           image_checkpoint=str(checkpoints["inpaint" if painter == "inpaint" else "bravo"]),
                           cache_dir=str(work / "cache"), precision="fp32", batch_size=16,
-                          insert={"into": str(work / "data"), "split": split, "painter": painter, "margin": margin},
+                          insert={"into": str(work / "heldout"), "split": split, "painter": painter, "margin": margin},
                           lesion_sizes={"target": {"tiny": 1, "small": 1}}, lesion_counts={"target": {"1": 1}})
         seconds = time.perf_counter() - t0
         out[painter] = {**result.sizes["seam"], "lesions_per_s": n / seconds}
@@ -130,24 +130,28 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sample-steps", type=int, default=25)
     ap.add_argument("--lesions", type=int, default=48)
     ap.add_argument("--margin", type=int, default=2)
-    ap.add_argument("--split", default="test", help="the scans painted into (the models train on train/)")
+    ap.add_argument("--heldout", type=int, default=8, help="phantoms no model saw (all in test/), painted into")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
     if args.smoke:
         args.subjects, args.size, args.window, args.steps, args.sample_steps, args.lesions = 8, 32, 16, 4, 3, 4
-        args.split = "train"  # a smoke's test split may hold no lesion
+        args.heldout = 4
     from medgen.data.phantom import generate_dataset
 
     torch.manual_seed(0)
     if not (args.work / "data" / "test").is_dir():
         generate_dataset(args.work / "data", subjects=args.subjects, size=128 if not args.smoke else 64,
                          slices=64 if not args.smoke else 32, seed=0, workers=2)
+    if not (args.work / "heldout").is_dir():  # unseen subjects (another seed), lesions of every size
+        generate_dataset(args.work / "heldout", subjects=args.heldout, size=128 if not args.smoke else 64,
+                         slices=64 if not args.smoke else 32, seed=1, workers=2, split=(0.0, 0.0, 1.0),
+                         lesion_sizes="cover")
     checkpoints = {mode: _train(args.work, mode, args.size, args.steps, args.window, args.subjects)
                    for mode in ("bravo", "inpaint")}
-    real = repaint_real_lesions(checkpoints, args.work, args.lesions, args.margin, args.sample_steps, args.split)
-    inserted = insert_lesions(checkpoints, args.work, args.lesions, args.margin, args.sample_steps, args.split)
+    real = repaint_real_lesions(checkpoints, args.work, args.lesions, args.margin, args.sample_steps, "test")
+    inserted = insert_lesions(checkpoints, args.work, args.lesions, args.margin, args.sample_steps, "test")
     result = {"benchmark": "painters", "size": args.size, "window": args.window, "train_steps": args.steps,
-              "sample_steps": args.sample_steps, "margin": args.margin, "subjects": args.subjects, "split": args.split,
+              "sample_steps": args.sample_steps, "margin": args.margin, "subjects": args.subjects, "heldout": args.heldout,
               "repainted_real_lesions": real, "inserted": inserted,
               "mae_repaint_vs_inpaint": real["repaint"]["mae"] / real["inpaint"]["mae"],
               "seam_repaint_vs_inpaint": inserted["repaint"]["seam"] / inserted["inpaint"]["seam"]}
