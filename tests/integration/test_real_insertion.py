@@ -77,8 +77,12 @@ def _head(name: str) -> tuple[np.ndarray, tuple[float, float, float]]:
     return image.get_fdata(dtype=np.float32), tuple(float(z) for z in image.header.get_zooms()[:3])
 
 
-@pytest.mark.parametrize("painter", PAINTERS)
-@pytest.mark.parametrize("name", ["MRHead", "MRBrainTumor2", "MNI152"])
+#: every head with the default painter (repaint); the inpaint painter on the patient's head
+CASES = [(name, "repaint") for name in ("MRHead", "MRBrainTumor2", "MNI152")] + \
+    [("MRBrainTumor2", painter) for painter in PAINTERS if painter != "repaint"]
+
+
+@pytest.mark.parametrize("name, painter", CASES)
 def test_new_lesions_painted_into_a_real_head_stay_in_its_brain_and_leave_the_rest(work, name, painter):
     figure, root, checkpoints = work
     dataset = root / "heads" / name
@@ -122,11 +126,13 @@ def test_heads_without_lesions_have_no_shapes_to_copy_or_repaint(work, tmp_path)
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert lines[-1].endswith(f"insert.into={dataset}: no lesion in {figure.SPLIT}/ to take shapes from "
-                              "(insert.painter=copy moves real lesions)"), done.stderr[-3000:]
+                              "(insert.painter=copy moves real lesions; insert.shapes_from=<an annotated medgen "
+                              "dataset> takes them from another set)"), done.stderr[-3000:]
     from medgen.generation import generate
 
-    with pytest.raises(DataError, match=r"insert.into=.*: no lesion in test/ to take shapes from \(use "
-                                        r"insert.shapes=seg with a seg_checkpoint\)"):
+    with pytest.raises(DataError, match=r"insert.into=.*: no lesion in test/ to take shapes from \(insert.shapes_from"
+                                        r"=<an annotated medgen dataset> takes them from another set, "
+                                        r"insert.shapes=seg from a seg_checkpoint\)"):
         generate(progress=False, out_dir=str(tmp_path / "repaint"), num_images=1, precision="fp32",
                  cache_dir=str(tmp_path / "cache"), image_checkpoint=str(checkpoints["bravo"]),
                  insert={"into": str(dataset), "split": figure.SPLIT, "painter": "repaint"})
