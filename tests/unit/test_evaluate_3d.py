@@ -255,5 +255,5 @@ def test_the_augmentation_experiment_takes_a_3d_set_whole(tmp_path, real3d, caps
     assert sum(result["synthetic"]["copy"]["lesions"].values()) == lesions > 0
     assert result["sets"]["real+copy"]["train_items"] == result["sets"]["real"]["train_items"] + 4
     page = (out / "augmentation.md").read_text()
-    assert "| set | volumes |" in page and "false positives / volume" in page and "train lesion volumes" in page
+    assert "| set | made by | volumes |" in page and "false positives / volume" in page and "train lesion volumes" in page
     assert "slice" not in page
