@@ -354,14 +354,8 @@ def before_after(before: np.ndarray, before_seg: np.ndarray, after: np.ndarray, 
                  space: SampleSpace, scale: int = 2) -> np.ndarray:
     """The scan as it was (its lesions outlined) beside the painted one (every lesion outlined); a
     volume's planes through its largest new lesion."""
-    from medgen.data.pictures import plane_centre, render_planes, render_tile
-
-    if not space.volumetric:
-        return side_by_side([render_tile(before, before_seg, scale), render_tile(after, after_seg, scale)], gap=2)
-    new = is_lesion(after_seg) & ~is_lesion(before_seg)
-    centre = plane_centre(new, space.shape)
-    return side_by_side([render_planes(before, before_seg, space.mm, scale, centre),
-                         render_planes(after, after_seg, space.mm, scale, centre)], gap=6)
+    draw = writer.drawer(is_lesion(after_seg) & ~is_lesion(before_seg), space, scale)
+    return side_by_side([draw(before, before_seg), draw(after, after_seg)], gap=4)
 
 
 def _row(run: _Insertion, plan: Plan) -> dict[str, Any]:
@@ -409,7 +403,7 @@ def _finish(run: _Insertion, plans: Sequence[Plan]) -> dict[str, Any]:
     with atomic_write(run.out / "lesion_sizes.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1))
     if tiles:
-        save_png(contact_sheet(tiles, columns=run.scans.space.either(4, 1)), run.out / "contact_sheet.png")
+        save_png(contact_sheet(tiles, columns=run.scans.space.sheet_columns // 2), run.out / "contact_sheet.png")
     return report
 
 

@@ -21,7 +21,7 @@ from medgen.data.masks import is_lesion, lesion_labels
 from medgen.data.nifti_dataset import DataError, present_modalities
 from medgen.data.space import SampleSpace
 from medgen.generation.insert_place import ShapeBank, bank_from_masks
-from medgen.generation.masks import MASK_STREAM, sample_generators, split_of
+from medgen.generation.masks import MASK_STREAM, item_spec, sample_generators, split_of
 from medgen.generation.models import GenerationError, Stage
 from medgen.generation.requests import InsertRequest
 
@@ -91,8 +91,7 @@ def open_scans(request: InsertRequest, stage: Stage | None, space: SampleSpace |
     """The scans of ``request.split`` at the painter's sample space (or ``insert.image_size``; or
     ``space``: another set's scans read as these), with its modalities (``insert.modalities`` for a
     copy painter without checkpoint); refusals name the key."""
-    from medgen.data.slices import SliceSpec, open_or_build_cache
-    from medgen.data.volumes import VolumeSpec
+    from medgen.data.slices import open_or_build_cache
 
     patients = split_of(request.into, request.split, key, "insert.split")
     root = resolve_path(request.into)
@@ -105,11 +104,7 @@ def open_scans(request: InsertRequest, stage: Stage | None, space: SampleSpace |
                         "paint into a dataset with those files")
     space = _scan_space(request, stage) if space is None else SampleSpace(space.shape, None)
     method = request.brain_method or (stage.brain_method if stage is not None else "heuristic")
-    cache_keys = (*keys, MASK_KEY, BRAIN_KEY)
-    spec = space.either(
-        lambda: SliceSpec(keys=cache_keys, image_size=space.size, selection="brain", brain_from=brain_from,
-                          brain_method=method),
-        lambda: VolumeSpec(keys=cache_keys, volume_shape=space.shape, brain_from=brain_from, brain_method=method))()
+    spec = item_spec(space, (*keys, MASK_KEY, BRAIN_KEY), "brain", brain_from, method)
     cache = open_or_build_cache(patients, spec, resolve_path(request.cache_dir), desc=f"{request.split} scans")
     if cache.spacing is not None:
         space = space.with_spacing(cache.spacing)

@@ -352,17 +352,24 @@ def real_masks(real: RealMasks, num_images: int | None, seed: int, space: Sample
 
 def _real_cache(real: RealMasks, space: SampleSpace, brain_from: str | None, brain_method: str = "heuristic") -> Any:
     """The cache of ``real.split``'s lesion slices or volumes of ``space`` (with their brains)."""
-    from medgen.data.slices import SliceSpec, open_or_build_cache
-    from medgen.data.volumes import VolumeSpec
+    from medgen.data.slices import open_or_build_cache
 
     patients = split_of(real.root, real.split, "masks_from", "masks_split")
     keys = (MASK_KEY,) if brain_from is None else (MASK_KEY, BRAIN_KEY)
-    spec = space.either(
-        lambda: SliceSpec(keys=keys, image_size=space.size, selection="lesion", brain_from=brain_from or "bravo",
-                          brain_method=brain_method),
-        lambda: VolumeSpec(keys=keys, volume_shape=space.shape, brain_from=brain_from or "bravo",
-                           brain_method=brain_method))()
+    spec = item_spec(space, keys, "lesion", brain_from or "bravo", brain_method)
     return open_or_build_cache(patients, spec, resolve_path(real.cache_dir), desc=f"{real.split} masks")
+
+
+def item_spec(space: SampleSpace, keys: tuple[str, ...], selection: str, brain_from: str, brain_method: str) -> Any:
+    """The item cache spec of a real split read at ``space``: its ``selection`` of slices (a slice
+    space), or each patient's volume."""
+    from medgen.data.slices import SliceSpec
+    from medgen.data.volumes import VolumeSpec
+
+    return space.either(
+        lambda: SliceSpec(keys=keys, image_size=space.size, selection=selection, brain_from=brain_from,
+                          brain_method=brain_method),
+        lambda: VolumeSpec(keys=keys, volume_shape=space.shape, brain_from=brain_from, brain_method=brain_method))()
 
 
 def split_of(root: str, split: str, key: str, split_key: str) -> list:

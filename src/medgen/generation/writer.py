@@ -101,12 +101,18 @@ def render_sample(arrays: Mapping[str, np.ndarray], image_keys: Sequence[str], s
     pictures through the same voxel (:func:`~medgen.data.pictures.render_planes`, voxels in proportion
     to the space's spacing) for each. ``outlined_only``: the outlined pictures alone (a contact sheet's tile)."""
     mask = arrays[MASK_KEY]
-    draw = space.either(_tile_drawer, _planes_drawer)(mask, space, scale)
+    draw = drawer(mask, space, scale)
     tiles = [t for k in image_keys for t in (() if outlined_only else (draw(arrays[k], None),)) + (draw(arrays[k], mask),)]
     return side_by_side(tiles, gap=space.either(2, 4))
 
 
 Draw = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
+
+
+def drawer(mask: np.ndarray, space: SampleSpace, scale: int) -> Draw:
+    """``draw(image, outlined)``: a picture of a sample of ``space``: a slice's tile, or a volume's three
+    planes, every picture through the largest lesion of ``mask``."""
+    return space.either(_tile_drawer, _planes_drawer)(mask, space, scale)
 
 
 def _tile_drawer(mask: np.ndarray, space: SampleSpace, scale: int) -> Draw:  # noqa: ARG001 - one signature
