@@ -45,7 +45,7 @@ demo: install
 demo-3d: install
 	$(VENV)/bin/medgen-demo --out demo3d --3d
 
-# the default tier in TEST_WORKERS pytest-xdist processes (whole files per process; about 6 minutes on 2 cores)
+# the default tier in TEST_WORKERS pytest-xdist processes (whole files per process; about 5 minutes on 2 cores)
 TEST_WORKERS ?= 2
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests

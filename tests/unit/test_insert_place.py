@@ -81,6 +81,21 @@ def test_a_shape_is_resized_into_any_size_class(cls):
     assert shape.source == "real train/p/z0#1"
 
 
+def test_a_thin_shape_with_its_images_shrinks_to_a_tiny_lesion_with_images_around_it():
+    """A lesion of 1 x 12 pixels at 4 mm zoomed into the tiny class (< 10 mm): its short axis would zoom to
+    no pixel at all (it did, and the copy painter's images could not be cut)."""
+    spacing, pad = (4.0, 4.0), 2
+    mask = np.zeros((1 + 2 * pad, 12 + 2 * pad), bool)
+    mask[pad, pad:-pad] = True
+    images = np.random.default_rng(0).random((2, *mask.shape)).astype(np.float32)
+    bank = bank_from_masks(mask[None], ["real train/p/z0"], spacing, images=images[None], pad=pad)
+    for seed in range(5):
+        shape = resize_to_class(bank.shapes[0], RANO_BM, 0, spacing, np.random.default_rng(seed))
+        assert shape is not None and RANO_BM.index(feret_diameters(shape.mask, spacing))[0] == 0
+        assert shape.images.shape == (2, *(n + 2 * pad for n in shape.mask.shape))
+        assert images.min() <= shape.images.min() and shape.images.max() <= images.max()  # linear: no overshoot
+
+
 def test_a_shape_of_the_class_is_taken_as_it_is_and_from_another_patient():
     spacing = (1.0, 1.0)
     masks = np.stack([_disc((30, 30), (15, 15), r) for r in (2, 6, 6)])

@@ -41,6 +41,9 @@ class Profile:
     max_lesions: int = MAX_LESIONS
     #: the downstream segmenters' budget.precision
     eval_precision: str = "fp32"
+    #: the two size classes of the insertion stage's new lesions (half each): classes of at least one voxel
+    #: (a voxel of the volume demo measures 13.8 mm across, so a tiny lesion, < 10 mm, cannot be drawn there)
+    insert_sizes: tuple[str, str] = ("tiny", "small")
 
 
 SLICES = Profile(training=(), min_steps=MIN_STEPS, minutes=12.0, pairs=64, eval_batch=16, size="64 px", item="slice")
@@ -55,4 +58,4 @@ SLICES = Profile(training=(), min_steps=MIN_STEPS, minutes=12.0, pairs=64, eval_
 VOLUMES = Profile(training=("model.image_size=[32,32,16]", "training.batch_size=2"),
                   min_steps={"seg": 400, "bravo": 300}, minutes=8.0, pairs=16, eval_batch=4,
                   size="32 x 32 x 16 voxels", item="volume", seg_share=0.55, lesion_sizes="cover", max_lesions=6,
-                  eval_precision="bf16")
+                  eval_precision="bf16", insert_sizes=("small", "medium"))

@@ -89,7 +89,8 @@ def run_demo(out: Path, minutes: float, subjects: int, pairs: int, seed: int, pr
 
 
 def insert(out: Path, bravo: Path, seed: int, profile: Profile = SLICES) -> dict[str, dict]:
-    """Stage 4b: one new lesion (tiny or small, half each) painted into each of ``profile.pairs // 4``
+    """Stage 4b: one new lesion (of ``profile.insert_sizes``, half each: tiny and small slices, small and
+    medium volumes) painted into each of ``profile.pairs // 4``
     real phantom scans of the train split, by the bravo model (``insert.painter=repaint``, no new
     training) and copied from other phantoms (``copy``), into ``<out>/inserted/<painter>/``; the bravo
     model's before | after sheet is ``<out>/insertion_sheet.png``. Returns each run's
@@ -108,7 +109,8 @@ def insert(out: Path, bravo: Path, seed: int, profile: Profile = SLICES) -> dict
         result = generate(image_checkpoint=str(bravo), num_images=n, out_dir=str(out / "inserted" / painter),
                           cache_dir=str(out / "cache"), seed=seed,
                           insert={"into": str(out / "data"), "painter": painter, "keep_source": True},
-                          lesion_sizes={"target": {"tiny": 1, "small": 1}}, lesion_counts={"target": {"1": 1}})
+                          lesion_sizes={"target": dict.fromkeys(profile.insert_sizes, 1)},
+                          lesion_counts={"target": {"1": 1}})
         if result.status == "stopped":
             raise DemoStopped("insertion")
         reports[painter] = result.sizes

@@ -131,7 +131,8 @@ def resize_to_class(shape: Shape, bins: SizeBins, cls: int, spacing: Sequence[fl
     zoom = max(target, 1e-3) / max(shape.diameter, 1e-3)
     for _ in range(_ZOOM_TRIES):
         grown = np.pad(shape.mask, 1).astype(np.float32)
-        mask = ndimage.zoom(grown, zoom, order=1) > 0.5
+        factors = _zoom_factors(grown.shape, zoom)
+        mask = ndimage.zoom(grown, factors, order=1) > 0.5
         if not mask.any():
             mask = np.zeros((1,) * shape.mask.ndim, dtype=bool)
             mask[...] = True
@@ -144,20 +145,26 @@ def resize_to_class(shape: Shape, bins: SizeBins, cls: int, spacing: Sequence[fl
         if bins.index(np.asarray([d]))[0] == cls:
             images = None
             if shape.images is not None:
-                images = _zoom_images(shape.images, shape.pad, mask.shape, zoom, box)
+                images = _zoom_images(shape.images, shape.pad, mask.shape, factors, box)
             return Shape(mask, shape.source, d, images, shape.pad, shape.patient)
         zoom *= (target if d <= 0 else np.clip(target / d, 0.5, 2.0) * d) / max(d, 1e-3)
     return None
 
 
-def _zoom_images(images: np.ndarray, pad: int, box_shape: tuple[int, ...], zoom: float,
+def _zoom_factors(shape: Sequence[int], zoom: float) -> list[float]:
+    """Per-axis factors for ``scipy.ndimage.zoom`` of an array of ``shape`` by about ``zoom`` that keep
+    every axis at least one element long (a shape of a few voxels zoomed far down has an empty axis)."""
+    return [max(1, round(n * zoom)) / n for n in shape]
+
+
+def _zoom_images(images: np.ndarray, pad: int, box_shape: tuple[int, ...], factors: Sequence[float],
                  box: tuple[slice, ...]) -> np.ndarray:
-    """The images of a zoomed shape: ``images`` zoomed like its mask, cut to the zoomed mask's box
-    (``box`` in the zoomed padded mask) grown by ``pad``."""
+    """The images of a zoomed shape: ``images`` zoomed like its mask (``factors``, per axis), cut to the
+    zoomed mask's box (``box`` in the zoomed padded mask) grown by ``pad``."""
     from scipy import ndimage
 
     inner = images[(slice(None), *(slice(pad, n - pad) for n in images.shape[1:]))]
-    zoomed = np.stack([ndimage.zoom(np.pad(c, 1, mode="edge"), zoom, order=1) for c in inner])
+    zoomed = np.stack([ndimage.zoom(np.pad(c, 1, mode="edge"), factors, order=1) for c in inner])
     grown = tuple(slice(b.start - pad, b.start + n + pad) for b, n in zip(box, box_shape))
     return _crop_padded(zoomed, grown)
 
