@@ -109,9 +109,8 @@ def _insertion_section(reports: dict[str, dict], profile: Profile = SLICES) -> l
     if not reports:
         return []
     lines = ["## New lesions painted into real scans (`insertion_sheet.png`)", "",
-             f"One new lesion ({' or '.join(profile.insert_sizes)}) in each of a few real phantom {profile.item}s, the rest of "
-             "each scan "
-             "unchanged (`inserted/<painter>/`, docs: Insertion). Seam: the intensity gradient on the painted "
+             f"One new lesion ({' or '.join(profile.insert_sizes)}) in each of a few real phantom {profile.item}s, "
+             "the rest of each scan unchanged (`inserted/<painter>/`, docs: Insertion). Seam: the intensity gradient on the painted "
              "region's border after / before painting (1: no seam). Contrast: mean intensity of the new lesions "
              "over their region's rim (real lesions in the same scans: beside it).", "",
              f"| painter | lesions ({', '.join(profile.insert_sizes)}) | seam | lesion contrast | real lesions' contrast |",
@@ -120,7 +119,7 @@ def _insertion_section(reports: dict[str, dict], profile: Profile = SLICES) -> l
         seam, sizes = report["seam"], report["sizes"]
         painted = [sizes["painted"][sizes["bins"].index(name)] for name in profile.insert_sizes]
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-        lines.append(f"| {painter} | {painted[0]}, {painted[1]} | {fmt(seam['seam'])} | {fmt(seam['lesion_contrast'])} "
+        lines.append(f"| {painter} | {', '.join(map(str, painted))} | {fmt(seam['seam'])} | {fmt(seam['lesion_contrast'])} "
                      f"| {fmt(seam['real_lesion_contrast'])} |")
     return [*lines, "", "`repaint` is the demo's bravo model painting with the scan put back outside the region at "
             "every step; `copy` moves real lesions of other phantoms (the yardstick).", ""]
